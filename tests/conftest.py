@@ -1,0 +1,60 @@
+"""Shared pytest fixtures: the GLUE test data and a tiny offline tokenizer."""
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+N_WORDS = 400
+
+
+def _glue_dir() -> Path:
+    root = Path(os.environ.get("EFFBERT_TEST_DATA") or REPO.parent / "shared" / "data" / "glue")
+    # Deliberately no skip: a missing data folder is a broken test setup, not an optional test.
+    assert (root / "SST-2" / "train.tsv").is_file() and (root / "RTE" / "train.tsv").is_file(), (
+        f"GLUE test data not found under {root}; set EFFBERT_TEST_DATA to a folder holding "
+        "SST-2/ and RTE/"
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    """GLUE-layout root holding ``SST-2/`` and ``RTE/`` (``$EFFBERT_TEST_DATA`` or ../shared)."""
+    return _glue_dir()
+
+
+def _frequent_words(root: Path, n: int) -> list:
+    counts: Counter = Counter()
+    for rel in ("SST-2/train.tsv", "RTE/train.tsv"):
+        with open(root / rel, encoding="utf-8") as f:
+            next(f)  # header
+            for i, line in enumerate(f):
+                if i >= 20000:  # plenty for a stable top-n, and fast
+                    break
+                counts.update(re.findall(r"[a-z]+", line.lower()))
+    return [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab_file(tmp_path_factory, glue_dir) -> Path:
+    """WordPiece vocab: special tokens, characters, ``##`` pieces and frequent words."""
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,!?'\"-:;()&$%/")
+    words = [w for w in _frequent_words(glue_dir, N_WORDS) if w not in chars]
+    tokens = SPECIAL_TOKENS + chars + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + words
+    path = tmp_path_factory.mktemp("tiny_tokenizer") / "vocab.txt"
+    path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_vocab_file):
+    """A lower-casing ``BertTokenizerFast`` over :func:`tiny_vocab_file` (a few hundred tokens)."""
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(vocab_file=str(tiny_vocab_file), do_lower_case=True)
