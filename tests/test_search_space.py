@@ -47,13 +47,8 @@ def test_presets_random_archs_run_and_count(preset, n):
         model = space.subnet(arch)
         assert isinstance(model, EfficientBertModel) and not isinstance(model, EfficientBertSpace)
         assert space.count_params(arch) == sum(p.numel() for p in model.parameters())
-        if preset == "paper":
-            continue  # forward checked on a few below; 50 paper forwards cost ~1 min on 2 cores
-        out = model.eval()(ids, mask)
-        _check_output(out, cfg, ids)
-    if preset == "paper":
-        for _ in range(3):
-            _check_output(space.subnet(space.random_arch(rng)).eval()(ids, mask), cfg, ids)
+        with torch.no_grad():
+            _check_output(model.eval()(ids, mask), cfg, ids)
 
 
 def _check_output(out, cfg, ids):
