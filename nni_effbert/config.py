@@ -117,8 +117,22 @@ def _task_name(value: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+class _Checked:
+    """Runs the fields' ``check`` metadata on construction, so direct use validates too."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            if check is None:
+                continue
+            try:
+                setattr(self, f.name, check(getattr(self, f.name)))
+            except ValueError as err:
+                raise ConfigError(f"{type(self).__name__}.{f.name}: {err}") from None
+
+
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(_Checked):
     """Fine-tuning of the teacher on the task (``teacher.finetune``)."""
 
     epochs: float = _checked(_positive, 1.0)
@@ -130,7 +144,7 @@ class FinetuneConfig:
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(_Checked):
     """The task and its data (``task``).
 
     ``data_dir`` is a GLUE-layout root (holding ``SST-2/``, ``RTE/`` ...) or a task folder
@@ -155,6 +169,7 @@ class TaskConfig:
     regression: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.name == CUSTOM_TASK:
             missing = [k for k in ("train_file", "dev_file") if not getattr(self, k)]
             if missing:
@@ -195,7 +210,7 @@ class StudentConfig:
 
 
 @dataclass
-class WarmupConfig:
+class WarmupConfig(_Checked):
     """Warm-up KD of the weight-sharing supernet (``warmup``)."""
 
     steps: int = _checked(_non_negative, 300)
@@ -209,7 +224,7 @@ class WarmupConfig:
 
 
 @dataclass
-class KDConfig:
+class KDConfig(_Checked):
     """Knowledge-distillation losses (``kd``)."""
 
     temperature: float = _checked(_positive, 1.0)
@@ -221,7 +236,7 @@ class KDConfig:
 
 
 @dataclass
-class EvaluatorConfig:
+class EvaluatorConfig(_Checked):
     """Per-candidate KD fine-tuning and scoring budget (``evaluator``)."""
 
     train_steps: Optional[int] = _checked(_non_negative, 100)  # 0: score inherited weights
@@ -241,6 +256,7 @@ class EvaluatorConfig:
         return data
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.train_steps is not None and self.epochs is not None:
             raise ValueError("set either train_steps or epochs, not both (empty the other)")
         if self.train_steps is None and self.epochs is None:
@@ -267,12 +283,9 @@ class ExperimentConfig:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the config as YAML (paths are absolute, so it loads from anywhere)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)  # readers never see a half-written file
+        from .io import atomic_write_text  # readers (other trials) never see a partial file
+
+        atomic_write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,9 +448,7 @@ def from_dict(
         kwargs[name] = value
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError) as err:  # field values were checked: these are cross-field
         raise _err(where, key, str(err)) from None
 
 
