@@ -1,4 +1,41 @@
 """EfficientBERT's progressive coarse-to-fine search strategy.
 
 Installed as ``nni_effbert.strategies``.
+
+* :mod:`.stages` -- the search as data (``Stage``, ``SamplerConfig``, ``SearchConfig``);
+* :mod:`.core` -- ``ProgressiveSearch``, the ask/tell state machine every adapter wraps;
+* :mod:`.sampler` -- initial populations and the learned space-partition sampler;
+* :mod:`.strategy` -- ``ProgressiveStrategy`` for ``NasExperiment``;
+* :mod:`.advisor` -- ``ProgressiveAdvisor``, the registered ``nnictl`` tuner
+  ``EfficientBertProgressive`` (waits for warm-ups);
+* :mod:`.tuner` -- ``ProgressiveTuner``, the same as a plain NNI ``Tuner``;
+* :mod:`.registration` -- ``register_tuner()``.
+
+The NNI adapters are imported on first use, so that ``import nni_effbert.strategies`` (done by
+the config loader) stays light.
 """
+from .core import Done, Failure, Proposal, ProgressiveSearch, TrialRecord, Wait, split_parameters
+from .errors import BudgetError, SearchConfigError, SearchFailedError, SearchStateError, WarmupFailedError
+from .stages import SamplerConfig, SearchConfig, Stage, paper_stages
+
+_LAZY = {
+    "ProgressiveStrategy": ".strategy",
+    "ProgressiveAdvisor": ".advisor",
+    "ProgressiveTuner": ".tuner",
+    "register_tuner": ".registration",
+}
+
+__all__ = [
+    "Stage", "SamplerConfig", "SearchConfig", "paper_stages",
+    "ProgressiveSearch", "Proposal", "Wait", "Done", "Failure", "TrialRecord", "split_parameters",
+    "SearchConfigError", "BudgetError", "SearchStateError", "SearchFailedError", "WarmupFailedError",
+    *_LAZY,
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,27 +1,116 @@
-"""Stages of the progressive search, as data (owned by the strategy module; first draft)."""
+"""Stages of the progressive coarse-to-fine search, as data.
+
+Every number of the paper's schedule lives here, in plain dataclasses whose fields are YAML
+types (int, float, str, bool, lists, nested dataclasses), so that the experiment config
+(``search:`` in ``effbert.yml``, loaded by :func:`nni_effbert.config.load_config`), the
+``nnictl`` tuner's ``classArgs`` and the Python API all describe a search the same way.
+
+The default schedule follows EfficientBERT (Dong et al., Findings of EMNLP 2021, Sec. 3.3):
+
+1. ``joint``: expression, width and stack of every layer, under the parameter budget;
+2. ``expression``: per-layer expressions, with width and stack fixed to stage 1's best;
+3. ``size``: per-layer width and stack, with expressions fixed to stage 2's best, scored with
+   weights inherited from the stage's warmed-up supernet and no per-candidate training
+   (``train_steps: 0``).
+
+Stage numbers are zero-based everywhere in code and in trial parameters (``_stage: 0`` is the
+first stage), like the ``layer{i}`` labels.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import List, Optional
+
+from .errors import SearchConfigError
+
+__all__ = ["STAGE_KINDS", "Stage", "SamplerConfig", "SearchConfig", "paper_stages"]
+
+#: ``joint``: search every label; ``expression``: sizes fixed to the previous stage's best;
+#: ``size``: expressions fixed to the previous stage's best.
+STAGE_KINDS = ("joint", "expression", "size")
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise SearchConfigError(msg)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
 class Stage:
     """One stage of the progressive search.
 
-    kind: ``joint`` (expression + width + stack), ``expression`` (sizes fixed to the previous
-    stage's best) or ``size`` (expressions fixed to the previous stage's best).
+    Attributes
+    ----------
+    name : str
+        Shown in logs, the web UI (``_stage_name`` of warm-up trials) and reports.
+    kind : {'joint', 'expression', 'size'}
+        Which labels the stage searches; the others are fixed to the previous stage's best.
+    trials : int
+        Candidate trials of the stage (its warm-up trial not included).
+    warmup : bool
+        Submit a warm-up trial (KD of the stage's weight-sharing supernet) before any
+        candidate. Candidates go out only once it has succeeded.
+    warmup_steps : int
+        Task-KD steps of the warm-up, passed to the trial as ``_warmup_steps``.
+    general_warmup_steps : int
+        General-KD steps on unlabeled text before the task KD (the paper's stage 3), passed
+        as ``_general_warmup_steps``.
+    train_steps : int or None
+        Per-candidate KD steps, passed as ``_train_steps``. ``None``: the evaluator's own
+        budget (the key is then left out); ``0``: score inherited weights without training.
+    init_trials : int or None
+        Candidates of the stage's initial population (seeds, the previous stage's best archs,
+        then uniform samples) before the learned sampler takes over. ``None``: a third of
+        ``trials``, at least 2.
+    handoff_top_k : int
+        How many of the previous stage's best archs seed this stage's initial population,
+        projected onto this stage's fixed choices (the best one first; it is re-scored
+        because scores of different stages come from different supernets).
     """
 
     name: str
     kind: str
     trials: int
+    warmup: bool = True
     warmup_steps: int = 200
-    general_warmup_steps: int = 0  # general KD on unlabeled text before task KD (stage 3)
-    train_steps: Optional[int] = None  # None: the evaluator's budget; 0: inherited weights only
+    general_warmup_steps: int = 0
+    train_steps: Optional[int] = None
+    init_trials: Optional[int] = None
+    handoff_top_k: int = 3
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.name, str) and bool(self.name.strip()),
+              f"stage name must be a non-empty string, got {self.name!r}")
+        _need(self.kind in STAGE_KINDS,
+              f"stage {self.name!r}: kind must be one of {list(STAGE_KINDS)}, got {self.kind!r}")
+        _need(_is_int(self.trials) and self.trials >= 1,
+              f"stage {self.name!r}: trials must be an int >= 1, got {self.trials!r}")
+        _need(isinstance(self.warmup, bool), f"stage {self.name!r}: warmup must be true or false, got {self.warmup!r}")
+        for key in ("warmup_steps", "general_warmup_steps", "handoff_top_k"):
+            value = getattr(self, key)
+            _need(_is_int(value) and value >= 0, f"stage {self.name!r}: {key} must be an int >= 0, got {value!r}")
+        _need(self.train_steps is None or (_is_int(self.train_steps) and self.train_steps >= 0),
+              f"stage {self.name!r}: train_steps must be empty (the evaluator's budget) or an int >= 0, "
+              f"got {self.train_steps!r}")
+        _need(self.init_trials is None or (_is_int(self.init_trials) and 0 <= self.init_trials <= self.trials),
+              f"stage {self.name!r}: init_trials must be empty or an int in [0, trials={self.trials}], "
+              f"got {self.init_trials!r}")
+
+    @property
+    def initial_population(self) -> int:
+        """Number of candidates drawn before the learned sampler is used."""
+        if self.init_trials is not None:
+            return self.init_trials
+        return min(self.trials, max(2, self.trials // 3))
 
 
 def paper_stages() -> List[Stage]:
+    """The paper's three stages, with trial budgets sized for a laptop (all configurable)."""
     return [
         Stage("coarse", "joint", trials=24),
         Stage("expression", "expression", trials=16),
@@ -30,8 +119,165 @@ def paper_stages() -> List[Stage]:
 
 
 @dataclass
+class SamplerConfig:
+    """Settings of the learned space-partition sampler (:mod:`.sampler`).
+
+    Attributes
+    ----------
+    exploration : float
+        UCB exploration constant ``c`` in ``mean + c * sqrt(2 ln N / n)`` over scores that
+        are min-max normalised within the stage. 0 always descends into the better region.
+    max_depth : int
+        Depth of the partition tree (number of median splits along a path).
+    min_leaf : int
+        A node is split only if each side keeps at least this many evaluated archs.
+    refit_every : int
+        Refit the tree after this many new results (the paper refits its classifiers
+        periodically as well).
+    n_estimators, tree_depth, learning_rate
+        Of each node's ``sklearn.ensemble.GradientBoostingClassifier``.
+    mutation_rate : float
+        Per-label probability of resampling a label when mutating a parent (at least one
+        label always changes).
+    num_candidates : int
+        Mutants generated per proposal; the one the classifiers place deepest in the chosen
+        region is submitted.
+    num_parents : int
+        Best archs of the chosen region that are mutated.
+    bert_seeds : int
+        Stage-1 initial population: at most this many BERT-expression archs (uniform width
+        and stack) that fit the budget.
+    max_tries : int
+        Rejection-sampling attempts for an arch that fits the budget and is new.
+    """
+
+    exploration: float = 0.5
+    max_depth: int = 3
+    min_leaf: int = 3
+    refit_every: int = 3
+    n_estimators: int = 20
+    tree_depth: int = 2
+    learning_rate: float = 0.2
+    mutation_rate: float = 0.3
+    num_candidates: int = 48
+    num_parents: int = 3
+    bert_seeds: int = 2
+    max_tries: int = 2000
+    ridge_alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.exploration, (int, float)) and not isinstance(self.exploration, bool)
+              and math.isfinite(self.exploration) and self.exploration >= 0,
+              f"sampler.exploration must be a number >= 0, got {self.exploration!r}")
+        for key, low in (("max_depth", 0), ("min_leaf", 1), ("refit_every", 1), ("n_estimators", 1),
+                         ("tree_depth", 1), ("num_candidates", 1), ("num_parents", 1), ("bert_seeds", 0),
+                         ("max_tries", 1)):
+            value = getattr(self, key)
+            _need(_is_int(value) and value >= low, f"sampler.{key} must be an int >= {low}, got {value!r}")
+        _need(isinstance(self.ridge_alpha, (int, float)) and not isinstance(self.ridge_alpha, bool)
+              and self.ridge_alpha > 0, f"sampler.ridge_alpha must be a number > 0, got {self.ridge_alpha!r}")
+        for key in ("mutation_rate", "learning_rate"):
+            value = getattr(self, key)
+            _need(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1,
+                  f"sampler.{key} must be a number in (0, 1], got {value!r}")
+
+
+@dataclass
 class SearchConfig:
-    param_budget: Optional[Tuple[float, float]] = None
+    """The whole progressive search.
+
+    Attributes
+    ----------
+    param_budget : list of two numbers, optional
+        ``[min, max]`` parameters of the student (``space.count_params``, embeddings
+        included). Empty: no budget. A budget no arch can meet is an error before any trial.
+    stages : list of Stage
+        Run in order; the first must be ``joint`` (later stages fix labels to the previous
+        stage's best).
+    trial_concurrency : int
+        Trials run at once (what the ``nnictl`` config should use).
+    seed : int
+        Seeds every random choice of the search.
+    sampler : SamplerConfig
+        The learned sampler.
+    """
+
+    param_budget: Optional[List[float]] = None
     stages: List[Stage] = field(default_factory=paper_stages)
     trial_concurrency: int = 1
     seed: int = 0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def __post_init__(self) -> None:
+        if self.param_budget is not None:
+            budget = self.param_budget
+            _need(isinstance(budget, (list, tuple)) and len(budget) == 2
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in budget),
+                  f"param_budget must be [min, max] (two numbers) or empty, got {budget!r}")
+            lo, hi = (float(v) for v in budget)
+            _need(math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi,
+                  f"param_budget must satisfy 0 <= min <= max, got [{lo}, {hi}]")
+            self.param_budget = [lo, hi]
+        _need(isinstance(self.stages, list) and len(self.stages) >= 1 and all(isinstance(s, Stage) for s in self.stages),
+              f"stages must be a non-empty list of stages, got {self.stages!r}")
+        _need(self.stages[0].kind == "joint",
+              f"the first stage must be of kind 'joint' (later stages fix labels to the previous stage's "
+              f"best arch, which the first stage has none of); got {self.stages[0].kind!r}")
+        names = [s.name for s in self.stages]
+        _need(len(set(names)) == len(names), f"stage names must be unique, got {names}")
+        _need(_is_int(self.trial_concurrency) and self.trial_concurrency >= 1,
+              f"trial_concurrency must be an int >= 1, got {self.trial_concurrency!r}")
+        _need(_is_int(self.seed) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
+        _need(isinstance(self.sampler, SamplerConfig), f"sampler must be a sampler mapping, got {self.sampler!r}")
+
+    @property
+    def budget(self) -> Optional[tuple]:
+        """``(min, max)`` or None."""
+        return tuple(self.param_budget) if self.param_budget is not None else None
+
+    def total_trials(self) -> int:
+        """Trials of the whole search, warm-ups included: a good ``maxTrialNumber``."""
+        return sum(s.trials + (1 if s.warmup else 0) for s in self.stages)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchConfig":
+        """Build from plain data (``classArgs``, JSON): nested mappings become dataclasses.
+
+        Raises
+        ------
+        SearchConfigError
+            On unknown keys (named, with the allowed ones) or invalid values.
+        """
+        if data is None:
+            return cls()
+        _need(isinstance(data, dict), f"search settings must be a mapping, got {type(data).__name__}")
+        _check_keys(data, cls, "search")
+        data = dict(data)
+        if "stages" in data:
+            stages = data["stages"]
+            _need(isinstance(stages, list), f"search.stages must be a list, got {type(stages).__name__}")
+            built = []
+            for i, s in enumerate(stages):
+                _need(isinstance(s, dict), f"search.stages.{i} must be a mapping, got {type(s).__name__}")
+                _check_keys(s, Stage, f"search.stages.{i}")
+                built.append(Stage(**s))
+            data["stages"] = built
+        if "sampler" in data:
+            s = data["sampler"]
+            _need(isinstance(s, dict), f"search.sampler must be a mapping, got {type(s).__name__}")
+            _check_keys(s, SamplerConfig, "search.sampler")
+            data["sampler"] = SamplerConfig(**s)
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        """Plain JSON/YAML data that :meth:`from_dict` reads back."""
+        return asdict(self)
+
+
+def _check_keys(data: dict, cls: type, where: str) -> None:
+    allowed = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(allowed))
+    _need(not unknown, f"{where}: unknown key(s) {unknown}; allowed keys: {allowed}")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in data]
+    _need(not missing, f"{where}: missing key(s) {missing}")
