@@ -1,0 +1,174 @@
+"""Where every artifact of an experiment lives inside its work directory.
+
+One experiment, one folder (``workdir:`` in the config). Trials on other machines find
+everything through it (NNI shared storage), so every module asks this one for paths instead
+of joining strings of its own::
+
+    <workdir>/
+      config.yml              the resolved experiment config (absolute paths)
+      teacher/                fine-tuned teacher (HF folder + effbert_teacher.json)
+      teacher.lock            held while the teacher is fine-tuned
+      cache/                  teacher-output caches, one folder per key (nni_effbert.cache)
+      datasets/               ``datasets`` cache of the tokenized task data
+      supernet/stage{N}.pt        warmed weight-sharing supernet of stage N (zero-based)
+      supernet/stage{N}.resume.pt periodic warm-up state (step, optimizer), deleted when done
+      supernet/stage{N}.lock      held while stage N is warmed up
+      trials/<trial id>/result.json  what a trial reported (metrics, arch)
+      exports/<name>/         exported students
+      reports/                report.md and plots
+
+Stage numbers are zero-based, as in the search's trial parameters (``_warmup_stage: 0`` is
+the first stage).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from .errors import ConfigError
+
+__all__ = ["WorkDir"]
+
+logger = logging.getLogger(__name__)
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """Paths of an experiment's artifacts (creates nothing until :meth:`ensure`).
+
+    Parameters
+    ----------
+    root : Path
+        The work directory (``cfg.workdir``).
+
+    Examples
+    --------
+    >>> wd = WorkDir.of(cfg)                      # doctest: +SKIP
+    >>> wd.supernet_checkpoint(0)                 # doctest: +SKIP
+    PosixPath('/runs/sst2/supernet/stage0.pt')
+    """
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg_or_path: Union[str, os.PathLike, object]) -> "WorkDir":
+        """The work directory of an :class:`~nni_effbert.config.ExperimentConfig` or a path."""
+        root = getattr(cfg_or_path, "workdir", cfg_or_path)
+        if not root:
+            raise ConfigError("workdir: must name a folder")
+        return cls(Path(os.fspath(root)).expanduser().absolute())
+
+    # -- top level -------------------------------------------------------------------------
+
+    @property
+    def config_file(self) -> Path:
+        """The resolved config saved by commands that run inside the work directory."""
+        return self.root / "config.yml"
+
+    @property
+    def teacher_dir(self) -> Path:
+        """Fine-tuned teacher folder (what ``nni-effbert teacher`` writes)."""
+        return self.root / "teacher"
+
+    @property
+    def cache_root(self) -> Path:
+        """Teacher-output caches; :class:`~nni_effbert.cache.TeacherCache` takes ``root``
+        and uses ``<root>/cache`` itself."""
+        return self.root / "cache"
+
+    @property
+    def datasets_cache(self) -> Path:
+        """``datasets`` cache folder for the tokenized task data."""
+        return self.root / "datasets"
+
+    @property
+    def supernet_dir(self) -> Path:
+        return self.root / "supernet"
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.root / "trials"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.root / "exports"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    # -- per stage / trial / export --------------------------------------------------------
+
+    def supernet_checkpoint(self, stage: int) -> Path:
+        """Warmed supernet of stage ``stage`` (zero-based): ``supernet/stage{N}.pt``."""
+        return self.supernet_dir / f"stage{_stage(stage)}.pt"
+
+    def warmup_state(self, stage: int) -> Path:
+        """Resumable warm-up state of stage ``stage`` (deleted once the checkpoint is written)."""
+        return self.supernet_dir / f"stage{_stage(stage)}.resume.pt"
+
+    def warmup_lock(self, stage: int) -> Path:
+        """Lock file held while stage ``stage`` is warmed up."""
+        return self.supernet_dir / f"stage{_stage(stage)}.lock"
+
+    def trial_dir(self, trial_id: str) -> Path:
+        """Folder of one trial's records (the id is made file-name safe)."""
+        return self.trials_dir / _safe(trial_id)
+
+    def export_dir(self, name: str) -> Path:
+        """Folder of one exported student."""
+        return self.exports_dir / _safe(name)
+
+    def latest_supernet_checkpoint(self, up_to_stage: Optional[int] = None) -> Optional[int]:
+        """Highest stage ``<= up_to_stage`` (any stage if None) whose checkpoint exists, or None."""
+        if not self.supernet_dir.is_dir():
+            return None
+        stages = []
+        for p in self.supernet_dir.glob("stage*.pt"):
+            m = re.fullmatch(r"stage(\d+)\.pt", p.name)
+            if m and p.is_file():
+                stages.append(int(m.group(1)))
+        if up_to_stage is not None:
+            stages = [s for s in stages if s <= up_to_stage]
+        return max(stages) if stages else None
+
+    # -- creation --------------------------------------------------------------------------
+
+    def ensure(self) -> "WorkDir":
+        """Create the work directory (and its parents) and check that it is writable.
+
+        Raises
+        ------
+        ConfigError
+            If it cannot be created or written to, naming the folder.
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"workdir: cannot create {self.root} ({exc.strerror or exc}); choose a folder you can write to"
+            ) from None
+        if not self.root.is_dir():
+            raise ConfigError(f"workdir: {self.root} exists and is not a folder")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise ConfigError(f"workdir: {self.root} is not writable; choose a folder you can write to")
+        return self
+
+
+def _stage(stage: int) -> int:
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage < 0:
+        raise ConfigError(f"stage must be an integer >= 0 (stages are zero-based), got {stage!r}")
+    return stage
+
+
+def _safe(name: str) -> str:
+    name = _SAFE_NAME.sub("_", str(name)).strip("._")
+    if not name:
+        raise ConfigError("an artifact name must contain at least one letter or digit")
+    return name
