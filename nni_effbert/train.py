@@ -1,0 +1,681 @@
+"""The one knowledge-distillation training loop, and everything it needs.
+
+Warm-up of the weight-sharing supernet (:mod:`.warmup`), per-candidate KD fine-tuning
+(:mod:`.evaluator`) and the final distillation of an exported student all call
+:func:`kd_train`:
+
+* the student is a fixed :class:`~nni_effbert.search_spaces.EfficientBertModel`, or the
+  supernet (:class:`~nni_effbert.search_spaces.EfficientBertSpace`) with an ``arch_sampler``
+  that picks the architecture of every step;
+* teacher outputs come from a :class:`TeacherSource`: :class:`CachedTeacher` (the shared
+  teacher-output cache, for task data) or :class:`LiveTeacher` (a teacher in memory, for
+  unlabeled text that is not cached);
+* :class:`~nni_effbert.losses.KDLoss`, AdamW (no decay on biases and LayerNorm, as BERT) and a
+  linear schedule with warm-up, gradient clipping, a tqdm bar;
+* a non-finite loss or gradient, or a forward that fails on shapes, raises
+  :class:`TrialFailure` naming the step: a failed candidate is never scored;
+* an optional evaluation callback every ``eval_interval`` steps and a checkpoint callback
+  every ``checkpoint_interval`` steps, which receives everything needed to resume
+  (:class:`TrainState`).
+
+Batches are drawn deterministically from ``(seed, epoch)`` (:func:`iterate_batches`), so a
+resumed run sees the same batches as an uninterrupted one without storing sampler state.
+
+:class:`KDSetup` gathers what every command loads from a config: the work directory, the
+fine-tuned teacher, its tokenizer, the tokenized task, the student space sized for the
+teacher and the KD loss.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointError, ConfigError, EffBertError
+from .losses import KDLoss, TeacherBatch
+from .workdir import WorkDir
+
+__all__ = [
+    "TrialFailure",
+    "TeacherSource",
+    "CachedTeacher",
+    "LiveTeacher",
+    "TrainSettings",
+    "TrainState",
+    "TrainResult",
+    "iterate_batches",
+    "kd_train",
+    "evaluate",
+    "build_space",
+    "KDSetup",
+]
+
+logger = logging.getLogger(__name__)
+
+Arch = Dict[str, Any]
+Batch = Dict[str, Tensor]
+
+
+class TrialFailure(EffBertError, RuntimeError):
+    """A model cannot be scored: its loss or gradient became NaN/inf, or its forward failed.
+
+    The message says what happened and at which step (``"loss became NaN at step 37"``).
+    Trials report it as a failure with this reason, never as a score.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher sources
+# ---------------------------------------------------------------------------------------------
+
+
+class TeacherSource(Protocol):
+    """Anything that returns the teacher's outputs for a padded batch."""
+
+    def __call__(self, batch: Batch) -> TeacherBatch:  # pragma: no cover - protocol
+        ...
+
+
+class CachedTeacher:
+    """Teacher outputs read from a :class:`~nni_effbert.cache.TeacherCache` by the batch's ``idx``.
+
+    Parameters
+    ----------
+    cache : TeacherCache
+        Built over the dataset the batches come from.
+    device : torch.device or str
+        Where the tensors go.
+    """
+
+    def __init__(self, cache, device: Any = "cpu"):
+        self.cache = cache
+        self.device = torch.device(device)
+
+    def __call__(self, batch: Batch) -> TeacherBatch:
+        if "idx" not in batch:
+            raise ConfigError("CachedTeacher: the batch has no 'idx' column, so cached outputs cannot be looked up")
+        return self.cache.get(batch["idx"], max_len=int(batch["input_ids"].shape[1]), device=self.device)
+
+
+class LiveTeacher:
+    """Teacher outputs computed on the fly (for text that is not cached, e.g. a corpus file).
+
+    Parameters
+    ----------
+    model : transformers model
+        The teacher, prepared with :func:`nni_effbert.teacher.prepare_teacher`.
+    hidden_layers, attention_layers : sequence of int
+        ``KDLoss.teacher_hidden_layers`` / ``teacher_attention_layers``.
+    device : torch.device or str
+    """
+
+    def __init__(self, model: nn.Module, hidden_layers: Sequence[int], attention_layers: Sequence[int],
+                 device: Any = "cpu"):
+        self.model = model
+        self.hidden_layers = list(hidden_layers)
+        self.attention_layers = list(attention_layers)
+        self.device = torch.device(device)
+
+    def __call__(self, batch: Batch) -> TeacherBatch:
+        from .teacher import teacher_outputs
+
+        out = teacher_outputs(
+            self.model,
+            batch["input_ids"].to(self.device),
+            batch["attention_mask"].to(self.device),
+            batch.get("token_type_ids").to(self.device) if "token_type_ids" in batch else None,
+            self.hidden_layers,
+            self.attention_layers,
+        )
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSettings:
+    """Budget and optimiser of one :func:`kd_train` run.
+
+    Attributes
+    ----------
+    steps : int
+        Optimiser steps (>= 0; 0 trains nothing).
+    learning_rate : float
+        Peak AdamW learning rate.
+    batch_size : int
+    warmup_ratio : float
+        Fraction of ``steps`` with a linearly rising learning rate (then linear decay to 0).
+    weight_decay : float
+        AdamW decay of matrices (biases and LayerNorm weights are not decayed).
+    max_grad_norm : float
+        Gradient clipping norm.
+    seed : int
+        Seeds the batch order and dropout.
+    eval_interval : int
+        Call ``evaluate`` every this many steps (0: never; the caller evaluates at the end).
+    checkpoint_interval : int
+        Call ``on_checkpoint`` every this many steps (0: never).
+    desc : str
+        Progress bar label.
+    progress : bool
+        Show the tqdm bar.
+    """
+
+    steps: int
+    learning_rate: float
+    batch_size: int
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_interval: int = 0
+    checkpoint_interval: int = 0
+    desc: str = "KD"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if int(self.steps) < 0:
+            raise ConfigError(f"training steps must be >= 0, got {self.steps}")
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class TrainState:
+    """Everything :func:`kd_train` needs to continue a run after ``step`` steps.
+
+    The model weights are not part of it (the caller saves the model it owns).
+    """
+
+    step: int
+    optimizer: Dict[str, Any]
+    scheduler: Dict[str, Any]
+    torch_rng: Tensor
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain containers and tensors (loadable with ``torch.load(weights_only=True)``)."""
+        return {"step": self.step, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "torch_rng": self.torch_rng}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainState":
+        return cls(int(data["step"]), data["optimizer"], data["scheduler"], data["torch_rng"])
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`kd_train`.
+
+    Attributes
+    ----------
+    steps : int
+        Steps done in total (including those before a resume).
+    loss : float or None
+        Mean total KD loss of the last (up to 10) steps of this run; None if it trained
+        nothing.
+    last_terms : dict
+        Unweighted loss terms of the last step.
+    evals : list of (int, dict)
+        ``(step, metrics)`` of each periodic evaluation.
+    """
+
+    steps: int
+    loss: Optional[float]
+    last_terms: Dict[str, float] = field(default_factory=dict)
+    evals: List[Tuple[int, Dict[str, float]]] = field(default_factory=list)
+
+
+def iterate_batches(dataset, batch_size: int, seed: int, pad_token_id: int, start_step: int = 0,
+                    device: Any = "cpu") -> Iterator[Batch]:
+    """Endless shuffled padded batches; batch ``k`` depends only on ``(seed, k)``.
+
+    Epoch ``e`` is a permutation drawn from ``seed`` and ``e``; its last partial batch is
+    kept. Starting at ``start_step`` skips earlier batches without reading them.
+    """
+    from .data import collate
+
+    n = len(dataset)
+    if n == 0:
+        raise ConfigError("cannot train on an empty dataset")
+    per_epoch = math.ceil(n / batch_size)
+    step = int(start_step)
+    while True:
+        epoch, pos = divmod(step, per_epoch)
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=gen).tolist()
+        for b in range(pos, per_epoch):
+            rows = order[b * batch_size:(b + 1) * batch_size]
+            batch = collate(dataset[rows], pad_token_id)
+            yield {k: v.to(device) for k, v in batch.items()}
+            step += 1
+
+
+def _linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.learning_rate,
+    )
+
+
+def _forward(model: nn.Module, batch: Batch, arch: Optional[Arch], return_kd: bool = True):
+    kwargs: Dict[str, Any] = {"return_kd": return_kd}
+    if arch is not None:
+        kwargs["arch"] = arch
+    return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), **kwargs)
+
+
+def _describe_terms(terms: Mapping[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in terms.items() if k != "total")
+
+
+def kd_train(
+    model: nn.Module,
+    teacher: TeacherSource,
+    dataset,
+    loss_fn: KDLoss,
+    settings: TrainSettings,
+    *,
+    pad_token_id: int,
+    arch_sampler: Optional[Callable[[int], Arch]] = None,
+    evaluate_fn: Optional[Callable[[int], Dict[str, float]]] = None,
+    on_checkpoint: Optional[Callable[[TrainState], None]] = None,
+    resume: Optional[TrainState] = None,
+    device: Any = "cpu",
+) -> TrainResult:
+    """Distil ``teacher`` into ``model`` for ``settings.steps`` steps.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A fixed student, or the supernet space when ``arch_sampler`` is given. Called as
+        ``model(input_ids, attention_mask, token_type_ids[, arch=...])`` returning a
+        ``StudentOutput``.
+    teacher : TeacherSource
+        Teacher outputs per batch.
+    dataset : datasets.Dataset
+        Tokenized rows (``input_ids``, ``attention_mask``, ``token_type_ids``, ``idx``).
+    loss_fn : KDLoss
+    settings : TrainSettings
+    pad_token_id : int
+        Padding id of the tokenizer.
+    arch_sampler : callable, optional
+        ``arch_sampler(step) -> arch`` (``step`` counts from 0 over the whole run, resumes
+        included), for supernet training.
+    evaluate_fn : callable, optional
+        ``evaluate_fn(step) -> metrics``, called every ``settings.eval_interval`` steps with
+        the model in eval mode.
+    on_checkpoint : callable, optional
+        ``on_checkpoint(state)`` every ``settings.checkpoint_interval`` steps (not after the
+        last one: the caller saves the final result itself).
+    resume : TrainState, optional
+        Continue a run that stopped after ``resume.step`` steps (the model must already hold
+        the weights of that moment).
+    device : torch.device or str
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    TrialFailure
+        If the loss or the gradient norm becomes NaN or infinite, or the forward pass or a
+        loss fails on shapes; the message names the step (1-based).
+    """
+    from tqdm.auto import tqdm
+
+    steps = int(settings.steps)
+    start = int(resume.step) if resume is not None else 0
+    result = TrainResult(steps=start, loss=None)
+    if start >= steps:
+        return result
+    model.to(device)
+    model.train()
+    optimizer = _optimizer(model, settings)
+    warmup_steps = int(settings.warmup_ratio * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup_steps, steps))
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        torch.set_rng_state(resume.torch_rng)
+    else:
+        torch.manual_seed(int(settings.seed))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    recent: List[float] = []
+    batches = iterate_batches(dataset, settings.batch_size, settings.seed, pad_token_id, start, device)
+    bar = tqdm(total=steps, initial=start, desc=settings.desc, disable=not settings.progress, dynamic_ncols=True)
+    try:
+        for step in range(start, steps):
+            human = step + 1
+            batch = next(batches)
+            arch = arch_sampler(step) if arch_sampler is not None else None
+            try:
+                t_out = teacher(batch)
+                s_out = _forward(model, batch, arch)
+                out = loss_fn(s_out, t_out, batch["attention_mask"])
+            except EffBertError:
+                raise
+            except (RuntimeError, ValueError, IndexError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise TrialFailure(f"forward or loss failed at step {human}: {first}") from exc
+            terms = out.as_dict()
+            if not torch.isfinite(out.total):
+                what = "NaN" if torch.isnan(out.total) else "infinite"
+                raise TrialFailure(f"loss became {what} at step {human} ({_describe_terms(terms)})")
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise TrialFailure(f"gradient became {float(grad_norm)} at step {human} (loss {terms['total']:.4g})")
+            optimizer.step()
+            scheduler.step()
+            recent = (recent + [terms["total"]])[-10:]
+            result.steps = human
+            result.last_terms = terms
+            bar.update(1)
+            bar.set_postfix(loss=f"{terms['total']:.4f}", refresh=False)
+            if evaluate_fn is not None and settings.eval_interval and human % settings.eval_interval == 0:
+                metrics = evaluate_fn(human)
+                result.evals.append((human, metrics))
+                model.train()
+            if on_checkpoint is not None and settings.checkpoint_interval and human % settings.checkpoint_interval == 0 \
+                    and human < steps:
+                on_checkpoint(TrainState(human, optimizer.state_dict(), scheduler.state_dict(), torch.get_rng_state()))
+    finally:
+        bar.close()
+    result.loss = float(np.mean(recent)) if recent else None
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: int,
+             arch: Optional[Arch] = None, device: Any = "cpu") -> Dict[str, float]:
+    """Task metric of ``model`` on a labelled split (usually dev).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A student (or the supernet with ``arch``).
+    dataset : datasets.Dataset
+        Tokenized rows with ``labels``.
+    spec : TaskSpec
+        ``metric`` and ``is_regression`` are used.
+    batch_size, pad_token_id : int
+    arch : dict, optional
+        For the supernet.
+    device : torch.device or str
+
+    Returns
+    -------
+    dict
+        :func:`nni_effbert.metrics.compute_metrics` output (``default`` and components).
+
+    Raises
+    ------
+    TrialFailure
+        If the model outputs NaN or infinite logits (a diverged model would otherwise get the
+        accuracy of always predicting class 0), or the metric is undefined (constant
+        regression outputs).
+    """
+    from .data import make_loader
+    from .metrics import compute_metrics
+
+    if len(dataset) == 0:
+        raise ConfigError("cannot evaluate on an empty split")
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for batch in make_loader(dataset, batch_size, False, 0, pad_token_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = _forward(model, batch, arch, return_kd=False)
+            logits.append(out.logits.float().cpu())
+            labels.append(batch["labels"].cpu())
+    finally:
+        model.train(was_training)
+    all_logits = torch.cat(logits)
+    if not torch.isfinite(all_logits).all():
+        raise TrialFailure("the model's dev logits are NaN or infinite: it diverged")
+    preds = all_logits[:, 0].numpy() if spec.is_regression else all_logits.numpy()
+    metrics = compute_metrics(spec.metric, preds, torch.cat(labels).numpy())
+    if not math.isfinite(metrics["default"]):
+        raise TrialFailure(f"dev {spec.metric} is undefined ({metrics['default']}): the model's predictions are constant")
+    return {k: float(v) for k, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment setup
+# ---------------------------------------------------------------------------------------------
+
+# Student fields that must agree with the teacher and the task (set automatically).
+_DERIVED = ("vocab_size", "fit_size", "num_labels", "pad_token_id", "type_vocab_size")
+
+
+def build_space(cfg, teacher_config, spec):
+    """The student space of an experiment, sized for its teacher and task.
+
+    ``student.preset`` plus ``student.overrides``, with ``vocab_size``, ``type_vocab_size``
+    and ``pad_token_id`` taken from the teacher, ``fit_size`` = the teacher's hidden size
+    (hidden-state distillation goes through ``fit_dense``) and ``num_labels`` from the task.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    teacher_config : transformers.PretrainedConfig
+        The (fine-tuned) teacher's config.
+    spec : TaskSpec
+
+    Returns
+    -------
+    EfficientBertSpace
+
+    Raises
+    ------
+    ConfigError
+        Unknown preset or override, an override contradicting the teacher or task, or a
+        sequence length beyond the student's position table.
+    """
+    from nni_effbert.search_spaces import EfficientBertSpace
+
+    derived = {
+        "vocab_size": int(teacher_config.vocab_size),
+        "type_vocab_size": int(getattr(teacher_config, "type_vocab_size", 2) or 2),
+        "pad_token_id": int(getattr(teacher_config, "pad_token_id", 0) or 0),
+        "fit_size": int(teacher_config.hidden_size),
+        "num_labels": 1 if spec.is_regression else int(spec.num_labels),
+    }
+    overrides = dict(cfg.student.overrides)
+    for key in _DERIVED:
+        if key in overrides and overrides[key] != derived[key]:
+            raise ConfigError(
+                f"student.overrides.{key} = {overrides[key]!r} contradicts the teacher/task ({derived[key]!r}); "
+                f"leave {key} out: it is set from the teacher and the task"
+            )
+    try:
+        space = EfficientBertSpace.preset(cfg.student.preset, **{**overrides, **derived})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"student: {exc}") from None
+    longest = max(cfg.task.max_seq_length, cfg.warmup.max_seq_length or 0)
+    if longest > space.config.max_position_embeddings:
+        raise ConfigError(
+            f"task.max_seq_length / warmup.max_seq_length ({longest}) exceed the student's "
+            f"max_position_embeddings ({space.config.max_position_embeddings}); lower them or set "
+            "student.overrides.max_position_embeddings"
+        )
+    return space
+
+
+@dataclass
+class KDSetup:
+    """What every KD command loads from a config, loaded once.
+
+    Use :meth:`from_config`. Heavy parts (the teacher model, the teacher-output cache) are
+    loaded on first use.
+
+    Attributes
+    ----------
+    cfg : ExperimentConfig
+    workdir : WorkDir
+    teacher_dir : Path
+        The fine-tuned teacher.
+    teacher_marker : dict
+        Its ``effbert_teacher.json``.
+    tokenizer
+        The teacher's tokenizer.
+    teacher_config
+        The teacher's HF config.
+    task : TaskData
+        The task, tokenized with the teacher's tokenizer.
+    space : EfficientBertSpace
+        The student supernet (random weights until a checkpoint is loaded).
+    loss_fn : KDLoss
+    pad_token_id : int
+    device : torch.device
+    """
+
+    cfg: Any
+    workdir: WorkDir
+    teacher_dir: Path
+    teacher_marker: Dict[str, Any]
+    tokenizer: Any
+    teacher_config: Any
+    task: Any
+    space: Any
+    loss_fn: KDLoss
+    pad_token_id: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: bool = True
+    _teacher_model: Optional[nn.Module] = field(default=None, repr=False)
+    _train_cache: Any = field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg, *, progress: bool = True) -> "KDSetup":
+        """Load the teacher's config and tokenizer, the task data and the student space.
+
+        Raises
+        ------
+        CheckpointError
+            If the work directory holds no fine-tuned teacher, or one fine-tuned for other
+            task data (run ``nni-effbert teacher`` first).
+        ConfigError, DataError
+            From the config, the data or the space.
+        """
+        from transformers import AutoConfig, AutoTokenizer
+
+        from .data import load_task
+        from .teacher import MARKER_FILE, read_teacher_marker
+
+        wd = WorkDir.of(cfg).ensure()
+        teacher_dir = wd.teacher_dir
+        hint = "run `nni-effbert teacher -c <config>` first"
+        marker = read_teacher_marker(teacher_dir) if teacher_dir.is_dir() else None
+        if marker is None:
+            raise CheckpointError(f"no fine-tuned teacher in {teacher_dir} (no {MARKER_FILE}); {hint}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+            teacher_config = AutoConfig.from_pretrained(str(teacher_dir))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"the teacher in {teacher_dir} cannot be loaded ({exc}); delete it and {hint}") from exc
+        task = load_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache))
+        if marker.get("task_fingerprint") != task.fingerprint:
+            raise CheckpointError(
+                f"the teacher in {teacher_dir} was fine-tuned for other task data (fingerprint "
+                f"{marker.get('task_fingerprint')}, the config gives {task.fingerprint}); re-run "
+                "`nni-effbert teacher -c <config>` to fine-tune it for this config"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg.seed))  # a reproducible random start, the caller's RNG untouched
+            space = build_space(cfg, teacher_config, task.spec)
+        loss_fn = KDLoss(cfg.kd, space.config.num_hidden_layers, int(teacher_config.num_hidden_layers),
+                         regression=bool(task.spec.is_regression))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(cfg=cfg, workdir=wd, teacher_dir=teacher_dir, teacher_marker=marker, tokenizer=tokenizer,
+                   teacher_config=teacher_config, task=task, space=space, loss_fn=loss_fn, pad_token_id=int(pad),
+                   progress=progress)
+
+    @property
+    def teacher_fingerprint(self) -> Optional[str]:
+        return self.teacher_marker.get("teacher_fingerprint")
+
+    def teacher_model(self) -> nn.Module:
+        """The fine-tuned teacher, frozen, in eval mode (loaded on first call)."""
+        if self._teacher_model is None:
+            from .teacher import load_teacher, prepare_teacher
+
+            model, _ = load_teacher(str(self.teacher_dir))
+            self._teacher_model = prepare_teacher(model).to(self.device)
+        return self._teacher_model
+
+    def train_cache(self):
+        """The teacher-output cache of the task's train split (built on first use, shared)."""
+        if self._train_cache is None:
+            self._train_cache = self.open_cache(self.task.train, self.task.fingerprint, "train")
+        return self._train_cache
+
+    def open_cache(self, dataset, data_fingerprint: str, split: str):
+        """Open (or build, once for all processes) the teacher-output cache of ``dataset``."""
+        from .cache import TeacherCache
+
+        return TeacherCache.open_or_build(
+            self.workdir.root, self.teacher_dir, dataset,
+            data_fingerprint=data_fingerprint, split=split,
+            hidden_layers=self.loss_fn.teacher_hidden_layers,
+            attention_layers=self.loss_fn.teacher_attention_layers,
+            pad_token_id=self.pad_token_id,
+            batch_size=int(self.cfg.evaluator.batch_size),
+            model=self._teacher_model,
+            progress=self.progress,
+        )
+
+    def cached_teacher(self) -> CachedTeacher:
+        """Teacher source over the train split's cache."""
+        return CachedTeacher(self.train_cache(), self.device)
+
+    def live_teacher(self) -> LiveTeacher:
+        """Teacher source running the teacher model itself."""
+        return LiveTeacher(self.teacher_model(), self.loss_fn.teacher_hidden_layers,
+                           self.loss_fn.teacher_attention_layers, self.device)
+
+    def reset_space(self) -> None:
+        """Reset the supernet to its random initialisation, seeded by ``cfg.seed``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.cfg.seed))
+            supernet = self.space.supernet
+            supernet.apply(supernet._init_weights)
+
+    def evaluate(self, model: nn.Module, arch: Optional[Arch] = None) -> Dict[str, float]:
+        """Dev metric of ``model`` (see :func:`evaluate`)."""
+        return evaluate(model, self.task.dev, self.task.spec, batch_size=int(self.cfg.evaluator.batch_size),
+                        pad_token_id=self.pad_token_id, arch=arch, device=self.device)
