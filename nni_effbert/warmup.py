@@ -1,0 +1,582 @@
+"""Warm-up KD of the weight-sharing supernet, one stage at a time.
+
+EfficientBERT (Dong et al., 2021, Sec. 3.3) scores candidates with weights inherited from a
+supernet that was first distilled from the teacher while sampling a random architecture at
+every step ("warm-up KD"). ``nni-effbert warmup -c exp.yml --stage N`` does this for stage
+``N`` (zero-based) and writes ``<workdir>/supernet/stage{N}.pt``.
+
+Per step, the arch is uniform over the space with the stage's fixed choices held (``--fixed``
+or the warm-up trial's parameters) and, when ``search.param_budget`` is set, inside the budget
+(rejection sampling). The arch of step ``k`` depends only on ``(seed, stage, phase, k)``.
+
+Phases and data
+---------------
+===========================  ===============================  =============================
+phase                        text                             loss
+===========================  ===============================  =============================
+general (``general_steps``)  ``warmup.corpus_file`` if set,   attention + hidden states
+                             else the task's train sentences
+task (``steps``), after a    the task's train split           attention + hidden +
+general phase                                                 predictions (``kd``)
+task, alone                  as the general phase             attention + hidden +
+                                                              predictions
+===========================  ===============================  =============================
+
+The task's train sentences go through the shared teacher-output cache (the one candidate
+trials use); a corpus file is distilled from the live teacher (a corpus can be far larger
+than what is worth caching). The general phase is the paper's stage-3 two-step warm-up
+(general KD on unlabeled text, then task KD).
+
+Start, resume, skip
+-------------------
+* A resumable state (weights, optimizer, scheduler, RNG, phase, step) is written every
+  ``checkpoint_interval`` steps to ``supernet/stage{N}.resume.pt``; a run that finds one for
+  the same plan continues from it, and deletes it once the stage checkpoint is written.
+* Otherwise the supernet starts from the nearest earlier stage's checkpoint, else from
+  ``warmup.checkpoint`` (which must exist: a named checkpoint that is missing is an error,
+  never a silent random start), else from random weights (logged).
+* A stage whose checkpoint exists for the same plan is not warmed up again (``force=True``
+  redoes it). Concurrent warm-ups of one stage serialise on ``supernet/stage{N}.lock``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+from filelock import FileLock
+
+from .errors import CheckpointError, ConfigError
+from .io import atomic_save_torch, load_torch
+from .losses import KDLoss
+from .train import KDSetup, TrainSettings, TrainState, kd_train
+from .workdir import WorkDir
+
+__all__ = [
+    "SUPERNET_FORMAT",
+    "WarmupPlan",
+    "WarmupResult",
+    "plan_warmup",
+    "run_warmup",
+    "load_fixed_file",
+    "load_supernet_checkpoint",
+    "read_supernet_checkpoint",
+    "warmup_required",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Version of the supernet checkpoint layout.
+SUPERNET_FORMAT = 1
+_KIND = "nni-effbert-supernet"
+_STATE_KIND = "nni-effbert-warmup-state"
+_PHASES = ("general", "task")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WarmupPlan:
+    """What a stage's warm-up does; equal plans give interchangeable checkpoints.
+
+    Attributes
+    ----------
+    stage : int
+        Zero-based stage.
+    general_steps, steps : int
+        Steps of the general-KD phase and of the task-KD phase.
+    fixed : dict
+        Labels held fixed while sampling archs.
+    budget : list of float or None
+        ``[min, max]`` parameters of sampled archs.
+    learning_rate : float
+    batch_size : int
+    seed : int
+    corpus : str or None
+        Corpus file of the general (or only) phase.
+    max_seq_length : int
+        Of the unlabeled text.
+    """
+
+    stage: int
+    general_steps: int
+    steps: int
+    fixed: Dict[str, Any]
+    budget: Optional[List[float]]
+    learning_rate: float
+    batch_size: int
+    seed: int
+    corpus: Optional[str]
+    max_seq_length: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.general_steps + self.steps
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def warmup_required(cfg, stage: int) -> bool:
+    """True if the search's stage ``stage`` warms up its supernet before scoring candidates."""
+    stages = cfg.search.stages
+    return 0 <= stage < len(stages) and bool(stages[stage].warmup)
+
+
+def _check_stage(cfg, stage: int) -> None:
+    n = len(cfg.search.stages)
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < n:
+        raise ConfigError(
+            f"stage {stage!r} does not exist: the config has {n} stage(s), numbered 0..{n - 1} "
+            f"({', '.join(s.name for s in cfg.search.stages)})"
+        )
+
+
+def plan_warmup(cfg, stage: int, *, fixed: Optional[Mapping[str, Any]] = None, steps: Optional[int] = None,
+                general_steps: Optional[int] = None) -> WarmupPlan:
+    """The warm-up plan of ``stage`` from the config and explicit overrides.
+
+    Steps come from the arguments (the warm-up trial's ``_warmup_steps`` /
+    ``_general_warmup_steps``), else from ``search.stages[stage]`` (``warmup_steps``,
+    ``general_warmup_steps``); ``warmup.learning_rate``, ``batch_size``, ``corpus_file`` and
+    ``max_seq_length`` apply to every stage.
+    """
+    _check_stage(cfg, stage)
+    st = cfg.search.stages[stage]
+    steps = st.warmup_steps if steps is None else steps
+    general_steps = st.general_warmup_steps if general_steps is None else general_steps
+    for name, value in (("warm-up steps", steps), ("general warm-up steps", general_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+    return WarmupPlan(
+        stage=stage, general_steps=int(general_steps), steps=int(steps), fixed=dict(fixed or {}),
+        budget=list(cfg.search.param_budget) if cfg.search.param_budget is not None else None,
+        learning_rate=float(cfg.warmup.learning_rate), batch_size=int(cfg.warmup.batch_size),
+        seed=int(cfg.seed), corpus=cfg.warmup.corpus_file,
+        max_seq_length=int(cfg.warmup.max_seq_length or cfg.task.max_seq_length),
+    )
+
+
+def load_fixed_file(path) -> Dict[str, Any]:
+    """Read an arch subset (``label -> value`` JSON object) for ``--fixed``.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, not JSON, or not an object.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--fixed: file not found: {p}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--fixed {p}: not a JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--fixed {p}: expected a JSON object of label -> value, got {type(data).__name__}")
+    return {k: v for k, v in data.items() if not str(k).startswith("_")}
+
+
+def _validate_fixed(space, fixed: Mapping[str, Any]) -> Dict[str, Any]:
+    unknown = sorted(set(fixed) - set(space.choices))
+    if unknown:
+        raise ConfigError(f"fixed choices: unknown label(s) {unknown}; labels look like 'layer0_width'")
+    out = {}
+    for label, value in fixed.items():
+        allowed = space.choices[label]
+        match = [v for v in allowed if v == value and type(v) is type(value)] or \
+                [v for v in allowed if not isinstance(v, str) and not isinstance(value, (str, bool)) and v == value]
+        if not match:
+            raise ConfigError(f"fixed choices: label {label!r} has value {value!r}; allowed values: {allowed}")
+        out[label] = match[0]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def read_supernet_checkpoint(path, what: str = "supernet checkpoint", hint: Optional[str] = None) -> Dict[str, Any]:
+    """Load a supernet checkpoint written by :func:`run_warmup` (or a plain state dict).
+
+    Returns
+    -------
+    dict
+        With at least ``state_dict``; nni-effbert checkpoints also carry ``space_config``,
+        ``stage``, ``plan``, ``teacher_fingerprint`` and ``task_fingerprint``.
+    """
+    data = load_torch(path, what, hint=hint)
+    if isinstance(data, dict) and data.get("kind") == _KIND:
+        return data
+    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        return {"state_dict": data}  # a bare supernet state dict (e.g. from another tool)
+    raise CheckpointError(f"{what} at {path} is not an nni-effbert supernet checkpoint nor a state dict")
+
+
+def load_supernet_checkpoint(space, path, *, what: str = "supernet checkpoint", hint: Optional[str] = None,
+                             teacher_fingerprint: Optional[str] = None) -> Dict[str, Any]:
+    """Load a supernet checkpoint into ``space``'s shared weights.
+
+    Raises
+    ------
+    CheckpointError
+        Missing, corrupt, or made for another student space (the message names the
+        differing fields).
+    """
+    data = read_supernet_checkpoint(path, what, hint)
+    saved = data.get("space_config")
+    if saved is not None:
+        current = space.config.to_dict()
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if diff:
+            details = ", ".join(f"{k}: {saved.get(k)!r} vs {current.get(k)!r}" for k in diff[:5])
+            raise CheckpointError(
+                f"{what} at {path} was trained for another student space ({details}); re-run its warm-up "
+                "with this config or point the config at a matching checkpoint"
+            )
+    saved_teacher = data.get("teacher_fingerprint")
+    if teacher_fingerprint and saved_teacher and saved_teacher != teacher_fingerprint:
+        logger.warning("%s at %s was distilled from another teacher (%s, now %s); its weights are used anyway",
+                       what, path, saved_teacher, teacher_fingerprint)
+    try:
+        space.supernet.load_state_dict(data["state_dict"])
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"{what} at {path} does not fit this student space ({first})") from exc
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WarmupResult:
+    """Outcome of :func:`run_warmup`.
+
+    Attributes
+    ----------
+    stage : int
+    checkpoint : Path
+        ``supernet/stage{N}.pt``.
+    plan : WarmupPlan
+    skipped : bool
+        True if a checkpoint for the same plan existed and nothing was trained.
+    init : str
+        Where the weights started from (``"random"``, ``"stage 0 checkpoint"``, ...).
+    resumed_at : int or None
+        Global step a resumed run continued from.
+    loss : float or None
+        Mean KD loss of the last steps.
+    seconds : float
+        Wall time of this call.
+    reference_arch : dict or None
+        The arch scored after the warm-up (see :attr:`metrics`).
+    metrics : dict
+        Dev metrics of ``reference_arch`` on the warmed supernet.
+    metric : str
+        Name of the task metric.
+    """
+
+    stage: int
+    checkpoint: Path
+    plan: WarmupPlan
+    skipped: bool = False
+    init: str = "random"
+    resumed_at: Optional[int] = None
+    loss: Optional[float] = None
+    seconds: float = 0.0
+    reference_arch: Optional[Dict[str, Any]] = None
+    metrics: Dict[str, float] = field(default_factory=dict)
+    metric: str = ""
+
+    def report(self) -> Dict[str, Any]:
+        """Final-metric dict of a warm-up trial (``default`` = dev metric of the reference arch;
+        the search never ranks warm-up trials)."""
+        out: Dict[str, Any] = {}
+        if self.metrics:
+            out["default"] = self.metrics["default"]
+        out.update({"warmup": True, "stage": self.stage, "steps": self.plan.total_steps,
+                    "skipped": self.skipped, "init": self.init})
+        if self.loss is not None:
+            out["kd_loss"] = self.loss
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+class _ArchSampler:
+    """Uniform archs with fixed labels, inside the budget; step ``k`` of a phase is reproducible."""
+
+    def __init__(self, space, fixed: Mapping[str, Any], budget: Optional[List[float]], seed: int, stage: int,
+                 phase: int, max_tries: int):
+        from nni_effbert.strategies.sampler import in_budget, random_arch_in_budget
+
+        self.space, self.fixed, self.budget = space, dict(fixed), tuple(budget) if budget else None
+        self.seed, self.stage, self.phase, self.max_tries = int(seed), int(stage), int(phase), int(max_tries)
+        self._in_budget, self._random = in_budget, random_arch_in_budget
+
+    def __call__(self, step: int) -> Dict[str, Any]:
+        rng = np.random.default_rng([self.seed, self.stage, self.phase, int(step)])
+        arch = self._random(self.space, rng, self.fixed, lambda a: self._in_budget(self.space, a, self.budget),
+                            self.max_tries)
+        if arch is None:
+            raise ConfigError(
+                f"warm-up of stage {self.stage}: no architecture with the fixed choices fits search.param_budget "
+                f"{list(self.budget)} after {self.max_tries} tries; widen the budget"
+            )
+        return arch
+
+
+def _reference_arch(space, fixed: Mapping[str, Any], budget: Optional[List[float]], sampler: _ArchSampler) -> Dict[str, Any]:
+    """BERT's expression at full width, stack 1, with the fixed labels held; a sampled arch if
+    that is outside the budget."""
+    from nni_effbert.strategies.sampler import in_budget
+
+    arch = space.bert_arch()
+    arch.update(fixed)
+    arch = space.validate_arch(arch)
+    if in_budget(space, arch, tuple(budget) if budget else None):
+        return arch
+    return sampler(0)
+
+
+def _init_weights(setup: KDSetup, stage: int) -> str:
+    """Load the starting weights of a fresh warm-up; returns where they came from."""
+    wd, space = setup.workdir, setup.space
+    previous = wd.latest_supernet_checkpoint(stage - 1) if stage > 0 else None
+    if previous is not None:
+        load_supernet_checkpoint(space, wd.supernet_checkpoint(previous), what=f"supernet checkpoint of stage {previous}",
+                                 teacher_fingerprint=setup.teacher_fingerprint)
+        logger.info("stage %d warm-up starts from the stage %d supernet", stage, previous)
+        return f"stage {previous} checkpoint"
+    named = setup.cfg.warmup.checkpoint
+    if named:
+        if not Path(named).is_file():
+            raise CheckpointError(
+                f"warmup.checkpoint names {named}, which does not exist; fix the path or empty warmup.checkpoint "
+                "to start from random weights"
+            )
+        load_supernet_checkpoint(space, named, what="warmup.checkpoint", teacher_fingerprint=setup.teacher_fingerprint)
+        logger.info("stage %d warm-up starts from warmup.checkpoint %s", stage, named)
+        return f"warmup.checkpoint {named}"
+    logger.warning("stage %d warm-up starts from random weights (no earlier stage checkpoint, no warmup.checkpoint)",
+                   stage)
+    return "random"
+
+
+def _unlabeled_source(setup: KDSetup, plan: WarmupPlan):
+    """(dataset, teacher source, description) of the warm-up's unlabeled text."""
+    cfg = setup.cfg
+    if plan.corpus:
+        from .data import unlabeled_texts
+
+        texts = unlabeled_texts(cfg, setup.tokenizer, cache_dir=str(setup.workdir.datasets_cache))
+        return texts, setup.live_teacher(), f"corpus {plan.corpus} (live teacher)"
+    if plan.max_seq_length == cfg.task.max_seq_length:
+        return setup.task.train, setup.cached_teacher(), "task train sentences (cached teacher)"
+    from .data import unlabeled_texts
+    from .train import CachedTeacher
+
+    texts = unlabeled_texts(cfg, setup.tokenizer, cache_dir=str(setup.workdir.datasets_cache))
+    cache = setup.open_cache(texts, texts._fingerprint, f"unlabeled{plan.max_seq_length}")
+    return texts, CachedTeacher(cache, setup.device), "task train sentences at warmup.max_seq_length (cached teacher)"
+
+
+def _phases(setup: KDSetup, plan: WarmupPlan):
+    """List of (name, steps, dataset, teacher, loss_fn, description)."""
+    cfg = setup.cfg
+    phases = []
+    n_student = setup.space.config.num_hidden_layers
+    n_teacher = int(setup.teacher_config.num_hidden_layers)
+    regression = bool(setup.task.spec.is_regression)
+    if plan.general_steps:
+        general_kd = dataclasses.replace(cfg.kd, prediction_weight=0.0)
+        if general_kd.attention_weight == 0 and general_kd.hidden_weight == 0:
+            raise ConfigError("general warm-up KD needs kd.attention_weight or kd.hidden_weight > 0 "
+                              "(it has no predictions to distil)")
+        ds, teacher, desc = _unlabeled_source(setup, plan)
+        phases.append(("general", plan.general_steps, ds, teacher,
+                       KDLoss(general_kd, n_student, n_teacher, regression=regression), desc))
+        task_ds, task_teacher, task_desc = setup.task.train, setup.cached_teacher(), "task train split (cached teacher)"
+    else:
+        task_ds, task_teacher, task_desc = _unlabeled_source(setup, plan) if plan.steps else (None, None, "")
+    if plan.steps:
+        phases.append(("task", plan.steps, task_ds, task_teacher, setup.loss_fn, task_desc))
+    return phases
+
+
+def _checkpoint_payload(setup: KDSetup, plan: WarmupPlan, init: str, loss: Optional[float]) -> Dict[str, Any]:
+    return {
+        "kind": _KIND,
+        "format": SUPERNET_FORMAT,
+        "stage": plan.stage,
+        "plan": plan.to_dict(),
+        "space_config": setup.space.config.to_dict(),
+        "state_dict": setup.space.supernet.state_dict(),
+        "teacher_fingerprint": setup.teacher_fingerprint,
+        "task_fingerprint": setup.task.fingerprint,
+        "init": init,
+        "loss": loss,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _read_state(path: Path, plan: WarmupPlan) -> Optional[Dict[str, Any]]:
+    if not path.is_file():
+        return None
+    try:
+        state = load_torch(path, "warm-up resume state")
+    except CheckpointError as exc:
+        logger.warning("ignoring unreadable warm-up state (%s); starting the stage over", exc)
+        return None
+    if not isinstance(state, dict) or state.get("kind") != _STATE_KIND or state.get("plan") != plan.to_dict():
+        logger.warning("ignoring warm-up state %s: it was written for another plan; starting the stage over", path)
+        return None
+    return state
+
+
+def run_warmup(
+    cfg,
+    stage: int,
+    *,
+    fixed: Optional[Mapping[str, Any]] = None,
+    steps: Optional[int] = None,
+    general_steps: Optional[int] = None,
+    force: bool = False,
+    checkpoint_interval: Optional[int] = None,
+    progress: bool = True,
+    setup: Optional[KDSetup] = None,
+) -> WarmupResult:
+    """Warm up the supernet of ``stage`` and write ``supernet/stage{stage}.pt``.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    stage : int
+        Zero-based stage of ``search.stages``.
+    fixed : dict, optional
+        Labels held fixed while sampling (the stage's fixed choices).
+    steps, general_steps : int, optional
+        Override the stage's ``warmup_steps`` / ``general_warmup_steps``.
+    force : bool
+        Warm up again even if a checkpoint for the same plan exists.
+    checkpoint_interval : int, optional
+        Steps between resumable states; default a tenth of the run, at least 25 steps.
+    progress : bool
+        Progress bars.
+    setup : KDSetup, optional
+        An already loaded setup (its space's weights are overwritten).
+
+    Returns
+    -------
+    WarmupResult
+
+    Raises
+    ------
+    ConfigError
+        Unknown stage, bad fixed choices, a budget no arch can meet.
+    CheckpointError
+        No fine-tuned teacher, a named ``warmup.checkpoint`` that is missing, or a checkpoint
+        of another space.
+    TrialFailure
+        If the KD loss diverges.
+    """
+    started = time.perf_counter()
+    _check_stage(cfg, stage)
+    setup = setup or KDSetup.from_config(cfg, progress=progress)
+    space = setup.space
+    fixed = _validate_fixed(space, fixed or {})
+    plan = plan_warmup(cfg, stage, fixed=fixed, steps=steps, general_steps=general_steps)
+    wd: WorkDir = setup.workdir
+    ckpt = wd.supernet_checkpoint(stage)
+    wd.supernet_dir.mkdir(parents=True, exist_ok=True)
+    max_tries = int(cfg.search.sampler.max_tries)
+    samplers = [_ArchSampler(space, fixed, plan.budget, plan.seed, stage, i, max_tries) for i in range(len(_PHASES))]
+    sampler_of = dict(zip(_PHASES, samplers))
+    sampler_of["task"](0)  # fail now, before any training, when the budget cannot be met
+    if plan.total_steps == 0:
+        logger.warning("stage %d: warm-up has 0 steps; the checkpoint holds the starting weights", stage)
+
+    with FileLock(str(wd.warmup_lock(stage))):
+        if ckpt.is_file() and not force:
+            existing = read_supernet_checkpoint(ckpt, f"supernet checkpoint of stage {stage}")
+            if existing.get("plan") == plan.to_dict() and existing.get("space_config") == space.config.to_dict():
+                logger.info("stage %d is already warmed up (%s); nothing to do (force=True redoes it)", stage, ckpt)
+                load_supernet_checkpoint(space, ckpt, what=f"supernet checkpoint of stage {stage}")
+                return _finish(setup, plan, ckpt, started, sampler_of["task"], skipped=True,
+                               init=str(existing.get("init")), loss=existing.get("loss"))
+            logger.warning("stage %d checkpoint %s was made with other settings; warming up again", stage, ckpt)
+
+        state_path = wd.warmup_state(stage)
+        state = None if force else _read_state(state_path, plan)
+        resumed_at: Optional[int] = None
+        if state is not None:
+            space.supernet.load_state_dict(state["state_dict"])
+            init = str(state["init"])
+            done_before = plan.general_steps if _PHASES[state["phase_index"]] == "task" else 0
+            resumed_at = done_before + (int(state["train"]["step"]) if state["train"] else 0)
+            logger.info("stage %d: resuming warm-up after %d of %d steps", stage, resumed_at, plan.total_steps)
+        else:
+            init = _init_weights(setup, stage)
+
+        interval = checkpoint_interval if checkpoint_interval is not None else max(25, math.ceil(plan.total_steps / 10))
+        loss: Optional[float] = None
+        for name, n_steps, dataset, teacher, loss_fn, desc in _phases(setup, plan):
+            phase_index = _PHASES.index(name)
+            resume = None
+            if state is not None:
+                if phase_index < state["phase_index"]:
+                    continue  # finished before the interruption
+                if phase_index == state["phase_index"] and state["train"]:
+                    resume = TrainState.from_dict(state["train"])
+            logger.info("stage %d %s warm-up: %d steps on %s", stage, name, n_steps, desc)
+
+            def save_state(ts: Optional[TrainState], _phase_index: int = phase_index) -> None:
+                atomic_save_torch({"kind": _STATE_KIND, "plan": plan.to_dict(), "init": init,
+                                   "phase_index": _phase_index, "train": ts.to_dict() if ts else None,
+                                   "state_dict": space.supernet.state_dict()}, state_path)
+                logger.debug("stage %d: warm-up state saved (%s phase)", stage, _PHASES[_phase_index])
+
+            settings = TrainSettings(
+                steps=n_steps, learning_rate=plan.learning_rate, batch_size=plan.batch_size,
+                seed=plan.seed * 100 + stage * 10 + phase_index, checkpoint_interval=interval,
+                desc=f"warm-up stage {stage} ({name})", progress=progress,
+            )
+            out = kd_train(space, teacher, dataset, loss_fn, settings, pad_token_id=setup.pad_token_id,
+                           arch_sampler=sampler_of[name], on_checkpoint=save_state, resume=resume,
+                           device=setup.device)
+            loss = out.loss if out.loss is not None else loss
+            if name == "general" and plan.steps:
+                # Persist the phase boundary: an interruption in the task phase must not redo it.
+                save_state(None, _PHASES.index("task"))
+        atomic_save_torch(_checkpoint_payload(setup, plan, init, loss), ckpt)
+        state_path.unlink(missing_ok=True)
+
+    return _finish(setup, plan, ckpt, started, sampler_of["task"], skipped=False, init=init, loss=loss,
+                   resumed_at=resumed_at)
+
+
+def _finish(setup: KDSetup, plan: WarmupPlan, ckpt: Path, started: float, sampler: "_ArchSampler", *,
+            skipped: bool, init: str, loss: Optional[float], resumed_at: Optional[int] = None) -> WarmupResult:
+    """Score the reference arch on the warmed supernet and build the result."""
+    space = setup.space
+    reference = _reference_arch(space, plan.fixed, plan.budget, sampler)
+    metrics = setup.evaluate(space, reference)
+    seconds = time.perf_counter() - started
+    logger.info("stage %d %s in %.1fs: %s (reference arch dev %s = %.4f)", plan.stage,
+                "already warmed up" if skipped else "warmed up", seconds, ckpt, setup.task.spec.metric,
+                metrics["default"])
+    return WarmupResult(plan.stage, ckpt, plan, skipped=skipped, init=init, resumed_at=resumed_at, loss=loss,
+                        seconds=seconds, reference_arch=reference, metrics=metrics, metric=setup.task.spec.metric)
