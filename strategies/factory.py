@@ -1,0 +1,128 @@
+"""Build a search from ``nnictl`` ``classArgs``, shared by the advisor and the tuner.
+
+``classArgs`` (all optional, all keyword-only):
+
+``config``
+    Path to the experiment YAML (``effbert.yml``). The student space comes from its
+    ``student`` section and the search settings from its ``search`` section. Loaded with
+    :func:`nni_effbert.config.load_config` (paths not checked: the dispatcher does not need the
+    teacher or the data).
+``preset`` / ``space_overrides``
+    Without ``config``: ``EfficientBertSpace.preset(preset, **space_overrides)``
+    (default preset ``quickstart``).
+``search``
+    A mapping of :class:`~.stages.SearchConfig` fields. With ``config`` it overrides that
+    file's ``search`` section key by key (``stages`` is replaced as a whole).
+``state_path``
+    Where to keep the search state JSON. Default: NNI's checkpoint folder of the experiment
+    (``$NNI_CHECKPOINT_DIRECTORY``, what ``nnictl resume`` restores), else not persisted.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from .broker import STATE_FILE, TrialBroker
+from .core import ProgressiveSearch
+from .errors import SearchConfigError
+from .stages import SearchConfig
+
+__all__ = ["CLASS_ARGS", "build_space_and_search", "build_broker", "check_search_space", "default_state_path"]
+
+logger = logging.getLogger(__name__)
+
+#: The ``classArgs`` both nnictl adapters accept.
+CLASS_ARGS = ("config", "preset", "space_overrides", "search", "state_path")
+
+
+def build_space_and_search(config: Optional[str] = None, preset: Optional[str] = None,
+                           space_overrides: Optional[Mapping[str, Any]] = None,
+                           search: Optional[Mapping[str, Any]] = None) -> Tuple[Any, SearchConfig]:
+    """The space and the search settings named by ``classArgs`` (see the module docstring).
+
+    Raises
+    ------
+    SearchConfigError
+        On contradicting or malformed arguments (the message names the argument).
+    nni_effbert.errors.ConfigError
+        When the experiment YAML is invalid.
+    """
+    from nni_effbert.search_spaces import EfficientBertSpace
+
+    if search is not None and not isinstance(search, Mapping):
+        raise SearchConfigError(f"classArgs.search must be a mapping of search settings, got {type(search).__name__}")
+    if space_overrides is not None and not isinstance(space_overrides, Mapping):
+        raise SearchConfigError(f"classArgs.space_overrides must be a mapping of EfficientBertConfig fields, "
+                                f"got {type(space_overrides).__name__}")
+    if config is not None:
+        if preset is not None or space_overrides:
+            raise SearchConfigError("classArgs: give either config (the experiment YAML, whose student section "
+                                    "defines the space) or preset/space_overrides, not both")
+        if not isinstance(config, (str, os.PathLike)) or not Path(config).is_file():
+            raise SearchConfigError(f"classArgs.config: experiment config file not found: {config!r} (give the "
+                                    f"path of effbert.yml, absolute or relative to the nnictl working directory)")
+        from nni_effbert.config import load_config
+
+        cfg = load_config(config, check_paths=False)
+        space = EfficientBertSpace.preset(cfg.student.preset, **dict(cfg.student.overrides))
+        data = cfg.search.to_dict()
+        data.update(dict(search or {}))
+        return space, SearchConfig.from_dict(data)
+    try:
+        space = EfficientBertSpace.preset(preset or "quickstart", **dict(space_overrides or {}))
+    except (ValueError, TypeError) as err:
+        raise SearchConfigError(f"classArgs.preset/space_overrides: {err}") from err
+    return space, SearchConfig.from_dict(dict(search or {}))
+
+
+def check_search_space(space: Any, search_space: Optional[Mapping[str, Any]]) -> None:
+    """Check that the ``searchSpace`` of an nnictl config matches the space of ``classArgs``.
+
+    The tuner builds its space from ``classArgs``; NNI's ``searchSpace`` only has to agree with
+    it (``space.nni_search_space()``) or be empty.
+
+    Raises
+    ------
+    SearchConfigError
+        Naming the labels that differ.
+    """
+    if not search_space:
+        return
+    if not isinstance(search_space, Mapping):
+        raise SearchConfigError(f"searchSpace must be a mapping of label -> choice, got {type(search_space).__name__}")
+    expected = space.nni_search_space()
+    missing = sorted(set(expected) - set(search_space))
+    extra = sorted(set(search_space) - set(expected))
+    differ = sorted(l for l in set(expected) & set(search_space)
+                    if list(search_space[l].get("_value", [])) != list(expected[l]["_value"])
+                    or search_space[l].get("_type") != "choice")
+    if missing or extra or differ:
+        raise SearchConfigError(
+            "searchSpace of the nnictl config does not match the space of the tuner's classArgs "
+            f"(missing labels: {missing[:5]}, unknown labels: {extra[:5]}, other choices: {differ[:5]}); "
+            "write it with space.nni_search_space() of the same preset, or leave searchSpace out")
+
+
+def default_state_path(state_path: Optional[str]) -> Optional[Path]:
+    """``state_path`` if given, else ``$NNI_CHECKPOINT_DIRECTORY/progressive_search.json``."""
+    if state_path is not None:
+        return Path(state_path)
+    ckpt = os.environ.get("NNI_CHECKPOINT_DIRECTORY")
+    if ckpt and os.path.isdir(ckpt):
+        return Path(ckpt) / STATE_FILE
+    logger.warning("no NNI checkpoint folder and no classArgs.state_path: the search state is not persisted, "
+                   "so `nnictl resume` would restart the search")
+    return None
+
+
+def build_broker(config: Optional[str] = None, preset: Optional[str] = None,
+                 space_overrides: Optional[Mapping[str, Any]] = None, search: Optional[Mapping[str, Any]] = None,
+                 state_path: Optional[str] = None) -> TrialBroker:
+    """Space, settings, search core and broker from ``classArgs``."""
+    space, settings = build_space_and_search(config, preset, space_overrides, search)
+    core = ProgressiveSearch(space, settings, np.random.RandomState(settings.seed))
+    return TrialBroker(core, default_state_path(state_path))
