@@ -349,14 +349,23 @@ class TeacherCache:
             hidden_layers=hidden_layers, attention_layers=attention_layers, dtype=dtype,
         )
         root = Path(workdir) / "cache"
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except PermissionError as exc:
-            raise ConfigError(f"work directory {workdir} is not writable ({exc}); choose a writable workdir") from exc
         final = root / key.name
-        if _is_complete(final):
+        if _is_complete(final):  # fast path: no lock, no writes (works on read-only storage)
             logger.info("using teacher-output cache %s", final)
             return cls(final)
+        try:
+            return cls._build_locked(root, final, key, teacher_path, dataset, model, pad_token_id,
+                                     batch_size, progress, lock_timeout)
+        except PermissionError as exc:
+            raise ConfigError(
+                f"cannot write the teacher-output cache under {root}: {exc}; make the work directory "
+                "writable or choose another workdir"
+            ) from exc
+
+    @classmethod
+    def _build_locked(cls, root: Path, final: Path, key: CacheKey, teacher_path, dataset, model,
+                      pad_token_id: int, batch_size: int, progress: bool, lock_timeout: float) -> "TeacherCache":
+        root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(root / f"{key.name}.lock"))
         try:
             lock.acquire(timeout=0)
@@ -429,6 +438,13 @@ def _build(tmp: Path, key: CacheKey, teacher_path, dataset, model, pad_token_id:
         model, _ = load_teacher(str(teacher_path))
     model = prepare_teacher(model)
     cfg = model.config
+    max_id = int(table.column("input_ids").combine_chunks().flatten().to_numpy().max())
+    if max_id >= cfg.vocab_size:
+        raise DataError(
+            f"the {key.split!r} split has token id {max_id} but the teacher's vocabulary has "
+            f"{cfg.vocab_size} entries: the data was tokenized with another tokenizer than the "
+            "teacher's; tokenize it with the teacher's tokenizer"
+        )
     heads, hidden_size, num_labels = int(cfg.num_attention_heads), int(cfg.hidden_size), int(cfg.num_labels)
     n_h, n_a = len(key.hidden_layers), len(key.attention_layers)
 

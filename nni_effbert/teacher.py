@@ -398,7 +398,17 @@ def finetune_teacher(cfg, task_data, tokenizer, out_dir: Union[str, os.PathLike]
     base = cfg.teacher.model
     tok_fp = vocab_fingerprint(tokenizer)
     spec = task_data.spec
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return _finetune_locked(cfg, task_data, spec, base, tok_fp, out, progress)
+    except PermissionError as exc:
+        raise ConfigError(
+            f"cannot write the teacher into {out}: {exc}; make the work directory writable or choose "
+            "another workdir"
+        ) from exc
+
+
+def _finetune_locked(cfg, task_data, spec, base: str, tok_fp: str, out: Path, progress: bool) -> TeacherResult:
     with FileLock(str(out) + ".lock"):
         marker = read_teacher_marker(out)
         if marker is not None:

@@ -9,9 +9,10 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from nni_effbert.cache import TeacherCache
 from nni_effbert.config import load_config
-from nni_effbert.data import collate, load_task
+from nni_effbert.data import collate, load_task, make_loader
 from nni_effbert.errors import CheckpointError, ConfigError, DataError
 from nni_effbert.teacher import (
+    evaluate_teacher,
     finetune_teacher,
     load_teacher,
     prepare_teacher,
@@ -138,6 +139,9 @@ def test_finetune_teacher_trains_saves_and_reuses(cfg, task_data, tiny_tokenizer
     # the saved teacher loads, and differs from the base (it was trained)
     model, _ = load_teacher(str(out), num_labels=2)
     assert teacher_fingerprint(out) != teacher_fingerprint(cfg.teacher.model)
+    # the reported metric is the saved teacher's real dev score
+    dev = make_loader(task_data.dev, 16, False, 0, tiny_tokenizer.pad_token_id)
+    assert evaluate_teacher(model, dev, task_data.spec.metric, False) == pytest.approx(res.dev_metric)
     mtime = (out / "model.safetensors").stat().st_mtime_ns
 
     again = finetune_teacher(cfg, task_data, tiny_tokenizer, out, progress=False)
@@ -267,6 +271,11 @@ def test_cache_logits_only_and_damaged_folder(tmp_path, base_teacher, task_data)
     assert sorted(p.name for p in c.folder.iterdir()) == ["index.npz", "logits.npy", "meta.json"]
     tb = c.get(torch.tensor([0, 1]))
     assert tb.logits.shape == (2, 2) and tb.hidden_states == [] and tb.attentions == []
+    # ids outside the teacher's vocabulary: data tokenized with another tokenizer
+    foreign = ds.map(lambda r: {"input_ids": [i + 10_000 for i in r["input_ids"]]})
+    with pytest.raises(DataError, match="another tokenizer"):
+        _open(tmp_path, base_teacher, foreign)
+
     full = _open(tmp_path, base_teacher, ds)
     hidden = full.folder / "hidden.npy"
     with open(hidden, "r+b") as f:
@@ -330,3 +339,14 @@ def test_three_concurrent_first_trials_build_once(tmp_path, base_teacher, task_d
     assert np.isfinite(np.asarray(cache.hidden, dtype=np.float32)).all()
     leftovers = [p.name for p in (workdir / "cache").iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path, base_teacher, task_data, monkeypatch):
+    import nni_effbert.cache as cache_mod
+
+    def denied(final):
+        raise PermissionError(13, "Permission denied", str(final))
+
+    monkeypatch.setattr(cache_mod, "make_tmp_dir", denied)  # tests run as root: chmod would not bite
+    with pytest.raises(ConfigError, match="writable"):
+        _open(tmp_path, base_teacher, task_data.train.select(range(8)))
