@@ -352,7 +352,7 @@ def _reference_arch(space, fixed: Mapping[str, Any], budget: Optional[List[float
     return sampler(0)
 
 
-def _init_weights(setup: KDSetup, stage: int) -> str:
+def _init_weights(setup: KDSetup, cfg, stage: int) -> str:
     """Load the starting weights of a fresh warm-up; returns where they came from."""
     wd, space = setup.workdir, setup.space
     previous = wd.latest_supernet_checkpoint(stage - 1) if stage > 0 else None
@@ -361,7 +361,7 @@ def _init_weights(setup: KDSetup, stage: int) -> str:
                                  teacher_fingerprint=setup.teacher_fingerprint)
         logger.info("stage %d warm-up starts from the stage %d supernet", stage, previous)
         return f"stage {previous} checkpoint"
-    named = setup.cfg.warmup.checkpoint
+    named = cfg.warmup.checkpoint
     if named:
         if not Path(named).is_file():
             raise CheckpointError(
@@ -371,14 +371,14 @@ def _init_weights(setup: KDSetup, stage: int) -> str:
         load_supernet_checkpoint(space, named, what="warmup.checkpoint", teacher_fingerprint=setup.teacher_fingerprint)
         logger.info("stage %d warm-up starts from warmup.checkpoint %s", stage, named)
         return f"warmup.checkpoint {named}"
+    setup.reset_space()
     logger.warning("stage %d warm-up starts from random weights (no earlier stage checkpoint, no warmup.checkpoint)",
                    stage)
     return "random"
 
 
-def _unlabeled_source(setup: KDSetup, plan: WarmupPlan):
+def _unlabeled_source(setup: KDSetup, cfg, plan: WarmupPlan):
     """(dataset, teacher source, description) of the warm-up's unlabeled text."""
-    cfg = setup.cfg
     if plan.corpus:
         from .data import unlabeled_texts
 
@@ -394,9 +394,8 @@ def _unlabeled_source(setup: KDSetup, plan: WarmupPlan):
     return texts, CachedTeacher(cache, setup.device), "task train sentences at warmup.max_seq_length (cached teacher)"
 
 
-def _phases(setup: KDSetup, plan: WarmupPlan):
+def _phases(setup: KDSetup, cfg, plan: WarmupPlan):
     """List of (name, steps, dataset, teacher, loss_fn, description)."""
-    cfg = setup.cfg
     phases = []
     n_student = setup.space.config.num_hidden_layers
     n_teacher = int(setup.teacher_config.num_hidden_layers)
@@ -406,12 +405,12 @@ def _phases(setup: KDSetup, plan: WarmupPlan):
         if general_kd.attention_weight == 0 and general_kd.hidden_weight == 0:
             raise ConfigError("general warm-up KD needs kd.attention_weight or kd.hidden_weight > 0 "
                               "(it has no predictions to distil)")
-        ds, teacher, desc = _unlabeled_source(setup, plan)
+        ds, teacher, desc = _unlabeled_source(setup, cfg, plan)
         phases.append(("general", plan.general_steps, ds, teacher,
                        KDLoss(general_kd, n_student, n_teacher, regression=regression), desc))
         task_ds, task_teacher, task_desc = setup.task.train, setup.cached_teacher(), "task train split (cached teacher)"
     else:
-        task_ds, task_teacher, task_desc = _unlabeled_source(setup, plan) if plan.steps else (None, None, "")
+        task_ds, task_teacher, task_desc = _unlabeled_source(setup, cfg, plan) if plan.steps else (None, None, "")
     if plan.steps:
         phases.append(("task", plan.steps, task_ds, task_teacher, setup.loss_fn, task_desc))
     return phases
@@ -529,11 +528,11 @@ def run_warmup(
             resumed_at = done_before + (int(state["train"]["step"]) if state["train"] else 0)
             logger.info("stage %d: resuming warm-up after %d of %d steps", stage, resumed_at, plan.total_steps)
         else:
-            init = _init_weights(setup, stage)
+            init = _init_weights(setup, cfg, stage)
 
         interval = checkpoint_interval if checkpoint_interval is not None else max(25, math.ceil(plan.total_steps / 10))
         loss: Optional[float] = None
-        for name, n_steps, dataset, teacher, loss_fn, desc in _phases(setup, plan):
+        for name, n_steps, dataset, teacher, loss_fn, desc in _phases(setup, cfg, plan):
             phase_index = _PHASES.index(name)
             resume = None
             if state is not None:

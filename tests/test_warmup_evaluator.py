@@ -1,0 +1,239 @@
+"""Warm-up of the supernet and KDEvaluator on the tiny preset, RTE pairs, a tiny fine-tuned teacher."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from nni_effbert import warmup as warmup_mod
+from nni_effbert.config import load_config
+from nni_effbert.data import load_task
+from nni_effbert.errors import CheckpointError, ConfigError
+from nni_effbert.evaluator import ArchError, KDEvaluator, StageAwareEvaluator
+from nni_effbert.io import load_torch
+from nni_effbert.search_spaces import EfficientBertModel
+from nni_effbert.teacher import finetune_teacher
+from nni_effbert.train import KDSetup
+from nni_effbert.warmup import _ArchSampler, run_warmup
+from nni_effbert.workdir import WorkDir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_teacher(tmp_path_factory, tiny_vocab_file):
+    """A random tiny BERT (hidden 32) with the shared tiny vocab, saved as an HF folder."""
+    from transformers import BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(str(tiny_vocab_file.parent), do_lower_case=True)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        vocab_size=len(tok), max_position_embeddings=64, num_labels=2))
+    folder = tmp_path_factory.mktemp("base_teacher")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _cfg(work, base_teacher, glue_dir, *extra):
+    return load_config(REPO / "examples" / "tiny" / "effbert.yml", [
+        f"workdir={work}", f"teacher.model={base_teacher}", f"task.data_dir={glue_dir}", "task.name=rte",
+        "task.max_train_rows=48", "task.max_dev_rows=24", "warmup.batch_size=8", "evaluator.batch_size=8",
+        *extra])
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory, base_teacher, glue_dir):
+    cfg = _cfg(tmp_path_factory.mktemp("work"), base_teacher, glue_dir)
+    wd = WorkDir.of(cfg).ensure()
+    tok = AutoTokenizer.from_pretrained(str(base_teacher))
+    task = load_task(cfg.task, tok, cache_dir=str(wd.datasets_cache))
+    finetune_teacher(cfg, task, tok, wd.teacher_dir, progress=False)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def setup(cfg):
+    return KDSetup.from_config(cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def stage0(cfg, setup):
+    return run_warmup(cfg, 0, progress=False, setup=setup)
+
+
+def test_warmup_writes_stage_checkpoint_and_is_not_redone(cfg, setup, stage0):
+    assert setup.task.spec.is_pair  # RTE: sentence pairs
+    wd = WorkDir.of(cfg)
+    assert stage0.checkpoint == wd.supernet_checkpoint(0) and stage0.checkpoint.is_file()
+    assert not wd.warmup_state(0).exists()  # the resumable state is gone once the stage is done
+    assert stage0.init == "random" and not stage0.skipped
+    assert math.isfinite(stage0.loss) and 0.0 <= stage0.metrics["default"] <= 1.0
+    report = stage0.report()
+    assert report["warmup"] is True and report["stage"] == 0 and report["default"] == stage0.metrics["default"]
+    ckpt = load_torch(stage0.checkpoint, "checkpoint")
+    assert ckpt["stage"] == 0 and ckpt["space_config"] == setup.space.config.to_dict()
+    assert ckpt["plan"]["steps"] == cfg.search.stages[0].warmup_steps
+    mtime = stage0.checkpoint.stat().st_mtime_ns
+    again = run_warmup(cfg, 0, progress=False, setup=setup)
+    assert again.skipped and stage0.checkpoint.stat().st_mtime_ns == mtime
+    assert again.metrics["default"] == stage0.metrics["default"]
+
+
+def test_interrupted_warmup_resumes_where_it_stopped(cfg, setup, stage0, monkeypatch):
+    real_save = warmup_mod.atomic_save_torch
+    calls = []
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        calls.append(Path(path).name)
+        if calls.count("stage1.resume.pt") == 2:
+            raise KeyboardInterrupt  # killed right after the second periodic state hit the disk
+
+    monkeypatch.setattr(warmup_mod, "atomic_save_torch", dying_save)
+    kw = dict(steps=6, general_steps=2, checkpoint_interval=2, progress=False, setup=setup)
+    with pytest.raises(KeyboardInterrupt):
+        run_warmup(cfg, 1, **kw)
+    # First the general phase (2 steps) ended, then the task phase saved its step 2 and died.
+    assert calls == ["stage1.resume.pt", "stage1.resume.pt"]
+    state = load_torch(WorkDir.of(cfg).warmup_state(1), "state")
+    assert warmup_mod._PHASES[state["phase_index"]] == "task" and state["train"]["step"] == 2
+    monkeypatch.setattr(warmup_mod, "atomic_save_torch", real_save)
+
+    resumed = run_warmup(cfg, 1, **kw)
+    assert resumed.resumed_at == 4 and resumed.init == "stage 0 checkpoint"
+    assert not WorkDir.of(cfg).warmup_state(1).exists()
+    resumed_weights = load_torch(resumed.checkpoint, "checkpoint")["state_dict"]
+    straight = run_warmup(cfg, 1, force=True, **{k: v for k, v in kw.items() if k != "checkpoint_interval"})
+    assert straight.resumed_at is None and straight.plan == resumed.plan
+    straight_weights = load_torch(straight.checkpoint, "checkpoint")["state_dict"]
+    for name, tensor in straight_weights.items():
+        assert torch.allclose(tensor, resumed_weights[name], atol=1e-5), name
+
+
+def test_sampled_archs_hold_fixed_choices_and_budget(setup):
+    space = setup.space
+    fixed = {"layer0_width": space.config.widths[-1], "layer1_stack": 2}
+    lo, hi = space.param_range()
+    budget = [lo, lo + (hi - lo) * 0.5]
+    sampler = _ArchSampler(space, fixed, budget, seed=0, stage=1, phase=1, max_tries=500)
+    archs = [sampler(k) for k in range(20)]
+    assert all(a["layer0_width"] == fixed["layer0_width"] and a["layer1_stack"] == 2 for a in archs)
+    assert all(budget[0] <= space.count_params(a) <= budget[1] for a in archs)
+    assert sampler(7) == archs[7]  # step k is reproducible (resume)
+    assert len({json.dumps(a, sort_keys=True) for a in archs}) > 10
+    impossible = _ArchSampler(space, fixed, [0, 1], seed=0, stage=1, phase=1, max_tries=20)
+    with pytest.raises(ConfigError, match="fits search.param_budget"):
+        impossible(0)
+
+
+def test_named_checkpoint_missing_is_an_error_not_a_random_start(cfg, setup, stage0):
+    broken = dataclasses.replace(cfg, warmup=dataclasses.replace(cfg.warmup, checkpoint="/nonexistent/super.pt"))
+    with pytest.raises(CheckpointError, match="warmup.checkpoint names /nonexistent/super.pt, which does not exist"):
+        run_warmup(broken, 0, force=True, progress=False, setup=setup)
+    with pytest.raises(ConfigError, match="stage 7 does not exist"):
+        run_warmup(cfg, 7, progress=False, setup=setup)
+    with pytest.raises(ConfigError, match="unknown label"):
+        run_warmup(cfg, 0, fixed={"layer9_width": 8}, progress=False, setup=setup)
+
+
+def test_evaluator_scores_inherited_weights(cfg, setup, stage0):
+    evaluator = KDEvaluator(cfg, stage=0, report=False, progress=False, setup=setup)
+    space = setup.space
+    arch = space.random_arch(np.random.default_rng(5))
+    result = evaluator.evaluate(arch, train_steps=0, trial_id="t-inherit")
+    assert result["params"] == space.count_params(arch)
+    assert result["non_embedding_params"] == space.count_params(arch, exclude_embeddings=True)
+    assert result["params"] == sum(p.numel() for p in space.subnet(arch).parameters())
+    assert math.isfinite(result["default"]) and result["latency_ms"] > 0
+    assert result["expressions"] == [layer["expression"] for layer in space.describe(arch)]
+    assert result["widths"] == [arch["layer0_width"], arch["layer1_width"]]
+    assert result["stacks"] == [arch["layer0_stack"], arch["layer1_stack"]]
+    assert result["stage"] == 0 and result["train_steps"] == 0 and result["inherited_from"] == "stage 0 supernet"
+    record = json.loads((WorkDir.of(cfg).trial_dir("t-inherit") / "result.json").read_text())
+    assert record["status"] == "succeeded" and record["arch"] == arch
+    # The score is the stage checkpoint's, whatever the in-memory supernet holds meanwhile.
+    ckpt = load_torch(stage0.checkpoint, "checkpoint")["state_dict"]
+    student = space.subnet(arch)
+    student.load_state_dict({k: ckpt[k][tuple(slice(0, n) for n in v.shape)] for k, v in student.state_dict().items()})
+    assert setup.evaluate(student)["default"] == result["default"]
+
+    trained = evaluator.evaluate(arch, trial_id="t-train")  # evaluator.train_steps = 4, eval every 2
+    assert trained["train_steps"] == 4 and math.isfinite(trained["kd_loss"])
+
+
+def test_nni_functional_evaluator_inherits_from_checkpoint(cfg, setup, stage0, monkeypatch):
+    evaluator = KDEvaluator(cfg, stage=0, report=False, progress=False, setup=setup)
+    scored = []
+    real_evaluate = setup.evaluate
+
+    def spy(model, arch=None):
+        scored.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_evaluate(model, arch)
+
+    monkeypatch.setattr(setup, "evaluate", spy)
+    arch = setup.space.bert_arch(width=setup.space.config.widths[1], stack=2)
+    direct = evaluator.evaluate(arch, train_steps=0)
+    nas = evaluator.as_nni_evaluator(train_steps=0)
+    from nni.nas.evaluator import FunctionalEvaluator
+
+    assert isinstance(nas, FunctionalEvaluator)
+    torch.manual_seed(123)
+    fresh = EfficientBertModel(setup.space.config, arch)  # what NNI builds: random weights
+    via_nni = nas.evaluate(fresh)
+    assert via_nni["default"] == direct["default"] and via_nni["inherited_from"] == "stage 0 supernet"
+    ckpt = load_torch(stage0.checkpoint, "checkpoint")["state_dict"]
+    for name, tensor in scored[-1].items():  # the scored weights are the checkpoint's slices ...
+        assert torch.equal(tensor, ckpt[name][tuple(slice(0, n) for n in tensor.shape)]), name
+    q = "layers.0.attention.query.weight"
+    assert not torch.equal(scored[-1][q], fresh.state_dict()[q])  # ... not NNI's fresh initialisation
+
+    class Frozen:  # what NasExperiment executes: a frozen space carrying the strategy's sample
+        sample = {**arch, "_stage": 0, "_train_steps": 0}
+
+        def executable_model(self):
+            return EfficientBertModel(setup.space.config, arch)
+
+    seen = {}
+    probe = StageAwareEvaluator(lambda model, **kw: seen.update(kw, arch=model.arch) or 1.0, config={}, stage=None,
+                                train_steps=None)
+    probe._execute(Frozen())
+    assert seen["stage"] == 0 and seen["train_steps"] == 0 and seen["arch"] == arch
+
+
+def test_evaluator_stage_checkpoint_rules(cfg, setup, stage0, caplog):
+    evaluator = KDEvaluator(cfg, report=False, progress=False, setup=setup)
+    with pytest.raises(CheckpointError, match=r"supernet checkpoint of stage 2 \(size\) not found.*warmup -c <config> --stage 2"):
+        evaluator.load_stage(2)
+    with pytest.raises(ArchError, match="missing label"):
+        evaluator.evaluate({"layer0_width": 8}, train_steps=0)
+    # A stage without warm-up inherits the nearest earlier supernet ...
+    no_warm = dataclasses.replace(cfg, search=dataclasses.replace(
+        cfg.search, stages=[cfg.search.stages[0], cfg.search.stages[1], dataclasses.replace(cfg.search.stages[2], warmup=False)]))
+    ev2 = KDEvaluator(no_warm, report=False, progress=False, setup=setup)
+    assert ev2.load_stage(2).endswith("supernet (stage 2 has no warm-up)")
+    # ... and with no checkpoint at all, the run is allowed but logged as one without warm-up.
+    empty = dataclasses.replace(no_warm, workdir=str(Path(cfg.workdir) / "no-supernet"))
+    shutil.copytree(WorkDir.of(cfg).teacher_dir, WorkDir.of(empty).teacher_dir)
+    ev3 = KDEvaluator(empty, stage=2, report=False, progress=False)
+    with caplog.at_level(logging.WARNING, logger="nni_effbert.evaluator"):
+        result = ev3.evaluate(setup.space.bert_arch(), train_steps=0)
+    assert result["inherited_from"] == "random initialisation (no warm-up)"
+    assert "WITHOUT warm-up" in caplog.text
