@@ -267,7 +267,14 @@ def test_cache_key_changes_with_teacher_data_and_layers(tmp_path, base_teacher, 
 
 def test_cache_logits_only_and_damaged_folder(tmp_path, base_teacher, task_data):
     ds = task_data.train.select(range(20))
+    # a builder killed midway left its temporary folder (and released its lock by dying)
+    key = TeacherCache.make_key(base_teacher, ds, data_fingerprint="data-fp", split="train",
+                                hidden_layers=[], attention_layers=[])
+    stale = tmp_path / "cache" / f".{key.name}.tmp-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "logits.npy").write_bytes(b"partial")
     c = _open(tmp_path, base_teacher, ds, hidden=[], attn=[])
+    assert c.built and c.folder.name == key.name and not stale.exists()
     assert sorted(p.name for p in c.folder.iterdir()) == ["index.npz", "logits.npy", "meta.json"]
     tb = c.get(torch.tensor([0, 1]))
     assert tb.logits.shape == (2, 2) and tb.hidden_states == [] and tb.attentions == []
