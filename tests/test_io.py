@@ -1,6 +1,5 @@
 """Atomic writes and checkpoint reads (issue 6, item 6: no loss of data)."""
 import argparse
-import os
 import signal
 import subprocess
 import sys
