@@ -54,7 +54,10 @@ def tiny_vocab_file(tmp_path_factory, glue_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_vocab_file):
-    """A lower-casing ``BertTokenizerFast`` over :func:`tiny_vocab_file` (a few hundred tokens)."""
-    from transformers import BertTokenizerFast
+    """A lower-casing BERT tokenizer over :func:`tiny_vocab_file` (a few hundred tokens)."""
+    from transformers import BertTokenizer
 
-    return BertTokenizerFast(vocab_file=str(tiny_vocab_file), do_lower_case=True)
+    # transformers 5 ignores ``vocab_file`` in BertTokenizerFast's constructor; pass the vocab.
+    tok = BertTokenizer(vocab=str(tiny_vocab_file), do_lower_case=True)
+    assert len(tok) > 100, f"tiny tokenizer has only {len(tok)} tokens"
+    return tok

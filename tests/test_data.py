@@ -123,10 +123,10 @@ def test_load_task_tokenizes_and_fingerprints(glue_dir, cache_dir, tiny_tokenize
 
 
 def test_fingerprint_follows_tokenizer(tiny_vocab_file, tiny_tokenizer):
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
-    same = BertTokenizerFast(vocab_file=str(tiny_vocab_file), do_lower_case=True)
-    cased = BertTokenizerFast(vocab_file=str(tiny_vocab_file), do_lower_case=False)
+    same = BertTokenizer(vocab=str(tiny_vocab_file), do_lower_case=True)
+    cased = BertTokenizer(vocab=str(tiny_vocab_file), do_lower_case=False)
     tiny_tokenizer("warm up the backend", truncation=True, max_length=4)  # leaves call state behind
     assert D.tokenizer_fingerprint(same) == D.tokenizer_fingerprint(tiny_tokenizer)
     assert D.tokenizer_fingerprint(cased) != D.tokenizer_fingerprint(tiny_tokenizer)
