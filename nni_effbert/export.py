@@ -48,7 +48,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -470,10 +470,18 @@ def _load_tokenizer(tokenizer: Any, config) -> Any:
     if isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer
 
+        folder = Path(tokenizer)
+        kwargs: Dict[str, Any] = {}
+        if _is_export_folder(folder):
+            # AutoTokenizer reads the model config first; ours needs remote code, so hand it the
+            # config class directly instead of prompting for (or running) the folder's code.
+            from .hf.configuration_effbert import EfficientBertHFConfig
+
+            kwargs["config"] = EfficientBertHFConfig.from_pretrained(str(folder))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, **kwargs)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load a tokenizer from {tokenizer}: {exc}") from exc
+            raise ConfigError(f"cannot load a tokenizer from {folder}: {exc}") from exc
     if not hasattr(tokenizer, "save_pretrained"):
         raise ConfigError(f"tokenizer must be a transformers tokenizer or a folder holding one, got "
                           f"{type(tokenizer).__name__}")
@@ -482,6 +490,14 @@ def _load_tokenizer(tokenizer: Any, config) -> Any:
                           f"{config.vocab_size}: token ids would overflow the embedding table; export "
                           "with the tokenizer the student was trained with")
     return tokenizer
+
+
+def _is_export_folder(folder: Path) -> bool:
+    try:
+        data = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("model_type") == hf_templates.MODEL_TYPE
 
 
 def _remote_code_files() -> List[Path]:

@@ -46,7 +46,6 @@ import os
 import sqlite3
 import urllib.error
 import urllib.request
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union

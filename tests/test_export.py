@@ -139,12 +139,20 @@ def test_exported_model_from_trained_student(tmp_path, space, arch, tokenizer):
     assert loaded.id2label == {0: "LABEL_0", 1: "LABEL_1"}  # no names given
 
 
-def test_reexport_replaces_folder(tmp_path, space, arch, tokenizer):
+def test_reexport_replaces_folder(tmp_path, space, arch, tokenizer, monkeypatch):
     out = tmp_path / "exp"
     export_student(space, arch, space, out, tokenizer=tokenizer, verify=False)
+    prompts = []
+
+    def no_prompt(*args):  # transformers asks before running remote code; we never want that
+        prompts.append(args)
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", no_prompt)
     (out / "stale.txt").write_text("old")
     other = space.bert_arch(width=min(space.config.widths))
     export_student(space, other, space, out, tokenizer=str(out), verify=False)  # tokenizer from the old folder
+    assert not prompts
     assert not (out / "stale.txt").exists()
     assert load_exported(out).arch == other
     assert (out / "tokenizer.json").is_file()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import math
 import sqlite3
 import threading
 from pathlib import Path
