@@ -24,18 +24,10 @@ PAIR_EXPRESSIONS = ["tanh(linear2(gelu(linear1(x))))", "linear2(relu(mul(linear1
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_vocab_file):
-    """A WordPiece tokenizer over the shared tiny vocab.
-
-    Loaded with ``from_pretrained`` on the vocab's folder: transformers 5 ignores a
-    ``vocab_file=`` argument of the ``BertTokenizerFast`` constructor (every word would be
-    ``[UNK]``), while ``from_pretrained`` reads ``vocab.txt`` in both 4.x and 5.x.
-    """
-    from transformers import BertTokenizerFast
-
-    tok = BertTokenizerFast.from_pretrained(str(tiny_vocab_file.parent), do_lower_case=True)
-    assert tok("the movie")["input_ids"][1] != tok.unk_token_id, "tokenizer lost its vocab"
-    return tok
+def tokenizer(tiny_tokenizer):
+    """The shared tiny WordPiece tokenizer, checked to really carry its vocab."""
+    assert tiny_tokenizer("the movie")["input_ids"][1] != tiny_tokenizer.unk_token_id
+    return tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
