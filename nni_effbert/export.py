@@ -397,7 +397,7 @@ def _student_from_weights(space, arch: Dict[str, Any], weights: Any):
     if isinstance(weights, EfficientBertSpace):
         if weights.config != space.config:
             raise ConfigError("the supernet passed as weights has another config than space_config")
-        return weights.subnet(arch).eval()
+        return weights.subnet(arch).cpu().eval()  # exports and their checks are on CPU
     if isinstance(weights, EfficientBertModel):
         if weights.arch != arch and space.validate_arch(weights.arch) != arch:
             diff = sorted(k for k in arch if weights.arch.get(k) != arch[k])
