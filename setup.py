@@ -20,6 +20,7 @@ setup(
     python_requires=">=3.9",
     packages=[
         "nni_effbert",
+        "nni_effbert.hf",
         "nni_effbert.search_spaces",
         "nni_effbert.strategies",
     ],
