@@ -66,6 +66,7 @@ class TrialBroker:
 
     @property
     def done(self) -> Optional[Done]:
+        """How the search ended, or None while it runs."""
         return self.search.done
 
     def request(self, parameter_ids: Iterable[Optional[int]]) -> Served:
@@ -105,6 +106,7 @@ class TrialBroker:
     # -- events -----------------------------------------------------------------------------
 
     def trial_of(self, parameter_id: Any) -> Optional[int]:
+        """The search's trial id of an NNI parameter id (None if not from this search)."""
         if parameter_id is None:
             return None
         return self._pid_to_trial.get(int(parameter_id))
@@ -172,6 +174,7 @@ class TrialBroker:
     # -- persistence ------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
+        """Search state plus the parameter-id mapping, as JSON-friendly data."""
         with self.lock:
             return {
                 "broker_version": BROKER_VERSION,
@@ -181,6 +184,13 @@ class TrialBroker:
             }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output.
+
+        Raises
+        ------
+        SearchStateError
+            If the state is malformed or belongs to another search.
+        """
         with self.lock:
             try:
                 if state.get("broker_version") != BROKER_VERSION:

@@ -151,6 +151,7 @@ class TrialRecord:
 
     @property
     def arch(self) -> Arch:
+        """The arch labels of :attr:`parameters`."""
         return split_parameters(self.parameters)[0]
 
 
@@ -221,10 +222,12 @@ class ProgressiveSearch:
 
     @property
     def stage(self) -> Stage:
+        """The current :class:`~.stages.Stage`."""
         return self.config.stages[self._stage]
 
     @property
     def done(self) -> Optional[Done]:
+        """How the search ended, or None while it runs."""
         return self._done
 
     @property

@@ -259,9 +259,11 @@ class PartitionSampler:
     # -- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """Fit count and how many results the last fit used (the tree is rebuilt from them)."""
         return {"fit_count": self.fit_count, "fitted_on": self.fitted_on}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; the tree is rebuilt on the next proposal."""
         self.fit_count = int(state["fit_count"])
         self.fitted_on = int(state["fitted_on"])
         self._root = None  # rebuilt from the same results and seed on the next proposal
@@ -306,6 +308,7 @@ class PartitionSampler:
 
     @property
     def num_leaves(self) -> int:
+        """Regions of the current tree (0 before the first fit)."""
         if self._root is None:
             return 0
         stack, n = [self._root], 0

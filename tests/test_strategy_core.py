@@ -287,3 +287,26 @@ def test_stage_settings_are_validated_with_clear_messages():
     cfg = SearchConfig.from_dict({"param_budget": [1, 2], "sampler": {"exploration": 0.1}})
     assert SearchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.total_trials() == 24 + 16 + 32 + 3
+
+
+def test_on_the_real_tiny_space_budget_fingerprints_and_bert_seeds():
+    from nni_effbert.search_spaces import EfficientBertSpace
+
+    space = EfficientBertSpace.preset("tiny")
+    lo, hi = space.param_range()
+    budget = [lo, lo + 0.5 * (hi - lo)]
+    cfg = SearchConfig(param_budget=budget, seed=1, stages=[
+        Stage("coarse", "joint", trials=8), Stage("expression", "expression", trials=6),
+        Stage("size", "size", trials=4, train_steps=0)])
+    search = ProgressiveSearch(space, cfg)
+    rng = np.random.RandomState(0)
+    table = {(l, repr(v)): rng.uniform() for l, vs in space.choices.items() for v in vs}
+    proposals, _ = drive(search, lambda arch: sum(table[(l, repr(v))] for l, v in arch.items()), concurrency=2)
+    assert not search.done.failed
+    cands = [p for p in proposals if not p.warmup]
+    assert all(budget[0] <= space.count_params(p.arch) <= budget[1] for p in cands)
+    keys = [(p.stage, space.fingerprint(p.arch)) for p in cands]
+    assert len(keys) == len(set(keys))  # equal functions count as duplicates, not only equal dicts
+    assert space.describe(cands[0].arch)[0]["expression"] == "linear2(gelu(linear1(x)))"
+    with pytest.raises(BudgetError, match=f"\\[{lo}, {hi}\\]"):
+        ProgressiveSearch(space, SearchConfig(param_budget=[hi + 1, hi + 2]))
