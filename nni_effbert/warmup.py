@@ -148,12 +148,14 @@ def plan_warmup(cfg, stage: int, *, fixed: Optional[Mapping[str, Any]] = None, s
 
     Steps come from the arguments (the warm-up trial's ``_warmup_steps`` /
     ``_general_warmup_steps``), else from ``search.stages[stage]`` (``warmup_steps``,
-    ``general_warmup_steps``); ``warmup.learning_rate``, ``batch_size``, ``corpus_file`` and
-    ``max_seq_length`` apply to every stage.
+    ``general_warmup_steps``), else ``warmup.steps``; ``warmup.learning_rate``,
+    ``batch_size``, ``corpus_file`` and ``max_seq_length`` apply to every stage.
     """
     _check_stage(cfg, stage)
     st = cfg.search.stages[stage]
-    steps = st.warmup_steps if steps is None else steps
+    if steps is None:
+        # A stage that leaves its warm-up length empty uses the experiment-wide warmup.steps.
+        steps = st.warmup_steps if st.warmup_steps is not None else cfg.warmup.steps
     general_steps = st.general_warmup_steps if general_steps is None else general_steps
     for name, value in (("warm-up steps", steps), ("general warm-up steps", general_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -144,6 +144,30 @@ def test_sampled_archs_hold_fixed_choices_and_budget(setup):
         impossible(0)
 
 
+def test_general_kd_on_a_corpus_and_on_longer_text(cfg, setup, stage0, tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a gripping , funny film .\n\nthe plot is thin but the actors are good .\n" * 10)
+    calls = []
+    real_live = KDSetup.live_teacher
+
+    def counting_live(self):
+        calls.append("live")
+        return real_live(self)
+
+    monkeypatch.setattr(KDSetup, "live_teacher", counting_live)
+    with_corpus = dataclasses.replace(cfg, warmup=dataclasses.replace(cfg.warmup, corpus_file=str(corpus)))
+    result = run_warmup(with_corpus, 2, steps=2, general_steps=2, progress=False, setup=setup)
+    assert calls == ["live"] and result.plan.corpus == str(corpus) and math.isfinite(result.loss)
+    assert result.init in ("stage 0 checkpoint", "stage 1 checkpoint")
+    # Unlabeled text at another length than the task's gets a cache of its own.
+    longer = dataclasses.replace(cfg, warmup=dataclasses.replace(cfg.warmup, max_seq_length=16))
+    before = {p.name for p in (WorkDir.of(cfg).root / "cache").iterdir()}
+    run_warmup(longer, 2, steps=1, general_steps=0, force=True, progress=False, setup=setup)
+    added = {p.name for p in (WorkDir.of(cfg).root / "cache").iterdir()} - before
+    assert any(name.startswith("unlabeled16-") and not name.endswith(".lock") for name in added)
+    WorkDir.of(cfg).supernet_checkpoint(2).unlink()  # later tests need stage 2 un-warmed
+
+
 def test_named_checkpoint_missing_is_an_error_not_a_random_start(cfg, setup, stage0):
     broken = dataclasses.replace(cfg, warmup=dataclasses.replace(cfg.warmup, checkpoint="/nonexistent/super.pt"))
     with pytest.raises(CheckpointError, match="warmup.checkpoint names /nonexistent/super.pt, which does not exist"):
