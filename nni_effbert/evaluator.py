@@ -21,6 +21,7 @@ The same evaluator serves ``nnictl`` trials (:mod:`nni_effbert.trial`) and ``Nas
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -62,13 +63,17 @@ def _as_config(cfg_or_path: ConfigLike, overrides: Sequence[str]) -> ExperimentC
     return load_config(cfg_or_path, list(overrides))
 
 
+_standalone_runs = itertools.count()
+
+
 def _trial_id() -> str:
+    """NNI's trial id, or a unique name for runs outside an NNI trial process."""
     import nni
 
     tid = nni.get_trial_id()
     if tid and tid != "STANDALONE":
         return str(tid)
-    return f"standalone-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    return f"standalone-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_standalone_runs)}"
 
 
 class KDEvaluator:

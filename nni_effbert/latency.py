@@ -102,7 +102,7 @@ def measure_latency(
     ----------
     model : torch.nn.Module
         An :class:`~nni_effbert.search_spaces.EfficientBertModel` or a Hugging Face
-        sequence-classification model. It is moved to CPU and put in ``eval()`` mode for the
+        sequence-classification model, on CPU. It is put in ``eval()`` mode for the
         measurement; its previous training mode is restored.
     seq_length, batch_size : int
         Input shape (default batch 1, 128 tokens).

@@ -47,7 +47,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -552,7 +552,7 @@ def run_warmup(
 
             settings = TrainSettings(
                 steps=n_steps, learning_rate=plan.learning_rate, batch_size=plan.batch_size,
-                seed=plan.seed * 100 + stage * 10 + phase_index, checkpoint_interval=interval,
+                seed=plan.seed * 1_000_003 + stage * 1009 + phase_index, checkpoint_interval=interval,
                 desc=f"warm-up stage {stage} ({name})", progress=progress,
             )
             out = kd_train(space, teacher, dataset, loss_fn, settings, pad_token_id=setup.pad_token_id,
