@@ -10,8 +10,9 @@ this API and NNI; none of them holds search logic.
 
 Trial parameters (what a trial receives, what the NNI web UI shows) are flat JSON:
 
-* warm-up: ``{"_warmup_stage": i, "_stage_name": ..., "_stage_kind": ..., "_warmup_steps": ...,
-  "_general_warmup_steps": ..., <the stage's fixed labels>: <values>}``;
+* warm-up: ``{"_warmup_stage": i, "_stage_name": ..., "_stage_kind": ...,
+  "_general_warmup_steps": ..., <the stage's fixed labels>: <values>}`` plus
+  ``"_warmup_steps": n`` when the stage sets ``warmup_steps``;
 * candidate: ``{<every arch label>: <value>, "_stage": i}`` plus ``"_train_steps": n`` when the
   stage sets ``train_steps``.
 
@@ -312,9 +313,10 @@ class ProgressiveSearch:
             WARMUP_KEY: self._stage,
             "_stage_name": stage.name,
             "_stage_kind": stage.kind,
-            "_warmup_steps": stage.warmup_steps,
             "_general_warmup_steps": stage.general_warmup_steps,
         }
+        if stage.warmup_steps is not None:
+            params["_warmup_steps"] = stage.warmup_steps
         params.update(self._fixed)
         record = self._new_record(True, params)
         self._warmup[self._stage] = "running"

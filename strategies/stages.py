@@ -55,8 +55,9 @@ class Stage:
     warmup : bool
         Submit a warm-up trial (KD of the stage's weight-sharing supernet) before any
         candidate. Candidates go out only once it has succeeded.
-    warmup_steps : int
-        Task-KD steps of the warm-up, passed to the trial as ``_warmup_steps``.
+    warmup_steps : int or None
+        Task-KD steps of the warm-up, passed to the trial as ``_warmup_steps``. ``None``: the
+        experiment's ``warmup.steps`` (the key is then left out).
     general_warmup_steps : int
         General-KD steps on unlabeled text before the task KD (the paper's stage 3), passed
         as ``_general_warmup_steps``.
@@ -77,7 +78,7 @@ class Stage:
     kind: str
     trials: int
     warmup: bool = True
-    warmup_steps: int = 200
+    warmup_steps: Optional[int] = None
     general_warmup_steps: int = 0
     train_steps: Optional[int] = None
     init_trials: Optional[int] = None
@@ -91,7 +92,10 @@ class Stage:
         _need(_is_int(self.trials) and self.trials >= 1,
               f"stage {self.name!r}: trials must be an int >= 1, got {self.trials!r}")
         _need(isinstance(self.warmup, bool), f"stage {self.name!r}: warmup must be true or false, got {self.warmup!r}")
-        for key in ("warmup_steps", "general_warmup_steps", "handoff_top_k"):
+        _need(self.warmup_steps is None or (_is_int(self.warmup_steps) and self.warmup_steps >= 0),
+              f"stage {self.name!r}: warmup_steps must be empty (warmup.steps) or an int >= 0, "
+              f"got {self.warmup_steps!r}")
+        for key in ("general_warmup_steps", "handoff_top_k"):
             value = getattr(self, key)
             _need(_is_int(value) and value >= 0, f"stage {self.name!r}: {key} must be an int >= 0, got {value!r}")
         _need(self.train_steps is None or (_is_int(self.train_steps) and self.train_steps >= 0),
