@@ -61,3 +61,7 @@ def tiny_tokenizer(tiny_vocab_file):
     tok = BertTokenizer(vocab=str(tiny_vocab_file), do_lower_case=True)
     assert len(tok) > 100, f"tiny tokenizer has only {len(tok)} tokens"
     return tok
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "integration: runs a real NNI manager (nnictl), tens of seconds")
