@@ -37,6 +37,7 @@ __all__ = [
     "WarmupConfig",
     "KDConfig",
     "EvaluatorConfig",
+    "DistillConfig",
     "ExperimentConfig",
     "from_dict",
     "to_dict",
@@ -264,6 +265,22 @@ class EvaluatorConfig(_Checked):
 
 
 @dataclass
+class DistillConfig(_Checked):
+    """Final distillation of an exported student (``distill``): general KD, then task KD.
+
+    ``general_steps`` distil hidden states and attentions on unlabeled text (``warmup.corpus_file``
+    if set, else the task's train sentences); ``task_steps`` then add the predictions, as the
+    paper's final two-step KD. The same budget is used for the baseline and the searched student.
+    """
+
+    general_steps: int = _checked(_non_negative, 200)
+    task_steps: int = _checked(_non_negative, 300)
+    learning_rate: float = _checked(_positive, 2e-4)
+    batch_size: int = _checked(_positive, 32)
+    eval_interval: int = _checked(_non_negative, 100)  # 0: evaluate only at the end
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment; see ``examples/*/effbert.yml`` for an annotated file."""
 
@@ -276,6 +293,7 @@ class ExperimentConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain dict of YAML types (tuples become lists) that :func:`from_dict` reads back."""
