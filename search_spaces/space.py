@@ -152,9 +152,19 @@ class EfficientBertSpace(ModelSpace):
         return [LayerArch.from_arch(arch, i) for i in range(self.config.num_hidden_layers)]
 
     def describe(self, arch: Mapping[str, Any]) -> List[Dict[str, Any]]:
-        """Per layer ``{expression, width, stack}`` in the paper's notation."""
-        return [{"expression": expression_to_string(la.pre, la.mid, la.post), "width": la.width, "stack": la.stack}
-                for la in self.layer_archs(arch)]
+        """Per layer ``{expression, width, stack}`` in the paper's notation.
+
+        Each slot is printed in the simplest form of its function (see :meth:`fingerprint`),
+        so ``elu(max(x,x))`` reads ``elu(x)``; archs with equal fingerprints read the same.
+        """
+        return [{"expression": expression_to_string(*slots), "width": la.width, "stack": la.stack}
+                for la, slots in self._canonical_layers(arch)]
+
+    def _canonical_layers(self, arch: Mapping[str, Any]):
+        """(layer arch, its slots replaced by their class representatives) per layer."""
+        cfg = self.config
+        classes = {pre: slot_classes(tuple(cfg.unary_ops), tuple(cfg.binary_ops), pre) for pre in (True, False)}
+        return [(la, [classes[slot == "pre"][getattr(la, slot)] for slot in SLOTS]) for la in self.layer_archs(arch)]
 
     def arch_from_layers(self, layers: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
         """Inverse of :meth:`describe`: an arch from per-layer ``{expression, width, stack}``.
@@ -194,13 +204,10 @@ class EfficientBertSpace(ModelSpace):
         functions (:func:`.expressions.slot_classes`); width, stack and the width reaching
         ``linear2`` complete the key.
         """
-        cfg = self.config
-        classes = {pre: slot_classes(tuple(cfg.unary_ops), (*cfg.binary_ops,), pre) for pre in (True, False)}
         key = []
-        for la in self.layer_archs(arch):
-            slots = [classes[slot == "pre"][getattr(la, slot)] for slot in SLOTS]
+        for la, slots in self._canonical_layers(arch):
             key.append([[s.act, s.binary, s.operand, s.order] for s in slots]
-                       + [la.width, la.stack, la.linear2_in(cfg.hidden_size)])
+                       + [la.width, la.stack, la.linear2_in(self.config.hidden_size)])
         return hashlib.sha1(json.dumps(key).encode()).hexdigest()
 
     # ----------------------------------------------------------------------------------------
