@@ -1,0 +1,337 @@
+"""Final distillation of an exported student, and the hand-designed baseline it is compared with.
+
+``nni-effbert distill -c exp.yml --export DIR`` runs EfficientBERT's final two-step KD (Dong et
+al., 2021, Sec. 3.4, after TinyBERT) on the student exported into ``DIR``:
+
+1. **general KD** (``distill.general_steps``): hidden states (through ``fit_dense``) and
+   attention maps on unlabeled text -- ``warmup.corpus_file`` through the live teacher when
+   set, else the task's train sentences through the shared teacher-output cache;
+2. **task KD** (``distill.task_steps``): hidden states, attentions and predictions (``kd``) on
+   the task's train split.
+
+Both phases are :func:`~nni_effbert.train.kd_train`. The distilled student is scored on dev,
+its CPU latency measured (``evaluator.latency_seq_length``, batch 1, median), and the folder is
+re-exported atomically with the new weights; ``export_meta.json`` then holds, under
+``extra.distill``, the plan, the dev metric, the latency and the training curve.
+
+Departure from the paper: the paper's general KD runs on Wikipedia for many epochs and starts
+from the supernet; here it starts from the exported weights (the supernet slice of the
+architecture) and runs on whatever text the config gives, for the configured steps.
+
+:func:`baseline_arch` / :func:`export_baseline` build the report's hand-designed baseline: BERT's
+MLP ``linear2(gelu(linear1(x)))``, stack 1, at the width of the space whose parameter count is
+nearest the searched student's, exported from the same supernet checkpoint so that both
+students start from the same kind of weights and get the same distill budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from .errors import CheckpointError, ConfigError
+
+__all__ = [
+    "DISTILL_KEY",
+    "DistillPlan",
+    "DistillResult",
+    "plan_distill",
+    "run_distill",
+    "distill_record",
+    "baseline_arch",
+    "BaselineChoice",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Key under ``export_meta.json``'s ``extra`` holding the final-distillation record.
+DISTILL_KEY = "distill"
+
+
+@dataclass
+class DistillPlan:
+    """What one final distillation does; equal plans on the same export give the same result.
+
+    Attributes
+    ----------
+    general_steps, task_steps : int
+    learning_rate : float
+    batch_size : int
+    eval_interval : int
+    seed : int
+    corpus : str or None
+        ``warmup.corpus_file`` of the general phase (None: the task's train sentences).
+    """
+
+    general_steps: int
+    task_steps: int
+    learning_rate: float
+    batch_size: int
+    eval_interval: int
+    seed: int
+    corpus: Optional[str]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DistillResult:
+    """Outcome of :func:`run_distill`.
+
+    Attributes
+    ----------
+    path : Path
+        The export folder (rewritten with the distilled weights).
+    metric : str
+        Name of the task metric.
+    dev_metric : float
+        Dev metric after distillation.
+    before : float or None
+        Dev metric of the exported weights before distillation.
+    latency_ms : float
+        Median CPU latency (batch 1, ``seq_length`` tokens).
+    seq_length : int
+    params, non_embedding_params : int
+    plan : DistillPlan
+    skipped : bool
+        True if the folder was already distilled with the same plan (nothing trained).
+    seconds : float
+    curve : list of (int, float)
+        ``(task step, dev metric)`` of the periodic evaluations.
+    """
+
+    path: Path
+    metric: str
+    dev_metric: float
+    before: Optional[float]
+    latency_ms: float
+    seq_length: int
+    params: int
+    non_embedding_params: int
+    plan: DistillPlan
+    skipped: bool = False
+    seconds: float = 0.0
+    curve: List[Tuple[int, float]] = field(default_factory=list)
+
+
+def distill_record(meta: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The distillation record of an export's metadata (``extra.distill``), or None."""
+    record = (meta.get("extra") or {}).get(DISTILL_KEY)
+    return dict(record) if isinstance(record, Mapping) else None
+
+
+def plan_distill(cfg) -> DistillPlan:
+    """The plan of ``cfg.distill`` (plus the seed and the general-KD corpus)."""
+    d = cfg.distill
+    if d.general_steps + d.task_steps == 0:
+        raise ConfigError("distill.general_steps and distill.task_steps are both 0: nothing to distil; "
+                          "give at least one of them steps")
+    if d.general_steps and cfg.kd.attention_weight == 0 and cfg.kd.hidden_weight == 0:
+        raise ConfigError("distill.general_steps needs kd.attention_weight or kd.hidden_weight > 0 "
+                          "(general KD has no predictions to distil); set distill.general_steps=0 or a weight")
+    return DistillPlan(general_steps=int(d.general_steps), task_steps=int(d.task_steps),
+                       learning_rate=float(d.learning_rate), batch_size=int(d.batch_size),
+                       eval_interval=int(d.eval_interval), seed=int(cfg.seed), corpus=cfg.warmup.corpus_file)
+
+
+def _check_compatible(exported, setup) -> None:
+    """The export must be a student of this experiment's space (same teacher, vocabulary, task)."""
+    saved = exported.config.to_dict()
+    current = setup.space.config.to_dict()
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {saved.get(k)!r} vs {current.get(k)!r}" for k in diff[:5])
+        raise CheckpointError(
+            f"the student in {exported.path} belongs to another student space than this config's ({details}); "
+            "distil it with the config it was exported with, or re-export it with this one"
+        )
+
+
+def _general_source(setup, cfg):
+    """(dataset, teacher source, description) of the general-KD text."""
+    if cfg.warmup.corpus_file:
+        from .data import unlabeled_texts
+
+        texts = unlabeled_texts(cfg, setup.tokenizer, cache_dir=str(setup.workdir.datasets_cache))
+        return texts, setup.live_teacher(), f"corpus {cfg.warmup.corpus_file} (live teacher)"
+    # The task's train sentences at the task's length: exactly what the shared cache holds,
+    # so no teacher forward is paid again.
+    return setup.task.train, setup.cached_teacher(), "task train sentences (cached teacher)"
+
+
+def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, setup=None) -> DistillResult:
+    """Distil the student of an export folder (general KD, then task KD) and re-export it.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment (teacher, task, ``kd``, ``distill``, latency settings).
+    export_dir : str or Path
+        A folder written by ``nni-effbert export`` (:func:`~nni_effbert.export.export_student`).
+    force : bool
+        Distil again even if the folder was already distilled with the same plan (a second
+        distillation continues from the distilled weights).
+    progress : bool
+        Progress bars.
+    setup : KDSetup, optional
+        An already loaded experiment (shared by several distillations).
+
+    Returns
+    -------
+    DistillResult
+
+    Raises
+    ------
+    CheckpointError
+        Missing or corrupt export folder, no fine-tuned teacher, or a student of another space.
+    ConfigError
+        A distill budget of 0 steps.
+    TrialFailure
+        If the KD loss diverges (nothing is written).
+    """
+    from .export import export_student, load_exported
+    from .latency import measure_latency
+    from .train import KDSetup, TrainSettings, kd_train
+
+    started = time.perf_counter()
+    folder = Path(export_dir).expanduser().absolute()
+    exported = load_exported(folder)
+    record = distill_record(exported.meta)
+    plan = plan_distill(cfg)
+    if record is not None and not force:
+        if record.get("plan") == plan.to_dict():
+            logger.info("%s is already distilled with the same plan; nothing to do (force=True redoes it)", folder)
+            return DistillResult(
+                path=folder, metric=str(record["metric"]), dev_metric=float(record["dev_metric"]),
+                before=record.get("before"), latency_ms=float(record["latency_ms"]),
+                seq_length=int(record["latency_seq_length"]), params=int(exported.meta["params"]),
+                non_embedding_params=int(exported.meta["non_embedding_params"]), plan=plan, skipped=True,
+                seconds=time.perf_counter() - started, curve=[tuple(x) for x in record.get("curve", [])])
+        logger.warning("%s was distilled with another plan; distilling it again from its current weights", folder)
+
+    setup = setup or KDSetup.from_config(cfg, progress=progress)
+    _check_compatible(exported, setup)
+    model = exported.model.to(setup.device)
+    spec = setup.task.spec
+    before = setup.evaluate(model)["default"]
+    logger.info("%s: dev %s before distillation = %.4f", folder.name, spec.metric, before)
+
+    from .losses import KDLoss
+
+    n_student = exported.config.num_hidden_layers
+    n_teacher = int(setup.teacher_config.num_hidden_layers)
+    curve: List[Tuple[int, float]] = []
+    phases = []
+    if plan.general_steps:
+        general_kd = dataclasses.replace(cfg.kd, prediction_weight=0.0)
+        ds, teacher, desc = _general_source(setup, cfg)
+        phases.append(("general", plan.general_steps, ds, teacher,
+                       KDLoss(general_kd, n_student, n_teacher, regression=bool(spec.is_regression)), desc))
+    if plan.task_steps:
+        phases.append(("task", plan.task_steps, setup.task.train, setup.cached_teacher(), setup.loss_fn,
+                       "task train split (cached teacher)"))
+    losses: Dict[str, Optional[float]] = {}
+    for index, (name, steps, dataset, teacher, loss_fn, desc) in enumerate(phases):
+        logger.info("%s: %s KD, %d steps on %s", folder.name, name, steps, desc)
+        settings = TrainSettings(
+            steps=steps, learning_rate=plan.learning_rate, batch_size=plan.batch_size,
+            seed=plan.seed * 1_000_003 + 7919 + index,  # distinct from warm-up and trial seeds
+            eval_interval=plan.eval_interval if name == "task" else 0,
+            desc=f"distill {folder.name} ({name})", progress=progress,
+        )
+
+        def evaluate_fn(step: int) -> Dict[str, float]:
+            metrics = setup.evaluate(model)
+            curve.append((step, metrics["default"]))
+            return metrics
+
+        out = kd_train(model, teacher, dataset, loss_fn, settings, pad_token_id=setup.pad_token_id,
+                       evaluate_fn=evaluate_fn if name == "task" else None, device=setup.device)
+        losses[name] = out.loss
+    model.eval()
+    # The reported score is the final model's (no dev-based checkpoint picking: dev is what
+    # the report compares on).
+    final = curve[-1][1] if curve and curve[-1][0] == plan.task_steps else setup.evaluate(model)["default"]
+    if not curve or curve[-1][0] != plan.task_steps:
+        curve.append((plan.task_steps, final))
+    seq = int(cfg.evaluator.latency_seq_length)
+    model = model.cpu()
+    latency = measure_latency(model, seq_length=seq, repeats=int(cfg.evaluator.latency_repeats)).median_ms
+    seconds = time.perf_counter() - started
+    record = {
+        "plan": plan.to_dict(), "metric": spec.metric, "dev_metric": float(final), "before": float(before),
+        "latency_ms": float(latency), "latency_seq_length": seq, "latency_batch_size": 1,
+        "kd_loss": losses, "curve": [list(c) for c in curve], "seconds": round(seconds, 1),
+        "teacher_fingerprint": setup.teacher_fingerprint, "task_fingerprint": setup.task.fingerprint,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    extra = dict(exported.meta.get("extra") or {})
+    extra[DISTILL_KEY] = record
+    labels = [exported.id2label[i] for i in range(len(exported.id2label))]
+    export_student(exported.config, exported.arch, model, folder, tokenizer=setup.tokenizer, label_names=labels,
+                   task=spec, extra_meta=extra)
+    logger.info("%s distilled in %.0fs: dev %s %.4f -> %.4f, latency %.2f ms", folder.name, seconds, spec.metric,
+                before, final, latency)
+    return DistillResult(path=folder, metric=spec.metric, dev_metric=float(final), before=float(before),
+                         latency_ms=float(latency), seq_length=seq, params=int(exported.meta["params"]),
+                         non_embedding_params=int(exported.meta["non_embedding_params"]), plan=plan,
+                         seconds=seconds, curve=curve)
+
+
+# ---------------------------------------------------------------------------------------------
+# The hand-designed baseline
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BaselineChoice:
+    """The baseline's architecture and how close its size is to the target.
+
+    Attributes
+    ----------
+    arch : dict
+        BERT's MLP expression, stack 1, one width for every layer.
+    width : int
+    params : int
+        Its parameter count.
+    target : int
+        The searched student's parameter count.
+    """
+
+    arch: Dict[str, Any]
+    width: int
+    params: int
+    target: int
+
+    @property
+    def difference(self) -> int:
+        """``params - target`` (signed)."""
+        return self.params - self.target
+
+    @property
+    def relative_difference(self) -> float:
+        """``difference / target``."""
+        return self.difference / self.target if self.target else 0.0
+
+
+def baseline_arch(space, target_params: int) -> BaselineChoice:
+    """BERT's MLP (``linear2(gelu(linear1(x)))``), stack 1, at the space width nearest in size.
+
+    The width is one of ``space.config.widths``, the same for every layer, chosen to minimise
+    ``|count_params(arch) - target_params|`` (ties: the smaller model). With stack 1 and only the
+    space's widths, an exact match is generally impossible: :attr:`BaselineChoice.difference`
+    says by how much it misses.
+    """
+    best: Optional[BaselineChoice] = None
+    for width in space.config.widths:
+        arch = space.bert_arch(width=width, stack=1)
+        n = int(space.count_params(arch))
+        cand = BaselineChoice(arch=arch, width=int(width), params=n, target=int(target_params))
+        if best is None or (abs(cand.difference), cand.params) < (abs(best.difference), best.params):
+            best = cand
+    assert best is not None  # a space always has at least one width
+    return best

@@ -1,0 +1,220 @@
+"""``nni-effbert quickstart``: the whole product on the embedded SST-2 default, on a CPU.
+
+::
+
+    nni-effbert quickstart [--data-dir DIR] [--workdir DIR] [--budget smoke|default]
+
+Steps (one progress bar over them, each step with its own bars):
+
+1. fine-tune the MiniLM teacher (``teacher.model: minilm``, the ``[quickstart]`` extra) on a few
+   thousand SST-2 rows;
+2. the progressive search through ``nnictl`` (:func:`nni_effbert.search.run_search`, waiting
+   for the end), with the quickstart preset and shortened stages;
+3. export the best trial; 4. distil it; 5. export and distil the baseline with the same budget
+   and write the report;
+6. print the comparison table and the paths of the report and the exported model.
+
+The config is :data:`QUICKSTART_YAML` with the overrides of :data:`BUDGETS` on top; it is
+written to ``<workdir>/quickstart.yml`` so every step (and every nnictl trial) reads the same
+file. Data: ``--data-dir``, else ``$EFFBERT_DATA_DIR``, else the ``datasets`` hub (offline, the
+error says to pass ``--data-dir``). Running it again reuses the fine-tuned teacher, caches and
+distilled students of the same settings; the search runs again.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import yaml
+
+from .errors import ConfigError, EffBertError
+
+__all__ = ["QUICKSTART_YAML", "BUDGETS", "write_config", "configure", "run"]
+
+logger = logging.getLogger(__name__)
+
+#: The embedded default (``examples/sst2/effbert.yml`` with the quickstart's budgets).
+QUICKSTART_YAML = """\
+workdir: effbert-quickstart
+seed: 0
+task:
+  name: sst2
+  data_dir:
+  max_seq_length: 64
+  max_train_rows: 3000
+  dev_fraction: 1.0
+teacher:
+  model: minilm
+  finetune: {epochs: 1, learning_rate: 1.0e-4, batch_size: 32, warmup_ratio: 0.1, weight_decay: 0.01}
+student:
+  preset: quickstart
+  overrides: {}
+warmup: {steps: 100, learning_rate: 5.0e-4, batch_size: 32}
+kd: {temperature: 1.0, attention_weight: 1.0, hidden_weight: 1.0, prediction_weight: 1.0, hidden_loss: mse}
+evaluator:
+  train_steps: 20
+  eval_interval: 20
+  batch_size: 32
+  learning_rate: 1.0e-4
+  latency_repeats: 10
+  latency_seq_length: 128
+search:
+  trial_concurrency: 1
+  seed: 0
+  stages:
+    - {name: coarse, kind: joint, trials: 4, warmup_steps: 100}
+    - {name: expression, kind: expression, trials: 3, warmup_steps: 40}
+    - {name: size, kind: size, trials: 3, warmup_steps: 40, general_warmup_steps: 20, train_steps: 0}
+distill: {general_steps: 100, task_steps: 200, learning_rate: 2.0e-4, batch_size: 32, eval_interval: 100}
+"""
+
+#: ``--budget`` name -> ``--set`` style overrides of :data:`QUICKSTART_YAML`.
+BUDGETS: Dict[str, List[str]] = {
+    "default": [],
+    # The same pipeline with every budget at its smallest useful size.
+    "smoke": [
+        "task.max_train_rows=800", "task.max_dev_rows=300",
+        "teacher.finetune.max_steps=25",
+        "evaluator.train_steps=4", "evaluator.eval_interval=4", "evaluator.latency_repeats=5",
+        "search.stages.0.trials=2", "search.stages.0.warmup_steps=20",
+        "search.stages.1.trials=1", "search.stages.1.warmup_steps=8",
+        "search.stages.2.trials=2", "search.stages.2.warmup_steps=8", "search.stages.2.general_warmup_steps=4",
+        "distill.general_steps=10", "distill.task_steps=30", "distill.eval_interval=0",
+    ],
+}
+
+
+def write_config(workdir: Path, budget: str, data_dir: str = None) -> Path:
+    """Write the quickstart config of ``budget`` into ``workdir/quickstart.yml``; returns the path."""
+    from .config import apply_overrides
+
+    if budget not in BUDGETS:
+        raise ConfigError(f"--budget {budget!r}: choose one of {', '.join(BUDGETS)}")
+    data = yaml.safe_load(QUICKSTART_YAML)
+    apply_overrides(data, BUDGETS[budget])
+    data["workdir"] = str(workdir)
+    if data_dir:
+        folder = os.path.abspath(os.path.expanduser(data_dir))
+        if not os.path.isdir(folder):
+            raise ConfigError(f"--data-dir: folder not found: {folder} (give a GLUE folder holding SST-2/train.tsv)")
+        data["task"]["data_dir"] = folder
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "quickstart.yml"
+    from .io import atomic_write_text
+
+    atomic_write_text(f"# nni-effbert quickstart config (--budget {budget})\n"
+                      + yaml.safe_dump(data, sort_keys=False), path)
+    return path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``nni-effbert quickstart``."""
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="GLUE folder holding SST-2/{train,dev}.tsv (default $EFFBERT_DATA_DIR, else the hub)")
+    parser.add_argument("--workdir", default="effbert-quickstart", metavar="DIR",
+                        help="where everything goes (default ./effbert-quickstart)")
+    parser.add_argument("--budget", default="default", choices=sorted(BUDGETS),
+                        help="default (<= 15 min on 2 CPU cores) or smoke (smallest budgets, <= 5 min)")
+    parser.add_argument("--port", type=int, help="NNI web UI port (default: the search's default)")
+
+
+def _teacher(cfg, progress: bool):
+    from transformers import AutoTokenizer
+
+    from .data import load_task
+    from .teacher import finetune_teacher, resolve_teacher
+    from .workdir import WorkDir
+
+    wd = WorkDir.of(cfg).ensure()
+    base = resolve_teacher(cfg.teacher.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"teacher.model: cannot load the tokenizer of {base!r} ({exc})") from None
+    task = load_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache))
+    return finetune_teacher(cfg, task, tokenizer, wd.teacher_dir, progress=progress)
+
+
+def _search(cfg, config_path: Path, port, progress: bool):
+    try:
+        from .search import run_search
+    except ImportError as exc:  # the search command ships in the same package; a broken install
+        raise EffBertError(f"the search is not available in this installation ({exc})") from exc
+    kwargs: Dict[str, Any] = {"config_path": str(config_path), "wait": True, "progress": progress}
+    if port is not None:
+        kwargs["port"] = port
+    return run_search(cfg, **kwargs)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the quickstart; prints the table and the paths of the report and the exported model."""
+    from tqdm.auto import tqdm
+
+    from .config import load_config
+    from .distill import run_distill
+    from .evaluator import KDEvaluator
+    from .product import build_report, export_best
+    from .train import KDSetup
+
+    progress = not args.quiet
+    started = time.perf_counter()
+    workdir = Path(args.workdir).expanduser().absolute()
+    path = write_config(workdir, args.budget, args.data_dir)
+    cfg = load_config(path)
+    steps = ["teacher", "search", "export", "distill", "baseline + report"]
+    bar = tqdm(total=len(steps), desc="quickstart", disable=not progress, position=0, dynamic_ncols=True)
+    timings: Dict[str, float] = {}
+
+    def step(name: str) -> None:
+        timings[name] = time.perf_counter()
+        bar.set_postfix_str(name)
+        tqdm.write(f"== quickstart: {name}")
+
+    def done(name: str) -> None:
+        timings[name] = time.perf_counter() - timings[name]
+        bar.update(1)
+
+    try:
+        step("teacher")
+        teacher = _teacher(cfg, progress)
+        tqdm.write(f"teacher: dev {teacher.metric} = {teacher.dev_metric:.4f} ({teacher.path})")
+        done("teacher")
+
+        step("search")
+        result = _search(cfg, path, args.port, progress)
+        tqdm.write(f"search: experiment {result.experiment_id} {result.status} ({result.url})")
+        done("search")
+
+        step("export")
+        setup = KDSetup.from_config(cfg, progress=progress)
+        info = export_best(cfg, result.experiment_id, evaluator=KDEvaluator(cfg, progress=progress, setup=setup))
+        tqdm.write(f"export: trial {info.trial['trial_id']} -> {info.path}")
+        done("export")
+
+        step("distill")
+        distilled = run_distill(cfg, info.path, progress=progress, setup=setup)
+        tqdm.write(f"distill: dev {distilled.metric} {distilled.before:.4f} -> {distilled.dev_metric:.4f}")
+        done("distill")
+
+        step("baseline + report")
+        outcome = build_report(cfg, experiment=result.experiment_id, searched_dir=info.path, progress=progress,
+                               setup=setup)
+        done("baseline + report")
+    finally:
+        bar.close()
+    total = time.perf_counter() - started
+    print(outcome.table)
+    print(f"report: {outcome.result.report}")
+    print(f"exported model: {info.path}")
+    print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
+    return 0
+
+
+def main(argv: Sequence[str] = None) -> int:  # pragma: no cover - convenience for python -m
+    from .cli import main as cli_main
+
+    return cli_main(["quickstart", *(argv or [])])

@@ -1,0 +1,192 @@
+"""The product commands through the CLI on the tiny preset: export -> distill -> report, and bad input.
+
+A tiny BERT teacher is built and fine-tuned in-test (as in ``test_trial_e2e.py``); a fake stopped
+NNI experiment (its sqlite database, the layout ``tests/test_report.py`` uses) gives the report
+trials to plot and the export a best trial to take.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "examples" / "tiny" / "effbert.yml")
+
+SCHEMA = """
+create table TrialJobEvent (timestamp integer, trialJobId text, event text, data text, logPath text,
+                            sequenceId integer, message text, environment text);
+create table MetricData (timestamp integer, trialJobId text, parameterId text, type text, sequence integer,
+                         data text);
+"""
+
+
+def _make_experiment(db: Path, jobs):
+    """A stopped NNI experiment's database: ``jobs`` = [(id, params, final status, final metric or None)]."""
+    db.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db)
+    conn.executescript(SCHEMA)
+    for i, (tid, params, status, final) in enumerate(jobs):
+        hp = json.dumps({"parameter_id": i, "parameter_source": "algorithm", "parameters": params})
+        for j, event in enumerate(["WAITING", "RUNNING", status]):
+            conn.execute("insert into TrialJobEvent values (?,?,?,?,?,?,?,?)",
+                         (1000 * i + j, tid, event, hp if event == "WAITING" else None, "file://x", i, None, None))
+        if final is not None:
+            conn.execute("insert into MetricData values (?,?,?,?,?,?)",
+                         (1000 * i + 9, tid, str(i), "FINAL", 0, json.dumps(json.dumps(final))))
+    conn.commit()
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def base_teacher(tmp_path_factory, tiny_vocab_file):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(str(tiny_vocab_file.parent), do_lower_case=True)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        vocab_size=len(tok), max_position_embeddings=64, num_labels=2))
+    folder = tmp_path_factory.mktemp("product_teacher")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_distill_config_section(tmp_path):
+    from nni_effbert.config import ConfigError, DistillConfig, load_config
+
+    cfg = load_config(TINY, ["distill.task_steps=7", "distill.eval_interval=0"], check_paths=False)
+    assert isinstance(cfg.distill, DistillConfig)
+    assert (cfg.distill.task_steps, cfg.distill.eval_interval, cfg.distill.general_steps) == (7, 0, 200)
+    with pytest.raises(ConfigError, match="distill.batch_size: must be > 0"):
+        load_config(TINY, ["distill.batch_size=0"], check_paths=False)
+    with pytest.raises(ConfigError, match="distill.steps"):
+        load_config(TINY, ["distill.steps=3"], check_paths=False)
+    cfg.save(tmp_path / "c.yml")  # round trip through the saved form
+    assert load_config(tmp_path / "c.yml", check_paths=False).distill == cfg.distill
+
+
+def test_baseline_arch_matches_size():
+    from nni_effbert.distill import baseline_arch
+    from nni_effbert.search_spaces import EfficientBertSpace
+
+    space = EfficientBertSpace.preset("tiny")
+    widths = space.config.widths
+    searched = space.bert_arch(width=widths[0], stack=2)  # bigger than any stack-1 BERT MLP
+    target = space.count_params(searched)
+    choice = baseline_arch(space, target)
+    sizes = {w: space.count_params(space.bert_arch(width=w, stack=1)) for w in widths}
+    assert choice.params == min(sizes.values(), key=lambda n: abs(n - target))
+    assert choice.width == max(widths) and choice.difference == sizes[max(widths)] - target < 0
+    assert all(choice.arch[f"layer{i}_stack"] == 1 for i in range(space.config.num_hidden_layers))
+    exact = baseline_arch(space, sizes[widths[-1]])
+    assert exact.width == widths[-1] and exact.difference == 0
+
+
+def test_export_distill_report_cli(tmp_path, base_teacher, glue_dir, capsys, monkeypatch):
+    from nni_effbert import cli
+    from nni_effbert import report as report_mod
+    from nni_effbert.export import load_exported
+    from nni_effbert.search_spaces import EfficientBertSpace
+
+    monkeypatch.setattr(report_mod, "_MANIFEST", tmp_path / "no-manifest")
+    work = tmp_path / "work"
+    sets = [f"--set=workdir={work}", f"--set=teacher.model={base_teacher}", f"--set=task.data_dir={glue_dir}",
+            "--set=task.max_train_rows=96", "--set=task.max_dev_rows=48", "--set=distill.general_steps=3",
+            "--set=distill.task_steps=4", "--set=distill.eval_interval=2", "--set=distill.batch_size=16"]
+    assert cli.main(["teacher", "-q", "-c", TINY, *sets]) == 0
+    assert cli.main(["warmup", "-q", "-c", TINY, *sets, "--stage", "0"]) == 0
+    capsys.readouterr()
+
+    space = EfficientBertSpace.preset("tiny")
+    arch = space.bert_arch(width=space.config.widths[1], stack=2)
+    arch["layer0_post_act"] = "tanh"
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+
+    # export --arch
+    assert cli.main(["export", "-q", "-c", TINY, *sets, "--arch", str(tmp_path / "arch.json")]) == 0
+    folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert folder == work / "exports" / "searched" and (folder / "model.safetensors").is_file()
+    exported = load_exported(folder)
+    assert exported.meta["extra"]["supernet_stage"] == 0 and exported.meta["extra"]["source"] == "arch file"
+    before = {k: v.clone() for k, v in exported.model.state_dict().items()}
+
+    # distill: new weights, the record in the folder's metadata, the dev metric printed
+    assert cli.main(["distill", "-q", "-c", TINY, *sets, "--export", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "3 general + 4 task KD steps" in out and "dev accuracy = " in out
+    distilled = load_exported(folder)
+    rec = distilled.meta["extra"]["distill"]
+    assert rec["plan"]["general_steps"] == 3 and rec["plan"]["task_steps"] == 4
+    assert [c[0] for c in rec["curve"]] == [2, 4] and 0.0 <= rec["dev_metric"] <= 1.0
+    assert rec["dev_metric"] == rec["curve"][-1][1] and rec["latency_ms"] > 0
+    assert distilled.meta["extra"]["supernet_stage"] == 0  # earlier metadata kept
+    changed = [k for k, v in distilled.model.state_dict().items() if not (v == before[k]).all()]
+    assert changed, "distillation did not change any weight"
+    # The same budget again: nothing is trained, the record stays.
+    assert cli.main(["distill", "-q", "-c", TINY, *sets, "--export", str(folder)]) == 0
+    assert "already distilled" in capsys.readouterr().out
+    assert load_exported(folder).meta["extra"]["distill"]["created"] == rec["created"]
+
+    # report, with trials of a fake stopped experiment for the plots
+    exps = tmp_path / "exps"
+    trial_arch = {**arch, "_stage": 0, "_stage_name": "coarse"}
+    _make_experiment(exps / "exp42" / "db" / "nni.sqlite", [
+        ("W0", {"_warmup_stage": 0}, "SUCCEEDED", {"default": 0.5}),
+        ("T1", trial_arch, "SUCCEEDED", {"default": 0.61, "params": 30000, "non_embedding_params": 9000,
+                                         "latency_ms": 1.0}),
+        ("T2", {**trial_arch, "layer0_width": space.config.widths[0]}, "SUCCEEDED",
+         {"default": 0.58, "params": 32000, "non_embedding_params": 11000, "latency_ms": 1.3}),
+        ("T3", trial_arch, "FAILED", None),
+    ])
+    assert cli.main(["report", "-q", "-c", TINY, *sets, "--experiment", "exp42",
+                     "--experiments-dir", str(exps)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert len(rows) == 3, out
+    assert rows[0].startswith("| teacher") and rows[1].startswith("| baseline") and rows[2].startswith("| searched")
+    assert "1.00x" in rows[0] and "100.0%" in rows[0]
+    reports = work / "reports"
+    assert (reports / "report.md").is_file() and "exp42" in (reports / "report.md").read_text()
+    assert {p.name for p in reports.glob("*.png")} >= {"best_so_far.png", "metric_vs_params.png",
+                                                       "metric_vs_latency.png"}
+    base = load_exported(work / "exports" / "baseline")
+    assert base.meta["extra"]["baseline_for"] == distilled.meta["fingerprint"]
+    assert base.meta["extra"]["distill"]["plan"] == rec["plan"]  # the same final distill budget
+    assert all(base.arch[f"layer{i}_stack"] == 1 and base.arch[f"layer{i}_mid_act"] == "gelu"
+               for i in range(space.config.num_hidden_layers))
+    assert f"{base.meta['extra']['param_difference']:+d} params vs searched" in rows[1]
+
+    # export --experiment: the best succeeded trial (T1), weights from its stage's supernet
+    assert cli.main(["export", "-q", "-c", TINY, *sets, "--experiment", "exp42", "--experiments-dir", str(exps),
+                     "--name", "best"]) == 0
+    out = capsys.readouterr().out
+    assert "best trial T1" in out and out.strip().endswith(str(work / "exports" / "best"))
+    best = load_exported(work / "exports" / "best")
+    assert best.arch == space.validate_arch(arch) and best.meta["extra"]["trial_id"] == "T1"
+
+    # bad input: one line on stderr, exit status 2
+    _make_experiment(exps / "dead" / "db" / "nni.sqlite", [("F1", trial_arch, "FAILED", None),
+                                                           ("F2", trial_arch, "SUCCEEDED", None)])
+    cases = [
+        (["export", "-c", str(tmp_path / "missing.yml"), "--arch", "a.json"], "config file not found"),
+        (["export", "-c", TINY, *sets, "--experiment", "nope", "--experiments-dir", str(exps)],
+         "unknown NNI experiment 'nope'"),
+        (["export", "-c", TINY, *sets, "--experiment", "dead", "--experiments-dir", str(exps)],
+         "no succeeded trial"),
+        (["report", "-c", TINY, *sets, "--experiment", "nope", "--experiments-dir", str(exps)],
+         "unknown NNI experiment 'nope'"),
+        (["distill", "-c", TINY, *sets, "--export", str(tmp_path / "nothing")], "does not exist"),
+        (["distill", "-c", TINY, *sets, "--export", str(folder), "--set=distill.general_steps=0",
+          "--set=distill.task_steps=0"], "nothing to distil"),
+        (["export", "-c", TINY, *sets, "--arch", str(tmp_path / "arch.json"), "--set=workdir=" + str(tmp_path / "w2")],
+         "no fine-tuned teacher"),
+    ]
+    for argv, needle in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, (argv, err)
