@@ -182,6 +182,44 @@ COMMANDS: List[Command] = [
                         "(e.g. NaN loss), 2 for bad input."),
 ]
 
+# search, register-tuner (their code lives in nni_effbert.search).
+def _configure_search(parser: argparse.ArgumentParser) -> None:
+    from .search import configure
+
+    configure(parser)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from .search import run
+
+    return run(args)
+
+
+def _run_register_tuner(args: argparse.Namespace) -> int:
+    from .search import run_register
+
+    return run_register(args)
+
+
+COMMANDS += [
+    Command("search", "run the progressive search with nnictl (or NasExperiment with --python)", _run_search,
+            _configure_search,
+            description="Save the resolved config and an nnictl config into the work directory, register the "
+                        "EfficientBertProgressive tuner if needed and run `nnictl create`; prints the web UI URL "
+                        "and the experiment id. --wait blocks until it ends, stops it and prints the trials "
+                        "(exit 1 if it ended in ERROR). --python runs NasExperiment + ProgressiveStrategy in this "
+                        "process instead (warm-ups run here; records also go to <workdir>/trials.json)."),
+    Command("register-tuner", "register EfficientBertProgressive with NNI (nnictl algo register)", _run_register_tuner,
+            needs_config=False,
+            description="Register the progressive search as the NNI builtin tuner EfficientBertProgressive "
+                        "(idempotent; same as `nnictl algo register --meta <package>/resources/tuner_meta.yml`)."),
+]
+
+# export, distill, report, quickstart (their code lives in nni_effbert.product).
+from .product import COMMANDS as _PRODUCT_COMMANDS  # noqa: E402 - needs Command defined above
+
+COMMANDS.extend(_PRODUCT_COMMANDS)
+
 
 def build_parser(commands: Sequence[Command] = None) -> argparse.ArgumentParser:
     """The ``nni-effbert`` parser with one subparser per command."""
