@@ -1,0 +1,96 @@
+"""Shared helpers of the benches: machine info, in-process NNI strategy runs, curves."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from typing import Any, Callable, Dict, List
+
+import nni
+import numpy as np
+import torch
+from nni.nas.evaluator import FunctionalEvaluator
+from nni.nas.execution import SequentialExecutionEngine
+from nni.nas.nn.pytorch import ModelSpace
+from nni.nas.space import RawFormatModelSpace
+
+
+def machine_info() -> Dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu_model": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "loadavg": list(os.getloadavg()), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def load_now() -> List[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+class FrozenArch(torch.nn.Module):
+    """What the light space freezes to: only the sample (no weights are built)."""
+
+    def __init__(self, sample):
+        super().__init__()
+        self.sample = dict(sample)
+
+
+class LightNasSpace(ModelSpace):
+    """The labels of an ``EfficientBertSpace`` as an NNI model space (one ``nni.choice`` per
+    label) whose ``freeze`` builds no model: for objectives that only read the arch. The arch
+    API the progressive strategy needs is delegated to the real space."""
+
+    _API = ("expression_labels", "size_labels", "random_arch", "bert_arch", "count_params",
+            "fingerprint", "validate_arch")
+
+    def __init__(self, arch_space):
+        super().__init__()
+        self.arch_space = arch_space
+        for label, values in arch_space.choices.items():
+            self.add_mutable(nni.choice(label, list(values)))
+
+    def freeze(self, sample):
+        return FrozenArch(sample)
+
+    labels = property(lambda self: self.arch_space.labels)
+    choices = property(lambda self: self.arch_space.choices)
+    config = property(lambda self: self.arch_space.config)
+
+    def __getattr__(self, name):
+        if name in LightNasSpace._API:
+            return getattr(self.arch_space, name)
+        return super().__getattr__(name)
+
+
+def run_in_process(strategy, model_space, max_models=None):
+    """Run ``strategy`` on ``model_space`` (already bound to an evaluator) in this process."""
+    engine = SequentialExecutionEngine(max_model_count=max_models, continue_on_failure=True)
+    strategy(model_space, engine)
+    return engine
+
+
+def metrics_of(engine) -> List[float]:
+    out = []
+    for model in engine.list_models():
+        m = model.metric
+        if isinstance(m, dict):
+            m = m.get("default")
+        out.append(float(m) if m is not None else float("-inf"))
+    return out
+
+
+def best_so_far(values) -> np.ndarray:
+    return np.maximum.accumulate(np.asarray(values, dtype=float))
+
+
+def trials_to(curve, target) -> int | None:
+    """1-based trial at which ``curve`` first reaches ``target``; None if never."""
+    hits = np.nonzero(np.asarray(curve) >= target - 1e-12)[0]
+    return int(hits[0]) + 1 if len(hits) else None
