@@ -95,6 +95,17 @@ def _export(evaluator, arch: Dict[str, Any], stage: Optional[int], name: str, ex
                       non_embedding_params=int(space.count_params(arch, exclude_embeddings=True)), source=source)
 
 
+def _experiments_dir(cfg, given: Optional[str]) -> Optional[str]:
+    """``given``, else ``<workdir>/nni-experiments`` where ``nni-effbert search`` keeps NNI's
+    experiment folders (found even when NNI's manifest in the home folder does not list them)."""
+    if given:
+        return given
+    from .workdir import WorkDir
+
+    folder = WorkDir.of(cfg).root / "nni-experiments"
+    return str(folder) if folder.is_dir() else None
+
+
 def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: Optional[str] = None,
                 progress: bool = True, evaluator=None) -> ExportInfo:
     """Export the best succeeded trial of an NNI experiment.
@@ -114,7 +125,7 @@ def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: 
     from .evaluator import KDEvaluator
     from .report import best_trial, read_nni_trials
 
-    trials = read_nni_trials(experiment, experiments_dir=experiments_dir)
+    trials = read_nni_trials(experiment, experiments_dir=_experiments_dir(cfg, experiments_dir))
     best = best_trial(trials, experiment=experiment)
     evaluator = evaluator or KDEvaluator(cfg, progress=progress)
     extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
@@ -270,9 +281,14 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
     wd = WorkDir.of(cfg)
     searched_dir = Path(searched_dir) if searched_dir else wd.export_dir(SEARCHED)
     searched = load_exported(searched_dir)  # fail fast, before any training
+    from .distill import distill_record
+
+    if distill_record(searched.meta) is None:
+        raise CheckpointError(f"the searched student in {searched_dir} is not distilled yet; run "
+                              f"`nni-effbert distill -c <config> --export {searched_dir}` first")
     if experiment is None:
         experiment = (searched.meta.get("extra") or {}).get("experiment")
-    trials = read_nni_trials(experiment, experiments_dir=experiments_dir) if experiment else []
+    trials = read_nni_trials(experiment, experiments_dir=_experiments_dir(cfg, experiments_dir)) if experiment else []
     if not experiment:
         logger.warning("no NNI experiment given (--experiment) nor recorded in %s: the report has no trial plots",
                        searched_dir)

@@ -186,7 +186,11 @@ def run(args: argparse.Namespace) -> int:
 
         step("search")
         result = _search(cfg, path, args.port, progress)
-        tqdm.write(f"search: experiment {result.experiment_id} {result.status} ({result.url})")
+        tqdm.write(f"search: experiment {result.experiment_id} {result.status}")
+        if not result.ok:
+            why = f": {result.error}" if result.error else ""
+            raise EffBertError(f"the search (experiment {result.experiment_id}) ended {result.status} without a "
+                               f"scored trial{why}; see its logs under {result.workdir}")
         done("search")
 
         step("export")

@@ -190,3 +190,68 @@ def test_export_distill_report_cli(tmp_path, base_teacher, glue_dir, capsys, mon
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, (argv, err)
+
+
+@pytest.mark.integration
+def test_whole_cli_chain_with_nnictl(tmp_path, base_teacher, glue_dir, capsys):
+    """teacher -> warmup -> search (nnictl, 5 candidates + 2 warm-up trials) -> export -> distill -> report."""
+    import re
+    import time
+
+    from nni_effbert import cli
+    from nni_effbert.export import load_exported
+
+    work = tmp_path / "work"
+    stages = ("[{name: coarse, kind: joint, trials: 3, warmup_steps: 4}, "
+              "{name: size, kind: size, trials: 2, warmup_steps: 2, train_steps: 0}]")
+    sets = [f"--set=workdir={work}", f"--set=teacher.model={base_teacher}", f"--set=task.data_dir={glue_dir}",
+            "--set=task.max_train_rows=96", "--set=task.max_dev_rows=48", "--set=evaluator.train_steps=2",
+            "--set=search.trial_concurrency=2", f"--set=search.stages={stages}",
+            "--set=distill.general_steps=2", "--set=distill.task_steps=4", "--set=distill.batch_size=16"]
+    started = time.perf_counter()
+    assert cli.main(["teacher", "-q", "-c", TINY, *sets]) == 0
+    assert cli.main(["warmup", "-q", "-c", TINY, *sets, "--stage", "0"]) == 0
+    capsys.readouterr()
+    assert cli.main(["search", "-q", "-c", TINY, *sets, "--wait", "--timeout", "300"]) == 0
+    out = capsys.readouterr().out
+    exp_id = re.search(r"^experiment (\S+): (\S+)$", out, re.M).group(1)
+
+    assert cli.main(["export", "-q", "-c", TINY, *sets, "--experiment", exp_id]) == 0
+    out = capsys.readouterr().out
+    folder = Path(out.strip().splitlines()[-1])
+    assert "best trial" in out and "(stage 1," in out  # the last stage's best
+    assert cli.main(["distill", "-q", "-c", TINY, *sets, "--export", str(folder)]) == 0
+    assert cli.main(["report", "-q", "-c", TINY, *sets]) == 0  # experiment id from the export
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert [r.split("|")[1].strip().split(" (")[0] for r in rows] == ["teacher", "baseline", "searched student"]
+    report = (work / "reports" / "report.md").read_text()
+    assert exp_id in report and (work / "reports" / "best_so_far.png").is_file()
+    meta = load_exported(folder).meta["extra"]
+    assert meta["experiment"] == exp_id and meta["stage"] == 1 and "distill" in meta
+    with capsys.disabled():
+        print(f"\nwhole CLI chain (teacher -> report, nnictl): {time.perf_counter() - started:.0f} s")
+
+
+def test_quickstart_without_hub_says_pass_data_dir(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "EFFBERT_DATA_DIR"}
+    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "nni_effbert.cli", "quickstart", "-q", "--budget", "smoke",
+                        "--workdir", str(tmp_path / "qs")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = [line for line in p.stderr.splitlines() if line.startswith("nni-effbert quickstart: error:")]
+    assert len(err) == 1 and "--data-dir" in err[0] and "hub" in err[0], p.stderr[-2000:]
+    assert (tmp_path / "qs" / "quickstart.yml").is_file()
+
+
+def test_quickstart_bad_input(tmp_path, capsys):
+    from nni_effbert import cli
+
+    assert cli.main(["quickstart", "--data-dir", str(tmp_path / "none"), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--data-dir: folder not found" in err
