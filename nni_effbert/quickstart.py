@@ -45,7 +45,7 @@ task:
   name: sst2
   data_dir:
   max_seq_length: 64
-  max_train_rows: 3000
+  max_train_rows: 2000
   dev_fraction: 1.0
 teacher:
   model: minilm
@@ -53,7 +53,7 @@ teacher:
 student:
   preset: quickstart
   overrides: {}
-warmup: {steps: 100, learning_rate: 5.0e-4, batch_size: 32}
+warmup: {steps: 60, learning_rate: 5.0e-4, batch_size: 32}
 kd: {temperature: 1.0, attention_weight: 1.0, hidden_weight: 1.0, prediction_weight: 1.0, hidden_loss: mse}
 evaluator:
   train_steps: 20
@@ -66,10 +66,10 @@ search:
   trial_concurrency: 1
   seed: 0
   stages:
-    - {name: coarse, kind: joint, trials: 4, warmup_steps: 100}
-    - {name: expression, kind: expression, trials: 3, warmup_steps: 40}
-    - {name: size, kind: size, trials: 3, warmup_steps: 40, general_warmup_steps: 20, train_steps: 0}
-distill: {general_steps: 100, task_steps: 200, learning_rate: 2.0e-4, batch_size: 32, eval_interval: 100}
+    - {name: coarse, kind: joint, trials: 3, warmup_steps: 60}
+    - {name: expression, kind: expression, trials: 2, warmup_steps: 30}
+    - {name: size, kind: size, trials: 3, warmup_steps: 30, general_warmup_steps: 10, train_steps: 0}
+distill: {general_steps: 60, task_steps: 120, learning_rate: 2.0e-4, batch_size: 32, eval_interval: 60}
 """
 
 #: ``--budget`` name -> ``--set`` style overrides of :data:`QUICKSTART_YAML`.
@@ -77,13 +77,13 @@ BUDGETS: Dict[str, List[str]] = {
     "default": [],
     # The same pipeline with every budget at its smallest useful size.
     "smoke": [
-        "task.max_train_rows=800", "task.max_dev_rows=300",
-        "teacher.finetune.max_steps=25",
+        "task.max_train_rows=600", "task.max_dev_rows=200",
+        "teacher.finetune.max_steps=15",
         "evaluator.train_steps=4", "evaluator.eval_interval=4", "evaluator.latency_repeats=5",
-        "search.stages.0.trials=2", "search.stages.0.warmup_steps=20",
-        "search.stages.1.trials=1", "search.stages.1.warmup_steps=8",
-        "search.stages.2.trials=2", "search.stages.2.warmup_steps=8", "search.stages.2.general_warmup_steps=4",
-        "distill.general_steps=10", "distill.task_steps=30", "distill.eval_interval=0",
+        "search.stages.0.trials=2", "search.stages.0.warmup_steps=10",
+        "search.stages.1.trials=1", "search.stages.1.warmup_steps=5",
+        "search.stages.2.trials=2", "search.stages.2.warmup_steps=5", "search.stages.2.general_warmup_steps=2",
+        "distill.general_steps=10", "distill.task_steps=20", "distill.eval_interval=0",
     ],
 }
 
