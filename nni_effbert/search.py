@@ -23,8 +23,9 @@ Two paths, one result (:class:`SearchResult`):
     candidate runs. A NAS experiment always blocks until the strategy is done, whatever
     ``wait`` says. NNI stores a NAS trial's parameters as a serialised model, which
     :func:`~.report.read_nni_trials` cannot read as an arch, so the strategy's records (arch,
-    stage, status, final metric dict) are also written to ``<workdir>/trials.json`` as a list
-    of :mod:`~.report` trial dicts.
+    stage, status, final metric dict from the evaluator's ``trials/<id>/result.json``) are
+    also written to ``<workdir>/trials.json`` as ``{"experiment_id", "trials": [...]}`` with
+    :mod:`~.report` trial dicts.
 """
 from __future__ import annotations
 
@@ -351,38 +352,41 @@ def _run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[i
 # ============================================================================================
 
 
-def _decode(data: Any) -> Any:
-    for _ in range(3):  # NNI may keep a metric as JSON of a JSON string
-        if not isinstance(data, str):
-            break
+def _trial_results(wd: WorkDir) -> Dict[Tuple[str, Any], Tuple[str, Dict[str, Any]]]:
+    """``(arch JSON, stage) -> (NNI trial id, metric dict)`` from the evaluator's records
+    (``trials/<id>/result.json``), newest last so that it wins."""
+    found: Dict[Tuple[str, Any], Tuple[str, Dict[str, Any]]] = {}
+    paths = sorted(wd.trials_dir.glob("*/result.json"), key=lambda p: p.stat().st_mtime) \
+        if wd.trials_dir.is_dir() else []
+    for path in paths:
         try:
-            data = json.loads(data)
-        except ValueError:
-            break
-    return data
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        result = rec.get("result") if isinstance(rec, dict) else None
+        if rec.get("status") == "succeeded" and isinstance(result, dict) and isinstance(rec.get("arch"), dict):
+            found[(json.dumps(rec["arch"], sort_keys=True), result.get("stage"))] = (path.parent.name, result)
+    return found
 
 
-def _records_to_trials(strategy, models) -> List[Dict[str, Any]]:
-    """The strategy's records as :mod:`~.report` trial dicts, with the final metric dicts NNI
-    received for the matching models."""
+def _records_to_trials(strategy, wd: WorkDir) -> List[Dict[str, Any]]:
+    """The strategy's records as :mod:`~.report` trial dicts. NNI's NAS engine keeps only the
+    ``default`` value of a metric, so the full metric dict (and NNI's trial id) comes from the
+    record the evaluator wrote in the trial process."""
     from nni_effbert.strategies.core import split_parameters
 
-    finals: Dict[str, Any] = {}
-    for model in models:
-        sample = getattr(model, "sample", None) or {}
-        final = _decode(getattr(getattr(model, "metrics", None), "final", None))
-        if final is not None:
-            finals[json.dumps(sample, sort_keys=True, default=str)] = final
+    results = _trial_results(wd)
     names = {i: s.name for i, s in enumerate(strategy.search_config.stages)}
     trials = []
     for seq, rec in enumerate(strategy.search.records):
         arch, _ = split_parameters(rec.parameters)
-        final = finals.get(json.dumps(rec.parameters, sort_keys=True, default=str))
+        nni_id, final = results.get((json.dumps(arch, sort_keys=True), rec.stage), (None, None)) \
+            if not rec.warmup else (None, None)
         status = {"succeeded": "SUCCEEDED", "failed": "FAILED"}.get(rec.status, str(rec.status).upper())
         trial: Dict[str, Any] = {
-            "trial_id": str(rec.trial_id), "sequence": seq, "stage": rec.stage, "stage_name": names.get(rec.stage),
-            "warmup": bool(rec.warmup), "status": status, "arch": arch, "message": rec.reason,
-            "params": rec.params_count,
+            "trial_id": nni_id or f"{'warmup' if rec.warmup else 'strategy'}-{rec.trial_id}", "sequence": seq,
+            "stage": rec.stage, "stage_name": names.get(rec.stage), "warmup": bool(rec.warmup), "status": status,
+            "arch": arch, "message": rec.reason, "params": rec.params_count,
         }
         if isinstance(final, Mapping):
             trial["final"] = dict(final)
@@ -427,10 +431,9 @@ def _run_python(cfg, config_path: Optional[str], *, port: Optional[int], progres
         result.status, result.error = "ERROR", f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         logger.error("NAS experiment %s failed: %s", experiment.id, result.error)
     finally:
-        models = list(experiment._engine.list_models()) if experiment._engine is not None else []  # noqa: SLF001
         experiment.stop()
     if strategy.search is not None:
-        result.trials = [normalize_trial(t) for t in _records_to_trials(strategy, models)]
+        result.trials = [normalize_trial(t) for t in _records_to_trials(strategy, wd)]
         result.trials_file = wd.root / TRIALS_FILE
         atomic_write_json({"experiment_id": experiment.id, "trials": result.trials}, result.trials_file)
         if result.status == "DONE" and strategy.search.done is not None and strategy.search.done.failed:

@@ -1,0 +1,79 @@
+"""``nni-effbert search --python``: ``NasExperiment(space, KDEvaluator(...).as_nni_evaluator(),
+ProgressiveStrategy(...))`` through the real NNI manager (training-service engine, candidates
+as trial processes, concurrency 2), warm-ups inside the strategy's process, on the tiny preset
+with a tiny teacher fine-tuned in-test. One stage: an in-process warm-up + 2 candidates.
+
+Run as a subprocess (NasExperiment starts an NNI manager and registers atexit hooks); the
+test checks the printed table, ``trials.json`` (what report/export read for this path) and
+NNI's own records of the experiment, then deletes the experiment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nni_effbert.search import free_port
+from test_trial_e2e import base_teacher  # noqa: F401 - fixture: an untrained tiny BERT + tokenizer
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "examples" / "tiny" / "effbert.yml")
+STAGES = "search.stages=[{name: coarse, kind: joint, trials: 2, warmup_steps: 2}]"
+
+
+def test_search_python_runs_nas_experiment(tmp_path, base_teacher, glue_dir, capsys):  # noqa: F811
+    from nni_effbert import cli
+    from nni_effbert.config import load_config
+    from nni_effbert.report import is_scored, normalize_trial, read_nni_trials
+    from nni_effbert.train import KDSetup
+
+    work = tmp_path / "work"
+    sets = [f"--set={s}" for s in (f"workdir={work}", f"teacher.model={base_teacher}", f"task.data_dir={glue_dir}",
+                                   "search.trial_concurrency=2", "evaluator.latency_repeats=1", STAGES)]
+    assert cli.main(["teacher", "-q", "-c", TINY, *sets]) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NNI_")}
+    env["OMP_NUM_THREADS"] = "1"
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "nni_effbert.cli", "search", "-q", "-c", TINY, *sets, "--python",
+                           "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    wall = time.perf_counter() - started
+    found = re.search(r"NAS experiment (\w+)", proc.stdout)
+    try:
+        assert proc.returncode == 0 and found, proc.stdout[-3000:] + proc.stderr[-3000:]
+        exp_id = found.group(1)
+        assert f"experiment {exp_id}: DONE" in proc.stdout
+        # The warm-up ran in the strategy's process and wrote the stage checkpoint.
+        assert (work / "supernet" / "stage0.pt").is_file()
+        data = json.loads((work / "trials.json").read_text())
+        assert data["experiment_id"] == exp_id
+        trials = [normalize_trial(t) for t in data["trials"]]
+        assert [t["warmup"] for t in trials] == [True, False, False]
+        cands = [t for t in trials if not t["warmup"]]
+        assert all(is_scored(t) and t["status"] == "SUCCEEDED" and t["stage"] == 0 for t in cands), cands
+        space = KDSetup.from_config(load_config(work / "config.yml"), progress=False).space
+        for t in cands:
+            assert t["params"] == space.count_params(t["arch"]) == t["final"]["params"]
+            assert t["final"]["default"] == t["metric"] and t["final"]["stage"] == 0
+            assert len(t["expressions"]) == space.config.num_hidden_layers
+        # NNI's own records of the candidates (2 trial processes), readable once stopped.
+        nni_trials = read_nni_trials(exp_id, experiments_dir=work / "nni-experiments")
+        assert [t["status"] for t in nni_trials] == ["SUCCEEDED", "SUCCEEDED"]
+        assert sorted(t["metric"] for t in nni_trials) == sorted(t["metric"] for t in cands)
+        with capsys.disabled():
+            print(f"\nnni-effbert search --python (in-process warm-up + 2 candidate trials, concurrency 2): "
+                  f"{wall:.1f} s wall")
+    finally:
+        if found:
+            subprocess.run([sys.executable, "-m", "nni.tools.nnictl.nnictl", "experiment", "delete", found.group(1)],
+                           env=env, input="y\n", capture_output=True, text=True, timeout=120)
+        shutil.rmtree(work / "nni-experiments", ignore_errors=True)
