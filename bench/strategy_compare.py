@@ -234,7 +234,12 @@ def run_real(args):
     from nni_effbert.evaluator import KDEvaluator, _EVALUATORS
     from nni_effbert.strategies import Stage
 
-    cfg = load_config(args.config, [f"evaluator.train_steps={args.train_steps}"])
+    overrides = [f"evaluator.train_steps={args.train_steps}"]
+    if args.warm_checkpoint:
+        # Candidates of every strategy inherit this warmed supernet (the config's stages have no
+        # warm-up of their own, so KDEvaluator.load_stage falls back to warmup.checkpoint).
+        overrides.append(f"warmup.checkpoint={Path(args.warm_checkpoint).resolve()}")
+    cfg = load_config(args.config, overrides)
     total = args.trials
     evaluator = KDEvaluator(cfg, stage=0, report=False, progress=False, latency=False)
     setup = evaluator.setup
@@ -276,12 +281,17 @@ def run_real(args):
         vals = vals + [float("-inf")] * (total - len(vals))
         curves[name] = [best_so_far(vals)]
         runs[name] = list(log)
+        partial = Path(args.out).with_suffix(".partial.json")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"machine": machine_info(), "runs": runs, "strategy_seconds": secs,
+                                       "curves": {k: [c.tolist() for c in v] for k, v in curves.items()}},
+                                      indent=1, default=str))
     bar.close()
     finals, rows = summarise(curves, total)
     notes = (f"KDEvaluator in-process on {args.config}: SST-2 {len(setup.task.train)} train rows, dev "
-             f"{len(setup.task.dev)} rows, cached MiniLM teacher, {args.train_steps} KD steps per trial from the "
-             f"supernet's seeded random initialisation (warm-ups disabled for every strategy so each trial costs "
-             f"the same), seed {args.seed}, no parameter budget. Progressive stages "
+             f"{len(setup.task.dev)} rows, cached MiniLM teacher, {args.train_steps} KD steps per trial from "
+             f"{'the shared warmed supernet ' + str(args.warm_checkpoint) if args.warm_checkpoint else 'the supernet seeded random initialisation'}"
+             f" (no per-stage warm-ups, for every strategy, so each trial costs the same), seed {args.seed}, no parameter budget. Progressive stages "
              f"{[(s.name, s.trials) for s in stages]}. RegularizedEvolution population {args.population}, sample "
              f"{args.sample_size}. Wall seconds per strategy: { {k: round(v, 1) for k, v in secs.items()} }.")
     data = {"machine": machine_info(), "trials": total, "seeds": 1, "train_steps": args.train_steps,
@@ -307,8 +317,15 @@ def main():
     p.add_argument("--sample-size", type=int, default=4)
     p.add_argument("--config", default=str(Path(__file__).parent / "configs" / "sst2_bench.yml"))
     p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--warm-checkpoint", default=None,
+                   help="supernet checkpoint every candidate inherits (e.g. from `nni-effbert warmup`)")
     p.add_argument("--est-trial-s", type=float, default=20.0, help="only for the printed estimate")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on the shared 2-core machine 2 threads oversubscribe the "
+                        "cores and a step runs several times slower)")
     args = p.parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     import nni  # noqa: F401  (configures its loggers; quiet them: one line per trial otherwise)
     for name in ("nni", "nni_effbert"):
