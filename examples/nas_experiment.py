@@ -21,6 +21,7 @@ from nni.nas.experiment import NasExperiment, NasExperimentConfig
 from nni_effbert.config import load_config
 from nni_effbert.evaluator import KDEvaluator
 from nni_effbert.strategies import ProgressiveStrategy
+from nni_effbert.strategies.core import split_parameters
 from nni_effbert.workdir import WorkDir
 
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
         return 1
     print(f"best arch (stage {best.stage}): strategy trial {best.trial_id}, score {best.score:.4f}, "
           f"{best.params_count} params")
-    print(best.parameters)
+    print(split_parameters(best.parameters)[0])  # the arch: label -> value
     return 0
 
 
