@@ -380,8 +380,9 @@ def _records_to_trials(strategy, wd: WorkDir) -> List[Dict[str, Any]]:
     trials = []
     for seq, rec in enumerate(strategy.search.records):
         arch, _ = split_parameters(rec.parameters)
+        # Only a success of this search takes a record (an older run may have scored the same arch).
         nni_id, final = results.get((json.dumps(arch, sort_keys=True), rec.stage), (None, None)) \
-            if not rec.warmup else (None, None)
+            if not rec.warmup and rec.status == "succeeded" else (None, None)
         status = {"succeeded": "SUCCEEDED", "failed": "FAILED"}.get(rec.status, str(rec.status).upper())
         trial: Dict[str, Any] = {
             "trial_id": nni_id or f"{'warmup' if rec.warmup else 'strategy'}-{rec.trial_id}", "sequence": seq,
