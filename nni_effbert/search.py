@@ -33,7 +33,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import socket
 import subprocess
