@@ -194,7 +194,7 @@ def test_export_distill_report_cli(tmp_path, base_teacher, glue_dir, capsys, mon
 
 @pytest.mark.integration
 def test_whole_cli_chain_with_nnictl(tmp_path, base_teacher, glue_dir, capsys):
-    """teacher -> warmup -> search (nnictl, 5 candidates + 2 warm-up trials) -> export -> distill -> report."""
+    """teacher -> warmup -> search (nnictl, 4 candidates + 2 warm-up trials) -> export -> distill -> report."""
     import re
     import time
 
@@ -202,7 +202,7 @@ def test_whole_cli_chain_with_nnictl(tmp_path, base_teacher, glue_dir, capsys):
     from nni_effbert.export import load_exported
 
     work = tmp_path / "work"
-    stages = ("[{name: coarse, kind: joint, trials: 3, warmup_steps: 4}, "
+    stages = ("[{name: coarse, kind: joint, trials: 2, warmup_steps: 4}, "
               "{name: size, kind: size, trials: 2, warmup_steps: 2, train_steps: 0}]")
     sets = [f"--set=workdir={work}", f"--set=teacher.model={base_teacher}", f"--set=task.data_dir={glue_dir}",
             "--set=task.max_train_rows=96", "--set=task.max_dev_rows=48", "--set=evaluator.train_steps=2",
@@ -212,7 +212,7 @@ def test_whole_cli_chain_with_nnictl(tmp_path, base_teacher, glue_dir, capsys):
     assert cli.main(["teacher", "-q", "-c", TINY, *sets]) == 0
     assert cli.main(["warmup", "-q", "-c", TINY, *sets, "--stage", "0"]) == 0
     capsys.readouterr()
-    assert cli.main(["search", "-q", "-c", TINY, *sets, "--wait", "--timeout", "300"]) == 0
+    assert cli.main(["search", "-q", "-c", TINY, *sets, "--wait", "--timeout", "600"]) == 0
     out = capsys.readouterr().out
     exp_id = re.search(r"^experiment (\S+): (\S+)$", out, re.M).group(1)
 
