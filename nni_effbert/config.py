@@ -247,6 +247,9 @@ class EvaluatorConfig(_Checked):
     learning_rate: float = _checked(_positive, 1e-4)
     latency_repeats: int = _checked(_positive, 20)
     latency_seq_length: int = _checked(_positive, 128)
+    # Cap on a trial process's address space (RLIMIT_AS, MB; warm-up and candidate trials):
+    # running out of it fails the trial with "out of memory (limit N MB)". None: no cap.
+    memory_limit_mb: Optional[int] = _checked(_positive, None)
 
     @classmethod
     def _prepare(cls, data: Dict[str, Any]) -> Dict[str, Any]:
