@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -172,6 +171,9 @@ class NniExperiment:
             jobs = self.jobs()
             if until(status, jobs):
                 return status, jobs
+            if status["status"] == "ERROR":  # never going to get there: say why at once
+                raise AssertionError(f"experiment ERROR while waiting for {what}: {status.get('errors')}\n"
+                                     f"{self.logs()}")
             time.sleep(1)  # poll period, not synchronisation: the condition is checked each time
         raise AssertionError(f"timed out waiting for {what}: status {status}; jobs "
                              f"{[(j['trialJobId'], j['status']) for j in jobs]}\n{self.logs()}")
@@ -212,5 +214,4 @@ class NniExperiment:
         if self.id is None:
             return
         self.nnictl("stop", self.id)
-        self.nnictl("experiment", "delete", self.id, input="y\n")
-        shutil.rmtree(self.experiments, ignore_errors=True)
+        # Kept on disk (pytest's tmp folder): the logs explain a failure.
