@@ -53,7 +53,10 @@ def main() -> int:
     assert cli.main(["teacher", "-q", "-c", str(exp_yml)]) == 0
     machine = {"host": "127.0.0.1", "port": args.port, "user": "root", "sshKeyFile": str(Path(args.key).resolve()),
                "pythonPath": str(Path(sys.executable).parent)}
-    (root / "nni" / "code").mkdir(parents=True, exist_ok=True)  # what NNI uploads: nothing is needed
+    code = root / "nni" / "code"  # what NNI uploads to each worker: trials need nothing from it,
+    code.mkdir(parents=True, exist_ok=True)  # but NNI 3.0's remote service refuses an empty folder
+    (code / "README.txt").write_text("trialCodeDirectory of the nni-effbert remote bench; trials read "
+                                     f"{exp_yml} and the folders it names.\n")
     exp = NniExperiment(root / "nni", exp_yml, concurrency=1, max_trials=3, code_dir=root / "nni" / "code",
                         training_service={"platform": "remote", "machineList": [machine]})
     started = time.monotonic()
