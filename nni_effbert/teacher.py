@@ -448,6 +448,17 @@ def _check_reusable(out: Path, marker: Dict[str, Any], tok_fp: str) -> None:
         )
 
 
+def _check_embedding_covers(model, tokenizer, name: str) -> None:
+    """A tokenizer whose ids run past the model's embedding table is not this model's tokenizer."""
+    n_emb = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_emb:
+        raise ConfigError(
+            f"teacher {name!r}: its tokenizer has {len(tokenizer)} tokens but the model's embedding "
+            f"table has {n_emb} rows, so the tokenizer does not belong to this model; save the "
+            "model with its own tokenizer"
+        )
+
+
 def _train_and_save(cfg, task_data, spec, tok_fp: str, out: Path, progress: bool) -> TeacherResult:
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -469,6 +480,7 @@ def _train_and_save(cfg, task_data, spec, tok_fp: str, out: Path, progress: bool
                 f"than the teacher {cfg.teacher.model!r} uses ({base_fp}); tokenize the data with the "
                 "teacher's tokenizer"
             )
+        _check_embedding_covers(model, base_tok, cfg.teacher.model)
         pad_id = base_tok.pad_token_id if base_tok.pad_token_id is not None else 0
         device = torch.device("cpu")
         model.to(device).train()
