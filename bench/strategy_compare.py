@@ -305,9 +305,24 @@ def run_real(args):
     print(md)
 
 
+def summarise_partial(args):
+    """Write the md/png of a ``real`` run from its ``.partial.json`` (the strategies that finished)."""
+    out = Path(args.out)
+    data = json.loads(out.with_suffix(".partial.json").read_text())
+    curves = {k: [np.array(c) for c in v] for k, v in data["curves"].items()}
+    total = len(next(iter(curves.values()))[0])
+    finals, rows = summarise(curves, total)
+    data.update(trials=total, seeds=1, summary=rows, finals=finals, load_end=load_now(),
+                notes=f"PARTIAL: only {sorted(curves)} finished before the deadline. " + data.get("notes", ""))
+    write_outputs(out, data, curves, total, "SST-2 dev accuracy, KDEvaluator (partial)")
+    md = markdown(data, finals, rows, "Strategy comparison on the real SST-2 evaluator (issue 4), PARTIAL")
+    out.with_suffix(".md").write_text(md + f"\n![best so far]({out.with_suffix('.png').name})\n")
+    print(md)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["proxy", "real"])
+    p.add_argument("part", choices=["proxy", "real", "real-partial"])
     p.add_argument("--out", required=True, help="output path without suffix (.json/.md/.png written)")
     p.add_argument("--trials", type=int, default=60)
     p.add_argument("--seeds", type=int, default=5)
@@ -332,6 +347,8 @@ def main():
         logging.getLogger(name).setLevel(logging.WARNING)
     if args.part == "proxy":
         run_proxy(args)
+    elif args.part == "real-partial":
+        summarise_partial(args)
     else:
         if args.trials < 3:
             p.error("--trials must be >= 3 (three progressive stages)")
