@@ -333,3 +333,25 @@ def load_json(path: PathLike, what: str, *, hint: Optional[str] = None) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{what} at {p} is not valid JSON ({exc}); {todo}") from exc
+
+
+def read_json_object(path: PathLike, option: str) -> dict:
+    """Read a user-given JSON object file (an arch dict for ``--arch`` / ``--fixed``).
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, not JSON, or not an object; the message names ``option``.
+    """
+    from .errors import ConfigError
+
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{option}: file not found: {p}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{option} {p}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{option} {p}: expected a JSON object of label -> value, got {type(data).__name__}")
+    return data

@@ -39,10 +39,10 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from .errors import ConfigError, EffBertError
+from .io import read_json_object
 
 __all__ = [
     "EXIT_OK",
@@ -115,16 +115,7 @@ def read_arch_file(path) -> Dict[str, Any]:
     ConfigError
         If the file is missing, not JSON, or not an object.
     """
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"--arch: file not found: {p}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--arch {p}: not a readable JSON file ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--arch {p}: expected a JSON object of label -> value, got {type(data).__name__}")
-    return data
+    return read_json_object(path, "--arch")
 
 
 def _int_meta(params: Mapping[str, Any], key: str) -> Optional[int]:

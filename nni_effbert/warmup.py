@@ -41,7 +41,6 @@ Start, resume, skip
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -54,7 +53,7 @@ import torch
 from filelock import FileLock
 
 from .errors import CheckpointError, ConfigError
-from .io import atomic_save_torch, load_torch
+from .io import atomic_save_torch, load_torch, read_json_object
 from .losses import KDLoss
 from .train import KDSetup, TrainSettings, TrainState, kd_train
 from .workdir import WorkDir
@@ -177,15 +176,7 @@ def load_fixed_file(path) -> Dict[str, Any]:
     ConfigError
         If the file is missing, not JSON, or not an object.
     """
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"--fixed: file not found: {p}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--fixed {p}: not a JSON file ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--fixed {p}: expected a JSON object of label -> value, got {type(data).__name__}")
+    data = read_json_object(path, "--fixed")
     return {k: v for k, v in data.items() if not str(k).startswith("_")}
 
 

@@ -63,5 +63,22 @@ def tiny_tokenizer(tiny_vocab_file):
     return tok
 
 
+@pytest.fixture(scope="session")
+def base_teacher(tmp_path_factory, tiny_vocab_file) -> Path:
+    """A random tiny BERT teacher (hidden 32) with the shared tiny vocab, saved as an HF folder."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(str(tiny_vocab_file.parent), do_lower_case=True)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        vocab_size=len(tok), max_position_embeddings=64, num_labels=2))
+    folder = tmp_path_factory.mktemp("base_teacher")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "integration: runs a real NNI manager (nnictl), tens of seconds")

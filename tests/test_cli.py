@@ -47,22 +47,6 @@ def test_help_everywhere(argv, capsys):
         assert "--arch" in out
 
 
-@pytest.fixture(scope="module")
-def base_teacher(tmp_path_factory, tiny_vocab_file):
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    tok = BertTokenizerFast.from_pretrained(str(tiny_vocab_file.parent), do_lower_case=True)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        vocab_size=len(tok), max_position_embeddings=64, num_labels=2))
-    folder = tmp_path_factory.mktemp("base_teacher")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def test_bad_config_files_and_overrides(tmp_path, capsys):
     bad = tmp_path / "bad.yml"
     bad.write_text(TINY.read_text().replace("task:\n", "taks:\n", 1))

@@ -40,22 +40,6 @@ def _make_experiment(db: Path, jobs):
     conn.close()
 
 
-@pytest.fixture(scope="module")
-def base_teacher(tmp_path_factory, tiny_vocab_file):
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    tok = BertTokenizerFast.from_pretrained(str(tiny_vocab_file.parent), do_lower_case=True)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        vocab_size=len(tok), max_position_embeddings=64, num_labels=2))
-    folder = tmp_path_factory.mktemp("product_teacher")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def test_distill_config_section(tmp_path):
     from nni_effbert.config import ConfigError, DistillConfig, load_config
 

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from nni.runtime.trial_command_channel.base import TrialCommandChannel
 
@@ -35,22 +34,6 @@ class FileTrialChannel(TrialCommandChannel):
         with open(os.environ["EFFBERT_TEST_METRICS"], "a", encoding="utf-8") as f:
             f.write(json.dumps({"type": type, "parameter_id": parameter_id, "trial": trial_job_id,
                                 "sequence": sequence, "value": value}) + "\n")
-
-
-@pytest.fixture(scope="module")
-def base_teacher(tmp_path_factory, tiny_vocab_file):
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    tok = BertTokenizerFast.from_pretrained(str(tiny_vocab_file.parent), do_lower_case=True)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        vocab_size=len(tok), max_position_embeddings=64, num_labels=2))
-    folder = tmp_path_factory.mktemp("base_teacher")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _snapshot(folder: Path):

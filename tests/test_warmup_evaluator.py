@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer
 
 from nni_effbert import warmup as warmup_mod
 from nni_effbert.config import load_config
@@ -34,22 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base_teacher(tmp_path_factory, tiny_vocab_file):
-    """A random tiny BERT (hidden 32) with the shared tiny vocab, saved as an HF folder."""
-    from transformers import BertTokenizerFast
-
-    tok = BertTokenizerFast.from_pretrained(str(tiny_vocab_file.parent), do_lower_case=True)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        vocab_size=len(tok), max_position_embeddings=64, num_labels=2))
-    folder = tmp_path_factory.mktemp("base_teacher")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _cfg(work, base_teacher, glue_dir, *extra):
