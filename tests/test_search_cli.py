@@ -24,7 +24,6 @@ import pytest
 import yaml
 
 from nni_effbert.search import format_trials, free_port, nnictl_config
-from test_trial_e2e import base_teacher  # noqa: F401 - fixture: an untrained tiny BERT + tokenizer
 
 pytestmark = pytest.mark.integration
 

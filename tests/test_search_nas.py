@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from nni_effbert.search import free_port
-from test_trial_e2e import base_teacher  # noqa: F401 - fixture: an untrained tiny BERT + tokenizer
 
 pytestmark = pytest.mark.integration
 
