@@ -90,25 +90,12 @@ def _load_cfg(args: argparse.Namespace):
 
 
 def _run_teacher(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from .teacher import finetune_from_config
 
-    from .data import load_task
-    from .errors import ConfigError
-    from .teacher import finetune_teacher, resolve_teacher
-    from .workdir import WorkDir
-
-    cfg = _load_cfg(args)
-    wd = WorkDir.of(cfg).ensure()
-    base = resolve_teacher(cfg.teacher.model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"teacher.model: cannot load the tokenizer of {base!r} ({exc})") from None
-    task = load_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache))
-    result = finetune_teacher(cfg, task, tokenizer, wd.teacher_dir, progress=not args.quiet)
+    result = finetune_from_config(_load_cfg(args), progress=not args.quiet)
     how = "reused" if result.reused else "fine-tuned"
     print(f"teacher ({how}): {result.path}")
-    print(f"dev {result.metric or task.spec.metric} = {result.dev_metric:.4f}")
+    print(f"dev {result.metric} = {result.dev_metric:.4f}")
     return 0
 
 

@@ -122,23 +122,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="NNI web UI port (default: the search's default)")
 
 
-def _teacher(cfg, progress: bool):
-    from transformers import AutoTokenizer
-
-    from .data import load_task
-    from .teacher import finetune_teacher, resolve_teacher
-    from .workdir import WorkDir
-
-    wd = WorkDir.of(cfg).ensure()
-    base = resolve_teacher(cfg.teacher.model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"teacher.model: cannot load the tokenizer of {base!r} ({exc})") from None
-    task = load_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache))
-    return finetune_teacher(cfg, task, tokenizer, wd.teacher_dir, progress=progress)
-
-
 def _search(cfg, config_path: Path, port, progress: bool):
     try:
         from .search import run_search
@@ -158,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from .distill import run_distill
     from .evaluator import KDEvaluator
     from .product import build_report, export_best
+    from .teacher import finetune_from_config
     from .train import KDSetup
 
     progress = not args.quiet
@@ -180,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         step("teacher")
-        teacher = _teacher(cfg, progress)
+        teacher = finetune_from_config(cfg, progress)
         tqdm.write(f"teacher: dev {teacher.metric} = {teacher.dev_metric:.4f} ({teacher.path})")
         done("teacher")
 

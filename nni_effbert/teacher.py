@@ -408,6 +408,32 @@ def finetune_teacher(cfg, task_data, tokenizer, out_dir: Union[str, os.PathLike]
         ) from exc
 
 
+def finetune_from_config(cfg, progress: bool = True) -> TeacherResult:
+    """Load the task with the teacher's tokenizer and fine-tune (or reuse) the teacher.
+
+    What ``nni-effbert teacher`` and the quickstart run: the teacher goes to the work
+    directory's ``teacher/`` folder.
+
+    Raises
+    ------
+    ConfigError
+        If the teacher's tokenizer cannot be loaded (and whatever :func:`finetune_teacher` raises).
+    """
+    from transformers import AutoTokenizer
+
+    from .data import load_task
+    from .workdir import WorkDir
+
+    wd = WorkDir.of(cfg).ensure()
+    base = resolve_teacher(cfg.teacher.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"teacher.model: cannot load the tokenizer of {base!r} ({exc})") from None
+    task = load_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache))
+    return finetune_teacher(cfg, task, tokenizer, wd.teacher_dir, progress=progress)
+
+
 def _finetune_locked(cfg, task_data, spec, base: str, tok_fp: str, out: Path, progress: bool) -> TeacherResult:
     with FileLock(str(out) + ".lock"):
         marker = read_teacher_marker(out)
