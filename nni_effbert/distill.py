@@ -140,11 +140,10 @@ def plan_distill(cfg) -> DistillPlan:
 
 def _check_compatible(exported, setup) -> None:
     """The export must be a student of this experiment's space (same teacher, vocabulary, task)."""
-    saved = exported.config.to_dict()
-    current = setup.space.config.to_dict()
-    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if diff:
-        details = ", ".join(f"{k}: {saved.get(k)!r} vs {current.get(k)!r}" for k in diff[:5])
+    from nni_effbert.search_spaces.config import config_differences
+
+    details = config_differences(exported.config.to_dict(), setup.space.config.to_dict())
+    if details:
         raise CheckpointError(
             f"the student in {exported.path} belongs to another student space than this config's ({details}); "
             "distil it with the config it was exported with, or re-export it with this one"

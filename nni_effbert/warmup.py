@@ -230,10 +230,10 @@ def load_supernet_checkpoint(space, path, *, what: str = "supernet checkpoint", 
     data = read_supernet_checkpoint(path, what, hint)
     saved = data.get("space_config")
     if saved is not None:
-        current = space.config.to_dict()
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        if diff:
-            details = ", ".join(f"{k}: {saved.get(k)!r} vs {current.get(k)!r}" for k in diff[:5])
+        from nni_effbert.search_spaces.config import config_differences
+
+        details = config_differences(saved, space.config.to_dict())
+        if details:
             raise CheckpointError(
                 f"{what} at {path} was trained for another student space ({details}); re-run its warm-up "
                 "with this config or point the config at a matching checkpoint"

@@ -1,5 +1,5 @@
 """Configuration of the EfficientBERT student supernet and its presets."""
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
 from typing import Any, Dict, List, Tuple
 
@@ -80,6 +80,12 @@ class EfficientBertConfig:
 
     def replace(self, **overrides) -> "EfficientBertConfig":
         return replace(self, **overrides) if overrides else self
+
+
+def config_differences(saved: Dict[str, Any], current: Dict[str, Any], limit: int = 5) -> str:
+    """``""`` when two config dicts agree, else ``"field: saved vs current, ..."`` (first ``limit``)."""
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    return ", ".join(f"{k}: {saved.get(k)!r} vs {current.get(k)!r}" for k in diff[:limit])
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {
