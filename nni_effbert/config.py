@@ -222,6 +222,9 @@ class WarmupConfig(_Checked):
     corpus_file: Optional[str] = _path(None)  # plain text, one sentence per line
     checkpoint: Optional[str] = _path(None)  # explicit supernet checkpoint to start from
     max_seq_length: Optional[int] = _checked(_positive, None)  # None: task.max_seq_length
+    # A supernet that starts from random weights takes its embedding tables from the teacher
+    # ("teacher": truncated SVD of the teacher's tables) or keeps them random ("random").
+    init_embeddings: str = _checked(_choice("teacher", "random"), "teacher")
 
 
 @dataclass
