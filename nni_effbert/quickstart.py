@@ -27,13 +27,14 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
 from .errors import ConfigError, EffBertError
 
-__all__ = ["QUICKSTART_YAML", "BUDGETS", "write_config", "configure", "run"]
+__all__ = ["QUICKSTART_YAML", "BUDGETS", "PipelineResult", "write_config", "configure", "run_pipeline", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,30 +134,56 @@ def _search(cfg, config_path: Path, port, progress: bool):
     return run_search(cfg, **kwargs)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the quickstart; prints the table and the paths of the report and the exported model."""
+@dataclass
+class PipelineResult:
+    """What :func:`run_pipeline` produced.
+
+    Attributes
+    ----------
+    teacher : TeacherResult
+        The fine-tuned teacher (its dev metric and folder).
+    experiment_id : str
+        The search's NNI experiment.
+    export : ExportInfo
+        The exported best trial (its folder is the distilled student).
+    distilled : DistillResult
+        The searched student's final distillation.
+    report : ReportOutcome
+        Table rows, the formatted table and the report's paths.
+    timings : dict
+        Step name -> wall seconds.
+    """
+
+    teacher: Any
+    experiment_id: str
+    export: Any
+    distilled: Any
+    report: Any
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def run_pipeline(cfg, config_path: Path, *, port: Optional[int] = None, progress: bool = True) -> PipelineResult:
+    """teacher -> search (nnictl, waited for) -> export -> distill -> baseline + report, for ``cfg``.
+
+    ``config_path`` is the file ``cfg`` was loaded from (every nnictl trial reads it). The
+    quickstart runs this on its embedded config; ``bench/pipeline.py`` on a larger one.
+    """
     from tqdm.auto import tqdm
 
-    from .config import load_config
     from .distill import run_distill
     from .evaluator import KDEvaluator
     from .product import build_report, export_best
     from .teacher import finetune_from_config
     from .train import KDSetup
 
-    progress = not args.quiet
-    started = time.perf_counter()
-    workdir = Path(args.workdir).expanduser().absolute()
-    path = write_config(workdir, args.budget, args.data_dir)
-    cfg = load_config(path)
     steps = ["teacher", "search", "export", "distill", "baseline + report"]
-    bar = tqdm(total=len(steps), desc="quickstart", disable=not progress, position=0, dynamic_ncols=True)
+    bar = tqdm(total=len(steps), desc="pipeline", disable=not progress, position=0, dynamic_ncols=True)
     timings: Dict[str, float] = {}
 
     def step(name: str) -> None:
         timings[name] = time.perf_counter()
         bar.set_postfix_str(name)
-        tqdm.write(f"== quickstart: {name}")
+        tqdm.write(f"== {name}")
 
     def done(name: str) -> None:
         timings[name] = time.perf_counter() - timings[name]
@@ -169,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         done("teacher")
 
         step("search")
-        result = _search(cfg, path, args.port, progress)
+        result = _search(cfg, config_path, port, progress)
         tqdm.write(f"search: experiment {result.experiment_id} {result.status}")
         if not result.ok:
             why = f": {result.error}" if result.error else ""
@@ -194,11 +221,24 @@ def run(args: argparse.Namespace) -> int:
         done("baseline + report")
     finally:
         bar.close()
+    return PipelineResult(teacher=teacher, experiment_id=result.experiment_id, export=info, distilled=distilled,
+                          report=outcome, timings=timings)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the quickstart; prints the table and the paths of the report and the exported model."""
+    from .config import load_config
+
+    started = time.perf_counter()
+    workdir = Path(args.workdir).expanduser().absolute()
+    path = write_config(workdir, args.budget, args.data_dir)
+    cfg = load_config(path)
+    out = run_pipeline(cfg, path, port=args.port, progress=not args.quiet)
     total = time.perf_counter() - started
-    print(outcome.table)
-    print(f"report: {outcome.result.report}")
-    print(f"exported model: {info.path}")
-    print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
+    print(out.report.table)
+    print(f"report: {out.report.result.report}")
+    print(f"exported model: {out.export.path}")
+    print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in out.timings.items()) + f"; total {total:.0f}s")
     return 0
 
 
