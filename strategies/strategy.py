@@ -61,6 +61,11 @@ class ProgressiveStrategy(Strategy):
         model space given to NNI (``EfficientBertSpace`` has it).
     seed : int, optional
         Overrides ``search.seed``.
+    checkpoint_fn : callable, optional
+        ``checkpoint_fn() -> None``, called after every result the search records (a finished
+        candidate or warm-up), outside the strategy's lock. ``nni-effbert search --python``
+        passes one that saves the experiment's checkpoint, so a search killed outright
+        resumes from its last result, not from its start.
 
     Notes
     -----
@@ -71,7 +76,7 @@ class ProgressiveStrategy(Strategy):
 
     def __init__(self, *, search: Union[SearchConfig, Mapping[str, Any], None] = None,
                  warmup_fn: Optional[Callable[[Dict[str, Any]], None]] = None, arch_space: Any = None,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, checkpoint_fn: Optional[Callable[[], None]] = None):
         super().__init__()
         if search is None:
             search = SearchConfig()
@@ -84,8 +89,11 @@ class ProgressiveStrategy(Strategy):
             search = SearchConfig.from_dict({**search.to_dict(), "seed": seed})
         if warmup_fn is not None and not callable(warmup_fn):
             raise SearchConfigError(f"warmup_fn must be callable (parameters dict -> None), got {warmup_fn!r}")
+        if checkpoint_fn is not None and not callable(checkpoint_fn):
+            raise SearchConfigError(f"checkpoint_fn must be callable (no arguments), got {checkpoint_fn!r}")
         self.search_config = search
         self.warmup_fn = warmup_fn
+        self.checkpoint_fn = checkpoint_fn
         self._arch_space = arch_space
         self.search: Optional[ProgressiveSearch] = None
         self._pending_state: Optional[dict] = None
@@ -170,6 +178,11 @@ class ProgressiveStrategy(Strategy):
                 result = Failure(f"{type(err).__name__}: {err}")
         with self._lock:
             self.search.tell(action.trial_id, result)
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        if self.checkpoint_fn is not None:
+            self.checkpoint_fn()
 
     def _submit(self, action: Proposal) -> None:
         model = self.model_space.freeze(dict(action.parameters))
@@ -198,6 +211,7 @@ class ProgressiveStrategy(Strategy):
             else:
                 self.search.tell(trial_id, Failure(f"model ended with status {status.value}"))
             self._changed.notify_all()
+        self._checkpoint()
 
     # -- state ------------------------------------------------------------------------------
 

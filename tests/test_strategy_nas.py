@@ -159,6 +159,25 @@ def test_strategy_state_dict_resume_continues_without_repeating():
     assert len(engine.list_models()) + len(engine2.list_models()) == 44
 
 
+def test_checkpoint_fn_sees_every_recorded_result():
+    """What ``search --python`` saves after each result: the state then holds that result, so a
+    search killed outright resumes from its last finished trial."""
+    cfg = SearchConfig(param_budget=BUDGET, stages=STAGES[:1], seed=1)
+    saved = []
+    strategy = ProgressiveStrategy(search=cfg, checkpoint_fn=lambda: saved.append(strategy.state_dict()))
+    engine, _ = run_strategy(strategy, [], max_models=6)
+    finished = [len([r for r in s["search"]["records"] if r["status"] in ("succeeded", "failed")]) for s in saved]
+    # one save per recorded result (the in-process warm-up + 6 candidates), each one more than the last
+    assert finished == list(range(1, 8)), finished
+    last = ProgressiveStrategy(search=cfg)
+    last.load_state_dict(json.loads(json.dumps(saved[-1])))
+    engine2, _ = run_strategy(last, [])
+    assert not {json.dumps(m.sample, sort_keys=True) for m in engine2.list_models()} & \
+        {json.dumps(m.sample, sort_keys=True) for m in engine.list_models()}
+    with pytest.raises(SearchConfigError, match="checkpoint_fn must be callable"):
+        ProgressiveStrategy(checkpoint_fn="state.ckpt")
+
+
 def test_strategy_arguments_are_validated():
     with pytest.raises(TypeError):
         ProgressiveStrategy(SearchConfig())  # keyword-only
