@@ -30,13 +30,17 @@ Two paths, one result (:class:`SearchResult`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -301,11 +305,40 @@ def _wait(port: int, total: int, progress: bool, timeout: Optional[float]) -> st
         bar.close()
 
 
+def _check_resumable(wd: WorkDir, exp_id: str, *, nas: bool) -> Path:
+    """The folder of experiment ``exp_id`` in this work directory, if it can be resumed.
+
+    Raises
+    ------
+    ConfigError
+        If the id is malformed, or this work directory holds no such experiment (or, for
+        ``nas``, no NasExperiment checkpoint of it).
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", exp_id or ""):
+        raise ConfigError(f"--resume {exp_id!r}: an experiment id is letters and digits, like 'a1b2c3d4'")
+    root = wd.root / EXPERIMENTS_DIR
+    exp_dir = root / exp_id
+    known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    hint = f"experiments in {root}: {', '.join(known) if known else 'none'}"
+    if not exp_dir.is_dir():
+        raise ConfigError(f"--resume {exp_id}: no experiment {exp_id} in this work directory ({hint})")
+    has_nas_checkpoint = any((exp_dir / "checkpoint").glob("state.ckpt*"))  # NNI adds a suffix (.torch)
+    if nas and not has_nas_checkpoint:
+        raise ConfigError(f"--resume {exp_id} --python: experiment {exp_id} has no NasExperiment checkpoint "
+                          f"({exp_dir / 'checkpoint' / 'state.ckpt'}); an nnictl search resumes without --python")
+    if not nas and has_nas_checkpoint:
+        raise ConfigError(f"--resume {exp_id}: experiment {exp_id} is a NasExperiment (--python) search; "
+                          "resume it with --python")
+    return exp_dir
+
+
 def _run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[int], progress: bool,
-                timeout: Optional[float]) -> SearchResult:
+                timeout: Optional[float], resume: Optional[str] = None) -> SearchResult:
     from nni_effbert.strategies.registration import register_tuner
 
     wd, config_file = _prepare(cfg, config_path)
+    if resume is not None:
+        _check_resumable(wd, resume, nas=False)
     conf_path = write_nnictl_config(cfg, config_file)
     try:
         meta = register_tuner()
@@ -313,15 +346,19 @@ def _run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[i
         raise SearchError(f"cannot register the EfficientBertProgressive tuner with NNI ({exc})") from exc
     logger.info("tuner %s registered (%s)", meta.get("builtinName"), meta.get("className"))
     port = free_port() if port is None else int(port)
-    created = _nnictl(["create", "--config", str(conf_path), "--port", str(port)])
+    if resume is None:
+        args = ["create", "--config", str(conf_path), "--port", str(port)]
+    else:
+        args = ["resume", resume, "--port", str(port)]
+    created = _nnictl(args)
     output = _plain(created.stdout + created.stderr)
-    exp_id = _experiment_id(output)
-    if created.returncode != 0 or exp_id is None:
+    exp_id = _experiment_id(output) if resume is None else resume
+    if created.returncode != 0 or exp_id is None or "ERROR" in output:
         tail = " | ".join(line.strip() for line in output.splitlines() if line.strip())[-800:]
-        raise SearchError(f"`nnictl create --config {conf_path} --port {port}` failed: {tail}")
+        raise SearchError(f"`nnictl {' '.join(args)}` failed: {tail}")
     url = f"http://localhost:{port}"
     exp_dir = wd.root / EXPERIMENTS_DIR / exp_id
-    print(f"experiment {exp_id} started: web UI {url}", flush=True)
+    print(f"experiment {exp_id} {'resumed' if resume else 'started'}: web UI {url}", flush=True)
     print(f"  nnictl config {conf_path}; logs {exp_dir / 'log'}", flush=True)
     result = SearchResult(exp_id, url, "RUNNING", wd.root, conf_path, port=port)
     if not wait:
@@ -401,8 +438,120 @@ def _records_to_trials(strategy, wd: WorkDir) -> List[Dict[str, Any]]:
     return trials
 
 
-def _run_python(cfg, config_path: Optional[str], *, port: Optional[int], progress: bool) -> SearchResult:
-    from nni.nas.experiment import NasExperiment, NasExperimentConfig
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM seen by the ``--python`` search: handled as Ctrl-C (NNI stops and checkpoints)."""
+
+
+def _save_nas_checkpoint(experiment) -> None:
+    """Write the NasExperiment's ``checkpoint/state.ckpt`` atomically (temp file, then rename).
+
+    NNI writes it only when the experiment starts and when it stops; the strategy calls this
+    after every finished trial too, so a search killed outright resumes from its last result.
+    """
+    from nni.nas.utils.serializer import get_default_serializer
+
+    serializer = get_default_serializer()
+    folder = experiment._checkpoint_directory  # pylint: disable=protected-access
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".state.ckpt.{os.getpid()}.tmp"
+    written = Path(str(tmp) + serializer.suffix)  # NNI's serializers add their suffix (.torch)
+    try:
+        serializer.save(experiment.state_dict(), tmp)
+        os.replace(written, folder / ("state.ckpt" + serializer.suffix))
+    finally:
+        for path in (tmp, written):
+            if path.exists():
+                path.unlink()
+
+
+@contextlib.contextmanager
+def _nas_channel_skips_resume_commands():
+    """Work around NNI 3.0 for ``NasExperiment.resume`` through a training service.
+
+    On resume the NNI manager sends ``ImportData`` (the finished trials) and, if trials were
+    still waiting or running at the stop, ``AddCustomizedTrialJob`` (those trials, which it runs
+    again) on the tuner channel. NNI 3.0's NAS channel knows neither: its listener thread dies
+    on ``ValueError: Unknown command type`` and the resumed search waits forever. Both are
+    skipped here, only while the resumed experiment runs: the strategy restores its history
+    from the checkpoint and proposes unfinished candidates again itself (a graceful stop
+    cancels them first, see :func:`_cancel_unfinished_trials`).
+    """
+    from nni.runtime.tuner_command_channel.channel import TunerCommandChannel
+    from nni.runtime.tuner_command_channel.command_type import CommandType
+
+    skipped = (str(CommandType.ImportData), str(CommandType.AddCustomizedTrialJob))
+    original = TunerCommandChannel.receive
+
+    def receive(self):
+        while True:
+            try:
+                return original(self)
+            except ValueError as exc:
+                if not any(name in str(exc) for name in skipped):
+                    raise
+                if str(CommandType.AddCustomizedTrialJob) in str(exc):
+                    logger.warning("resume: the NNI manager re-runs trials left unfinished by the stopped process; "
+                                   "their results are not used (the strategy proposes those candidates again)")
+                else:
+                    logger.info("resume: skipped NNI's ImportData (the strategy restored its own history)")
+
+    TunerCommandChannel.receive = receive
+    try:
+        yield
+    finally:
+        TunerCommandChannel.receive = original
+
+
+_UNFINISHED = ("WAITING", "RUNNING", "UNKNOWN")
+
+
+def _cancel_unfinished_trials(experiment, timeout: float = 60.0) -> List[str]:
+    """Cancel the trials still waiting or running in a NasExperiment's manager; returns their ids.
+
+    Called when a ``--python`` search stops early. The NNI manager re-runs the trials it
+    has as waiting or running when the experiment is resumed, while NNI's NAS engine ignores
+    their results (their parameter ids belong to the stopped process) and the strategy
+    proposes those candidates again itself: cancelled, they run once, not twice.
+    """
+    if getattr(experiment, "_proc", None) is None or not getattr(experiment, "port", None):
+        return []
+    try:
+        pending = [j["trialJobId"] for j in experiment.list_trial_jobs_raw() if j.get("status") in _UNFINISHED]
+        for trial_id in pending:
+            experiment.kill_trial_job(trial_id)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            jobs = {j["trialJobId"]: j.get("status") for j in experiment.list_trial_jobs_raw()}
+            if not any(jobs.get(t) in _UNFINISHED for t in pending):
+                break
+            time.sleep(0.5)  # polling the manager's REST API for the cancelled trials' status
+        if pending:
+            logger.info("cancelled unfinished trials %s; the strategy proposes them again on resume", pending)
+        return pending
+    except Exception:  # stopping must go on; the manager then re-runs them on resume
+        logger.exception("could not cancel the unfinished trials before stopping")
+        return []
+
+
+def _nas_experiment_class():
+    """``NasExperiment`` whose ``stop()`` first cancels the trials still waiting or running."""
+    from nni.experiment import rest
+    from nni.nas.experiment import NasExperiment
+
+    class EffBertNasExperiment(NasExperiment):
+        def list_trial_jobs_raw(self):
+            return rest.get(self.port, "/trial-jobs", self.url_prefix) or []
+
+        def stop(self) -> None:
+            _cancel_unfinished_trials(self)
+            super().stop()
+
+    return EffBertNasExperiment
+
+
+def _run_python(cfg, config_path: Optional[str], *, port: Optional[int], progress: bool,
+                resume: Optional[str] = None) -> SearchResult:
+    from nni.nas.experiment import NasExperimentConfig
 
     from nni_effbert.strategies import ProgressiveStrategy
 
@@ -410,27 +559,55 @@ def _run_python(cfg, config_path: Optional[str], *, port: Optional[int], progres
     from .report import normalize_trial
 
     wd, _ = _prepare(cfg, config_path)
+    if resume is not None:
+        _check_resumable(wd, resume, nas=True)
     evaluator = KDEvaluator(cfg, progress=progress)
     space = evaluator.space  # the experiment's space (teacher-sized fit_dense, task labels)
+    holder: Dict[str, Any] = {}
+
+    def checkpoint() -> None:
+        try:
+            _save_nas_checkpoint(holder["experiment"])
+        except Exception:  # a failed save must not stop the search; NNI saves again at stop
+            logger.exception("could not save the NAS experiment checkpoint")
+
     # arch_space: NNI hands the strategy a SimplifiedModelSpace, which lacks the arch API.
-    strategy = ProgressiveStrategy(search=cfg.search, warmup_fn=evaluator.warmup, arch_space=space)
+    strategy = ProgressiveStrategy(search=cfg.search, warmup_fn=evaluator.warmup, arch_space=space,
+                                   checkpoint_fn=checkpoint)
     conf = NasExperimentConfig("ts", "simplified", "local")
     conf.experiment_name = f"effbert-{cfg.task.name}-{wd.root.name}-nas"
     conf.trial_concurrency = int(cfg.search.trial_concurrency)
     conf.experiment_working_directory = str(wd.root / EXPERIMENTS_DIR)
     conf.training_service.use_active_gpu = False
-    experiment = NasExperiment(space, evaluator.as_nni_evaluator(), strategy, conf)
+    experiment = _nas_experiment_class()(space, evaluator.as_nni_evaluator(), strategy, conf, id=resume)
+    holder["experiment"] = experiment
     port = free_port() if port is None else int(port)
     url = f"http://localhost:{port}"
-    print(f"NAS experiment {experiment.id}: web UI {url} (warm-ups run in this process)", flush=True)
+    print(f"NAS experiment {experiment.id} {'resumed' if resume else 'started'}: web UI {url} "
+          "(warm-ups run in this process)", flush=True)
+    print(f"  stop it with Ctrl-C (or SIGTERM); resume with: nni-effbert search -c {config_path or '<config>'} "
+          f"--python --resume {experiment.id}", flush=True)
     result = SearchResult(experiment.id, url, "RUNNING", wd.root, None, port=port)
+
+    def on_sigterm(signum, frame):
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
-        experiment.run(port=port)
-        result.status = "DONE"
+        # NNI catches Ctrl-C (and our SIGTERM) in run/resume, stops and checkpoints; None then.
+        if resume:
+            with _nas_channel_skips_resume_commands():
+                finished = experiment.resume(port=port)
+        else:
+            finished = experiment.run(port=port)
+        result.status = "DONE" if finished else "STOPPED"
     except Exception as exc:  # the strategy's own failure (e.g. a failed warm-up) ends the search
         result.status, result.error = "ERROR", f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         logger.error("NAS experiment %s failed: %s", experiment.id, result.error)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         experiment.stop()
     if strategy.search is not None:
         result.trials = [normalize_trial(t) for t in _records_to_trials(strategy, wd)]
@@ -438,6 +615,9 @@ def _run_python(cfg, config_path: Optional[str], *, port: Optional[int], progres
         atomic_write_json({"experiment_id": experiment.id, "trials": result.trials}, result.trials_file)
         if result.status == "DONE" and strategy.search.done is not None and strategy.search.done.failed:
             result.status, result.error = "ERROR", strategy.search.done.reason
+    if result.status == "STOPPED":
+        print(f"NAS experiment {experiment.id} stopped; resume with: nni-effbert search -c "
+              f"{config_path or '<config>'} --python --resume {experiment.id}", flush=True)
     return result
 
 
@@ -447,7 +627,7 @@ def _run_python(cfg, config_path: Optional[str], *, port: Optional[int], progres
 
 
 def run_search(cfg, *, config_path: Optional[str], wait: bool, python: bool = False, port: Optional[int] = None,
-               progress: bool = True, timeout: Optional[float] = None) -> SearchResult:
+               progress: bool = True, timeout: Optional[float] = None, resume: Optional[str] = None) -> SearchResult:
     """Run the progressive search of an experiment through NNI (see the module docstring).
 
     Parameters
@@ -466,6 +646,10 @@ def run_search(cfg, *, config_path: Optional[str], wait: bool, python: bool = Fa
         A progress bar over trials ended / total.
     timeout : float, optional
         With ``wait``: give up (and stop the experiment) after this many seconds.
+    resume : str, optional
+        Resume this stopped experiment of the work directory instead of creating one
+        (``nnictl resume``, or ``NasExperiment.resume`` with ``python``): the strategy goes on
+        with its saved history; finished trials are not re-run, warm-ups not redone.
 
     Returns
     -------
@@ -481,8 +665,8 @@ def run_search(cfg, *, config_path: Optional[str], wait: bool, python: bool = Fa
     if port is not None and not (0 < int(port) < 65536):
         raise ConfigError(f"--port must be in 1..65535, got {port}")
     if python:
-        return _run_python(cfg, config_path, port=port, progress=progress)
-    return _run_nnictl(cfg, config_path, wait=wait, port=port, progress=progress, timeout=timeout)
+        return _run_python(cfg, config_path, port=port, progress=progress, resume=resume)
+    return _run_nnictl(cfg, config_path, wait=wait, port=port, progress=progress, timeout=timeout, resume=resume)
 
 
 def format_trials(trials: Sequence[Mapping[str, Any]]) -> str:
@@ -517,6 +701,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="run NasExperiment + ProgressiveStrategy in this process instead of nnictl create "
                              "(warm-ups run here; always waits)")
     parser.add_argument("--port", type=int, metavar="N", help="web UI / REST port (default: a free one)")
+    parser.add_argument("--resume", metavar="ID",
+                        help="resume this stopped experiment of the work directory (with --python: a NasExperiment "
+                             "search); the search goes on where it stopped")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="with --wait: stop the experiment and fail after this long")
 
@@ -527,9 +714,14 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, list(args.set or []))
     result = run_search(cfg, config_path=args.config, wait=args.wait, python=args.python, port=args.port,
-                        progress=not args.quiet, timeout=args.timeout)
+                        progress=not args.quiet, timeout=args.timeout, resume=args.resume)
     if result.status == "RUNNING":
         return 0
+    if result.status == "STOPPED":  # Ctrl-C / SIGTERM on the --python path; resumable
+        if result.trials:
+            print(format_trials(result.trials))
+        print(f"experiment {result.experiment_id}: STOPPED")
+        return 130
     if result.trials:
         print(format_trials(result.trials))
     if result.trials_file is not None:
