@@ -179,3 +179,25 @@ def test_format_trials_lists_warmups_and_candidates():
     assert lines[0].split() == ["trial", "stage", "status", "metric", "params"] and len(lines) == 5
     assert "0 coarse (warm-up)" in lines[2] and lines[3].split()[-2:] == ["0.8125", "31,970"]
     assert lines[4].split()[-3:] == ["FAILED", "-", "-"]
+
+
+def test_resume_of_an_unknown_or_other_kind_of_experiment_is_a_one_line_error(tmp_path, workdir_with_teacher, capsys):
+    from nni_effbert import cli
+
+    work, sets = workdir_with_teacher
+    args = ["search", "-q", "-c", TINY, *[f"--set={s}" for s in sets]]
+    (work / "nni-experiments" / "abc123" / "db").mkdir(parents=True)  # an nnictl experiment's folder
+    cases = [
+        (["--resume", "nosuch1"], "no experiment nosuch1 in this work directory (experiments in"),
+        (["--resume", "../x"], "an experiment id is letters and digits"),
+        (["--resume", "abc123", "--python"], "experiment abc123 has no NasExperiment checkpoint"),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert cli.main([*args, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("nni-effbert search: error: --resume") and message in err[0], err
+    (work / "nni-experiments" / "abc123" / "checkpoint").mkdir()
+    (work / "nni-experiments" / "abc123" / "checkpoint" / "state.ckpt.torch").write_bytes(b"x")
+    assert cli.main([*args, "--resume", "abc123"]) == 2
+    assert "is a NasExperiment (--python) search; resume it with --python" in capsys.readouterr().err
