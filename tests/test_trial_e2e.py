@@ -68,7 +68,7 @@ def test_teacher_warmup_and_trials_end_to_end(tmp_path, base_teacher, glue_dir, 
     assert cli.main(["teacher", "-q", "-c", TINY, *sets]) == 0
     assert "teacher (reused)" in capsys.readouterr().out
     assert cli.main(["warmup", "-q", "-c", TINY, *sets, "--stage", "0"]) == 0
-    assert "stage 0 supernet (4 steps from random)" in capsys.readouterr().out
+    assert "stage 0 supernet (4 steps from random, teacher embeddings)" in capsys.readouterr().out
     cache = work / "cache"
     before = _snapshot(cache)
     assert any(name.endswith("hidden.npy") for name in before)  # the warm-up built the train cache

@@ -68,7 +68,7 @@ def test_warmup_writes_stage_checkpoint_and_is_not_redone(cfg, setup, stage0):
     wd = WorkDir.of(cfg)
     assert stage0.checkpoint == wd.supernet_checkpoint(0) and stage0.checkpoint.is_file()
     assert not wd.warmup_state(0).exists()  # the resumable state is gone once the stage is done
-    assert stage0.init == "random" and not stage0.skipped
+    assert stage0.init == "random, teacher embeddings" and not stage0.skipped  # warmup.init_embeddings: teacher
     assert math.isfinite(stage0.loss) and 0.0 <= stage0.metrics["default"] <= 1.0
     report = stage0.report()
     assert report["warmup"] is True and report["stage"] == 0 and report["default"] == stage0.metrics["default"]
