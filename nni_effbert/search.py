@@ -438,6 +438,34 @@ def _records_to_trials(strategy, wd: WorkDir) -> List[Dict[str, Any]]:
     return trials
 
 
+def _finished_after_stop(wd: WorkDir, exp_id: str):
+    """``finished_fn`` of a resumed ``--python`` search: parameters -> score of a candidate that
+    SUCCEEDED in experiment ``exp_id`` (NNI's records) with a result its trial process recorded
+    (``trials/<id>/result.json``); None for any other. Read before the experiment resumes."""
+    from nni_effbert.strategies.core import split_parameters
+
+    from .report import read_nni_trials
+
+    try:
+        succeeded = {t["trial_id"] for t in read_nni_trials(exp_id, experiments_dir=wd.root / EXPERIMENTS_DIR)
+                     if t.get("status") == "SUCCEEDED"}
+    except EffBertError as exc:  # then trials running at the stop are simply proposed again
+        logger.warning("resume: could not read experiment %s's trials (%s); candidates left running at the stop "
+                       "run again", exp_id, exc)
+        succeeded = set()
+    scores: Dict[Tuple[str, Any], float] = {}
+    for key, (trial_id, final) in _trial_results(wd).items():
+        value = final.get("default")
+        if trial_id in succeeded and isinstance(value, (int, float)) and math.isfinite(value):
+            scores[key] = float(value)
+
+    def finished(parameters: Mapping[str, Any]) -> Optional[float]:
+        arch, meta = split_parameters(parameters)
+        return scores.get((json.dumps(arch, sort_keys=True), meta.get("_stage")))
+
+    return finished
+
+
 class _Interrupted(KeyboardInterrupt):
     """SIGTERM seen by the ``--python`` search: handled as Ctrl-C (NNI stops and checkpoints)."""
 
@@ -573,7 +601,8 @@ def _run_python(cfg, config_path: Optional[str], *, port: Optional[int], progres
 
     # arch_space: NNI hands the strategy a SimplifiedModelSpace, which lacks the arch API.
     strategy = ProgressiveStrategy(search=cfg.search, warmup_fn=evaluator.warmup, arch_space=space,
-                                   checkpoint_fn=checkpoint)
+                                   checkpoint_fn=checkpoint,
+                                   finished_fn=_finished_after_stop(wd, resume) if resume is not None else None)
     conf = NasExperimentConfig("ts", "simplified", "local")
     conf.experiment_name = f"effbert-{cfg.task.name}-{wd.root.name}-nas"
     conf.trial_concurrency = int(cfg.search.trial_concurrency)

@@ -66,6 +66,13 @@ class ProgressiveStrategy(Strategy):
         candidate or warm-up), outside the strategy's lock. ``nni-effbert search --python``
         passes one that saves the experiment's checkpoint, so a search killed outright
         resumes from its last result, not from its start.
+    finished_fn : callable, optional
+        ``finished_fn(parameters: dict) -> float or None``, asked after :meth:`load_state_dict`
+        for each candidate the saved state still has as running: a trial can finish after the
+        stopped process saved its last result (between a stop signal and the cancelling of
+        running trials). A score recovers that result and the candidate is not run again; None
+        proposes it again. ``nni-effbert search --python --resume`` answers from the stopped
+        experiment's succeeded NNI trials.
 
     Notes
     -----
@@ -76,7 +83,8 @@ class ProgressiveStrategy(Strategy):
 
     def __init__(self, *, search: Union[SearchConfig, Mapping[str, Any], None] = None,
                  warmup_fn: Optional[Callable[[Dict[str, Any]], None]] = None, arch_space: Any = None,
-                 seed: Optional[int] = None, checkpoint_fn: Optional[Callable[[], None]] = None):
+                 seed: Optional[int] = None, checkpoint_fn: Optional[Callable[[], None]] = None,
+                 finished_fn: Optional[Callable[[Dict[str, Any]], Optional[float]]] = None):
         super().__init__()
         if search is None:
             search = SearchConfig()
@@ -91,9 +99,13 @@ class ProgressiveStrategy(Strategy):
             raise SearchConfigError(f"warmup_fn must be callable (parameters dict -> None), got {warmup_fn!r}")
         if checkpoint_fn is not None and not callable(checkpoint_fn):
             raise SearchConfigError(f"checkpoint_fn must be callable (no arguments), got {checkpoint_fn!r}")
+        if finished_fn is not None and not callable(finished_fn):
+            raise SearchConfigError(f"finished_fn must be callable (parameters dict -> score or None), got "
+                                    f"{finished_fn!r}")
         self.search_config = search
         self.warmup_fn = warmup_fn
         self.checkpoint_fn = checkpoint_fn
+        self.finished_fn = finished_fn
         self._arch_space = arch_space
         self.search: Optional[ProgressiveSearch] = None
         self._pending_state: Optional[dict] = None
@@ -223,7 +235,7 @@ class ProgressiveStrategy(Strategy):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a :meth:`state_dict` (before or after ``initialize``); trials that were running
-        are proposed again."""
+        are proposed again, unless ``finished_fn`` knows their score."""
         if not isinstance(state_dict, Mapping) or "search" not in state_dict:
             raise SearchStateError("ProgressiveStrategy state must be a dict with a 'search' entry "
                                    "(the output of state_dict())")
@@ -235,4 +247,12 @@ class ProgressiveStrategy(Strategy):
     def _load(self, state_dict: Mapping[str, Any]) -> None:
         with self._lock:
             self.search.load_state_dict(state_dict["search"])
+            if self.finished_fn is not None:
+                for trial_id in self.search.running():
+                    record = self.search.record(trial_id)
+                    score = None if record.warmup else self.finished_fn(dict(record.parameters))
+                    if score is not None:
+                        logger.info("resume: trial %d finished after the stop (score %.6g); not run again",
+                                    trial_id, score)
+                        self.search.tell(trial_id, score)
             self.search.requeue_running()

@@ -123,6 +123,10 @@ def test_nas_experiment_sigterm_then_resume_continues_the_stage(tmp_path, base_t
             if not r["warmup"]:
                 arch = json.dumps({k: v for k, v in r["parameters"].items() if not k.startswith("_")}, sort_keys=True)
                 assert runs.count(arch) == 1, (r, runs)
+        # Nor one that finished after the stopped process's last save (between SIGTERM and the
+        # cancelling of running trials): the resume recovers its result from NNI's records.
+        succeeded_runs = [arch for arch, status in _records(work) if status == "succeeded"]
+        assert len(succeeded_runs) == len(set(succeeded_runs)) == 3, _records(work)
         # The history went on: the candidates finished before the stop keep their trial ids.
         after = get_default_serializer().load(ckpt)["strategy"]["search"]
         for r in finished_before:
@@ -130,7 +134,8 @@ def test_nas_experiment_sigterm_then_resume_continues_the_stage(tmp_path, base_t
 
         nni_trials = read_nni_trials(exp_id, experiments_dir=work / "nni-experiments")
         statuses = [t["status"] for t in nni_trials]
-        # the trial running at the stop was cancelled (so the manager does not re-run it on resume)
+        # the trial running at the stop was cancelled (so the manager does not re-run it on resume),
+        # or it finished before the cancel reached it and its result was recovered
         assert statuses.count("SUCCEEDED") == 3 and set(statuses) <= {"SUCCEEDED", "USER_CANCELED"}, statuses
         with capsys.disabled():
             print(f"\nNasExperiment {exp_id}: before SIGTERM "

@@ -178,6 +178,41 @@ def test_checkpoint_fn_sees_every_recorded_result():
         ProgressiveStrategy(checkpoint_fn="state.ckpt")
 
 
+def test_finished_fn_recovers_a_trial_that_ended_after_the_stop():
+    """A candidate still running in the saved state (it finished after the stopped process's last
+    save): with ``finished_fn`` knowing its score it is recorded, not run again; without, it is."""
+    cfg = SearchConfig(param_budget=BUDGET, stages=STAGES[:1], seed=2)
+    first = ProgressiveStrategy(search=cfg)
+    engine, _ = run_strategy(first, [], max_models=6)
+    state = json.loads(json.dumps(first.state_dict()))
+    last = max((r for r in state["search"]["records"] if r["status"] == "succeeded" and not r["warmup"]),
+               key=lambda r: r["finish_seq"])
+    score = last["score"]
+    last.update(status="running", score=None, finish_seq=None)  # as saved before its result came in
+    key = json.dumps(last["parameters"], sort_keys=True)
+    asked = []
+
+    def finished(parameters):
+        asked.append(parameters)
+        return score if json.dumps(parameters, sort_keys=True) == key else None
+
+    def resumed(**kw):
+        strategy = ProgressiveStrategy(search=cfg, **kw)
+        strategy.load_state_dict(json.loads(json.dumps(state)))
+        engine2, _ = run_strategy(strategy, [])
+        return strategy, [json.dumps(m.sample, sort_keys=True) for m in engine2.list_models()]
+
+    recovered, runs = resumed(finished_fn=finished)
+    assert asked == [last["parameters"]] and key not in runs
+    record = recovered.search.record(last["trial_id"])
+    assert (record.status, record.score) == ("succeeded", score)
+    assert recovered.search.done is not None and not recovered.search.done.failed
+    _, runs_again = resumed()  # no finished_fn: the candidate is proposed again
+    assert runs_again.count(key) == 1
+    with pytest.raises(SearchConfigError, match="finished_fn must be callable"):
+        ProgressiveStrategy(finished_fn={})
+
+
 def test_strategy_arguments_are_validated():
     with pytest.raises(TypeError):
         ProgressiveStrategy(SearchConfig())  # keyword-only
