@@ -277,6 +277,9 @@ class DistillConfig(_Checked):
     ``general_steps`` distil hidden states and attentions on unlabeled text (``warmup.corpus_file``
     if set, else the task's train sentences); ``task_steps`` then add the predictions, as the
     paper's final two-step KD. The same budget is used for the baseline and the searched student.
+    ``seed`` seeds the distillation alone (batch order, dropout); empty means the top-level
+    seed. Distilling again with other seeds measures how much a result owes to chance without
+    touching the data subset, teacher or search, which the top-level seed also decides.
     """
 
     general_steps: int = _checked(_non_negative, 200)
@@ -284,6 +287,7 @@ class DistillConfig(_Checked):
     learning_rate: float = _checked(_positive, 2e-4)
     batch_size: int = _checked(_positive, 32)
     eval_interval: int = _checked(_non_negative, 100)  # 0: evaluate only at the end
+    seed: Optional[int] = None
 
 
 @dataclass
@@ -710,7 +714,7 @@ def load_config(
     -------
     ExperimentConfig
         With absolute paths, ``task.data_dir`` filled from ``$EFFBERT_DATA_DIR`` when empty,
-        and ``task.seed`` filled from ``seed`` when empty.
+        and ``task.seed`` / ``distill.seed`` filled from ``seed`` when empty.
 
     Raises
     ------
@@ -734,6 +738,8 @@ def load_config(
                 raise ConfigError(f"${DATA_DIR_ENV}: folder not found: {cfg.task.data_dir}")
     if cfg.task.seed is None:
         cfg.task.seed = cfg.seed
+    if cfg.distill.seed is None:
+        cfg.distill.seed = cfg.seed
     if check_paths:
         _check_paths(cfg, where)
     return cfg

@@ -62,6 +62,7 @@ class DistillPlan:
     batch_size : int
     eval_interval : int
     seed : int
+        ``distill.seed`` (default: the top-level ``seed``).
     corpus : str or None
         ``warmup.corpus_file`` of the general phase (None: the task's train sentences).
     """
@@ -133,9 +134,10 @@ def plan_distill(cfg) -> DistillPlan:
     if d.general_steps and cfg.kd.attention_weight == 0 and cfg.kd.hidden_weight == 0:
         raise ConfigError("distill.general_steps needs kd.attention_weight or kd.hidden_weight > 0 "
                           "(general KD has no predictions to distil); set distill.general_steps=0 or a weight")
+    seed = cfg.seed if d.seed is None else d.seed  # load_config fills distill.seed; a hand-built cfg may not
     return DistillPlan(general_steps=int(d.general_steps), task_steps=int(d.task_steps),
                        learning_rate=float(d.learning_rate), batch_size=int(d.batch_size),
-                       eval_interval=int(d.eval_interval), seed=int(cfg.seed), corpus=cfg.warmup.corpus_file)
+                       eval_interval=int(d.eval_interval), seed=int(seed), corpus=cfg.warmup.corpus_file)
 
 
 def _check_compatible(exported, setup) -> None:

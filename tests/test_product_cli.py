@@ -54,6 +54,19 @@ def test_distill_config_section(tmp_path):
     assert load_config(tmp_path / "c.yml", check_paths=False).distill == cfg.distill
 
 
+def test_distill_seed_is_its_own():
+    from nni_effbert.config import ConfigError, load_config
+    from nni_effbert.distill import plan_distill
+
+    cfg = load_config(TINY, ["seed=4"], check_paths=False)
+    assert cfg.distill.seed == 4 and plan_distill(cfg).seed == 4  # empty: the top-level seed
+    other = load_config(TINY, ["seed=4", "distill.seed=9"], check_paths=False)
+    assert plan_distill(other).seed == 9 and plan_distill(other) != plan_distill(cfg)
+    assert (other.seed, other.task.seed) == (4, 4)  # data subset, teacher and search untouched
+    with pytest.raises(ConfigError, match="distill.seed"):
+        load_config(TINY, ["distill.seed=one"], check_paths=False)
+
+
 def test_baseline_arch_matches_size():
     from nni_effbert.distill import baseline_arch
     from nni_effbert.search_spaces import EfficientBertSpace
@@ -115,6 +128,14 @@ def test_export_distill_report_cli(tmp_path, base_teacher, glue_dir, capsys, mon
     assert cli.main(["distill", "-q", "-c", TINY, *sets, "--export", str(folder)]) == 0
     assert "already distilled" in capsys.readouterr().out
     assert load_exported(folder).meta["extra"]["distill"]["created"] == rec["created"]
+    # Another distill.seed on a fresh export of the same arch: same budget, other weights.
+    assert cli.main(["export", "-q", "-c", TINY, *sets, "--arch", str(tmp_path / "arch.json"), "--name", "s1"]) == 0
+    assert cli.main(["distill", "-q", "-c", TINY, *sets, "--set=distill.seed=1",
+                     "--export", str(work / "exports" / "s1")]) == 0
+    capsys.readouterr()
+    seed1 = load_exported(work / "exports" / "s1")
+    assert seed1.meta["extra"]["distill"]["plan"] == {**rec["plan"], "seed": 1} and rec["plan"]["seed"] == 0
+    assert any(not (v == distilled.model.state_dict()[k]).all() for k, v in seed1.model.state_dict().items())
 
     # report, with trials of a fake stopped experiment for the plots
     exps = tmp_path / "exps"
