@@ -14,8 +14,15 @@ the nearest parameter count distilled with the same budget) and checks:
 * it has >= 4x fewer non-embedding parameters and >= 3x lower CPU latency (batch 1, seq 128,
   median) than the teacher.
 
-Writes ``<out>.json`` (machine, config, rows, timings, targets), ``<out>.md`` (the table and
-the verdicts) and copies the report's PNG plots to ``<out>_<plot>.png``. The teacher, caches
+One dev score on 872 sentences moves by about a point from one distillation to the next, so
+``--distill-seeds N`` (default 3) distils both students again with ``distill.seed`` = 1 .. N-1
+(fresh exports of the same two architectures from the same supernet, the same budget; the data,
+teacher and search are untouched) and judges the accuracy targets on the mean over seeds, with
+the paired differences, their standard deviation and a paired t-test (scipy).
+
+Writes ``<out>.json`` (machine, config, rows, per-seed scores and curves, timings, targets),
+``<out>.md`` (the tables and the verdicts), ``<out>_distill_curves.png`` (dev accuracy during task
+KD, every seed, both students) and copies the report's PNG plots to ``<out>_<plot>.png``. The teacher, caches
 and distilled students in ``bench/work/pipeline_sst2`` are reused by a second run of the same
 settings; the search runs again.
 """
@@ -41,13 +48,37 @@ TARGETS = {
 }
 
 
-def verdicts(rows):
-    """Target name -> (value, met) from the report's teacher / baseline / searched rows."""
+def seed_summary(seeds):
+    """Mean / std of each student's dev metric over distill seeds and the paired comparison."""
+    import numpy as np
+    from scipy import stats
+
+    base = np.array([r["baseline"] for r in seeds], dtype=float)
+    searched = np.array([r["searched"] for r in seeds], dtype=float)
+    diff = searched - base
+    n = len(seeds)
+    out = {"n": n, "baseline_mean": float(base.mean()), "searched_mean": float(searched.mean()),
+           "diff_mean": float(diff.mean()), "wins": int((diff > 0).sum()), "ties": int((diff == 0).sum()),
+           "baseline_std": None, "searched_std": None, "diff_std": None, "p_value": None}
+    if n > 1:
+        out.update(baseline_std=float(base.std(ddof=1)), searched_std=float(searched.std(ddof=1)),
+                   diff_std=float(diff.std(ddof=1)))
+        if np.any(diff != diff[0]):  # a t-test needs some spread in the differences
+            out["p_value"] = float(stats.ttest_rel(searched, base, alternative="greater").pvalue)
+    return out
+
+
+def verdicts(rows, summary=None):
+    """Target name -> (value, met) from the report's teacher / baseline / searched rows; with a
+    :func:`seed_summary`, the accuracy targets use the means over distill seeds."""
     by_role = {r["role"]: r for r in rows}
     t, b, s = by_role["teacher"], by_role["baseline"], by_role["searched"]
+    b_acc, s_acc = b["dev_metric"], s["dev_metric"]
+    if summary is not None:
+        b_acc, s_acc = summary["baseline_mean"], summary["searched_mean"]
     values = {
-        "beats_baseline": s["dev_metric"] - b["dev_metric"],
-        "keeps_97pct_of_teacher": s["dev_metric"] / t["dev_metric"],
+        "beats_baseline": s_acc - b_acc,
+        "keeps_97pct_of_teacher": s_acc / t["dev_metric"],
         "4x_fewer_non_embedding_params": t["non_embedding_params"] / s["non_embedding_params"],
         "3x_lower_latency": t["latency_ms"] / s["latency_ms"],
     }
@@ -75,13 +106,84 @@ def markdown(data) -> str:
         lines.append(f"| {r['name']} | {r['dev_metric']:.4f} | {r['params'] / 1e6:.2f}M | "
                      f"{r['non_embedding_params'] / 1e6:.2f}M | {r['latency_ms']:.2f} | "
                      f"{teacher_latency / r['latency_ms']:.2f}x |")
-    lines += ["", f"Baseline params minus searched params: {data['baseline_difference']:+d}.", "",
-              "| target | measured | met |", "|---|---:|:---:|"]
+    lines += ["", f"Baseline params minus searched params: {data['baseline_difference']:+d}. The table's dev "
+              f"accuracies are those of distill seed {data['seeds'][0]['seed']}.", ""]
+    summary = data.get("seed_summary")
+    if summary and summary["n"] > 1:
+        lines += [f"Dev accuracy over {summary['n']} distill seeds (same architectures, supernet and budget):", "",
+                  "| distill seed | baseline | searched | searched - baseline |", "|---:|---:|---:|---:|"]
+        for r in data["seeds"]:
+            lines.append(f"| {r['seed']} | {r['baseline']:.4f} | {r['searched']:.4f} | "
+                         f"{r['searched'] - r['baseline']:+.4f} |")
+        p = summary["p_value"]
+        lines += [f"| mean ± std | {summary['baseline_mean']:.4f} ± {summary['baseline_std']:.4f} | "
+                  f"{summary['searched_mean']:.4f} ± {summary['searched_std']:.4f} | "
+                  f"{summary['diff_mean']:+.4f} ± {summary['diff_std']:.4f} |", "",
+                  f"Searched ahead on {summary['wins']} of {summary['n']} seeds; paired t-test (searched > "
+                  f"baseline): p = {'n/a' if p is None else f'{p:.3f}'}. The accuracy targets below use the means.", ""]
+    lines += ["| target | measured | met |", "|---|---:|:---:|"]
     for name, v in data["targets"].items():
         lines.append(f"| {v['target']} | {v['value']:.4f} | {'yes' if v['met'] else 'no'} |")
     lines += ["", "Wall time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in data["timings"].items())
               + f"; total {data['total_s']:.0f}.", ""]
     return "\n".join(lines)
+
+
+def _distill_record(folder):
+    from nni_effbert.distill import distill_record
+    from nni_effbert.export import load_exported
+
+    return distill_record(load_exported(folder).meta)
+
+
+def seed_record(seed, searched_dir, rows):
+    """Dev metrics and task-KD curves of one distill seed (the pipeline's own run)."""
+    by_role = {r["role"]: r for r in rows}
+    base_dir = Path(searched_dir).parent / "baseline"
+    return {"seed": int(seed), "searched": by_role["searched"]["dev_metric"],
+            "baseline": by_role["baseline"]["dev_metric"],
+            "searched_curve": _distill_record(searched_dir)["curve"],
+            "baseline_curve": _distill_record(base_dir)["curve"],
+            "searched_dir": str(searched_dir), "baseline_dir": str(base_dir)}
+
+
+def distil_again(config_path, overrides, experiment, seed, setup):
+    """Export the searched trial afresh, distil it and its baseline with ``distill.seed = seed``."""
+    from nni_effbert.config import load_config
+    from nni_effbert.distill import run_distill
+    from nni_effbert.evaluator import KDEvaluator
+    from nni_effbert.product import ensure_baseline, export_best
+
+    cfg = load_config(config_path, [*overrides, f"distill.seed={seed}"])
+    info = export_best(cfg, experiment, name=f"searched-seed{seed}", evaluator=KDEvaluator(cfg, setup=setup))
+    searched = run_distill(cfg, info.path, setup=setup)
+    base, _ = ensure_baseline(cfg, info.path, name=f"baseline-seed{seed}", setup=setup)
+    print(f"distill seed {seed}: baseline {base.dev_metric:.4f}, searched {searched.dev_metric:.4f}", flush=True)
+    return {"seed": int(seed), "searched": searched.dev_metric, "baseline": base.dev_metric,
+            "searched_curve": [list(c) for c in searched.curve], "baseline_curve": [list(c) for c in base.curve],
+            "searched_dir": str(info.path), "baseline_dir": str(base.path)}
+
+
+def plot_curves(seeds, path):
+    """Dev metric during task KD: one line per student and distill seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for role, color in (("baseline", "tab:gray"), ("searched", "tab:blue")):
+        for i, r in enumerate(seeds):
+            steps, values = zip(*r[f"{role}_curve"])
+            ax.plot(steps, values, color=color, marker="o", ms=3, alpha=0.8,
+                    label=f"{role} student" if i == 0 else None)
+    ax.set_xlabel("task KD step")
+    ax.set_ylabel("dev accuracy")
+    ax.set_title(f"Final distillation, {len(seeds)} distill seed(s)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main():
@@ -90,7 +192,11 @@ def main():
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--out", default=str(HERE / "results" / "pipeline_sst2"))
     p.add_argument("--port", type=int, default=None, help="NNI web UI port")
+    p.add_argument("--distill-seeds", type=int, default=3, metavar="N",
+                   help="distil both students with N distill seeds (default 3; 1 = the pipeline's only)")
     args = p.parse_args()
+    if args.distill_seeds < 1:
+        p.error("--distill-seeds must be at least 1")
 
     from nni_effbert.config import load_config
     from nni_effbert.quickstart import run_pipeline
@@ -117,6 +223,14 @@ def main():
     command = "python bench/pipeline.py " + " ".join(sys.argv[1:])
     from nni_effbert.train import KDSetup
     setup = KDSetup.from_config(cfg, progress=False)
+    seeds = [seed_record(cfg.distill.seed, out.distilled.path, out.report.rows)]
+    seed_started = time.perf_counter()
+    for k in range(1, args.distill_seeds):
+        seeds.append(distil_again(effective, args.set, out.experiment_id, cfg.distill.seed + k, setup))
+    if args.distill_seeds > 1:
+        out.timings["more distill seeds"] = time.perf_counter() - seed_started
+        total = time.perf_counter() - started
+    summary = seed_summary(seeds)
     data = {
         "machine": info, "load_end": load_now(), "config": args.config, "overrides": args.set,
         "command": command.strip(), "experiment": out.experiment_id,
@@ -126,7 +240,8 @@ def main():
         "rows": rows, "baseline_difference": out.report.baseline_difference,
         "searched_trial": out.export.trial, "report": str(out.report.result.report),
         "counts": out.report.result.counts, "timings": out.timings, "total_s": total,
-        "targets": verdicts(rows),
+        "seeds": seeds, "seed_summary": summary,
+        "targets": verdicts(rows, summary if len(seeds) > 1 else None),
     }
     dest = Path(args.out)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +249,7 @@ def main():
     dest.with_suffix(".md").write_text(markdown(data))
     for name, png in out.report.result.plots.items():
         shutil.copyfile(png, dest.parent / f"{dest.name}_{name}.png")
+    plot_curves(seeds, dest.parent / f"{dest.name}_distill_curves.png")
     print(markdown(data))
 
 
