@@ -138,8 +138,10 @@ def _distill_record(folder):
 
 def seed_record(seed, searched_dir, rows):
     """Dev metrics and task-KD curves of one distill seed (the pipeline's own run)."""
+    from nni_effbert.product import BASELINE
+
     by_role = {r["role"]: r for r in rows}
-    base_dir = Path(searched_dir).parent / "baseline"
+    base_dir = Path(searched_dir).parent / BASELINE  # where build_report exported the baseline
     return {"seed": int(seed), "searched": by_role["searched"]["dev_metric"],
             "baseline": by_role["baseline"]["dev_metric"],
             "searched_curve": _distill_record(searched_dir)["curve"],
