@@ -22,9 +22,9 @@ the paired differences, their standard deviation and a paired t-test (scipy).
 
 Writes ``<out>.json`` (machine, config, rows, per-seed scores and curves, timings, targets),
 ``<out>.md`` (the tables and the verdicts), ``<out>_distill_curves.png`` (dev accuracy during task
-KD, every seed, both students) and copies the report's PNG plots to ``<out>_<plot>.png``. The teacher, caches
-and distilled students in ``bench/work/pipeline_sst2`` are reused by a second run of the same
-settings; the search runs again.
+KD, every seed, both students) and copies the report's PNG plots to ``<out>_<plot>.png``. The
+teacher, caches and distilled students in ``bench/work/pipeline_sst2`` are reused by a second run
+of the same settings; the search runs again.
 """
 from __future__ import annotations
 

@@ -388,13 +388,15 @@ def _run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[i
 # ============================================================================================
 
 
-def _trial_results(wd: WorkDir) -> Dict[Tuple[str, Any], Tuple[str, Dict[str, Any]]]:
+def _trial_results(wd: WorkDir, trial_ids: Optional[set] = None) -> Dict[Tuple[str, Any], Tuple[str, Dict[str, Any]]]:
     """``(arch JSON, stage) -> (NNI trial id, metric dict)`` from the evaluator's records
-    (``trials/<id>/result.json``), newest last so that it wins."""
+    (``trials/<id>/result.json``; only those of ``trial_ids`` when given), newest last so that it wins."""
     found: Dict[Tuple[str, Any], Tuple[str, Dict[str, Any]]] = {}
     paths = sorted(wd.trials_dir.glob("*/result.json"), key=lambda p: p.stat().st_mtime) \
         if wd.trials_dir.is_dir() else []
     for path in paths:
+        if trial_ids is not None and path.parent.name not in trial_ids:
+            continue
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -454,9 +456,9 @@ def _finished_after_stop(wd: WorkDir, exp_id: str):
                        "run again", exp_id, exc)
         succeeded = set()
     scores: Dict[Tuple[str, Any], float] = {}
-    for key, (trial_id, final) in _trial_results(wd).items():
+    for key, (_, final) in _trial_results(wd, succeeded).items():  # this experiment's trials only
         value = final.get("default")
-        if trial_id in succeeded and isinstance(value, (int, float)) and math.isfinite(value):
+        if isinstance(value, (int, float)) and math.isfinite(value):
             scores[key] = float(value)
 
     def finished(parameters: Mapping[str, Any]) -> Optional[float]:
