@@ -129,24 +129,17 @@ def markdown(data) -> str:
     return "\n".join(lines)
 
 
-def _distill_record(folder):
+def seed_entry(seed, searched_dir, baseline_dir):
+    """Dev metric, task-KD curve and folder of both students distilled with ``distill.seed = seed``,
+    read from the folders' distillation records."""
     from nni_effbert.distill import distill_record
     from nni_effbert.export import load_exported
 
-    return distill_record(load_exported(folder).meta)
-
-
-def seed_record(seed, searched_dir, rows):
-    """Dev metrics and task-KD curves of one distill seed (the pipeline's own run)."""
-    from nni_effbert.product import BASELINE
-
-    by_role = {r["role"]: r for r in rows}
-    base_dir = Path(searched_dir).parent / BASELINE  # where build_report exported the baseline
-    return {"seed": int(seed), "searched": by_role["searched"]["dev_metric"],
-            "baseline": by_role["baseline"]["dev_metric"],
-            "searched_curve": _distill_record(searched_dir)["curve"],
-            "baseline_curve": _distill_record(base_dir)["curve"],
-            "searched_dir": str(searched_dir), "baseline_dir": str(base_dir)}
+    entry = {"seed": int(seed)}
+    for role, folder in (("searched", searched_dir), ("baseline", baseline_dir)):
+        record = distill_record(load_exported(folder).meta)
+        entry.update({role: float(record["dev_metric"]), f"{role}_curve": record["curve"], f"{role}_dir": str(folder)})
+    return entry
 
 
 def distil_again(config_path, overrides, experiment, seed, setup):
@@ -161,9 +154,7 @@ def distil_again(config_path, overrides, experiment, seed, setup):
     searched = run_distill(cfg, info.path, setup=setup)
     base, _ = ensure_baseline(cfg, info.path, name=f"baseline-seed{seed}", setup=setup)
     print(f"distill seed {seed}: baseline {base.dev_metric:.4f}, searched {searched.dev_metric:.4f}", flush=True)
-    return {"seed": int(seed), "searched": searched.dev_metric, "baseline": base.dev_metric,
-            "searched_curve": [list(c) for c in searched.curve], "baseline_curve": [list(c) for c in base.curve],
-            "searched_dir": str(info.path), "baseline_dir": str(base.path)}
+    return seed_entry(seed, info.path, base.path)
 
 
 def plot_curves(seeds, path):
@@ -225,7 +216,8 @@ def main():
     command = "python bench/pipeline.py " + " ".join(sys.argv[1:])
     from nni_effbert.train import KDSetup
     setup = KDSetup.from_config(cfg, progress=False)
-    seeds = [seed_record(cfg.distill.seed, out.distilled.path, out.report.rows)]
+    from nni_effbert.product import BASELINE
+    seeds = [seed_entry(cfg.distill.seed, out.distilled.path, setup.workdir.export_dir(BASELINE))]
     seed_started = time.perf_counter()
     for k in range(1, args.distill_seeds):
         seeds.append(distil_again(effective, args.set, out.experiment_id, cfg.distill.seed + k, setup))
