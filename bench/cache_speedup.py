@@ -48,7 +48,7 @@ def student_train_flops(setup, arch, steps, seed):
     trial's loop sees (same seed -> same batches), counted by ``FlopCounterMode``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nni_effbert.train import iterate_batches
+    from nni_effbert.kd.train import iterate_batches
 
     student = setup.space.subnet(arch)
     student.train()
@@ -81,7 +81,7 @@ def live_teacher(setup):
 @contextlib.contextmanager
 def timed_loop(record):
     """Time ``kd_train`` (the loop alone) inside ``KDEvaluator.evaluate``."""
-    import nni_effbert.evaluator as ev
+    import nni_effbert.nas.evaluator as ev
 
     real = ev.kd_train
 
@@ -118,7 +118,7 @@ def main():
     from tqdm import tqdm
 
     from nni_effbert.config import load_config
-    from nni_effbert.evaluator import KDEvaluator
+    from nni_effbert.nas.evaluator import KDEvaluator
 
     info = machine_info()
     cfg = load_config(args.config, [f"evaluator.train_steps={args.train_steps}"])

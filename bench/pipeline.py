@@ -3,7 +3,7 @@ issue's targets.
 
     python bench/pipeline.py --out bench/results/pipeline_sst2
 
-It runs :func:`nni_effbert.quickstart.run_pipeline` on ``bench/configs/pipeline_sst2.yml``
+It runs :func:`nni_effbert.product.quickstart.run_pipeline` on ``bench/configs/pipeline_sst2.yml``
 (MiniLM teacher fine-tuned on a 20,000-row SST-2 subset, quickstart student preset, three
 stages through ``nnictl``, the best trial exported and distilled, the BERT-MLP baseline of
 the nearest parameter count distilled with the same budget) and checks:
@@ -132,8 +132,8 @@ def markdown(data) -> str:
 def seed_entry(seed, searched_dir, baseline_dir):
     """Dev metric, task-KD curve and folder of both students distilled with ``distill.seed = seed``,
     read from the folders' distillation records."""
-    from nni_effbert.distill import distill_record
-    from nni_effbert.export import load_exported
+    from nni_effbert.product.distill import distill_record
+    from nni_effbert.product.export import load_exported
 
     entry = {"seed": int(seed)}
     for role, folder in (("searched", searched_dir), ("baseline", baseline_dir)):
@@ -145,9 +145,9 @@ def seed_entry(seed, searched_dir, baseline_dir):
 def distil_again(config_path, overrides, experiment, seed, setup):
     """Export the searched trial afresh, distil it and its baseline with ``distill.seed = seed``."""
     from nni_effbert.config import load_config
-    from nni_effbert.distill import run_distill
-    from nni_effbert.evaluator import KDEvaluator
-    from nni_effbert.product import ensure_baseline, export_best
+    from nni_effbert.product.distill import run_distill
+    from nni_effbert.nas.evaluator import KDEvaluator
+    from nni_effbert.product.students import ensure_baseline, export_best
 
     cfg = load_config(config_path, [*overrides, f"distill.seed={seed}"])
     info = export_best(cfg, experiment, name=f"searched-seed{seed}", evaluator=KDEvaluator(cfg, setup=setup))
@@ -192,7 +192,7 @@ def main():
         p.error("--distill-seeds must be at least 1")
 
     from nni_effbert.config import load_config
-    from nni_effbert.quickstart import run_pipeline
+    from nni_effbert.product.quickstart import run_pipeline
 
     info = machine_info()
     cfg = load_config(args.config, args.set)
@@ -214,9 +214,9 @@ def main():
     total = time.perf_counter() - started
     rows = out.report.rows
     command = "python bench/pipeline.py " + " ".join(sys.argv[1:])
-    from nni_effbert.train import KDSetup
+    from nni_effbert.kd.train import KDSetup
     setup = KDSetup.from_config(cfg, progress=False)
-    from nni_effbert.product import BASELINE
+    from nni_effbert.product.students import BASELINE
     seeds = [seed_entry(cfg.distill.seed, out.distilled.path, setup.workdir.export_dir(BASELINE))]
     seed_started = time.perf_counter()
     for k in range(1, args.distill_seeds):

@@ -1,36 +1,44 @@
-"""The ``nni-effbert`` command line.
+"""The ``nni-effbert`` command line: every subcommand, in one table.
 
 ::
 
-    nni-effbert teacher -c exp.yml               fine-tune (or reuse) the teacher, print its dev metric
-    nni-effbert warmup  -c exp.yml --stage N     warm up stage N's weight-sharing supernet
-    nni-effbert trial   -c exp.yml --arch A.json run one trial (what nnictl runs), print its metrics
+    nni-effbert teacher        -c exp.yml               fine-tune (or reuse) the teacher, print its dev metric
+    nni-effbert warmup         -c exp.yml --stage N     warm up stage N's weight-sharing supernet
+    nni-effbert trial          -c exp.yml --arch A.json run one trial (what nnictl runs), print its metrics
+    nni-effbert search         -c exp.yml [--wait]      the progressive search (nnictl, or --python)
+    nni-effbert register-tuner                          register EfficientBertProgressive with nnictl
+    nni-effbert export         -c exp.yml --experiment ID | --arch A.json
+    nni-effbert distill        -c exp.yml --export DIR  final KD of an exported student
+    nni-effbert report         -c exp.yml [--experiment ID]
+    nni-effbert quickstart     [--data-dir DIR]         all of it on the embedded SST-2 default
 
 Every command takes ``-c/--config`` and repeatable ``--set dotted.key=value`` overrides, and
 ``--help``. Errors nni-effbert raises on purpose (:class:`~nni_effbert.errors.EffBertError`:
 bad config, data, arch, missing checkpoint) end the command with a one-line message on
 stderr and exit status 2, without a traceback.
 
+This is the top of the package: it imports everything and nothing imports it.
+
 Adding a command
 ----------------
-Append a :class:`Command` to :data:`COMMANDS`: a name, a one-line help, an optional
-``configure(parser)`` that adds the command's own options, and ``run(args) -> int``. Import
-heavy modules inside ``run`` so that ``--help`` and input errors stay fast.
+Append a :class:`Command` to :data:`COMMANDS`: a name, a one-line help, ``run(args) -> int``, an
+optional ``configure(parser)`` that adds the command's own options. The ``run`` functions import
+the library inside their body: importing torch, transformers and nni costs seconds, and
+``nni-effbert --help`` and argument errors must stay instant (the one place in the package
+where imports are deliberately local).
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
-from .errors import EffBertError
+from . import __version__
+from .errors import ConfigError, EffBertError, one_line
+from .runtime import configure_runtime
 
-__all__ = ["Command", "COMMANDS", "build_parser", "configure_runtime", "one_line", "main"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["Command", "COMMANDS", "build_parser", "main"]
 
 
 @dataclass(frozen=True)
@@ -60,37 +68,19 @@ class Command:
     needs_config: bool = True
 
 
-def one_line(exc: BaseException) -> str:
-    """The exception's message on one line."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-def configure_runtime(verbose: bool = False, quiet: bool = False) -> None:
-    """Logging to stderr and silence for known third-party import noise (CLI processes only)."""
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # Emitted while importing nni 3.0 / lightning on current torch and setuptools: harmless,
-    # and they would bury our one-line messages.
-    warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated")
-    warnings.filterwarnings("ignore", message=r".*is found to be not a nn\.Module")
-    for name in ("nni", "lightning_fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(max(level, logging.WARNING))
-
-
-# ---------------------------------------------------------------------------------------------
-# teacher
-# ---------------------------------------------------------------------------------------------
-
-
 def _load_cfg(args: argparse.Namespace):
     from .config import load_config
 
     return load_config(args.config, list(args.set or []))
 
 
+# ---------------------------------------------------------------------------------------------
+# teacher, warmup, trial
+# ---------------------------------------------------------------------------------------------
+
+
 def _run_teacher(args: argparse.Namespace) -> int:
-    from .teacher import finetune_from_config
+    from .kd.teacher import finetune_from_config
 
     result = finetune_from_config(_load_cfg(args), progress=not args.quiet)
     how = "reused" if result.reused else "fine-tuned"
@@ -99,9 +89,6 @@ def _run_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-# warmup
-# ---------------------------------------------------------------------------------------------
 
 
 def _configure_warmup(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +107,7 @@ def _configure_warmup(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_warmup(args: argparse.Namespace) -> int:
-    from .warmup import load_fixed_file, run_warmup
+    from .nas.warmup import load_fixed_file, run_warmup
 
     cfg = _load_cfg(args)
     fixed = load_fixed_file(args.fixed) if args.fixed else None
@@ -136,22 +123,189 @@ def _run_warmup(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-# trial
-# ---------------------------------------------------------------------------------------------
 
 
 def _configure_trial(parser: argparse.ArgumentParser) -> None:
-    from .trial import add_arguments
+    from .nas.params import add_arguments
 
     add_arguments(parser)
 
 
 def _run_trial(args: argparse.Namespace) -> int:
-    from .trial import run
+    from .nas.trial import run
 
     return run(args)
 
+# ---------------------------------------------------------------------------------------------
+# search, register-tuner
+# ---------------------------------------------------------------------------------------------
+
+
+def _configure_search(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", action="store_true",
+                        help="block until the experiment ends, stop it, print a per-trial summary")
+    parser.add_argument("--python", action="store_true",
+                        help="run NasExperiment + ProgressiveStrategy in this process instead of nnictl create "
+                             "(warm-ups run here; always waits)")
+    parser.add_argument("--port", type=int, metavar="N", help="web UI / REST port (default: a free one)")
+    parser.add_argument("--resume", metavar="ID",
+                        help="resume this stopped experiment of the work directory (with --python: a NasExperiment "
+                             "search); the search goes on where it stopped")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="with --wait: stop the experiment and fail after this long")
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    """0 on success, 1 if the experiment ended in ERROR or nothing scored, 130 when stopped."""
+    from .nas.search import format_trials, run_search
+
+    cfg = _load_cfg(args)
+    result = run_search(cfg, config_path=args.config, wait=args.wait, python=args.python, port=args.port,
+                        progress=not args.quiet, timeout=args.timeout, resume=args.resume)
+    if result.status == "RUNNING":
+        return 0
+    if result.status == "STOPPED":  # Ctrl-C / SIGTERM on the --python path; resumable
+        if result.trials:
+            print(format_trials(result.trials))
+        print(f"experiment {result.experiment_id}: STOPPED")
+        return 130
+    if result.trials:
+        print(format_trials(result.trials))
+    if result.trials_file is not None:
+        print(f"trial records: {result.trials_file}")
+    print(f"experiment {result.experiment_id}: {result.status}")
+    if result.error:
+        print(f"nni-effbert search: error: experiment {result.experiment_id} ended in ERROR: {result.error}",
+              file=sys.stderr)
+        return 1
+    if not result.ok:
+        print(f"nni-effbert search: error: experiment {result.experiment_id} has no succeeded candidate",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_register_tuner(args: argparse.Namespace) -> int:
+    from .nas.search import SearchError
+    from .strategies.registration import meta_file, register_tuner
+
+    try:
+        meta = register_tuner()
+    except (ImportError, ValueError, OSError) as exc:
+        raise SearchError(f"cannot register the tuner ({exc})") from exc
+    kind = "advisor" if meta.get("isAdvisor") else "tuner"
+    print(f"registered {meta.get('builtinName')} ({kind} {meta.get('className')}) from {meta_file()}")
+    print("use it in an nnictl config as: tuner: {name: %s, classArgs: {config: exp.yml}}" % meta.get("builtinName"))
+    return 0
+
+# ---------------------------------------------------------------------------------------------
+# export, distill, report, quickstart
+# ---------------------------------------------------------------------------------------------
+
+
+def _configure_export(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--experiment", metavar="ID", help="NNI experiment id: export its best succeeded trial")
+    src.add_argument("--arch", metavar="ARCH.json", help="export this architecture (label -> value JSON object)")
+    parser.add_argument("--name", default="searched", help="export folder name under <workdir>/exports (default searched)")
+    parser.add_argument("--stage", type=int, metavar="N",
+                        help="with --arch: supernet stage to take the weights from (default: the latest)")
+    parser.add_argument("--experiments-dir", metavar="DIR",
+                        help="NNI experiments folder, when the experiment is not in NNI's manifest")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    if args.stage is not None and args.arch is None:
+        raise ConfigError("--stage goes with --arch; with --experiment the best trial's own stage is used")
+    from .product.students import export_arch, export_best
+
+    cfg = _load_cfg(args)
+    if args.experiment:
+        info = export_best(cfg, args.experiment, name=args.name, experiments_dir=args.experiments_dir,
+                           progress=not args.quiet)
+        t = info.trial
+        print(f"best trial {t['trial_id']} (stage {t['stage']}, dev {t['metric']:.4f}), "
+              f"{info.params} params ({info.non_embedding_params} non-embedding), weights from {info.source}")
+    else:
+        info = export_arch(cfg, args.arch, name=args.name, stage=args.stage, progress=not args.quiet)
+        print(f"{info.params} params ({info.non_embedding_params} non-embedding), weights from {info.source}")
+    print(info.path)
+    return 0
+
+
+def _configure_distill(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--export", required=True, metavar="DIR", help="export folder (from `nni-effbert export`)")
+    parser.add_argument("--force", action="store_true",
+                        help="distil again even if the folder was already distilled with the same budget")
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from .product.distill import run_distill
+
+    cfg = _load_cfg(args)
+    r = run_distill(cfg, args.export, force=args.force, progress=not args.quiet)
+    state = "already distilled" if r.skipped else f"{r.plan.general_steps} general + {r.plan.task_steps} task KD steps"
+    before = f"{r.before:.4f} -> " if r.before is not None else ""
+    print(f"{r.path} ({state})")
+    print(f"dev {r.metric} = {before}{r.dev_metric:.4f}; latency {r.latency_ms:.2f} ms (batch 1, seq {r.seq_length}); "
+          f"{r.params} params ({r.non_embedding_params} non-embedding)")
+    return 0
+
+
+def _configure_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", metavar="ID",
+                        help="NNI experiment id (default: the one the searched export came from)")
+    parser.add_argument("--export", metavar="DIR", help="the distilled searched student (default <workdir>/exports/searched)")
+    parser.add_argument("--experiments-dir", metavar="DIR",
+                        help="NNI experiments folder, when the experiment is not in NNI's manifest")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .product.report import build_report
+
+    cfg = _load_cfg(args)
+    out = build_report(cfg, experiment=args.experiment, searched_dir=args.export,
+                       experiments_dir=args.experiments_dir, progress=not args.quiet)
+    print(out.table)
+    print(f"report: {out.result.report}")
+    for path in out.result.plots.values():
+        print(f"plot: {path}")
+    return 0
+
+
+def _configure_quickstart(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="GLUE folder holding SST-2/{train,dev}.tsv (default $EFFBERT_DATA_DIR, else the hub)")
+    parser.add_argument("--workdir", default="effbert-quickstart", metavar="DIR",
+                        help="where everything goes (default ./effbert-quickstart)")
+    parser.add_argument("--budget", default="default", choices=("default", "smoke"),
+                        help="default (<= 15 min on 2 CPU cores) or smoke (smallest budgets, <= 5 min)")
+    parser.add_argument("--port", type=int, help="NNI web UI port (default: the search's default)")
+
+
+def _run_quickstart(args: argparse.Namespace) -> int:
+    """Prints the table and the paths of the report and the exported model."""
+    import time
+    from pathlib import Path
+
+    from .config import load_config
+    from .product.quickstart import run_pipeline, write_config
+
+    started = time.perf_counter()
+    workdir = Path(args.workdir).expanduser().absolute()
+    path = write_config(workdir, args.budget, args.data_dir)
+    cfg = load_config(path)
+    out = run_pipeline(cfg, path, port=args.port, progress=not args.quiet)
+    total = time.perf_counter() - started
+    print(out.report.table)
+    print(f"report: {out.report.result.report}")
+    print(f"exported model: {out.export.path}")
+    print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in out.timings.items()) + f"; total {total:.0f}s")
+    return 0
+
+# ---------------------------------------------------------------------------------------------
+# The command table
+# ---------------------------------------------------------------------------------------------
 
 #: The subcommands, in ``--help`` order. Append new ones here.
 COMMANDS: List[Command] = [
@@ -167,28 +321,6 @@ COMMANDS: List[Command] = [
             description="Run one trial. Inside NNI the parameters come from the tuner; outside NNI pass --arch "
                         "ARCH.json. Prints the final metric dict as JSON. Exit status 1 if the trial failed "
                         "(e.g. NaN loss), 2 for bad input."),
-]
-
-# search, register-tuner (their code lives in nni_effbert.search).
-def _configure_search(parser: argparse.ArgumentParser) -> None:
-    from .search import configure
-
-    configure(parser)
-
-
-def _run_search(args: argparse.Namespace) -> int:
-    from .search import run
-
-    return run(args)
-
-
-def _run_register_tuner(args: argparse.Namespace) -> int:
-    from .search import run_register
-
-    return run_register(args)
-
-
-COMMANDS += [
     Command("search", "run the progressive search with nnictl (or NasExperiment with --python)", _run_search,
             _configure_search,
             description="Save the resolved config and an nnictl config into the work directory, register the "
@@ -200,18 +332,30 @@ COMMANDS += [
             needs_config=False,
             description="Register the progressive search as the NNI builtin tuner EfficientBertProgressive "
                         "(idempotent; same as `nnictl algo register --meta <package>/resources/tuner_meta.yml`)."),
+    Command("export", "export the best trial (--experiment) or an arch file (--arch) as a transformers folder",
+            _run_export, _configure_export,
+            description="Export a student into <workdir>/exports/NAME, loadable by transformers alone: the "
+                        "best succeeded trial of an NNI experiment (weights sliced from its stage's supernet) "
+                        "or the architecture of a JSON file. Prints the folder."),
+    Command("distill", "final KD of an exported student (general, then task KD); saves it into the folder",
+            _run_distill, _configure_distill,
+            description="Distil the teacher into an exported student with the distill: budget: general KD "
+                        "(hidden states + attentions on unlabeled text), then task KD (with predictions). "
+                        "Scores it on dev, measures its latency and re-exports it into the same folder."),
+    Command("report", "write report.md + plots and print teacher / baseline / searched student table",
+            _run_report, _configure_report,
+            description="Read the experiment's trials, distil the hand-designed baseline (BERT MLP, stack 1, "
+                        "width matched to the searched student's size) if it is missing, and write "
+                        "<workdir>/reports/report.md with plots; prints the comparison table."),
+    Command("quickstart", "run the whole pipeline on the embedded SST-2 default (teacher -> search -> report)",
+            _run_quickstart, _configure_quickstart, needs_config=False,
+            description="Fine-tune the MiniLM teacher on SST-2, search, export, distil the searched student "
+                        "and the baseline, and write the report, on the embedded default config."),
 ]
-
-# export, distill, report, quickstart (their code lives in nni_effbert.product).
-from .product import COMMANDS as _PRODUCT_COMMANDS  # noqa: E402 - needs Command defined above
-
-COMMANDS.extend(_PRODUCT_COMMANDS)
 
 
 def build_parser(commands: Sequence[Command] = None) -> argparse.ArgumentParser:
     """The ``nni-effbert`` parser with one subparser per command."""
-    from . import __version__
-
     commands = COMMANDS if commands is None else commands
     parser = argparse.ArgumentParser(
         prog="nni-effbert",

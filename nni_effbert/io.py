@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator, Optional, Union
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 __all__ = [
     "atomic_write",
@@ -286,7 +286,7 @@ def load_torch(
         If the file is missing, is not a file, is truncated or corrupt, or holds objects
         that ``weights_only`` loading refuses.
     """
-    import torch
+    import torch  # local: keep ``import nni_effbert.io`` light for the CLI
 
     p = Path(path)
     todo = hint or "delete it and re-run the step that creates it"
@@ -343,7 +343,6 @@ def read_json_object(path: PathLike, option: str) -> dict:
     ConfigError
         If the file is missing, not JSON, or not an object; the message names ``option``.
     """
-    from .errors import ConfigError
 
     p = Path(path)
     try:

@@ -8,7 +8,7 @@ of joining strings of its own::
       config.yml              the resolved experiment config (absolute paths)
       teacher/                fine-tuned teacher (HF folder + effbert_teacher.json)
       teacher.lock            held while the teacher is fine-tuned
-      cache/                  teacher-output caches, one folder per key (nni_effbert.cache)
+      cache/                  teacher-output caches, one folder per key (nni_effbert.kd.cache)
       datasets/               ``datasets`` cache of the tokenized task data
       supernet/stage{N}.pt        warmed weight-sharing supernet of stage N (zero-based)
       supernet/stage{N}.resume.pt periodic warm-up state (step, optimizer), deleted when done
@@ -78,7 +78,7 @@ class WorkDir:
 
     @property
     def cache_root(self) -> Path:
-        """Teacher-output caches; :class:`~nni_effbert.cache.TeacherCache` takes ``root``
+        """Teacher-output caches; :class:`~nni_effbert.kd.cache.TeacherCache` takes ``root``
         and uses ``<root>/cache`` itself."""
         return self.root / "cache"
 

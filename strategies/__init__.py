@@ -35,7 +35,7 @@ __all__ = [
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
+        import importlib  # local: the lazy attribute hook itself
 
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,7 +41,7 @@ from nni.runtime.tuner_command_channel import CommandType
 from nni.utils import MetricType
 
 from .errors import SearchConfigError
-from .factory import CLASS_ARGS, build_broker, check_search_space
+from .factory import CLASS_ARGS, build_broker, build_space_and_search, check_search_space
 
 __all__ = ["ProgressiveAdvisor", "ProgressiveClassArgsValidator"]
 
@@ -55,7 +55,6 @@ class ProgressiveClassArgsValidator(ClassArgsValidator):
         unknown = sorted(set(kwargs) - set(CLASS_ARGS))
         if unknown:
             raise SearchConfigError(f"unknown classArgs {unknown}; allowed: {list(CLASS_ARGS)}")
-        from .factory import build_space_and_search
 
         build_space_and_search(kwargs.get("config"), kwargs.get("preset"), kwargs.get("space_overrides"),
                                kwargs.get("search"))

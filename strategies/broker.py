@@ -22,9 +22,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
+from nni_effbert.errors import CheckpointError
 from nni_effbert.io import atomic_write_json, load_json
 
-from .core import NO_METRIC, Done, Failure, Proposal, ProgressiveSearch, Wait
+from .core import NO_METRIC, Done, Failure, ProgressiveSearch, Proposal, Wait
 from .errors import SearchStateError
 
 __all__ = ["TrialBroker", "NO_METRIC", "STATE_FILE"]
@@ -228,7 +229,6 @@ class TrialBroker:
         """
         if self.state_path is None or not self.state_path.exists():
             return False
-        from nni_effbert.errors import CheckpointError
 
         try:
             state = load_json(self.state_path, "progressive search state",

@@ -27,8 +27,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import SearchStateError
-from .sampler import (PartitionSampler, bert_seed_archs, check_budget, in_budget, random_arch_in_budget)
+from .errors import SearchFailedError, SearchStateError, WarmupFailedError
+from .sampler import PartitionSampler, bert_seed_archs, check_budget, in_budget, random_arch_in_budget
 from .stages import SearchConfig, Stage
 
 __all__ = [
@@ -122,7 +122,6 @@ class Done:
 
     def error(self) -> Exception:
         """The exception adapters raise for a failed search."""
-        from .errors import SearchFailedError, WarmupFailedError
 
         cls = WarmupFailedError if self.cause == "warmup_failed" else SearchFailedError
         return cls(self.reason)

@@ -22,9 +22,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
+
+from nni_effbert.config import load_config
+from nni_effbert.search_spaces import EfficientBertSpace
 
 from .broker import STATE_FILE, TrialBroker
 from .core import ProgressiveSearch
@@ -51,7 +54,6 @@ def build_space_and_search(config: Optional[str] = None, preset: Optional[str] =
     nni_effbert.errors.ConfigError
         When the experiment YAML is invalid.
     """
-    from nni_effbert.search_spaces import EfficientBertSpace
 
     if search is not None and not isinstance(search, Mapping):
         raise SearchConfigError(f"classArgs.search must be a mapping of search settings, got {type(search).__name__}")
@@ -65,7 +67,6 @@ def build_space_and_search(config: Optional[str] = None, preset: Optional[str] =
         if not isinstance(config, (str, os.PathLike)) or not Path(config).is_file():
             raise SearchConfigError(f"classArgs.config: experiment config file not found: {config!r} (give the "
                                     f"path of effbert.yml, absolute or relative to the nnictl working directory)")
-        from nni_effbert.config import load_config
 
         cfg = load_config(config, check_paths=False)
         space = EfficientBertSpace.preset(cfg.student.preset, **dict(cfg.student.overrides))

@@ -23,7 +23,7 @@ BUILTIN_NAME = "EfficientBertProgressive"
 
 def meta_file() -> Path:
     """The registration meta file shipped in the package (``nni_effbert/resources/tuner_meta.yml``)."""
-    import nni_effbert
+    import nni_effbert  # local: nni only when registering
 
     return Path(nni_effbert.__file__).resolve().parent / "resources" / "tuner_meta.yml"
 
@@ -61,8 +61,8 @@ def register_tuner(meta_path: Optional[Union[str, Path]] = None) -> Dict[str, An
     ImportError
         If the class or validator named in the meta cannot be imported.
     """
-    import nni
-    from nni.tools import package_utils
+    import nni  # local: nni only when registering
+    from nni.tools import package_utils  # local: nni only when registering
 
     meta = dict(_load_meta(meta_path))
     meta["nniVersion"] = nni.__version__
@@ -83,7 +83,7 @@ def register_tuner(meta_path: Optional[Union[str, Path]] = None) -> Dict[str, An
 
 def unregister_tuner(name: str = BUILTIN_NAME) -> bool:
     """Remove the registration; returns whether there was one."""
-    from nni.tools import package_utils
+    from nni.tools import package_utils  # local: nni only when registering
 
     old = package_utils.get_algo_meta(name)
     if old is None or old.is_builtin:
@@ -94,6 +94,6 @@ def unregister_tuner(name: str = BUILTIN_NAME) -> bool:
 
 def is_registered(name: str = BUILTIN_NAME) -> bool:
     """Whether NNI knows ``name`` as a tuner."""
-    from nni.tools import package_utils
+    from nni.tools import package_utils  # local: nni only when registering
 
     return package_utils.get_algo_meta(name) is not None

@@ -271,7 +271,7 @@ class PartitionSampler:
     # -- fitting ----------------------------------------------------------------------------
 
     def _fit(self, archs: Sequence[Arch], scores: Sequence[float], fit_index: int) -> None:
-        from sklearn.ensemble import GradientBoostingClassifier
+        from sklearn.ensemble import GradientBoostingClassifier  # local: sklearn costs ~2 s; trials import this module
 
         X = self.encoder.encode(archs)
         y = np.asarray(scores, dtype=np.float64)
@@ -408,7 +408,7 @@ class PartitionSampler:
         return mutants[int(np.argmax(predicted))]
 
     def _surrogate(self, archs: Sequence[Arch], scores: Sequence[float]):
-        from sklearn.linear_model import Ridge
+        from sklearn.linear_model import Ridge  # local: sklearn costs ~2 s; trials import this module
 
         model = Ridge(alpha=self.config.ridge_alpha)
         model.fit(self.encoder.encode(archs), np.asarray(scores, dtype=np.float64))

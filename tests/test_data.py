@@ -8,10 +8,10 @@ import datasets
 import pytest
 import torch
 
-from nni_effbert import data as D
+from nni_effbert.data import loading as D
 from nni_effbert.config import DATA_DIR_ENV, ExperimentConfig, TaskConfig
 from nni_effbert.errors import ConfigError, DataError
-from nni_effbert.tasks import GLUE_TASKS, METRICS, canonical_task_name, get_task_spec
+from nni_effbert.data.tasks import GLUE_TASKS, METRICS, canonical_task_name, get_task_spec
 
 datasets.disable_progress_bars()
 

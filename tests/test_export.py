@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from nni_effbert import export as export_mod
+import nni_effbert.search_spaces
+from nni_effbert.product import export as export_mod
 from nni_effbert.errors import CheckpointError, ConfigError, EffBertError
-from nni_effbert.export import (ARCH_FILE, ARCHITECTURE_FILE, META_FILE, WEIGHTS_FILE, export_student,
+from nni_effbert.product.export import (ARCH_FILE, ARCHITECTURE_FILE, META_FILE, WEIGHTS_FILE, export_student,
                                 load_exported)
 from nni_effbert.search_spaces import EfficientBertSpace
 
@@ -69,7 +70,7 @@ def test_folder_layout_and_round_trips(tmp_path, space, arch, tokenizer):
     assert [p.name for p in tmp_path.iterdir()] == ["exp"]
 
     # The pure-torch student files are verbatim copies: the model code exists once.
-    src = Path(export_mod.__file__).resolve().parents[1] / "search_spaces"
+    src = Path(nni_effbert.search_spaces.__file__).resolve().parent
     for name in ("modeling.py", "ops.py"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
 

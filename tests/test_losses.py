@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nni_effbert.errors import ConfigError
-from nni_effbert.losses import (
+from nni_effbert.kd.losses import (
     KDLoss,
     TeacherBatch,
     attention_loss,

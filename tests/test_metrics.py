@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from nni_effbert.metrics import METRICS, compute_metrics
-from nni_effbert.tasks import GLUE_TASKS
+from nni_effbert.data.metrics import METRICS, compute_metrics
+from nni_effbert.data.tasks import GLUE_TASKS
 
 LABELS = [1, 1, 1, 0, 0, 0, 0, 0]
 PREDS = [1, 1, 0, 1, 1, 0, 0, 0]  # TP=2 FP=2 FN=1 TN=3

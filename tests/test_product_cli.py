@@ -56,7 +56,7 @@ def test_distill_config_section(tmp_path):
 
 def test_distill_seed_is_its_own():
     from nni_effbert.config import ConfigError, load_config
-    from nni_effbert.distill import plan_distill
+    from nni_effbert.product.distill import plan_distill
 
     cfg = load_config(TINY, ["seed=4"], check_paths=False)
     assert cfg.distill.seed == 4 and plan_distill(cfg).seed == 4  # empty: the top-level seed
@@ -68,7 +68,7 @@ def test_distill_seed_is_its_own():
 
 
 def test_baseline_arch_matches_size():
-    from nni_effbert.distill import baseline_arch
+    from nni_effbert.product.distill import baseline_arch
     from nni_effbert.search_spaces import EfficientBertSpace
 
     space = EfficientBertSpace.preset("tiny")
@@ -86,11 +86,11 @@ def test_baseline_arch_matches_size():
 
 def test_export_distill_report_cli(tmp_path, base_teacher, glue_dir, capsys, monkeypatch):
     from nni_effbert import cli
-    from nni_effbert import report as report_mod
-    from nni_effbert.export import load_exported
+    from nni_effbert.nas import records as records_mod
+    from nni_effbert.product.export import load_exported
     from nni_effbert.search_spaces import EfficientBertSpace
 
-    monkeypatch.setattr(report_mod, "_MANIFEST", tmp_path / "no-manifest")
+    monkeypatch.setattr(records_mod, "_MANIFEST", tmp_path / "no-manifest")
     work = tmp_path / "work"
     sets = [f"--set=workdir={work}", f"--set=teacher.model={base_teacher}", f"--set=task.data_dir={glue_dir}",
             "--set=task.max_train_rows=96", "--set=task.max_dev_rows=48", "--set=distill.general_steps=3",
@@ -204,7 +204,7 @@ def test_whole_cli_chain_with_nnictl(tmp_path, base_teacher, glue_dir, capsys):
     import time
 
     from nni_effbert import cli
-    from nni_effbert.export import load_exported
+    from nni_effbert.product.export import load_exported
 
     work = tmp_path / "work"
     stages = ("[{name: coarse, kind: joint, trials: 2, warmup_steps: 4}, "

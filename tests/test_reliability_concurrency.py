@@ -47,7 +47,7 @@ def test_three_concurrent_first_trials_build_the_cache_once(prepared, tmp_path):
     meta = json.loads((folders[0] / "meta.json").read_text())
     assert meta["built_by"]["pid"] in {pid for pid, *_ in outs}
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
-    from nni_effbert.cache import TeacherCache
+    from nni_effbert.kd.cache import TeacherCache
 
     import numpy as np
 

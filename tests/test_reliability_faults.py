@@ -81,7 +81,8 @@ def test_fault_outside_nni_exit_1_with_reason(tmp_path, prepared, fault, expecte
 
 @pytest.mark.integration
 def test_nnictl_failed_candidates_are_failed_and_excluded(tmp_path, prepared, glue_dir):
-    from nni_effbert.report import best_trial, read_nni_trials
+    from nni_effbert.nas.ranking import best_trial
+    from nni_effbert.nas.records import read_nni_trials
 
     search = {"trial_concurrency": 2, "seed": 0,
               "stages": [{"name": "coarse", "kind": "joint", "trials": 4, "warmup_steps": 2}]}
@@ -151,7 +152,7 @@ def test_nnictl_failed_warmup_stops_the_experiment(tmp_path, prepared, glue_dir)
 def test_supervisor_turns_a_signal_death_into_a_failed_trial(capfd):
     """What NNI runs inside a trial: a child killed by SIGKILL -> exit 1 with the reason (NNI 3.0
     would otherwise record USER_CANCELED, exit code null, and no reason); other codes pass through."""
-    from nni_effbert.trial import EXIT_FAILED, supervise
+    from nni_effbert.nas.trial import EXIT_FAILED, supervise
 
     killed = supervise([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
     assert killed == EXIT_FAILED

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from nni_effbert.search import free_port
+from nni_effbert.nas.search import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,7 @@ def test_nas_experiment_sigterm_then_resume_continues_the_stage(tmp_path, base_t
     from nni.nas.utils.serializer import get_default_serializer
 
     from nni_effbert import cli
-    from nni_effbert.report import read_nni_trials
+    from nni_effbert.nas.records import read_nni_trials
 
     work = tmp_path / "work"
     sets = [f"--set={s}" for s in (f"workdir={work}", f"teacher.model={base_teacher}", f"task.data_dir={glue_dir}",

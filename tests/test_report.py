@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from nni_effbert import report as report_mod
+from nni_effbert.nas import records as records_mod
 from nni_effbert.errors import ConfigError
-from nni_effbert.report import (ExperimentNotFoundError, NoSucceededTrialError, best_trial, format_table,
-                                pareto_front, read_nni_trials, write_report)
+from nni_effbert.nas.ranking import NoSucceededTrialError, best_trial, pareto_front
+from nni_effbert.nas.records import ExperimentNotFoundError, read_nni_trials
+from nni_effbert.product.report import format_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -233,10 +234,10 @@ def test_read_stopped_experiment_from_sqlite(tmp_path, monkeypatch):
     manifest = tmp_path / ".experiment"
     manifest.write_text(json.dumps({"abc123": {"id": "abc123", "port": 1, "status": "STOPPED",
                                                "logDir": str(exp_dir)}}))
-    monkeypatch.setattr(report_mod, "_MANIFEST", manifest)
-    monkeypatch.setattr(report_mod, "_DEFAULT_EXPERIMENTS_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(records_mod, "_MANIFEST", manifest)
+    monkeypatch.setattr(records_mod, "_DEFAULT_EXPERIMENTS_DIR", tmp_path / "nowhere")
     _check_trials(read_nni_trials("abc123"))  # found through the manifest's logDir
-    monkeypatch.setattr(report_mod, "_MANIFEST", tmp_path / "missing")
+    monkeypatch.setattr(records_mod, "_MANIFEST", tmp_path / "missing")
     _check_trials(read_nni_trials("abc123", experiments_dir=exp_dir))
     with pytest.raises(ExperimentNotFoundError, match="unknown NNI experiment 'zzz'"):
         read_nni_trials("zzz", experiments_dir=exp_dir)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nni_effbert.search import format_trials, free_port, nnictl_config
+from nni_effbert.nas.search import format_trials, free_port, nnictl_config
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +82,7 @@ def search_run(tmp_path, workdir_with_teacher):
 
 def test_search_cli_runs_real_trials_through_nnictl(search_run, capsys):
     from nni_effbert.config import load_config
-    from nni_effbert.report import read_nni_trials
+    from nni_effbert.nas.records import read_nni_trials
 
     proc, text, exp_id, env, work, wall = search_run
     assert proc.returncode == 0 and exp_id, text[-4000:]
@@ -108,7 +108,7 @@ def test_search_cli_runs_real_trials_through_nnictl(search_run, capsys):
     assert len(jobs) == N_TRIALS
     assert all(j["status"] == "SUCCEEDED" for j in jobs), [(j["trialJobId"], j["status"]) for j in jobs]
 
-    from nni_effbert.train import KDSetup
+    from nni_effbert.kd.train import KDSetup
 
     space = KDSetup.from_config(cfg, progress=False).space
     warmups, cands = [], []
@@ -157,7 +157,7 @@ def test_search_without_teacher_is_a_one_line_error(tmp_path):
 
 
 def test_error_reason_falls_back_to_the_dispatcher_log(tmp_path):
-    from nni_effbert.search import _error_reason
+    from nni_effbert.nas.nnictl_search import _error_reason
 
     log = tmp_path / "exp" / "log"
     log.mkdir(parents=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from nni_effbert.search import free_port
+from nni_effbert.nas.search import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +32,8 @@ STAGES = "search.stages=[{name: coarse, kind: joint, trials: 2, warmup_steps: 2}
 def test_search_python_runs_nas_experiment(tmp_path, base_teacher, glue_dir, capsys):  # noqa: F811
     from nni_effbert import cli
     from nni_effbert.config import load_config
-    from nni_effbert.report import is_scored, normalize_trial, read_nni_trials
-    from nni_effbert.train import KDSetup
+    from nni_effbert.nas.records import is_scored, normalize_trial, read_nni_trials
+    from nni_effbert.kd.train import KDSetup
 
     work = tmp_path / "work"
     sets = [f"--set={s}" for s in (f"workdir={work}", f"teacher.model={base_teacher}", f"task.data_dir={glue_dir}",

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from nni_effbert.cache import TeacherCache
+from nni_effbert.kd.cache import TeacherCache
 from nni_effbert.config import load_config
-from nni_effbert.data import collate, load_task, make_loader
+from nni_effbert.data.loading import collate, load_task, make_loader
 from nni_effbert.errors import CheckpointError, ConfigError, DataError
-from nni_effbert.teacher import (
+from nni_effbert.kd.teacher import (
     evaluate_teacher,
     finetune_teacher,
     load_teacher,
@@ -349,7 +349,7 @@ def test_three_concurrent_first_trials_build_once(tmp_path, base_teacher, task_d
 
 
 def test_unwritable_workdir_is_a_clear_error(tmp_path, base_teacher, task_data, monkeypatch):
-    import nni_effbert.cache as cache_mod
+    import nni_effbert.kd.cache as cache_mod
 
     def denied(final):
         raise PermissionError(13, "Permission denied", str(final))

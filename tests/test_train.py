@@ -10,13 +10,13 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from nni_effbert.config import KDConfig, TaskConfig
-from nni_effbert.data import load_task
+from nni_effbert.data.loading import load_task
 from nni_effbert.errors import ConfigError
-from nni_effbert.latency import measure_latency
-from nni_effbert.losses import KDLoss, TeacherBatch
+from nni_effbert.kd.latency import measure_latency
+from nni_effbert.kd.losses import KDLoss, TeacherBatch
 from nni_effbert.search_spaces import EfficientBertSpace
-from nni_effbert.teacher import prepare_teacher
-from nni_effbert.train import (LiveTeacher, TrainSettings, TrialFailure, build_space, evaluate, iterate_batches,
+from nni_effbert.kd.teacher import prepare_teacher
+from nni_effbert.kd.train import (LiveTeacher, TrainSettings, TrialFailure, build_space, evaluate, iterate_batches,
                                kd_train)
 from nni_effbert.workdir import WorkDir
 

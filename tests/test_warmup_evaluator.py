@@ -13,16 +13,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from nni_effbert import warmup as warmup_mod
+from nni_effbert.nas import warmup as warmup_mod
 from nni_effbert.config import load_config
-from nni_effbert.data import load_task
+from nni_effbert.data.loading import load_task
 from nni_effbert.errors import CheckpointError, ConfigError
-from nni_effbert.evaluator import ArchError, KDEvaluator, StageAwareEvaluator
+from nni_effbert.nas.evaluator import ArchError, KDEvaluator
+from nni_effbert.nas.nni_evaluator import StageAwareEvaluator
 from nni_effbert.io import load_torch
 from nni_effbert.search_spaces import EfficientBertModel
-from nni_effbert.teacher import finetune_teacher
-from nni_effbert.train import KDSetup
-from nni_effbert.warmup import _ArchSampler, run_warmup
+from nni_effbert.kd.teacher import finetune_teacher
+from nni_effbert.kd.train import KDSetup
+from nni_effbert.nas.warmup import _ArchSampler, run_warmup
 from nni_effbert.workdir import WorkDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,7 +242,7 @@ def test_evaluator_stage_checkpoint_rules(cfg, setup, stage0, caplog):
     empty = dataclasses.replace(no_warm, workdir=str(Path(cfg.workdir) / "no-supernet"))
     shutil.copytree(WorkDir.of(cfg).teacher_dir, WorkDir.of(empty).teacher_dir)
     ev3 = KDEvaluator(empty, stage=2, report=False, progress=False)
-    with caplog.at_level(logging.WARNING, logger="nni_effbert.evaluator"):
+    with caplog.at_level(logging.WARNING, logger="nni_effbert.nas.evaluator"):
         result = ev3.evaluate(setup.space.bert_arch(), train_steps=0)
     assert result["inherited_from"] == "random initialisation (no warm-up)"
     assert "WITHOUT warm-up" in caplog.text

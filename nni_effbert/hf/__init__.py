@@ -1,4 +1,4 @@
-"""Templates of the Hugging Face remote code that :mod:`nni_effbert.export` writes.
+"""Templates of the Hugging Face remote code that :mod:`nni_effbert.product.export` writes.
 
 An export folder holds these files next to verbatim copies of
 ``nni_effbert/search_spaces/modeling.py`` and ``ops.py``:

@@ -42,7 +42,7 @@ class EfficientBertForSequenceClassification(EfficientBertPreTrainedModel):
             raise ValueError(
                 "EfficientBertHFConfig.arch is empty: an EfficientBERT student needs its "
                 "architecture (the label -> value dict of arch.json); load a folder written by "
-                "nni_effbert.export.export_student"
+                "nni_effbert.product.export.export_student"
             )
         self.num_labels = config.num_labels
         self.student = EfficientBertModel(config, config.arch)

@@ -52,11 +52,16 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from .errors import CheckpointError, ConfigError
-from .io import atomic_save_torch, load_torch, read_json_object
-from .losses import KDLoss
-from .train import KDSetup, TrainSettings, TrainState, kd_train
-from .workdir import WorkDir
+from nni_effbert.search_spaces.config import config_differences
+from nni_effbert.strategies.sampler import in_budget, random_arch_in_budget
+
+from ..data.loading import unlabeled_texts
+from ..errors import CheckpointError, ConfigError
+from ..io import atomic_save_torch, load_torch, read_json_object
+from ..kd.losses import KDLoss
+from ..kd.train import CachedTeacher, KDSetup, TrainSettings, TrainState, kd_train
+from ..workdir import WorkDir
+from .params import WARMUP_KEY, int_meta, split_arch
 
 __all__ = [
     "SUPERNET_FORMAT",
@@ -64,6 +69,7 @@ __all__ = [
     "WarmupResult",
     "plan_warmup",
     "run_warmup",
+    "run_warmup_parameters",
     "load_fixed_file",
     "load_supernet_checkpoint",
     "read_supernet_checkpoint",
@@ -232,7 +238,6 @@ def load_supernet_checkpoint(space, path, *, what: str = "supernet checkpoint", 
     data = read_supernet_checkpoint(path, what, hint)
     saved = data.get("space_config")
     if saved is not None:
-        from nni_effbert.search_spaces.config import config_differences
 
         details = config_differences(saved, space.config.to_dict())
         if details:
@@ -316,7 +321,6 @@ class _ArchSampler:
 
     def __init__(self, space, fixed: Mapping[str, Any], budget: Optional[List[float]], seed: int, stage: int,
                  phase: int, max_tries: int):
-        from nni_effbert.strategies.sampler import in_budget, random_arch_in_budget
 
         self.space, self.fixed, self.budget = space, dict(fixed), tuple(budget) if budget else None
         self.seed, self.stage, self.phase, self.max_tries = int(seed), int(stage), int(phase), int(max_tries)
@@ -337,7 +341,6 @@ class _ArchSampler:
 def _reference_arch(space, fixed: Mapping[str, Any], budget: Optional[List[float]], sampler: _ArchSampler) -> Dict[str, Any]:
     """BERT's expression at full width, stack 1, with the fixed labels held; a sampled arch if
     that is outside the budget."""
-    from nni_effbert.strategies.sampler import in_budget
 
     arch = space.bert_arch()
     arch.update(fixed)
@@ -440,14 +443,11 @@ def init_embeddings_from_teacher(student: torch.nn.Module, teacher: torch.nn.Mod
 def _unlabeled_source(setup: KDSetup, cfg, plan: WarmupPlan):
     """(dataset, teacher source, description) of the warm-up's unlabeled text."""
     if plan.corpus:
-        from .data import unlabeled_texts
 
         texts = unlabeled_texts(cfg, setup.tokenizer, cache_dir=str(setup.workdir.datasets_cache))
         return texts, setup.live_teacher(), f"corpus {plan.corpus} (live teacher)"
     if plan.max_seq_length == cfg.task.max_seq_length:
         return setup.task.train, setup.cached_teacher(), "task train sentences (cached teacher)"
-    from .data import unlabeled_texts
-    from .train import CachedTeacher
 
     texts = unlabeled_texts(cfg, setup.tokenizer, cache_dir=str(setup.workdir.datasets_cache))
     cache = setup.open_cache(texts, texts._fingerprint, f"unlabeled{plan.max_seq_length}")
@@ -625,6 +625,29 @@ def run_warmup(
 
     return _finish(setup, plan, ckpt, started, sampler_of["task"], skipped=False, init=init, loss=loss,
                    resumed_at=resumed_at)
+
+
+def run_warmup_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int] = None, report: bool = True,
+                          progress: bool = True, setup: Optional[KDSetup] = None) -> Dict[str, Any]:
+    """Run a warm-up trial's parameters (``{"_warmup_stage": N, ...}``) and return its metric dict.
+
+    The labels in ``params`` are the stage's fixed choices; ``_warmup_steps`` and
+    ``_general_warmup_steps`` override the stage's budget, ``stage`` overrides
+    ``_warmup_stage``. With ``report`` the metric dict goes to ``nni.report_final_result``.
+    """
+    if WARMUP_KEY not in params:
+        raise ConfigError(f"warm-up parameters need {WARMUP_KEY}, got keys {sorted(params)}")
+    fixed = split_arch(params)
+    warm_stage = int_meta(params, WARMUP_KEY) if stage is None else stage
+    logger.info("warm-up trial of stage %s (%s)", warm_stage, params.get("_stage_name", "?"))
+    result = run_warmup(cfg, warm_stage, fixed=fixed, steps=int_meta(params, "_warmup_steps"),
+                        general_steps=int_meta(params, "_general_warmup_steps"), progress=progress, setup=setup)
+    metrics = result.report()
+    if report:
+        import nni  # local: only a trial inside NNI reports
+
+        nni.report_final_result(metrics)
+    return metrics
 
 
 def _finish(setup: KDSetup, plan: WarmupPlan, ckpt: Path, started: float, sampler: "_ArchSampler", *,

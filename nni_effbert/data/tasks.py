@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "TaskSpec",
@@ -25,7 +25,7 @@ __all__ = [
 #: Name of the user-data task (files and columns given in the config).
 CUSTOM_TASK = "custom"
 
-#: Metric names understood by :func:`nni_effbert.metrics.compute_metrics`.
+#: Metric names understood by :func:`nni_effbert.data.metrics.compute_metrics`.
 METRICS: Tuple[str, ...] = (
     "accuracy",
     "f1",

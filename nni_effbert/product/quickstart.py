@@ -8,7 +8,7 @@ Steps (one progress bar over them, each step with its own bars):
 
 1. fine-tune the MiniLM teacher (``teacher.model: minilm``, the ``[quickstart]`` extra) on a few
    thousand SST-2 rows;
-2. the progressive search through ``nnictl`` (:func:`nni_effbert.search.run_search`, waiting
+2. the progressive search through ``nnictl`` (:func:`nni_effbert.nas.search.run_search`, waiting
    for the end), with the quickstart preset and shortened stages;
 3. export the best trial; 4. distil it; 5. export and distil the baseline with the same budget
    and write the report;
@@ -22,19 +22,28 @@ distilled students of the same settings; the search runs again.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import yaml
+from tqdm.auto import tqdm
 
-from .errors import ConfigError, EffBertError
+from ..config import apply_overrides
+from ..errors import ConfigError, EffBertError
+from ..io import atomic_write_text
+from ..kd.teacher import finetune_from_config
+from ..kd.train import KDSetup
+from ..nas.evaluator import KDEvaluator
+from ..nas.search import run_search
+from .distill import run_distill
+from .report import build_report
+from .students import export_best
 
-__all__ = ["QUICKSTART_YAML", "BUDGETS", "PipelineResult", "write_config", "configure", "run_pipeline", "run"]
+__all__ = ["QUICKSTART_YAML", "BUDGETS", "PipelineResult", "write_config", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +100,6 @@ BUDGETS: Dict[str, List[str]] = {
 
 def write_config(workdir: Path, budget: str, data_dir: str = None) -> Path:
     """Write the quickstart config of ``budget`` into ``workdir/quickstart.yml``; returns the path."""
-    from .config import apply_overrides
 
     if budget not in BUDGETS:
         raise ConfigError(f"--budget {budget!r}: choose one of {', '.join(BUDGETS)}")
@@ -105,29 +113,13 @@ def write_config(workdir: Path, budget: str, data_dir: str = None) -> Path:
         data["task"]["data_dir"] = folder
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "quickstart.yml"
-    from .io import atomic_write_text
 
     atomic_write_text(f"# nni-effbert quickstart config (--budget {budget})\n"
                       + yaml.safe_dump(data, sort_keys=False), path)
     return path
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``nni-effbert quickstart``."""
-    parser.add_argument("--data-dir", metavar="DIR",
-                        help="GLUE folder holding SST-2/{train,dev}.tsv (default $EFFBERT_DATA_DIR, else the hub)")
-    parser.add_argument("--workdir", default="effbert-quickstart", metavar="DIR",
-                        help="where everything goes (default ./effbert-quickstart)")
-    parser.add_argument("--budget", default="default", choices=sorted(BUDGETS),
-                        help="default (<= 15 min on 2 CPU cores) or smoke (smallest budgets, <= 5 min)")
-    parser.add_argument("--port", type=int, help="NNI web UI port (default: the search's default)")
-
-
 def _search(cfg, config_path: Path, port, progress: bool):
-    try:
-        from .search import run_search
-    except ImportError as exc:  # the search command ships in the same package; a broken install
-        raise EffBertError(f"the search is not available in this installation ({exc})") from exc
     kwargs: Dict[str, Any] = {"config_path": str(config_path), "wait": True, "progress": progress}
     if port is not None:
         kwargs["port"] = port
@@ -168,13 +160,6 @@ def run_pipeline(cfg, config_path: Path, *, port: Optional[int] = None, progress
     ``config_path`` is the file ``cfg`` was loaded from (every nnictl trial reads it). The
     quickstart runs this on its embedded config; ``bench/pipeline.py`` on a larger one.
     """
-    from tqdm.auto import tqdm
-
-    from .distill import run_distill
-    from .evaluator import KDEvaluator
-    from .product import build_report, export_best
-    from .teacher import finetune_from_config
-    from .train import KDSetup
 
     steps = ["teacher", "search", "export", "distill", "baseline + report"]
     bar = tqdm(total=len(steps), desc="pipeline", disable=not progress, position=0, dynamic_ncols=True)
@@ -223,26 +208,3 @@ def run_pipeline(cfg, config_path: Path, *, port: Optional[int] = None, progress
         bar.close()
     return PipelineResult(teacher=teacher, experiment_id=result.experiment_id, export=info, distilled=distilled,
                           report=outcome, timings=timings)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the quickstart; prints the table and the paths of the report and the exported model."""
-    from .config import load_config
-
-    started = time.perf_counter()
-    workdir = Path(args.workdir).expanduser().absolute()
-    path = write_config(workdir, args.budget, args.data_dir)
-    cfg = load_config(path)
-    out = run_pipeline(cfg, path, port=args.port, progress=not args.quiet)
-    total = time.perf_counter() - started
-    print(out.report.table)
-    print(f"report: {out.report.result.report}")
-    print(f"exported model: {out.export.path}")
-    print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in out.timings.items()) + f"; total {total:.0f}s")
-    return 0
-
-
-def main(argv: Sequence[str] = None) -> int:  # pragma: no cover - convenience for python -m
-    from .cli import main as cli_main
-
-    return cli_main(["quickstart", *(argv or [])])

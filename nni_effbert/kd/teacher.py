@@ -15,15 +15,22 @@ import logging
 import math
 import os
 import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from filelock import FileLock
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-from .errors import CheckpointError, ConfigError, EffBertError
-from .io import atomic_replace_dir, atomic_write_json, load_json, make_tmp_dir
+from ..config import MINILM_ALIAS, resolve_teacher_model
+from ..data.loading import load_task, make_loader
+from ..data.metrics import compute_metrics
+from ..errors import CheckpointError, ConfigError, EffBertError
+from ..io import atomic_replace_dir, atomic_write_json, load_json, make_tmp_dir
+from ..workdir import WorkDir
 from .losses import TeacherBatch
 
 __all__ = [
@@ -78,7 +85,6 @@ def resolve_teacher(name: str) -> str:
         If ``minilm`` is asked for without its package, or a local folder is missing or has
         no ``config.json``.
     """
-    from .config import MINILM_ALIAS, resolve_teacher_model
 
     if name == MINILM_ALIAS:
         folder = Path(resolve_teacher_model(name))  # raises with the pip hint if missing
@@ -141,7 +147,6 @@ def load_teacher(
         If the model or tokenizer cannot be loaded, or a fine-tuned folder's classifier
         width differs from ``num_labels``.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     kwargs: Dict[str, Any] = {}
     try:
@@ -339,9 +344,6 @@ def _to_model_inputs(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.
 
 def evaluate_teacher(model, loader, metric: str, regression: bool, device="cpu", progress: bool = False) -> float:
     """Default dev metric of ``model`` over ``loader`` (batches from ``data.make_loader``)."""
-    from tqdm.auto import tqdm
-
-    from .metrics import compute_metrics
 
     was_training = model.training
     model.eval()
@@ -419,10 +421,6 @@ def finetune_from_config(cfg, progress: bool = True) -> TeacherResult:
     ConfigError
         If the teacher's tokenizer cannot be loaded (and whatever :func:`finetune_teacher` raises).
     """
-    from transformers import AutoTokenizer
-
-    from .data import load_task
-    from .workdir import WorkDir
 
     wd = WorkDir.of(cfg).ensure()
     base = resolve_teacher(cfg.teacher.model)
@@ -486,10 +484,6 @@ def _check_embedding_covers(model, tokenizer, name: str) -> None:
 
 
 def _train_and_save(cfg, task_data, spec, tok_fp: str, out: Path, progress: bool) -> TeacherResult:
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
-    from .data import make_loader
 
     ft = cfg.teacher.finetune
     regression = bool(spec.is_regression)
@@ -584,7 +578,6 @@ def _train_and_save(cfg, task_data, spec, tok_fp: str, out: Path, progress: bool
         atomic_write_json(marker, tmp / MARKER_FILE)
         atomic_replace_dir(tmp, out)
     except BaseException:
-        import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
         raise

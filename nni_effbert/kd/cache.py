@@ -54,10 +54,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
+from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
 
-from .errors import CheckpointError, ConfigError, DataError, EffBertError
-from .io import atomic_replace_dir, atomic_write_json, load_json, make_tmp_dir
+from ..errors import CheckpointError, ConfigError, DataError, EffBertError
+from ..io import atomic_replace_dir, atomic_write_json, load_json, make_tmp_dir
 from .losses import TeacherBatch
+from .teacher import load_teacher, prepare_teacher, teacher_fingerprint, teacher_outputs
 
 __all__ = ["CACHE_FORMAT", "CacheKey", "TeacherCache", "TeacherBatch", "dataset_token_hash"]
 
@@ -98,7 +101,7 @@ class CacheKey:
     Attributes
     ----------
     teacher : str
-        :func:`~nni_effbert.teacher.teacher_fingerprint` of the teacher folder.
+        :func:`~nni_effbert.kd.teacher.teacher_fingerprint` of the teacher folder.
     data : str
         The task data's fingerprint (``TaskData.fingerprint``).
     split : str
@@ -274,7 +277,6 @@ class TeacherCache:
         dtype: str = "float16",
     ) -> CacheKey:
         """The :class:`CacheKey` of a cache (hashes the teacher files and the tokenized rows)."""
-        from .teacher import teacher_fingerprint
 
         if dtype not in _DTYPES:
             raise ConfigError(f"cache dtype must be one of {_DTYPES}, not {dtype!r}")
@@ -414,9 +416,6 @@ def _fsync_file(path: Path) -> None:
 
 def _build(tmp: Path, key: CacheKey, teacher_path, dataset, model, pad_token_id: int, batch_size: int, progress: bool) -> None:
     """Compute the teacher outputs of ``dataset`` into the empty folder ``tmp``."""
-    from tqdm.auto import tqdm
-
-    from .teacher import load_teacher, prepare_teacher, teacher_outputs
 
     for col in ("input_ids", "attention_mask"):
         if col not in dataset.column_names:
@@ -463,8 +462,6 @@ def _build(tmp: Path, key: CacheKey, teacher_path, dataset, model, pad_token_id:
             "free; free some space, use fewer train rows (task.train_fraction / max_train_rows), or fewer "
             "distilled layers"
         )
-
-    from numpy.lib.format import open_memmap
 
     logits = open_memmap(tmp / "logits.npy", mode="w+", dtype=np.float32, shape=(n, num_labels))
     hidden = open_memmap(tmp / "hidden.npy", mode="w+", dtype=key.dtype, shape=(int(tok_offsets[-1]), n_h, hidden_size)) if n_h else None

@@ -26,7 +26,9 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .errors import ConfigError
+from nni_effbert.search_spaces.modeling import EfficientBertModel
+
+from ..errors import ConfigError
 
 __all__ = ["DEFAULT_THREADS", "LatencyResult", "measure_latency"]
 
@@ -74,7 +76,6 @@ def _vocab_size(model: torch.nn.Module) -> int:
 
 def _default_forward(model: torch.nn.Module) -> Callable[..., object]:
     # Late import: keep this module free of nni (the student class lives in search_spaces).
-    from nni_effbert.search_spaces.modeling import EfficientBertModel
 
     if isinstance(model, EfficientBertModel):
         return lambda ids, mask, types: model(ids, mask, types, return_kd=False)

@@ -9,7 +9,7 @@ al., 2021, Sec. 3.4, after TinyBERT) on the student exported into ``DIR``:
 2. **task KD** (``distill.task_steps``): hidden states, attentions and predictions (``kd``) on
    the task's train split.
 
-Both phases are :func:`~nni_effbert.train.kd_train`. The distilled student is scored on dev,
+Both phases are :func:`~nni_effbert.kd.train.kd_train`. The distilled student is scored on dev,
 its CPU latency measured (``evaluator.latency_seq_length``, batch 1, median), and the folder is
 re-exported atomically with the new weights; ``export_meta.json`` then holds, under
 ``extra.distill``, the plan, the dev metric, the latency and the training curve.
@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .errors import CheckpointError, ConfigError
+from nni_effbert.search_spaces.config import config_differences
+
+from ..data.loading import unlabeled_texts
+from ..errors import CheckpointError, ConfigError
+from ..kd.latency import measure_latency
+from ..kd.losses import KDLoss
+from ..kd.train import KDSetup, TrainSettings, kd_train
+from .export import export_student, load_exported
 
 __all__ = [
     "DISTILL_KEY",
@@ -142,7 +149,6 @@ def plan_distill(cfg) -> DistillPlan:
 
 def _check_compatible(exported, setup) -> None:
     """The export must be a student of this experiment's space (same teacher, vocabulary, task)."""
-    from nni_effbert.search_spaces.config import config_differences
 
     details = config_differences(exported.config.to_dict(), setup.space.config.to_dict())
     if details:
@@ -155,7 +161,6 @@ def _check_compatible(exported, setup) -> None:
 def _general_source(setup, cfg):
     """(dataset, teacher source, description) of the general-KD text."""
     if cfg.warmup.corpus_file:
-        from .data import unlabeled_texts
 
         texts = unlabeled_texts(cfg, setup.tokenizer, cache_dir=str(setup.workdir.datasets_cache))
         return texts, setup.live_teacher(), f"corpus {cfg.warmup.corpus_file} (live teacher)"
@@ -172,7 +177,7 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
     cfg : ExperimentConfig
         The experiment (teacher, task, ``kd``, ``distill``, latency settings).
     export_dir : str or Path
-        A folder written by ``nni-effbert export`` (:func:`~nni_effbert.export.export_student`).
+        A folder written by ``nni-effbert export`` (:func:`~nni_effbert.product.export.export_student`).
     force : bool
         Distil again even if the folder was already distilled with the same plan (a second
         distillation continues from the distilled weights).
@@ -194,9 +199,6 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
     TrialFailure
         If the KD loss diverges (nothing is written).
     """
-    from .export import export_student, load_exported
-    from .latency import measure_latency
-    from .train import KDSetup, TrainSettings, kd_train
 
     started = time.perf_counter()
     folder = Path(export_dir).expanduser().absolute()
@@ -220,8 +222,6 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
     spec = setup.task.spec
     before = setup.evaluate(model)["default"]
     logger.info("%s: dev %s before distillation = %.4f", folder.name, spec.metric, before)
-
-    from .losses import KDLoss
 
     n_student = exported.config.num_hidden_layers
     n_teacher = int(setup.teacher_config.num_hidden_layers)

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from .config import DATA_DIR_ENV, ExperimentConfig, TaskConfig
-from .errors import DataError
+from ..config import DATA_DIR_ENV, ExperimentConfig, TaskConfig
+from ..errors import DataError
 from .tasks import CUSTOM_TASK, TaskSpec, custom_task_spec, get_task_spec
 
 __all__ = [

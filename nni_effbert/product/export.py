@@ -51,11 +51,19 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-from . import __version__
-from . import hf as hf_templates
-from .errors import CheckpointError, ConfigError, EffBertError
-from .io import atomic_replace_dir, atomic_write_json, atomic_write_text, load_json, make_tmp_dir
+from nni_effbert.search_spaces import EfficientBertConfig, EfficientBertModel, EfficientBertSpace
+
+from .. import __version__
+from .. import hf as hf_templates
+from .. import search_spaces
+from ..errors import CheckpointError, ConfigError, EffBertError
+from ..hf.configuration_effbert import EfficientBertHFConfig
+from ..io import atomic_replace_dir, atomic_write_json, atomic_write_text, load_json, make_tmp_dir
 
 __all__ = [
     "ExportedStudent",
@@ -253,15 +261,11 @@ def load_exported(path: PathLike) -> ExportedStudent:
         If the folder or one of its files is missing or corrupt, or the weights do not fit the
         architecture.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .search_spaces import EfficientBertConfig, EfficientBertModel
 
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"export folder {folder} does not exist; create it with "
-                              "`nni-effbert export` (or nni_effbert.export.export_student)")
+                              "`nni-effbert export` (or nni_effbert.product.export.export_student)")
     hint = f"re-export the student into {folder}"
     missing = [n for n in (CONFIG_FILE, ARCH_FILE, WEIGHTS_FILE, META_FILE) if not (folder / n).is_file()]
     if missing:
@@ -322,7 +326,6 @@ def architecture_markdown(space: Any, arch: Mapping[str, Any], student: Any = No
         Markdown: per layer expression, width of ``linear1``, stack and parameters; then the
         embeddings, ``fit_dense`` and head, total and non-embedding parameters.
     """
-    from .search_spaces import EfficientBertModel
 
     arch = space.validate_arch(arch)
     if student is None:
@@ -375,7 +378,6 @@ def architecture_markdown(space: Any, arch: Mapping[str, Any], student: Any = No
 # ============================================================================================
 
 def _space_of(space_config: Any):
-    from .search_spaces import EfficientBertConfig, EfficientBertSpace
 
     if isinstance(space_config, EfficientBertSpace):
         return space_config
@@ -392,7 +394,6 @@ def _space_of(space_config: Any):
 
 def _student_from_weights(space, arch: Dict[str, Any], weights: Any):
     """A fresh student of ``arch`` holding a copy of ``weights`` (never the caller's module)."""
-    from .search_spaces import EfficientBertModel, EfficientBertSpace
 
     if isinstance(weights, EfficientBertSpace):
         if weights.config != space.config:
@@ -468,14 +469,12 @@ def _load_tokenizer(tokenizer: Any, config) -> Any:
                        "one passed explicitly")
         return None
     if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
 
         folder = Path(tokenizer)
         kwargs: Dict[str, Any] = {}
         if _is_export_folder(folder):
             # AutoTokenizer reads the model config first; ours needs remote code, so hand it the
             # config class directly instead of prompting for (or running) the folder's code.
-            from .hf.configuration_effbert import EfficientBertHFConfig
 
             kwargs["config"] = EfficientBertHFConfig.from_pretrained(str(folder))
         try:
@@ -506,7 +505,6 @@ def _remote_code_files() -> List[Path]:
     Each must be pure torch: an import of nni or nni_effbert would break loading where nni is
     not installed, so it is refused here rather than discovered by a user.
     """
-    from . import search_spaces
 
     root = Path(search_spaces.__file__).resolve().parent
     todo, seen = [root / _STUDENT_MODULE], []
@@ -540,7 +538,6 @@ def _write_remote_code(folder: Path) -> None:
 
 
 def _write_config(folder: Path, config, arch: Dict[str, Any], id2label: Dict[int, str]) -> None:
-    from .hf.configuration_effbert import EfficientBertHFConfig
 
     fields = ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
               "intermediate_size", "max_position_embeddings", "type_vocab_size", "hidden_dropout_prob",
@@ -561,7 +558,6 @@ def _write_config(folder: Path, config, arch: Dict[str, Any], id2label: Dict[int
 
 
 def _write_weights(folder: Path, student: torch.nn.Module) -> None:
-    from safetensors.torch import save_file
 
     prefix = hf_templates.STUDENT_PREFIX + "."
     # clone: safetensors refuses views and shared storage; exported tensors are independent.
@@ -627,7 +623,6 @@ def _verify_folder(folder: Path, student: torch.nn.Module, config) -> None:
     sys.modules[package] = importlib.util.module_from_spec(spec)
     try:
         modeling = importlib.import_module(f"{package}.{Path(hf_templates.MODELING_FILE).stem}")
-        from transformers.utils import logging as hf_logging
 
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a "Loading weights" bar would only clutter export logs

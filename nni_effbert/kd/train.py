@@ -10,7 +10,7 @@ Warm-up of the weight-sharing supernet (:mod:`.warmup`), per-candidate KD fine-t
 * teacher outputs come from a :class:`TeacherSource`: :class:`CachedTeacher` (the shared
   teacher-output cache, for task data) or :class:`LiveTeacher` (a teacher in memory, for
   unlabeled text that is not cached);
-* :class:`~nni_effbert.losses.KDLoss`, AdamW (no decay on biases and LayerNorm, as BERT) and a
+* :class:`~nni_effbert.kd.losses.KDLoss`, AdamW (no decay on biases and LayerNorm, as BERT) and a
   linear schedule with warm-up, gradient clipping, a tqdm bar;
 * a non-finite loss or gradient, or a forward that fails on shapes, raises
   :class:`TrialFailure` naming the step: a failed candidate is never scored;
@@ -36,10 +36,18 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Proto
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer
 
-from .errors import CheckpointError, ConfigError, EffBertError
+from nni_effbert.search_spaces import EfficientBertSpace
+
+from ..data.loading import collate, load_task, make_loader
+from ..data.metrics import compute_metrics
+from ..errors import CheckpointError, ConfigError, EffBertError
+from ..workdir import WorkDir
+from .cache import TeacherCache
 from .losses import KDLoss, TeacherBatch
-from .workdir import WorkDir
+from .teacher import MARKER_FILE, load_teacher, prepare_teacher, read_teacher_marker, teacher_outputs
 
 __all__ = [
     "TrialFailure",
@@ -83,7 +91,7 @@ class TeacherSource(Protocol):
 
 
 class CachedTeacher:
-    """Teacher outputs read from a :class:`~nni_effbert.cache.TeacherCache` by the batch's ``idx``.
+    """Teacher outputs read from a :class:`~nni_effbert.kd.cache.TeacherCache` by the batch's ``idx``.
 
     Parameters
     ----------
@@ -109,7 +117,7 @@ class LiveTeacher:
     Parameters
     ----------
     model : transformers model
-        The teacher, prepared with :func:`nni_effbert.teacher.prepare_teacher`.
+        The teacher, prepared with :func:`nni_effbert.kd.teacher.prepare_teacher`.
     hidden_layers, attention_layers : sequence of int
         ``KDLoss.teacher_hidden_layers`` / ``teacher_attention_layers``.
     device : torch.device or str
@@ -123,7 +131,6 @@ class LiveTeacher:
         self.device = torch.device(device)
 
     def __call__(self, batch: Batch) -> TeacherBatch:
-        from .teacher import teacher_outputs
 
         out = teacher_outputs(
             self.model,
@@ -245,7 +252,6 @@ def iterate_batches(dataset, batch_size: int, seed: int, pad_token_id: int, star
     Epoch ``e`` is a permutation drawn from ``seed`` and ``e``; its last partial batch is
     kept. Starting at ``start_step`` skips earlier batches without reading them.
     """
-    from .data import collate
 
     n = len(dataset)
     if n == 0:
@@ -348,7 +354,6 @@ def kd_train(
         If the loss or the gradient norm becomes NaN or infinite, or the forward pass or a
         loss fails on shapes; the message names the step (1-based).
     """
-    from tqdm.auto import tqdm
 
     steps = int(settings.steps)
     start = int(resume.step) if resume is not None else 0
@@ -439,7 +444,7 @@ def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: 
     Returns
     -------
     dict
-        :func:`nni_effbert.metrics.compute_metrics` output (``default`` and components).
+        :func:`nni_effbert.data.metrics.compute_metrics` output (``default`` and components).
 
     Raises
     ------
@@ -448,8 +453,6 @@ def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: 
         accuracy of always predicting class 0), or the metric is undefined (constant
         regression outputs).
     """
-    from .data import make_loader
-    from .metrics import compute_metrics
 
     if len(dataset) == 0:
         raise ConfigError("cannot evaluate on an empty split")
@@ -506,7 +509,6 @@ def build_space(cfg, teacher_config, spec):
         Unknown preset or override, an override contradicting the teacher or task, or a
         sequence length beyond the student's position table.
     """
-    from nni_effbert.search_spaces import EfficientBertSpace
 
     derived = {
         "vocab_size": int(teacher_config.vocab_size),
@@ -591,10 +593,6 @@ class KDSetup:
         ConfigError, DataError
             From the config, the data or the space.
         """
-        from transformers import AutoConfig, AutoTokenizer
-
-        from .data import load_task
-        from .teacher import MARKER_FILE, read_teacher_marker
 
         wd = WorkDir.of(cfg).ensure()
         teacher_dir = wd.teacher_dir
@@ -631,7 +629,6 @@ class KDSetup:
     def teacher_model(self) -> nn.Module:
         """The fine-tuned teacher, frozen, in eval mode (loaded on first call)."""
         if self._teacher_model is None:
-            from .teacher import load_teacher, prepare_teacher
 
             model, _ = load_teacher(str(self.teacher_dir))
             self._teacher_model = prepare_teacher(model).to(self.device)
@@ -645,7 +642,6 @@ class KDSetup:
 
     def open_cache(self, dataset, data_fingerprint: str, split: str):
         """Open (or build, once for all processes) the teacher-output cache of ``dataset``."""
-        from .cache import TeacherCache
 
         return TeacherCache.open_or_build(
             self.workdir.root, self.teacher_dir, dataset,

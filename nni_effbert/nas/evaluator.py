@@ -1,0 +1,406 @@
+"""``KDEvaluator``: score one architecture by knowledge distillation.
+
+Given an arch (``label -> value``), the evaluator
+
+1. loads the stage's warmed supernet (``supernet/stage{N}.pt``; see :meth:`KDEvaluator.load_stage`),
+2. takes ``space.subnet(arch)``: a plain student whose weights are slices of the supernet's,
+3. KD fine-tunes it on the task's train split against the cached teacher outputs for
+   ``evaluator.train_steps`` steps (or ``evaluator.epochs``; ``0`` scores the inherited
+   weights as they are, the paper's stage 3), evaluating dev every ``eval_interval`` steps
+   and reporting it with ``nni.report_intermediate_result``,
+4. reports ``nni.report_final_result`` with the dev metric as ``default`` plus parameter
+   counts, CPU latency (:mod:`.latency`) and the per-layer expressions, widths and stacks.
+
+A candidate whose loss turns NaN or whose forward fails raises
+:class:`~nni_effbert.kd.train.TrialFailure` and reports nothing: NNI records the trial as
+FAILED (the trial process exits non-zero) and the reason is in its log. It is never
+reported as a score of 0.
+
+The same evaluator serves ``nnictl`` trials (:mod:`nni_effbert.trial`) and ``NasExperiment``
+(:meth:`KDEvaluator.as_nni_evaluator`).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+from ..config import ExperimentConfig, from_dict, load_config
+from ..errors import CheckpointError, ConfigError, EffBertError
+from ..io import atomic_write_json
+from ..kd.latency import measure_latency
+from ..kd.train import KDSetup, TrainSettings, TrialFailure, kd_train
+from ..workdir import WorkDir
+from .params import is_warmup
+from .warmup import load_supernet_checkpoint, run_warmup_parameters, warmup_required
+
+__all__ = ["ArchError", "KDEvaluator", "evaluate_nni_model"]
+
+logger = logging.getLogger(__name__)
+
+ConfigLike = Union[ExperimentConfig, str, "os.PathLike[str]", Mapping[str, Any]]
+
+
+class ArchError(EffBertError, ValueError):
+    """An architecture does not belong to the experiment's space (unknown, missing or
+    out-of-range labels); the message names the label and the allowed values."""
+
+
+def _as_config(cfg_or_path: ConfigLike, overrides: Sequence[str]) -> ExperimentConfig:
+    if isinstance(cfg_or_path, ExperimentConfig):
+        if overrides:
+            raise ConfigError("overrides can only be applied to a config file, not to a loaded ExperimentConfig")
+        return cfg_or_path
+    if isinstance(cfg_or_path, Mapping):
+        if overrides:
+            raise ConfigError("overrides can only be applied to a config file, not to a config dict")
+        return from_dict(ExperimentConfig, dict(cfg_or_path), "<config dict>")
+    return load_config(cfg_or_path, list(overrides))
+
+
+_standalone_runs = itertools.count()
+
+
+def _trial_id() -> str:
+    """NNI's trial id, or a unique name for runs outside an NNI trial process."""
+    import nni  # local: only a trial inside NNI reports; export/distill never import nni
+
+    tid = nni.get_trial_id()
+    if tid and tid != "STANDALONE":
+        return str(tid)
+    return f"standalone-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{next(_standalone_runs)}"
+
+
+class KDEvaluator:
+    """Score architectures of an experiment by KD fine-tuning + dev evaluation.
+
+    Parameters
+    ----------
+    cfg_or_path : ExperimentConfig, path or dict
+        The experiment config (a YAML path, a loaded config, or ``ExperimentConfig.to_dict()``).
+    stage : int, optional
+        Zero-based stage whose supernet candidates inherit. None: the latest stage with a
+        checkpoint (stage 0 when there is none).
+    overrides : sequence of str
+        ``dotted.key=value`` overrides (with a path only).
+    report : bool
+        Send results to NNI (``nni.report_*``); outside NNI they are logged.
+    progress : bool
+        Progress bars.
+    latency : bool
+        Measure CPU latency (``evaluator.latency_repeats`` batch-1 forwards).
+    setup : KDSetup, optional
+        An already loaded experiment of the same config, to share.
+
+    Examples
+    --------
+    >>> evaluator = KDEvaluator("examples/sst2/effbert.yml", stage=0)   # doctest: +SKIP
+    >>> evaluator.evaluate(space.bert_arch())["default"]                 # doctest: +SKIP
+    0.81
+    >>> NasExperiment(space, evaluator.as_nni_evaluator(), strategy)      # doctest: +SKIP
+    """
+
+    def __init__(self, cfg_or_path: ConfigLike, stage: Optional[int] = None, *, overrides: Sequence[str] = (),
+                 report: bool = True, progress: bool = True, latency: bool = True,
+                 setup: Optional[KDSetup] = None):
+        self.cfg = _as_config(cfg_or_path, overrides)
+        self.stage = stage
+        self.report = report
+        self.progress = progress
+        self.latency = latency
+        self._setup: Optional[KDSetup] = setup
+        self._loaded: Optional[tuple] = None  # ((stage, source, mtime), description)
+        self._loaded_stage: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return f"KDEvaluator(workdir={self.cfg.workdir!r}, stage={self.stage})"
+
+    @property
+    def setup(self) -> KDSetup:
+        """The loaded experiment (teacher config, data, space), on first use."""
+        if self._setup is None:
+            self._setup = KDSetup.from_config(self.cfg, progress=self.progress)
+        return self._setup
+
+    @property
+    def space(self):
+        """The experiment's student space (weights of the last loaded stage)."""
+        return self.setup.space
+
+    # -- supernet --------------------------------------------------------------------------
+
+    def load_stage(self, stage: Optional[int] = None) -> str:
+        """Load the supernet weights candidates of ``stage`` inherit; returns where they came from.
+
+        * the stage's checkpoint ``supernet/stage{N}.pt`` if it exists;
+        * else, if the stage warms up its supernet (``search.stages[N].warmup``), an error;
+        * else the nearest earlier stage's checkpoint, else ``warmup.checkpoint``, else the
+          random initialisation (logged as a run without warm-up).
+
+        Raises
+        ------
+        CheckpointError
+            The stage's checkpoint is missing although its warm-up is required, a named
+            ``warmup.checkpoint`` is missing, or a checkpoint is corrupt or for another space.
+        ConfigError
+            The stage does not exist.
+        """
+        setup = self.setup
+        wd: WorkDir = setup.workdir
+        cfg = self.cfg
+        if stage is None:
+            latest = wd.latest_supernet_checkpoint()
+            stage = latest if latest is not None else 0
+        n = len(cfg.search.stages)
+        if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < n:
+            raise ConfigError(f"stage {stage!r} does not exist: the config has {n} stage(s), numbered 0..{n - 1}")
+        path = wd.supernet_checkpoint(stage)
+        source: Optional[Path] = None
+        if path.is_file():
+            source, desc = path, f"stage {stage} supernet"
+        elif warmup_required(cfg, stage):
+            name = cfg.search.stages[stage].name
+            raise CheckpointError(
+                f"supernet checkpoint of stage {stage} ({name}) not found: {path}. The stage warms up its "
+                f"supernet before scoring candidates; run `nni-effbert warmup -c <config> --stage {stage}` "
+                "first (the search does it as the stage's warm-up trial)"
+            )
+        else:
+            earlier = wd.latest_supernet_checkpoint(stage - 1) if stage > 0 else None
+            if earlier is not None:
+                source, desc = wd.supernet_checkpoint(earlier), f"stage {earlier} supernet (stage {stage} has no warm-up)"
+            elif cfg.warmup.checkpoint:
+                if not Path(cfg.warmup.checkpoint).is_file():
+                    raise CheckpointError(
+                        f"warmup.checkpoint names {cfg.warmup.checkpoint}, which does not exist; fix the path or "
+                        "empty warmup.checkpoint"
+                    )
+                source, desc = Path(cfg.warmup.checkpoint), f"warmup.checkpoint {cfg.warmup.checkpoint}"
+            else:
+                source, desc = None, "random initialisation (no warm-up)"
+        key = (stage, str(source) if source else None, source.stat().st_mtime_ns if source else None)
+        if self._loaded is not None and self._loaded[0] == key:
+            return self._loaded[1]
+        if source is not None:
+            load_supernet_checkpoint(setup.space, source, what=desc, teacher_fingerprint=setup.teacher_fingerprint,
+                                     hint=f"re-run `nni-effbert warmup -c <config> --stage {stage}`")
+        else:
+            setup.reset_space()
+            logger.warning("stage %d: running WITHOUT warm-up: candidates start from randomly initialised weights",
+                           stage)
+        self._loaded = (key, desc)
+        self._loaded_stage = stage
+        logger.info("stage %d candidates inherit weights from %s", stage, desc)
+        return desc
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def train_steps(self, override: Optional[int] = None) -> int:
+        """KD steps per candidate: ``override`` (the trial's ``_train_steps``), else
+        ``evaluator.train_steps``, else ``evaluator.epochs`` over the train split."""
+        ev = self.cfg.evaluator
+        if override is not None:
+            if isinstance(override, bool) or not isinstance(override, int) or override < 0:
+                raise ConfigError(f"train steps must be an integer >= 0, got {override!r}")
+            return override
+        if ev.train_steps is not None:
+            return int(ev.train_steps)
+        per_epoch = math.ceil(len(self.setup.task.train) / ev.batch_size)
+        return max(1, math.ceil(float(ev.epochs) * per_epoch))
+
+    def validate_arch(self, arch: Mapping[str, Any]) -> Dict[str, Any]:
+        """Check ``arch`` against the experiment's space.
+
+        Raises
+        ------
+        ArchError
+            Naming the bad label and the allowed values.
+        """
+        try:
+            return self.space.validate_arch(arch)
+        except ValueError as exc:
+            raise ArchError(f"invalid architecture: {exc}") from None
+
+    def evaluate(self, arch: Mapping[str, Any], *, stage: Optional[int] = None, train_steps: Optional[int] = None,
+                 trial_id: Optional[str] = None) -> Dict[str, Any]:
+        """Score ``arch`` and report it to NNI.
+
+        Parameters
+        ----------
+        arch : dict
+            ``label -> value`` (validated).
+        stage : int, optional
+            Overrides the evaluator's stage.
+        train_steps : int, optional
+            Overrides the KD budget (``0``: score inherited weights).
+        trial_id : str, optional
+            Name of the record folder ``trials/<id>/``; default the NNI trial id.
+
+        Returns
+        -------
+        dict
+            The final metric dict: ``default`` (dev metric), the metric's components,
+            ``params``, ``non_embedding_params``, ``latency_ms``, ``expressions``, ``widths``,
+            ``stacks``, ``stage``, ``train_steps``, ``inherited_from``, ``seconds``.
+
+        Raises
+        ------
+        ArchError
+            The arch is not in the space.
+        TrialFailure
+            The loss diverged or the forward failed (nothing is reported).
+        CheckpointError
+            The stage's supernet is missing (see :meth:`load_stage`).
+        """
+        started = time.perf_counter()
+        setup = self.setup
+        arch = self.validate_arch(arch)
+        stage = self.stage if stage is None else stage
+        steps = self.train_steps(train_steps)
+        record = setup.workdir.trial_dir(trial_id or _trial_id()) / "result.json"
+        try:
+            inherited = self.load_stage(stage)
+            stage = self._loaded_stage
+            result = self._score(arch, stage, steps, inherited)
+        except TrialFailure as exc:
+            _write_record(record, {"status": "failed", "reason": str(exc), "arch": arch, "stage": stage})
+            raise
+        result["seconds"] = round(time.perf_counter() - started, 3)
+        _write_record(record, {"status": "succeeded", "result": result, "arch": arch})
+        if self.report:
+            import nni  # local: only a trial inside NNI reports; export/distill never import nni
+
+            nni.report_final_result(result)
+        logger.info("dev %s = %.4f (%d params, %.2f ms)", setup.task.spec.metric, result["default"],
+                    result["params"], result.get("latency_ms", float("nan")))
+        return result
+
+    def evaluate_model(self, model, **kwargs) -> Dict[str, Any]:
+        """:meth:`evaluate` the arch of a frozen student (``model.arch``); its own weights are
+        ignored: candidates always inherit the stage's supernet."""
+        arch = getattr(model, "arch", None)
+        if not isinstance(arch, Mapping):
+            raise ArchError(f"expected an EfficientBertModel with an .arch dict, got {type(model).__name__}")
+        return self.evaluate(arch, **kwargs)
+
+    def _score(self, arch: Dict[str, Any], stage: int, steps: int, inherited: str) -> Dict[str, Any]:
+        setup, cfg = self.setup, self.cfg
+        ev = cfg.evaluator
+        space = setup.space
+        try:
+            student = space.subnet(arch)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise TrialFailure(f"cannot build the subnet: {exc}") from exc
+        student.to(setup.device)
+        spec = setup.task.spec
+        last_eval: Dict[str, Any] = {}
+
+        def periodic(step: int) -> Dict[str, float]:
+            metrics = setup.evaluate(student)
+            last_eval.update(step=step, metrics=metrics)
+            logger.info("step %d/%d: dev %s = %.4f", step, steps, spec.metric, metrics["default"])
+            if self.report:
+                import nni  # local: only a trial inside NNI reports; export/distill never import nni
+
+                nni.report_intermediate_result({"default": metrics["default"], "step": step})
+            return metrics
+
+        loss = None
+        if steps > 0:
+            settings = TrainSettings(
+                steps=steps, learning_rate=ev.learning_rate, batch_size=ev.batch_size, seed=cfg.seed,
+                eval_interval=ev.eval_interval, desc=f"KD stage {stage}", progress=self.progress,
+            )
+            out = kd_train(student, setup.cached_teacher(), setup.task.train, setup.loss_fn, settings,
+                           pad_token_id=setup.pad_token_id, evaluate_fn=periodic, device=setup.device)
+            loss = out.loss
+        if last_eval.get("step") == steps and steps > 0:
+            metrics = last_eval["metrics"]  # the periodic evaluation already scored the final weights
+        else:
+            metrics = setup.evaluate(student)
+        result: Dict[str, Any] = {"default": metrics["default"]}
+        result.update({k: v for k, v in metrics.items() if k != "default"})
+        result["params"] = int(space.count_params(arch))
+        result["non_embedding_params"] = int(space.count_params(arch, exclude_embeddings=True))
+        if self.latency:
+
+            student.cpu()
+            lat = measure_latency(student, seq_length=ev.latency_seq_length, repeats=ev.latency_repeats,
+                                  seed=cfg.seed)
+            result["latency_ms"] = round(lat.median_ms, 4)
+        described = space.describe(arch)
+        result["expressions"] = [layer["expression"] for layer in described]
+        result["widths"] = [int(layer["width"]) for layer in described]
+        result["stacks"] = [int(layer["stack"]) for layer in described]
+        result["stage"] = stage
+        result["train_steps"] = steps
+        if loss is not None:
+            result["kd_loss"] = loss
+        result["inherited_from"] = inherited
+        return result
+
+    # -- NNI -------------------------------------------------------------------------------
+
+    def warmup(self, parameters: Mapping[str, Any]) -> Dict[str, Any]:
+        """Run a warm-up trial's parameters (``{"_warmup_stage": N, ...}``) in this process.
+
+        This is the ``warmup_fn`` of :class:`~nni_effbert.strategies.strategy.ProgressiveStrategy`
+        (``NasExperiment`` path); it reuses this evaluator's loaded data and returns the
+        warm-up's metric dict.
+        """
+        if not is_warmup(parameters):
+            raise ConfigError(f"warm-up parameters need _warmup_stage, got keys {sorted(parameters)}")
+        self._loaded = None  # the warm-up overwrites the supernet weights held in memory
+        return run_warmup_parameters(self.cfg, parameters, report=False, progress=self.progress, setup=self.setup)
+
+    def as_nni_evaluator(self, stage: Optional[int] = None, train_steps: Optional[int] = None):
+        """This evaluator as an NNI NAS evaluator (a ``FunctionalEvaluator``) for ``NasExperiment``.
+
+        The evaluation function receives the frozen ``EfficientBertModel`` NNI builds for a
+        sample, reads ``model.arch`` and scores it with weights inherited from the stage's
+        supernet checkpoint (never the freshly initialised weights NNI created). A sample's
+        ``_stage`` / ``_train_steps`` keys (set by ``ProgressiveStrategy``) choose the stage and
+        budget of each candidate.
+
+        Parameters
+        ----------
+        stage : int, optional
+            Stage when the sample names none. Default: the evaluator's stage (None: the
+            latest warmed stage).
+        train_steps : int, optional
+            KD budget when the sample names none (default ``evaluator.train_steps``).
+        """
+        # Local: nni.nas.evaluator imports pytorch_lightning (about 6 s), which an nnictl trial
+        # never needs; only the NasExperiment path comes here.
+        from .nni_evaluator import StageAwareEvaluator
+
+        return StageAwareEvaluator(evaluate_nni_model, config=self.cfg.to_dict(),
+                                   stage=self.stage if stage is None else stage, train_steps=train_steps)
+
+
+def _write_record(path: Path, data: Dict[str, Any]) -> None:
+    try:
+        atomic_write_json(data, path)
+    except OSError as exc:  # a record is a convenience; never fail a scored trial over it
+        logger.warning("could not write trial record %s: %s", path, exc)
+
+
+# One evaluator per (config, stage) per process: NasExperiment's in-process engines call the
+# evaluation function once per model, and reloading data and teacher each time is wasteful.
+_EVALUATORS: Dict[str, KDEvaluator] = {}
+
+
+def evaluate_nni_model(model, config: Mapping[str, Any], stage: Optional[int] = None,
+                       train_steps: Optional[int] = None) -> Dict[str, Any]:
+    """Evaluation function of :meth:`KDEvaluator.as_nni_evaluator` (module level, so NNI can
+    serialise it): scores ``model.arch`` and reports it to NNI."""
+    key = json.dumps([config, stage], sort_keys=True, default=str)
+    evaluator = _EVALUATORS.get(key)
+    if evaluator is None:
+        evaluator = _EVALUATORS[key] = KDEvaluator(config, stage)
+    return evaluator.evaluate_model(model, train_steps=train_steps)

@@ -1,0 +1,216 @@
+"""The ``nnictl`` search driver: write the nnictl config, register the advisor, ``nnictl create``
+(or ``resume``) and optionally wait for the experiment to end.
+
+See :mod:`nni_effbert.nas.search` for the whole picture.
+"""
+
+import logging
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+from tqdm.auto import tqdm
+
+from nni_effbert.strategies.registration import register_tuner
+
+from ..errors import EffBertError
+from ..io import atomic_write_json, atomic_write_text
+from ..workdir import WorkDir
+from .experiments import (
+    ENDED_STATUSES,
+    EXPERIMENTS_DIR,
+    NNICTL_DIR,
+    NO_MORE_STATUSES,
+    TERMINAL_TRIAL_STATUSES,
+    SearchError,
+    SearchResult,
+    check_resumable,
+    free_port,
+    prepare_workdir,
+    rest_get,
+    student_space,
+)
+from .records import read_nni_trials
+
+__all__ = ["nnictl_config", "write_nnictl_config", "run_nnictl"]
+
+logger = logging.getLogger(__name__)
+
+def nnictl_config(cfg, config_file: Path, *, search_space_file: Optional[Path] = None,
+                  code_dir: Optional[Path] = None, experiments_dir: Optional[Path] = None) -> Dict[str, Any]:
+    """The ``nnictl create`` config (v2 field names) of an experiment.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    config_file : Path
+        The saved experiment config every trial and the advisor read (absolute).
+    search_space_file : Path, optional
+        ``searchSpaceFile`` (left out when None: the advisor builds the space from ``config``).
+    code_dir, experiments_dir : Path, optional
+        ``trialCodeDirectory`` / ``experimentWorkingDirectory`` (default: ``<workdir>/nnictl``
+        and ``<workdir>/nni-experiments``).
+    """
+    wd = WorkDir.of(cfg)
+    config_file = Path(config_file).absolute()
+    conf: Dict[str, Any] = {"experimentName": f"effbert-{cfg.task.name}-{wd.root.name}"}
+    if search_space_file is not None:
+        conf["searchSpaceFile"] = str(Path(search_space_file).absolute())
+    conf.update({
+        "trialCommand": f"{sys.executable} -m nni_effbert.trial --config {config_file}",
+        "trialCodeDirectory": str(Path(code_dir or wd.root / NNICTL_DIR).absolute()),
+        "trialConcurrency": int(cfg.search.trial_concurrency),
+        "maxTrialNumber": int(cfg.search.total_trials()),
+        "tuner": {"name": "EfficientBertProgressive", "classArgs": {"config": str(config_file)}},
+        "trainingService": {"platform": "local", "useActiveGpu": False},
+        "experimentWorkingDirectory": str(Path(experiments_dir or wd.root / EXPERIMENTS_DIR).absolute()),
+    })
+    return conf
+
+
+def write_nnictl_config(cfg, config_file: Path) -> Path:
+    """Write ``<workdir>/nnictl/{nnictl.yml,search_space.json}``; returns the YAML's path."""
+    wd = WorkDir.of(cfg)
+    folder = wd.root / NNICTL_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    space_file = folder / "search_space.json"
+    atomic_write_json(student_space(cfg).nni_search_space(), space_file)
+    conf = nnictl_config(cfg, config_file, search_space_file=space_file)
+    path = folder / "nnictl.yml"
+    header = ("# Written by `nni-effbert search`; run it again with\n"
+              f"#   nnictl create --config {path} --port 8080\n")
+    atomic_write_text(header + yaml.safe_dump(conf, sort_keys=False), path)
+    return path
+
+
+def _nnictl(args: Sequence[str], timeout: float = 180, **kw: Any) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "nni.tools.nnictl.nnictl", *args]
+    logger.debug("running %s", " ".join(cmd))
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired as exc:
+        raise SearchError(f"`nnictl {' '.join(args)}` did not return within {timeout:.0f} s") from exc
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text or "")  # nnictl colours its output
+
+
+def _experiment_id(output: str) -> Optional[str]:
+    found = re.search(r'nnictl stop (\w+)"', output) or re.search(r"experiment id:?\s*(\w+)", output, re.I)
+    return found.group(1) if found else None
+
+
+def _log_errors(exp_dir: Path, limit: int = 5) -> List[str]:
+    """Last ERROR lines of the dispatcher's and the manager's logs."""
+    lines: List[str] = []
+    for name in ("dispatcher.log", "nnimanager.log"):
+        path = exp_dir / "log" / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            lines += [line.strip() for line in text if "ERROR" in line][-limit:]
+    return lines
+
+
+def _error_reason(port: int, exp_dir: Path) -> str:
+    reasons: List[str] = []
+    try:
+        status = rest_get(port, "check-status")
+        for err in status.get("errors") or []:
+            reasons.append(" ".join(str(err).split()))
+    except (urllib.error.URLError, OSError, ValueError):
+        pass
+    if not reasons:
+        reasons = _log_errors(exp_dir)
+    return "; ".join(dict.fromkeys(reasons)) or f"see the logs in {exp_dir / 'log'}"
+
+
+def _wait(port: int, total: int, progress: bool, timeout: Optional[float]) -> str:
+    """Poll the REST API until the experiment ended (and all trials with it); returns its status."""
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    bar = tqdm(total=total, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
+    failures, shown = 0, ""
+    try:
+        while True:
+            try:
+                status = str(rest_get(port, "check-status").get("status", "")).upper()
+                jobs = rest_get(port, "trial-jobs") or []
+                failures = 0
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                failures += 1
+                if failures >= 10:  # ten polls in a row: the manager is gone
+                    raise SearchError(f"the NNI manager on port {port} stopped answering ({exc})") from exc
+                status, jobs = "", None
+            if jobs is not None:
+                ended = sum(str(j.get("status")).upper() in TERMINAL_TRIAL_STATUSES for j in jobs)
+                bar.total = max(total, len(jobs))
+                bar.update(ended - bar.n)
+                running = [j for j in jobs if str(j.get("status")).upper() not in TERMINAL_TRIAL_STATUSES]
+                if status and status.lower() != shown:
+                    shown = status.lower()
+                    bar.set_postfix_str(shown)
+                if status in ENDED_STATUSES or (status in NO_MORE_STATUSES and not running):
+                    return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise SearchError(f"the experiment did not end within {timeout:.0f} s (status {status or '?'})")
+            time.sleep(2.0)  # polling interval of a REST API, not synchronisation
+    finally:
+        bar.close()
+
+
+def run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[int], progress: bool,
+                timeout: Optional[float], resume: Optional[str] = None) -> SearchResult:
+
+    wd, config_file = prepare_workdir(cfg, config_path)
+    if resume is not None:
+        check_resumable(wd, resume, nas=False)
+    conf_path = write_nnictl_config(cfg, config_file)
+    try:
+        meta = register_tuner()
+    except (ImportError, ValueError, OSError) as exc:
+        raise SearchError(f"cannot register the EfficientBertProgressive tuner with NNI ({exc})") from exc
+    logger.info("tuner %s registered (%s)", meta.get("builtinName"), meta.get("className"))
+    port = free_port() if port is None else int(port)
+    if resume is None:
+        args = ["create", "--config", str(conf_path), "--port", str(port)]
+    else:
+        args = ["resume", resume, "--port", str(port)]
+    created = _nnictl(args)
+    output = _plain(created.stdout + created.stderr)
+    exp_id = _experiment_id(output) if resume is None else resume
+    if created.returncode != 0 or exp_id is None or "ERROR" in output:
+        tail = " | ".join(line.strip() for line in output.splitlines() if line.strip())[-800:]
+        raise SearchError(f"`nnictl {' '.join(args)}` failed: {tail}")
+    url = f"http://localhost:{port}"
+    exp_dir = wd.root / EXPERIMENTS_DIR / exp_id
+    print(f"experiment {exp_id} {'resumed' if resume else 'started'}: web UI {url}", flush=True)
+    print(f"  nnictl config {conf_path}; logs {exp_dir / 'log'}", flush=True)
+    result = SearchResult(exp_id, url, "RUNNING", wd.root, conf_path, port=port)
+    if not wait:
+        print(f"  stop it with: nnictl stop {exp_id}", flush=True)
+        return result
+    try:
+        result.status = _wait(port, cfg.search.total_trials(), progress, timeout)
+        if result.status == "ERROR":
+            result.error = _error_reason(port, exp_dir)
+
+        try:
+            result.trials = read_nni_trials(exp_id, port=port)
+        except EffBertError as exc:
+            logger.warning("could not read the trials of %s: %s", exp_id, exc)
+    finally:
+        stopped = _nnictl(["stop", exp_id])
+        if stopped.returncode != 0:
+            logger.warning("`nnictl stop %s` failed: %s", exp_id, _plain(stopped.stdout + stopped.stderr)[-500:])
+        else:
+            logger.info("experiment %s stopped (port %d freed)", exp_id, port)
+    return result
+
+

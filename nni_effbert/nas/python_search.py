@@ -1,0 +1,287 @@
+"""The ``NasExperiment`` search driver (``nni-effbert search --python``): NNI's NAS experiment
+with :class:`~nni_effbert.strategies.ProgressiveStrategy`, warm-ups in this process, resumable
+after SIGTERM, records in ``<workdir>/trials.json``.
+
+See :mod:`nni_effbert.nas.search` for the whole picture and the NNI 3.0 gaps worked around here.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from nni_effbert.strategies import ProgressiveStrategy
+from nni_effbert.strategies.core import split_parameters
+
+from ..errors import EffBertError
+from ..io import atomic_write_json
+from ..workdir import WorkDir
+from .evaluator import KDEvaluator
+from .experiments import EXPERIMENTS_DIR, TRIALS_FILE, SearchResult, check_resumable, free_port, prepare_workdir
+from .records import normalize_trial, read_nni_trials
+
+__all__ = ["run_python"]
+
+logger = logging.getLogger(__name__)
+
+def _trial_results(wd: WorkDir, trial_ids: Optional[set] = None) -> Dict[Tuple[str, Any], Tuple[str, Dict[str, Any]]]:
+    """``(arch JSON, stage) -> (NNI trial id, metric dict)`` from the evaluator's records
+    (``trials/<id>/result.json``; only those of ``trial_ids`` when given), newest last so that it wins."""
+    found: Dict[Tuple[str, Any], Tuple[str, Dict[str, Any]]] = {}
+    paths = sorted(wd.trials_dir.glob("*/result.json"), key=lambda p: p.stat().st_mtime) \
+        if wd.trials_dir.is_dir() else []
+    for path in paths:
+        if trial_ids is not None and path.parent.name not in trial_ids:
+            continue
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        result = rec.get("result") if isinstance(rec, dict) else None
+        if rec.get("status") == "succeeded" and isinstance(result, dict) and isinstance(rec.get("arch"), dict):
+            found[(json.dumps(rec["arch"], sort_keys=True), result.get("stage"))] = (path.parent.name, result)
+    return found
+
+
+def _records_to_trials(strategy, wd: WorkDir) -> List[Dict[str, Any]]:
+    """The strategy's records as :mod:`~.report` trial dicts. NNI's NAS engine keeps only the
+    ``default`` value of a metric, so the full metric dict (and NNI's trial id) comes from the
+    record the evaluator wrote in the trial process."""
+
+    results = _trial_results(wd)
+    names = {i: s.name for i, s in enumerate(strategy.search_config.stages)}
+    trials = []
+    for seq, rec in enumerate(strategy.search.records):
+        arch, _ = split_parameters(rec.parameters)
+        # Only a success of this search takes a record (an older run may have scored the same arch).
+        nni_id, final = results.get((json.dumps(arch, sort_keys=True), rec.stage), (None, None)) \
+            if not rec.warmup and rec.status == "succeeded" else (None, None)
+        status = {"succeeded": "SUCCEEDED", "failed": "FAILED"}.get(rec.status, str(rec.status).upper())
+        trial: Dict[str, Any] = {
+            "trial_id": nni_id or f"{'warmup' if rec.warmup else 'strategy'}-{rec.trial_id}", "sequence": seq,
+            "stage": rec.stage, "stage_name": names.get(rec.stage), "warmup": bool(rec.warmup), "status": status,
+            "arch": arch, "message": rec.reason, "params": rec.params_count,
+        }
+        if isinstance(final, Mapping):
+            trial["final"] = dict(final)
+            for key in ("params", "non_embedding_params", "latency_ms"):
+                if isinstance(final.get(key), (int, float)):
+                    trial[key] = final[key]
+            if isinstance(final.get("expressions"), list):
+                trial["expressions"] = [str(e) for e in final["expressions"]]
+        if rec.score is not None and math.isfinite(float(rec.score)):
+            trial["metric"] = float(rec.score)
+        trials.append(trial)
+    return trials
+
+
+def _finished_after_stop(wd: WorkDir, exp_id: str):
+    """``finished_fn`` of a resumed ``--python`` search: parameters -> score of a candidate that
+    SUCCEEDED in experiment ``exp_id`` (NNI's records) with a result its trial process recorded
+    (``trials/<id>/result.json``); None for any other. Read before the experiment resumes."""
+
+    try:
+        succeeded = {t["trial_id"] for t in read_nni_trials(exp_id, experiments_dir=wd.root / EXPERIMENTS_DIR)
+                     if t.get("status") == "SUCCEEDED"}
+    except EffBertError as exc:  # then trials running at the stop are simply proposed again
+        logger.warning("resume: could not read experiment %s's trials (%s); candidates left running at the stop "
+                       "run again", exp_id, exc)
+        succeeded = set()
+    scores: Dict[Tuple[str, Any], float] = {}
+    for key, (_, final) in _trial_results(wd, succeeded).items():  # this experiment's trials only
+        value = final.get("default")
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            scores[key] = float(value)
+
+    def finished(parameters: Mapping[str, Any]) -> Optional[float]:
+        arch, meta = split_parameters(parameters)
+        return scores.get((json.dumps(arch, sort_keys=True), meta.get("_stage")))
+
+    return finished
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM seen by the ``--python`` search: handled as Ctrl-C (NNI stops and checkpoints)."""
+
+
+def _save_nas_checkpoint(experiment) -> None:
+    """Write the NasExperiment's ``checkpoint/state.ckpt`` atomically (temp file, then rename).
+
+    NNI writes it only when the experiment starts and when it stops; the strategy calls this
+    after every finished trial too, so a search killed outright resumes from its last result.
+    """
+    from nni.nas.utils.serializer import get_default_serializer  # local: nni.nas pulls in pytorch_lightning (~6 s); --python only
+
+    serializer = get_default_serializer()
+    folder = experiment._checkpoint_directory  # pylint: disable=protected-access
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".state.ckpt.{os.getpid()}.tmp"
+    written = Path(str(tmp) + serializer.suffix)  # NNI's serializers add their suffix (.torch)
+    try:
+        serializer.save(experiment.state_dict(), tmp)
+        os.replace(written, folder / ("state.ckpt" + serializer.suffix))
+    finally:
+        for path in (tmp, written):
+            if path.exists():
+                path.unlink()
+
+
+@contextlib.contextmanager
+def _nas_channel_skips_resume_commands():
+    """Work around NNI 3.0 for ``NasExperiment.resume`` through a training service.
+
+    On resume the NNI manager sends ``ImportData`` (the finished trials) and, if trials were
+    still waiting or running at the stop, ``AddCustomizedTrialJob`` (those trials, which it runs
+    again) on the tuner channel. NNI 3.0's NAS channel knows neither: its listener thread dies
+    on ``ValueError: Unknown command type`` and the resumed search waits forever. Both are
+    skipped here, only while the resumed experiment runs: the strategy restores its history
+    from the checkpoint and proposes unfinished candidates again itself (a graceful stop
+    cancels them first, see :func:`_cancel_unfinished_trials`).
+    """
+    from nni.runtime.tuner_command_channel.channel import TunerCommandChannel  # local: NNI internals patched on the --python path only
+    from nni.runtime.tuner_command_channel.command_type import CommandType
+
+    skipped = (str(CommandType.ImportData), str(CommandType.AddCustomizedTrialJob))
+    original = TunerCommandChannel.receive
+
+    def receive(self):
+        while True:
+            try:
+                return original(self)
+            except ValueError as exc:
+                if not any(name in str(exc) for name in skipped):
+                    raise
+                if str(CommandType.AddCustomizedTrialJob) in str(exc):
+                    logger.warning("resume: the NNI manager re-runs trials left unfinished by the stopped process; "
+                                   "their results are not used (the strategy proposes those candidates again)")
+                else:
+                    logger.info("resume: skipped NNI's ImportData (the strategy restored its own history)")
+
+    TunerCommandChannel.receive = receive
+    try:
+        yield
+    finally:
+        TunerCommandChannel.receive = original
+
+
+_UNFINISHED = ("WAITING", "RUNNING", "UNKNOWN")
+
+
+def _cancel_unfinished_trials(experiment, timeout: float = 60.0) -> List[str]:
+    """Cancel the trials still waiting or running in a NasExperiment's manager; returns their ids.
+
+    Called when a ``--python`` search stops early. The NNI manager re-runs the trials it
+    has as waiting or running when the experiment is resumed, while NNI's NAS engine ignores
+    their results (their parameter ids belong to the stopped process) and the strategy
+    proposes those candidates again itself: cancelled, they run once, not twice.
+    """
+    if getattr(experiment, "_proc", None) is None or not getattr(experiment, "port", None):
+        return []
+    try:
+        pending = [j["trialJobId"] for j in experiment.list_trial_jobs_raw() if j.get("status") in _UNFINISHED]
+        for trial_id in pending:
+            experiment.kill_trial_job(trial_id)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            jobs = {j["trialJobId"]: j.get("status") for j in experiment.list_trial_jobs_raw()}
+            if not any(jobs.get(t) in _UNFINISHED for t in pending):
+                break
+            time.sleep(0.5)  # polling the manager's REST API for the cancelled trials' status
+        if pending:
+            logger.info("cancelled unfinished trials %s; the strategy proposes them again on resume", pending)
+        return pending
+    except Exception:  # stopping must go on; the manager then re-runs them on resume
+        logger.exception("could not cancel the unfinished trials before stopping")
+        return []
+
+
+def _nas_experiment_class():
+    """``NasExperiment`` whose ``stop()`` first cancels the trials still waiting or running."""
+    from nni.experiment import rest  # local: nni.nas pulls in pytorch_lightning (~6 s); --python only
+    from nni.nas.experiment import NasExperiment  # local: nni.nas pulls in pytorch_lightning (~6 s); --python only
+
+    class EffBertNasExperiment(NasExperiment):
+        def list_trial_jobs_raw(self):
+            return rest.get(self.port, "/trial-jobs", self.url_prefix) or []
+
+        def stop(self) -> None:
+            _cancel_unfinished_trials(self)
+            super().stop()
+
+    return EffBertNasExperiment
+
+
+def run_python(cfg, config_path: Optional[str], *, port: Optional[int], progress: bool,
+                resume: Optional[str] = None) -> SearchResult:
+    from nni.nas.experiment import NasExperimentConfig  # local: nni.nas pulls in pytorch_lightning (~6 s); --python only
+
+    wd, _ = prepare_workdir(cfg, config_path)
+    if resume is not None:
+        check_resumable(wd, resume, nas=True)
+    evaluator = KDEvaluator(cfg, progress=progress)
+    space = evaluator.space  # the experiment's space (teacher-sized fit_dense, task labels)
+    holder: Dict[str, Any] = {}
+
+    def checkpoint() -> None:
+        try:
+            _save_nas_checkpoint(holder["experiment"])
+        except Exception:  # a failed save must not stop the search; NNI saves again at stop
+            logger.exception("could not save the NAS experiment checkpoint")
+
+    # arch_space: NNI hands the strategy a SimplifiedModelSpace, which lacks the arch API.
+    strategy = ProgressiveStrategy(search=cfg.search, warmup_fn=evaluator.warmup, arch_space=space,
+                                   checkpoint_fn=checkpoint,
+                                   finished_fn=_finished_after_stop(wd, resume) if resume is not None else None)
+    conf = NasExperimentConfig("ts", "simplified", "local")
+    conf.experiment_name = f"effbert-{cfg.task.name}-{wd.root.name}-nas"
+    conf.trial_concurrency = int(cfg.search.trial_concurrency)
+    conf.experiment_working_directory = str(wd.root / EXPERIMENTS_DIR)
+    conf.training_service.use_active_gpu = False
+    experiment = _nas_experiment_class()(space, evaluator.as_nni_evaluator(), strategy, conf, id=resume)
+    holder["experiment"] = experiment
+    port = free_port() if port is None else int(port)
+    url = f"http://localhost:{port}"
+    print(f"NAS experiment {experiment.id} {'resumed' if resume else 'started'}: web UI {url} "
+          "(warm-ups run in this process)", flush=True)
+    print(f"  stop it with Ctrl-C (or SIGTERM); resume with: nni-effbert search -c {config_path or '<config>'} "
+          f"--python --resume {experiment.id}", flush=True)
+    result = SearchResult(experiment.id, url, "RUNNING", wd.root, None, port=port)
+
+    def on_sigterm(signum, frame):
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) \
+        if threading.current_thread() is threading.main_thread() else None
+    try:
+        # NNI catches Ctrl-C (and our SIGTERM) in run/resume, stops and checkpoints; None then.
+        if resume:
+            with _nas_channel_skips_resume_commands():
+                finished = experiment.resume(port=port)
+        else:
+            finished = experiment.run(port=port)
+        result.status = "DONE" if finished else "STOPPED"
+    except Exception as exc:  # the strategy's own failure (e.g. a failed warm-up) ends the search
+        result.status, result.error = "ERROR", f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        logger.error("NAS experiment %s failed: %s", experiment.id, result.error)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        experiment.stop()
+    if strategy.search is not None:
+        result.trials = [normalize_trial(t) for t in _records_to_trials(strategy, wd)]
+        result.trials_file = wd.root / TRIALS_FILE
+        atomic_write_json({"experiment_id": experiment.id, "trials": result.trials}, result.trials_file)
+        if result.status == "DONE" and strategy.search.done is not None and strategy.search.done.failed:
+            result.status, result.error = "ERROR", strategy.search.done.reason
+    if result.status == "STOPPED":
+        print(f"NAS experiment {experiment.id} stopped; resume with: nni-effbert search -c "
+              f"{config_path or '<config>'} --python --resume {experiment.id}", flush=True)
+    return result
+
+

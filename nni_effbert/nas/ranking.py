@@ -1,0 +1,108 @@
+"""Ranking scored trials: the best trial of a search and Pareto fronts (metric vs cost).
+
+trials are ranked, plotted and put on Pareto fronts. Every other trial is counted, never drawn.
+
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+
+from ..errors import ConfigError, EffBertError
+from .records import is_failed, is_scored, normalize_trial
+
+__all__ = ["NoSucceededTrialError", "best_trial", "pareto_front"]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class NoSucceededTrialError(EffBertError):
+    """An experiment (or one of its stages) has no succeeded trial with a finite metric."""
+
+
+
+
+def best_trial(trials: Iterable[Mapping[str, Any]], *, stage: Union[int, str, None] = "last",
+               experiment: Optional[str] = None) -> Dict[str, Any]:
+    """The best scored trial: highest metric, then fewest parameters, then earliest.
+
+    Parameters
+    ----------
+    trials : iterable of dict
+        Trial dicts (see the module docstring).
+    stage : int, 'last' or None
+        ``'last'`` (default): the highest stage with a scored trial, the progressive search's
+        answer (later stages refine earlier ones, and their scores, e.g. inherited-weight scores
+        of the paper's stage 3, are not comparable with earlier stages'). An int: that stage.
+        None: all trials.
+    experiment : str, optional
+        Named in the error message.
+
+    Raises
+    ------
+    NoSucceededTrialError
+        If no trial (of the stage) succeeded with a finite metric.
+    """
+    trials = [normalize_trial(t) for t in trials]
+    scored = [t for t in trials if is_scored(t)]
+    where = f"experiment {experiment}" if experiment else "the experiment"
+    if stage == "last":
+        stages = [t["stage"] for t in scored if t["stage"] is not None]
+        if stages:
+            stage = max(stages)
+            logger.info("best trial taken from the last stage with results, stage %d", stage)
+        else:
+            stage = None
+    elif stage is not None and not isinstance(stage, int):
+        raise ConfigError(f"stage must be an int, 'last' or None, got {stage!r}")
+    pool = scored if stage is None else [t for t in scored if t["stage"] == stage]
+    if not pool:
+        failed = sum(is_failed(t) for t in trials)
+        of_stage = "" if stage is None else f" in stage {stage}"
+        raise NoSucceededTrialError(
+            f"{where} has no succeeded trial with a finite metric{of_stage} "
+            f"({len(trials)} trial(s), {failed} failed); check the failed trials' logs in the NNI web UI, "
+            "or export a known architecture with --arch ARCH.json"
+        )
+
+    def key(t):
+        return (-t["metric"], t["params"] if t["params"] is not None else math.inf,
+                t["sequence"] if t["sequence"] is not None else math.inf, t["trial_id"])
+
+    return min(pool, key=key)
+
+
+def pareto_front(trials: Iterable[Mapping[str, Any]], cost: str = "params") -> List[Dict[str, Any]]:
+    """Scored trials not dominated in (higher ``metric``, lower ``cost``), by increasing cost.
+
+    A trial is dominated when another has a metric at least as high and a cost at least as low,
+    one of them strictly. Trials without a ``cost`` value are left out.
+
+    Parameters
+    ----------
+    trials : iterable of dict
+        Trial dicts.
+    cost : str
+        ``params``, ``non_embedding_params`` or ``latency_ms``.
+    """
+    if cost not in ("params", "non_embedding_params", "latency_ms"):
+        raise ConfigError(f"cost must be params, non_embedding_params or latency_ms, got {cost!r}")
+    pts = [t for t in (normalize_trial(t) for t in trials) if is_scored(t) and t[cost] is not None]
+    # Sweep by increasing cost (ties: best metric first); a trial is on the front iff its metric
+    # beats every cheaper-or-equal trial seen before it.
+    pts.sort(key=lambda t: (t[cost], -t["metric"]))
+    front: List[Dict[str, Any]] = []
+    best = -math.inf
+    for t in pts:
+        if t["metric"] > best:
+            front.append(t)
+            best = t["metric"]
+        elif t["metric"] == best and front and front[-1][cost] == t[cost]:
+            front.append(t)  # an exact duplicate point: neither dominates the other
+    return front
+
+

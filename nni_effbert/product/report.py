@@ -1,0 +1,423 @@
+"""The experiment report: the comparison table and ``reports/report.md`` with its plots.
+
+Rows of the comparison table (:func:`format_table`) are dicts with ``name``, ``dev_metric``,
+``params``, ``non_embedding_params``, ``latency_ms`` and optionally ``role``
+(``teacher`` / ``baseline`` / ``searched``) and ``note``; the speed-up column is relative to
+the teacher row (``role == 'teacher'``, or the row named ``teacher``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+from ..errors import CheckpointError, ConfigError
+from ..io import atomic_write_text
+from ..kd.latency import measure_latency
+from ..kd.teacher import load_teacher, prepare_teacher
+from ..kd.train import KDSetup
+from ..nas.ranking import best_trial
+from ..nas.records import is_failed, is_scored, normalize_trial, read_nni_trials
+from ..workdir import WorkDir
+from .distill import distill_record
+from .export import load_exported
+from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label
+from .students import SEARCHED, ensure_baseline, experiments_dir_of
+
+__all__ = ["TABLE_KEYS", "ReportResult", "ReportOutcome", "format_table", "write_report", "teacher_row", "student_row", "build_report"]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Keys a table row may have.
+TABLE_KEYS = ("name", "dev_metric", "params", "non_embedding_params", "latency_ms", "role", "note")
+
+
+@dataclass
+class ReportResult:
+    """What :func:`write_report` wrote.
+
+    Attributes
+    ----------
+    report : Path
+        ``report.md``.
+    plots : dict
+        Plot name (``best_so_far``, ``metric_vs_params``, ``metric_vs_latency``) -> PNG path;
+        a plot without any scored trial to draw is left out.
+    table : str
+        The markdown comparison table (also in the report).
+    counts : dict
+        Trial counts: ``total``, ``scored``, ``failed``, ``warmup``, ``other`` (running,
+        canceled, early-stopped).
+    pareto_params, pareto_latency : list of str
+        Trial ids on the metric-vs-params and metric-vs-latency Pareto fronts.
+    best : dict or None
+        The best trial (:func:`best_trial`), or None without scored trials.
+    """
+
+    report: Path
+    plots: Dict[str, Path] = field(default_factory=dict)
+    table: str = ""
+    counts: Dict[str, int] = field(default_factory=dict)
+    pareto_params: List[str] = field(default_factory=list)
+    pareto_latency: List[str] = field(default_factory=list)
+    best: Optional[Dict[str, Any]] = None
+
+
+
+# ============================================================================================
+# Tables
+# ============================================================================================
+
+def _fmt_count(n: Optional[float]) -> str:
+    if n is None:
+        return "n/a"
+    if abs(n) >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if abs(n) >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return f"{int(n)}"
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def _check_rows(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise ConfigError(f"table row {i} must be a dict, got {type(row).__name__}")
+        unknown = sorted(set(row) - set(TABLE_KEYS))
+        if unknown:
+            raise ConfigError(f"table row {i} ({row.get('name')!r}): unknown key(s) {unknown}; "
+                              f"allowed: {list(TABLE_KEYS)}")
+        if not row.get("name"):
+            raise ConfigError(f"table row {i} has no name")
+        clean = {k: row.get(k) for k in TABLE_KEYS}
+        for key in ("dev_metric", "params", "non_embedding_params", "latency_ms"):
+            value = clean[key]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"table row {clean['name']!r}: {key} must be a number or None, got {value!r}")
+        out.append(clean)
+    teachers = [r for r in out if r["role"] == "teacher"] or \
+               [r for r in out if str(r["name"]).strip().lower() == "teacher"]
+    if len(teachers) > 1:
+        raise ConfigError(f"table has {len(teachers)} teacher rows ({[r['name'] for r in teachers]}); "
+                          "mark exactly one with role='teacher'")
+    for r in out:
+        r["_teacher"] = bool(teachers) and r is teachers[0]
+    return out
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], *, metric_name: str = "dev metric") -> str:
+    """The comparison table (teacher, baseline student, searched student) as markdown.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        ``name``, ``dev_metric``, ``params``, ``non_embedding_params``, ``latency_ms`` (CPU,
+        batch 1, sequence 128, median ms), optional ``role`` and ``note``. Unknown values may be
+        None and print as ``n/a``.
+    metric_name : str
+        Header of the metric column (e.g. ``dev accuracy``).
+
+    Returns
+    -------
+    str
+        A markdown table; ``vs teacher`` is the metric as a percentage of the teacher's and
+        ``speed-up`` the teacher's latency divided by the row's.
+
+    Raises
+    ------
+    ConfigError
+        On an unknown key, a missing name, a non-numeric value, or several teacher rows.
+    """
+    rows = _check_rows(rows)
+    teacher = next((r for r in rows if r["_teacher"]), None)
+    header = ["model", metric_name, "vs teacher", "params", "non-emb. params",
+              "CPU latency b1/s128 (ms, median)", "speed-up"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for r in rows:
+        rel = speed = "n/a"
+        if teacher is not None:
+            tm, tl = teacher["dev_metric"], teacher["latency_ms"]
+            if r["dev_metric"] is not None and tm:
+                rel = f"{100 * r['dev_metric'] / tm:.1f}%"
+            if r["latency_ms"] and tl:
+                speed = f"{tl / r['latency_ms']:.2f}x"
+        name = str(r["name"]) + (f" ({r['note']})" if r["note"] else "")
+        cells = [name, _fmt(r["dev_metric"], ".4f"), rel, _fmt_count(r["params"]),
+                 _fmt_count(r["non_embedding_params"]), _fmt(r["latency_ms"], ".2f"), speed]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+# ============================================================================================
+# Plots and report.md
+# ============================================================================================
+
+def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_rows: Sequence[Mapping[str, Any]],
+                 out_dir: Optional[PathLike] = None, *, experiment: Optional[str] = None,
+                 metric_name: str = "dev metric", title: Optional[str] = None) -> ReportResult:
+    """Write ``report.md`` and its PNG plots.
+
+    Parameters
+    ----------
+    workdir : str or Path
+        The experiment's work directory; the report goes to ``<workdir>/reports`` by default.
+    trials : sequence of dict
+        Trial dicts (module docstring), e.g. from :func:`read_nni_trials`.
+    table_rows : sequence of dict
+        Rows of the comparison table (:func:`format_table`): teacher, baseline and searched
+        student. May be empty (the report then says the table is missing).
+    out_dir : str or Path, optional
+        Where to write instead of ``<workdir>/reports``.
+    experiment : str, optional
+        NNI experiment id, shown in the report.
+    metric_name : str
+        Name of the dev metric (``dev accuracy``).
+    title : str, optional
+        Report title.
+
+    Returns
+    -------
+    ReportResult
+        Paths, counts, table and Pareto fronts.
+
+    Notes
+    -----
+    Plots (``best_so_far.png``, ``metric_vs_params.png``, ``metric_vs_latency.png``) show scored
+    trials only. Failed trials are counted in the legends, titles and report; a plot with no
+    scored trial to show is not written.
+    """
+
+    trials = [normalize_trial(t) for t in trials]
+    table = format_table(table_rows, metric_name=metric_name) if table_rows else ""
+    out = Path(out_dir) if out_dir is not None else WorkDir.of(workdir).reports_dir
+    out.mkdir(parents=True, exist_ok=True)
+
+    candidates = [t for t in trials if not t["warmup"]]
+    scored = [t for t in candidates if is_scored(t)]
+    failed = [t for t in trials if is_failed(t) or (t["warmup"] and t["status"] == "FAILED")]
+    counts = {
+        "total": len(trials),
+        "scored": len(scored),
+        "failed": len(failed),
+        "warmup": sum(t["warmup"] for t in trials),
+        "other": len(candidates) - len(scored) - sum(is_failed(t) for t in candidates),
+    }
+    names = {t["stage"]: t["stage_name"] for t in trials if t["stage_name"]}
+    stages = sorted({t["stage"] for t in candidates}, key=lambda s: (s is None, s if s is not None else 0))
+    colors = stage_colors(stages)
+    best = None
+    if scored:
+        best = best_trial(scored, experiment=experiment)
+
+    plots: Dict[str, Path] = {}
+    pareto_params: List[str] = []
+    pareto_latency: List[str] = []
+    if scored:
+        plots["best_so_far"] = out / "best_so_far.png"
+        plot_best_so_far(trials, names, colors, metric_name, plots["best_so_far"])
+        axis = params_axis(scored)
+        if axis is not None:
+            plots["metric_vs_params"] = out / "metric_vs_params.png"
+            pareto_params = plot_front(trials, axis, names, colors, metric_name, best, plots["metric_vs_params"])
+        if any(t["latency_ms"] is not None for t in scored):
+            plots["metric_vs_latency"] = out / "metric_vs_latency.png"
+            pareto_latency = plot_front(trials, "latency_ms", names, colors, metric_name, best,
+                                         plots["metric_vs_latency"])
+
+    text = _report_markdown(title or "EfficientBERT search report", experiment, Path(workdir), trials, counts,
+                            stages, names, best, table, plots, pareto_params, pareto_latency, metric_name, failed)
+    report = out / "report.md"
+    atomic_write_text(text, report)
+    logger.info("report written to %s (%d plots)", report, len(plots))
+    return ReportResult(report=report, plots=plots, table=table, counts=counts, pareto_params=pareto_params,
+                        pareto_latency=pareto_latency, best=best)
+
+
+def _report_markdown(title, experiment, workdir, trials, counts, stages, names, best, table, plots,
+                     pareto_params, pareto_latency, metric_name, failed) -> str:
+    by_id = {t["trial_id"]: t for t in trials}
+    lines = [f"# {title}", ""]
+    if experiment:
+        lines.append(f"- NNI experiment: `{experiment}`")
+    lines += [
+        f"- Work directory: `{workdir}`",
+        f"- Trials: {counts['total']} ({counts['scored']} scored, {counts['failed']} failed, "
+        f"{counts['warmup']} warm-up, {counts['other']} running or canceled)",
+        "",
+        "## Teacher, baseline and searched student",
+        "",
+    ]
+    if table:
+        lines += [table, "", "Latency: median CPU forward time at batch 1, sequence length 128. "
+                  "`vs teacher`: dev metric as a percentage of the teacher's.", ""]
+    else:
+        lines += ["No comparison table yet: run `nni-effbert distill` to produce the final students.", ""]
+
+    lines += ["## Search", ""]
+    if not stages:
+        lines += ["No candidate trials.", ""]
+    else:
+        lines += [f"| stage | scored | failed | best {metric_name} | best trial | params |",
+                  "|---|---:|---:|---:|---|---:|"]
+        for stage in stages:
+            of_stage = [t for t in trials if t["stage"] == stage and not t["warmup"]]
+            ok = [t for t in of_stage if is_scored(t)]
+            top = best_trial(ok, stage=None) if ok else None
+            lines.append(f"| {stage_label(stage, names)} | {len(ok)} | {sum(is_failed(t) for t in of_stage)} | "
+                         f"{_fmt(top['metric'] if top else None, '.4f')} | {top['trial_id'] if top else 'n/a'} | "
+                         f"{_fmt_count(top['params'] if top else None)} |")
+        lines.append("")
+    if best is not None:
+        lines += [f"**Selected architecture**: trial `{best['trial_id']}` "
+                  f"({stage_label(best['stage'], names)}), {metric_name} {best['metric']:.4f}, "
+                  f"{_fmt_count(best['params'])} params, {_fmt(best['latency_ms'], '.2f')} ms.", ""]
+        if best["expressions"]:
+            lines += ["| layer | expression |", "|---:|---|"]
+            lines += [f"| {i} | `{e}` |" for i, e in enumerate(best["expressions"])]
+            lines.append("")
+
+    for key, caption in (("best_so_far", "Best-so-far per stage"),
+                         ("metric_vs_params", f"{metric_name} vs parameters (Pareto front circled)"),
+                         ("metric_vs_latency", f"{metric_name} vs CPU latency (Pareto front circled)")):
+        if key in plots:
+            lines += [f"![{caption}]({plots[key].name})", ""]
+    if not plots:
+        lines += ["No plots: no trial succeeded with a finite metric.", ""]
+
+    for ids, what, unit in ((pareto_params, "parameters", "params"), (pareto_latency, "latency", "latency_ms")):
+        if ids:
+            lines += [f"### Pareto front: {metric_name} vs {what}", "",
+                      f"| trial | stage | {metric_name} | params | non-emb. params | latency (ms) |",
+                      "|---|---|---:|---:|---:|---:|"]
+            for tid in ids:
+                t = by_id[tid]
+                lines.append(f"| {tid} | {stage_label(t['stage'], names)} | {t['metric']:.4f} | "
+                             f"{_fmt_count(t['params'])} | {_fmt_count(t['non_embedding_params'])} | "
+                             f"{_fmt(t['latency_ms'], '.2f')} |")
+            lines.append("")
+
+    if failed:
+        lines += ["## Failed trials", "", "Counted above, never plotted or ranked.", "",
+                  "| trial | stage | kind | status | reason |", "|---|---|---|---|---|"]
+        for t in failed:
+            reason = " ".join(str(t["message"] or "see the trial's log").split()).replace("|", "\\|")
+            kind = "warm-up" if t["warmup"] else "candidate"
+            lines.append(f"| {t['trial_id']} | {stage_label(t['stage'], names)} | {kind} | {t['status']} | "
+                         f"{reason[:200]} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison of teacher, baseline and searched student
+# ---------------------------------------------------------------------------------------------
+
+
+def teacher_row(setup, *, seq_length: int, repeats: int) -> Dict[str, Any]:
+    """The teacher's table row: dev metric from its fine-tuning record, size, measured latency."""
+
+    model, _ = load_teacher(str(setup.teacher_dir))
+    model = prepare_teacher(model).cpu()
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = getattr(model.base_model, "embeddings", None)
+    emb = sum(p.numel() for p in embeddings.parameters()) if embeddings is not None else 0
+    latency = measure_latency(model, seq_length=seq_length, repeats=repeats).median_ms
+    return {"name": "teacher", "role": "teacher", "dev_metric": float(setup.teacher_marker["dev_metric"]),
+            "params": int(total), "non_embedding_params": int(total - emb), "latency_ms": float(latency)}
+
+
+def student_row(folder, name: str, role: str, *, seq_length: int, repeats: int, note: Optional[str] = None,
+                metric: Optional[float] = None) -> Dict[str, Any]:
+    """A distilled student's table row (the latency is measured again, beside the teacher's)."""
+
+    exported = load_exported(folder)
+    record = distill_record(exported.meta)
+    if record is None:
+        raise CheckpointError(f"the student in {folder} is not distilled yet; run "
+                              f"`nni-effbert distill -c <config> --export {folder}` first")
+    latency = measure_latency(exported.model, seq_length=seq_length, repeats=repeats).median_ms
+    return {"name": name, "role": role, "dev_metric": float(metric if metric is not None else record["dev_metric"]),
+            "params": int(exported.meta["params"]), "non_embedding_params": int(exported.meta["non_embedding_params"]),
+            "latency_ms": float(latency), "note": note}
+
+
+@dataclass
+class ReportOutcome:
+    """What :func:`build_report` produced.
+
+    Attributes
+    ----------
+    result : ReportResult
+        Paths of report.md and the plots.
+    rows : list of dict
+        Table rows (teacher, baseline, searched).
+    table : str
+        The formatted table.
+    experiment : str or None
+    baseline_difference : int
+        Baseline params minus searched params.
+    """
+
+    result: Any
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+    table: str = ""
+    experiment: Optional[str] = None
+    baseline_difference: int = 0
+
+
+def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, experiments_dir: Optional[str] = None,
+                 progress: bool = True, setup=None) -> ReportOutcome:
+    """Read the experiment's trials, distil the baseline if needed, and write the report.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+    experiment : str, optional
+        NNI experiment id; default the one the searched export was taken from (none: the report
+        has the table but no trial plots).
+    searched_dir : path, optional
+        The distilled searched student (default ``exports/searched``).
+    experiments_dir : str, optional
+        NNI's experiments folder, for experiments its manifest does not know.
+    """
+
+    wd = WorkDir.of(cfg)
+    searched_dir = Path(searched_dir) if searched_dir else wd.export_dir(SEARCHED)
+    searched = load_exported(searched_dir)  # fail fast, before any training
+
+    if distill_record(searched.meta) is None:
+        raise CheckpointError(f"the searched student in {searched_dir} is not distilled yet; run "
+                              f"`nni-effbert distill -c <config> --export {searched_dir}` first")
+    if experiment is None:
+        experiment = (searched.meta.get("extra") or {}).get("experiment")
+    trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir)) if experiment else []
+    if not experiment:
+        logger.warning("no NNI experiment given (--experiment) nor recorded in %s: the report has no trial plots",
+                       searched_dir)
+    setup = setup or KDSetup.from_config(cfg, progress=progress)
+    seq, repeats = int(cfg.evaluator.latency_seq_length), int(cfg.evaluator.latency_repeats)
+    base_result, choice = ensure_baseline(cfg, searched_dir, progress=progress, setup=setup)
+    metric = setup.task.spec.metric
+    rows = [
+        teacher_row(setup, seq_length=seq, repeats=repeats),
+        student_row(base_result.path, "baseline (BERT MLP)", "baseline", seq_length=seq, repeats=repeats,
+                    note=f"width {choice.width}, stack 1, {choice.difference:+d} params vs searched"),
+        student_row(searched_dir, "searched student", "searched", seq_length=seq, repeats=repeats),
+    ]
+    result = write_report(wd.root, trials, rows, experiment=experiment, metric_name=f"dev {metric}")
+    table = format_table(rows, metric_name=f"dev {metric}")
+    return ReportOutcome(result=result, rows=rows, table=table, experiment=experiment,
+                         baseline_difference=choice.difference)
+
+

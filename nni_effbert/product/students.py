@@ -1,0 +1,180 @@
+"""The students a search produces: the best trial (or a known arch) exported with supernet
+weights, and the hand-designed baseline it is compared with.
+
+:func:`export_best` and :func:`export_arch` are ``nni-effbert export``; :func:`ensure_baseline`
+exports and distils the BERT-MLP baseline for ``nni-effbert report``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ..errors import CheckpointError
+from ..io import load_json
+from ..nas.evaluator import KDEvaluator
+from ..nas.params import read_arch_file
+from ..nas.ranking import best_trial
+from ..nas.records import read_nni_trials
+from ..workdir import WorkDir
+from .distill import baseline_arch, distill_record, plan_distill, run_distill
+from .export import export_student, load_exported
+
+__all__ = [
+    "SEARCHED",
+    "BASELINE",
+    "ExportInfo",
+    "export_best",
+    "export_arch",
+    "ensure_baseline",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Default export names inside ``<workdir>/exports``.
+SEARCHED = "searched"
+BASELINE = "baseline"
+
+
+@dataclass
+class ExportInfo:
+    """What an export wrote.
+
+    Attributes
+    ----------
+    path : Path
+        The export folder.
+    arch : dict
+    params, non_embedding_params : int
+    source : str
+        Where the weights came from (``stage 2 supernet``).
+    trial : dict or None
+        The best trial it was taken from (``--experiment``).
+    """
+
+    path: Path
+    arch: Dict[str, Any]
+    params: int
+    non_embedding_params: int
+    source: str
+    trial: Optional[Dict[str, Any]] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+
+
+def _export(evaluator, arch: Dict[str, Any], stage: Optional[int], name: str, extra: Dict[str, Any]) -> ExportInfo:
+    """Export ``arch`` with the supernet weights of ``stage`` into ``exports/<name>``."""
+
+    setup = evaluator.setup
+    source = evaluator.load_stage(stage)
+    if "random initialisation" in source:
+        # A student sliced from an untrained supernet is not a searched result: refuse rather than
+        # export random weights under a searched name.
+        raise CheckpointError(
+            "no warmed-up supernet to take the student's weights from; run the search (or "
+            "`nni-effbert warmup -c <config>`) first"
+        )
+    arch = evaluator.validate_arch(arch)
+    stage_used = evaluator._loaded_stage
+    space = setup.space
+    meta = {**extra, "supernet": source, "supernet_stage": stage_used}
+    out = setup.workdir.export_dir(name)
+    export_student(space, arch, space, out, tokenizer=setup.tokenizer, task=setup.task.spec, extra_meta=meta)
+    return ExportInfo(path=out, arch=arch, params=int(space.count_params(arch)),
+                      non_embedding_params=int(space.count_params(arch, exclude_embeddings=True)), source=source)
+
+
+def experiments_dir_of(cfg, given: Optional[str]) -> Optional[str]:
+    """``given``, else ``<workdir>/nni-experiments`` where ``nni-effbert search`` keeps NNI's
+    experiment folders (found even when NNI's manifest in the home folder does not list them)."""
+    if given:
+        return given
+
+    folder = WorkDir.of(cfg).root / "nni-experiments"
+    return str(folder) if folder.is_dir() else None
+
+
+def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: Optional[str] = None,
+                progress: bool = True, evaluator=None) -> ExportInfo:
+    """Export the best succeeded trial of an NNI experiment.
+
+    The trial is :func:`~nni_effbert.nas.ranking.best_trial` (last stage with results, highest dev
+    metric, then fewest parameters); its weights are sliced from that stage's supernet.
+
+    Raises
+    ------
+    ExperimentNotFoundError
+        Unknown experiment id.
+    NoSucceededTrialError
+        No succeeded trial with a finite metric.
+    CheckpointError
+        The stage's supernet checkpoint is missing.
+    """
+
+    trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
+    best = best_trial(trials, experiment=experiment)
+    evaluator = evaluator or KDEvaluator(cfg, progress=progress)
+    extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
+             "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"]}
+    info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra)
+    info.trial = best
+    return info
+
+
+def export_arch(cfg, arch_file: str, *, name: str = SEARCHED, stage: Optional[int] = None,
+                progress: bool = True, evaluator=None) -> ExportInfo:
+    """Export the architecture of a JSON file (``label -> value``) with supernet weights.
+
+    ``stage`` picks the supernet checkpoint (default: the latest one in the work directory).
+    """
+
+    data = read_arch_file(arch_file)
+    arch = {k: v for k, v in data.items() if not str(k).startswith("_")}
+    evaluator = evaluator or KDEvaluator(cfg, progress=progress)
+    extra = {"source": "arch file", "arch_file": str(Path(arch_file).absolute())}
+    return _export(evaluator, arch, stage, name, extra)
+
+
+def ensure_baseline(cfg, searched_dir, *, name: str = BASELINE, progress: bool = True, setup=None):
+    """Export (if needed) and distil the hand-designed baseline for a searched export.
+
+    The baseline is :func:`~nni_effbert.product.distill.baseline_arch` for the searched student's
+    parameter count, sliced from the same supernet stage and distilled with the same
+    ``distill`` budget. An existing baseline export made for the same searched student, space
+    and budget is reused.
+
+    Returns
+    -------
+    (DistillResult, BaselineChoice)
+    """
+
+    searched = load_exported(searched_dir)
+    ev = KDEvaluator(cfg, progress=progress, setup=setup)
+    space = ev.setup.space
+    if space.config.to_dict() != searched.config.to_dict():
+        raise CheckpointError(f"the student in {searched.path} belongs to another student space than this "
+                              "config's; build the report with the config it was exported with")
+    choice = baseline_arch(space, int(searched.meta["params"]))
+    out = ev.setup.workdir.export_dir(name)
+    wanted = {"baseline_for": searched.meta.get("fingerprint"), "target_params": choice.target}
+    reuse = False
+    if (out / "export_meta.json").is_file():
+        meta = load_json(out / "export_meta.json", "baseline export metadata")
+        extra = meta.get("extra") or {}
+        record = distill_record(meta)
+        reuse = (all(extra.get(k) == v for k, v in wanted.items()) and record is not None
+                 and record.get("plan") == plan_distill(cfg).to_dict()
+                 and meta.get("space_config") == space.config.to_dict())
+    if not reuse:
+        stage = (searched.meta.get("extra") or {}).get("supernet_stage")
+        extra = {"source": "baseline", **wanted, "width": choice.width,
+                 "param_difference": choice.difference, "searched_export": str(searched.path)}
+        logger.info("baseline: BERT MLP, stack 1, width %d (%d params vs %d searched, %+d)", choice.width,
+                    choice.params, choice.target, choice.difference)
+        _export(ev, choice.arch, stage, name, extra)
+    result = run_distill(cfg, out, progress=progress, setup=ev.setup)
+    return result, choice
