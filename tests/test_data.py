@@ -1,4 +1,4 @@
-"""Tests of task specs and data loading (nni_effbert.tasks, nni_effbert.data)."""
+"""Tests of task specs and data loading (nni_effbert.data.tasks, nni_effbert.data.loading)."""
 from __future__ import annotations
 
 import json

@@ -60,7 +60,7 @@ def test_three_concurrent_first_trials_build_the_cache_once(prepared, tmp_path):
 WARMUP_KILLED_IN_SAVE = r'''
 import sys, torch
 import nni_effbert.io as io
-import nni_effbert.warmup as warmup
+import nni_effbert.nas.warmup as warmup
 
 real_save = warmup.atomic_save_torch
 

@@ -5,7 +5,7 @@ trial's NNI sequence number (``NNI_TRIAL_SEQ_ID``): a SIGKILL at the first inter
 report (mid-training), a diverging learning rate (NaN loss), and a 200 MB address-space cap
 (``evaluator.memory_limit_mb``). Outside NNI the same faults are checked on the exit status and
 the message; through ``nnictl`` on the REST API, the trial logs, the advisor's state and
-:func:`nni_effbert.report.best_trial`. A warm-up that fails stops the experiment (ERROR) before
+:func:`nni_effbert.nas.ranking.best_trial`. A warm-up that fails stops the experiment (ERROR) before
 any candidate is sent.
 """
 from __future__ import annotations

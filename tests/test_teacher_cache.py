@@ -297,7 +297,7 @@ WORKER = """
 import os
 import numpy as np
 import datasets
-from nni_effbert.cache import TeacherCache
+from nni_effbert.kd.cache import TeacherCache
 
 ds = datasets.load_from_disk(ds_path)
 barrier.wait()  # all three start on the empty cache together
