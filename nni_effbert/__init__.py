@@ -3,8 +3,9 @@
 Code map (layers bottom to top; a module imports only from its layer or below, enforced by
 ``tests/test_import_layers.py``):
 
-* ``errors``, ``io``, ``workdir``, ``runtime``, ``hf/`` -- exceptions, atomic files, the work
-  directory layout, process set-up (logging, threads), the HF remote code of exports;
+* ``errors``, ``io``, ``typed_yaml``, ``workdir``, ``runtime``, ``hf/`` -- exceptions, atomic
+  files, strict YAML -> dataclasses, the work directory layout, process set-up (logging,
+  threads), the HF remote code of exports;
 * ``search_spaces/`` (installed as ``nni_effbert.search_spaces``) -- the space: op table,
   searchable MLP, supernet, NNI mutables; ``strategies/`` core (stages, sampler, ask/tell);
 * ``config`` -- the YAML schema and loader;
