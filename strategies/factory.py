@@ -26,9 +26,6 @@ from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
-from nni_effbert.config import load_config
-from nni_effbert.search_spaces import EfficientBertSpace
-
 from .broker import STATE_FILE, TrialBroker
 from .core import ProgressiveSearch
 from .errors import SearchConfigError
@@ -57,6 +54,10 @@ def build_space_and_search(config: Optional[str] = None, preset: Optional[str] =
 
     if search is not None and not isinstance(search, Mapping):
         raise SearchConfigError(f"classArgs.search must be a mapping of search settings, got {type(search).__name__}")
+    # local: NNI's dispatcher must connect to the manager within 10 s of starting, before it builds
+    # the space; importing it (nni.nas -> pytorch_lightning, ~6 s idle) at module import missed that
+    # window on a loaded machine ("Tuner did not connect in 10 seconds").
+    from nni_effbert.search_spaces import EfficientBertSpace
     if space_overrides is not None and not isinstance(space_overrides, Mapping):
         raise SearchConfigError(f"classArgs.space_overrides must be a mapping of EfficientBertConfig fields, "
                                 f"got {type(space_overrides).__name__}")
@@ -67,6 +68,8 @@ def build_space_and_search(config: Optional[str] = None, preset: Optional[str] =
         if not isinstance(config, (str, os.PathLike)) or not Path(config).is_file():
             raise SearchConfigError(f"classArgs.config: experiment config file not found: {config!r} (give the "
                                     f"path of effbert.yml, absolute or relative to the nnictl working directory)")
+
+        from nni_effbert.config import load_config  # local: see EfficientBertSpace above
 
         cfg = load_config(config, check_paths=False)
         space = EfficientBertSpace.preset(cfg.student.preset, **dict(cfg.student.overrides))
