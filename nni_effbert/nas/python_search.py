@@ -245,6 +245,9 @@ def run_python(cfg, config_path: Optional[str], *, port: Optional[int], progress
     conf.training_service.use_active_gpu = False
     experiment = _nas_experiment_class()(space, evaluator.as_nni_evaluator(), strategy, conf, id=resume)
     holder["experiment"] = experiment
+    # Warm-ups run in this process: they write this experiment's supernets, as NNI's trials of it
+    # (NNI_EXP_ID) read them.
+    evaluator.experiment = experiment.id
     port = free_port() if port is None else int(port)
     url = f"http://localhost:{port}"
     print(f"NAS experiment {experiment.id} {'resumed' if resume else 'started'}: web UI {url} "
