@@ -27,11 +27,18 @@ Other behaviours:
 * the state is written to NNI's checkpoint folder after every change; ``nnictl resume``
   reloads it, keeps the trials NNI re-runs, applies results that arrived while stopped, and
   proposes again the trials that were lost;
-* an assessor is not supported (NNI ignores assessors next to advisors).
+* an assessor is not supported (NNI ignores assessors next to advisors);
+* with ``classArgs.config``, the advisor holds the work directory's search lock while the
+  experiment runs (:mod:`nni_effbert.nas.search_lock`): a second experiment on a work
+  directory whose search is running reports the running one (experiment id, port) and ends in
+  ``ERROR`` at once, unless ``search.share_workdir`` is true.
 """
 from __future__ import annotations
 
 import logging
+import os
+import re
+from pathlib import Path
 from typing import Any, Optional, Set
 
 import nni
@@ -39,6 +46,10 @@ from nni import ClassArgsValidator
 from nni.runtime.msg_dispatcher_base import MsgDispatcherBase
 from nni.runtime.tuner_command_channel import CommandType
 from nni.utils import MetricType
+
+from nni_effbert.config import load_config
+from nni_effbert.nas import search_lock
+from nni_effbert.workdir import WorkDir
 
 from .errors import SearchConfigError
 from .factory import CLASS_ARGS, build_broker, build_space_and_search, check_search_space
@@ -81,10 +92,25 @@ class ProgressiveAdvisor(MsgDispatcherBase):
             # Tell the manager why, instead of leaving it to time out on a dead dispatcher.
             self.report_error(f"EfficientBertProgressive: bad classArgs: {err}")
             raise
+        try:
+            self._take_search_lock(config)
+        except search_lock.SearchRunningError as err:
+            self.report_error(f"EfficientBertProgressive: {err}")
+            raise
         self._resumed = False
         self._resumed_ids: Set[int] = set()
         self._reconciled = True
         self._finished = False
+
+    def _take_search_lock(self, config: Optional[str]) -> None:
+        """Hold the work directory's search lock (only as NNI's dispatcher, with ``classArgs.config``)."""
+        ckpt = os.environ.get("NNI_CHECKPOINT_DIRECTORY")
+        if not config or not ckpt:
+            return  # not NNI's dispatcher (tests), or no work directory to guard
+        cfg = load_config(config, check_paths=False)
+        found = re.search(r":(\d+)/", os.environ.get("NNI_TUNER_COMMAND_CHANNEL", ""))
+        search_lock.acquire(WorkDir.of(cfg), kind="advisor", experiment=Path(ckpt).parent.name,
+                            port=int(found.group(1)) if found else None, share=cfg.search.share_workdir)
 
     # -- plumbing ---------------------------------------------------------------------------
 

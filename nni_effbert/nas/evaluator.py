@@ -174,7 +174,7 @@ class KDEvaluator:
         n = len(cfg.search.stages)
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < n:
             raise ConfigError(f"stage {stage!r} does not exist: the config has {n} stage(s), numbered 0..{n - 1}")
-        path, _ = resolve_checkpoint(wd, stage, exp)
+        path, legacy = resolve_checkpoint(wd, stage, exp)
         source: Optional[Path] = None
         owned = True  # the source is one of the experiment's supernets (owner checked)
         if path.is_file():
@@ -184,7 +184,7 @@ class KDEvaluator:
         else:
             earlier = latest_stage(wd, exp, stage - 1) if stage > 0 else None
             if earlier is not None:
-                source = resolve_checkpoint(wd, earlier, exp)[0]
+                source, legacy = resolve_checkpoint(wd, earlier, exp)
                 desc = f"stage {earlier} supernet (stage {stage} has no warm-up)"
             elif cfg.warmup.checkpoint:
                 if not Path(cfg.warmup.checkpoint).is_file():
@@ -201,6 +201,8 @@ class KDEvaluator:
             return self._loaded[1]
         if source is not None:
             owner_kw = {"experiment": exp} if owned else {}
+            if owned and legacy:
+                owner_kw["missing"] = missing_message(wd, stage, exp, cfg.search.stages[stage].name)
             data = load_supernet_checkpoint(setup.space, source, what=desc,
                                             teacher_fingerprint=setup.teacher_fingerprint,
                                             hint=f"re-run `nni-effbert warmup -c <config> --stage {stage}`", **owner_kw)

@@ -96,11 +96,14 @@ def latest_stage(wd: WorkDir, experiment: Optional[str], up_to_stage: Optional[i
     return found
 
 
-def check_owner(data: Mapping[str, Any], path: Path, experiment: Optional[str], *, what: str) -> None:
+def check_owner(data: Mapping[str, Any], path: Path, experiment: Optional[str], *, what: str,
+                missing: Optional[str] = None) -> None:
     """Refuse a checkpoint that belongs to another experiment than ``experiment``.
 
     A checkpoint without an owner predates the layout: it is read as before, with a note
-    (once per file and process).
+    (once per file and process). ``missing`` (the message of :func:`missing_message`) is raised
+    instead for an old-layout path that turns out to hold a new, owned checkpoint: the
+    experiment's own supernet is then simply not there.
 
     Raises
     ------
@@ -116,6 +119,8 @@ def check_owner(data: Mapping[str, Any], path: Path, experiment: Optional[str], 
                            describe_key(experiment))
         return
     theirs = rec.get("experiment")
+    if missing is not None and theirs != experiment:
+        raise CheckpointError(missing)
     if theirs != experiment:
         raise CheckpointError(
             f"{what} {path} belongs to {describe_key(theirs)} (warm-up trial {rec.get('trial') or '-'}), not to "

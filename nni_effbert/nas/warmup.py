@@ -233,12 +233,13 @@ _ANY_OWNER = object()
 
 def load_supernet_checkpoint(space, path, *, what: str = "supernet checkpoint", hint: Optional[str] = None,
                              teacher_fingerprint: Optional[str] = None,
-                             experiment: Any = _ANY_OWNER) -> Dict[str, Any]:
+                             experiment: Any = _ANY_OWNER, missing: Optional[str] = None) -> Dict[str, Any]:
     """Load a supernet checkpoint into ``space``'s shared weights.
 
     ``experiment`` (an id, or None for the work directory's own warm-ups) is the experiment the
     checkpoint is read for: one owned by another is refused (:func:`.supernets.check_owner`).
-    Leave it out for a file the user named (``warmup.checkpoint``).
+    Leave it out for a file the user named (``warmup.checkpoint``). ``missing``: see
+    :func:`.supernets.check_owner`.
 
     Raises
     ------
@@ -248,7 +249,7 @@ def load_supernet_checkpoint(space, path, *, what: str = "supernet checkpoint", 
     """
     data = read_supernet_checkpoint(path, what, hint)
     if experiment is not _ANY_OWNER:
-        check_owner(data, Path(path), experiment, what=what)
+        check_owner(data, Path(path), experiment, what=what, missing=missing)
     saved = data.get("space_config")
     if saved is not None:
 

@@ -403,6 +403,10 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
     sliced_from = supernet_experiment(searched.meta)
     if experiment is None:
         experiment = (searched.meta.get("extra") or {}).get("experiment")
+    elif sliced_from is None:
+        logger.warning("the searched student in %s was sliced from the work directory's own supernets (warm-ups run "
+                       "by hand), not experiment %s's: the baseline comes from the same supernets, the experiment "
+                       "gives the trial plots", searched_dir, experiment)
     elif sliced_from != experiment:
         # The baseline is sliced from the searched student's supernets: a report of experiment B
         # on a student of A's would compare against A's weights under B's name.
