@@ -52,7 +52,6 @@ from nni_effbert.nas import search_lock
 from nni_effbert.workdir import WorkDir
 
 from .errors import SearchConfigError
-from .factory import CLASS_ARGS, build_broker, build_space_and_search, check_search_space
 
 __all__ = ["ProgressiveAdvisor", "ProgressiveClassArgsValidator"]
 
@@ -63,6 +62,8 @@ class ProgressiveClassArgsValidator(ClassArgsValidator):
     """Validates ``classArgs`` early (``nnictl`` v1 configs); the classes validate them again."""
 
     def validate_class_args(self, **kwargs: Any) -> None:
+        from .factory import CLASS_ARGS, build_space_and_search  # local: see ProgressiveAdvisor.__init__
+
         unknown = sorted(set(kwargs) - set(CLASS_ARGS))
         if unknown:
             raise SearchConfigError(f"unknown classArgs {unknown}; allowed: {list(CLASS_ARGS)}")
@@ -85,7 +86,12 @@ class ProgressiveAdvisor(MsgDispatcherBase):
     def __init__(self, *, config: Optional[str] = None, preset: Optional[str] = None,
                  space_overrides: Optional[dict] = None, search: Optional[dict] = None,
                  state_path: Optional[str] = None, command_channel_url: Optional[str] = None):
-        super().__init__(command_channel_url)
+        super().__init__(command_channel_url)  # connects to the manager
+        # local: factory imports the space (torch + nni.nas: seconds, ~40 s on a busy 2-core
+        # machine), and NNI's manager gives the dispatcher only 10 s to connect, which the line
+        # above does; so the heavy import comes after it.
+        from .factory import build_broker
+
         try:
             self.broker = build_broker(config, preset, space_overrides, search, state_path)
         except Exception as err:
@@ -165,6 +171,8 @@ class ProgressiveAdvisor(MsgDispatcherBase):
         self.send(CommandType.Initialized, "")
 
     def handle_update_search_space(self, data):
+        from .factory import check_search_space  # local: imported by __init__ already (see there)
+
         check_search_space(self.broker.search.space, data)
 
     def handle_request_trial_jobs(self, data):

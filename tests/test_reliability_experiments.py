@@ -266,27 +266,33 @@ def test_second_search_is_refused_and_a_stale_lock_taken_over(prepared, tmp_path
         sleeper.wait()
 
     caplog.set_level(logging.WARNING, logger="nni_effbert.nas.search_lock")
-    stale = [
-        dict(experiment="deadExp1", port=fake_manager, pid=_dead_pid()),          # dispatcher died (nnictl stop)
-        dict(experiment="otherExp", port=fake_manager, pid=os.getpid()),          # manager runs another experiment
-        dict(experiment="goneExp1", port=1, pid=os.getpid()),                     # nothing answers at its port
-        dict(experiment=None, port=None, pid=_dead_pid(), kind="starting"),       # a starter that died
-    ]
-    for fields in stale:
-        _lock(work, **fields)
-        caplog.clear()
-        held = search_lock.acquire(WorkDir.of(work), kind="advisor", experiment="newExp1", port=2)
-        assert held.experiment == "newExp1"
-        assert json.loads((work / "search.lock").read_text())["experiment"] == "newExp1"
-        lines = [r.getMessage() for r in caplog.records if "taking over the stale search lock" in r.getMessage()]
-        assert len(lines) == 1, (fields, [r.getMessage() for r in caplog.records])
-    # A finished experiment (DONE) holds nothing either.
-    _FakeManager.status = "DONE"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # alive, not a search
     try:
-        _lock(work, experiment="runExp1", port=fake_manager, pid=os.getpid())
-        search_lock.acquire(WorkDir.of(work), kind="python", port=3)
+        stale = [
+            dict(experiment="deadExp1", port=fake_manager, pid=_dead_pid()),      # dispatcher died (nnictl stop)
+            dict(experiment="otherExp", port=fake_manager, pid=other.pid),        # manager runs another experiment
+            dict(experiment="goneExp1", port=1, pid=other.pid),                   # nothing answers at its port
+            dict(experiment=None, port=None, pid=_dead_pid(), kind="starting"),   # a starter that died
+            dict(experiment="pyGone1", port=None, pid=_dead_pid(), kind="python"),  # a --python search killed
+        ]
+        for fields in stale:
+            _lock(work, **fields)
+            caplog.clear()
+            held = search_lock.acquire(WorkDir.of(work), kind="advisor", experiment="newExp1", port=2)
+            assert held.experiment == "newExp1"
+            assert json.loads((work / "search.lock").read_text())["experiment"] == "newExp1"
+            lines = [r.getMessage() for r in caplog.records if "taking over the stale search lock" in r.getMessage()]
+            assert len(lines) == 1, (fields, [r.getMessage() for r in caplog.records])
+        # A finished experiment (DONE) holds nothing either.
+        _FakeManager.status = "DONE"
+        try:
+            _lock(work, experiment="runExp1", port=fake_manager, pid=other.pid)
+            search_lock.acquire(WorkDir.of(work), kind="python", port=3)
+        finally:
+            _FakeManager.status = "RUNNING"
     finally:
-        _FakeManager.status = "RUNNING"
+        other.kill()
+        other.wait()
     # The advisor adopts the lock its own `nni-effbert search` took while starting (same port).
     _lock(work, experiment=None, port=4444, pid=os.getpid() + 100000, kind="starting")
     caplog.clear()

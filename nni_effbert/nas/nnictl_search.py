@@ -90,8 +90,19 @@ def write_nnictl_config(cfg, config_file: Path) -> Path:
     return path
 
 
+#: ``nnictl`` with more patience: NNI 3.0's launcher gives a new manager 3 s (3 polls of
+#: ``check-status``) to answer, then kills it; node needs longer on a busy machine.
+_NNICTL = ("import sys\n"
+           "import nni.experiment.launcher as launcher\n"
+           "_check = launcher._check_rest_server\n"
+           "launcher._check_rest_server = lambda port, retry=3, url_prefix=None: _check(port, 60, url_prefix)\n"
+           "from nni.tools.nnictl.nnictl import parse_args\n"
+           "sys.argv[0] = 'nnictl'\n"
+           "parse_args()\n")
+
+
 def _nnictl(args: Sequence[str], timeout: float = 180, **kw: Any) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "nni.tools.nnictl.nnictl", *args]
+    cmd = [sys.executable, "-c", _NNICTL, *args]
     logger.debug("running %s", " ".join(cmd))
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
