@@ -104,6 +104,9 @@ def _configure_warmup(parser: argparse.ArgumentParser) -> None:
                         help="steps between resumable states (default: a tenth of the run, at least 25)")
     parser.add_argument("--force", action="store_true",
                         help="warm up again even if the stage's checkpoint exists for the same settings")
+    parser.add_argument("--experiment", metavar="ID",
+                        help="write (or resume) this NNI experiment's supernet, supernet/ID/stage{N}.pt (default: "
+                             "the work directory's own, supernet/stage{N}.pt, which no experiment reads)")
 
 
 def _run_warmup(args: argparse.Namespace) -> int:
@@ -112,7 +115,8 @@ def _run_warmup(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
     fixed = load_fixed_file(args.fixed) if args.fixed else None
     result = run_warmup(cfg, args.stage, fixed=fixed, steps=args.steps, general_steps=args.general_steps,
-                        force=args.force, checkpoint_interval=args.checkpoint_every, progress=not args.quiet)
+                        force=args.force, checkpoint_interval=args.checkpoint_every, progress=not args.quiet,
+                        experiment=args.experiment)
     state = "already warmed up" if result.skipped else f"{result.plan.total_steps} steps from {result.init}"
     if result.resumed_at is not None:
         state += f", resumed at step {result.resumed_at}"
@@ -204,9 +208,10 @@ def _run_register_tuner(args: argparse.Namespace) -> int:
 
 
 def _configure_export(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--experiment", metavar="ID", help="NNI experiment id: export its best succeeded trial")
-    src.add_argument("--arch", metavar="ARCH.json", help="export this architecture (label -> value JSON object)")
+    parser.add_argument("--experiment", metavar="ID",
+                        help="NNI experiment id: export its best succeeded trial, with that experiment's supernets "
+                             "(with --arch: the arch, with that experiment's supernets)")
+    parser.add_argument("--arch", metavar="ARCH.json", help="export this architecture (label -> value JSON object)")
     parser.add_argument("--name", default="searched", help="export folder name under <workdir>/exports (default searched)")
     parser.add_argument("--stage", type=int, metavar="N",
                         help="with --arch: supernet stage to take the weights from (default: the latest)")
@@ -215,19 +220,23 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.experiment is None and args.arch is None:
+        raise ConfigError("export needs --experiment ID (its best trial) or --arch ARCH.json (or both: the arch "
+                          "with that experiment's supernets)")
     if args.stage is not None and args.arch is None:
         raise ConfigError("--stage goes with --arch; with --experiment the best trial's own stage is used")
     from .product.students import export_arch, export_best
 
     cfg = _load_cfg(args)
-    if args.experiment:
+    if args.experiment and not args.arch:
         info = export_best(cfg, args.experiment, name=args.name, experiments_dir=args.experiments_dir,
                            progress=not args.quiet)
         t = info.trial
         print(f"best trial {t['trial_id']} (stage {t['stage']}, dev {t['metric']:.4f}), "
               f"{info.params} params ({info.non_embedding_params} non-embedding), weights from {info.source}")
     else:
-        info = export_arch(cfg, args.arch, name=args.name, stage=args.stage, progress=not args.quiet)
+        info = export_arch(cfg, args.arch, name=args.name, stage=args.stage, progress=not args.quiet,
+                           experiment=args.experiment)
         print(f"{info.params} params ({info.non_embedding_params} non-embedding), weights from {info.source}")
     print(info.path)
     return 0

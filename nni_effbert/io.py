@@ -15,6 +15,11 @@ Readers use :func:`load_torch` / :func:`load_json`, which turn a missing, trunca
 corrupt file into a :class:`~nni_effbert.errors.CheckpointError` that names the file and
 says what to do.
 
+A write that fails because the disk is full (``ENOSPC``, ``EDQUOT``; also as torch and
+safetensors report it) raises :class:`~nni_effbert.errors.DiskFullError`
+(``disk full while writing <path>``), after the temporary file or folder is removed; the
+previous file is untouched (:func:`disk_full_guard`).
+
 A writer killed by SIGKILL cannot remove its temporary file: such leftovers are named
 ``.<name>.<random>.tmp`` (hidden, never matched by a reader) and are safe to delete.
 """
@@ -33,7 +38,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator, Optional, Union
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DiskFullError
 
 __all__ = [
     "atomic_write",
@@ -44,6 +49,8 @@ __all__ = [
     "make_tmp_dir",
     "load_torch",
     "load_json",
+    "disk_full_guard",
+    "is_disk_full",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +74,59 @@ def _fsync_dir(folder: Path) -> None:
         pass  # some file systems (tmpfs on old kernels, network mounts) refuse; harmless
     finally:
         os.close(fd)
+
+
+_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28")
+
+
+def is_disk_full(exc: BaseException, folder: Optional[PathLike] = None) -> bool:
+    """True if ``exc`` (or an exception it was raised from or during) says the disk is full.
+
+    torch reports a failed ``torch.save`` as ``RuntimeError`` (with the ``OSError`` as context, or
+    none at all when it wrote through its own stream); safetensors as ``SafetensorError``
+    naming ``os error 28``. Where nothing says why, a ``folder`` with no free block left decides.
+    """
+    seen = set()
+    item: Optional[BaseException] = exc
+    while item is not None and id(item) not in seen:
+        seen.add(id(item))
+        if isinstance(item, DiskFullError):
+            return True
+        if isinstance(item, OSError) and item.errno in _FULL_ERRNOS:
+            return True
+        if any(t in str(item).lower() for t in _FULL_TEXT):
+            return True
+        item = item.__cause__ or item.__context__
+    if folder is not None and isinstance(exc, (OSError, RuntimeError)):
+        try:
+            st = os.statvfs(folder)
+        except (OSError, AttributeError):
+            return False
+        return st.f_bavail == 0
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_guard(path: PathLike) -> Iterator[None]:
+    """Turn a disk-full failure inside the block into ``DiskFullError("disk full while writing <path>")``.
+
+    Clean-up (removing temporary files) is the block's own job; this only names the failure so
+    that a trial fails with a readable reason instead of a stack trace from deep inside torch.
+    """
+    target = Path(path)
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised unchanged unless the disk is full
+        probe = target if target.is_dir() else target.parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not is_disk_full(exc, probe):
+            raise
+        raise DiskFullError(errno.ENOSPC, f"disk full while writing {target}; free some space (or move the work "
+                                          "directory) and run it again") from exc
 
 
 @contextlib.contextmanager
@@ -102,8 +162,9 @@ def atomic_write(path: PathLike, mode: str = "wb", encoding: Optional[str] = Non
         )
     final = Path(path)
     folder = final.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{final.name}.", suffix=".tmp")
+    with disk_full_guard(final):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{final.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         if "b" in mode:
@@ -119,9 +180,12 @@ def atomic_write(path: PathLike, mode: str = "wb", encoding: Optional[str] = Non
         except OSError:
             pass  # permissions are a nicety; never lose the data over them
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and is_disk_full(exc, folder):
+            raise DiskFullError(errno.ENOSPC, f"disk full while writing {final}; free some space (or move the work "
+                                              "directory) and run it again") from exc
         raise
     _fsync_dir(folder)
 

@@ -10,9 +10,15 @@ of joining strings of its own::
       teacher.lock            held while the teacher is fine-tuned
       cache/                  teacher-output caches, one folder per key (nni_effbert.kd.cache)
       datasets/               ``datasets`` cache of the tokenized task data
-      supernet/stage{N}.pt        warmed weight-sharing supernet of stage N (zero-based)
+      supernet/<experiment id>/stage{N}.pt  warmed supernet of stage N (zero-based) of one NNI
+                                            experiment (its warm-up trial wrote it)
+      supernet/<experiment id>/stage{N}.resume.pt, .lock   its warm-up state and lock
+      supernet/stage{N}.pt        stage N warmed up outside any experiment (``nni-effbert warmup``
+                                  without ``--experiment``), and the layout before supernets were
+                                  keyed by experiment (still read, see nni_effbert.nas.supernets)
       supernet/stage{N}.resume.pt periodic warm-up state (step, optimizer), deleted when done
       supernet/stage{N}.lock      held while stage N is warmed up
+      search.lock             who runs the live search of this folder (nni_effbert.nas.search_lock)
       trials/<trial id>/result.json  what a trial reported (metrics, arch)
       exports/<name>/         exported students
       reports/                report.md and plots
@@ -92,6 +98,11 @@ class WorkDir:
         return self.root / "supernet"
 
     @property
+    def search_lock(self) -> Path:
+        """Who runs the live search of this work directory (:mod:`nni_effbert.nas.search_lock`)."""
+        return self.root / "search.lock"
+
+    @property
     def trials_dir(self) -> Path:
         return self.root / "trials"
 
@@ -105,17 +116,23 @@ class WorkDir:
 
     # -- per stage / trial / export --------------------------------------------------------
 
-    def supernet_checkpoint(self, stage: int) -> Path:
-        """Warmed supernet of stage ``stage`` (zero-based): ``supernet/stage{N}.pt``."""
-        return self.supernet_dir / f"stage{_stage(stage)}.pt"
+    def supernet_folder(self, experiment: Optional[str] = None) -> Path:
+        """Folder of an experiment's supernets (``supernet/<id>``); ``supernet`` itself for
+        warm-ups outside any experiment (``experiment`` None)."""
+        return self.supernet_dir / _safe(experiment) if experiment else self.supernet_dir
 
-    def warmup_state(self, stage: int) -> Path:
+    def supernet_checkpoint(self, stage: int, experiment: Optional[str] = None) -> Path:
+        """Warmed supernet of stage ``stage`` (zero-based): ``supernet/<experiment>/stage{N}.pt``
+        (``supernet/stage{N}.pt`` without an experiment)."""
+        return self.supernet_folder(experiment) / f"stage{_stage(stage)}.pt"
+
+    def warmup_state(self, stage: int, experiment: Optional[str] = None) -> Path:
         """Resumable warm-up state of stage ``stage`` (deleted once the checkpoint is written)."""
-        return self.supernet_dir / f"stage{_stage(stage)}.resume.pt"
+        return self.supernet_folder(experiment) / f"stage{_stage(stage)}.resume.pt"
 
-    def warmup_lock(self, stage: int) -> Path:
+    def warmup_lock(self, stage: int, experiment: Optional[str] = None) -> Path:
         """Lock file held while stage ``stage`` is warmed up."""
-        return self.supernet_dir / f"stage{_stage(stage)}.lock"
+        return self.supernet_folder(experiment) / f"stage{_stage(stage)}.lock"
 
     def trial_dir(self, trial_id: str) -> Path:
         """Folder of one trial's records (the id is made file-name safe)."""
@@ -125,12 +142,15 @@ class WorkDir:
         """Folder of one exported student."""
         return self.exports_dir / _safe(name)
 
-    def latest_supernet_checkpoint(self, up_to_stage: Optional[int] = None) -> Optional[int]:
-        """Highest stage ``<= up_to_stage`` (any stage if None) whose checkpoint exists, or None."""
-        if not self.supernet_dir.is_dir():
+    def latest_supernet_checkpoint(self, up_to_stage: Optional[int] = None,
+                                   experiment: Optional[str] = None) -> Optional[int]:
+        """Highest stage ``<= up_to_stage`` (any stage if None) whose checkpoint exists in
+        ``experiment``'s supernet folder (see :meth:`supernet_folder`), or None."""
+        folder = self.supernet_folder(experiment)
+        if not folder.is_dir():
             return None
         stages = []
-        for p in self.supernet_dir.glob("stage*.pt"):
+        for p in folder.glob("stage*.pt"):
             m = re.fullmatch(r"stage(\d+)\.pt", p.name)
             if m and p.is_file():
                 stages.append(int(m.group(1)))

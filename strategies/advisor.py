@@ -27,11 +27,18 @@ Other behaviours:
 * the state is written to NNI's checkpoint folder after every change; ``nnictl resume``
   reloads it, keeps the trials NNI re-runs, applies results that arrived while stopped, and
   proposes again the trials that were lost;
-* an assessor is not supported (NNI ignores assessors next to advisors).
+* an assessor is not supported (NNI ignores assessors next to advisors);
+* with ``classArgs.config``, the advisor holds the work directory's search lock while the
+  experiment runs (:mod:`nni_effbert.nas.search_lock`): a second experiment on a work
+  directory whose search is running reports the running one (experiment id, port) and ends in
+  ``ERROR`` at once, unless ``search.share_workdir`` is true.
 """
 from __future__ import annotations
 
 import logging
+import os
+import re
+from pathlib import Path
 from typing import Any, Optional, Set
 
 import nni
@@ -40,8 +47,11 @@ from nni.runtime.msg_dispatcher_base import MsgDispatcherBase
 from nni.runtime.tuner_command_channel import CommandType
 from nni.utils import MetricType
 
+from nni_effbert.config import load_config
+from nni_effbert.nas import search_lock
+from nni_effbert.workdir import WorkDir
+
 from .errors import SearchConfigError
-from .factory import CLASS_ARGS, build_broker, build_space_and_search, check_search_space
 
 __all__ = ["ProgressiveAdvisor", "ProgressiveClassArgsValidator"]
 
@@ -52,6 +62,8 @@ class ProgressiveClassArgsValidator(ClassArgsValidator):
     """Validates ``classArgs`` early (``nnictl`` v1 configs); the classes validate them again."""
 
     def validate_class_args(self, **kwargs: Any) -> None:
+        from .factory import CLASS_ARGS, build_space_and_search  # local: see ProgressiveAdvisor.__init__
+
         unknown = sorted(set(kwargs) - set(CLASS_ARGS))
         if unknown:
             raise SearchConfigError(f"unknown classArgs {unknown}; allowed: {list(CLASS_ARGS)}")
@@ -74,17 +86,37 @@ class ProgressiveAdvisor(MsgDispatcherBase):
     def __init__(self, *, config: Optional[str] = None, preset: Optional[str] = None,
                  space_overrides: Optional[dict] = None, search: Optional[dict] = None,
                  state_path: Optional[str] = None, command_channel_url: Optional[str] = None):
-        super().__init__(command_channel_url)
+        super().__init__(command_channel_url)  # connects to the manager
+        # local: factory imports the space (torch + nni.nas: seconds, ~40 s on a busy 2-core
+        # machine), and NNI's manager gives the dispatcher only 10 s to connect, which the line
+        # above does; so the heavy import comes after it.
+        from .factory import build_broker
+
         try:
             self.broker = build_broker(config, preset, space_overrides, search, state_path)
         except Exception as err:
             # Tell the manager why, instead of leaving it to time out on a dead dispatcher.
             self.report_error(f"EfficientBertProgressive: bad classArgs: {err}")
             raise
+        try:
+            self._take_search_lock(config)
+        except search_lock.SearchRunningError as err:
+            self.report_error(f"EfficientBertProgressive: {err}")
+            raise
         self._resumed = False
         self._resumed_ids: Set[int] = set()
         self._reconciled = True
         self._finished = False
+
+    def _take_search_lock(self, config: Optional[str]) -> None:
+        """Hold the work directory's search lock (only as NNI's dispatcher, with ``classArgs.config``)."""
+        ckpt = os.environ.get("NNI_CHECKPOINT_DIRECTORY")
+        if not config or not ckpt:
+            return  # not NNI's dispatcher (tests), or no work directory to guard
+        cfg = load_config(config, check_paths=False)
+        found = re.search(r":(\d+)/", os.environ.get("NNI_TUNER_COMMAND_CHANNEL", ""))
+        search_lock.acquire(WorkDir.of(cfg), kind="advisor", experiment=Path(ckpt).parent.name,
+                            port=int(found.group(1)) if found else None, share=cfg.search.share_workdir)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -139,6 +171,8 @@ class ProgressiveAdvisor(MsgDispatcherBase):
         self.send(CommandType.Initialized, "")
 
     def handle_update_search_space(self, data):
+        from .factory import check_search_space  # local: imported by __init__ already (see there)
+
         check_search_space(self.broker.search.space, data)
 
     def handle_request_trial_jobs(self, data):

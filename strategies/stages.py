@@ -204,6 +204,9 @@ class SearchConfig:
         Seeds every random choice of the search.
     sampler : SamplerConfig
         The learned sampler.
+    share_workdir : bool
+        Let this search run while another one runs on the same work directory (default: a
+        second search is refused at start, see :mod:`nni_effbert.nas.search_lock`).
     """
 
     param_budget: Optional[List[float]] = None
@@ -211,6 +214,7 @@ class SearchConfig:
     trial_concurrency: int = 1
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    share_workdir: bool = False
 
     def __post_init__(self) -> None:
         if self.param_budget is not None:
@@ -233,6 +237,7 @@ class SearchConfig:
               f"trial_concurrency must be an int >= 1, got {self.trial_concurrency!r}")
         _need(_is_int(self.seed) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
         _need(isinstance(self.sampler, SamplerConfig), f"sampler must be a sampler mapping, got {self.sampler!r}")
+        _need(isinstance(self.share_workdir, bool), f"share_workdir must be true or false, got {self.share_workdir!r}")
 
     @property
     def budget(self) -> Optional[tuple]:

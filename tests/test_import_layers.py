@@ -36,7 +36,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("config", ["config"]),
     ("data and KD", ["data.*", "kd", "kd.*"]),
     ("NAS library", ["nas", "nas.params", "nas.records", "nas.ranking", "nas.warmup", "nas.evaluator",
-                     "nas.nni_evaluator"]),
+                     "nas.nni_evaluator", "nas.supernets", "nas.search_lock"]),
     ("product library", ["product", "product.export", "product.distill", "product.students", "product.plots",
                          "product.report"]),
     ("NNI-facing", ["nas.*", "strategies.*"]),

@@ -166,13 +166,21 @@ def test_export_distill_report_cli(tmp_path, base_teacher, glue_dir, capsys, mon
                for i in range(space.config.num_hidden_layers))
     assert f"{base.meta['extra']['param_difference']:+d} params vs searched" in rows[1]
 
-    # export --experiment: the best succeeded trial (T1), weights from its stage's supernet
+    # export --experiment: the best succeeded trial (T1), weights from that experiment's supernet of
+    # its stage (its warm-up trial wrote supernet/exp42/stage0.pt), never the work directory's own.
+    assert cli.main(["export", "-q", "-c", TINY, *sets, "--experiment", "exp42", "--experiments-dir", str(exps),
+                     "--name", "best"]) == 2
+    assert "experiment exp42 has no supernet of stage 0" in capsys.readouterr().err
+    assert cli.main(["warmup", "-q", "-c", TINY, *sets, "--stage", "0", "--experiment", "exp42"]) == 0
+    capsys.readouterr()
     assert cli.main(["export", "-q", "-c", TINY, *sets, "--experiment", "exp42", "--experiments-dir", str(exps),
                      "--name", "best"]) == 0
     out = capsys.readouterr().out
     assert "best trial T1" in out and out.strip().endswith(str(work / "exports" / "best"))
     best = load_exported(work / "exports" / "best")
     assert best.arch == space.validate_arch(arch) and best.meta["extra"]["trial_id"] == "T1"
+    assert best.meta["extra"]["supernet_experiment"] == "exp42"
+    assert best.meta["extra"]["supernet_checkpoint"]["path"] == str(work / "supernet" / "exp42" / "stage0.pt")
 
     # bad input: one line on stderr, exit status 2
     _make_experiment(exps / "dead" / "db" / "nni.sqlite", [("F1", trial_arch, "FAILED", None),

@@ -40,6 +40,7 @@ concurrent trials.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -57,8 +58,8 @@ from filelock import FileLock, Timeout
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError, ConfigError, DataError, EffBertError
-from ..io import atomic_replace_dir, atomic_write_json, load_json, make_tmp_dir
+from ..errors import CheckpointError, ConfigError, DataError, DiskFullError, EffBertError
+from ..io import atomic_replace_dir, atomic_write_json, disk_full_guard, load_json, make_tmp_dir
 from .losses import TeacherBatch
 from .teacher import load_teacher, prepare_teacher, teacher_fingerprint, teacher_outputs
 
@@ -387,16 +388,40 @@ class TeacherCache:
             for stale in root.glob(f".{key.name}.tmp-*"):  # left by a builder that died
                 logger.warning("removing stale cache build folder %s", stale)
                 shutil.rmtree(stale, ignore_errors=True)
-            tmp = make_tmp_dir(final)
-            try:
-                _build(tmp, key, teacher_path, dataset, model, pad_token_id, batch_size, progress)
-                atomic_replace_dir(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            with disk_full_guard(final):
+                tmp = make_tmp_dir(final)
+                try:
+                    _build(tmp, key, teacher_path, dataset, model, pad_token_id, batch_size, progress)
+                    atomic_replace_dir(tmp, final)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
             return cls(final, built=True)
         finally:
             lock.release()
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the blocks of a freshly created memory-mapped file now.
+
+    A memmap's file is sparse: on a full disk, writing its pages raises SIGBUS and kills the
+    process without a word. Reserved up front, a full disk is an ``ENOSPC`` here instead
+    (``disk full while writing ...``, the build folder removed).
+    """
+    if not path.is_file() or not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    return  # the file system cannot reserve (some network mounts): as before
+                raise
+    finally:
+        os.close(fd)
 
 
 def _is_complete(folder: Path) -> bool:
@@ -457,15 +482,18 @@ def _build(tmp: Path, key: CacheKey, teacher_path, dataset, model, pad_token_id:
         key.name, n, int(tok_offsets[-1]), need / 2**20,
     )
     if need > free:
-        raise EffBertError(
-            f"the teacher-output cache needs {need / 2**30:.2f} GiB but {tmp.parent} has {free / 2**30:.2f} GiB "
-            "free; free some space, use fewer train rows (task.train_fraction / max_train_rows), or fewer "
-            "distilled layers"
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"disk full while writing {tmp.parent / key.name}: the teacher-output cache needs "
+            f"{need / 2**30:.3f} GiB but {tmp.parent} has {free / 2**30:.3f} GiB free; free some space, use fewer "
+            "train rows (task.train_fraction / max_train_rows), or fewer distilled layers"
         )
 
     logits = open_memmap(tmp / "logits.npy", mode="w+", dtype=np.float32, shape=(n, num_labels))
     hidden = open_memmap(tmp / "hidden.npy", mode="w+", dtype=key.dtype, shape=(int(tok_offsets[-1]), n_h, hidden_size)) if n_h else None
     atts = open_memmap(tmp / "attentions.npy", mode="w+", dtype=key.dtype, shape=(int(att_offsets[-1]),)) if n_a else None
+    for name in ("logits.npy", "hidden.npy", "attentions.npy"):
+        _reserve(tmp / name)
     limit = float(np.finfo(key.dtype).max)
 
     # Longest first: similar lengths share a batch (little padding) and the biggest batch

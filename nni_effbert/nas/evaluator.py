@@ -2,7 +2,8 @@
 
 Given an arch (``label -> value``), the evaluator
 
-1. loads the stage's warmed supernet (``supernet/stage{N}.pt``; see :meth:`KDEvaluator.load_stage`),
+1. loads the stage's warmed supernet of the trial's experiment (``supernet/<experiment
+   id>/stage{N}.pt``, never another experiment's; see :meth:`KDEvaluator.load_stage`),
 2. takes ``space.subnet(arch)``: a plain student whose weights are slices of the supernet's,
 3. KD fine-tunes it on the task's train split against the cached teacher outputs for
    ``evaluator.train_steps`` steps (or ``evaluator.epochs``; ``0`` scores the inherited
@@ -21,6 +22,7 @@ The same evaluator serves ``nnictl`` trials (:mod:`nni_effbert.trial`) and ``Nas
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -31,12 +33,13 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from ..config import ExperimentConfig, from_dict, load_config
-from ..errors import CheckpointError, ConfigError, EffBertError
+from ..errors import CheckpointError, ConfigError, DiskFullError, EffBertError
 from ..io import atomic_write_json
 from ..kd.latency import measure_latency
 from ..kd.train import KDSetup, TrainSettings, TrialFailure, kd_train
 from ..workdir import WorkDir
 from .params import is_warmup
+from .supernets import experiment_key, latest_stage, missing_message, resolve_checkpoint
 from .warmup import load_supernet_checkpoint, run_warmup_parameters, warmup_required
 
 __all__ = ["ArchError", "KDEvaluator", "evaluate_nni_model"]
@@ -96,6 +99,10 @@ class KDEvaluator:
         Measure CPU latency (``evaluator.latency_repeats`` batch-1 forwards).
     setup : KDSetup, optional
         An already loaded experiment of the same config, to share.
+    experiment : str, optional
+        The NNI experiment whose supernets candidates inherit (and warm-ups write). Default
+        :func:`~.supernets.experiment_key`: ``$NNI_EXP_ID`` inside an NNI trial, else none (the
+        work directory's own warm-ups, ``supernet/stage{N}.pt``).
 
     Examples
     --------
@@ -107,8 +114,9 @@ class KDEvaluator:
 
     def __init__(self, cfg_or_path: ConfigLike, stage: Optional[int] = None, *, overrides: Sequence[str] = (),
                  report: bool = True, progress: bool = True, latency: bool = True,
-                 setup: Optional[KDSetup] = None):
+                 setup: Optional[KDSetup] = None, experiment: Optional[str] = None):
         self.cfg = _as_config(cfg_or_path, overrides)
+        self.experiment = experiment_key(experiment)
         self.stage = stage
         self.report = report
         self.progress = progress
@@ -116,9 +124,11 @@ class KDEvaluator:
         self._setup: Optional[KDSetup] = setup
         self._loaded: Optional[tuple] = None  # ((stage, source, mtime), description)
         self._loaded_stage: Optional[int] = None
+        #: The checkpoint the last :meth:`load_stage` read: path, sha1, owner, created (None: none).
+        self.supernet: Optional[Dict[str, Any]] = None
 
     def __repr__(self) -> str:
-        return f"KDEvaluator(workdir={self.cfg.workdir!r}, stage={self.stage})"
+        return f"KDEvaluator(workdir={self.cfg.workdir!r}, stage={self.stage}, experiment={self.experiment!r})"
 
     @property
     def setup(self) -> KDSetup:
@@ -137,7 +147,11 @@ class KDEvaluator:
     def load_stage(self, stage: Optional[int] = None) -> str:
         """Load the supernet weights candidates of ``stage`` inherit; returns where they came from.
 
-        * the stage's checkpoint ``supernet/stage{N}.pt`` if it exists;
+        Checkpoints are those of :attr:`experiment` (``supernet/<id>/stage{N}.pt``; an
+        experiment from before that layout reads ``supernet/stage{N}.pt``, with a note); one
+        owned by another experiment is refused.
+
+        * the stage's checkpoint if it exists;
         * else, if the stage warms up its supernet (``search.stages[N].warmup``), an error;
         * else the nearest earlier stage's checkpoint, else ``warmup.checkpoint``, else the
           random initialisation (logged as a run without warm-up).
@@ -153,27 +167,25 @@ class KDEvaluator:
         setup = self.setup
         wd: WorkDir = setup.workdir
         cfg = self.cfg
+        exp = self.experiment
         if stage is None:
-            latest = wd.latest_supernet_checkpoint()
+            latest = latest_stage(wd, exp)
             stage = latest if latest is not None else 0
         n = len(cfg.search.stages)
         if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < n:
             raise ConfigError(f"stage {stage!r} does not exist: the config has {n} stage(s), numbered 0..{n - 1}")
-        path = wd.supernet_checkpoint(stage)
+        path, legacy = resolve_checkpoint(wd, stage, exp)
         source: Optional[Path] = None
+        owned = True  # the source is one of the experiment's supernets (owner checked)
         if path.is_file():
             source, desc = path, f"stage {stage} supernet"
         elif warmup_required(cfg, stage):
-            name = cfg.search.stages[stage].name
-            raise CheckpointError(
-                f"supernet checkpoint of stage {stage} ({name}) not found: {path}. The stage warms up its "
-                f"supernet before scoring candidates; run `nni-effbert warmup -c <config> --stage {stage}` "
-                "first (the search does it as the stage's warm-up trial)"
-            )
+            raise CheckpointError(missing_message(wd, stage, exp, cfg.search.stages[stage].name))
         else:
-            earlier = wd.latest_supernet_checkpoint(stage - 1) if stage > 0 else None
+            earlier = latest_stage(wd, exp, stage - 1) if stage > 0 else None
             if earlier is not None:
-                source, desc = wd.supernet_checkpoint(earlier), f"stage {earlier} supernet (stage {stage} has no warm-up)"
+                source, legacy = resolve_checkpoint(wd, earlier, exp)
+                desc = f"stage {earlier} supernet (stage {stage} has no warm-up)"
             elif cfg.warmup.checkpoint:
                 if not Path(cfg.warmup.checkpoint).is_file():
                     raise CheckpointError(
@@ -181,16 +193,26 @@ class KDEvaluator:
                         "empty warmup.checkpoint"
                     )
                 source, desc = Path(cfg.warmup.checkpoint), f"warmup.checkpoint {cfg.warmup.checkpoint}"
+                owned = False
             else:
                 source, desc = None, "random initialisation (no warm-up)"
         key = (stage, str(source) if source else None, source.stat().st_mtime_ns if source else None)
         if self._loaded is not None and self._loaded[0] == key:
             return self._loaded[1]
         if source is not None:
-            load_supernet_checkpoint(setup.space, source, what=desc, teacher_fingerprint=setup.teacher_fingerprint,
-                                     hint=f"re-run `nni-effbert warmup -c <config> --stage {stage}`")
+            owner_kw = {"experiment": exp} if owned else {}
+            if owned and legacy:
+                owner_kw["missing"] = missing_message(wd, stage, exp, cfg.search.stages[stage].name)
+            data = load_supernet_checkpoint(setup.space, source, what=desc,
+                                            teacher_fingerprint=setup.teacher_fingerprint,
+                                            hint=f"re-run `nni-effbert warmup -c <config> --stage {stage}`", **owner_kw)
+            # What exactly was inherited (the trial's record keeps it): a reader can tell which
+            # warm-up trial wrote the weights and that the file was the complete one.
+            self.supernet = {"path": str(source), "sha1": _sha1(source), "owner": data.get("owner"),
+                             "created": data.get("created")}
         else:
             setup.reset_space()
+            self.supernet = None
             logger.warning("stage %d: running WITHOUT warm-up: candidates start from randomly initialised weights",
                            stage)
         self._loaded = (key, desc)
@@ -342,6 +364,8 @@ class KDEvaluator:
         if loss is not None:
             result["kd_loss"] = loss
         result["inherited_from"] = inherited
+        if self.supernet is not None:
+            result["supernet"] = dict(self.supernet)
         return result
 
     # -- NNI -------------------------------------------------------------------------------
@@ -356,7 +380,8 @@ class KDEvaluator:
         if not is_warmup(parameters):
             raise ConfigError(f"warm-up parameters need _warmup_stage, got keys {sorted(parameters)}")
         self._loaded = None  # the warm-up overwrites the supernet weights held in memory
-        return run_warmup_parameters(self.cfg, parameters, report=False, progress=self.progress, setup=self.setup)
+        return run_warmup_parameters(self.cfg, parameters, report=False, progress=self.progress, setup=self.setup,
+                                     experiment=self.experiment)
 
     def as_nni_evaluator(self, stage: Optional[int] = None, train_steps: Optional[int] = None):
         """This evaluator as an NNI NAS evaluator (a ``FunctionalEvaluator``) for ``NasExperiment``.
@@ -383,10 +408,22 @@ class KDEvaluator:
                                    stage=self.stage if stage is None else stage, train_steps=train_steps)
 
 
+def _sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _write_record(path: Path, data: Dict[str, Any]) -> None:
     try:
         atomic_write_json(data, path)
-    except OSError as exc:  # a record is a convenience; never fail a scored trial over it
+    except DiskFullError:
+        # The trial fails (``disk full while writing .../result.json``) before it reports: the
+        # --python search and a resumed one read their results from this record.
+        raise
+    except OSError as exc:  # otherwise a record is a convenience; never fail a scored trial over it
         logger.warning("could not write trial record %s: %s", path, exc)
 
 

@@ -36,6 +36,7 @@ from .experiments import (
     rest_get,
     student_space,
 )
+from . import search_lock
 from .records import read_nni_trials
 
 __all__ = ["nnictl_config", "write_nnictl_config", "run_nnictl"]
@@ -89,8 +90,19 @@ def write_nnictl_config(cfg, config_file: Path) -> Path:
     return path
 
 
+#: ``nnictl`` with more patience: NNI 3.0's launcher gives a new manager 3 s (3 polls of
+#: ``check-status``) to answer, then kills it; node needs longer on a busy machine.
+_NNICTL = ("import sys\n"
+           "import nni.experiment.launcher as launcher\n"
+           "_check = launcher._check_rest_server\n"
+           "launcher._check_rest_server = lambda port, retry=3, url_prefix=None: _check(port, 60, url_prefix)\n"
+           "from nni.tools.nnictl.nnictl import parse_args\n"
+           "sys.argv[0] = 'nnictl'\n"
+           "parse_args()\n")
+
+
 def _nnictl(args: Sequence[str], timeout: float = 180, **kw: Any) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "nni.tools.nnictl.nnictl", *args]
+    cmd = [sys.executable, "-c", _NNICTL, *args]
     logger.debug("running %s", " ".join(cmd))
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
@@ -100,6 +112,11 @@ def _nnictl(args: Sequence[str], timeout: float = 180, **kw: Any) -> subprocess.
 
 def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text or "")  # nnictl colours its output
+
+
+def _manager_too_slow(output: str) -> bool:
+    """nnictl gave up because the manager's REST server did not answer within its 3 s."""
+    return "Create experiment failed" in output and "check-status" in output
 
 
 def _experiment_id(output: str) -> Optional[str]:
@@ -168,26 +185,47 @@ def _wait(port: int, total: int, progress: bool, timeout: Optional[float]) -> st
 def run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[int], progress: bool,
                 timeout: Optional[float], resume: Optional[str] = None) -> SearchResult:
 
-    wd, config_file = prepare_workdir(cfg, config_path)
-    if resume is not None:
-        check_resumable(wd, resume, nas=False)
-    conf_path = write_nnictl_config(cfg, config_file)
-    try:
-        meta = register_tuner()
-    except (ImportError, ValueError, OSError) as exc:
-        raise SearchError(f"cannot register the EfficientBertProgressive tuner with NNI ({exc})") from exc
-    logger.info("tuner %s registered (%s)", meta.get("builtinName"), meta.get("className"))
     port = free_port() if port is None else int(port)
-    if resume is None:
-        args = ["create", "--config", str(conf_path), "--port", str(port)]
-    else:
-        args = ["resume", resume, "--port", str(port)]
-    created = _nnictl(args)
+    # One live search per work directory, checked before anything of the running one is touched
+    # (config.yml): refused here (exit 2) if another runs; the advisor takes the lock over from
+    # this process once the experiment runs (same port).
+    lock = search_lock.acquire(WorkDir.of(cfg).ensure(), kind="starting", experiment=resume, port=port,
+                               share=cfg.search.share_workdir)
+    try:
+        wd, config_file = prepare_workdir(cfg, config_path)
+        if resume is not None:
+            check_resumable(wd, resume, nas=False)
+        conf_path = write_nnictl_config(cfg, config_file)
+        try:
+            meta = register_tuner()
+        except (ImportError, ValueError, OSError) as exc:
+            raise SearchError(f"cannot register the EfficientBertProgressive tuner with NNI ({exc})") from exc
+        logger.info("tuner %s registered (%s)", meta.get("builtinName"), meta.get("className"))
+        if resume is None:
+            args = ["create", "--config", str(conf_path), "--port", str(port)]
+        else:
+            args = ["resume", resume, "--port", str(port)]
+        created = _nnictl(args)
+        for _ in range(2):
+            if created.returncode == 0 or not _manager_too_slow(_plain(created.stdout + created.stderr)):
+                break
+            # NNI's launcher gives the manager 3 s to answer and kills it otherwise; on a busy
+            # machine node takes longer: try again (on a fresh port, the old one may linger).
+            logger.warning("the NNI manager did not start in time (busy machine?); trying again")
+            port = free_port()
+            search_lock.update(wd, lock, port=port)
+            args = [*args[:-1], str(port)]
+            created = _nnictl(args)
+    except BaseException:
+        search_lock.release(WorkDir.of(cfg), lock)
+        raise
     output = _plain(created.stdout + created.stderr)
     exp_id = _experiment_id(output) if resume is None else resume
     if created.returncode != 0 or exp_id is None or "ERROR" in output:
+        search_lock.release(wd, lock)
         tail = " | ".join(line.strip() for line in output.splitlines() if line.strip())[-800:]
         raise SearchError(f"`nnictl {' '.join(args)}` failed: {tail}")
+    search_lock.update(wd, lock, experiment=exp_id)
     url = f"http://localhost:{port}"
     exp_dir = wd.root / EXPERIMENTS_DIR / exp_id
     print(f"experiment {exp_id} {'resumed' if resume else 'started'}: web UI {url}", flush=True)
@@ -211,6 +249,7 @@ def run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[in
             logger.warning("`nnictl stop %s` failed: %s", exp_id, _plain(stopped.stdout + stopped.stderr)[-500:])
         else:
             logger.info("experiment %s stopped (port %d freed)", exp_id, port)
+            search_lock.release_experiment(wd, exp_id)
     return result
 
 

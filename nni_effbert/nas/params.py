@@ -65,7 +65,7 @@ def read_arch_file(path) -> Dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the trial's own options (``--arch``, ``--stage``, ``--train-steps``) to ``parser``."""
+    """Add the trial's own options (``--arch``, ``--stage``, ``--train-steps``, ``--experiment``) to ``parser``."""
     parser.add_argument("--arch", metavar="ARCH.json",
                         help="run these parameters instead of asking NNI (a label -> value JSON object; "
                              "'_'-prefixed keys such as _stage or _warmup_stage are honoured)")
@@ -75,4 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--train-steps", type=int, metavar="N",
                         help="KD steps per candidate (overrides _train_steps and evaluator.train_steps; "
                              "0 scores inherited weights)")
+    parser.add_argument("--experiment", metavar="ID",
+                        help="use the supernets of this NNI experiment of the work directory (default: inside NNI "
+                             "the trial's own experiment; outside NNI the work directory's own warm-ups, "
+                             "supernet/stage{N}.pt)")
     return parser

@@ -24,6 +24,7 @@ from ..io import atomic_write_json
 from ..workdir import WorkDir
 from .evaluator import KDEvaluator
 from .experiments import EXPERIMENTS_DIR, TRIALS_FILE, SearchResult, check_resumable, free_port, prepare_workdir
+from . import search_lock
 from .records import normalize_trial, read_nni_trials
 
 __all__ = ["run_python"]
@@ -219,6 +220,18 @@ def _nas_experiment_class():
 
 def run_python(cfg, config_path: Optional[str], *, port: Optional[int], progress: bool,
                 resume: Optional[str] = None) -> SearchResult:
+    port = free_port() if port is None else int(port)
+    # One live search per work directory, checked before config.yml is rewritten.
+    lock = search_lock.acquire(WorkDir.of(cfg).ensure(), kind="python", experiment=resume, port=port,
+                               share=cfg.search.share_workdir)
+    try:
+        return _run_python(cfg, config_path, port=port, progress=progress, resume=resume, lock=lock)
+    finally:
+        search_lock.release(WorkDir.of(cfg), lock)
+
+
+def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, resume: Optional[str],
+                lock) -> SearchResult:
     from nni.nas.experiment import NasExperimentConfig  # local: nni.nas pulls in pytorch_lightning (~6 s); --python only
 
     wd, _ = prepare_workdir(cfg, config_path)
@@ -245,7 +258,10 @@ def run_python(cfg, config_path: Optional[str], *, port: Optional[int], progress
     conf.training_service.use_active_gpu = False
     experiment = _nas_experiment_class()(space, evaluator.as_nni_evaluator(), strategy, conf, id=resume)
     holder["experiment"] = experiment
-    port = free_port() if port is None else int(port)
+    # Warm-ups run in this process: they write this experiment's supernets, as NNI's trials of it
+    # (NNI_EXP_ID) read them.
+    evaluator.experiment = experiment.id
+    search_lock.update(wd, lock, experiment=experiment.id)
     url = f"http://localhost:{port}"
     print(f"NAS experiment {experiment.id} {'resumed' if resume else 'started'}: web UI {url} "
           "(warm-ups run in this process)", flush=True)

@@ -17,7 +17,7 @@ Either way they are a flat dict (see :mod:`nni_effbert.strategies.core`):
   :class:`~.evaluator.KDEvaluator`.
 
 Exit status: 0 on success; 1 when the trial failed (:class:`~.train.TrialFailure`: NaN loss,
-failing shapes; or out of memory -- the reason is logged and printed, nothing is reported, so
+failing shapes; ``disk full while writing <path>``; or out of memory -- the reason is logged and printed, nothing is reported, so
 NNI marks the trial FAILED); 2 for bad input (config, data, arch, missing checkpoint), with a
 one-line message.
 
@@ -45,7 +45,7 @@ import sys
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from ..config import load_config
-from ..errors import ConfigError, EffBertError, one_line
+from ..errors import ConfigError, DiskFullError, EffBertError, one_line
 from ..kd.train import TrialFailure
 from ..runtime import configure_runtime, configure_threads
 from .evaluator import KDEvaluator
@@ -80,7 +80,7 @@ def in_nni() -> bool:
 
 def run_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int] = None,
                    train_steps: Optional[int] = None, report: bool = True, progress: bool = True,
-                   setup=None) -> Dict[str, Any]:
+                   setup=None, experiment: Optional[str] = None) -> Dict[str, Any]:
     """Run one trial's parameters: a stage warm-up or a candidate evaluation.
 
     Parameters
@@ -96,6 +96,8 @@ def run_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int] = Non
         Progress bars.
     setup : KDSetup, optional
         Already loaded experiment (reused instead of loading it again).
+    experiment : str, optional
+        Whose supernets to use (default: ``$NNI_EXP_ID``, see :mod:`.supernets`).
 
     Returns
     -------
@@ -103,10 +105,11 @@ def run_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int] = Non
         The final metric dict.
     """
     if is_warmup(params):
-        return run_warmup_parameters(cfg, params, stage=stage, report=report, progress=progress, setup=setup)
+        return run_warmup_parameters(cfg, params, stage=stage, report=report, progress=progress, setup=setup,
+                                     experiment=experiment)
     arch = split_arch(params)
     evaluator = KDEvaluator(cfg, stage=int_meta(params, "_stage") if stage is None else stage,
-                            report=report, progress=progress, setup=setup)
+                            report=report, progress=progress, setup=setup, experiment=experiment)
     steps = train_steps if train_steps is not None else int_meta(params, "_train_steps")
     return evaluator.evaluate(arch, train_steps=steps)
 
@@ -177,14 +180,14 @@ def run(args: argparse.Namespace) -> int:
     previous = apply_memory_limit(limit)
     try:
         result = run_parameters(cfg, params, stage=args.stage, train_steps=args.train_steps, report=inside,
-                                progress=progress)
-    except (TrialFailure, MemoryError, RuntimeError) as exc:
+                                progress=progress, experiment=getattr(args, "experiment", None))
+    except (TrialFailure, DiskFullError, MemoryError, RuntimeError) as exc:
         _restore_memory_limit(previous)  # room to log the reason
         if _out_of_memory(exc):
             reason = f"out of memory (limit {limit} MB)" if limit else "out of memory"
             detail = " ".join(str(exc).split())[:300]
             reason = f"{reason}: {detail}" if detail else reason
-        elif isinstance(exc, TrialFailure):
+        elif isinstance(exc, (TrialFailure, DiskFullError)):
             reason = " ".join(str(exc).split())
         else:
             raise

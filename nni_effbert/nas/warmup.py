@@ -3,7 +3,9 @@
 EfficientBERT (Dong et al., 2021, Sec. 3.3) scores candidates with weights inherited from a
 supernet that was first distilled from the teacher while sampling a random architecture at
 every step ("warm-up KD"). ``nni-effbert warmup -c exp.yml --stage N`` does this for stage
-``N`` (zero-based) and writes ``<workdir>/supernet/stage{N}.pt``.
+``N`` (zero-based) and writes ``<workdir>/supernet/stage{N}.pt``; a warm-up trial of an NNI
+experiment writes ``<workdir>/supernet/<experiment id>/stage{N}.pt`` and only that experiment
+reads it (:mod:`.supernets`).
 
 Per step, the arch is uniform over the space with the stage's fixed choices held (``--fixed``
 or the warm-up trial's parameters) and, when ``search.param_budget`` is set, inside the budget
@@ -62,6 +64,7 @@ from ..kd.losses import KDLoss
 from ..kd.train import CachedTeacher, KDSetup, TrainSettings, TrainState, kd_train
 from ..workdir import WorkDir
 from .params import WARMUP_KEY, int_meta, split_arch
+from .supernets import check_owner, experiment_key, owner
 
 __all__ = [
     "SUPERNET_FORMAT",
@@ -225,17 +228,28 @@ def read_supernet_checkpoint(path, what: str = "supernet checkpoint", hint: Opti
     raise CheckpointError(f"{what} at {path} is not an nni-effbert supernet checkpoint nor a state dict")
 
 
+_ANY_OWNER = object()
+
+
 def load_supernet_checkpoint(space, path, *, what: str = "supernet checkpoint", hint: Optional[str] = None,
-                             teacher_fingerprint: Optional[str] = None) -> Dict[str, Any]:
+                             teacher_fingerprint: Optional[str] = None,
+                             experiment: Any = _ANY_OWNER, missing: Optional[str] = None) -> Dict[str, Any]:
     """Load a supernet checkpoint into ``space``'s shared weights.
+
+    ``experiment`` (an id, or None for the work directory's own warm-ups) is the experiment the
+    checkpoint is read for: one owned by another is refused (:func:`.supernets.check_owner`).
+    Leave it out for a file the user named (``warmup.checkpoint``). ``missing``: see
+    :func:`.supernets.check_owner`.
 
     Raises
     ------
     CheckpointError
-        Missing, corrupt, or made for another student space (the message names the
-        differing fields).
+        Missing, corrupt, made for another student space (the message names the
+        differing fields), or owned by another experiment.
     """
     data = read_supernet_checkpoint(path, what, hint)
+    if experiment is not _ANY_OWNER:
+        check_owner(data, Path(path), experiment, what=what, missing=missing)
     saved = data.get("space_config")
     if saved is not None:
 
@@ -350,13 +364,15 @@ def _reference_arch(space, fixed: Mapping[str, Any], budget: Optional[List[float
     return sampler(0)
 
 
-def _init_weights(setup: KDSetup, cfg, stage: int) -> str:
+def _init_weights(setup: KDSetup, cfg, stage: int, experiment: Optional[str] = None, old_layout: bool = False) -> str:
     """Load the starting weights of a fresh warm-up; returns where they came from."""
     wd, space = setup.workdir, setup.space
-    previous = wd.latest_supernet_checkpoint(stage - 1) if stage > 0 else None
+    key = None if old_layout else experiment  # where the earlier stages of this experiment are
+    previous = wd.latest_supernet_checkpoint(stage - 1, key) if stage > 0 else None
     if previous is not None:
-        load_supernet_checkpoint(space, wd.supernet_checkpoint(previous), what=f"supernet checkpoint of stage {previous}",
-                                 teacher_fingerprint=setup.teacher_fingerprint)
+        load_supernet_checkpoint(space, wd.supernet_checkpoint(previous, key),
+                                 what=f"supernet checkpoint of stage {previous}",
+                                 teacher_fingerprint=setup.teacher_fingerprint, experiment=experiment)
         logger.info("stage %d warm-up starts from the stage %d supernet", stage, previous)
         return f"stage {previous} checkpoint"
     named = cfg.warmup.checkpoint
@@ -476,8 +492,10 @@ def _phases(setup: KDSetup, cfg, plan: WarmupPlan):
     return phases
 
 
-def _checkpoint_payload(setup: KDSetup, plan: WarmupPlan, init: str, loss: Optional[float]) -> Dict[str, Any]:
+def _checkpoint_payload(setup: KDSetup, plan: WarmupPlan, init: str, loss: Optional[float],
+                        experiment: Optional[str] = None) -> Dict[str, Any]:
     return {
+        "owner": owner(experiment),
         "kind": _KIND,
         "format": SUPERNET_FORMAT,
         "stage": plan.stage,
@@ -517,8 +535,9 @@ def run_warmup(
     checkpoint_interval: Optional[int] = None,
     progress: bool = True,
     setup: Optional[KDSetup] = None,
+    experiment: Optional[str] = None,
 ) -> WarmupResult:
-    """Warm up the supernet of ``stage`` and write ``supernet/stage{stage}.pt``.
+    """Warm up the supernet of ``stage`` and write ``supernet/<experiment>/stage{stage}.pt``.
 
     Parameters
     ----------
@@ -537,6 +556,9 @@ def run_warmup(
         Progress bars.
     setup : KDSetup, optional
         An already loaded setup (its space's weights are overwritten).
+    experiment : str, optional
+        The experiment that owns the checkpoint; default :func:`.supernets.experiment_key`
+        (``$NNI_EXP_ID`` inside an NNI trial, else none: ``supernet/stage{stage}.pt``).
 
     Returns
     -------
@@ -559,8 +581,12 @@ def run_warmup(
     fixed = _validate_fixed(space, fixed or {})
     plan = plan_warmup(cfg, stage, fixed=fixed, steps=steps, general_steps=general_steps)
     wd: WorkDir = setup.workdir
-    ckpt = wd.supernet_checkpoint(stage)
-    wd.supernet_dir.mkdir(parents=True, exist_ok=True)
+    experiment = experiment_key(experiment)
+    ckpt = wd.supernet_checkpoint(stage, experiment)
+    # An experiment without a supernet folder ran before checkpoints were keyed: its earlier
+    # stages are in the old layout (checked before the folder is created below).
+    old_layout = experiment is not None and not wd.supernet_folder(experiment).is_dir()
+    wd.supernet_folder(experiment).mkdir(parents=True, exist_ok=True)
     max_tries = int(cfg.search.sampler.max_tries)
     samplers = [_ArchSampler(space, fixed, plan.budget, plan.seed, stage, i, max_tries) for i in range(len(_PHASES))]
     sampler_of = dict(zip(_PHASES, samplers))
@@ -568,9 +594,10 @@ def run_warmup(
     if plan.total_steps == 0:
         logger.warning("stage %d: warm-up has 0 steps; the checkpoint holds the starting weights", stage)
 
-    with FileLock(str(wd.warmup_lock(stage))):
+    with FileLock(str(wd.warmup_lock(stage, experiment))):
         if ckpt.is_file() and not force:
             existing = read_supernet_checkpoint(ckpt, f"supernet checkpoint of stage {stage}")
+            check_owner(existing, ckpt, experiment, what=f"supernet checkpoint of stage {stage}")
             if existing.get("plan") == plan.to_dict() and existing.get("space_config") == space.config.to_dict():
                 logger.info("stage %d is already warmed up (%s); nothing to do (force=True redoes it)", stage, ckpt)
                 load_supernet_checkpoint(space, ckpt, what=f"supernet checkpoint of stage {stage}")
@@ -578,7 +605,7 @@ def run_warmup(
                                init=str(existing.get("init")), loss=existing.get("loss"))
             logger.warning("stage %d checkpoint %s was made with other settings; warming up again", stage, ckpt)
 
-        state_path = wd.warmup_state(stage)
+        state_path = wd.warmup_state(stage, experiment)
         state = None if force else _read_state(state_path, plan)
         resumed_at: Optional[int] = None
         if state is not None:
@@ -588,7 +615,7 @@ def run_warmup(
             resumed_at = done_before + (int(state["train"]["step"]) if state["train"] else 0)
             logger.info("stage %d: resuming warm-up after %d of %d steps", stage, resumed_at, plan.total_steps)
         else:
-            init = _init_weights(setup, cfg, stage)
+            init = _init_weights(setup, cfg, stage, experiment, old_layout)
 
         interval = checkpoint_interval if checkpoint_interval is not None else max(25, math.ceil(plan.total_steps / 10))
         loss: Optional[float] = None
@@ -620,7 +647,7 @@ def run_warmup(
             if name == "general" and plan.steps:
                 # Persist the phase boundary: an interruption in the task phase must not redo it.
                 save_state(None, _PHASES.index("task"))
-        atomic_save_torch(_checkpoint_payload(setup, plan, init, loss), ckpt)
+        atomic_save_torch(_checkpoint_payload(setup, plan, init, loss, experiment), ckpt)
         state_path.unlink(missing_ok=True)
 
     return _finish(setup, plan, ckpt, started, sampler_of["task"], skipped=False, init=init, loss=loss,
@@ -628,12 +655,14 @@ def run_warmup(
 
 
 def run_warmup_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int] = None, report: bool = True,
-                          progress: bool = True, setup: Optional[KDSetup] = None) -> Dict[str, Any]:
+                          progress: bool = True, setup: Optional[KDSetup] = None,
+                          experiment: Optional[str] = None) -> Dict[str, Any]:
     """Run a warm-up trial's parameters (``{"_warmup_stage": N, ...}``) and return its metric dict.
 
     The labels in ``params`` are the stage's fixed choices; ``_warmup_steps`` and
     ``_general_warmup_steps`` override the stage's budget, ``stage`` overrides
     ``_warmup_stage``. With ``report`` the metric dict goes to ``nni.report_final_result``.
+    ``experiment`` owns the checkpoint (default: this trial's NNI experiment).
     """
     if WARMUP_KEY not in params:
         raise ConfigError(f"warm-up parameters need {WARMUP_KEY}, got keys {sorted(params)}")
@@ -641,7 +670,8 @@ def run_warmup_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int
     warm_stage = int_meta(params, WARMUP_KEY) if stage is None else stage
     logger.info("warm-up trial of stage %s (%s)", warm_stage, params.get("_stage_name", "?"))
     result = run_warmup(cfg, warm_stage, fixed=fixed, steps=int_meta(params, "_warmup_steps"),
-                        general_steps=int_meta(params, "_general_warmup_steps"), progress=progress, setup=setup)
+                        general_steps=int_meta(params, "_general_warmup_steps"), progress=progress, setup=setup,
+                        experiment=experiment)
     metrics = result.report()
     if report:
         import nni  # local: only a trial inside NNI reports

@@ -63,7 +63,8 @@ from .. import hf as hf_templates
 from .. import search_spaces
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..hf.configuration_effbert import EfficientBertHFConfig
-from ..io import atomic_replace_dir, atomic_write_json, atomic_write_text, load_json, make_tmp_dir
+from ..io import (atomic_replace_dir, atomic_write_json, atomic_write_text, disk_full_guard, load_json,
+                  make_tmp_dir)
 
 __all__ = [
     "ExportedStudent",
@@ -205,6 +206,15 @@ def export_student(
                               f"strings): {exc}") from exc
 
     final = Path(out_dir)
+    with disk_full_guard(final):
+        _export_into(final, space, config, arch, student, tok, task, id2label, n_params, extra_meta, verify)
+    return final
+
+
+def _export_into(final: Path, space, config, arch, student, tok, task, id2label, n_params, extra_meta,
+                 verify) -> None:
+    """Build the export folder next to ``final`` and swap it in (the temporary folder is removed
+    on any failure)."""
     tmp = make_tmp_dir(final)
     try:
         _write_remote_code(tmp)
@@ -238,7 +248,6 @@ def export_student(
         raise
     logger.info("exported student (%d params, %d non-embedding) to %s", n_params,
                 meta["non_embedding_params"], final)
-    return final
 
 
 def load_exported(path: PathLike) -> ExportedStudent:

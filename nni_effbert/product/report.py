@@ -21,11 +21,12 @@ from ..kd.teacher import load_teacher, prepare_teacher
 from ..kd.train import KDSetup
 from ..nas.ranking import best_trial
 from ..nas.records import is_failed, is_scored, normalize_trial, read_nni_trials
+from ..nas.supernets import describe_key
 from ..workdir import WorkDir
 from .distill import distill_record
 from .export import load_exported
 from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label
-from .students import SEARCHED, ensure_baseline, experiments_dir_of
+from .students import SEARCHED, ensure_baseline, experiments_dir_of, supernet_experiment
 
 __all__ = ["TABLE_KEYS", "ReportResult", "ReportOutcome", "format_table", "write_report", "teacher_row", "student_row", "build_report"]
 
@@ -399,8 +400,20 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
     if distill_record(searched.meta) is None:
         raise CheckpointError(f"the searched student in {searched_dir} is not distilled yet; run "
                               f"`nni-effbert distill -c <config> --export {searched_dir}` first")
+    sliced_from = supernet_experiment(searched.meta)
     if experiment is None:
         experiment = (searched.meta.get("extra") or {}).get("experiment")
+    elif sliced_from is None:
+        logger.warning("the searched student in %s was sliced from the work directory's own supernets (warm-ups run "
+                       "by hand), not experiment %s's: the baseline comes from the same supernets, the experiment "
+                       "gives the trial plots", searched_dir, experiment)
+    elif sliced_from != experiment:
+        # The baseline is sliced from the searched student's supernets: a report of experiment B
+        # on a student of A's would compare against A's weights under B's name.
+        raise CheckpointError(
+            f"report --experiment {experiment}: the searched student in {searched_dir} was sliced from "
+            f"the supernets of {describe_key(sliced_from)}, not of experiment {experiment}; export it first (`nni-effbert export "
+            f"-c <config> --experiment {experiment}`, then distill) or pass its own experiment")
     trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir)) if experiment else []
     if not experiment:
         logger.warning("no NNI experiment given (--experiment) nor recorded in %s: the report has no trial plots",

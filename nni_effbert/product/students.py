@@ -81,7 +81,9 @@ def _export(evaluator, arch: Dict[str, Any], stage: Optional[int], name: str, ex
     arch = evaluator.validate_arch(arch)
     stage_used = evaluator._loaded_stage
     space = setup.space
-    meta = {**extra, "supernet": source, "supernet_stage": stage_used}
+    meta = {**extra, "supernet": source, "supernet_stage": stage_used, "supernet_experiment": evaluator.experiment}
+    if evaluator.supernet is not None:
+        meta["supernet_checkpoint"] = evaluator.supernet
     out = setup.workdir.export_dir(name)
     export_student(space, arch, space, out, tokenizer=setup.tokenizer, task=setup.task.spec, extra_meta=meta)
     return ExportInfo(path=out, arch=arch, params=int(space.count_params(arch)),
@@ -112,12 +114,14 @@ def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: 
     NoSucceededTrialError
         No succeeded trial with a finite metric.
     CheckpointError
-        The stage's supernet checkpoint is missing.
+        The stage's supernet checkpoint of this experiment is missing (never another
+        experiment's: :mod:`~nni_effbert.nas.supernets`).
     """
 
     trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
     best = best_trial(trials, experiment=experiment)
-    evaluator = evaluator or KDEvaluator(cfg, progress=progress)
+    evaluator = evaluator or KDEvaluator(cfg, progress=progress, experiment=experiment)
+    evaluator.experiment = experiment  # the weights come from this experiment's supernets, whoever built it
     extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
              "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"]}
     info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra)
@@ -126,17 +130,29 @@ def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: 
 
 
 def export_arch(cfg, arch_file: str, *, name: str = SEARCHED, stage: Optional[int] = None,
-                progress: bool = True, evaluator=None) -> ExportInfo:
+                progress: bool = True, evaluator=None, experiment: Optional[str] = None) -> ExportInfo:
     """Export the architecture of a JSON file (``label -> value``) with supernet weights.
 
-    ``stage`` picks the supernet checkpoint (default: the latest one in the work directory).
+    ``stage`` picks the supernet checkpoint (default: the latest one); ``experiment`` whose
+    supernets (default: the work directory's own warm-ups, see :mod:`~nni_effbert.nas.supernets`).
     """
 
     data = read_arch_file(arch_file)
     arch = {k: v for k, v in data.items() if not str(k).startswith("_")}
-    evaluator = evaluator or KDEvaluator(cfg, progress=progress)
+    evaluator = evaluator or KDEvaluator(cfg, progress=progress, experiment=experiment)
     extra = {"source": "arch file", "arch_file": str(Path(arch_file).absolute())}
+    if experiment:
+        extra["experiment"] = experiment
     return _export(evaluator, arch, stage, name, extra)
+
+
+def supernet_experiment(meta) -> Optional[str]:
+    """The experiment whose supernets an export was sliced from (``export_meta.json``): recorded
+    since supernets are kept per experiment; for older exports the experiment it was taken from."""
+    extra = (meta or {}).get("extra") or {}
+    if "supernet_experiment" in extra:
+        return extra["supernet_experiment"]
+    return extra.get("experiment")
 
 
 def ensure_baseline(cfg, searched_dir, *, name: str = BASELINE, progress: bool = True, setup=None):
@@ -153,7 +169,8 @@ def ensure_baseline(cfg, searched_dir, *, name: str = BASELINE, progress: bool =
     """
 
     searched = load_exported(searched_dir)
-    ev = KDEvaluator(cfg, progress=progress, setup=setup)
+    # The baseline is sliced from the supernets the searched student came from (its experiment's).
+    ev = KDEvaluator(cfg, progress=progress, setup=setup, experiment=supernet_experiment(searched.meta))
     space = ev.setup.space
     if space.config.to_dict() != searched.config.to_dict():
         raise CheckpointError(f"the student in {searched.path} belongs to another student space than this "
@@ -161,6 +178,7 @@ def ensure_baseline(cfg, searched_dir, *, name: str = BASELINE, progress: bool =
     choice = baseline_arch(space, int(searched.meta["params"]))
     out = ev.setup.workdir.export_dir(name)
     wanted = {"baseline_for": searched.meta.get("fingerprint"), "target_params": choice.target}
+    wanted["supernet_experiment"] = ev.experiment
     reuse = False
     if (out / "export_meta.json").is_file():
         meta = load_json(out / "export_meta.json", "baseline export metadata")

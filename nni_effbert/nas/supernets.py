@@ -1,0 +1,147 @@
+"""Which experiment owns a supernet checkpoint, and which checkpoint a reader may use.
+
+A stage's warmed supernet belongs to the NNI experiment whose warm-up trial wrote it. Two
+searches in one work directory (one after the other, or on purpose at once) must never read
+or overwrite each other's weights, so:
+
+* checkpoints live in a folder per experiment: ``supernet/<experiment id>/stage{N}.pt`` (with
+  its ``.resume.pt`` state and ``.lock``);
+* every checkpoint carries its owner: ``{"experiment": id, "trial": warm-up trial id, "pid",
+  "host"}``; every reader checks it against the experiment it reads for
+  (:func:`check_owner`), so a file copied or moved to another experiment's folder is refused.
+
+The experiment key (:func:`experiment_key`):
+
+* an explicit ``--experiment ID`` (``nni-effbert warmup`` / ``trial`` / ``export``), else
+* ``$NNI_EXP_ID``, which NNI sets in every trial process (what ``nni.get_experiment_id()``
+  returns there; read from the environment so that nothing here imports nni), else
+* None: a warm-up or trial run by hand outside NNI. Its supernets are the work directory's
+  own, ``supernet/stage{N}.pt``, with owner experiment None; no experiment ever reads them.
+
+Work directories from before this layout hold ``supernet/stage{N}.pt`` without an owner.
+An experiment that has no supernet folder of its own (it ran before the change) reads those,
+with a note logged once per file and process: which experiment wrote them is not recorded.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Set, Tuple
+
+from ..errors import CheckpointError, ConfigError
+from ..workdir import WorkDir
+
+__all__ = ["EXPERIMENT_ENV", "experiment_key", "owner", "resolve_checkpoint", "check_owner", "describe_key"]
+
+logger = logging.getLogger(__name__)
+
+#: Set by NNI in every trial process (and by nni-effbert's ``--python`` search for its warm-ups).
+EXPERIMENT_ENV = "NNI_EXP_ID"
+_TRIAL_ENV = "NNI_TRIAL_JOB_ID"
+_ID = re.compile(r"[A-Za-z0-9_-]+")
+_noted: Set[str] = set()
+
+
+def experiment_key(explicit: Optional[str] = None) -> Optional[str]:
+    """The experiment whose supernets this process reads and writes (see the module docstring).
+
+    Raises
+    ------
+    ConfigError
+        If ``explicit`` is not an experiment id (letters, digits, ``_`` and ``-``).
+    """
+    if explicit:
+        if not _ID.fullmatch(str(explicit)):
+            raise ConfigError(f"--experiment {explicit!r}: an experiment id is letters and digits, like 'a1b2c3d4'")
+        return str(explicit)
+    env = os.environ.get(EXPERIMENT_ENV, "")
+    if env and env.upper() != "STANDALONE" and _ID.fullmatch(env):
+        return env
+    return None
+
+
+def describe_key(experiment: Optional[str]) -> str:
+    """``experiment X`` or ``no experiment (the work directory's own warm-ups)`` for messages."""
+    return f"experiment {experiment}" if experiment else "no experiment (warm-ups run by hand)"
+
+
+def owner(experiment: Optional[str]) -> Dict[str, Any]:
+    """The owner record a new checkpoint carries."""
+    trial = os.environ.get(_TRIAL_ENV) or None
+    return {"experiment": experiment, "trial": trial, "pid": os.getpid(), "host": socket.gethostname()}
+
+
+def resolve_checkpoint(wd: WorkDir, stage: int, experiment: Optional[str]) -> Tuple[Path, bool]:
+    """``(path, legacy)``: the checkpoint of ``stage`` that ``experiment`` reads.
+
+    The experiment's own ``supernet/<id>/stage{N}.pt``; for an experiment with no supernet
+    folder at all (it ran before checkpoints were keyed), the old ``supernet/stage{N}.pt``
+    (``legacy`` True). The path may not exist: the caller decides what a missing one means.
+    """
+    own = wd.supernet_checkpoint(stage, experiment)
+    if experiment is None or own.is_file() or wd.supernet_folder(experiment).is_dir():
+        return own, False
+    old = wd.supernet_checkpoint(stage)
+    return (old, True) if old.is_file() else (own, False)
+
+
+def latest_stage(wd: WorkDir, experiment: Optional[str], up_to_stage: Optional[int] = None) -> Optional[int]:
+    """Highest stage ``<= up_to_stage`` with a checkpoint ``experiment`` may read, or None."""
+    found = wd.latest_supernet_checkpoint(up_to_stage, experiment)
+    if found is None and experiment is not None and not wd.supernet_folder(experiment).is_dir():
+        found = wd.latest_supernet_checkpoint(up_to_stage)  # an experiment from before the layout
+    return found
+
+
+def check_owner(data: Mapping[str, Any], path: Path, experiment: Optional[str], *, what: str,
+                missing: Optional[str] = None) -> None:
+    """Refuse a checkpoint that belongs to another experiment than ``experiment``.
+
+    A checkpoint without an owner predates the layout: it is read as before, with a note
+    (once per file and process). ``missing`` (the message of :func:`missing_message`) is raised
+    instead for an old-layout path that turns out to hold a new, owned checkpoint: the
+    experiment's own supernet is then simply not there.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the owner and the experiment it was read for.
+    """
+    rec = data.get("owner")
+    if not isinstance(rec, Mapping):
+        if str(path) not in _noted:
+            _noted.add(str(path))
+            logger.warning("%s %s was written before supernets were kept per experiment: which experiment "
+                           "wrote it is not recorded; it is used for %s as before", what, path,
+                           describe_key(experiment))
+        return
+    theirs = rec.get("experiment")
+    if missing is not None and theirs != experiment:
+        raise CheckpointError(missing)
+    if theirs != experiment:
+        raise CheckpointError(
+            f"{what} {path} belongs to {describe_key(theirs)} (warm-up trial {rec.get('trial') or '-'}), not to "
+            f"{describe_key(experiment)}; it is never used across experiments. Use that experiment's id "
+            "(--experiment) or warm up this one's supernet"
+        )
+
+
+def missing_message(wd: WorkDir, stage: int, experiment: Optional[str], name: str) -> str:
+    """Why the stage's supernet of ``experiment`` is missing, and what to do (one line)."""
+    path = wd.supernet_checkpoint(stage, experiment)
+    if experiment is None:
+        others = sorted(p.name for p in wd.supernet_dir.iterdir() if p.is_dir()) if wd.supernet_dir.is_dir() else []
+        where = f"; experiments with supernets here: {', '.join(others)} (pass --experiment ID)" if others else ""
+        return (f"supernet checkpoint of stage {stage} ({name}) not found: {path}. Outside NNI, trials and "
+                f"exports use the work directory's own warm-ups; run `nni-effbert warmup -c <config> --stage "
+                f"{stage}` first{where}")
+    if wd.supernet_folder(experiment).is_dir():
+        return (f"experiment {experiment}'s supernet of stage {stage} ({name}) is gone: {path} does not exist; "
+                f"resume the experiment (`nni-effbert search -c <config> --resume {experiment}`) to warm it up "
+                "again. Another experiment's supernets are never used instead")
+    return (f"experiment {experiment} has no supernet of stage {stage} ({name}) in this work directory: {path} "
+            f"does not exist; its warm-up trial writes it (is {experiment} an experiment of this work "
+            "directory?)")
