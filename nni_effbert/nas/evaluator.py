@@ -93,7 +93,8 @@ class KDEvaluator:
     progress : bool
         Progress bars.
     latency : bool
-        Measure CPU latency (``evaluator.latency_repeats`` batch-1 forwards).
+        Measure CPU latency (``evaluator.latency_repeats`` batch-1 forwards;
+        ``evaluator.inherited_latency_repeats`` for a candidate scored without training).
     setup : KDSetup, optional
         An already loaded experiment of the same config, to share.
 
@@ -330,8 +331,8 @@ class KDEvaluator:
         if self.latency:
 
             student.cpu()
-            lat = measure_latency(student, seq_length=ev.latency_seq_length, repeats=ev.latency_repeats,
-                                  seed=cfg.seed)
+            repeats = ev.latency_repeats if steps > 0 else (ev.inherited_latency_repeats or ev.latency_repeats)
+            lat = measure_latency(student, seq_length=ev.latency_seq_length, repeats=repeats, seed=cfg.seed)
             result["latency_ms"] = round(lat.median_ms, 4)
         described = space.describe(arch)
         result["expressions"] = [layer["expression"] for layer in described]
