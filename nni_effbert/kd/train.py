@@ -42,13 +42,14 @@ from transformers import AutoConfig, AutoTokenizer
 
 from nni_effbert.search_spaces.supernet import EfficientBertSupernet
 
-from ..data.loading import collate, length_sorted_batches, load_task
+from ..data.loading import collate, length_sorted_batches
 from ..data.metrics import compute_metrics
+from ..data.prepared import load_prepared_task
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..workdir import WorkDir
 from .cache import TeacherCache
 from .losses import KDLoss, TeacherBatch
-from .teacher import MARKER_FILE, load_teacher, prepare_teacher, read_teacher_marker, teacher_outputs
+from .teacher import FINGERPRINT_MEMO, MARKER_FILE, load_teacher, prepare_teacher, read_teacher_marker, teacher_outputs
 
 __all__ = [
     "TrialFailure",
@@ -513,8 +514,8 @@ def build_space(cfg, teacher_config, spec):
     -------
     EfficientBertSupernet
         The space without NNI mutables (same API and weights as ``EfficientBertSpace``), so a
-        trial process never imports ``nni.nas``; :func:`nni_effbert.nas.python_search` turns it
-        into an ``EfficientBertSpace`` for ``NasExperiment``.
+        trial process never imports ``nni.nas``; ``KDEvaluator.space`` turns it into an
+        ``EfficientBertSpace`` sharing its weights, for ``NasExperiment``.
 
     Raises
     ------
@@ -619,7 +620,11 @@ class KDSetup:
             teacher_config = AutoConfig.from_pretrained(str(teacher_dir))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"the teacher in {teacher_dir} cannot be loaded ({exc}); delete it and {hint}") from exc
-        task = load_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache))
+        # Tokenized once per work directory; later processes (every trial) read it from disk.
+        identity = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(teacher_dir.iterdir())
+                    if p.is_file() and p.name != FINGERPRINT_MEMO]
+        task = load_prepared_task(cfg.task, tokenizer, store_dir=wd.datasets_cache / "tasks", identity=identity,
+                                  cache_dir=str(wd.datasets_cache))
         if marker.get("task_fingerprint") != task.fingerprint:
             raise CheckpointError(
                 f"the teacher in {teacher_dir} was fine-tuned for other task data (fingerprint "

@@ -130,8 +130,17 @@ class KDEvaluator:
 
     @property
     def space(self):
-        """The experiment's student space (weights of the last loaded stage)."""
-        return self.setup.space
+        """The experiment's student space as an NNI model space (``EfficientBertSpace``, sharing
+        the weights of the last loaded stage), for ``NasExperiment`` and NNI strategies.
+
+        Asking for it imports ``nni.nas`` (pytorch_lightning); the evaluator itself works on
+        ``setup.space``, the same space without NNI mutables, so trials never load them.
+        """
+        from nni_effbert.search_spaces.space import EfficientBertSpace  # local: nni.nas; never in a trial
+
+        setup = self.setup
+        setup.space = EfficientBertSpace.from_supernet(setup.space)  # the same weights, one object
+        return setup.space
 
     # -- supernet --------------------------------------------------------------------------
 
@@ -223,7 +232,7 @@ class KDEvaluator:
             Naming the bad label and the allowed values.
         """
         try:
-            return self.space.validate_arch(arch)
+            return self.setup.space.validate_arch(arch)
         except ValueError as exc:
             raise ArchError(f"invalid architecture: {exc}") from None
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.strategies import ProgressiveStrategy
 from nni_effbert.strategies.core import split_parameters
 
@@ -226,9 +225,7 @@ def run_python(cfg, config_path: Optional[str], *, port: Optional[int], progress
     if resume is not None:
         check_resumable(wd, resume, nas=True)
     evaluator = KDEvaluator(cfg, progress=progress)
-    # The experiment's space (teacher-sized fit_dense, task labels) as an NNI model space; it
-    # shares the evaluator's supernet weights, so warm-ups and candidates see one supernet.
-    evaluator.setup.space = space = EfficientBertSpace.from_supernet(evaluator.space)
+    space = evaluator.space  # the experiment's space (teacher-sized fit_dense, task labels)
     holder: Dict[str, Any] = {}
 
     def checkpoint() -> None:
