@@ -214,11 +214,42 @@ def run_trial(config: Path, params: Dict[str, Any], src: Optional[str], scratch:
     return {"wall": ended - started, "startup": marks["first_batch"] - started,
             "work": marks["work_end"] - marks["first_batch"], "teardown": ended - marks["work_end"],
             "cpu": usage.ru_utime + usage.ru_stime, "startup_cpu_worker": marks["first_batch_cpu"],
+            "work_cpu": marks["work_end_cpu"] - marks["first_batch_cpu"],
             "default": float(value["default"]), "latency_ms": float(value.get("latency_ms", float("nan")))}
 
 
 def _median(rows: List[Dict[str, float]], key: str) -> float:
     return float(statistics.median(r[key] for r in rows))
+
+
+def write_results(rows, args, workdir: Path, machine: Dict[str, Any]) -> List[str]:
+    """Write the ``.json`` / ``.md`` results of the runs so far; returns the table's lines."""
+    summary = {}
+    for key, rs in rows.items():
+        if not rs:
+            continue
+        summary[key] = {k: round(_median(rs, k), 3) for k in ("wall", "startup", "work", "teardown", "cpu",
+                                                              "startup_cpu_worker", "work_cpu", "default",
+                                                              "latency_ms")}
+        summary[key]["wall_over_work"] = round(_median([{"x": r["wall"] / r["work"]} for r in rs], "x"), 2)
+        summary[key]["runs"] = len(rs)
+    result = {"machine": machine, "runs": args.runs, "workdir": str(workdir), "before_src": args.before_src,
+              "summary": summary, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    lines = [f"# Trial overhead (medians over the runs of each row; machine shared, load at start "
+             f"{result['machine']['loadavg']})", "",
+             "Wall seconds, then CPU seconds (user + system): all the trial's processes; the worker's up to its",
+             "first batch; the worker's work.", "",
+             "| version / stage | runs | wall s | start-up s | work s | teardown s | wall / work | CPU s | CPU start-up s "
+             "| CPU work s | dev | latency ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key, s in summary.items():
+        lines.append(f"| {key} | {s['runs']} | {s['wall']:.2f} | {s['startup']:.2f} | {s['work']:.2f} | {s['teardown']:.2f} | "
+                     f"{s['wall_over_work']:.2f} | {s['cpu']:.2f} | {s['startup_cpu_worker']:.2f} | "
+                     f"{s['work_cpu']:.2f} | {s['default']:.4f} | {s['latency_ms']:.2f} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -244,6 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     stages = args.stages.split(",")
     rows: Dict[str, List[Dict[str, float]]] = {f"{v}/{s}": [] for v, _ in versions for s in stages}
     scratch = workdir / "bench-trial-overhead"
+    machine = machine_info()
     for i in range(args.runs):
         for stage in stages:
             for name, src in (versions if i % 2 == 0 else versions[::-1]):  # alternate who goes first
@@ -251,25 +283,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 r["load"] = load_now()[0]
                 rows[f"{name}/{stage}"].append(r)
                 print(f"run {i} {name:6s} {stage}: wall {r['wall']:.2f} s = start-up {r['startup']:.2f} + work "
-                      f"{r['work']:.2f} + teardown {r['teardown']:.2f} (cpu {r['cpu']:.2f} s, load {r['load']})",
-                      flush=True)
-    summary = {}
-    for key, rs in rows.items():
-        summary[key] = {k: round(_median(rs, k), 3) for k in ("wall", "startup", "work", "teardown", "cpu",
-                                                              "startup_cpu_worker", "default", "latency_ms")}
-        summary[key]["wall_over_work"] = round(_median([{"x": r["wall"] / r["work"]} for r in rs], "x"), 2)
-    result = {"machine": machine_info(), "runs": args.runs, "workdir": str(workdir), "before_src": args.before_src,
-              "summary": summary, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    lines = [f"# Trial overhead (median of {args.runs} runs; machine shared, load at start "
-             f"{result['machine']['loadavg']})", "",
-             "| version / stage | wall s | start-up s | work s | teardown s | wall / work | CPU s | dev |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for key, s in summary.items():
-        lines.append(f"| {key} | {s['wall']:.2f} | {s['startup']:.2f} | {s['work']:.2f} | {s['teardown']:.2f} | "
-                     f"{s['wall_over_work']:.2f} | {s['cpu']:.2f} | {s['default']:.4f} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+                      f"{r['work']:.2f} + teardown {r['teardown']:.2f} (cpu {r['cpu']:.2f} s: start-up "
+                      f"{r['startup_cpu_worker']:.2f}, work {r['work_cpu']:.2f}; load {r['load']})", flush=True)
+                write_results(rows, args, workdir, machine)  # after every run: a stopped bench keeps its results
+    lines = write_results(rows, args, workdir, machine)
     print("\n".join(lines))
     return 0
 
