@@ -259,6 +259,13 @@ class EvaluatorConfig(_Checked):
     # Cap on a trial process's address space (RLIMIT_AS, MB; warm-up and candidate trials):
     # running out of it fails the trial with "out of memory (limit N MB)". None: no cap.
     memory_limit_mb: Optional[int] = _checked(_positive, None)
+    # Rows per batch of dev evaluations: inference (no gradients, rows sorted by length) affords
+    # larger batches than training. None: batch_size.
+    eval_batch_size: Optional[int] = _checked(_positive, 128)
+    # Timed forwards of the latency of a candidate scored on inherited weights without training
+    # (train_steps 0: the size stage); such a trial is short, and latency_repeats would be a
+    # large part of it. None: latency_repeats.
+    inherited_latency_repeats: Optional[int] = _checked(_positive, 5)
 
     @classmethod
     def _prepare(cls, data: Dict[str, Any]) -> Dict[str, Any]:

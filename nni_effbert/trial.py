@@ -1,17 +1,31 @@
 """``python -m nni_effbert.trial``: the command NNI runs for every trial.
 
 The trial entry lives in :mod:`nni_effbert.nas.trial`; this module keeps the documented command
-(and the ``trialCommand`` of existing nnictl configs) working.
+(and the ``trialCommand`` of existing nnictl configs) working. Inside NNI the process first
+becomes the trial's supervisor (:mod:`nni_effbert.nas.supervisor`) without importing the
+trial's libraries: only the supervised child loads torch, transformers and datasets.
 """
 import sys
+from typing import Optional, Sequence
 
+from .nas.supervisor import needs_supervisor, supervise
 from .runtime import silence_import_warnings
 
-silence_import_warnings()  # before the library's imports below, which import nni
-
-from .nas.trial import main  # noqa: E402
-
 __all__ = ["main"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry of ``python -m nni_effbert.trial`` (see :func:`nni_effbert.nas.trial.main`);
+    returns the exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if needs_supervisor(args):
+        # Re-run this very command line (a wrapper script included) under a supervisor.
+        return supervise([sys.executable, *sys.orig_argv[1:]])
+    silence_import_warnings()  # before the library's imports below, which may import nni
+    from .nas.trial import main as run_trial  # local: the supervisor process never loads the trial's libraries
+
+    return run_trial(args)
+
 
 if __name__ == "__main__":
     sys.exit(main())

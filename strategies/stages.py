@@ -114,11 +114,15 @@ class Stage:
 
 
 def paper_stages() -> List[Stage]:
-    """The paper's three stages, with trial budgets sized for a laptop (all configurable)."""
+    """The paper's three stages, with trial budgets sized for a laptop (all configurable).
+
+    The size stage scores candidates on inherited weights without training (a trial is mostly
+    one dev pass), so it gets several times the candidates of the KD-scored stages.
+    """
     return [
         Stage("coarse", "joint", trials=24),
         Stage("expression", "expression", trials=16),
-        Stage("size", "size", trials=32, general_warmup_steps=200, train_steps=0),
+        Stage("size", "size", trials=96, general_warmup_steps=200, train_steps=0),
     ]
 
 

@@ -286,7 +286,7 @@ def test_stage_settings_are_validated_with_clear_messages():
         SamplerConfig(exploration=-1)
     cfg = SearchConfig.from_dict({"param_budget": [1, 2], "sampler": {"exploration": 0.1}})
     assert SearchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    assert cfg.total_trials() == 24 + 16 + 32 + 3
+    assert cfg.total_trials() == 24 + 16 + 96 + 3
 
 
 def test_on_the_real_tiny_space_budget_fingerprints_and_bert_seeds():

@@ -252,6 +252,20 @@ def vocab_fingerprint(tokenizer) -> str:
 
 
 _FP_MEMO: Dict[Tuple, str] = {}
+#: Written into a teacher folder fine-tuned by nni-effbert (one holding ``MARKER_FILE``): its
+#: fingerprint with the sizes and modification times of the files hashed, so a new process
+#: (every trial) does not re-read the weights. Other folders (an installed model) are not written.
+FINGERPRINT_MEMO = ".effbert_fingerprint.json"
+
+
+def _saved_fingerprint(memo_file: Path, stamp: list) -> Optional[str]:
+    try:
+        saved = json.loads(memo_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(saved, dict) and saved.get("files") == stamp and isinstance(saved.get("fingerprint"), str):
+        return saved["fingerprint"]
+    return None
 
 
 def teacher_fingerprint(path: Union[str, os.PathLike]) -> str:
@@ -259,7 +273,8 @@ def teacher_fingerprint(path: Union[str, os.PathLike]) -> str:
 
     Any change of weights, architecture or vocabulary gives a new fingerprint (and hence a
     new teacher-output cache). Results are memoised per process on the files' sizes and
-    modification times, so repeated calls do not re-read hundreds of MB.
+    modification times, so repeated calls do not re-read hundreds of MB; and across processes
+    through :data:`FINGERPRINT_MEMO` in a fine-tuned teacher's folder, on the same key.
 
     Raises
     ------
@@ -280,6 +295,12 @@ def teacher_fingerprint(path: Union[str, os.PathLike]) -> str:
     memo_key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     if memo_key in _FP_MEMO:
         return _FP_MEMO[memo_key]
+    memo_file = folder / FINGERPRINT_MEMO
+    stamp = [list(k) for k in memo_key]
+    saved = _saved_fingerprint(memo_file, stamp)
+    if saved is not None:
+        _FP_MEMO[memo_key] = saved
+        return saved
     h = hashlib.sha256()
     config = json.loads(cfg_file.read_text(encoding="utf-8"))
     for key in _VOLATILE_CONFIG_KEYS:
@@ -299,6 +320,11 @@ def teacher_fingerprint(path: Union[str, os.PathLike]) -> str:
             h.update(hashlib.file_digest(f, "sha256").digest())
     digest = h.hexdigest()[:16]
     _FP_MEMO[memo_key] = digest
+    if (folder / MARKER_FILE).is_file():
+        try:
+            atomic_write_json({"files": stamp, "fingerprint": digest}, memo_file)
+        except OSError:
+            pass  # read-only: the next process hashes again
     return digest
 
 

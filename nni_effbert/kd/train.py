@@ -5,7 +5,8 @@ Warm-up of the weight-sharing supernet (:mod:`.warmup`), per-candidate KD fine-t
 :func:`kd_train`:
 
 * the student is a fixed :class:`~nni_effbert.search_spaces.EfficientBertModel`, or the
-  supernet (:class:`~nni_effbert.search_spaces.EfficientBertSpace`) with an ``arch_sampler``
+  supernet (:class:`~nni_effbert.search_spaces.EfficientBertSupernet`, or its NNI subclass
+  :class:`~nni_effbert.search_spaces.EfficientBertSpace`) with an ``arch_sampler``
   that picks the architecture of every step;
 * teacher outputs come from a :class:`TeacherSource`: :class:`CachedTeacher` (the shared
   teacher-output cache, for task data) or :class:`LiveTeacher` (a teacher in memory, for
@@ -39,15 +40,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from nni_effbert.search_spaces import EfficientBertSpace
+from nni_effbert.search_spaces.supernet import EfficientBertSupernet
 
-from ..data.loading import collate, load_task, make_loader
+from ..data.loading import collate, length_sorted_batches
 from ..data.metrics import compute_metrics
+from ..data.prepared import load_prepared_task
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..workdir import WorkDir
 from .cache import TeacherCache
 from .losses import KDLoss, TeacherBatch
-from .teacher import MARKER_FILE, load_teacher, prepare_teacher, read_teacher_marker, teacher_outputs
+from .teacher import FINGERPRINT_MEMO, MARKER_FILE, load_teacher, prepare_teacher, read_teacher_marker, teacher_outputs
 
 __all__ = [
     "TrialFailure",
@@ -423,10 +425,12 @@ def kd_train(
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: int,
-             arch: Optional[Arch] = None, device: Any = "cpu") -> Dict[str, float]:
+             arch: Optional[Arch] = None, device: Any = "cpu", batches=None) -> Dict[str, float]:
     """Task metric of ``model`` on a labelled split (usually dev).
+
+    Runs under :func:`torch.inference_mode` on batches of rows sorted by length
+    (:func:`~nni_effbert.data.loading.length_sorted_batches`), so little compute goes to padding.
 
     Parameters
     ----------
@@ -437,9 +441,13 @@ def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: 
     spec : TaskSpec
         ``metric`` and ``is_regression`` are used.
     batch_size, pad_token_id : int
+        Inference batch size (rows per batch) and padding id.
     arch : dict, optional
         For the supernet.
     device : torch.device or str
+    batches : list of dict, optional
+        The split's batches already built by ``length_sorted_batches`` (reused between calls;
+        ``dataset`` and ``batch_size`` are then only checked for emptiness).
 
     Returns
     -------
@@ -456,15 +464,18 @@ def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: 
 
     if len(dataset) == 0:
         raise ConfigError("cannot evaluate on an empty split")
+    if batches is None:
+        batches, _ = length_sorted_batches(dataset, batch_size, pad_token_id)
     was_training = model.training
     model.eval()
     logits, labels = [], []
     try:
-        for batch in make_loader(dataset, batch_size, False, 0, pad_token_id):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = _forward(model, batch, arch, return_kd=False)
-            logits.append(out.logits.float().cpu())
-            labels.append(batch["labels"].cpu())
+        with torch.inference_mode():
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = _forward(model, batch, arch, return_kd=False)
+                logits.append(out.logits.float().cpu())
+                labels.append(batch["labels"].cpu())
     finally:
         model.train(was_training)
     all_logits = torch.cat(logits)
@@ -501,7 +512,10 @@ def build_space(cfg, teacher_config, spec):
 
     Returns
     -------
-    EfficientBertSpace
+    EfficientBertSupernet
+        The space without NNI mutables (same API and weights as ``EfficientBertSpace``), so a
+        trial process never imports ``nni.nas``; ``KDEvaluator.space`` turns it into an
+        ``EfficientBertSpace`` sharing its weights, for ``NasExperiment``.
 
     Raises
     ------
@@ -525,7 +539,7 @@ def build_space(cfg, teacher_config, spec):
                 f"leave {key} out: it is set from the teacher and the task"
             )
     try:
-        space = EfficientBertSpace.preset(cfg.student.preset, **{**overrides, **derived})
+        space = EfficientBertSupernet.preset(cfg.student.preset, **{**overrides, **derived})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"student: {exc}") from None
     longest = max(cfg.task.max_seq_length, cfg.warmup.max_seq_length or 0)
@@ -559,7 +573,7 @@ class KDSetup:
         The teacher's HF config.
     task : TaskData
         The task, tokenized with the teacher's tokenizer.
-    space : EfficientBertSpace
+    space : EfficientBertSupernet
         The student supernet (random weights until a checkpoint is loaded).
     loss_fn : KDLoss
     pad_token_id : int
@@ -580,6 +594,7 @@ class KDSetup:
     progress: bool = True
     _teacher_model: Optional[nn.Module] = field(default=None, repr=False)
     _train_cache: Any = field(default=None, repr=False)
+    _dev_batches: Any = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, cfg, *, progress: bool = True) -> "KDSetup":
@@ -605,7 +620,11 @@ class KDSetup:
             teacher_config = AutoConfig.from_pretrained(str(teacher_dir))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"the teacher in {teacher_dir} cannot be loaded ({exc}); delete it and {hint}") from exc
-        task = load_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache))
+        # Tokenized once per work directory; later processes (every trial) read it from disk.
+        identity = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(teacher_dir.iterdir())
+                    if p.is_file() and p.name != FINGERPRINT_MEMO]
+        task = load_prepared_task(cfg.task, tokenizer, store_dir=wd.datasets_cache / "tasks", identity=identity,
+                                  cache_dir=str(wd.datasets_cache))
         if marker.get("task_fingerprint") != task.fingerprint:
             raise CheckpointError(
                 f"the teacher in {teacher_dir} was fine-tuned for other task data (fingerprint "
@@ -671,6 +690,12 @@ class KDSetup:
             supernet.apply(supernet._init_weights)
 
     def evaluate(self, model: nn.Module, arch: Optional[Arch] = None) -> Dict[str, float]:
-        """Dev metric of ``model`` (see :func:`evaluate`)."""
+        """Dev metric of ``model`` (see :func:`evaluate`), in batches of ``evaluator.eval_batch_size``
+        rows sorted by length (built once per setup)."""
+        if self._dev_batches is None:
+            ev = self.cfg.evaluator
+            size = int(ev.eval_batch_size or ev.batch_size)
+            self._dev_batches = length_sorted_batches(self.task.dev, size, self.pad_token_id)[0] \
+                if len(self.task.dev) else []
         return evaluate(model, self.task.dev, self.task.spec, batch_size=int(self.cfg.evaluator.batch_size),
-                        pad_token_id=self.pad_token_id, arch=arch, device=self.device)
+                        pad_token_id=self.pad_token_id, arch=arch, device=self.device, batches=self._dev_batches)

@@ -96,7 +96,8 @@ class KDEvaluator:
     progress : bool
         Progress bars.
     latency : bool
-        Measure CPU latency (``evaluator.latency_repeats`` batch-1 forwards).
+        Measure CPU latency (``evaluator.latency_repeats`` batch-1 forwards;
+        ``evaluator.inherited_latency_repeats`` for a candidate scored without training).
     setup : KDSetup, optional
         An already loaded experiment of the same config, to share.
     experiment : str, optional
@@ -139,8 +140,17 @@ class KDEvaluator:
 
     @property
     def space(self):
-        """The experiment's student space (weights of the last loaded stage)."""
-        return self.setup.space
+        """The experiment's student space as an NNI model space (``EfficientBertSpace``, sharing
+        the weights of the last loaded stage), for ``NasExperiment`` and NNI strategies.
+
+        Asking for it imports ``nni.nas`` (pytorch_lightning); the evaluator itself works on
+        ``setup.space``, the same space without NNI mutables, so trials never load them.
+        """
+        from nni_effbert.search_spaces.space import EfficientBertSpace  # local: nni.nas; never in a trial
+
+        setup = self.setup
+        setup.space = EfficientBertSpace.from_supernet(setup.space)  # the same weights, one object
+        return setup.space
 
     # -- supernet --------------------------------------------------------------------------
 
@@ -244,7 +254,7 @@ class KDEvaluator:
             Naming the bad label and the allowed values.
         """
         try:
-            return self.space.validate_arch(arch)
+            return self.setup.space.validate_arch(arch)
         except ValueError as exc:
             raise ArchError(f"invalid architecture: {exc}") from None
 
@@ -352,8 +362,8 @@ class KDEvaluator:
         if self.latency:
 
             student.cpu()
-            lat = measure_latency(student, seq_length=ev.latency_seq_length, repeats=ev.latency_repeats,
-                                  seed=cfg.seed)
+            repeats = ev.latency_repeats if steps > 0 else (ev.inherited_latency_repeats or ev.latency_repeats)
+            lat = measure_latency(student, seq_length=ev.latency_seq_length, repeats=repeats, seed=cfg.seed)
             result["latency_ms"] = round(lat.median_ms, 4)
         described = space.describe(arch)
         result["expressions"] = [layer["expression"] for layer in described]

@@ -39,8 +39,6 @@ import json
 import logging
 import os
 import resource
-import signal
-import subprocess
 import sys
 from typing import Any, Dict, Mapping, Optional, Sequence
 
@@ -50,6 +48,7 @@ from ..kd.train import TrialFailure
 from ..runtime import configure_runtime, configure_threads
 from .evaluator import KDEvaluator
 from .params import add_arguments, int_meta, is_warmup, read_arch_file, split_arch
+from .supervisor import CHILD_ENV, EXIT_FAILED, _die_with_parent, in_nni, supervise
 from .warmup import run_warmup_parameters
 
 __all__ = [
@@ -67,16 +66,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
-#: The trial ran and failed (diverged, shapes): NNI shows it FAILED.
-EXIT_FAILED = 1
 #: Bad input: config, data, arch, missing checkpoint.
 EXIT_BAD_INPUT = 2
-
-def in_nni() -> bool:
-    """True when this process is a trial started by NNI (its platform variables are set)."""
-    platform = os.environ.get("NNI_PLATFORM")
-    return bool(os.environ.get("NNI_TRIAL_COMMAND_CHANNEL")) or (bool(platform) and platform != "unittest")
-
 
 def run_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int] = None,
                    train_steps: Optional[int] = None, report: bool = True, progress: bool = True,
@@ -211,56 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config value (dotted key; repeatable)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     return add_arguments(parser)
-
-
-#: Set (to the supervisor's pid) in the environment of the supervised trial process.
-CHILD_ENV = "NNI_EFFBERT_TRIAL_SUPERVISOR"
-
-
-def _die_with_parent() -> None:
-    """In the supervised child: get SIGKILL when the supervisor dies (Linux), so a cancelled
-    trial leaves no orphan training; exit at once if it is already gone."""
-
-    try:
-        import ctypes  # local: Linux prctl, supervised child only
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: an orphan may finish its trial; NNI ignores its result
-    if str(os.getppid()) != os.environ.get(CHILD_ENV):
-        sys.exit(EXIT_FAILED)
-
-
-def supervise(command: Sequence[str]) -> int:
-    """Run ``command`` (this trial's own command line) as a child and return its exit status;
-    a child killed by a signal becomes :data:`EXIT_FAILED` with the reason printed to stderr.
-    SIGTERM and SIGINT received by the supervisor are passed on to the child, and the supervisor
-    then dies of the same signal (a cancelled trial stays cancelled)."""
-
-    child = subprocess.Popen(list(command), env=dict(os.environ, **{CHILD_ENV: str(os.getpid())}))
-    received = []
-
-    def forward(signum, _frame):
-        received.append(signum)
-        child.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    rc = child.wait()
-    if received:
-        # NNI (or a user) stopped the trial: die of the same signal, so NNI still records a
-        # cancelled trial (USER_CANCELED), not a failure.
-        signal.signal(received[0], signal.SIG_DFL)
-        os.kill(os.getpid(), received[0])
-    if rc >= 0:
-        return rc
-    try:
-        name = signal.Signals(-rc).name
-    except ValueError:
-        name = f"signal {-rc}"
-    hint = " (the kernel's out-of-memory killer sends SIGKILL)" if -rc == signal.SIGKILL else ""
-    print(f"trial failed: trial process killed by {name}{hint}", file=sys.stderr, flush=True)
-    return EXIT_FAILED
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -56,7 +56,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from nni_effbert.search_spaces import EfficientBertConfig, EfficientBertModel, EfficientBertSpace
+from nni_effbert.search_spaces import EfficientBertConfig, EfficientBertModel, EfficientBertSupernet
 
 from .. import __version__
 from .. import hf as hf_templates
@@ -388,13 +388,13 @@ def architecture_markdown(space: Any, arch: Mapping[str, Any], student: Any = No
 
 def _space_of(space_config: Any):
 
-    if isinstance(space_config, EfficientBertSpace):
+    if isinstance(space_config, EfficientBertSupernet):  # EfficientBertSpace included
         return space_config
     if isinstance(space_config, EfficientBertConfig):
-        return EfficientBertSpace(space_config)
+        return EfficientBertSupernet(space_config)
     if isinstance(space_config, Mapping):
         try:
-            return EfficientBertSpace(EfficientBertConfig.from_dict(dict(space_config)))
+            return EfficientBertSupernet(EfficientBertConfig.from_dict(dict(space_config)))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid search-space config: {exc}") from exc
     raise ConfigError(f"space_config must be an EfficientBertConfig, a dict of its fields or an "
@@ -404,7 +404,7 @@ def _space_of(space_config: Any):
 def _student_from_weights(space, arch: Dict[str, Any], weights: Any):
     """A fresh student of ``arch`` holding a copy of ``weights`` (never the caller's module)."""
 
-    if isinstance(weights, EfficientBertSpace):
+    if isinstance(weights, EfficientBertSupernet):  # EfficientBertSpace included
         if weights.config != space.config:
             raise ConfigError("the supernet passed as weights has another config than space_config")
         return weights.subnet(arch).cpu().eval()  # exports and their checks are on CPU
