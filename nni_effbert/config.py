@@ -254,6 +254,11 @@ class EvaluatorConfig(_Checked):
     # Cap on a trial process's address space (RLIMIT_AS, MB; warm-up and candidate trials):
     # running out of it fails the trial with "out of memory (limit N MB)". None: no cap.
     memory_limit_mb: Optional[int] = _checked(_positive, None)
+    # Where and how latency is measured and predicted (kd/latency_table.py): a search can target
+    # a CPU deployment (one thread by default, comparable across machines) while training elsewhere.
+    latency_device: str = "cpu"
+    latency_threads: int = _checked(_positive, 1)
+    latency_batch_size: int = _checked(_positive, 1)
 
     @classmethod
     def _prepare(cls, data: Dict[str, Any]) -> Dict[str, Any]:
