@@ -374,14 +374,17 @@ class _Bench:
             # Two end-to-end references: every layer at stack 1 and at the largest stack. What
             # they take beyond their entries is a fixed part (the model's own forward) plus a
             # part per MLP block (a block inside the model runs colder than in a timed loop).
-            residual = {}
-            for stack in sorted({1, self.config.max_stack}):
-                arch = reference_arch(self.config, stack=stack)
-                model = EfficientBertModel(self.config, arch).to(self.dev).eval()
-                measured = measure_latency(model, seq_length=self.settings.seq_length,
-                                           batch_size=self.settings.batch_size, repeats=40, warmup=5,
-                                           threads=self.settings.threads).median_ms
-                residual[stack] = measured - table.predict(arch, with_overhead=False)
+            stacks = sorted({1, self.config.max_stack})
+            archs = {k: reference_arch(self.config, stack=k) for k in stacks}
+            models = {k: EfficientBertModel(self.config, a).to(self.dev).eval() for k, a in archs.items()}
+            times: Dict[int, List[float]] = {k: [] for k in stacks}
+            for _ in range(6):  # interleaved rounds: a burst of load hits both references alike
+                for k in stacks:
+                    times[k] += measure_latency(models[k], seq_length=self.settings.seq_length,
+                                                batch_size=self.settings.batch_size, repeats=8, warmup=2,
+                                                threads=self.settings.threads).times_ms
+            residual = {k: statistics.median(times[k]) - table.predict(archs[k], with_overhead=False)
+                        for k in stacks}
             n = self.config.num_hidden_layers
             extra_blocks = n * (self.config.max_stack - 1)
             per_mlp = (residual[self.config.max_stack] - residual[1]) / extra_blocks if extra_blocks else 0.0

@@ -65,7 +65,12 @@ __all__ = [
 
 def check_latency_search(cfg, *, progress: bool = True) -> None:
     """Build the latency table a latency budget or objective needs, and refuse a budget no arch can
-    meet, before NNI starts (the tuner in NNI's dispatcher then finds the table)."""
+    meet, before NNI starts (the tuner in NNI's dispatcher then finds the table).
+
+    Without a latency budget or objective nothing is built (tests and quick searches stay fast);
+    trials still report ``predicted_latency_ms`` whenever the work directory has a complete table
+    for their settings (``nni-effbert latency -c CONFIG``).
+    """
     if not cfg.search.needs_latency:
         return
     table, teacher_ms = search_latency(cfg, build=True, progress=progress)
