@@ -244,6 +244,15 @@ def _run_export(args: argparse.Namespace) -> int:
         t = info.trial
         print(f"best trial within {limit:.3f} ms: {t['trial_id']} (stage {t['stage']}, dev {t['metric']:.4f}, "
               f"{t['latency_ms']:.3f} ms {t['latency_source']}), {info.params} params, weights from {info.source}")
+    elif args.experiment and cfg.search.objective.uses_latency:
+        from .product.cost import export_best_objective
+
+        info = export_best_objective(cfg, args.experiment, name=args.name, experiments_dir=args.experiments_dir,
+                                     progress=not args.quiet)
+        t = info.trial
+        print(f"best trial by the {cfg.search.objective.kind} objective {t['trial_id']} (stage {t['stage']}, dev "
+              f"{t['metric']:.4f}, {t['latency_ms']:.3f} ms, objective {t['objective']:.4f}), {info.params} params, "
+              f"weights from {info.source}")
     elif args.experiment:
         info = export_best(cfg, args.experiment, name=args.name, experiments_dir=args.experiments_dir,
                            progress=not args.quiet)

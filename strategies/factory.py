@@ -27,7 +27,6 @@ from typing import Any, Mapping, Optional, Tuple
 import numpy as np
 
 from nni_effbert.config import load_config
-from nni_effbert.kd.latency_table import search_latency
 from nni_effbert.search_spaces import EfficientBertSpace
 
 from .broker import STATE_FILE, TrialBroker
@@ -131,6 +130,10 @@ def build_broker(config: Optional[str] = None, preset: Optional[str] = None,
         if config is None:
             raise SearchConfigError("classArgs: a latency budget or objective needs classArgs.config (the experiment "
                                     "YAML, whose work directory holds the latency table)")
+        # local: the latency table pulls in transformers and scipy; NNI gives its dispatcher 10 s to
+        # connect, so searches without a latency budget or objective must not pay for the import.
+        from nni_effbert.kd.latency_table import search_latency
+
         cfg = load_config(config, check_paths=False)
         cfg.search = settings
         # `nni-effbert search` builds the table before nnictl starts; building here is the fallback.

@@ -328,3 +328,28 @@ def test_best_within_latency_matches_brute_force():
         assert best["latency_ms"] <= limit
     with pytest.raises(NoSucceededTrialError, match="fastest"):
         best_within_latency(trials, 0.1)
+
+
+def test_cli_export_pareto_lists_the_front_and_refuses_an_unmeetable_limit(tmp_path, capsys):
+    from test_product_cli import _make_experiment
+
+    exps = tmp_path / "exps"
+    arch = lt.reference_arch(preset_config("tiny"))
+    p = {**arch, "_stage": 0}
+    _make_experiment(exps / "expL" / "db" / "nni.sqlite", [
+        ("A", p, "SUCCEEDED", {"default": 0.70, "latency_ms": 3.0, "predicted_latency_ms": 2.0}),
+        ("B", p, "SUCCEEDED", {"default": 0.60, "latency_ms": 1.0, "predicted_latency_ms": 1.5}),
+        ("C", p, "SUCCEEDED", {"default": 0.55, "latency_ms": 1.2, "predicted_latency_ms": 2.5}),  # dominated
+        ("D", p, "FAILED", None),
+    ])
+    sets = [f"--set=workdir={tmp_path / 'work'}", "--set=teacher.model=bert-base-uncased"]
+    base = ["export", "-q", "-c", TINY, *sets, "--experiment", "expL", "--experiments-dir", str(exps)]
+    assert cli.main([*base, "--pareto"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| trial")]
+    assert [r.split("|")[1].strip() for r in rows] == ["B", "A"], out
+    assert "predicted" in rows[0]
+    assert cli.main([*base, "--max-latency", "1.0"]) == 2  # fastest is B at 1.5 ms predicted
+    err = capsys.readouterr().err
+    assert "fastest" in err and "B" in err
+    assert cli.main(["export", "-q", "-c", TINY, *sets, "--arch", "x.json", "--pareto"]) == 2

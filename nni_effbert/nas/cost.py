@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from .ranking import NoSucceededTrialError, pareto_front
 from .records import is_scored, normalize_trial
 
-__all__ = ["trial_latency", "latency_front", "best_within_latency"]
+__all__ = ["trial_latency", "latency_front", "best_within_latency", "best_by_objective"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +94,23 @@ def best_within_latency(trials: Iterable[Mapping[str, Any]], max_latency_ms: flo
             f"takes {fastest['latency_ms']:.3f} ms ({fastest['latency_source']}); raise the limit, or search with "
             "search.latency_budget_ms")
     return min(ok, key=lambda t: (-t["metric"], t["latency_ms"], str(t["trial_id"])))
+
+
+def best_by_objective(trials: Iterable[Mapping[str, Any]], objective, target_ms: Optional[float] = None, *,
+                      stage: Union[int, str, None] = "last", experiment: Optional[str] = None) -> Dict[str, Any]:
+    """The trial with the highest ``objective.value(metric, latency)`` (a
+    :class:`~nni_effbert.strategies.stages.ObjectiveConfig`), as the search ranked it; ties: lower
+    latency. The dict gains ``objective``.
+
+    Raises
+    ------
+    NoSucceededTrialError
+        No scored trial with a latency.
+    """
+    pts = _with_latency(trials, stage)
+    if not pts:
+        where = f"experiment {experiment}" if experiment else "the experiment"
+        raise NoSucceededTrialError(f"{where} has no scored trial with a latency to rank by the objective")
+    for t in pts:
+        t["objective"] = float(objective.value(t["metric"], t["latency_ms"], target_ms))
+    return min(pts, key=lambda t: (-t["objective"], t["latency_ms"], str(t["trial_id"])))

@@ -22,14 +22,14 @@ from ..errors import CheckpointError, ConfigError
 from ..io import load_json
 from ..kd.latency import measure_latency
 from ..kd.latency_table import latency_settings, table_for_config, teacher_latency_ms, torch_device
-from ..nas.cost import best_within_latency
+from ..nas.cost import best_by_objective, best_within_latency
 from ..nas.evaluator import KDEvaluator
 from ..nas.records import read_nni_trials
 from .distill import distill_record, plan_distill, run_distill
 from .export import load_exported
 from .students import SEARCHED, ExportInfo, _export, experiments_dir_of
 
-__all__ = ["LATENCY_BASELINE", "LatencyBaselineChoice", "export_within_latency", "latency_limit",
+__all__ = ["LATENCY_BASELINE", "LatencyBaselineChoice", "export_within_latency", "export_best_objective", "latency_limit",
            "latency_baseline_arch", "ensure_latency_baseline"]
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,24 @@ def export_within_latency(cfg, experiment: str, max_latency_ms: float, *, name: 
              "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
              "max_latency_ms": float(max_latency_ms), "trial_latency_ms": best["latency_ms"],
              "trial_latency_source": best["latency_source"]}
+    info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra)
+    info.trial = best
+    return info
+
+
+def export_best_objective(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: Optional[str] = None,
+                          progress: bool = True) -> ExportInfo:
+    """Export the trial of the last stage that is best by ``search.objective`` (score and latency),
+    the ranking the search itself used; ``nni-effbert export --experiment ID`` does this when the
+    config has a latency objective."""
+    objective = cfg.search.objective
+    target = objective.target(teacher_latency_ms(cfg) if objective.target_speedup is not None else None)
+    trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
+    best = best_by_objective(trials, objective, target, experiment=experiment)
+    evaluator = KDEvaluator(cfg, progress=progress)
+    extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
+             "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
+             "objective": objective.kind, "trial_objective": best["objective"], "trial_latency_ms": best["latency_ms"]}
     info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra)
     info.trial = best
     return info
