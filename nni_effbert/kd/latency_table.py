@@ -27,9 +27,9 @@ architecture's latency is the sum of its blocks' entries. This module does the s
 
 What changes an MLP's cost, and what does not (so that the table stays small):
 
-* per slot, its activation (``identity`` costs nothing, ``relu`` about 0.02 ms and ``tanh``
-  0.5 ms at hidden 192, seq 128 on the project's CPU) and whether it has a binary op (one more
-  element-wise kernel, 0.06-0.09 ms there);
+* per slot, its activation (``identity`` costs nothing; in a first table measured on the busy
+  project machine at hidden 192, seq 128: ``relu`` 0.02 ms, ``gelu`` 0.21 ms, ``tanh`` 0.58 ms)
+  and whether it has a binary op (one more element-wise kernel, 0.06-0.09 ms there);
 * **not** which binary op, nor its operand: ``add`` / ``mul`` / ``max`` and an ``x`` or ``input``
   operand measured within each other's noise (a first full table, keyed by all of them, had
   0.087 / 0.064 / 0.061 ms for ``add`` / ``mul`` / ``max`` and 0.087 vs 0.063 ms for an ``x`` vs
@@ -41,7 +41,8 @@ What changes an MLP's cost, and what does not (so that the table stays small):
   runs the same kernels on tensors of the same shape; a stack of ``s`` MLPs costs ``s`` entries.
 
 Slots are additive (each is one or two element-wise kernels between the linears), so instead of
-one entry per whole expression (about ``56 x 32 x 56`` label combinations per width) the table
+one entry per whole expression (``64 x 128 x 128`` label combinations of the three slots per
+width: activation x binary op x operand x order) the table
 holds one entry per slot cost class and tensor width: 15 per tensor width (8 activations, with
 and without a binary op, less the empty slot), one MLP base per width, and five fixed entries
 (69 entries for the quickstart preset). Each entry is timed with
@@ -110,7 +111,7 @@ PROTOCOL = 1
 LATENCY_DIR = "latency"
 #: Timed rounds per entry (the median is kept) and the wall time one round aims at.
 ROUNDS = 7
-ROUND_MS = 2.0
+ROUND_MS = 20.0
 _SAVE_EVERY = 8
 
 
