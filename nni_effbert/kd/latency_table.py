@@ -106,10 +106,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bumped when what an entry means changes (old tables are then rebuilt, not misread).
-PROTOCOL = 1
+PROTOCOL = 2
 #: Folder of the tables inside the work directory.
 LATENCY_DIR = "latency"
-#: Timed rounds per entry (the median is kept) and the wall time one round aims at.
+#: Timed rounds per entry (the median is kept) and the wall time one round aims at. A round about
+#: as long as a whole forward sees the same share of a time-shared CPU as an end-to-end forward
+#: does: with 2 ms rounds, on the busy 2-core project machine (load 12-16), the entries escaped
+#: most preemption while forwards did not, and the check's MAPE was 52-79%; with 20 ms rounds,
+#: 21% at the same load (bench/results/latency_check.md).
 ROUNDS = 7
 ROUND_MS = 20.0
 _SAVE_EVERY = 8
