@@ -380,3 +380,24 @@ def test_evaluator_finds_the_table_of_its_settings(tmp_path, monkeypatch):
     assert found is not None and found.path == built.path
     other = load_config(TINY, [f"workdir={tmp_path}", "teacher.model=bert-base-uncased", "evaluator.latency_threads=2"])
     assert KDEvaluator(other, setup=setup).latency_table() is None
+
+
+def test_nnictl_factory_and_search_command_use_the_table(tmp_path, monkeypatch):
+    """The tuner built from classArgs gets the work directory's table; `nni-effbert search` refuses
+    an impossible latency budget before starting NNI."""
+    from nni_effbert.nas.search import check_latency_search
+    from nni_effbert.strategies.factory import build_broker
+
+    monkeypatch.setattr(lt._Bench, "measure", lambda self, kind, spec, table: 0.5 if kind == "attention" else 0.05)
+    base = [f"workdir={tmp_path / 'work'}", "teacher.model=bert-base-uncased"]
+    cfg = load_config(TINY, [*base, "search.latency_budget_ms=[0.0, 100.0]"])
+    path = tmp_path / "effbert.yml"
+    cfg.save(path)
+    broker = build_broker(config=str(path), state_path=str(tmp_path / "state.json"))
+    table = lt.table_for_config(cfg, build=False)
+    assert broker.search.latency_budget == (0.0, 100.0) and broker.search.latency_fn.path == table.path
+    lo, _ = table.latency_range()
+    impossible = load_config(TINY, [*base, f"search.latency_budget_ms=[0.0, {lo / 2}]"])
+    with pytest.raises(BudgetError, match="cannot be met"):
+        check_latency_search(impossible, progress=False)
+    check_latency_search(cfg, progress=False)  # a feasible budget passes
