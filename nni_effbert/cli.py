@@ -211,6 +211,14 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", metavar="ID",
                         help="NNI experiment id: export its best succeeded trial, with that experiment's supernets "
                              "(with --arch: the arch, with that experiment's supernets)")
+    parser.add_argument("--pareto", action="store_true",
+                        help="with --experiment: list the trials on the score-vs-latency Pareto front (last stage; "
+                             "predicted latency where the trials reported it); exports nothing unless "
+                             "--max-latency / --min-speedup is given")
+    parser.add_argument("--max-latency", type=float, metavar="MS",
+                        help="with --experiment: export the best trial whose latency is at most MS milliseconds")
+    parser.add_argument("--min-speedup", type=float, metavar="X",
+                        help="with --experiment: export the best trial at least X times faster than the teacher")
     parser.add_argument("--arch", metavar="ARCH.json", help="export this architecture (label -> value JSON object)")
     parser.add_argument("--name", default="searched", help="export folder name under <workdir>/exports (default searched)")
     parser.add_argument("--stage", type=int, metavar="N",
@@ -228,7 +236,32 @@ def _run_export(args: argparse.Namespace) -> int:
     from .product.students import export_arch, export_best
 
     cfg = _load_cfg(args)
-    if args.experiment and not args.arch:
+    limited = args.max_latency is not None or args.min_speedup is not None
+    if (args.pareto or limited) and (not args.experiment or args.arch):
+        raise ConfigError("--pareto, --max-latency and --min-speedup go with --experiment ID (without --arch)")
+    if args.pareto:
+        _print_pareto(cfg, args)
+        if not limited:
+            return 0
+    if limited:
+        from .product.cost import export_within_latency, latency_limit
+
+        limit = latency_limit(cfg, max_latency_ms=args.max_latency, min_speedup=args.min_speedup)
+        info = export_within_latency(cfg, args.experiment, limit, name=args.name, experiments_dir=args.experiments_dir,
+                                     progress=not args.quiet)
+        t = info.trial
+        print(f"best trial within {limit:.3f} ms: {t['trial_id']} (stage {t['stage']}, dev {t['metric']:.4f}, "
+              f"{t['latency_ms']:.3f} ms {t['latency_source']}), {info.params} params, weights from {info.source}")
+    elif args.experiment and not args.arch and cfg.search.objective.uses_latency:
+        from .product.cost import export_best_objective
+
+        info = export_best_objective(cfg, args.experiment, name=args.name, experiments_dir=args.experiments_dir,
+                                     progress=not args.quiet)
+        t = info.trial
+        print(f"best trial by the {cfg.search.objective.kind} objective {t['trial_id']} (stage {t['stage']}, dev "
+              f"{t['metric']:.4f}, {t['latency_ms']:.3f} ms, objective {t['objective']:.4f}), {info.params} params, "
+              f"weights from {info.source}")
+    elif args.experiment and not args.arch:
         info = export_best(cfg, args.experiment, name=args.name, experiments_dir=args.experiments_dir,
                            progress=not args.quiet)
         t = info.trial
@@ -240,6 +273,22 @@ def _run_export(args: argparse.Namespace) -> int:
         print(f"{info.params} params ({info.non_embedding_params} non-embedding), weights from {info.source}")
     print(info.path)
     return 0
+
+
+def _print_pareto(cfg, args: argparse.Namespace) -> None:
+    from .nas.cost import latency_front
+    from .nas.records import read_nni_trials
+    from .product.students import experiments_dir_of
+
+    trials = read_nni_trials(args.experiment, experiments_dir=experiments_dir_of(cfg, args.experiments_dir))
+    front = latency_front(trials)
+    print(f"Pareto front of experiment {args.experiment} (score vs latency, last stage): {len(front)} trial(s)")
+    print("| trial | stage | score | latency (ms) | latency from | measured (ms) | params |")
+    print("|---|---:|---:|---:|---|---:|---:|")
+    for t in front:
+        measured = f"{t['measured_latency_ms']:.3f}" if t["measured_latency_ms"] is not None else "-"
+        print(f"| {t['trial_id']} | {t['stage']} | {t['metric']:.4f} | {t['latency_ms']:.3f} | {t['latency_source']} "
+              f"| {measured} | {t['params'] if t['params'] is not None else '-'} |")
 
 
 def _configure_distill(parser: argparse.ArgumentParser) -> None:
@@ -360,7 +409,49 @@ COMMANDS: List[Command] = [
             _run_quickstart, _configure_quickstart, needs_config=False,
             description="Fine-tune the MiniLM teacher on SST-2, search, export, distil the searched student "
                         "and the baseline, and write the report, on the embedded default config."),
+    Command("latency", "build the per-device latency table of the student space (--check N: test it)",
+            lambda args: _run_latency(args), lambda parser: _configure_latency(parser),
+            description="Time every component of the student space (embeddings, attention, MLP per width, "
+                        "expression slots, heads) at evaluator.latency_{device,threads,batch_size,seq_length} "
+                        "and store the table in <workdir>/latency/ (resumable; reused while the key matches). "
+                        "--check N measures N random archs end to end and reports the predictor's MAPE and "
+                        "Kendall tau (<workdir>/latency/check.json)."),
 ]
+
+
+def _configure_latency(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check", type=int, default=0, metavar="N",
+                        help="measure N random archs end to end against the table's prediction")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --check archs (default 0)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed forwards per --check arch (median; default 30)")
+
+
+def _run_latency(args: argparse.Namespace) -> int:
+    from .io import atomic_write_json
+    from .kd.latency_table import (LATENCY_DIR, check_table, latency_settings, random_archs, table_for_config,
+                                   teacher_latency_ms)
+    from .workdir import WorkDir
+
+    cfg = _load_cfg(args)
+    if args.check < 0 or args.repeats < 1:
+        raise ConfigError("--check must be >= 0 and --repeats >= 1")
+    settings = latency_settings(cfg)
+    table = table_for_config(cfg, progress=not args.quiet)
+    lo, hi = table.latency_range()
+    print(f"latency table: {table.path} ({len(table.entries)} entries; {table.key['device']}, torch "
+          f"{table.key['torch']}, {settings.threads} thread(s), batch {settings.batch_size}, seq {settings.seq_length})")
+    print(f"predicted latency of the space: {lo:.3f} .. {hi:.3f} ms")
+    teacher = teacher_latency_ms(cfg)
+    if teacher is not None:
+        print(f"teacher: {teacher:.3f} ms (speed-up of the space: {teacher / hi:.2f}x .. {teacher / lo:.2f}x)")
+    if args.check:
+        result = check_table(table, random_archs(table.config, args.check, seed=args.seed), settings,
+                             repeats=args.repeats, progress=not args.quiet)
+        out = WorkDir.of(cfg).root / LATENCY_DIR / "check.json"
+        atomic_write_json({**result.to_dict(), "table": str(table.path), "seed": args.seed}, out)
+        print(f"check on {args.check} random archs: MAPE {result.mape:.2f}%, Kendall tau {result.kendall_tau:.3f} "
+              f"(p {result.kendall_p:.2g}) -> {out}")
+    return 0
 
 
 def build_parser(commands: Sequence[Command] = None) -> argparse.ArgumentParser:

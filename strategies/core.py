@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import SearchFailedError, SearchStateError, WarmupFailedError
-from .sampler import PartitionSampler, bert_seed_archs, check_budget, in_budget, random_arch_in_budget
+from .errors import SearchConfigError, SearchFailedError, SearchStateError, WarmupFailedError
+from .sampler import (PartitionSampler, bert_seed_archs, check_budget, check_latency_budget, in_budget,
+                      latency_in_budget, random_arch_in_budget)
 from .stages import SearchConfig, Stage
 
 __all__ = [
@@ -148,6 +149,8 @@ class TrialRecord:
     params_count: Optional[int] = None
     fingerprint: Optional[str] = None
     finish_seq: Optional[int] = None  # completion order, for a reproducible sampler after resume
+    metric: Optional[float] = None  # the trial's own score when ``score`` is an objective of score and latency
+    latency_ms: Optional[float] = None  # predicted latency (with a latency predictor)
 
     @property
     def arch(self) -> Arch:
@@ -174,11 +177,22 @@ class ProgressiveSearch:
         Stages, budget and sampler settings.
     rng : numpy.random.RandomState, optional
         Every random choice of the search; default ``RandomState(config.seed)``.
+    latency_fn : callable, optional
+        ``latency_fn(arch) -> ms``, the predicted latency (e.g. a
+        :class:`~nni_effbert.kd.latency_table.LatencyTable`). Required when the config has a
+        latency budget, a speed-up or a latency objective; every proposal then satisfies the
+        latency budget, and candidates are ranked by the objective.
+    teacher_latency_ms : float, optional
+        The teacher's latency with the same settings, for ``speedup`` targets.
 
     Raises
     ------
     BudgetError
-        When no arch can meet ``config.param_budget`` (checked here, before any trial).
+        When no arch can meet ``config.param_budget`` or the latency budget (checked here,
+        before any trial).
+    SearchConfigError
+        A latency budget or objective without ``latency_fn``, or a speed-up without
+        ``teacher_latency_ms``.
 
     Examples
     --------
@@ -188,13 +202,27 @@ class ProgressiveSearch:
     ...         search.tell(action.trial_id, run_trial(action.parameters))
     """
 
-    def __init__(self, space: Any, config: SearchConfig, rng: Optional[np.random.RandomState] = None):
+    def __init__(self, space: Any, config: SearchConfig, rng: Optional[np.random.RandomState] = None, *,
+                 latency_fn: Optional[Callable[[Mapping[str, Any]], float]] = None,
+                 teacher_latency_ms: Optional[float] = None):
         if not isinstance(config, SearchConfig):
             raise TypeError(f"config must be a SearchConfig, got {type(config).__name__}")
         self.space = space
         self.config = config
         self.rng = rng if rng is not None else np.random.RandomState(config.seed)
         self.param_range = check_budget(space, config.budget, self.rng, config.sampler.max_tries)
+        if config.needs_latency and latency_fn is None:
+            raise SearchConfigError("search.latency_budget_ms / speedup / objective need a latency predictor "
+                                    "(latency_fn=); nni-effbert builds it from the work directory's latency table "
+                                    "(`nni-effbert latency -c CONFIG`)")
+        self.latency_fn = latency_fn
+        self.latency_budget = config.latency_budget(teacher_latency_ms)
+        self.objective_target = config.objective.target(teacher_latency_ms)
+        self.latency_range = check_latency_budget(space, self.latency_budget, latency_fn, self.rng,
+                                                  config.sampler.max_tries, param_budget=config.budget)
+        if self.latency_budget is not None:
+            logger.info("latency budget [%.3f, %.3f] ms (achievable %.3f..%.3f ms)", *self.latency_budget,
+                        *self.latency_range)
         self._records: Dict[int, TrialRecord] = {}
         self._next_id = 0
         self._finish_seq = 0
@@ -302,6 +330,8 @@ class ProgressiveSearch:
         if arch is not None:
             record.params_count = int(self.space.count_params(arch))
             record.fingerprint = str(self.space.fingerprint(arch))
+            if self.latency_fn is not None:
+                record.latency_ms = round(float(self.latency_fn(arch)), 4)
         self._records[record.trial_id] = record
         self._next_id += 1
         return record
@@ -366,7 +396,7 @@ class ProgressiveSearch:
     def _initial_population(self, stage: Stage, searched: Sequence[str]) -> List[Arch]:
         seeds: List[Arch] = []
         if self._stage == 0:
-            seeds = bert_seed_archs(self.space, self.config.budget, self.config.sampler.bert_seeds)
+            seeds = bert_seed_archs(self.space, self.config.budget, self.config.sampler.bert_seeds, fits=self._fits)
         elif stage.handoff_top_k > 0:
             prev = self.ranking(self._stage - 1)[:stage.handoff_top_k]
             for r in prev:
@@ -376,15 +406,20 @@ class ProgressiveSearch:
         queue, keys = [], set()
         for arch in seeds:
             key = self.space.fingerprint(arch)
-            if key not in keys and in_budget(self.space, arch, self.config.budget):
+            if key not in keys and self._fits(arch):
                 keys.add(key)
                 queue.append(arch)
         return queue[:stage.initial_population] if stage.initial_population else []
 
+    def _fits(self, arch: Arch) -> bool:
+        """Inside the parameter budget and the latency budget."""
+        return (in_budget(self.space, arch, self.config.budget)
+                and latency_in_budget(self.latency_fn, arch, self.latency_budget))
+
     def _accept(self, arch: Arch) -> bool:
         if (self._stage, self.space.fingerprint(arch)) in self._seen:
             return False
-        return in_budget(self.space, arch, self.config.budget)
+        return self._fits(arch)
 
     def _results(self) -> Tuple[List[Arch], List[float]]:
         done = [r for r in self._records.values()
@@ -477,6 +512,13 @@ class ProgressiveSearch:
                 else:
                     if not math.isfinite(score):
                         failure = Failure(f"final metric is {score} (not finite)")
+                    elif self.config.objective.uses_latency and not record.warmup:
+                        # Rank by the objective of the score and the predicted latency (the
+                        # same arch always gets the same latency, unlike a measured one).
+                        record.metric = score
+                        if record.latency_ms is None:
+                            record.latency_ms = round(float(self.latency_fn(record.arch)), 4)
+                        score = self.config.objective.value(score, record.latency_ms, self.objective_target)
         record.finish_seq = self._finish_seq
         self._finish_seq += 1
         if failure is not None:

@@ -128,5 +128,20 @@ def build_broker(config: Optional[str] = None, preset: Optional[str] = None,
                  state_path: Optional[str] = None) -> TrialBroker:
     """Space, settings, search core and broker from ``classArgs``."""
     space, settings = build_space_and_search(config, preset, space_overrides, search)
-    core = ProgressiveSearch(space, settings, np.random.RandomState(settings.seed))
+    latency_fn, teacher_ms = None, None
+    if settings.needs_latency:
+        if config is None:
+            raise SearchConfigError("classArgs: a latency budget or objective needs classArgs.config (the experiment "
+                                    "YAML, whose work directory holds the latency table)")
+        # local: the latency table pulls in transformers and scipy; NNI gives its dispatcher 10 s to
+        # connect, so searches without a latency budget or objective must not pay for the import.
+        from nni_effbert.config import load_config  # local: see build_space_and_search
+        from nni_effbert.kd.latency_table import search_latency
+
+        cfg = load_config(config, check_paths=False)
+        cfg.search = settings
+        # `nni-effbert search` builds the table before nnictl starts; building here is the fallback.
+        latency_fn, teacher_ms = search_latency(cfg, build=True, progress=False)
+    core = ProgressiveSearch(space, settings, np.random.RandomState(settings.seed), latency_fn=latency_fn,
+                             teacher_latency_ms=teacher_ms)
     return TrialBroker(core, default_state_path(state_path))

@@ -180,13 +180,15 @@ def check_budget(space: Any, budget: Optional[Tuple[float, float]], rng: np.rand
                       f"narrower than the gap between achievable sizes ({fix})")
 
 
-def bert_seed_archs(space: Any, budget: Optional[Tuple[float, float]], n: int) -> List[Arch]:
-    """Up to ``n`` BERT-expression archs of uniform width and stack that fit ``budget``.
+def bert_seed_archs(space: Any, budget: Optional[Tuple[float, float]], n: int,
+                    fits: Optional[Accept] = None) -> List[Arch]:
+    """Up to ``n`` BERT-expression archs of uniform width and stack that fit ``budget``
+    (and ``fits``, e.g. a latency budget, when given).
 
     Spread over the feasible sizes (largest first, then evenly down to the smallest), since the
     best size is unknown but BERT's expression is the natural baseline at every size.
     """
-    feasible = [a for a in _uniform_size_archs(space) if in_budget(space, a, budget)]
+    feasible = [a for a in _uniform_size_archs(space) if in_budget(space, a, budget) and (fits is None or fits(a))]
     feasible.sort(key=space.count_params, reverse=True)
     if n <= 0 or not feasible:
         return []
@@ -194,6 +196,64 @@ def bert_seed_archs(space: Any, budget: Optional[Tuple[float, float]], n: int) -
         return feasible
     picks = np.linspace(0, len(feasible) - 1, n).round().astype(int)
     return [feasible[i] for i in dict.fromkeys(picks.tolist())]
+
+
+def latency_in_budget(latency_fn: Optional[Callable[[Mapping[str, Any]], float]], arch: Mapping[str, Any],
+                      budget: Optional[Tuple[float, float]]) -> bool:
+    """True if ``budget`` is None or the predicted latency ``latency_fn(arch)`` lies in ``[min, max]``."""
+    if budget is None:
+        return True
+    ms = float(latency_fn(arch))
+    return budget[0] <= ms <= budget[1]
+
+
+def check_latency_budget(space: Any, budget: Optional[Tuple[float, float]], latency_fn: Callable[[Mapping[str, Any]], float],
+                         rng: np.random.RandomState, tries: int = 2000,
+                         param_budget: Optional[Tuple[float, float]] = None) -> Optional[Tuple[float, float]]:
+    """Fail fast when no arch of ``space`` can meet the latency ``budget`` (with ``param_budget``).
+
+    The achievable range comes from ``latency_fn.latency_range()`` when the predictor has it (a
+    :class:`~nni_effbert.kd.latency_table.LatencyTable` computes it exactly), else from the
+    uniform-size BERT archs and ``tries`` random archs.
+
+    Returns
+    -------
+    (float, float) or None
+        The achievable predicted-latency range (None without a budget).
+
+    Raises
+    ------
+    BudgetError
+        If the budget lies outside the achievable range, or no arch meeting it (and the
+        parameter budget) is found among the uniform-size archs and ``tries`` random archs.
+    """
+    if budget is None:
+        return None
+    if hasattr(latency_fn, "latency_range"):
+        lo, hi = (float(v) for v in latency_fn.latency_range())
+        samples: List[Arch] = []
+    else:
+        samples = _uniform_size_archs(space) + [space.random_arch(rng) for _ in range(min(tries, 200))]
+        ms = [float(latency_fn(a)) for a in samples]
+        lo, hi = min(ms), max(ms)
+    bmin, bmax = budget
+    fix = (f"predicted latencies of this space lie in [{lo:.3f}, {hi:.3f}] ms on the latency table's device; set "
+           f"search.latency_budget_ms / search.speedup to a range that overlaps it (or leave them empty)")
+    if bmax < lo or bmin > hi:
+        raise BudgetError(f"latency budget [{bmin:.3f}, {bmax:.3f}] ms cannot be met: {fix}")
+
+    def fits(arch: Mapping[str, Any]) -> bool:
+        return in_budget(space, arch, param_budget) and latency_in_budget(latency_fn, arch, budget)
+
+    if any(fits(a) for a in _uniform_size_archs(space)) or any(fits(a) for a in samples):
+        return lo, hi
+    for _ in range(tries):
+        if fits(space.random_arch(rng)):
+            return lo, hi
+    both = " together with param_budget" if param_budget is not None else ""
+    raise BudgetError(f"latency budget [{bmin:.3f}, {bmax:.3f}] ms{both}: no architecture meeting it was found "
+                      f"among the uniform-size archs and {tries} random archs; the range is probably narrower "
+                      f"than the gaps between achievable latencies or disjoint from the parameter budget ({fix})")
 
 
 def random_arch_in_budget(space: Any, rng: np.random.RandomState, fixed: Mapping[str, Any],

@@ -24,7 +24,8 @@ from typing import List, Optional
 
 from .errors import SearchConfigError
 
-__all__ = ["STAGE_KINDS", "Stage", "SamplerConfig", "SearchConfig", "paper_stages"]
+__all__ = ["STAGE_KINDS", "OBJECTIVE_KINDS", "Stage", "SamplerConfig", "ObjectiveConfig", "SearchConfig",
+           "paper_stages"]
 
 #: ``joint``: search every label; ``expression``: sizes fixed to the previous stage's best;
 #: ``size``: expressions fixed to the previous stage's best.
@@ -190,6 +191,93 @@ class SamplerConfig:
                   f"sampler.{key} must be a number in (0, 1], got {value!r}")
 
 
+#: ``score``: the dev metric alone; ``linear``: ``score - weight * latency_ms``; ``mnas``:
+#: ``score * (latency_ms / target_ms) ** weight`` (MnasNet, Tan et al., CVPR 2019, Eq. 2).
+OBJECTIVE_KINDS = ("score", "linear", "mnas")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the search maximises: the candidate's score, or the score traded against its latency.
+
+    The latency is the predicted one (``nni_effbert.kd.latency_table``: deterministic, so two
+    trials of the same arch get the same objective), in milliseconds.
+
+    Attributes
+    ----------
+    kind : {'score', 'linear', 'mnas'}
+        ``score``: the dev metric (default). ``linear``: ``score - weight * latency_ms`` (the
+        Lagrangian form, e.g. ProxylessNAS / FBNet's latency term, made additive).
+        ``mnas``: MnasNet's soft constraint ``score * (latency_ms / target) ** weight``
+        (Tan et al., CVPR 2019, Eq. 2, with ``alpha = beta = weight``; the paper uses -0.07:
+        twice the latency costs about 5% of the score).
+    weight : float, optional
+        ``linear``: score per millisecond (required, > 0). ``mnas``: the exponent (default -0.07,
+        must be < 0).
+    target_ms : float, optional
+        ``mnas``: the latency target in ms. Give it or ``target_speedup``.
+    target_speedup : float, optional
+        ``mnas``: the target as a speed-up over the teacher (``target = teacher_ms / speedup``),
+        using the teacher's latency measured with the same settings.
+    """
+
+    kind: str = "score"
+    weight: Optional[float] = None
+    target_ms: Optional[float] = None
+    target_speedup: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _need(self.kind in OBJECTIVE_KINDS,
+              f"objective.kind must be one of {list(OBJECTIVE_KINDS)}, got {self.kind!r}")
+        for key in ("weight", "target_ms", "target_speedup"):
+            value = getattr(self, key)
+            _need(value is None or _number(value), f"objective.{key} must be a number or empty, got {value!r}")
+        for key in ("target_ms", "target_speedup"):
+            value = getattr(self, key)
+            _need(value is None or value > 0, f"objective.{key} must be > 0, got {value!r}")
+        if self.kind == "linear":
+            _need(self.weight is not None and self.weight > 0,
+                  f"objective.kind linear needs objective.weight > 0 (score lost per ms of latency), "
+                  f"got {self.weight!r}")
+        if self.kind == "mnas":
+            if self.weight is None:
+                self.weight = -0.07
+            _need(self.weight < 0, f"objective.weight of kind mnas is MnasNet's exponent and must be < 0 "
+                                   f"(the paper: -0.07), got {self.weight!r}")
+            _need((self.target_ms is None) != (self.target_speedup is None),
+                  "objective.kind mnas needs exactly one of objective.target_ms or objective.target_speedup")
+
+    @property
+    def uses_latency(self) -> bool:
+        return self.kind != "score"
+
+    def target(self, teacher_latency_ms: Optional[float]) -> Optional[float]:
+        """The ``mnas`` target in ms (``target_speedup`` resolved against the teacher's latency)."""
+        if self.kind != "mnas":
+            return None
+        if self.target_ms is not None:
+            return float(self.target_ms)
+        _need(teacher_latency_ms is not None and teacher_latency_ms > 0,
+              "objective.target_speedup needs the teacher's latency; fine-tune the teacher first "
+              "(`nni-effbert teacher -c CONFIG`) and run `nni-effbert latency -c CONFIG`")
+        return float(teacher_latency_ms) / float(self.target_speedup)
+
+    def value(self, score: float, latency_ms: Optional[float], target_ms: Optional[float] = None) -> float:
+        """The objective of a candidate with ``score`` and predicted ``latency_ms``."""
+        if self.kind == "score":
+            return float(score)
+        _need(latency_ms is not None and latency_ms > 0,
+              f"objective {self.kind} needs a positive latency, got {latency_ms!r}")
+        if self.kind == "linear":
+            return float(score) - float(self.weight) * float(latency_ms)
+        _need(target_ms is not None and target_ms > 0, "objective mnas needs its target latency")
+        return float(score) * (float(latency_ms) / float(target_ms)) ** float(self.weight)
+
+
 @dataclass
 class SearchConfig:
     """The whole progressive search.
@@ -211,6 +299,17 @@ class SearchConfig:
     share_workdir : bool
         Let this search run while another one runs on the same work directory (default: a
         second search is refused at start, see :mod:`nni_effbert.nas.search_lock`).
+    latency_budget_ms : list of two numbers, optional
+        ``[min, max]`` predicted latency of the student in ms (the work directory's latency
+        table, :mod:`nni_effbert.kd.latency_table`, at ``evaluator.latency_*``). Like
+        ``param_budget``: no proposal lies outside it, and a budget no arch can meet is an error
+        before any trial.
+    speedup : float, optional
+        The student must be at least this many times faster than the teacher (predicted student
+        latency <= teacher latency / speedup, the teacher measured with the same settings);
+        combined with ``latency_budget_ms`` when both are given.
+    objective : ObjectiveConfig
+        What the search maximises (default: the score alone).
     """
 
     param_budget: Optional[List[float]] = None
@@ -219,6 +318,9 @@ class SearchConfig:
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     share_workdir: bool = False
+    latency_budget_ms: Optional[List[float]] = None
+    speedup: Optional[float] = None
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def __post_init__(self) -> None:
         if self.param_budget is not None:
@@ -242,6 +344,41 @@ class SearchConfig:
         _need(_is_int(self.seed) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
         _need(isinstance(self.sampler, SamplerConfig), f"sampler must be a sampler mapping, got {self.sampler!r}")
         _need(isinstance(self.share_workdir, bool), f"share_workdir must be true or false, got {self.share_workdir!r}")
+        if self.latency_budget_ms is not None:
+            budget = self.latency_budget_ms
+            _need(isinstance(budget, (list, tuple)) and len(budget) == 2 and all(_number(v) for v in budget),
+                  f"latency_budget_ms must be [min, max] (two numbers, ms) or empty, got {budget!r}")
+            lo, hi = (float(v) for v in budget)
+            _need(0 <= lo <= hi, f"latency_budget_ms must satisfy 0 <= min <= max, got [{lo}, {hi}]")
+            self.latency_budget_ms = [lo, hi]
+        _need(self.speedup is None or (_number(self.speedup) and self.speedup > 0),
+              f"speedup must be a number > 0 (times faster than the teacher) or empty, got {self.speedup!r}")
+        _need(isinstance(self.objective, ObjectiveConfig), f"objective must be a mapping, got {self.objective!r}")
+
+    @property
+    def needs_latency(self) -> bool:
+        """True when the search needs a latency predictor (a latency budget or objective)."""
+        return self.latency_budget_ms is not None or self.speedup is not None or self.objective.uses_latency
+
+    def latency_budget(self, teacher_latency_ms: Optional[float] = None) -> Optional[tuple]:
+        """``(min, max)`` predicted ms from ``latency_budget_ms`` and ``speedup``, or None.
+
+        Raises
+        ------
+        SearchConfigError
+            ``speedup`` is set but the teacher's latency is not known.
+        """
+        lo, hi = 0.0, math.inf
+        if self.latency_budget_ms is None and self.speedup is None:
+            return None
+        if self.latency_budget_ms is not None:
+            lo, hi = self.latency_budget_ms
+        if self.speedup is not None:
+            _need(teacher_latency_ms is not None and teacher_latency_ms > 0,
+                  "search.speedup needs the teacher's latency; fine-tune the teacher first "
+                  "(`nni-effbert teacher -c CONFIG`) and run `nni-effbert latency -c CONFIG`")
+            hi = min(hi, float(teacher_latency_ms) / float(self.speedup))
+        return (float(lo), float(hi))
 
     @property
     def budget(self) -> Optional[tuple]:
@@ -280,6 +417,11 @@ class SearchConfig:
             _need(isinstance(s, dict), f"search.sampler must be a mapping, got {type(s).__name__}")
             _check_keys(s, SamplerConfig, "search.sampler")
             data["sampler"] = SamplerConfig(**s)
+        if "objective" in data:
+            o = data["objective"]
+            _need(isinstance(o, dict), f"search.objective must be a mapping, got {type(o).__name__}")
+            _check_keys(o, ObjectiveConfig, "search.objective")
+            data["objective"] = ObjectiveConfig(**o)
         return cls(**data)
 
     def to_dict(self) -> dict:

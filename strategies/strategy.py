@@ -73,6 +73,11 @@ class ProgressiveStrategy(Strategy):
         running trials). A score recovers that result and the candidate is not run again; None
         proposes it again. ``nni-effbert search --python --resume`` answers from the stopped
         experiment's succeeded NNI trials.
+    latency_fn : callable, optional
+        ``latency_fn(arch) -> ms``, the latency predictor a latency budget or objective needs
+        (:class:`~nni_effbert.kd.latency_table.LatencyTable`).
+    teacher_latency_ms : float, optional
+        The teacher's latency, for ``speedup`` targets.
 
     Notes
     -----
@@ -84,7 +89,9 @@ class ProgressiveStrategy(Strategy):
     def __init__(self, *, search: Union[SearchConfig, Mapping[str, Any], None] = None,
                  warmup_fn: Optional[Callable[[Dict[str, Any]], None]] = None, arch_space: Any = None,
                  seed: Optional[int] = None, checkpoint_fn: Optional[Callable[[], None]] = None,
-                 finished_fn: Optional[Callable[[Dict[str, Any]], Optional[float]]] = None):
+                 finished_fn: Optional[Callable[[Dict[str, Any]], Optional[float]]] = None,
+                 latency_fn: Optional[Callable[[Mapping[str, Any]], float]] = None,
+                 teacher_latency_ms: Optional[float] = None):
         super().__init__()
         if search is None:
             search = SearchConfig()
@@ -107,6 +114,8 @@ class ProgressiveStrategy(Strategy):
         self.checkpoint_fn = checkpoint_fn
         self.finished_fn = finished_fn
         self._arch_space = arch_space
+        self.latency_fn = latency_fn
+        self.teacher_latency_ms = teacher_latency_ms
         self.search: Optional[ProgressiveSearch] = None
         self._pending_state: Optional[dict] = None
         self._lock = threading.Lock()
@@ -133,7 +142,8 @@ class ProgressiveStrategy(Strategy):
         if unknown:
             raise SearchConfigError(f"labels {unknown[:5]} of the arch space are not mutables of the NNI model space")
         self.search = ProgressiveSearch(arch_space, self.search_config,
-                                        np.random.RandomState(self.search_config.seed))
+                                        np.random.RandomState(self.search_config.seed),
+                                        latency_fn=self.latency_fn, teacher_latency_ms=self.teacher_latency_ms)
         if self._pending_state is not None:
             self._load(self._pending_state)
             self._pending_state = None

@@ -146,6 +146,10 @@ def measure_latency(
     vocab = int(vocab_size) if vocab_size else _vocab_size(model)
     gen = torch.Generator().manual_seed(int(seed))
     ids = torch.randint(0, vocab, (batch_size, seq_length), generator=gen)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    ids = ids.to(device)  # the model's device (evaluator.latency_device); CUDA timings synchronise
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     mask = torch.ones_like(ids)
     types = torch.zeros_like(ids)
     run = forward or _default_forward(model)
@@ -160,8 +164,10 @@ def measure_latency(
             for _ in range(warmup):
                 run(ids, mask, types)
             for _ in range(repeats):
+                sync()
                 start = time.perf_counter()
                 run(ids, mask, types)
+                sync()
                 times.append((time.perf_counter() - start) * 1000.0)
     finally:
         torch.set_num_threads(previous_threads)

@@ -36,6 +36,7 @@ from ..config import ExperimentConfig, from_dict, load_config
 from ..errors import CheckpointError, ConfigError, DiskFullError, EffBertError
 from ..io import atomic_write_json
 from ..kd.latency import measure_latency
+from ..kd.latency_table import latency_settings, load_table, table_path, torch_device
 from ..kd.train import KDSetup, TrainSettings, TrialFailure, kd_train
 from ..workdir import WorkDir
 from .params import is_warmup
@@ -360,11 +361,15 @@ class KDEvaluator:
         result["params"] = int(space.count_params(arch))
         result["non_embedding_params"] = int(space.count_params(arch, exclude_embeddings=True))
         if self.latency:
-
-            student.cpu()
+            settings = latency_settings(cfg)
+            student.to(torch_device(settings.device))
             repeats = ev.latency_repeats if steps > 0 else (ev.inherited_latency_repeats or ev.latency_repeats)
-            lat = measure_latency(student, seq_length=ev.latency_seq_length, repeats=repeats, seed=cfg.seed)
+            lat = measure_latency(student, seq_length=settings.seq_length, repeats=repeats,
+                                  seed=cfg.seed, threads=settings.threads, batch_size=settings.batch_size)
             result["latency_ms"] = round(lat.median_ms, 4)
+            table = self.latency_table()
+            if table is not None:
+                result["predicted_latency_ms"] = round(table.predict(arch), 4)
         described = space.describe(arch)
         result["expressions"] = [layer["expression"] for layer in described]
         result["widths"] = [int(layer["width"]) for layer in described]
@@ -377,6 +382,16 @@ class KDEvaluator:
         if self.supernet is not None:
             result["supernet"] = dict(self.supernet)
         return result
+
+    def latency_table(self):
+        """The work directory's complete latency table for this config, or None (never built here:
+        ``nni-effbert latency`` and ``nni-effbert search`` build it)."""
+        if not hasattr(self, "_latency_table"):
+            settings = latency_settings(self.cfg)
+            config = self.space.config
+            table = load_table(table_path(self.cfg.workdir, config, settings), config, settings)
+            self._latency_table = table if table is not None and table.complete else None
+        return self._latency_table
 
     # -- NNI -------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from nni_effbert.strategies.core import split_parameters
 
 from ..errors import EffBertError
 from ..io import atomic_write_json
+from ..kd.latency_table import search_latency
 from ..workdir import WorkDir
 from .evaluator import KDEvaluator
 from .experiments import EXPERIMENTS_DIR, TRIALS_FILE, SearchResult, check_resumable, free_port, prepare_workdir
@@ -248,8 +249,9 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
             logger.exception("could not save the NAS experiment checkpoint")
 
     # arch_space: NNI hands the strategy a SimplifiedModelSpace, which lacks the arch API.
+    latency_fn, teacher_ms = search_latency(cfg, build=True, progress=progress)
     strategy = ProgressiveStrategy(search=cfg.search, warmup_fn=evaluator.warmup, arch_space=space,
-                                   checkpoint_fn=checkpoint,
+                                   checkpoint_fn=checkpoint, latency_fn=latency_fn, teacher_latency_ms=teacher_ms,
                                    finished_fn=_finished_after_stop(wd, resume) if resume is not None else None)
     conf = NasExperimentConfig("ts", "simplified", "local")
     conf.experiment_name = f"effbert-{cfg.task.name}-{wd.root.name}-nas"

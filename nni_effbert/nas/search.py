@@ -31,7 +31,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+from nni_effbert.search_spaces import EfficientBertSpace
+from nni_effbert.strategies.core import ProgressiveSearch
+
 from ..errors import ConfigError
+from ..kd.latency_table import search_latency
 from .experiments import (
     EXPERIMENTS_DIR,
     NNICTL_DIR,
@@ -58,6 +62,21 @@ __all__ = [
     "run_search",
     "format_trials",
 ]
+
+def check_latency_search(cfg, *, progress: bool = True) -> None:
+    """Build the latency table a latency budget or objective needs, and refuse a budget no arch can
+    meet, before NNI starts (the tuner in NNI's dispatcher then finds the table).
+
+    Without a latency budget or objective nothing is built (tests and quick searches stay fast);
+    trials still report ``predicted_latency_ms`` whenever the work directory has a complete table
+    for their settings (``nni-effbert latency -c CONFIG``).
+    """
+    if not cfg.search.needs_latency:
+        return
+    table, teacher_ms = search_latency(cfg, build=True, progress=progress)
+    space = EfficientBertSpace.preset(cfg.student.preset, **dict(cfg.student.overrides))
+    ProgressiveSearch(space, cfg.search, latency_fn=table, teacher_latency_ms=teacher_ms)  # raises BudgetError
+
 
 def run_search(cfg, *, config_path: Optional[str], wait: bool, python: bool = False, port: Optional[int] = None,
                progress: bool = True, timeout: Optional[float] = None, resume: Optional[str] = None) -> SearchResult:
@@ -97,6 +116,7 @@ def run_search(cfg, *, config_path: Optional[str], wait: bool, python: bool = Fa
     """
     if port is not None and not (0 < int(port) < 65536):
         raise ConfigError(f"--port must be in 1..65535, got {port}")
+    check_latency_search(cfg, progress=progress)
     if python:
         return run_python(cfg, config_path, port=port, progress=progress, resume=resume)
     return run_nnictl(cfg, config_path, wait=wait, port=port, progress=progress, timeout=timeout, resume=resume)

@@ -33,7 +33,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from filelock import FileLock

@@ -2,7 +2,7 @@
 
 Rows of the comparison table (:func:`format_table`) are dicts with ``name``, ``dev_metric``,
 ``params``, ``non_embedding_params``, ``latency_ms`` and optionally ``role``
-(``teacher`` / ``baseline`` / ``searched``) and ``note``; the speed-up column is relative to
+(``teacher`` / ``baseline`` / ``baseline_latency`` / ``searched``) and ``note``; the speed-up column is relative to
 the teacher row (``role == 'teacher'``, or the row named ``teacher``).
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write_text
 from ..kd.latency import measure_latency
+from ..kd.latency_table import latency_settings, table_for_config
 from ..kd.teacher import load_teacher, prepare_teacher
 from ..kd.train import KDSetup
 from ..nas.ranking import best_trial
@@ -26,6 +27,7 @@ from ..workdir import WorkDir
 from .distill import distill_record
 from .export import load_exported
 from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label
+from .cost import ensure_latency_baseline, latency_baseline_arch
 from .students import SEARCHED, ensure_baseline, experiments_dir_of, supernet_experiment
 
 __all__ = ["TABLE_KEYS", "ReportResult", "ReportOutcome", "format_table", "write_report", "teacher_row", "student_row", "build_report"]
@@ -166,7 +168,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, metric_name: str = "dev m
 
 def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_rows: Sequence[Mapping[str, Any]],
                  out_dir: Optional[PathLike] = None, *, experiment: Optional[str] = None,
-                 metric_name: str = "dev metric", title: Optional[str] = None) -> ReportResult:
+                 metric_name: str = "dev metric", title: Optional[str] = None,
+                 chosen: Optional[str] = None) -> ReportResult:
     """Write ``report.md`` and its PNG plots.
 
     Parameters
@@ -186,6 +189,9 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
         Name of the dev metric (``dev accuracy``).
     title : str, optional
         Report title.
+    chosen : str, optional
+        Trial id of the exported student (e.g. the best trial under ``--max-latency``), marked as
+        the selected point on the plots; default the best trial.
 
     Returns
     -------
@@ -220,6 +226,8 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
     best = None
     if scored:
         best = best_trial(scored, experiment=experiment)
+        picked = [t for t in scored if chosen is not None and t["trial_id"] == str(chosen)]
+        best = picked[0] if picked else best
 
     plots: Dict[str, Path] = {}
     pareto_params: List[str] = []
@@ -422,13 +430,29 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
     seq, repeats = int(cfg.evaluator.latency_seq_length), int(cfg.evaluator.latency_repeats)
     base_result, choice = ensure_baseline(cfg, searched_dir, progress=progress, setup=setup)
     metric = setup.task.spec.metric
+    # The second baseline, matched by latency (predicted, then measured); distilled only when
+    # its width differs from the params-matched one.
+    lat_choice = latency_baseline_arch(setup.space, table_for_config(cfg, space_config=setup.space.config,
+                                                                     progress=progress),
+                                       dict(searched.arch), settings=latency_settings(cfg))
+    same = lat_choice.width == choice.width
     rows = [
         teacher_row(setup, seq_length=seq, repeats=repeats),
-        student_row(base_result.path, "baseline (BERT MLP)", "baseline", seq_length=seq, repeats=repeats,
+        student_row(base_result.path, "baseline (BERT MLP)" + (", matched by params and latency" if same
+                                                               else ", matched by params"),
+                    "baseline", seq_length=seq, repeats=repeats,
                     note=f"width {choice.width}, stack 1, {choice.difference:+d} params vs searched"),
-        student_row(searched_dir, "searched student", "searched", seq_length=seq, repeats=repeats),
     ]
-    result = write_report(wd.root, trials, rows, experiment=experiment, metric_name=f"dev {metric}")
+    if not same:
+        lat_result, lat_choice = ensure_latency_baseline(cfg, searched_dir, progress=progress, setup=setup)
+        rows.append(student_row(lat_result.path, "baseline (BERT MLP), matched by latency", "baseline_latency",
+                                seq_length=seq, repeats=repeats,
+                                note=f"width {lat_choice.width}, stack 1, {100 * lat_choice.relative_difference:+.1f}% "
+                                     "latency vs searched"))
+    rows.append(student_row(searched_dir, "searched student", "searched", seq_length=seq, repeats=repeats))
+    chosen = (searched.meta.get("extra") or {}).get("trial_id")
+    result = write_report(wd.root, trials, rows, experiment=experiment, metric_name=f"dev {metric}",
+                          chosen=str(chosen) if chosen is not None else None)
     table = format_table(rows, metric_name=f"dev {metric}")
     return ReportOutcome(result=result, rows=rows, table=table, experiment=experiment,
                          baseline_difference=choice.difference)

@@ -1,0 +1,216 @@
+"""Cost-aware product steps: export the best trial under a latency limit, and the BERT-MLP
+baseline matched to the searched student's latency.
+
+* :func:`export_within_latency` is ``nni-effbert export --experiment ID --max-latency MS`` /
+  ``--min-speedup X``: the best trial of the last stage whose latency
+  (:func:`~nni_effbert.nas.cost.trial_latency`: predicted where reported) meets the limit.
+* :func:`latency_baseline_arch` / :func:`ensure_latency_baseline` build the report's second
+  baseline: BERT's MLP, stack 1, at the width whose latency is nearest the searched student's,
+  first by the latency table's prediction (the two nearest widths), then by end-to-end
+  measurement of those candidates beside the searched student. The params-matched baseline
+  (:func:`~nni_effbert.product.students.ensure_baseline`) stays, so the report shows both.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from nni_effbert.search_spaces.modeling import EfficientBertModel
+
+from ..errors import CheckpointError, ConfigError
+from ..io import load_json
+from ..kd.latency import measure_latency
+from ..kd.latency_table import latency_settings, table_for_config, teacher_latency_ms, torch_device
+from ..nas.cost import best_by_objective, best_within_latency
+from ..nas.evaluator import KDEvaluator
+from ..nas.records import read_nni_trials
+from .distill import distill_record, plan_distill, run_distill
+from .export import load_exported
+from .students import SEARCHED, ExportInfo, _export, experiments_dir_of
+
+__all__ = ["LATENCY_BASELINE", "LatencyBaselineChoice", "export_within_latency", "export_best_objective", "latency_limit",
+           "latency_baseline_arch", "ensure_latency_baseline"]
+
+logger = logging.getLogger(__name__)
+
+#: Export name of the latency-matched baseline inside ``<workdir>/exports``.
+LATENCY_BASELINE = "baseline-latency"
+
+
+def latency_limit(cfg, *, max_latency_ms: Optional[float] = None, min_speedup: Optional[float] = None) -> float:
+    """The latency limit in ms from ``--max-latency`` and/or ``--min-speedup`` (the tighter one).
+
+    Raises
+    ------
+    ConfigError
+        Neither given, a non-positive value, or a speed-up without a fine-tuned teacher.
+    """
+    limits = []
+    if max_latency_ms is not None:
+        if max_latency_ms <= 0:
+            raise ConfigError(f"--max-latency must be > 0 ms, got {max_latency_ms}")
+        limits.append(float(max_latency_ms))
+    if min_speedup is not None:
+        if min_speedup <= 0:
+            raise ConfigError(f"--min-speedup must be > 0, got {min_speedup}")
+        teacher = teacher_latency_ms(cfg)
+        if teacher is None:
+            raise ConfigError("--min-speedup needs the teacher's latency, but the work directory has no fine-tuned "
+                              "teacher; run `nni-effbert teacher -c CONFIG` or give --max-latency MS")
+        logger.info("teacher latency %.3f ms: speed-up %.2fx means at most %.3f ms", teacher, min_speedup,
+                    teacher / min_speedup)
+        limits.append(teacher / float(min_speedup))
+    if not limits:
+        raise ConfigError("give --max-latency MS or --min-speedup X")
+    return min(limits)
+
+
+def export_within_latency(cfg, experiment: str, max_latency_ms: float, *, name: str = SEARCHED,
+                          experiments_dir: Optional[str] = None, progress: bool = True) -> ExportInfo:
+    """Export the best trial of ``experiment`` (last stage) whose latency is at most ``max_latency_ms``.
+
+    Raises
+    ------
+    NoSucceededTrialError
+        No scored trial meets the limit (the message names the fastest one).
+    """
+    trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
+    best = best_within_latency(trials, max_latency_ms, experiment=experiment)
+    evaluator = KDEvaluator(cfg, progress=progress)
+    extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
+             "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
+             "max_latency_ms": float(max_latency_ms), "trial_latency_ms": best["latency_ms"],
+             "trial_latency_source": best["latency_source"]}
+    info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra)
+    info.trial = best
+    return info
+
+
+def export_best_objective(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: Optional[str] = None,
+                          progress: bool = True) -> ExportInfo:
+    """Export the trial of the last stage that is best by ``search.objective`` (score and latency),
+    the ranking the search itself used; ``nni-effbert export --experiment ID`` does this when the
+    config has a latency objective."""
+    objective = cfg.search.objective
+    target = objective.target(teacher_latency_ms(cfg) if objective.target_speedup is not None else None)
+    trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
+    best = best_by_objective(trials, objective, target, experiment=experiment)
+    evaluator = KDEvaluator(cfg, progress=progress)
+    extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
+             "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
+             "objective": objective.kind, "trial_objective": best["objective"], "trial_latency_ms": best["latency_ms"]}
+    info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra)
+    info.trial = best
+    return info
+
+
+@dataclass
+class LatencyBaselineChoice:
+    """The latency-matched baseline and how close it comes.
+
+    Attributes
+    ----------
+    arch : dict
+    width : int
+    predicted_ms, target_predicted_ms : float
+        The baseline's and the searched student's predicted latency.
+    measured_ms, target_measured_ms : float or None
+        Their end-to-end latency measured side by side (None when not measured).
+    candidates : list of dict
+        ``{width, predicted_ms, measured_ms}`` of the widths considered.
+    """
+
+    arch: Dict[str, Any]
+    width: int
+    predicted_ms: float
+    target_predicted_ms: float
+    measured_ms: Optional[float] = None
+    target_measured_ms: Optional[float] = None
+    candidates: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def relative_difference(self) -> float:
+        """(baseline - searched) / searched latency, measured when available, else predicted."""
+        if self.measured_ms is not None and self.target_measured_ms:
+            return (self.measured_ms - self.target_measured_ms) / self.target_measured_ms
+        return (self.predicted_ms - self.target_predicted_ms) / self.target_predicted_ms
+
+
+def latency_baseline_arch(space, table, target_arch: Dict[str, Any], *, settings=None, measure: bool = True,
+                          shortlist: int = 2, repeats: int = 30) -> LatencyBaselineChoice:
+    """BERT's MLP, stack 1, at the width whose latency is nearest ``target_arch``'s.
+
+    The ``shortlist`` widths nearest by predicted latency are then measured end to end (random
+    weights: latency does not depend on them), interleaved with the target, and the nearest by
+    measurement wins. ``measure=False`` keeps the prediction's choice.
+    """
+    target_pred = float(table.predict(target_arch))
+    cands = []
+    for width in space.config.widths:
+        arch = space.bert_arch(width=width, stack=1)
+        cands.append({"width": int(width), "arch": arch, "predicted_ms": float(table.predict(arch)), "measured_ms": None})
+    cands.sort(key=lambda c: (abs(c["predicted_ms"] - target_pred), c["predicted_ms"]))
+    chosen = cands[0]
+    target_meas = None
+    if measure:
+        dev = torch_device(settings.device)
+        short = cands[:max(1, shortlist)]
+        models = [(None, EfficientBertModel(space.config, target_arch))] + \
+                 [(c, EfficientBertModel(space.config, c["arch"])) for c in short]
+        times: Dict[int, List[float]] = {i: [] for i in range(len(models))}
+        for _ in range(3):  # interleaved: load drift hits every model alike
+            for i, (_, model) in enumerate(models):
+                r = measure_latency(model.to(dev), seq_length=settings.seq_length, batch_size=settings.batch_size,
+                                    repeats=max(5, repeats // 3), threads=settings.threads)
+                times[i].extend(r.times_ms)
+        med = {i: sorted(v)[len(v) // 2] for i, v in times.items()}
+        target_meas = med[0]
+        for i, (c, _) in enumerate(models[1:], start=1):
+            c["measured_ms"] = med[i]
+        chosen = min(short, key=lambda c: (abs(c["measured_ms"] - target_meas), c["measured_ms"]))
+    return LatencyBaselineChoice(arch=chosen["arch"], width=chosen["width"], predicted_ms=chosen["predicted_ms"],
+                                 target_predicted_ms=target_pred, measured_ms=chosen["measured_ms"],
+                                 target_measured_ms=target_meas,
+                                 candidates=[{k: c[k] for k in ("width", "predicted_ms", "measured_ms")} for c in cands])
+
+
+def ensure_latency_baseline(cfg, searched_dir, *, name: str = LATENCY_BASELINE, progress: bool = True, setup=None):
+    """Export (if needed) and distil the latency-matched baseline for a searched export.
+
+    Like :func:`~nni_effbert.product.students.ensure_baseline` (same supernet stage, same distill
+    budget; an existing export for the same searched student, width and budget is reused), with
+    the width chosen by :func:`latency_baseline_arch`. Builds the latency table if missing.
+
+    Returns
+    -------
+    (DistillResult, LatencyBaselineChoice)
+    """
+    searched = load_exported(searched_dir)
+    ev = KDEvaluator(cfg, progress=progress, setup=setup)
+    space = ev.setup.space
+    if space.config.to_dict() != searched.config.to_dict():
+        raise CheckpointError(f"the student in {searched.path} belongs to another student space than this "
+                              "config's; build the report with the config it was exported with")
+    table = table_for_config(cfg, space_config=space.config, progress=progress)
+    choice = latency_baseline_arch(space, table, dict(searched.arch), settings=latency_settings(cfg))
+    out = ev.setup.workdir.export_dir(name)
+    wanted = {"baseline_for": searched.meta.get("fingerprint"), "matched_by": "latency", "width": choice.width}
+    reuse = False
+    if (out / "export_meta.json").is_file():
+        meta = load_json(out / "export_meta.json", "baseline export metadata")
+        extra = meta.get("extra") or {}
+        record = distill_record(meta)
+        reuse = (all(extra.get(k) == v for k, v in wanted.items()) and record is not None
+                 and record.get("plan") == plan_distill(cfg).to_dict()
+                 and meta.get("space_config") == space.config.to_dict())
+    if not reuse:
+        stage = (searched.meta.get("extra") or {}).get("supernet_stage")
+        extra = {"source": "baseline", **wanted, "predicted_ms": choice.predicted_ms,
+                 "target_predicted_ms": choice.target_predicted_ms, "measured_ms": choice.measured_ms,
+                 "target_measured_ms": choice.target_measured_ms, "searched_export": str(searched.path)}
+        logger.info("latency-matched baseline: BERT MLP, stack 1, width %d (predicted %.3f ms vs %.3f searched)",
+                    choice.width, choice.predicted_ms, choice.target_predicted_ms)
+        _export(ev, choice.arch, stage, name, extra)
+    result = run_distill(cfg, out, progress=progress, setup=ev.setup)
+    return result, choice
