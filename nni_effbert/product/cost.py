@@ -27,7 +27,7 @@ from ..nas.evaluator import KDEvaluator
 from ..nas.records import read_nni_trials
 from .distill import distill_record, plan_distill, run_distill
 from .export import load_exported
-from .students import SEARCHED, ExportInfo, _export, experiments_dir_of
+from .students import SEARCHED, ExportInfo, _export, experiments_dir_of, supernet_experiment
 
 __all__ = ["LATENCY_BASELINE", "LatencyBaselineChoice", "export_within_latency", "export_best_objective", "latency_limit",
            "latency_baseline_arch", "ensure_latency_baseline"]
@@ -77,7 +77,7 @@ def export_within_latency(cfg, experiment: str, max_latency_ms: float, *, name: 
     """
     trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
     best = best_within_latency(trials, max_latency_ms, experiment=experiment)
-    evaluator = KDEvaluator(cfg, progress=progress)
+    evaluator = KDEvaluator(cfg, progress=progress, experiment=experiment)  # that experiment's supernets
     extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
              "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
              "max_latency_ms": float(max_latency_ms), "trial_latency_ms": best["latency_ms"],
@@ -96,7 +96,7 @@ def export_best_objective(cfg, experiment: str, *, name: str = SEARCHED, experim
     target = objective.target(teacher_latency_ms(cfg) if objective.target_speedup is not None else None)
     trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
     best = best_by_objective(trials, objective, target, experiment=experiment)
-    evaluator = KDEvaluator(cfg, progress=progress)
+    evaluator = KDEvaluator(cfg, progress=progress, experiment=experiment)  # that experiment's supernets
     extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
              "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
              "objective": objective.kind, "trial_objective": best["objective"], "trial_latency_ms": best["latency_ms"]}
@@ -187,7 +187,8 @@ def ensure_latency_baseline(cfg, searched_dir, *, name: str = LATENCY_BASELINE, 
     (DistillResult, LatencyBaselineChoice)
     """
     searched = load_exported(searched_dir)
-    ev = KDEvaluator(cfg, progress=progress, setup=setup)
+    # Sliced from the supernets the searched student came from (its experiment's), as ensure_baseline.
+    ev = KDEvaluator(cfg, progress=progress, setup=setup, experiment=supernet_experiment(searched.meta))
     space = ev.setup.space
     if space.config.to_dict() != searched.config.to_dict():
         raise CheckpointError(f"the student in {searched.path} belongs to another student space than this "
@@ -195,7 +196,8 @@ def ensure_latency_baseline(cfg, searched_dir, *, name: str = LATENCY_BASELINE, 
     table = table_for_config(cfg, space_config=space.config, progress=progress)
     choice = latency_baseline_arch(space, table, dict(searched.arch), settings=latency_settings(cfg))
     out = ev.setup.workdir.export_dir(name)
-    wanted = {"baseline_for": searched.meta.get("fingerprint"), "matched_by": "latency", "width": choice.width}
+    wanted = {"baseline_for": searched.meta.get("fingerprint"), "matched_by": "latency", "width": choice.width,
+              "supernet_experiment": ev.experiment}
     reuse = False
     if (out / "export_meta.json").is_file():
         meta = load_json(out / "export_meta.json", "baseline export metadata")
