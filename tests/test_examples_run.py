@@ -1,0 +1,188 @@
+"""The shipped examples run as written (issue 17).
+
+* ``nnictl create --config nnictl.yml`` on a copy of ``examples/tiny/`` through the real NNI
+  manager: only ``teacher.model`` (a tiny in-test BERT) and ``task.data_dir`` are set, no
+  ``nni-effbert teacher``, no registration, no path edits. The first trial fine-tunes the
+  teacher; nothing starts before it succeeded; warm-ups and candidates follow; DONE.
+* the examples' ``search_space.json`` equal ``space.nni_search_space()`` of their presets, and
+  the advisor accepts them.
+* the README's step-by-step block, copied as a user would, on the tiny config.
+* ``-q`` silences the ``datasets`` progress bars (and they show without it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nni_effbert.config import load_config
+from nni_effbert.nas.experiments import free_port, student_space
+from nni_effbert.strategies.factory import check_search_space, resolve_config_path
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted(p.parent for p in (REPO / "examples").glob("*/nnictl.yml"))
+
+
+def _nnictl(args, env, cwd=None, **kw):
+    return subprocess.run([sys.executable, "-m", "nni.tools.nnictl.nnictl", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=180, **kw)
+
+
+def _get(port, api):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/nni/{api}", timeout=10) as r:
+        return json.loads(r.read().decode())
+
+
+def _shim_bin(folder: Path) -> Path:
+    """``python3`` and ``nni-effbert`` on PATH as this interpreter, the way an activated venv
+    has them (the examples' trialCommand says ``python3``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, line in (("python3", f'exec "{sys.executable}" "$@"'),
+                       ("nni-effbert", f'exec "{sys.executable}" -m nni_effbert.cli "$@"')):
+        path = folder / name
+        path.write_text(f"#!/bin/sh\n{line}\n")
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return folder
+
+
+def _user_env(tmp_path: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NNI_")}
+    env.update(NNI_CONFIG_DIR=str(tmp_path / "nni-config"), OMP_NUM_THREADS="1",
+               PATH=f"{_shim_bin(tmp_path / 'bin')}{os.pathsep}{os.environ.get('PATH', '')}", **extra)
+    return env
+
+
+def _copy_examples(tmp_path: Path, base_teacher: Path, glue_dir: Path) -> Path:
+    """``examples/`` copied to ``tmp_path/examples`` (so ``../../runs/tiny`` stays inside
+    ``tmp_path``); the tiny config gets only ``teacher.model`` and ``task.data_dir``."""
+    root = tmp_path / "examples"
+    shutil.copytree(REPO / "examples", root)
+    yml = root / "tiny" / "effbert.yml"
+    text = yml.read_text()
+    text, n1 = re.subn(r"(?m)^  model: .*$", f"  model: {base_teacher}", text, count=1)
+    text, n2 = re.subn(r"(?m)^  data_dir: .*$", f"  data_dir: {glue_dir}", text, count=1)
+    assert n1 == n2 == 1, "examples/tiny/effbert.yml no longer has teacher.model / task.data_dir lines"
+    yml.write_text(text)
+    return root
+
+
+# -- search spaces ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_example_search_space_file_matches_its_preset(example):
+    conf = yaml.safe_load((example / "nnictl.yml").read_text())
+    assert "searchSpace" not in conf, "use searchSpaceFile, written from space.nni_search_space()"
+    space_file = example / conf["searchSpaceFile"]
+    space = student_space(load_config(example / "effbert.yml", check_paths=False))
+    on_disk = json.loads(space_file.read_text())
+    assert on_disk == space.nni_search_space(), (
+        f"{space_file} is out of date; run `python scripts/write_example_search_spaces.py`")
+    check_search_space(space, on_disk)  # what the advisor does on NNI's search space
+    # The registered-free advisor form, and the paths NNI and the advisor resolve.
+    assert conf["tuner"]["className"] == "nni_effbert.strategies.advisor.ProgressiveAdvisor"
+    assert not Path(conf["tuner"]["classArgs"]["config"]).is_absolute()
+    assert "ABSOLUTE" not in (example / "nnictl.yml").read_text()
+    cfg = load_config(example / "effbert.yml", check_paths=False)
+    assert conf["maxTrialNumber"] == cfg.search.total_trials() + 1  # + the teacher trial
+
+
+def test_relative_class_args_config_resolves_against_trial_code_directory(tmp_path, monkeypatch):
+    import base64
+
+    from nni_effbert.strategies.factory import nni_experiment_params
+
+    code = tmp_path / "examples" / "code"  # its effbert.yml's ../../runs/tiny stays in tmp_path
+    params = {"trialCodeDirectory": str(code), "trialConcurrency": 1}
+    argv = ["--exp_params", base64.b64encode(json.dumps(params).encode()).decode()]
+    assert nni_experiment_params(argv) == params
+    assert nni_experiment_params(["--other"]) is None
+    assert resolve_config_path("effbert.yml", params) == str(code / "effbert.yml")
+    assert resolve_config_path(str(tmp_path / "a.yml"), params) == str(tmp_path / "a.yml")
+    # Outside a dispatcher (no --exp_params): relative to the working directory, unchanged.
+    monkeypatch.setattr(sys, "argv", ["x"])
+    assert resolve_config_path("effbert.yml") == "effbert.yml"
+    # As the dispatcher sees it.
+    monkeypatch.setattr(sys, "argv", ["-m", *argv])
+    code.mkdir(parents=True)
+    shutil.copy(REPO / "examples" / "tiny" / "effbert.yml", code / "effbert.yml")
+    from nni_effbert.strategies.factory import build_broker
+
+    broker = build_broker("effbert.yml", state_path=str(tmp_path / "state.json"))
+    assert broker.search.space.config.num_hidden_layers == 2
+    first = broker.request([None, None])
+    assert [p for _, p in first] == [{"_teacher": True}]  # no teacher in ../../runs/tiny yet
+    monkeypatch.chdir(tmp_path)
+    from nni_effbert.strategies.errors import SearchConfigError
+
+    with pytest.raises(SearchConfigError, match="resolved against trialCodeDirectory"):
+        build_broker("missing.yml")
+
+
+# -- nnictl create on the example -------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_nnictl_create_on_the_tiny_example_runs_teacher_warmups_and_candidates(tmp_path, base_teacher, glue_dir):
+    examples = _copy_examples(tmp_path, base_teacher, glue_dir)
+    tiny = examples / "tiny"
+    env = _user_env(tmp_path)
+    port = free_port()
+    created = _nnictl(["create", "--config", "nnictl.yml", "--port", str(port)], env, cwd=tiny)
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", created.stdout + created.stderr)
+    found = re.search(r'nnictl stop (\w+)"', plain)
+    assert created.returncode == 0 and found, plain
+    exp_id = found.group(1)
+    exp_dir = tmp_path / "runs" / "tiny" / "nni-experiments" / exp_id
+    try:
+        deadline = time.monotonic() + 720
+        status = None
+        while time.monotonic() < deadline:  # polling a REST API with a deadline
+            status = _get(port, "check-status")["status"]
+            if status in ("DONE", "ERROR", "STOPPED"):
+                break
+            time.sleep(2)
+        jobs = _get(port, "trial-jobs")
+        log = exp_dir / "log" / "dispatcher.log"
+        context = f"status {status}; dispatcher.log:\n{log.read_text()[-3000:] if log.exists() else '-'}"
+        assert status == "DONE", context
+
+        def params(job):
+            return json.loads(job["hyperParameters"][0])["parameters"]
+
+        jobs.sort(key=lambda j: j["startTime"])
+        assert all(j["status"] == "SUCCEEDED" for j in jobs), context
+        teacher, rest = jobs[0], jobs[1:]
+        assert params(teacher) == {"_teacher": True}, context
+        assert not any(params(j).get("_teacher") for j in rest)
+        assert all(j["startTime"] >= teacher["endTime"] for j in rest)  # nothing before it succeeded
+        final = json.loads(json.loads(teacher["finalMetricData"][0]["data"]))
+        assert final["teacher"] is True and 0.0 <= final["default"] <= 1.0 and final["reused"] is False
+        warmups = [params(j)["_warmup_stage"] for j in rest if "_warmup_stage" in params(j)]
+        cands = [j for j in rest if "_warmup_stage" not in params(j)]
+        assert warmups == [0, 1, 2]
+        scored = [j for j in cands if j.get("finalMetricData")]
+        assert len(scored) >= 4 and len({params(j)["_stage"] for j in scored}) >= 2
+        # The teacher is in the work directory, and the teacher trial is never the best trial.
+        assert (tmp_path / "runs" / "tiny" / "teacher" / "effbert_teacher.json").is_file()
+        from nni_effbert.nas.records import read_nni_trials
+        from nni_effbert.nas.ranking import best_trial
+
+        trials = read_nni_trials(exp_id, port=port)
+        assert [t["teacher"] for t in trials][:1] == [True] and trials[0]["warmup"]
+        assert not best_trial(trials)["teacher"]
+        state = json.loads((exp_dir / "checkpoint" / "progressive_search.json").read_text())
+        assert state["search"]["teacher"] == "done" and state["search"]["done"]["cause"] == "finished"
+    finally:
+        _nnictl(["stop", exp_id], env)
+        _nnictl(["experiment", "delete", exp_id], env, input="y\n")
