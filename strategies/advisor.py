@@ -41,7 +41,6 @@ from nni.runtime.tuner_command_channel import CommandType
 from nni.utils import MetricType
 
 from .errors import SearchConfigError
-from .factory import CLASS_ARGS, build_broker, build_space_and_search, check_search_space
 
 __all__ = ["ProgressiveAdvisor", "ProgressiveClassArgsValidator"]
 
@@ -52,6 +51,8 @@ class ProgressiveClassArgsValidator(ClassArgsValidator):
     """Validates ``classArgs`` early (``nnictl`` v1 configs); the classes validate them again."""
 
     def validate_class_args(self, **kwargs: Any) -> None:
+        from .factory import CLASS_ARGS, build_space_and_search  # local: see ProgressiveAdvisor.__init__
+
         unknown = sorted(set(kwargs) - set(CLASS_ARGS))
         if unknown:
             raise SearchConfigError(f"unknown classArgs {unknown}; allowed: {list(CLASS_ARGS)}")
@@ -74,8 +75,13 @@ class ProgressiveAdvisor(MsgDispatcherBase):
     def __init__(self, *, config: Optional[str] = None, preset: Optional[str] = None,
                  space_overrides: Optional[dict] = None, search: Optional[dict] = None,
                  state_path: Optional[str] = None, command_channel_url: Optional[str] = None):
-        super().__init__(command_channel_url)
+        super().__init__(command_channel_url)  # connects to the manager
         try:
+            # NNI's manager waits only 10 s for the dispatcher to connect (tuner_command_channel.js),
+            # counted from its start; the search (config, space: torch and nni.nas) takes seconds
+            # more to import on a busy machine, so it is imported once connected.
+            from .factory import build_broker  # local: connect within NNI's 10 s first
+
             self.broker = build_broker(config, preset, space_overrides, search, state_path)
         except Exception as err:
             # Tell the manager why, instead of leaving it to time out on a dead dispatcher.
@@ -139,6 +145,8 @@ class ProgressiveAdvisor(MsgDispatcherBase):
         self.send(CommandType.Initialized, "")
 
     def handle_update_search_space(self, data):
+        from .factory import check_search_space  # local: imported in __init__ already, after connecting
+
         check_search_space(self.broker.search.space, data)
 
     def handle_request_trial_jobs(self, data):

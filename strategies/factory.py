@@ -37,7 +37,6 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from nni_effbert.config import load_config
-from nni_effbert.kd.teacher import read_teacher_marker
 from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.workdir import WorkDir
 
@@ -103,7 +102,7 @@ def needs_teacher_trial(config: Any) -> bool:
     if config is None:
         return False
     cfg = load_config(config, check_paths=False)
-    return read_teacher_marker(WorkDir.of(cfg).teacher_dir) is None
+    return not WorkDir.of(cfg).teacher_marker.is_file()
 
 
 def build_space_and_search(config: Optional[str] = None, preset: Optional[str] = None,

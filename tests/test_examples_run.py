@@ -43,6 +43,28 @@ def _get(port, api):
         return json.loads(r.read().decode())
 
 
+def _create(env, cwd, attempts=3):
+    """``nnictl create --config nnictl.yml`` in ``cwd``; returns ``(experiment id, port)``.
+
+    nnictl gives NNI's manager a few seconds to answer its first REST call; on a busy machine
+    it sometimes gives up ("Create experiment failed") before the manager is up. That is
+    NNI's start-up, not what is tested here, so it is retried on a fresh port.
+    """
+    plain = ""
+    for _ in range(attempts):
+        port = free_port()
+        created = _nnictl(["create", "--config", "nnictl.yml", "--port", str(port)], env, cwd=cwd)
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", created.stdout + created.stderr)
+        found = re.search(r'nnictl stop (\w+)"', plain)
+        if created.returncode == 0 and found:
+            return found.group(1), port
+        assert "Create experiment failed" in plain, plain
+        started = re.search(r"Experiment ID: (\w+)", plain)
+        if started:
+            _nnictl(["stop", started.group(1)], env)
+    raise AssertionError(f"nnictl create failed {attempts} times; last output:\n{plain}")
+
+
 def _shim_bin(folder: Path) -> Path:
     """``python3`` and ``nni-effbert`` on PATH as this interpreter, the way an activated venv
     has them (the examples' trialCommand says ``python3``)."""
@@ -137,12 +159,7 @@ def test_nnictl_create_on_the_tiny_example_runs_teacher_warmups_and_candidates(t
     examples = _copy_examples(tmp_path, base_teacher, glue_dir)
     tiny = examples / "tiny"
     env = _user_env(tmp_path)
-    port = free_port()
-    created = _nnictl(["create", "--config", "nnictl.yml", "--port", str(port)], env, cwd=tiny)
-    plain = re.sub(r"\x1b\[[0-9;]*m", "", created.stdout + created.stderr)
-    found = re.search(r'nnictl stop (\w+)"', plain)
-    assert created.returncode == 0 and found, plain
-    exp_id = found.group(1)
+    exp_id, port = _create(env, tiny)
     exp_dir = tmp_path / "runs" / "tiny" / "nni-experiments" / exp_id
     try:
         deadline = time.monotonic() + 720
@@ -153,8 +170,9 @@ def test_nnictl_create_on_the_tiny_example_runs_teacher_warmups_and_candidates(t
                 break
             time.sleep(2)
         jobs = _get(port, "trial-jobs")
-        log = exp_dir / "log" / "dispatcher.log"
-        context = f"status {status}; dispatcher.log:\n{log.read_text()[-3000:] if log.exists() else '-'}"
+        logs = {name: (exp_dir / "log" / name).read_text()[-2000:] if (exp_dir / "log" / name).exists() else "-"
+                for name in ("dispatcher.log", "nnimanager.log")}
+        context = f"status {_get(port, 'check-status')}; logs: {logs}; trials: {jobs}"
         assert status == "DONE", context
 
         def params(job):
@@ -186,3 +204,104 @@ def test_nnictl_create_on_the_tiny_example_runs_teacher_warmups_and_candidates(t
     finally:
         _nnictl(["stop", exp_id], env)
         _nnictl(["experiment", "delete", exp_id], env, input="y\n")
+
+
+# -- the teacher trial, against a simulated manager --------------------------------------------
+
+
+def _advisor_without_teacher(tmp_path, **kw):
+    import nni
+    from nni.runtime.tuner_command_channel import CommandType
+
+    from nni_effbert.strategies.advisor import ProgressiveAdvisor
+
+    class Recording(ProgressiveAdvisor):
+        def send(self, command, data):
+            self.__dict__.setdefault("sent", []).append(
+                (command, data if command in (CommandType.Error, CommandType.Initialized) else nni.load(data)))
+
+    yml = tmp_path / "effbert.yml"
+    yml.write_text("workdir: run\nstudent: {preset: tiny}\nsearch:\n  seed: 0\n  stages:\n"
+                   "    - {name: a, kind: joint, trials: 3, warmup_steps: 1}\n"
+                   "    - {name: b, kind: size, trials: 2, warmup_steps: 1}\n")
+    adv = Recording(config=str(yml), state_path=str(tmp_path / "state.json"),
+                    command_channel_url="ws://_unittest_progressive", **kw)
+    adv.__dict__.setdefault("sent", [])
+    return adv, CommandType
+
+
+def _new_jobs(adv, CommandType):
+    return [d for c, d in adv.sent if c == CommandType.NewTrialJob]
+
+
+def test_teacher_trial_comes_first_and_holds_every_slot(tmp_path):
+    import nni
+
+    adv, CT = _advisor_without_teacher(tmp_path)
+    adv.handle_request_trial_jobs(3)  # trialConcurrency 3
+    jobs = _new_jobs(adv, CT)
+    assert [j["parameters"] for j in jobs] == [{"_teacher": True}]
+    teacher_pid = jobs[0]["parameter_id"]
+    # Its metric is the teacher's dev metric: recorded, never ranked.
+    adv.handle_report_metric_data({"type": "FINAL", "parameter_id": teacher_pid,
+                                   "value": nni.dump({"default": 0.99, "teacher": True})})
+    assert len(_new_jobs(adv, CT)) == 1  # still nothing before it *ended* successfully
+    adv.handle_trial_end({"hyper_params": nni.dump({"parameter_id": teacher_pid}), "event": "SUCCEEDED"})
+    adv.handle_request_trial_jobs(1)  # NNI asks for one more trial per ended trial
+    jobs = _new_jobs(adv, CT)
+    # A slot kept as credit is filled at once with stage 0's warm-up; the others wait for it.
+    assert [j["parameters"].get("_warmup_stage") for j in jobs[1:]] == [0]
+    adv.handle_trial_end({"hyper_params": nni.dump({"parameter_id": jobs[1]["parameter_id"]}), "event": "SUCCEEDED"})
+    adv.handle_request_trial_jobs(1)
+    jobs = _new_jobs(adv, CT)
+    assert len(jobs) == 2 + 3 and all("_stage" in j["parameters"] for j in jobs[2:])  # all three slots busy
+    for j in jobs[2:]:
+        adv.handle_report_metric_data({"type": "FINAL", "parameter_id": j["parameter_id"],
+                                       "value": nni.dump({"default": 0.5})})
+    ranked = adv.broker.search.ranking(0)
+    assert ranked and all(not r.teacher and not r.warmup for r in ranked)
+    assert adv.broker.search.best().score == 0.5
+
+
+def test_failed_teacher_trial_stops_the_experiment_with_its_reason(tmp_path):
+    import nni
+
+    adv, CT = _advisor_without_teacher(tmp_path)
+    adv.handle_request_trial_jobs(2)
+    pid = _new_jobs(adv, CT)[0]["parameter_id"]
+    adv.handle_trial_end({"hyper_params": nni.dump({"parameter_id": pid}), "event": "FAILED"})
+    assert len(_new_jobs(adv, CT)) == 1
+    commands = [c for c, _ in adv.sent]
+    assert CT.NoMoreTrialJobs in commands
+    errors = [d for c, d in adv.sent if c == CT.Error]
+    assert errors and "teacher fine-tuning" in errors[0] and "trial ended FAILED" in errors[0]
+    # Fix the cause and resume: the teacher trial is proposed again, from the saved state.
+    again, CT = _advisor_without_teacher(tmp_path)
+    again.load_checkpoint()
+    again.handle_request_trial_jobs(1)
+    assert [j["parameters"] for j in _new_jobs(again, CT)] == [{"_teacher": True}]
+
+
+def test_existing_teacher_means_no_teacher_trial(tmp_path):
+    from nni_effbert.kd.teacher import MARKER_FILE
+    from nni_effbert.workdir import WorkDir
+
+    assert WorkDir(tmp_path).teacher_marker == tmp_path / "teacher" / MARKER_FILE
+    (tmp_path / "run" / "teacher").mkdir(parents=True)
+    (tmp_path / "run" / "teacher" / "effbert_teacher.json").write_text("{}")
+    adv, CT = _advisor_without_teacher(tmp_path)
+    adv.handle_request_trial_jobs(1)
+    assert [j["parameters"].get("_warmup_stage") for j in _new_jobs(adv, CT)] == [0]
+
+
+def test_trial_records_mark_the_teacher_trial(tmp_path):
+    from nni_effbert.nas.experiments import format_trials
+    from nni_effbert.nas.ranking import best_trial
+    from nni_effbert.nas.records import _trial_from_nni
+
+    teacher = _trial_from_nni("T", "SUCCEEDED", 0, {"_teacher": True}, json.dumps({"default": 0.9, "teacher": True}),
+                              None)
+    cand = _trial_from_nni("C", "SUCCEEDED", 1, {"layer0_width": 8, "_stage": 0}, json.dumps({"default": 0.6}), None)
+    assert teacher["teacher"] and teacher["warmup"] and teacher["stage"] is None and teacher["metric"] == 0.9
+    assert best_trial([teacher, cand])["trial_id"] == "C"
+    assert "teacher" in format_trials([teacher, cand]).splitlines()[2]
