@@ -51,13 +51,14 @@ PATIENT_NNICTL = ("import sys, nni.experiment.launcher as launcher; launcher._ch
                   "(60, None); from nni.tools.nnictl.nnictl import parse_args; parse_args()")
 
 
-def _create(env, cwd, attempts=3):
+def _create(env, cwd, attempts=8):
     """``nnictl create --config nnictl.yml`` in ``cwd``, until its first trial is submitted;
     returns ``(experiment id, port)``.
 
     Start-up failures of NNI itself on a machine under load are retried: besides the launcher's
     patience above, NNI 3.0's manager gives the dispatcher 10 s to connect
-    (``tuner_command_channel.js``), and ``python -m nni`` alone took 10-20 s at load 17 here.
+    (``tuner_command_channel.js``), and ``python -m nni`` alone took 10-20 s at load 13-17 here,
+    where three starts in a row missed it.
     """
     plain = ""
     for _ in range(attempts):
