@@ -399,7 +399,7 @@ def test_readme_step_by_step_runs_as_written_on_the_tiny_config(tmp_path, base_t
                 env[exported.group(1)] = exported.group(2)
                 continue
             run = subprocess.run(["bash", "-c", line], cwd=root, env=env, capture_output=True, text=True,
-                                 timeout=1200)
+                                 timeout=2700)  # search: 10 trials, ~15 s each idle, minutes at load 15
             assert run.returncode == 0, f"{line}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
             found = re.search(r"experiment (\w+) started", run.stdout)
             exp_id = found.group(1) if found else exp_id
