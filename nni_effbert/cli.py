@@ -8,7 +8,7 @@
     nni-effbert search         -c exp.yml [--wait]      the progressive search (nnictl, or --python)
     nni-effbert register-tuner                          register EfficientBertProgressive with nnictl
     nni-effbert export         -c exp.yml --experiment ID | --arch A.json
-    nni-effbert distill        -c exp.yml --export DIR  final KD of an exported student
+    nni-effbert distill        -c exp.yml [--export DIR] final KD of an exported student (default exports/searched)
     nni-effbert report         -c exp.yml [--experiment ID]
     nni-effbert quickstart     [--data-dir DIR]         all of it on the embedded SST-2 default
 
@@ -37,6 +37,7 @@ from typing import Callable, List, Optional, Sequence
 from . import __version__
 from .errors import ConfigError, EffBertError, one_line
 from .runtime import configure_runtime
+from .workdir import WorkDir
 
 __all__ = ["Command", "COMMANDS", "build_parser", "main"]
 
@@ -292,7 +293,9 @@ def _print_pareto(cfg, args: argparse.Namespace) -> None:
 
 
 def _configure_distill(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--export", required=True, metavar="DIR", help="export folder (from `nni-effbert export`)")
+    parser.add_argument("--export", metavar="DIR",
+                        help="export folder (from `nni-effbert export`; default <workdir>/exports/searched, "
+                             "where `nni-effbert export` writes by default)")
     parser.add_argument("--force", action="store_true",
                         help="distil again even if the folder was already distilled with the same budget")
 
@@ -301,7 +304,8 @@ def _run_distill(args: argparse.Namespace) -> int:
     from .product.distill import run_distill
 
     cfg = _load_cfg(args)
-    r = run_distill(cfg, args.export, force=args.force, progress=not args.quiet)
+    export = args.export or WorkDir.of(cfg).export_dir("searched")
+    r = run_distill(cfg, export, force=args.force, progress=not args.quiet)
     state = "already distilled" if r.skipped else f"{r.plan.general_steps} general + {r.plan.task_steps} task KD steps"
     before = f"{r.before:.4f} -> " if r.before is not None else ""
     print(f"{r.path} ({state})")

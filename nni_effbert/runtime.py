@@ -17,7 +17,8 @@ def configure_runtime(verbose: bool = False, quiet: bool = False) -> None:
     """Logging to stderr and silence for known third-party import noise (entry processes only).
 
     ``quiet`` also turns off the ``datasets`` progress bars (``Generating train split``,
-    ``Map``), so ``-q`` prints warnings and results only.
+    ``Map``) and those of ``huggingface_hub`` / ``transformers`` (``Loading weights``,
+    ``Writing model shards``), so ``-q`` prints warnings and results only.
     """
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -27,8 +28,14 @@ def configure_runtime(verbose: bool = False, quiet: bool = False) -> None:
     if quiet:
         # Read by ``datasets`` when it is imported; importing it here would cost the --help path.
         os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        # transformers reads huggingface_hub's switch when it is imported.
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         if "datasets" in sys.modules:
             sys.modules["datasets"].disable_progress_bars()
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def silence_import_warnings() -> None:

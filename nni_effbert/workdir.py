@@ -83,6 +83,12 @@ class WorkDir:
         return self.root / "teacher"
 
     @property
+    def teacher_marker(self) -> Path:
+        """The file that marks a finished teacher (``kd.teacher.MARKER_FILE``): checked without
+        importing transformers, e.g. by the nnictl advisor, which NNI allows 10 s to connect."""
+        return self.teacher_dir / "effbert_teacher.json"
+
+    @property
     def cache_root(self) -> Path:
         """Teacher-output caches; :class:`~nni_effbert.kd.cache.TeacherCache` takes ``root``
         and uses ``<root>/cache`` itself."""

@@ -87,12 +87,12 @@ class ProgressiveAdvisor(MsgDispatcherBase):
                  space_overrides: Optional[dict] = None, search: Optional[dict] = None,
                  state_path: Optional[str] = None, command_channel_url: Optional[str] = None):
         super().__init__(command_channel_url)  # connects to the manager
-        # local: factory imports the space (torch + nni.nas: seconds, ~40 s on a busy 2-core
-        # machine), and NNI's manager gives the dispatcher only 10 s to connect, which the line
-        # above does; so the heavy import comes after it.
-        from .factory import build_broker
-
         try:
+            # NNI's manager waits only 10 s for the dispatcher to connect (tuner_command_channel.js),
+            # counted from its start; the search (config, space: torch and nni.nas) takes seconds
+            # more to import on a busy machine, so it is imported once connected.
+            from .factory import build_broker  # local: connect within NNI's 10 s first
+
             self.broker = build_broker(config, preset, space_overrides, search, state_path)
         except Exception as err:
             # Tell the manager why, instead of leaving it to time out on a dead dispatcher.
@@ -113,7 +113,9 @@ class ProgressiveAdvisor(MsgDispatcherBase):
         ckpt = os.environ.get("NNI_CHECKPOINT_DIRECTORY")
         if not config or not ckpt:
             return  # not NNI's dispatcher (tests), or no work directory to guard
-        cfg = load_config(config, check_paths=False)
+        from .factory import resolve_config_path  # local: imported in __init__ already, after connecting
+
+        cfg = load_config(resolve_config_path(config), check_paths=False)
         found = re.search(r":(\d+)/", os.environ.get("NNI_TUNER_COMMAND_CHANNEL", ""))
         search_lock.acquire(WorkDir.of(cfg), kind="advisor", experiment=Path(ckpt).parent.name,
                             port=int(found.group(1)) if found else None, share=cfg.search.share_workdir)
@@ -171,7 +173,7 @@ class ProgressiveAdvisor(MsgDispatcherBase):
         self.send(CommandType.Initialized, "")
 
     def handle_update_search_space(self, data):
-        from .factory import check_search_space  # local: imported by __init__ already (see there)
+        from .factory import check_search_space  # local: imported in __init__ already, after connecting
 
         check_search_space(self.broker.search.space, data)
 

@@ -57,6 +57,7 @@ class TrialBroker:
         self._slots: Deque[Optional[int]] = deque()  # requested, unserved: an NNI id or None (allocate)
         self._pid_to_trial: Dict[int, int] = {}
         self._next_pid = 0
+        self._teacher_metric: Dict[int, Any] = {}  # the teacher trial's metric, told at its SUCCEEDED end
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -119,6 +120,11 @@ class TrialBroker:
             if trial is None:
                 logger.info("final metric of parameter id %s is not from this search; ignored", parameter_id)
                 return
+            if self.search.record(trial).teacher:
+                # The teacher trial counts when NNI says it SUCCEEDED (its process has exited),
+                # so no other trial can start while it still runs.
+                self._teacher_metric[trial] = value
+                return
             self.search.tell(trial, value)
             self.save()
 
@@ -134,7 +140,7 @@ class TrialBroker:
                 return  # the final metric came first, as usual
             if event == "SUCCEEDED":
                 # A warm-up needs no metric; a candidate that succeeded without one is unusable.
-                self.search.tell(trial, None if record.warmup else Failure(NO_METRIC))
+                self.search.tell(trial, self._teacher_metric.pop(trial, None) if record.warmup else Failure(NO_METRIC))
             else:
                 self.search.tell(trial, Failure(f"trial ended {event}"))
             self.save()

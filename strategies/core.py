@@ -14,7 +14,10 @@ Trial parameters (what a trial receives, what the NNI web UI shows) are flat JSO
   "_general_warmup_steps": ..., <the stage's fixed labels>: <values>}`` plus
   ``"_warmup_steps": n`` when the stage sets ``warmup_steps``;
 * candidate: ``{<every arch label>: <value>, "_stage": i}`` plus ``"_train_steps": n`` when the
-  stage sets ``train_steps``.
+  stage sets ``train_steps``;
+* teacher (only with ``teacher_trial=True``, before everything else): ``{"_teacher": true}``.
+  It fine-tunes the teacher every other trial distils from; nothing else is proposed until it
+  succeeded, its metric is never ranked, and its failure ends the search.
 
 The class is not thread-safe; adapters serialise calls.
 """
@@ -42,6 +45,7 @@ __all__ = [
     "WARMUP_KEY",
     "STAGE_KEY",
     "TRAIN_STEPS_KEY",
+    "TEACHER_KEY",
     "split_parameters",
     "NO_METRIC",
 ]
@@ -52,6 +56,7 @@ logger = logging.getLogger(__name__)
 WARMUP_KEY = "_warmup_stage"
 STAGE_KEY = "_stage"
 TRAIN_STEPS_KEY = "_train_steps"
+TEACHER_KEY = "_teacher"
 
 STATE_VERSION = 1
 
@@ -113,8 +118,8 @@ class Wait:
 class Done:
     """The search has ended; ``failed`` is True when it stopped on an error (``reason``).
 
-    ``cause`` is ``"finished"``, ``"warmup_failed"`` or ``"stage_failed"`` (no candidate of a
-    stage succeeded).
+    ``cause`` is ``"finished"``, ``"warmup_failed"``, ``"teacher_failed"`` or ``"stage_failed"``
+    (no candidate of a stage succeeded).
     """
 
     reason: str
@@ -124,7 +129,7 @@ class Done:
     def error(self) -> Exception:
         """The exception adapters raise for a failed search."""
 
-        cls = WarmupFailedError if self.cause == "warmup_failed" else SearchFailedError
+        cls = WarmupFailedError if self.cause in ("warmup_failed", "teacher_failed") else SearchFailedError
         return cls(self.reason)
 
 
@@ -151,6 +156,7 @@ class TrialRecord:
     finish_seq: Optional[int] = None  # completion order, for a reproducible sampler after resume
     metric: Optional[float] = None  # the trial's own score when ``score`` is an objective of score and latency
     latency_ms: Optional[float] = None  # predicted latency (with a latency predictor)
+    teacher: bool = False  # the teacher fine-tuning trial (also ``warmup``: never a candidate)
 
     @property
     def arch(self) -> Arch:
@@ -184,6 +190,9 @@ class ProgressiveSearch:
         latency budget, and candidates are ranked by the objective.
     teacher_latency_ms : float, optional
         The teacher's latency with the same settings, for ``speedup`` targets.
+    teacher_trial : bool
+        Propose a teacher fine-tuning trial (``{"_teacher": true}``) first, and nothing else
+        until it succeeded (the work directory has no fine-tuned teacher yet).
 
     Raises
     ------
@@ -204,7 +213,8 @@ class ProgressiveSearch:
 
     def __init__(self, space: Any, config: SearchConfig, rng: Optional[np.random.RandomState] = None, *,
                  latency_fn: Optional[Callable[[Mapping[str, Any]], float]] = None,
-                 teacher_latency_ms: Optional[float] = None):
+                 teacher_latency_ms: Optional[float] = None,
+                 teacher_trial: bool = False):
         if not isinstance(config, SearchConfig):
             raise TypeError(f"config must be a SearchConfig, got {type(config).__name__}")
         self.space = space
@@ -236,6 +246,7 @@ class ProgressiveSearch:
         self._exhausted = False  # the current stage's sub-space has no new arch left
         self._done: Optional[Done] = None
         self._sampler: Optional[PartitionSampler] = None
+        self._teacher = "pending" if teacher_trial else "skipped"  # pending | running | done | failed | skipped
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(stage={self._stage}/{len(self.config.stages)}, "
@@ -298,6 +309,10 @@ class ProgressiveSearch:
 
     def ask(self) -> Union[Proposal, Wait, Done]:
         """The next action: a trial to run, a reason to wait for results, or the end."""
+        if self._done is None and self._teacher in ("pending", "running"):
+            if self._teacher == "pending":
+                return self._propose_teacher()
+            return Wait("waiting for the teacher fine-tuning trial")
         while self._done is None:
             stage = self.stage
             if not self._started:
@@ -335,6 +350,14 @@ class ProgressiveSearch:
         self._records[record.trial_id] = record
         self._next_id += 1
         return record
+
+    def _propose_teacher(self) -> Proposal:
+        params: Dict[str, Any] = {TEACHER_KEY: True}
+        record = self._new_record(True, params)
+        record.teacher = True
+        self._teacher = "running"
+        logger.info("teacher fine-tuning proposed as trial %d (no fine-tuned teacher yet)", record.trial_id)
+        return Proposal(record.trial_id, self._stage, True, dict(params))
 
     def _propose_warmup(self) -> Proposal:
         stage = self.stage
@@ -523,7 +546,13 @@ class ProgressiveSearch:
         self._finish_seq += 1
         if failure is not None:
             record.status, record.reason = "failed", failure.reason
-            if record.warmup:
+            if record.teacher:
+                self._teacher = "failed"
+                self._done = Done(f"teacher fine-tuning, trial {trial_id}, failed: {failure.reason}. Every "
+                                  f"warm-up and candidate distils from the teacher, so the search stops; fix the "
+                                  f"cause (see the trial's log) and resume.", failed=True, cause="teacher_failed")
+                logger.error("search stopped: %s", self._done.reason)
+            elif record.warmup:
                 self._warmup[record.stage] = "failed"
                 name = self.config.stages[record.stage].name
                 self._done = Done(f"warm-up of stage {record.stage} ({name}), trial {trial_id}, failed: "
@@ -535,7 +564,10 @@ class ProgressiveSearch:
                 logger.warning("trial %d failed: %s (recorded, not ranked)", trial_id, failure.reason)
             return
         record.status, record.score = "succeeded", score
-        if record.warmup:
+        if record.teacher:
+            self._teacher = "done"
+            logger.info("teacher trial %d succeeded (dev metric %s)", trial_id, score)
+        elif record.warmup:
             self._warmup[record.stage] = "done"
             logger.info("stage %d: warm-up trial %d succeeded", record.stage, trial_id)
         else:
@@ -567,7 +599,9 @@ class ProgressiveSearch:
                 continue
             record.status, record.reason = "lost", "interrupted before it reported; proposed again"
             lost.append(record.trial_id)
-            if record.warmup:
+            if record.teacher:
+                self._teacher = "pending"
+            elif record.warmup:
                 self._warmup[record.stage] = "pending"
             else:
                 self._seen.discard((record.stage, record.fingerprint))
@@ -598,6 +632,7 @@ class ProgressiveSearch:
             "finish_seq": self._finish_seq,
             "done": asdict(self._done) if self._done is not None else None,
             "sampler": self._sampler.state_dict() if self._sampler is not None else None,
+            "teacher": self._teacher,
             "rng": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
         }
 
@@ -638,6 +673,11 @@ class ProgressiveSearch:
             self._next_id = int(state["next_id"])
             self._finish_seq = int(state["finish_seq"])
             self._done = Done(**state["done"]) if state["done"] is not None else None
+            self._teacher = str(state.get("teacher", "skipped"))  # states saved before the teacher trial
+            if self._done is not None and self._done.cause == "teacher_failed":
+                logger.info("the saved search stopped on a failed teacher trial; proposing it again")
+                self._teacher = "pending"
+                self._done = None
             if self._done is not None and self._done.cause == "warmup_failed":
                 # "Fix the cause and resume": the failed warm-up is proposed again.
                 logger.info("the saved search stopped on a failed warm-up; proposing that warm-up again")

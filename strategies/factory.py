@@ -6,7 +6,12 @@
     Path to the experiment YAML (``effbert.yml``). The student space comes from its
     ``student`` section and the search settings from its ``search`` section. Loaded with
     :func:`nni_effbert.config.load_config` (paths not checked: the dispatcher does not need the
-    teacher or the data).
+    teacher or the data). A relative path is resolved against the experiment's
+    ``trialCodeDirectory``, as the trials' own ``--config effbert.yml`` is, and NNI resolves a
+    relative ``trialCodeDirectory`` against the nnictl config's folder; so with
+    ``trialCodeDirectory: .`` it is relative to the nnictl config file (see
+    :func:`resolve_config_path`). When the work directory it names has no fine-tuned teacher,
+    the search's first trial fine-tunes it (``{"_teacher": true}``).
 ``preset`` / ``space_overrides``
     Without ``config``: ``EfficientBertSpace.preset(preset, **space_overrides)``
     (default preset ``quickstart``).
@@ -19,24 +24,85 @@
 """
 from __future__ import annotations
 
+import argparse
+import base64
+import binascii
+import json
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from nni_effbert.config import load_config
+from nni_effbert.search_spaces import EfficientBertSpace
+from nni_effbert.workdir import WorkDir
 
 from .broker import STATE_FILE, TrialBroker
 from .core import ProgressiveSearch
 from .errors import SearchConfigError
 from .stages import SearchConfig
 
-__all__ = ["CLASS_ARGS", "build_space_and_search", "build_broker", "check_search_space", "default_state_path"]
+__all__ = ["CLASS_ARGS", "build_space_and_search", "build_broker", "check_search_space", "default_state_path",
+           "nni_experiment_params", "resolve_config_path", "needs_teacher_trial"]
 
 logger = logging.getLogger(__name__)
 
 #: The ``classArgs`` both nnictl adapters accept.
 CLASS_ARGS = ("config", "preset", "space_overrides", "search", "state_path")
+
+
+def nni_experiment_params(argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
+    """The experiment config NNI 3.0 gave this dispatcher process, or None outside one.
+
+    NNI's manager starts a tuner or advisor as ``python -m nni --exp_params <base64 JSON>``
+    (``nni_node/common/utils.js: getMsgDispatcherCommand``, read back by ``nni/__main__.py``).
+    The JSON is the canonical experiment config (v2 field names, ``searchSpace`` left out) in
+    which NNI has already made every path field absolute against the nnictl config's folder:
+    ``trialCodeDirectory``, ``searchSpaceFile``, ``experimentWorkingDirectory``,
+    ``tuner.codeDirectory``. The config file's own path is not passed, nor is the folder
+    ``nnictl`` was started in (the dispatcher runs in the experiment's log folder).
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--exp_params")
+    args, _ = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if not args.exp_params:
+        return None
+    try:
+        params = json.loads(base64.b64decode(args.exp_params).decode("utf-8"))
+    except (binascii.Error, UnicodeDecodeError, ValueError) as err:
+        logger.warning("cannot decode NNI's --exp_params (%s); relative paths resolve against %s", err, os.getcwd())
+        return None
+    return params if isinstance(params, dict) else None
+
+
+def resolve_config_path(config: Any, exp_params: Optional[Mapping[str, Any]] = None) -> Any:
+    """``classArgs.config`` as a path the dispatcher can open.
+
+    Absolute paths are kept. A relative one is resolved against the experiment's
+    ``trialCodeDirectory`` (from :func:`nni_experiment_params`): the folder the trials run in,
+    where their ``--config effbert.yml`` resolves too, so the advisor and the trials read the
+    same file. NNI resolves a relative ``trialCodeDirectory`` against the nnictl config's folder,
+    so with the examples' ``trialCodeDirectory: .`` the path is relative to the nnictl config
+    file. Outside NNI (tests, Python) it is relative to the working directory.
+    """
+    if not isinstance(config, (str, os.PathLike)) or Path(config).is_absolute():
+        return config
+    params = nni_experiment_params() if exp_params is None else exp_params
+    base = (params or {}).get("trialCodeDirectory")
+    if isinstance(base, str) and base:
+        return str(Path(base) / config)
+    return config
+
+
+def needs_teacher_trial(config: Any) -> bool:
+    """True when ``classArgs.config`` names a work directory without a fine-tuned teacher."""
+    if config is None:
+        return False
+    cfg = load_config(config, check_paths=False)
+    return not WorkDir.of(cfg).teacher_marker.is_file()
 
 
 def build_space_and_search(config: Optional[str] = None, preset: Optional[str] = None,
@@ -54,10 +120,6 @@ def build_space_and_search(config: Optional[str] = None, preset: Optional[str] =
 
     if search is not None and not isinstance(search, Mapping):
         raise SearchConfigError(f"classArgs.search must be a mapping of search settings, got {type(search).__name__}")
-    # local: NNI's dispatcher must connect to the manager within 10 s of starting, before it builds
-    # the space; importing it (nni.nas -> pytorch_lightning, ~6 s idle) at module import missed that
-    # window on a loaded machine ("Tuner did not connect in 10 seconds").
-    from nni_effbert.search_spaces import EfficientBertSpace
     if space_overrides is not None and not isinstance(space_overrides, Mapping):
         raise SearchConfigError(f"classArgs.space_overrides must be a mapping of EfficientBertConfig fields, "
                                 f"got {type(space_overrides).__name__}")
@@ -65,11 +127,11 @@ def build_space_and_search(config: Optional[str] = None, preset: Optional[str] =
         if preset is not None or space_overrides:
             raise SearchConfigError("classArgs: give either config (the experiment YAML, whose student section "
                                     "defines the space) or preset/space_overrides, not both")
+        given, config = config, resolve_config_path(config)
         if not isinstance(config, (str, os.PathLike)) or not Path(config).is_file():
-            raise SearchConfigError(f"classArgs.config: experiment config file not found: {config!r} (give the "
-                                    f"path of effbert.yml, absolute or relative to the nnictl working directory)")
-
-        from nni_effbert.config import load_config  # local: see EfficientBertSpace above
+            where = "" if given == config else f", resolved against trialCodeDirectory to {str(config)!r}"
+            raise SearchConfigError(f"classArgs.config: experiment config file not found: {given!r}{where} (give "
+                                    f"the path of effbert.yml, absolute or relative to trialCodeDirectory)")
 
         cfg = load_config(config, check_paths=False)
         space = EfficientBertSpace.preset(cfg.student.preset, **dict(cfg.student.overrides))
@@ -135,13 +197,15 @@ def build_broker(config: Optional[str] = None, preset: Optional[str] = None,
                                     "YAML, whose work directory holds the latency table)")
         # local: the latency table pulls in transformers and scipy; NNI gives its dispatcher 10 s to
         # connect, so searches without a latency budget or objective must not pay for the import.
-        from nni_effbert.config import load_config  # local: see build_space_and_search
         from nni_effbert.kd.latency_table import search_latency
 
         cfg = load_config(config, check_paths=False)
         cfg.search = settings
         # `nni-effbert search` builds the table before nnictl starts; building here is the fallback.
         latency_fn, teacher_ms = search_latency(cfg, build=True, progress=False)
+    teacher = needs_teacher_trial(resolve_config_path(config))
+    if teacher:
+        logger.info("no fine-tuned teacher in the work directory: the first trial fine-tunes it")
     core = ProgressiveSearch(space, settings, np.random.RandomState(settings.seed), latency_fn=latency_fn,
-                             teacher_latency_ms=teacher_ms)
+                             teacher_latency_ms=teacher_ms, teacher_trial=teacher)
     return TrialBroker(core, default_state_path(state_path))

@@ -14,11 +14,28 @@ from typing import Any, Dict, Optional, Union
 
 import yaml
 
-__all__ = ["BUILTIN_NAME", "meta_file", "register_tuner", "unregister_tuner", "is_registered"]
+__all__ = ["BUILTIN_NAME", "REGISTER_COMMAND", "meta_file", "register_tuner", "unregister_tuner", "is_registered",
+           "not_registered_hint"]
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_NAME = "EfficientBertProgressive"
+#: The command that registers it (once per environment, i.e. per NNI config folder).
+REGISTER_COMMAND = "nni-effbert register-tuner"
+
+
+def not_registered_hint(text: str) -> Optional[str]:
+    """The fix for NNI's error on an unregistered ``name: EfficientBertProgressive``, or None.
+
+    NNI 3.0's dispatcher raises ``RuntimeError: Builtin name is not found:
+    efficientbertprogressive`` before any nni-effbert code runs; callers that read NNI's logs or
+    errors (``nni-effbert search``) turn it into a message naming the command.
+    """
+    if f"builtin name is not found: {BUILTIN_NAME.lower()}" not in (text or "").lower():
+        return None
+    return (f"the tuner {BUILTIN_NAME} is not registered with NNI in this environment: run `{REGISTER_COMMAND}` "
+            f"(or `nnictl algo register --meta {meta_file()}`), or name the advisor by class: "
+            "tuner: {className: nni_effbert.strategies.advisor.ProgressiveAdvisor, codeDirectory: .}")
 
 
 def meta_file() -> Path:

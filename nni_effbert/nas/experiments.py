@@ -151,7 +151,9 @@ def format_trials(trials: Sequence[Mapping[str, Any]]) -> str:
         stage = "-" if t.get("stage") is None else str(t["stage"])
         if t.get("stage_name"):
             stage += f" {t['stage_name']}"
-        if t.get("warmup"):
+        if t.get("teacher"):
+            stage = "teacher"
+        elif t.get("warmup"):
             stage += " (warm-up)"
         metric = t.get("metric")
         params = t.get("params")

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 from tqdm.auto import tqdm
 
-from nni_effbert.strategies.registration import register_tuner
+from nni_effbert.strategies.registration import not_registered_hint, register_tuner
 
 from ..errors import EffBertError
 from ..io import atomic_write_json, atomic_write_text
@@ -145,6 +145,11 @@ def _error_reason(port: int, exp_dir: Path) -> str:
         pass
     if not reasons:
         reasons = _log_errors(exp_dir)
+    dispatcher_log = exp_dir / "log" / "dispatcher.log"
+    if dispatcher_log.is_file():
+        hint = not_registered_hint(dispatcher_log.read_text(encoding="utf-8", errors="replace"))
+        if hint:
+            return hint
     return "; ".join(dict.fromkeys(reasons)) or f"see the logs in {exp_dir / 'log'}"
 
 

@@ -4,7 +4,8 @@ for it outside NNI.
 A dict of ``label -> value`` choices plus ``_``-prefixed meta keys written by the progressive
 search (:mod:`nni_effbert.strategies.core`): ``_warmup_stage`` (with ``_warmup_steps`` and
 ``_general_warmup_steps``) marks a stage's warm-up trial; ``_stage``, ``_stage_name``,
-``_stage_kind`` and ``_train_steps`` go with a candidate.
+``_stage_kind`` and ``_train_steps`` go with a candidate; ``{"_teacher": true}`` is the trial
+that fine-tunes the teacher before the search (when the work directory has none).
 """
 from __future__ import annotations
 
@@ -15,20 +16,27 @@ from typing import Any, Dict, Mapping, Optional
 from ..errors import ConfigError
 from ..io import read_json_object
 
-__all__ = ["WARMUP_KEY", "KNOWN_META", "is_warmup", "split_arch", "int_meta", "read_arch_file", "add_arguments"]
+__all__ = ["WARMUP_KEY", "TEACHER_KEY", "KNOWN_META", "is_warmup", "is_teacher", "split_arch", "int_meta", "read_arch_file", "add_arguments"]
 
 logger = logging.getLogger(__name__)
 
 #: Present (the zero-based stage) in a warm-up trial's parameters.
 WARMUP_KEY = "_warmup_stage"
+#: Present (true) in the parameters of the teacher fine-tuning trial.
+TEACHER_KEY = "_teacher"
 #: Meta keys the trial understands; other ``_`` keys are ignored (logged at debug level).
 KNOWN_META = frozenset({"_warmup_stage", "_warmup_steps", "_general_warmup_steps", "_stage", "_stage_name",
-                        "_stage_kind", "_train_steps"})
+                        "_stage_kind", "_train_steps", "_teacher"})
 
 
 def is_warmup(params: Mapping[str, Any]) -> bool:
     """True for a stage warm-up trial's parameters."""
     return WARMUP_KEY in params
+
+
+def is_teacher(params: Mapping[str, Any]) -> bool:
+    """True for the teacher fine-tuning trial's parameters (``{"_teacher": true}``)."""
+    return bool(params.get(TEACHER_KEY))
 
 
 def split_arch(params: Mapping[str, Any]) -> Dict[str, Any]:

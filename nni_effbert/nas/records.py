@@ -11,7 +11,11 @@ Trials travel as plain dicts (JSON-friendly, what :func:`read_nni_trials` return
 ``stage`` (int or None), ``stage_name`` (str or None)
     Search stage (zero-based, as in the ``_stage`` trial parameter); None outside a staged search.
 ``warmup`` (bool)
-    A stage's warm-up trial: it trains the supernet and is never ranked or plotted as a score.
+    A trial that prepares the search instead of scoring an architecture: a stage's warm-up
+    (it trains the supernet) or the teacher trial. Never ranked or plotted as a score.
+``teacher`` (bool)
+    The teacher fine-tuning trial (``{"_teacher": true}``; also ``warmup``); its metric is the
+    teacher's dev metric.
 ``status`` (str)
     ``SUCCEEDED``, ``FAILED``, ``USER_CANCELED``, ``SYS_CANCELED``, ``EARLY_STOPPED``,
     ``RUNNING``, ``WAITING`` ... (NNI's names). A trial that NNI calls SUCCEEDED but that
@@ -55,6 +59,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 _STAGE_KEY = "_stage"
 _WARMUP_KEY = "_warmup_stage"
 _STAGE_NAME_KEY = "_stage_name"
+_TEACHER_KEY = "_teacher"
 
 #: NNI's manifest of experiments (``nnictl`` and ``Experiment`` both keep it here).
 _MANIFEST = Path("~/nni-experiments/.experiment")
@@ -64,6 +69,7 @@ _TRIAL_DEFAULTS: Dict[str, Any] = {
     "trial_id": None, "sequence": None, "stage": None, "stage_name": None, "warmup": False,
     "status": "UNKNOWN", "metric": None, "params": None, "non_embedding_params": None,
     "latency_ms": None, "expressions": None, "arch": None, "message": None, "final": None,
+    "teacher": False,
 }
 
 
@@ -95,7 +101,8 @@ def normalize_trial(trial: Mapping[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"trial without a trial_id: {dict(trial)}")
     out["trial_id"] = str(out["trial_id"])
     out["status"] = str(out["status"]).upper()
-    out["warmup"] = bool(out["warmup"])
+    out["teacher"] = bool(out["teacher"])
+    out["warmup"] = bool(out["warmup"]) or out["teacher"]
     for key, kind in (("metric", float), ("latency_ms", float), ("params", int),
                       ("non_embedding_params", int), ("sequence", int), ("stage", int)):
         value = out[key]
@@ -294,10 +301,11 @@ def _hyper_parameters(entries: Sequence[Any]) -> Dict[str, Any]:
 def _trial_from_nni(tid: str, status: Any, sequence: Any, params: Mapping[str, Any], data: Any,
                     message: Any) -> Dict[str, Any]:
     final = _decode(data) if data is not None else None
-    warmup = _WARMUP_KEY in params
+    teacher = bool(params.get(_TEACHER_KEY))
+    warmup = _WARMUP_KEY in params or teacher
     stage = params.get(_WARMUP_KEY if warmup else _STAGE_KEY)
     trial = dict(_TRIAL_DEFAULTS, trial_id=str(tid), status=str(status or "UNKNOWN").upper(),
-                 sequence=int(sequence) if sequence is not None else None, warmup=warmup,
+                 sequence=int(sequence) if sequence is not None else None, warmup=warmup, teacher=teacher,
                  arch={k: v for k, v in params.items() if not str(k).startswith("_")},
                  stage_name=params.get(_STAGE_NAME_KEY), message=message or None)
     metric = None
@@ -310,7 +318,7 @@ def _trial_from_nni(tid: str, status: Any, sequence: Any, params: Mapping[str, A
         exprs = final.get("expressions", final.get("expression"))
         if isinstance(exprs, list):
             trial["expressions"] = [str(e) for e in exprs]
-        if stage is None and isinstance(final.get("stage"), int):
+        if stage is None and not teacher and isinstance(final.get("stage"), int):
             stage = final["stage"]
         if final.get("failed") or final.get("error"):
             trial["message"] = str(final.get("reason") or final.get("error") or "reported as failed")

@@ -12,6 +12,9 @@ Either way they are a flat dict (see :mod:`nni_effbert.strategies.core`):
 * a **warm-up trial** carries ``_warmup_stage`` (and ``_warmup_steps``,
   ``_general_warmup_steps``, the stage's fixed labels): it runs :func:`~.warmup.run_warmup`
   for that stage and reports the dev metric of a reference arch on the warmed supernet;
+* the **teacher trial** (``{"_teacher": true}``, the search's first trial when the work
+  directory has no fine-tuned teacher) runs what ``nni-effbert teacher`` runs and reports the
+  teacher's dev metric (``{"default": ..., "teacher": true, "metric": ..., "reused": ...}``);
 * a **candidate** is an arch (``label -> value``) plus optional ``_stage`` and
   ``_train_steps``: the ``_``-prefixed keys are stripped, the arch is validated and scored by
   :class:`~.evaluator.KDEvaluator`.
@@ -44,10 +47,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from ..config import load_config
 from ..errors import ConfigError, DiskFullError, EffBertError, one_line
+from ..kd.teacher import finetune_from_config
 from ..kd.train import TrialFailure
 from ..runtime import configure_runtime, configure_threads
 from .evaluator import KDEvaluator
-from .params import add_arguments, int_meta, is_warmup, read_arch_file, split_arch
+from .params import add_arguments, int_meta, is_teacher, is_warmup, read_arch_file, split_arch
 from .supervisor import CHILD_ENV, EXIT_FAILED, _die_with_parent, in_nni, supervise
 from .warmup import run_warmup_parameters
 
@@ -59,6 +63,7 @@ __all__ = [
     "in_nni",
     "apply_memory_limit",
     "run_parameters",
+    "run_teacher_parameters",
     "run",
     "main",
 ]
@@ -68,6 +73,25 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 #: Bad input: config, data, arch, missing checkpoint.
 EXIT_BAD_INPUT = 2
+
+def run_teacher_parameters(cfg, *, report: bool = True, progress: bool = True) -> Dict[str, Any]:
+    """Run the teacher trial: fine-tune (or reuse) the teacher into the work directory.
+
+    Returns the metric dict ``{"default": dev metric, "teacher": True, "metric": name,
+    "reused": bool}``; with ``report`` it goes to ``nni.report_final_result`` (the search
+    keeps it out of the candidate ranking).
+    """
+    result = finetune_from_config(cfg, progress=progress)
+    metrics = {"default": float(result.dev_metric), "teacher": True, "metric": result.metric,
+               "reused": bool(result.reused)}
+    logger.info("teacher %s: dev %s %.4f (%s)", "reused" if result.reused else "fine-tuned", result.metric,
+                result.dev_metric, result.path)
+    if report:
+        import nni  # local: only a trial inside NNI reports
+
+        nni.report_final_result(metrics)
+    return metrics
+
 
 def run_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int] = None,
                    train_steps: Optional[int] = None, report: bool = True, progress: bool = True,
@@ -95,6 +119,8 @@ def run_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int] = Non
     dict
         The final metric dict.
     """
+    if is_teacher(params):
+        return run_teacher_parameters(cfg, report=report, progress=progress)
     if is_warmup(params):
         return run_warmup_parameters(cfg, params, stage=stage, report=report, progress=progress, setup=setup,
                                      experiment=experiment)
