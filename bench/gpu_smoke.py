@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps per setting first")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -92,13 +93,18 @@ def main(argv=None) -> int:
         return 2
 
     for key, setup in setups.items():  # untimed warm-up of every setting
-        _time_loop(setup, teachers[key], 3, args.batch_size, seed=99)
+        if args.warmup_steps:
+            _time_loop(setup, teachers[key], args.warmup_steps, args.batch_size, seed=99)
     rates = {key: [] for key in setups}
-    for r in range(args.repeats):  # interleaved rounds
+    for r in range(args.repeats):  # interleaved rounds; the files are rewritten after every round
         for key, setup in setups.items():
             rates[key].append(_time_loop(setup, teachers[key], args.steps, args.batch_size, seed=r))
-            print(f"round {r}: {key[0]}/{key[1]}: {rates[key][-1]:.2f} steps/s (load {load_now()})", flush=True)
+            print(f"round {r}: {key[0]}/{key[1]}: {rates[key][-1]:.3f} steps/s (load {load_now()})", flush=True)
+        _write(args, setups, rates, skipped, has_cuda, cpu_cfg.task.max_seq_length, r + 1, final=r + 1 == args.repeats)
+    return 0
 
+
+def _write(args, setups, rates, skipped, has_cuda: bool, seq: int, rounds: int, final: bool) -> None:
     ref = statistics.median(rates[("cpu", "fp32")])
     rows = []
     for (device, precision), values in rates.items():
@@ -106,8 +112,9 @@ def main(argv=None) -> int:
         name = setups[(device, precision)].runtime.describe()
         rows.append({"device": device, "precision": precision, "runtime": name, "median_steps_per_s": round(med, 3),
                      "steps_per_s": [round(v, 3) for v in values], "speedup_vs_cpu_fp32": round(med / ref, 2)})
-    result = {"config": str(CONFIG), "steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size,
-              "max_seq_length": cpu_cfg.task.max_seq_length, "gpu_found": has_cuda, "skipped": skipped,
+    result = {"config": str(CONFIG), "steps": args.steps, "repeats": args.repeats, "rounds_done": rounds,
+              "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
+              "max_seq_length": seq, "gpu_found": has_cuda, "skipped": skipped,
               "note": None if has_cuda else NO_GPU, "machine": machine_info(), "rows": rows}
     if has_cuda:
         result["machine"]["gpu"] = torch.cuda.get_device_name(0)
@@ -116,21 +123,21 @@ def main(argv=None) -> int:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     lines = ["# Trial-loop throughput: CPU vs GPU, fp32 vs bf16 (`bench/gpu_smoke.py`)", "",
              f"quickstart student, MiniLM teacher cache, SST-2, batch {args.batch_size}, max_seq_length "
-             f"{cpu_cfg.task.max_seq_length}; {args.steps} steps per round, {args.repeats} interleaved rounds, "
-             "median.", ""]
+             f"{seq}; {args.warmup_steps} untimed steps per setting, then {args.steps} steps per round, "
+             f"{rounds} of {args.repeats} interleaved rounds done, median; torch threads {torch.get_num_threads()}.", ""]
     if not has_cuda:
         lines += [f"**{NO_GPU}.**", ""]
     lines += ["| device | precision | runtime | median steps/s | rounds | vs cpu fp32 |", "| --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        lines.append(f"| {row['device']} | {row['precision']} | {row['runtime']} | {row['median_steps_per_s']:.2f} | "
-                     f"{', '.join(f'{v:.2f}' for v in row['steps_per_s'])} | {row['speedup_vs_cpu_fp32']:.2f}x |")
+        lines.append(f"| {row['device']} | {row['precision']} | {row['runtime']} | {row['median_steps_per_s']:.3f} | "
+                     f"{', '.join(f'{v:.3f}' for v in row['steps_per_s'])} | {row['speedup_vs_cpu_fp32']:.2f}x |")
     for name, why in skipped.items():
         lines.append(f"\nskipped {name}: {why}")
     lines += ["", f"machine: {result['machine']['cpu_model']}, {result['machine']['cores']} cores, "
-              f"load {result['machine']['loadavg']} at start" + (f", GPU {result['machine'].get('gpu')}" if has_cuda else "")]
+              f"load {result['machine']['loadavg']} when written" + (f", GPU {result['machine'].get('gpu')}" if has_cuda else "")]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
-    return 0
+    if final:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
