@@ -510,6 +510,7 @@ def kd_train(
                 on_checkpoint(TrainState(human, optimizer.state_dict(), scheduler.state_dict(), torch.get_rng_state()))
     finally:
         bar.close()
+        batches.close()  # stops DataLoader workers (runtime.dataloader_workers) at once
     result.loss = float(np.mean(recent)) if recent else None
     return result
 
