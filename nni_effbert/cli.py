@@ -36,7 +36,7 @@ from typing import Callable, List, Optional, Sequence
 
 from . import __version__
 from .errors import ConfigError, EffBertError, one_line
-from .runtime import configure_runtime
+from .runtime import configure_runtime, configure_threads, resolve_runtime
 from .workdir import WorkDir
 
 __all__ = ["Command", "COMMANDS", "build_parser", "main"]
@@ -72,7 +72,10 @@ class Command:
 def _load_cfg(args: argparse.Namespace):
     from .config import load_config
 
-    return load_config(args.config, list(args.set or []))
+    cfg = load_config(args.config, list(args.set or []))
+    resolve_runtime(cfg)  # runtime.device / precision this machine cannot run: one line, exit 2
+    configure_threads(cfg, concurrent=False)  # runtime.threads when set; else torch's default
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -44,6 +45,7 @@ __all__ = [
     "KDConfig",
     "EvaluatorConfig",
     "DistillConfig",
+    "RuntimeConfig",
     "ExperimentConfig",
     "from_dict",
     "to_dict",
@@ -308,6 +310,33 @@ class DistillConfig(_Checked):
     seed: Optional[int] = None
 
 
+def _device_name(value: str) -> str:
+    text = str(value).strip()
+    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", text):
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N (N = a CUDA device index); got {value!r}")
+    return text
+
+
+@dataclass
+class RuntimeConfig(_Checked):
+    """Where and how every training and inference path runs (``runtime``).
+
+    ``device: auto`` is CUDA when torch sees a GPU (inside an NNI trial: one NNI assigned it,
+    see ``search.gpus_per_trial``), else the CPU. ``precision: auto`` is bf16 on a GPU that
+    supports it, else fp32; bf16 / fp16 run through ``torch.autocast`` (fp16 with a
+    ``GradScaler``; fp16 needs CUDA). Whether the machine can do it is checked when a command
+    starts (:func:`nni_effbert.runtime.resolve_runtime`). Latency is measured on the CPU
+    whatever the device: it is the deployment latency the search optimises.
+    """
+
+    device: str = _checked(_device_name, "auto")
+    precision: str = _checked(_choice("auto", "fp32", "bf16", "fp16"), "auto")
+    threads: Optional[int] = _checked(_positive, None)  # None: cpu_count // search.trial_concurrency in trials
+    dataloader_workers: int = _checked(_non_negative, 0)
+    compile: bool = False  # torch.compile fixed students (candidate fine-tune, distill)
+    gpu_memory_mb: Optional[int] = _checked(_positive, None)  # per-process CUDA memory cap
+
+
 @dataclass
 class ExperimentConfig:
     """A whole experiment; see ``examples/*/effbert.yml`` for an annotated file."""
@@ -322,6 +351,7 @@ class ExperimentConfig:
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain dict of YAML types (tuples become lists) that :func:`from_dict` reads back."""

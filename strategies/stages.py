@@ -310,6 +310,14 @@ class SearchConfig:
         combined with ``latency_budget_ms`` when both are given.
     objective : ObjectiveConfig
         What the search maximises (default: the score alone).
+    gpus_per_trial : int
+        GPUs NNI gives each trial, warm-ups included (``trialGpuNumber``; 0: trials see no GPU).
+    gpu_indices : list of int, optional
+        GPUs NNI may use (local ``trainingService.gpuIndices``); empty: all.
+    use_active_gpu : bool
+        Schedule trials on GPUs other processes already use (``useActiveGpu``).
+    max_trials_per_gpu : int
+        Trials sharing one GPU at once (``maxTrialNumberPerGpu``; needs ``gpus_per_trial``).
     """
 
     param_budget: Optional[List[float]] = None
@@ -321,6 +329,10 @@ class SearchConfig:
     latency_budget_ms: Optional[List[float]] = None
     speedup: Optional[float] = None
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    gpus_per_trial: int = 0
+    gpu_indices: Optional[List[int]] = None
+    use_active_gpu: bool = False
+    max_trials_per_gpu: int = 1
 
     def __post_init__(self) -> None:
         if self.param_budget is not None:
@@ -355,6 +367,8 @@ class SearchConfig:
               f"speedup must be a number > 0 (times faster than the teacher) or empty, got {self.speedup!r}")
         _need(isinstance(self.objective, ObjectiveConfig), f"objective must be a mapping, got {self.objective!r}")
 
+        self._check_gpus()
+
     @property
     def needs_latency(self) -> bool:
         """True when the search needs a latency predictor (a latency budget or objective)."""
@@ -379,6 +393,24 @@ class SearchConfig:
                   "(`nni-effbert teacher -c CONFIG`) and run `nni-effbert latency -c CONFIG`")
             hi = min(hi, float(teacher_latency_ms) / float(self.speedup))
         return (float(lo), float(hi))
+
+    def _check_gpus(self) -> None:
+        _need(_is_int(self.gpus_per_trial) and self.gpus_per_trial >= 0,
+              f"gpus_per_trial must be an int >= 0, got {self.gpus_per_trial!r}")
+        if self.gpu_indices is not None:
+            idx = self.gpu_indices
+            _need(isinstance(idx, (list, tuple)) and len(idx) > 0 and all(_is_int(i) and i >= 0 for i in idx)
+                  and len(set(idx)) == len(idx),
+                  f"gpu_indices must be a non-empty list of distinct GPU indices >= 0 (or empty for all), got {idx!r}")
+            self.gpu_indices = [int(i) for i in idx]
+            _need(self.gpus_per_trial <= len(idx),
+                  f"gpus_per_trial ({self.gpus_per_trial}) exceeds the {len(idx)} GPU(s) of gpu_indices {idx}")
+        _need(isinstance(self.use_active_gpu, bool), f"use_active_gpu must be true or false, got {self.use_active_gpu!r}")
+        _need(_is_int(self.max_trials_per_gpu) and self.max_trials_per_gpu >= 1,
+              f"max_trials_per_gpu must be an int >= 1, got {self.max_trials_per_gpu!r}")
+        _need(self.max_trials_per_gpu == 1 or self.gpus_per_trial > 0,
+              f"max_trials_per_gpu ({self.max_trials_per_gpu}) needs gpus_per_trial > 0 (NNI shares GPUs only "
+              "between trials that get one)")
 
     @property
     def budget(self) -> Optional[tuple]:

@@ -82,3 +82,4 @@ def base_teacher(tmp_path_factory, tiny_vocab_file) -> Path:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "integration: runs a real NNI manager (nnictl), tens of seconds")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); scripts/gpu_check.sh runs them")

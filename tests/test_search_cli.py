@@ -143,7 +143,8 @@ def test_nnictl_config_fields(tmp_path):
                              "classArgs": {"config": str(tmp_path / "w" / "config.yml")}}
     assert conf["trialCommand"].endswith(f"-m nni_effbert.trial --config {tmp_path / 'w' / 'config.yml'}")
     assert conf["experimentWorkingDirectory"] == str(tmp_path / "w" / "nni-experiments")
-    assert conf["trainingService"] == {"platform": "local", "useActiveGpu": False}
+    assert conf["trainingService"] == {"platform": "local", "useActiveGpu": False, "maxTrialNumberPerGpu": 1}
+    assert conf["trialGpuNumber"] == 0  # trials see no GPU unless search.gpus_per_trial asks for them
     assert "searchSpaceFile" not in conf
 
 

@@ -691,11 +691,15 @@ def make_loader(
     seed: int,
     pad_token_id: int,
     drop_last: bool = False,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """A torch DataLoader over a tokenized split, padded per batch.
+    """A torch DataLoader over a tokenized split, padded per batch (to the batch's longest row).
 
     Batches are read from Arrow a slice at a time (one ``dataset[indices]`` call per batch),
     which is much faster than row by row. The shuffle order depends only on ``seed``.
+    ``num_workers`` / ``pin_memory`` are DataLoader's (``runtime.dataloader_workers``; pinned
+    batches copy to a GPU without blocking).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -709,6 +713,8 @@ def make_loader(
         sampler=sampler,
         batch_size=None,  # the sampler yields whole index lists
         collate_fn=functools.partial(collate, pad_token_id=pad_token_id),
+        num_workers=int(num_workers),
+        pin_memory=bool(pin_memory),
     )
 
 

@@ -228,7 +228,8 @@ class TeacherCache:
             Padded length ``T`` of the batch (its ``input_ids.shape[1]``); defaults to the
             longest example.
         device : optional
-            Where to put the tensors.
+            Where to put the tensors. To a GPU they go from pinned memory with
+            ``non_blocking`` copies (the storage dtype is kept: no conversion on the host).
 
         Returns
         -------
@@ -262,7 +263,16 @@ class TeacherCache:
                 buf[:, b, :, :t, :t] = self.attentions[off : off + n_att * heads * t * t].reshape(n_att, heads, t, t)
             atts = list(torch.from_numpy(buf).unbind(0))
         batch = TeacherBatch(logits=logits, hidden_states=hidden, attentions=atts)
-        return batch.to(device) if device is not None else batch
+        if device is None:
+            return batch
+        device = torch.device(device)
+        if device.type != "cuda":
+            return batch.to(device)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory().to(device, non_blocking=True)
+
+        return TeacherBatch(move(logits), [move(h) for h in hidden], [move(a) for a in atts])
 
     # -----------------------------------------------------------------------------------
 
@@ -310,6 +320,7 @@ class TeacherCache:
         model: Optional[torch.nn.Module] = None,
         progress: bool = True,
         lock_timeout: float = -1,
+        device: Union[str, torch.device, None] = None,
     ) -> "TeacherCache":
         """Open the cache for these inputs, building it first if no process has yet.
 
@@ -342,6 +353,10 @@ class TeacherCache:
             tqdm progress bar while building.
         lock_timeout : float
             Seconds to wait for another builder (-1: wait as long as it takes).
+        device : optional
+            Where the teacher runs while building (``runtime.device``; default CPU). It runs in
+            fp32 whatever ``runtime.precision``: the cache is shared by every trial, so its
+            values must not depend on one run's precision (the stored dtype is ``dtype``).
 
         Returns
         -------
@@ -358,7 +373,7 @@ class TeacherCache:
             return cls(final)
         try:
             return cls._build_locked(root, final, key, teacher_path, dataset, model, pad_token_id,
-                                     batch_size, progress, lock_timeout)
+                                     batch_size, progress, lock_timeout, device)
         except PermissionError as exc:
             raise ConfigError(
                 f"cannot write the teacher-output cache under {root}: {exc}; make the work directory "
@@ -367,7 +382,8 @@ class TeacherCache:
 
     @classmethod
     def _build_locked(cls, root: Path, final: Path, key: CacheKey, teacher_path, dataset, model,
-                      pad_token_id: int, batch_size: int, progress: bool, lock_timeout: float) -> "TeacherCache":
+                      pad_token_id: int, batch_size: int, progress: bool, lock_timeout: float,
+                      device=None) -> "TeacherCache":
         root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(root / f"{key.name}.lock"))
         try:
@@ -391,7 +407,7 @@ class TeacherCache:
             with disk_full_guard(final):
                 tmp = make_tmp_dir(final)
                 try:
-                    _build(tmp, key, teacher_path, dataset, model, pad_token_id, batch_size, progress)
+                    _build(tmp, key, teacher_path, dataset, model, pad_token_id, batch_size, progress, device)
                     atomic_replace_dir(tmp, final)
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -439,8 +455,9 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _build(tmp: Path, key: CacheKey, teacher_path, dataset, model, pad_token_id: int, batch_size: int, progress: bool) -> None:
-    """Compute the teacher outputs of ``dataset`` into the empty folder ``tmp``."""
+def _build(tmp: Path, key: CacheKey, teacher_path, dataset, model, pad_token_id: int, batch_size: int, progress: bool,
+           device=None) -> None:
+    """Compute the teacher outputs of ``dataset`` into the empty folder ``tmp`` (teacher on ``device``)."""
 
     for col in ("input_ids", "attention_mask"):
         if col not in dataset.column_names:
@@ -461,6 +478,9 @@ def _build(tmp: Path, key: CacheKey, teacher_path, dataset, model, pad_token_id:
     if model is None:
         model, _ = load_teacher(str(teacher_path))
     model = prepare_teacher(model)
+    if device is not None:
+        model.to(device)
+    run_on = next(model.parameters()).device
     cfg = model.config
     max_id = int(table.column("input_ids").combine_chunks().flatten().to_numpy().max())
     if max_id >= cfg.vocab_size:
@@ -514,17 +534,20 @@ def _build(tmp: Path, key: CacheKey, teacher_path, dataset, model, pad_token_id:
             mask_t[b, :t] = 1
             if type_t is not None:
                 type_t[b, :t] = torch.tensor(types[r])
+        if run_on.type != "cpu":
+            ids_t, mask_t = ids_t.to(run_on), mask_t.to(run_on)
+            type_t = type_t.to(run_on) if type_t is not None else None
         out = teacher_outputs(model, ids_t, mask_t, type_t, key.hidden_layers, key.attention_layers)
-        logits[rows] = out.logits.float().numpy()
+        logits[rows] = out.logits.float().cpu().numpy()
         if n_h:
-            hs = torch.stack(out.hidden_states, dim=2).float().numpy()  # [B, T, n_h, H]
+            hs = torch.stack(out.hidden_states, dim=2).float().cpu().numpy()  # [B, T, n_h, H]
             if np.abs(hs).max() > limit:
                 raise EffBertError(f"teacher hidden states exceed the {key.dtype} range; build the cache with dtype='float32'")
             for b, r in enumerate(rows):
                 t, off = int(lengths[r]), int(tok_offsets[r])
                 hidden[off : off + t] = hs[b, :t]
         if n_a:
-            at = torch.stack(out.attentions, dim=1).float().numpy()  # [B, n_a, heads, T, T]
+            at = torch.stack(out.attentions, dim=1).float().cpu().numpy()  # [B, n_a, heads, T, T]
             for b, r in enumerate(rows):
                 t, off = int(lengths[r]), int(att_offsets[r])
                 atts[off : off + n_a * heads * t * t] = at[b, :, :, :t, :t].reshape(-1)

@@ -30,6 +30,7 @@ from ..data.loading import load_task, make_loader
 from ..data.metrics import compute_metrics
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..io import atomic_replace_dir, atomic_write_json, load_json, make_tmp_dir
+from ..runtime import Runtime, resolve_runtime
 from ..workdir import WorkDir
 from .losses import TeacherBatch
 
@@ -368,17 +369,22 @@ def _to_model_inputs(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.
     return {k: batch[k].to(device) for k in keys if k in batch}
 
 
-def evaluate_teacher(model, loader, metric: str, regression: bool, device="cpu", progress: bool = False) -> float:
-    """Default dev metric of ``model`` over ``loader`` (batches from ``data.make_loader``)."""
+def evaluate_teacher(model, loader, metric: str, regression: bool, device="cpu", progress: bool = False,
+                     runtime: Optional[Runtime] = None) -> float:
+    """Default dev metric of ``model`` over ``loader`` (batches from ``data.make_loader``);
+    ``runtime`` (optional) gives the device and the autocast precision instead of ``device``."""
 
+    rt = runtime if runtime is not None else Runtime(torch.device(device))
     was_training = model.training
     model.eval()
     preds, golds = [], []
     with torch.inference_mode():
         for batch in tqdm(loader, desc="teacher dev", disable=not progress, leave=False):
-            out = model(**_to_model_inputs(batch, device), output_hidden_states=False, output_attentions=False)
-            preds.append(out.logits.float().cpu())
+            with rt.autocast():
+                out = model(**_to_model_inputs(batch, rt.device), output_hidden_states=False, output_attentions=False)
+            preds.append(out.logits.float())
             golds.append(batch["labels"].cpu())
+    preds = [p.cpu() for p in preds]
     model.train(was_training)
     logits = torch.cat(preds).numpy()
     labels = torch.cat(golds).numpy()
@@ -528,8 +534,11 @@ def _train_and_save(cfg, task_data, spec, tok_fp: str, out: Path, progress: bool
             )
         _check_embedding_covers(model, base_tok, cfg.teacher.model)
         pad_id = base_tok.pad_token_id if base_tok.pad_token_id is not None else 0
-        device = torch.device("cpu")
+        rt = resolve_runtime(cfg)
+        device = rt.device
         model.to(device).train()
+        scaler = rt.grad_scaler()
+        workers = {"num_workers": rt.dataloader_workers, "pin_memory": rt.pin_memory}
 
         steps_per_epoch = len(make_loader(task_data.train, ft.batch_size, False, cfg.seed, pad_id))
         if steps_per_epoch == 0:
@@ -547,38 +556,47 @@ def _train_and_save(cfg, task_data, spec, tok_fp: str, out: Path, progress: bool
         )
         sched = get_linear_schedule_with_warmup(optim, int(ft.warmup_ratio * total), total)
         logger.info(
-            "fine-tuning teacher %s on %d rows for %d steps (batch %d, lr %g)",
-            cfg.teacher.model, len(task_data.train), total, ft.batch_size, ft.learning_rate,
+            "fine-tuning teacher %s on %d rows for %d steps (batch %d, lr %g) on %s",
+            cfg.teacher.model, len(task_data.train), total, ft.batch_size, ft.learning_rate, rt.describe(),
         )
         step, epoch = 0, 0
+        pending = []  # (step, loss) since the last host sync: read back every sync_interval steps
         bar = tqdm(total=total, desc="teacher fine-tune", disable=not progress)
         while step < total:
-            loader = make_loader(task_data.train, ft.batch_size, True, cfg.seed + epoch, pad_id)
+            loader = make_loader(task_data.train, ft.batch_size, True, cfg.seed + epoch, pad_id, **workers)
             for batch in loader:
                 labels = batch["labels"].to(device)
                 labels = labels.float() if regression else labels.long()
-                out_ = model(**_to_model_inputs(batch, device), labels=labels,
-                             output_hidden_states=False, output_attentions=False)
-                loss = out_.loss
-                if not torch.isfinite(loss):
-                    raise EffBertError(
-                        f"teacher fine-tuning diverged: loss is {loss.item()} at step {step}; lower "
-                        "teacher.finetune.learning_rate"
-                    )
-                loss.backward()
+                with rt.autocast():
+                    out_ = model(**_to_model_inputs(batch, device), labels=labels,
+                                 output_hidden_states=False, output_attentions=False)
+                loss = out_.loss.float()
+                pending.append((step, loss.detach()))
+                if (step + 1) % rt.sync_interval == 0 or step + 1 >= total:
+                    values = torch.stack([v for _, v in pending]).cpu().tolist()
+                    for (at, _), value in zip(pending, values):
+                        if not math.isfinite(value):
+                            raise EffBertError(
+                                f"teacher fine-tuning diverged: loss is {value} at step {at}; lower "
+                                "teacher.finetune.learning_rate"
+                            )
+                    pending = []
+                    bar.set_postfix(loss=f"{values[-1]:.4f}")
+                scaler.scale(loss).backward()
+                scaler.unscale_(optim)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optim.step()
+                scaler.step(optim)
+                scaler.update()
                 sched.step()
                 optim.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
                 if step >= total:
                     break
             epoch += 1
         bar.close()
-        dev_loader = make_loader(task_data.dev, ft.batch_size, False, cfg.seed, pad_id)
-        dev_metric = evaluate_teacher(model, dev_loader, spec.metric, regression, device, progress)
+        dev_loader = make_loader(task_data.dev, ft.batch_size, False, cfg.seed, pad_id, **workers)
+        dev_metric = evaluate_teacher(model, dev_loader, spec.metric, regression, device, progress, runtime=rt)
     logger.info("teacher dev %s = %.4f", spec.metric, dev_metric)
 
     tmp = make_tmp_dir(out)

@@ -17,7 +17,12 @@ Warm-up of the weight-sharing supernet (:mod:`.warmup`), per-candidate KD fine-t
   :class:`TrialFailure` naming the step: a failed candidate is never scored;
 * an optional evaluation callback every ``eval_interval`` steps and a checkpoint callback
   every ``checkpoint_interval`` steps, which receives everything needed to resume
-  (:class:`TrainState`).
+  (:class:`TrainState`);
+* a :class:`~nni_effbert.runtime.Runtime` (``runtime`` config section): the device, bf16 /
+  fp16 autocast (fp16 with a ``GradScaler``), batch-loader workers, optional ``torch.compile`` of
+  a fixed student. On an accelerator the loss and gradient checks and the progress-bar loss are
+  read back every :data:`~nni_effbert.runtime.SYNC_INTERVAL` steps instead of every step (no
+  per-step host sync); a failure still names the step it happened at.
 
 Batches are drawn deterministically from ``(seed, epoch)`` (:func:`iterate_batches`), so a
 resumed run sees the same batches as an uninterrupted one without storing sampler state.
@@ -28,6 +33,7 @@ teacher and the KD loss.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -46,6 +52,7 @@ from ..data.loading import collate, length_sorted_batches
 from ..data.metrics import compute_metrics
 from ..data.prepared import load_prepared_task
 from ..errors import CheckpointError, ConfigError, EffBertError
+from ..runtime import Runtime, resolve_runtime
 from ..workdir import WorkDir
 from .cache import TeacherCache
 from .losses import KDLoss, TeacherBatch
@@ -247,17 +254,47 @@ class TrainResult:
     evals: List[Tuple[int, Dict[str, float]]] = field(default_factory=list)
 
 
+class _StepRows(torch.utils.data.Sampler):
+    """The row lists of :func:`iterate_batches` from ``start_step`` on, endlessly (for a DataLoader)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start_step
+
+    def __iter__(self):
+        per_epoch = math.ceil(self.n / self.batch_size)
+        step = self.start
+        while True:
+            epoch, pos = divmod(step, per_epoch)
+            gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + epoch)
+            order = torch.randperm(self.n, generator=gen).tolist()
+            for b in range(pos, per_epoch):
+                yield order[b * self.batch_size:(b + 1) * self.batch_size]
+                step += 1
+
+
 def iterate_batches(dataset, batch_size: int, seed: int, pad_token_id: int, start_step: int = 0,
-                    device: Any = "cpu") -> Iterator[Batch]:
+                    device: Any = "cpu", workers: int = 0, pin_memory: bool = False) -> Iterator[Batch]:
     """Endless shuffled padded batches; batch ``k`` depends only on ``(seed, k)``.
 
     Epoch ``e`` is a permutation drawn from ``seed`` and ``e``; its last partial batch is
-    kept. Starting at ``start_step`` skips earlier batches without reading them.
+    kept. Starting at ``start_step`` skips earlier batches without reading them. Each batch is
+    padded to its own longest sequence (:func:`~nni_effbert.data.loading.collate`). With
+    ``workers`` > 0 the batches are built by that many DataLoader worker processes (the same
+    batches); ``pin_memory`` pins them so the copy to a GPU does not block.
     """
 
     n = len(dataset)
     if n == 0:
         raise ConfigError("cannot train on an empty dataset")
+    blocking = torch.device(device).type == "cpu"
+    if workers > 0:
+        loader = torch.utils.data.DataLoader(
+            dataset, sampler=_StepRows(n, batch_size, seed, int(start_step)), batch_size=None,
+            collate_fn=functools.partial(collate, pad_token_id=pad_token_id), num_workers=int(workers),
+            pin_memory=pin_memory)
+        for batch in loader:
+            yield {k: v.to(device, non_blocking=not blocking) for k, v in batch.items()}
+        return  # the sampler is endless: never reached
     per_epoch = math.ceil(n / batch_size)
     step = int(start_step)
     while True:
@@ -267,7 +304,9 @@ def iterate_batches(dataset, batch_size: int, seed: int, pad_token_id: int, star
         for b in range(pos, per_epoch):
             rows = order[b * batch_size:(b + 1) * batch_size]
             batch = collate(dataset[rows], pad_token_id)
-            yield {k: v.to(device) for k, v in batch.items()}
+            if pin_memory:
+                batch = {k: v.pin_memory() for k, v in batch.items()}
+            yield {k: v.to(device, non_blocking=not blocking) for k, v in batch.items()}
             step += 1
 
 
@@ -302,6 +341,42 @@ def _describe_terms(terms: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in terms.items() if k != "total")
 
 
+def _term_tensors(out) -> Dict[str, Tensor]:
+    """The loss terms of a step as detached tensors (read back only at a sync)."""
+    terms = {"total": out.total.detach()}
+    for name in ("attention", "hidden", "prediction"):
+        value = getattr(out, name)
+        if value is not None:
+            terms[name] = value.detach()
+    return terms
+
+
+def _check_window(window: List[Tuple[int, Dict[str, Tensor], Optional[Tensor]]]) -> List[Dict[str, float]]:
+    """Read back the steps since the last sync (one transfer) and fail on the first bad one.
+
+    ``window`` holds ``(step, loss terms, gradient norm or None)``; returns the terms as floats.
+    """
+    names = [list(terms) for _, terms, _ in window]
+    flat = [t.float().reshape(()) for _, terms, _ in window for t in terms.values()]
+    norms = [g.float().reshape(()) for _, _, g in window if g is not None]
+    values = torch.stack(flat + norms).cpu().tolist() if flat or norms else []
+    floats: List[Dict[str, float]] = []
+    pos, norm_pos = 0, len(flat)
+    for (human, _, grad), keys in zip(window, names):
+        terms = dict(zip(keys, values[pos:pos + len(keys)]))
+        pos += len(keys)
+        if not math.isfinite(terms["total"]):
+            what = "NaN" if math.isnan(terms["total"]) else "infinite"
+            raise TrialFailure(f"loss became {what} at step {human} ({_describe_terms(terms)})")
+        if grad is not None:
+            norm = values[norm_pos]
+            norm_pos += 1
+            if not math.isfinite(norm):
+                raise TrialFailure(f"gradient became {norm} at step {human} (loss {terms['total']:.4g})")
+        floats.append(terms)
+    return floats
+
+
 def kd_train(
     model: nn.Module,
     teacher: TeacherSource,
@@ -315,6 +390,7 @@ def kd_train(
     on_checkpoint: Optional[Callable[[TrainState], None]] = None,
     resume: Optional[TrainState] = None,
     device: Any = "cpu",
+    runtime: Optional[Runtime] = None,
 ) -> TrainResult:
     """Distil ``teacher`` into ``model`` for ``settings.steps`` steps.
 
@@ -345,6 +421,11 @@ def kd_train(
         Continue a run that stopped after ``resume.step`` steps (the model must already hold
         the weights of that moment).
     device : torch.device or str
+        Used when no ``runtime`` is given (then fp32, no loader workers).
+    runtime : Runtime, optional
+        Device, precision (autocast, fp16 gradient scaling), loader workers, ``torch.compile``
+        (of a fixed student only: the supernet's per-step architecture would recompile it), and
+        how often the loop synchronises with the device.
 
     Returns
     -------
@@ -354,7 +435,8 @@ def kd_train(
     ------
     TrialFailure
         If the loss or the gradient norm becomes NaN or infinite, or the forward pass or a
-        loss fails on shapes; the message names the step (1-based).
+        loss fails on shapes; the message names the step (1-based). (With fp16 an infinite
+        gradient is the ``GradScaler``'s business: that step is skipped, not failed.)
     """
 
     steps = int(settings.steps)
@@ -362,6 +444,8 @@ def kd_train(
     result = TrainResult(steps=start, loss=None)
     if start >= steps:
         return result
+    rt = runtime if runtime is not None else Runtime(torch.device(device))
+    device = rt.device
     model.to(device)
     model.train()
     optimizer = _optimizer(model, settings)
@@ -374,8 +458,16 @@ def kd_train(
     else:
         torch.manual_seed(int(settings.seed))
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    scaler = rt.grad_scaler()
+    forward_model = model
+    if rt.compile and arch_sampler is None:
+        forward_model = torch.compile(model)
+    elif rt.compile:
+        logger.info("runtime.compile: the supernet runs eagerly (each step's architecture would recompile it)")
     recent: List[float] = []
-    batches = iterate_batches(dataset, settings.batch_size, settings.seed, pad_token_id, start, device)
+    window: List[Tuple[int, Dict[str, Tensor], Optional[Tensor]]] = []
+    batches = iterate_batches(dataset, settings.batch_size, settings.seed, pad_token_id, start, device,
+                              workers=rt.dataloader_workers, pin_memory=rt.pin_memory)
     bar = tqdm(total=steps, initial=start, desc=settings.desc, disable=not settings.progress, dynamic_ncols=True)
     try:
         for step in range(start, steps):
@@ -383,30 +475,34 @@ def kd_train(
             batch = next(batches)
             arch = arch_sampler(step) if arch_sampler is not None else None
             try:
-                t_out = teacher(batch)
-                s_out = _forward(model, batch, arch)
-                out = loss_fn(s_out, t_out, batch["attention_mask"])
+                with rt.autocast():
+                    t_out = teacher(batch)
+                    s_out = _forward(forward_model, batch, arch)
+                    out = loss_fn(s_out, t_out, batch["attention_mask"])
             except EffBertError:
                 raise
             except (RuntimeError, ValueError, IndexError) as exc:
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise TrialFailure(f"forward or loss failed at step {human}: {first}") from exc
-            terms = out.as_dict()
-            if not torch.isfinite(out.total):
-                what = "NaN" if torch.isnan(out.total) else "infinite"
-                raise TrialFailure(f"loss became {what} at step {human} ({_describe_terms(terms)})")
             optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
+            scaler.scale(out.total).backward()
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise TrialFailure(f"gradient became {float(grad_norm)} at step {human} (loss {terms['total']:.4g})")
-            optimizer.step()
+            window.append((human, _term_tensors(out), None if scaler.is_enabled() else grad_norm.detach()))
+            sync = (human % rt.sync_interval == 0 or human == steps
+                    or (settings.eval_interval and human % settings.eval_interval == 0)
+                    or (settings.checkpoint_interval and human % settings.checkpoint_interval == 0))
+            if sync:  # before this step's update: on CPU (every step) a bad step never reaches the weights
+                for terms in _check_window(window):
+                    recent = (recent + [terms["total"]])[-10:]
+                    result.last_terms = terms
+                window = []
+                bar.set_postfix(loss=f"{result.last_terms['total']:.4f}", refresh=False)
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-            recent = (recent + [terms["total"]])[-10:]
             result.steps = human
-            result.last_terms = terms
             bar.update(1)
-            bar.set_postfix(loss=f"{terms['total']:.4f}", refresh=False)
             if evaluate_fn is not None and settings.eval_interval and human % settings.eval_interval == 0:
                 metrics = evaluate_fn(human)
                 result.evals.append((human, metrics))
@@ -416,6 +512,7 @@ def kd_train(
                 on_checkpoint(TrainState(human, optimizer.state_dict(), scheduler.state_dict(), torch.get_rng_state()))
     finally:
         bar.close()
+        batches.close()  # stops DataLoader workers (runtime.dataloader_workers) at once
     result.loss = float(np.mean(recent)) if recent else None
     return result
 
@@ -426,7 +523,8 @@ def kd_train(
 
 
 def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: int,
-             arch: Optional[Arch] = None, device: Any = "cpu", batches=None) -> Dict[str, float]:
+             arch: Optional[Arch] = None, device: Any = "cpu", batches=None,
+             runtime: Optional[Runtime] = None) -> Dict[str, float]:
     """Task metric of ``model`` on a labelled split (usually dev).
 
     Runs under :func:`torch.inference_mode` on batches of rows sorted by length
@@ -445,9 +543,12 @@ def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: 
     arch : dict, optional
         For the supernet.
     device : torch.device or str
+        Used when no ``runtime`` is given.
     batches : list of dict, optional
         The split's batches already built by ``length_sorted_batches`` (reused between calls;
         ``dataset`` and ``batch_size`` are then only checked for emptiness).
+    runtime : Runtime, optional
+        Device, autocast precision and loader workers.
 
     Returns
     -------
@@ -466,16 +567,19 @@ def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: 
         raise ConfigError("cannot evaluate on an empty split")
     if batches is None:
         batches, _ = length_sorted_batches(dataset, batch_size, pad_token_id)
+    rt = runtime if runtime is not None else Runtime(torch.device(device))
     was_training = model.training
     model.eval()
     logits, labels = [], []
     try:
         with torch.inference_mode():
             for batch in batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                out = _forward(model, batch, arch, return_kd=False)
-                logits.append(out.logits.float().cpu())
-                labels.append(batch["labels"].cpu())
+                labels.append(batch["labels"])
+                batch = {k: v.to(rt.device, non_blocking=rt.is_cuda) for k, v in batch.items()}
+                with rt.autocast():
+                    out = _forward(model, batch, arch, return_kd=False)
+                logits.append(out.logits.float())
+        logits = [x.cpu() for x in logits]  # one sync at the end, not one per batch
     finally:
         model.train(was_training)
     all_logits = torch.cat(logits)
@@ -578,6 +682,9 @@ class KDSetup:
     loss_fn : KDLoss
     pad_token_id : int
     device : torch.device
+    runtime : Runtime
+        Device, precision and loader settings of every model this setup trains or runs
+        (:func:`nni_effbert.runtime.resolve_runtime` of ``cfg``).
     """
 
     cfg: Any
@@ -595,6 +702,11 @@ class KDSetup:
     _teacher_model: Optional[nn.Module] = field(default=None, repr=False)
     _train_cache: Any = field(default=None, repr=False)
     _dev_batches: Any = field(default=None, repr=False)
+    runtime: Any = None
+
+    def __post_init__(self) -> None:
+        if self.runtime is None:
+            self.runtime = Runtime(self.device)
 
     @classmethod
     def from_config(cls, cfg, *, progress: bool = True) -> "KDSetup":
@@ -607,8 +719,11 @@ class KDSetup:
             task data (run ``nni-effbert teacher`` first).
         ConfigError, DataError
             From the config, the data or the space.
+        RuntimeConfigError
+            If ``runtime`` asks for a device or precision this machine lacks.
         """
 
+        runtime = resolve_runtime(cfg)
         wd = WorkDir.of(cfg).ensure()
         teacher_dir = wd.teacher_dir
         hint = "run `nni-effbert teacher -c <config>` first"
@@ -639,7 +754,7 @@ class KDSetup:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return cls(cfg=cfg, workdir=wd, teacher_dir=teacher_dir, teacher_marker=marker, tokenizer=tokenizer,
                    teacher_config=teacher_config, task=task, space=space, loss_fn=loss_fn, pad_token_id=int(pad),
-                   progress=progress)
+                   progress=progress, device=runtime.device, runtime=runtime)
 
     @property
     def teacher_fingerprint(self) -> Optional[str]:
@@ -671,6 +786,7 @@ class KDSetup:
             batch_size=int(self.cfg.evaluator.batch_size),
             model=self._teacher_model,
             progress=self.progress,
+            device=self.device,
         )
 
     def cached_teacher(self) -> CachedTeacher:
@@ -698,4 +814,5 @@ class KDSetup:
             self._dev_batches = length_sorted_batches(self.task.dev, size, self.pad_token_id)[0] \
                 if len(self.task.dev) else []
         return evaluate(model, self.task.dev, self.task.spec, batch_size=int(self.cfg.evaluator.batch_size),
-                        pad_token_id=self.pad_token_id, arch=arch, device=self.device, batches=self._dev_batches)
+                        pad_token_id=self.pad_token_id, arch=arch, device=self.device, batches=self._dev_batches,
+                        runtime=self.runtime)

@@ -350,7 +350,8 @@ class KDEvaluator:
                 eval_interval=ev.eval_interval, desc=f"KD stage {stage}", progress=self.progress,
             )
             out = kd_train(student, setup.cached_teacher(), setup.task.train, setup.loss_fn, settings,
-                           pad_token_id=setup.pad_token_id, evaluate_fn=periodic, device=setup.device)
+                           pad_token_id=setup.pad_token_id, evaluate_fn=periodic, device=setup.device,
+                           runtime=setup.runtime)
             loss = out.loss
         if last_eval.get("step") == steps and steps > 0:
             metrics = last_eval["metrics"]  # the periodic evaluation already scored the final weights

@@ -39,7 +39,7 @@ from .experiments import (
 from . import search_lock
 from .records import read_nni_trials
 
-__all__ = ["nnictl_config", "write_nnictl_config", "run_nnictl"]
+__all__ = ["nnictl_config", "local_training_service", "write_nnictl_config", "run_nnictl"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +69,23 @@ def nnictl_config(cfg, config_file: Path, *, search_space_file: Optional[Path] =
         "trialConcurrency": int(cfg.search.trial_concurrency),
         "maxTrialNumber": int(cfg.search.total_trials()),
         "tuner": {"name": "EfficientBertProgressive", "classArgs": {"config": str(config_file)}},
-        "trainingService": {"platform": "local", "useActiveGpu": False},
+        "trainingService": local_training_service(cfg.search),
         "experimentWorkingDirectory": str(Path(experiments_dir or wd.root / EXPERIMENTS_DIR).absolute()),
     })
+    # Always written: with 0, NNI sets CUDA_VISIBLE_DEVICES=-1, so trials with runtime.device auto
+    # run on the CPU instead of all piling onto GPU 0.
+    conf["trialGpuNumber"] = int(cfg.search.gpus_per_trial)
     return conf
+
+
+def local_training_service(search) -> Dict[str, Any]:
+    """NNI's local ``trainingService`` (v2 field names) with the GPU scheduling of ``search``:
+    ``useActiveGpu``, ``maxTrialNumberPerGpu`` and, when ``search.gpu_indices`` is set, ``gpuIndices``."""
+    ts: Dict[str, Any] = {"platform": "local", "useActiveGpu": bool(search.use_active_gpu),
+                          "maxTrialNumberPerGpu": int(search.max_trials_per_gpu)}
+    if search.gpu_indices:
+        ts["gpuIndices"] = [int(i) for i in search.gpu_indices]
+    return ts
 
 
 def write_nnictl_config(cfg, config_file: Path) -> Path:

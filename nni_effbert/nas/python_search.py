@@ -22,6 +22,7 @@ from nni_effbert.strategies.core import split_parameters
 from ..errors import EffBertError
 from ..io import atomic_write_json
 from ..kd.latency_table import search_latency
+from ..runtime import resolve_runtime
 from ..workdir import WorkDir
 from .evaluator import KDEvaluator
 from .experiments import EXPERIMENTS_DIR, TRIALS_FILE, SearchResult, check_resumable, free_port, prepare_workdir
@@ -219,6 +220,28 @@ def _nas_experiment_class():
     return EffBertNasExperiment
 
 
+def _schedule_gpus(conf, cfg) -> None:
+    """Pass ``search``'s GPU scheduling to NNI (``trialGpuNumber``, local ``gpuIndices`` /
+    ``useActiveGpu`` / ``maxTrialNumberPerGpu``), as the nnictl config does.
+
+    The warm-ups of this path run in this process, on ``runtime.device``. When that is a GPU NNI
+    may also give to candidates, this process occupies it, and with ``useActiveGpu: false`` NNI
+    would never schedule a candidate there (with one GPU the search would wait forever), so
+    ``useActiveGpu`` is turned on, with a warning.
+    """
+    search = cfg.search
+    conf.trial_gpu_number = int(search.gpus_per_trial)
+    conf.training_service.use_active_gpu = bool(search.use_active_gpu)
+    conf.training_service.max_trial_number_per_gpu = int(search.max_trials_per_gpu)
+    if search.gpu_indices:
+        conf.training_service.gpu_indices = [int(i) for i in search.gpu_indices]
+    if search.gpus_per_trial and not search.use_active_gpu and resolve_runtime(cfg).is_cuda:
+        logger.warning("--python: the warm-ups run in this process on %s, which NNI then sees as an active GPU; "
+                       "useActiveGpu is turned on so that candidates can still be scheduled on it",
+                       resolve_runtime(cfg).device)
+        conf.training_service.use_active_gpu = True
+
+
 def run_python(cfg, config_path: Optional[str], *, port: Optional[int], progress: bool,
                 resume: Optional[str] = None) -> SearchResult:
     port = free_port() if port is None else int(port)
@@ -257,7 +280,7 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
     conf.experiment_name = f"effbert-{cfg.task.name}-{wd.root.name}-nas"
     conf.trial_concurrency = int(cfg.search.trial_concurrency)
     conf.experiment_working_directory = str(wd.root / EXPERIMENTS_DIR)
-    conf.training_service.use_active_gpu = False
+    _schedule_gpus(conf, cfg)
     experiment = _nas_experiment_class()(space, evaluator.as_nni_evaluator(), strategy, conf, id=resume)
     holder["experiment"] = experiment
     # Warm-ups run in this process: they write this experiment's supernets, as NNI's trials of it

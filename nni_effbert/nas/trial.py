@@ -34,6 +34,12 @@ with its supervisor (``PR_SET_PDEATHSIG``), so cancelling the trial leaves no or
 ``evaluator.memory_limit_mb`` caps the trial process's address space (``RLIMIT_AS``, set
 once the config is read); an allocation beyond it (``MemoryError``, or torch's "can't
 allocate memory") fails the trial with the reason ``out of memory (limit N MB)``.
+
+On a GPU (``runtime.device``; inside NNI, ``auto`` is the GPU NNI assigned through
+``CUDA_VISIBLE_DEVICES``) a CUDA out-of-memory error fails the trial the same way, with the
+reason ``out of GPU memory (N MiB on cuda:K)``: ``N`` is ``runtime.gpu_memory_mb`` when set (a
+per-process cap, for trials sharing a GPU), else the device's memory. ``RLIMIT_AS`` is not set
+on a GPU: CUDA reserves far more address space than it uses and would fail to start under it.
 """
 from __future__ import annotations
 
@@ -49,7 +55,7 @@ from ..config import load_config
 from ..errors import ConfigError, DiskFullError, EffBertError, one_line
 from ..kd.teacher import finetune_from_config
 from ..kd.train import TrialFailure
-from ..runtime import configure_runtime, configure_threads
+from ..runtime import apply_gpu_memory_limit, configure_runtime, configure_threads, gpu_oom_reason, resolve_runtime
 from .evaluator import KDEvaluator
 from .params import add_arguments, int_meta, is_teacher, is_warmup, read_arch_file, split_arch
 from .supervisor import CHILD_ENV, EXIT_FAILED, _die_with_parent, in_nni, supervise
@@ -178,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
     ``train_steps``); returns the exit status. Bad input raises :class:`EffBertError`."""
     cfg = load_config(args.config, list(args.set or []))
     configure_threads(cfg)
+    runtime = resolve_runtime(cfg)  # a device or precision this machine lacks: exit 2 here
+    logger.info("trial runs on %s", runtime.describe())
     inside = in_nni()
     if args.arch:
         params = read_arch_file(args.arch)
@@ -192,6 +200,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("not running inside NNI: pass --arch ARCH.json with the parameters to run")
     progress = not getattr(args, "quiet", False)
     limit = cfg.evaluator.memory_limit_mb
+    if limit and runtime.is_cuda:
+        logger.warning("evaluator.memory_limit_mb is not applied on %s (CUDA cannot start under RLIMIT_AS); "
+                       "runtime.gpu_memory_mb caps GPU memory", runtime.device)
+        limit = None
+    apply_gpu_memory_limit(runtime)
     # What the trial runs is imported at the top of this module, before the cap: an import under
     # a nearly exhausted cap was seen to spin forever instead of raising (NNI's modules, 1000 MB).
     previous = apply_memory_limit(limit)
@@ -200,7 +213,10 @@ def run(args: argparse.Namespace) -> int:
                                 progress=progress, experiment=getattr(args, "experiment", None))
     except (TrialFailure, DiskFullError, MemoryError, RuntimeError) as exc:
         _restore_memory_limit(previous)  # room to log the reason
-        if _out_of_memory(exc):
+        gpu_reason = gpu_oom_reason(exc, runtime)
+        if gpu_reason is not None:
+            reason = gpu_reason
+        elif _out_of_memory(exc):
             reason = f"out of memory (limit {limit} MB)" if limit else "out of memory"
             detail = " ".join(str(exc).split())[:300]
             reason = f"{reason}: {detail}" if detail else reason

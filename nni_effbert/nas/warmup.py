@@ -642,7 +642,7 @@ def run_warmup(
             )
             out = kd_train(space, teacher, dataset, loss_fn, settings, pad_token_id=setup.pad_token_id,
                            arch_sampler=sampler_of[name], on_checkpoint=save_state, resume=resume,
-                           device=setup.device)
+                           device=setup.device, runtime=setup.runtime)
             loss = out.loss if out.loss is not None else loss
             if name == "general" and plan.steps:
                 # Persist the phase boundary: an interruption in the task phase must not redo it.

@@ -251,7 +251,8 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
             return metrics
 
         out = kd_train(model, teacher, dataset, loss_fn, settings, pad_token_id=setup.pad_token_id,
-                       evaluate_fn=evaluate_fn if name == "task" else None, device=setup.device)
+                       evaluate_fn=evaluate_fn if name == "task" else None, device=setup.device,
+                       runtime=setup.runtime)
         losses[name] = out.loss
     model.eval()
     # The reported score is the final model's (no dev-based checkpoint picking: dev is what

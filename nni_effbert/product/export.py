@@ -647,9 +647,11 @@ def _verify_folder(folder: Path, student: torch.nn.Module, config) -> None:
         mask = torch.ones_like(ids)
         mask[1, length // 2:] = 0  # one padded row, so masking is compared too
         types = torch.zeros_like(ids)
+        # The student may sit on a GPU (runtime.device); the check compares in fp32 on the CPU side.
+        on = next(student.parameters()).device
         with torch.no_grad():
             got = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-            want = student(ids, mask, types, return_kd=False).logits
+            want = student(ids.to(on), mask.to(on), types.to(on), return_kd=False).logits.float().cpu()
         diff = (got - want).abs().max().item()
         if not math.isfinite(diff) or diff > _VERIFY_ATOL:
             raise EffBertError(f"exported model disagrees with the student: max |logit difference| "
