@@ -220,12 +220,21 @@ class WarmupConfig(_Checked):
     # for fine-tuning a pretrained student; a randomly initialised supernet needs more).
     learning_rate: float = _checked(_positive, 5e-4)
     batch_size: int = _checked(_positive, 32)
-    corpus_file: Optional[str] = _path(None)  # plain text, one sentence per line
+    corpus_file: Union[str, List[str], None] = _path(None)  # plain text, one sentence per line; or a list
     checkpoint: Optional[str] = _path(None)  # explicit supernet checkpoint to start from
     max_seq_length: Optional[int] = _checked(_positive, None)  # None: task.max_seq_length
     # A supernet that starts from random weights takes its embedding tables from the teacher
     # ("teacher": truncated SVD of the teacher's tables) or keeps them random ("random").
     init_embeddings: str = _checked(_choice("teacher", "random"), "teacher")
+    # How a supernet with no earlier checkpoint starts (nni_effbert.kd.teacher_init): "teacher"
+    # (every weight sliced from the teacher, most important heads / neurons first),
+    # "teacher_embeddings" (random, embedding tables from the teacher: what init_embeddings:
+    # teacher does) or "random". Empty: follow init_embeddings.
+    init: Optional[str] = _checked(_choice("teacher", "teacher_embeddings", "random"), None)
+    # Unit importance of init: teacher where the student is narrower than the teacher: "taylor"
+    # (first-order Taylor on importance_batches task batches, DynaBERT) or "magnitude" (weights).
+    importance: str = _checked(_choice("taylor", "magnitude"), "taylor")
+    importance_batches: int = _checked(_positive, 200)
 
 
 @dataclass
@@ -289,6 +298,9 @@ class DistillConfig(_Checked):
     batch_size: int = _checked(_positive, 32)
     eval_interval: int = _checked(_non_negative, 100)  # 0: evaluate only at the end
     seed: Optional[int] = None
+    # General-KD text of the final distillation: one plain-text file (one sentence per line) or a
+    # list of them. Empty: warmup.corpus_file, else the task's train sentences.
+    corpus_file: Union[str, List[str], None] = _path(None)
 
 
 @dataclass
@@ -361,7 +373,13 @@ def _convert(tp: Any, value: Any, where: str, key: str, base_dir: Optional[Path]
         non_none = [a for a in args if a is not type(None)]
         if len(non_none) == 1:
             return _convert(non_none[0], value, where, key, base_dir)
-        raise _err(where, key, f"unsupported union type {tp}")
+        for option in non_none:  # e.g. Union[str, List[str]]: the first type that fits
+            try:
+                return _convert(option, value, where, key, base_dir)
+            except ConfigError:
+                continue
+        raise _err(where, key, f"expected one of {', '.join(_type_name(a) for a in non_none)}, "
+                               f"got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where, key, base_dir)
     if origin in (list, List):
@@ -467,6 +485,10 @@ def from_dict(
                 value = None if f.default is None else value
             else:
                 value = _resolve_path(value, base, bool(f.metadata.get("maybe")))
+        elif f.metadata.get("path") and isinstance(value, list):  # a list of paths
+            if any(not isinstance(v, str) or not v.strip() for v in value):
+                raise _err(where, sub, f"expected a list of file paths, got {value!r}")
+            value = [_resolve_path(v, base, bool(f.metadata.get("maybe"))) for v in value] or None
         check = f.metadata.get("check")
         if check is not None:
             try:
@@ -647,6 +669,11 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str], cls: type = 
             resolved = os.path.abspath(expanded)
             if not maybe or os.path.exists(resolved):
                 parent[parts[-1]] = resolved
+        elif is_path and isinstance(value, list):  # --set warmup.corpus_file=[a.txt,b.txt]
+            parent = data
+            for part in parts[:-1]:
+                parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+            parent[parts[-1]] = [os.path.abspath(os.path.expanduser(v)) if isinstance(v, str) else v for v in value]
     return data
 
 
@@ -679,7 +706,9 @@ def _check_paths(cfg: ExperimentConfig, where: str) -> None:
     need("task.data_dir", cfg.task.data_dir, "folder")
     need("task.train_file", cfg.task.train_file, "file")
     need("task.dev_file", cfg.task.dev_file, "file")
-    need("warmup.corpus_file", cfg.warmup.corpus_file, "file")
+    for key, files in (("warmup.corpus_file", cfg.warmup.corpus_file), ("distill.corpus_file", cfg.distill.corpus_file)):
+        for value in ([files] if isinstance(files, str) else files or []):
+            need(key, value, "file")
     need("warmup.checkpoint", cfg.warmup.checkpoint, "file")
     model = cfg.teacher.model
     if os.path.isabs(model) and not os.path.isdir(model):
