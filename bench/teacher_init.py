@@ -20,9 +20,10 @@ GLUE dev set is used only for the final scores. CPU latency (batch 1, sequence 1
 teacher and of every variant's seed-0 students is measured at the end, interleaved round by
 round in one process; the medians over rounds are reported.
 
-The budgets are those of ``bench/configs/teacher_init.yml`` (REDUCED: 4,000 training rows,
-80 warm-up steps, 150 task-KD steps, ...): this session's machine had 2 cores shared by seven
-engineers. The teacher, its output caches and the importance scores live in
+The budgets are those of ``bench/configs/teacher_init.yml`` (REDUCED: 2,000 training rows, 10
+importance batches, 20 + 60 warm-up steps, 3 random candidates, 20 + 100 distill steps; the
+recorded run also used ``--seeds 1``): this session's machine had 2 cores shared by seven
+engineers (load average 14-20). The teacher, its output caches and the importance scores live in
 ``bench/work/teacher_init/shared`` and are shared by the variants (symbolic links).
 
 Writes ``<out>.json`` (one record per variant with ``variant``, ``teacher_dev``,

@@ -16,10 +16,12 @@ from nni_effbert.data.loading import load_task, make_loader, unlabeled_texts
 from nni_effbert.errors import CheckpointError, ConfigError, DataError
 from nni_effbert.kd.losses import KDLoss, uniform_layer_map
 from nni_effbert.kd.teacher import finetune_teacher, teacher_outputs
-from nni_effbert.kd.teacher_init import (init_from_teacher, magnitude_importance, start_from_teacher, student_preset,
-                                         taylor_importance, teacher_parts, teacher_student_fields)
+from nni_effbert.kd.teacher_init import (init_from_teacher, magnitude_importance, origin_line, start_from_teacher,
+                                         student_origin, student_preset, taylor_importance, teacher_parts,
+                                         teacher_student_fields)
 from nni_effbert.kd.train import KDSetup
 from nni_effbert.nas.warmup import run_warmup
+from nni_effbert.product.export import architecture_markdown
 from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.workdir import WorkDir
 
@@ -366,3 +368,14 @@ def test_the_shared_corpus_files_load(tmp_path, glue_dir, tiny_tokenizer):
     texts = unlabeled_texts(_corpus_cfg(tmp_path, glue_dir, f"[{files[0]},{files[1]}]"), tiny_tokenizer,
                             cache_dir=str(tmp_path / "ds"), max_rows=50, seed=3)
     assert len(texts) == 50 and all(len(ids) >= 2 for ids in texts["input_ids"])
+
+
+def test_architecture_md_and_report_name_the_preset_and_init(teacher_cfg):
+    origin = student_origin(teacher_cfg)
+    assert origin == {"student_preset": "teacher", "student_overrides": {"num_hidden_layers": 1, "max_stack": 2},
+                      "warmup_init": "teacher", "importance": "taylor", "importance_batches": 3}
+    line = origin_line(origin)
+    assert "Student preset `teacher`" in line and "supernet init `teacher` (taylor importance on 3 task batches)" in line
+    space = EfficientBertSpace.preset("tiny")
+    assert line in architecture_markdown(space, space.bert_arch(), origin=origin)
+    assert "Student preset" not in architecture_markdown(space, space.bert_arch())
