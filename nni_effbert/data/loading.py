@@ -619,7 +619,7 @@ def check_corpus_file(path: str, key: str = "warmup.corpus_file") -> None:
                                 "convert it to UTF-8, one sentence per line") from None
             f.seek(0)
             if not any(line.strip() for line in f):
-                raise DataError(f"{key}: {path} is empty (it needs one sentence per line)")
+                raise DataError(f"{key}: {path}: corpus file is empty (it needs one sentence per line)")
     except OSError as exc:
         raise DataError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
 
