@@ -86,6 +86,8 @@ def heldout_task(cfg, folder: Path, rows: int, seed: int = 1):
     pick = [pool[i] for i in sorted(rng.choice(len(pool), size=rows, replace=False))]
     (folder / "SST-2").mkdir(parents=True, exist_ok=True)
     for split in ("train", "dev"):
+        if (folder / "SST-2" / f"{split}.tsv").is_file():  # written by a parallel variant (same rows)
+            continue
         with open(folder / "SST-2" / f"{split}.tsv", "w", encoding="utf-8", newline="") as f:
             w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\", lineterminator="\n")
             w.writerow(header)
@@ -249,6 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--latency-repeats", type=int, default=5)
     p.add_argument("--set", action="append", default=[], help="extra dotted.key=value overrides for every variant")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-latency", action="store_true", help="run the variants, save them, skip latency and results")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.perf_counter()
@@ -261,13 +264,20 @@ def main(argv=None) -> int:
     heldout_cfg = heldout_task(base, work / "heldout", args.heldout)
     # Each finished variant is saved at once, and a rerun skips it: a crash or a kill loses one
     # variant at most on this slow shared machine.
-    partial = Path(args.out).with_suffix(".partial.json")
-    done = {r["variant"]: r for r in json.loads(partial.read_text())} if partial.is_file() else {}
+    # (`--no-latency` runs one variant per process, e.g. the three in parallel; a last run
+    # without it finds them all done and only measures latency and writes the results.)
+    out = Path(args.out)
     records = []
     for v in args.variants.split(","):
-        records.append(done[v] if v in done else run_variant(v, args, work, shared, heldout_cfg))
+        partial = out.parent / f"{out.name}.partial.{v}.json"
+        if partial.is_file():
+            records.append(json.loads(partial.read_text()))
+            continue
+        records.append(run_variant(v, args, work, shared, heldout_cfg))
         partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(records, indent=1, default=str))
+        partial.write_text(json.dumps(records[-1], indent=1, default=str))
+    if args.no_latency:
+        return 0
     interleaved_latency(records, WorkDir.of(base).teacher_dir, args.latency_rounds, args.latency_repeats,
                         int(base.evaluator.latency_seq_length))
     stage = base.search.stages[0]
@@ -281,11 +291,11 @@ def main(argv=None) -> int:
                     "distill": f"{base.distill.general_steps} general-KD steps (corpus) + {base.distill.task_steps} "
                                f"task-KD steps (batch {base.distill.batch_size})"},
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=1, default=str))
     out.with_suffix(".md").write_text(markdown(records, meta))
-    partial.unlink(missing_ok=True)
+    for v in args.variants.split(","):
+        (out.parent / f"{out.name}.partial.{v}.json").unlink(missing_ok=True)
     print(out.with_suffix(".md").read_text())
     return 0
 
