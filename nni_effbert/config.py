@@ -227,12 +227,21 @@ class WarmupConfig(_Checked):
     # for fine-tuning a pretrained student; a randomly initialised supernet needs more).
     learning_rate: float = _checked(_positive, 5e-4)
     batch_size: int = _checked(_positive, 32)
-    corpus_file: Optional[str] = _path(None)  # plain text, one sentence per line
+    corpus_file: Union[str, List[str], None] = _path(None)  # plain text, one sentence per line; or a list
     checkpoint: Optional[str] = _path(None)  # explicit supernet checkpoint to start from
     max_seq_length: Optional[int] = _checked(_positive, None)  # None: task.max_seq_length
     # A supernet that starts from random weights takes its embedding tables from the teacher
     # ("teacher": truncated SVD of the teacher's tables) or keeps them random ("random").
     init_embeddings: str = _checked(_choice("teacher", "random"), "teacher")
+    # How a supernet with no earlier checkpoint starts (nni_effbert.kd.teacher_init): "teacher"
+    # (every weight sliced from the teacher, most important heads / neurons first),
+    # "teacher_embeddings" (random, embedding tables from the teacher: what init_embeddings:
+    # teacher does) or "random". Empty: follow init_embeddings.
+    init: Optional[str] = _checked(_choice("teacher", "teacher_embeddings", "random"), None)
+    # Unit importance of init: teacher where the student is narrower than the teacher: "taylor"
+    # (first-order Taylor on importance_batches task batches, DynaBERT) or "magnitude" (weights).
+    importance: str = _checked(_choice("taylor", "magnitude"), "taylor")
+    importance_batches: int = _checked(_positive, 200)
 
 
 @dataclass
@@ -308,6 +317,9 @@ class DistillConfig(_Checked):
     batch_size: int = _checked(_positive, 32)
     eval_interval: int = _checked(_non_negative, 100)  # 0: evaluate only at the end
     seed: Optional[int] = None
+    # General-KD text of the final distillation: one plain-text file (one sentence per line) or a
+    # list of them. Empty: warmup.corpus_file, else the task's train sentences.
+    corpus_file: Union[str, List[str], None] = _path(None)
 
 
 def _device_name(value: str) -> str:
@@ -398,7 +410,9 @@ def _check_paths(cfg: ExperimentConfig, where: str) -> None:
     need("task.data_dir", cfg.task.data_dir, "folder")
     need("task.train_file", cfg.task.train_file, "file")
     need("task.dev_file", cfg.task.dev_file, "file")
-    need("warmup.corpus_file", cfg.warmup.corpus_file, "file")
+    for key, files in (("warmup.corpus_file", cfg.warmup.corpus_file), ("distill.corpus_file", cfg.distill.corpus_file)):
+        for value in ([files] if isinstance(files, str) else files or []):
+            need(key, value, "file")
     need("warmup.checkpoint", cfg.warmup.checkpoint, "file")
     model = cfg.teacher.model
     if os.path.isabs(model) and not os.path.isdir(model):

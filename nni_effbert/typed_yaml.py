@@ -62,7 +62,13 @@ def _convert(tp: Any, value: Any, where: str, key: str, base_dir: Optional[Path]
         non_none = [a for a in args if a is not type(None)]
         if len(non_none) == 1:
             return _convert(non_none[0], value, where, key, base_dir)
-        raise _err(where, key, f"unsupported union type {tp}")
+        for option in non_none:  # e.g. Union[str, List[str]]: the first type that fits
+            try:
+                return _convert(option, value, where, key, base_dir)
+            except ConfigError:
+                continue
+        raise _err(where, key, f"expected one of {', '.join(_type_name(a) for a in non_none)}, "
+                               f"got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where, key, base_dir)
     if origin in (list, List):
@@ -168,6 +174,10 @@ def from_dict(
                 value = None if f.default is None else value
             else:
                 value = _resolve_path(value, base, bool(f.metadata.get("maybe")))
+        elif f.metadata.get("path") and isinstance(value, list):  # a list of paths
+            if any(not isinstance(v, str) or not v.strip() for v in value):
+                raise _err(where, sub, f"expected a list of file paths, got {value!r}")
+            value = [_resolve_path(v, base, bool(f.metadata.get("maybe"))) for v in value] or None
         check = f.metadata.get("check")
         if check is not None:
             try:
@@ -347,4 +357,9 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str], cls: type) -
             resolved = os.path.abspath(expanded)
             if not maybe or os.path.exists(resolved):
                 parent[parts[-1]] = resolved
+        elif is_path and isinstance(value, list):  # --set warmup.corpus_file=[a.txt,b.txt]
+            parent = data
+            for part in parts[:-1]:
+                parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+            parent[parts[-1]] = [os.path.abspath(os.path.expanduser(v)) if isinstance(v, str) else v for v in value]
     return data

@@ -37,6 +37,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from nni_effbert.config import load_config
+from nni_effbert.kd.teacher_init import student_preset
 from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.workdir import WorkDir
 
@@ -134,7 +135,8 @@ def build_space_and_search(config: Optional[str] = None, preset: Optional[str] =
                                     f"the path of effbert.yml, absolute or relative to trialCodeDirectory)")
 
         cfg = load_config(config, check_paths=False)
-        space = EfficientBertSpace.preset(cfg.student.preset, **dict(cfg.student.overrides))
+        preset, overrides = student_preset(cfg)  # student.preset: teacher reads the teacher's config
+        space = EfficientBertSpace.preset(preset, **overrides)
         data = cfg.search.to_dict()
         data.update(dict(search or {}))
         return space, SearchConfig.from_dict(data)

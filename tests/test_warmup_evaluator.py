@@ -142,7 +142,9 @@ def test_general_kd_on_a_corpus_and_on_longer_text(cfg, setup, stage0, tmp_path,
     monkeypatch.setattr(KDSetup, "live_teacher", counting_live)
     with_corpus = dataclasses.replace(cfg, warmup=dataclasses.replace(cfg.warmup, corpus_file=str(corpus)))
     result = run_warmup(with_corpus, 2, steps=2, general_steps=2, progress=False, setup=setup)
-    assert calls == ["live"] and result.plan.corpus == str(corpus) and math.isfinite(result.loss)
+    # issue 13: corpus text gets a teacher-output cache of its own, like the task's; no live teacher
+    assert calls == [] and result.plan.corpus == str(corpus) and math.isfinite(result.loss)
+    assert any(p.name.startswith("corpus32-") and p.is_dir() for p in (WorkDir.of(cfg).root / "cache").iterdir())
     assert result.init in ("stage 0 checkpoint", "stage 1 checkpoint")
     # Unlabeled text at another length than the task's gets a cache of its own.
     longer = dataclasses.replace(cfg, warmup=dataclasses.replace(cfg.warmup, max_seq_length=16))

@@ -16,6 +16,7 @@ reported with its file and line.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import hashlib
@@ -48,6 +49,8 @@ __all__ = [
     "length_sorted_batches",
     "unlabeled_texts",
     "resolve_data_dir",
+    "corpus_files",
+    "check_corpus_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -584,41 +587,100 @@ def _non_blank(text: str) -> bool:
     return bool(text.strip())
 
 
-def unlabeled_texts(cfg: ExperimentConfig, tokenizer: Any, cache_dir: Optional[str] = None) -> datasets.Dataset:
+def corpus_files(value: Union[str, Sequence[str], None]) -> List[str]:
+    """``warmup.corpus_file`` / ``distill.corpus_file`` as a list of paths (empty when unset)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def check_corpus_file(path: str, key: str = "warmup.corpus_file") -> None:
+    """Check that a corpus file exists, is readable UTF-8 text and has a non-blank line.
+
+    Raises
+    ------
+    DataError
+        One line naming the file and what is wrong: missing, a folder, unreadable, binary
+        (a NUL byte or invalid UTF-8 in its first 64 KiB) or empty (no non-blank line).
+    """
+    if not os.path.exists(path):
+        raise DataError(f"{key}: file not found: {path}")
+    if not os.path.isfile(path):
+        raise DataError(f"{key}: {path} is not a file (give plain-text files, one sentence per line)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            if b"\x00" in head:
+                raise DataError(f"{key}: {path} is a binary file, not plain text (one sentence per line)")
+            try:
+                decoder.decode(head, final=False)
+            except UnicodeDecodeError:
+                raise DataError(f"{key}: {path} is not UTF-8 text (binary or another encoding); "
+                                "convert it to UTF-8, one sentence per line") from None
+            f.seek(0)
+            if not any(line.strip() for line in f):
+                raise DataError(f"{key}: {path}: corpus file is empty (it needs one sentence per line)")
+    except OSError as exc:
+        raise DataError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def unlabeled_texts(cfg: ExperimentConfig, tokenizer: Any, cache_dir: Optional[str] = None, *,
+                    corpus: Union[str, Sequence[str], None] = None, key: str = "warmup.corpus_file",
+                    max_rows: Optional[int] = None, seed: int = 0) -> datasets.Dataset:
     """Tokenized unlabeled text for warm-up distillation.
 
     Parameters
     ----------
     cfg : ExperimentConfig
-        ``warmup.corpus_file`` (plain text, one sentence per line) when set, else the task's
-        train split (after the seeded subset; sentence pairs stay pairs, as the teacher sees
-        them). Truncated to ``warmup.max_seq_length`` or ``task.max_seq_length``.
+        ``warmup.corpus_file`` (plain text, one sentence per line; one file or a list) when
+        set, else the task's train split (after the seeded subset; sentence pairs stay pairs,
+        as the teacher sees them). Truncated to ``warmup.max_seq_length`` or
+        ``task.max_seq_length``.
     tokenizer : transformers tokenizer
     cache_dir : str, optional
         ``datasets`` cache folder.
+    corpus : str or list of str, optional
+        Corpus file(s) to read instead of ``warmup.corpus_file`` (``distill.corpus_file``).
+    key : str
+        Config key named in errors.
+    max_rows : int, optional
+        Keep a seeded random subset of this many corpus lines (the lines a phase of
+        ``steps x batch_size`` can see), so that caching the teacher's outputs costs what is used.
+    seed : int
+        Seeds that subset.
 
     Returns
     -------
     datasets.Dataset
         Columns ``input_ids, token_type_ids, attention_mask, idx``. Its ``_fingerprint`` is a
         stable key of text, tokenizer and max length.
+
+    Raises
+    ------
+    DataError
+        A corpus file that is missing, unreadable, binary or empty (see :func:`check_corpus_file`).
     """
     max_length = cfg.warmup.max_seq_length or cfg.task.max_seq_length
     tok_fp = tokenizer_fingerprint(tokenizer)
-    corpus = cfg.warmup.corpus_file
-    if corpus:
-        if not os.path.isfile(corpus):
-            raise DataError(f"warmup.corpus_file: file not found: {corpus}")
-        raw = datasets.load_dataset("text", data_files={"train": corpus}, cache_dir=cache_dir)["train"]
-        corpus_sha = _sha256(corpus)
+    files = corpus_files(cfg.warmup.corpus_file if corpus is None else corpus)
+    if files:
+        for path in files:
+            check_corpus_file(path, key)
+        raw = datasets.load_dataset("text", data_files={"train": files}, cache_dir=cache_dir)["train"]
+        corpus_sha = [_sha256(path) for path in files]
+        corpus_sha = corpus_sha[0] if len(corpus_sha) == 1 else corpus_sha  # one file: the old key
         raw = raw.filter(
             _non_blank, input_columns="text", desc="drop blank lines",
             new_fingerprint=_digest([_FORMAT_VERSION, corpus_sha, "non-blank"]),
         )
         if len(raw) == 0:
-            raise DataError(f"{corpus}: corpus file is empty (it needs one sentence per line)")
-        columns: Sequence[str] = ["text"]
+            raise DataError(f"{key}: {', '.join(files)}: the corpus is empty (it needs one sentence per line)")
         source: Dict[str, Any] = {"version": _FORMAT_VERSION, "corpus": corpus_sha}
+        if max_rows is not None and len(raw) > max_rows:
+            raw = raw.shuffle(seed=int(seed)).select(range(int(max_rows))).flatten_indices()
+            source.update(max_rows=int(max_rows), subset_seed=int(seed))
+        columns: Sequence[str] = ["text"]
     else:
         dd, spec, source = _load_raw(cfg.task, cache_dir)
         raw, columns = dd["train"], spec.text_columns

@@ -57,6 +57,7 @@ from ..workdir import WorkDir
 from .cache import TeacherCache
 from .losses import KDLoss, TeacherBatch
 from .teacher import FINGERPRINT_MEMO, MARKER_FILE, load_teacher, prepare_teacher, read_teacher_marker, teacher_outputs
+from .teacher_init import student_preset
 
 __all__ = [
     "TrialFailure",
@@ -635,7 +636,7 @@ def build_space(cfg, teacher_config, spec):
         "fit_size": int(teacher_config.hidden_size),
         "num_labels": 1 if spec.is_regression else int(spec.num_labels),
     }
-    overrides = dict(cfg.student.overrides)
+    preset, overrides = student_preset(cfg, teacher_config)  # student.preset: teacher -> the teacher's sizes
     for key in _DERIVED:
         if key in overrides and overrides[key] != derived[key]:
             raise ConfigError(
@@ -643,7 +644,7 @@ def build_space(cfg, teacher_config, spec):
                 f"leave {key} out: it is set from the teacher and the task"
             )
     try:
-        space = EfficientBertSupernet.preset(cfg.student.preset, **{**overrides, **derived})
+        space = EfficientBertSupernet.preset(preset, **{**overrides, **derived})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"student: {exc}") from None
     longest = max(cfg.task.max_seq_length, cfg.warmup.max_seq_length or 0)

@@ -15,6 +15,7 @@ from nni_effbert.search_spaces import EfficientBertSpace
 
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..kd.teacher import read_teacher_marker
+from ..kd.teacher_init import student_preset
 from ..workdir import WorkDir
 from .records import is_scored
 
@@ -95,7 +96,8 @@ def student_space(cfg):
     overrides), so the ``searchSpace`` written here matches the advisor's check."""
 
     try:
-        return EfficientBertSpace.preset(cfg.student.preset, **dict(cfg.student.overrides))
+        preset, overrides = student_preset(cfg)  # student.preset: teacher reads the teacher's config
+        return EfficientBertSpace.preset(preset, **overrides)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"student: cannot build the {cfg.student.preset!r} space ({exc})") from None
 

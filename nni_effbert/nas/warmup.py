@@ -25,9 +25,15 @@ task, alone                  as the general phase             attention + hidden
 ===========================  ===============================  =============================
 
 The task's train sentences go through the shared teacher-output cache (the one candidate
-trials use); a corpus file is distilled from the live teacher (a corpus can be far larger
-than what is worth caching). The general phase is the paper's stage-3 two-step warm-up
-(general KD on unlabeled text, then task KD).
+trials use); a corpus (``warmup.corpus_file``: one plain-text file or a list) is streamed with
+the same tokenizer, and the seeded subset of its lines that the phase's ``steps x batch_size``
+can see gets a teacher-output cache of its own, built once. The general phase is the paper's
+stage-3 two-step warm-up (general KD on unlabeled text, then task KD).
+
+A supernet with no earlier checkpoint starts as ``warmup.init`` says: ``teacher`` (every
+weight from the teacher, most important heads and neurons first:
+:mod:`nni_effbert.kd.teacher_init`), ``teacher_embeddings`` (random, embedding tables from the
+teacher: :func:`init_embeddings_from_teacher`) or ``random``.
 
 Start, resume, skip
 -------------------
@@ -57,10 +63,11 @@ from filelock import FileLock
 from nni_effbert.search_spaces.config import config_differences
 from nni_effbert.strategies.sampler import in_budget, random_arch_in_budget
 
-from ..data.loading import unlabeled_texts
+from ..data.loading import corpus_files, unlabeled_texts
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_save_torch, load_torch, read_json_object
 from ..kd.losses import KDLoss
+from ..kd.teacher_init import start_from_teacher, warmup_init_mode
 from ..kd.train import CachedTeacher, KDSetup, TrainSettings, TrainState, kd_train
 from ..workdir import WorkDir
 from .params import WARMUP_KEY, int_meta, split_arch
@@ -110,8 +117,8 @@ class WarmupPlan:
     learning_rate : float
     batch_size : int
     seed : int
-    corpus : str or None
-        Corpus file of the general (or only) phase.
+    corpus : str, list of str or None
+        Corpus file(s) of the general (or only) phase.
     max_seq_length : int
         Of the unlabeled text.
     """
@@ -124,16 +131,25 @@ class WarmupPlan:
     learning_rate: float
     batch_size: int
     seed: int
-    corpus: Optional[str]
+    corpus: Any
     max_seq_length: int
     init_embeddings: str = "teacher"
+    #: ``warmup.init: teacher`` and its importance (None otherwise, and then left out of
+    #: :meth:`to_dict`, so plans of the older starts compare equal to checkpoints made before).
+    init: Optional[str] = None
+    importance: Optional[str] = None
+    importance_batches: Optional[int] = None
 
     @property
     def total_steps(self) -> int:
         return self.general_steps + self.steps
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key in ("init", "importance", "importance_batches"):
+            if d[key] is None:
+                del d[key]
+        return d
 
 
 def warmup_required(cfg, stage: int) -> bool:
@@ -176,7 +192,15 @@ def plan_warmup(cfg, stage: int, *, fixed: Optional[Mapping[str, Any]] = None, s
         seed=int(cfg.seed), corpus=cfg.warmup.corpus_file,
         max_seq_length=int(cfg.warmup.max_seq_length or cfg.task.max_seq_length),
         init_embeddings=str(cfg.warmup.init_embeddings),
+        **_teacher_init_fields(cfg),
     )
+
+
+def _teacher_init_fields(cfg) -> Dict[str, Any]:
+    if warmup_init_mode(cfg.warmup) != "teacher":
+        return {}
+    batches = int(cfg.warmup.importance_batches) if cfg.warmup.importance == "taylor" else None
+    return {"init": "teacher", "importance": str(cfg.warmup.importance), "importance_batches": batches}
 
 
 def load_fixed_file(path) -> Dict[str, Any]:
@@ -386,7 +410,13 @@ def _init_weights(setup: KDSetup, cfg, stage: int, experiment: Optional[str] = N
         logger.info("stage %d warm-up starts from warmup.checkpoint %s", stage, named)
         return f"warmup.checkpoint {named}"
     setup.reset_space()
-    if cfg.warmup.init_embeddings == "teacher":
+    mode = warmup_init_mode(cfg.warmup)
+    if mode == "teacher":
+        info = start_from_teacher(setup, progress=setup.progress)
+        logger.info("stage %d warm-up starts from the teacher's weights (layers %s, %s importance)", stage,
+                    info["layer_map"], info["importance"])
+        return f"teacher ({info['importance']} importance)"
+    if mode == "teacher_embeddings":
         init_embeddings_from_teacher(space.supernet, setup.teacher_model())
         logger.info("stage %d warm-up starts from random weights with the teacher's embeddings (truncated SVD)",
                     stage)
@@ -456,12 +486,17 @@ def init_embeddings_from_teacher(student: torch.nn.Module, teacher: torch.nn.Mod
         fit.bias.zero_()
 
 
-def _unlabeled_source(setup: KDSetup, cfg, plan: WarmupPlan):
+def _unlabeled_source(setup: KDSetup, cfg, plan: WarmupPlan, steps: Optional[int] = None):
     """(dataset, teacher source, description) of the warm-up's unlabeled text."""
     if plan.corpus:
-
-        texts = unlabeled_texts(cfg, setup.tokenizer, cache_dir=str(setup.workdir.datasets_cache))
-        return texts, setup.live_teacher(), f"corpus {plan.corpus} (live teacher)"
+        # The corpus lines a phase of `steps` batches can see (a seeded subset), with the teacher's
+        # outputs cached like the task's: one teacher pass, shared by every stage and process.
+        rows = None if steps is None else max(1, int(steps) * plan.batch_size)
+        texts = unlabeled_texts(cfg, setup.tokenizer, cache_dir=str(setup.workdir.datasets_cache), corpus=plan.corpus,
+                                key="warmup.corpus_file", max_rows=rows, seed=plan.seed)
+        cache = setup.open_cache(texts, texts._fingerprint, f"corpus{plan.max_seq_length}")
+        files = ", ".join(corpus_files(plan.corpus))
+        return texts, CachedTeacher(cache, setup.device), f"corpus {files} ({len(texts)} lines, cached teacher)"
     if plan.max_seq_length == cfg.task.max_seq_length:
         return setup.task.train, setup.cached_teacher(), "task train sentences (cached teacher)"
 
@@ -481,12 +516,12 @@ def _phases(setup: KDSetup, cfg, plan: WarmupPlan):
         if general_kd.attention_weight == 0 and general_kd.hidden_weight == 0:
             raise ConfigError("general warm-up KD needs kd.attention_weight or kd.hidden_weight > 0 "
                               "(it has no predictions to distil)")
-        ds, teacher, desc = _unlabeled_source(setup, cfg, plan)
+        ds, teacher, desc = _unlabeled_source(setup, cfg, plan, plan.general_steps)
         phases.append(("general", plan.general_steps, ds, teacher,
                        KDLoss(general_kd, n_student, n_teacher, regression=regression), desc))
         task_ds, task_teacher, task_desc = setup.task.train, setup.cached_teacher(), "task train split (cached teacher)"
     else:
-        task_ds, task_teacher, task_desc = _unlabeled_source(setup, cfg, plan) if plan.steps else (None, None, "")
+        task_ds, task_teacher, task_desc = _unlabeled_source(setup, cfg, plan, plan.steps) if plan.steps else (None, None, "")
     if plan.steps:
         phases.append(("task", plan.steps, task_ds, task_teacher, setup.loss_fn, task_desc))
     return phases

@@ -4,8 +4,9 @@
 al., 2021, Sec. 3.4, after TinyBERT) on the student exported into ``DIR``:
 
 1. **general KD** (``distill.general_steps``): hidden states (through ``fit_dense``) and
-   attention maps on unlabeled text -- ``warmup.corpus_file`` through the live teacher when
-   set, else the task's train sentences through the shared teacher-output cache;
+   attention maps on unlabeled text -- ``distill.corpus_file`` (else ``warmup.corpus_file``;
+   one file or a list, the ``general_steps x batch_size`` lines of a seeded subset) when set,
+   else the task's train sentences, both through the shared teacher-output cache;
 2. **task KD** (``distill.task_steps``): hidden states, attentions and predictions (``kd``) on
    the task's train split.
 
@@ -34,11 +35,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from nni_effbert.search_spaces.config import config_differences
 
-from ..data.loading import unlabeled_texts
+from ..data.loading import corpus_files, unlabeled_texts
 from ..errors import CheckpointError, ConfigError
 from ..kd.latency import measure_latency
 from ..kd.losses import KDLoss
-from ..kd.train import KDSetup, TrainSettings, kd_train
+from ..kd.train import CachedTeacher, KDSetup, TrainSettings, kd_train
 from .export import export_student, load_exported
 
 __all__ = [
@@ -70,8 +71,9 @@ class DistillPlan:
     eval_interval : int
     seed : int
         ``distill.seed`` (default: the top-level ``seed``).
-    corpus : str or None
-        ``warmup.corpus_file`` of the general phase (None: the task's train sentences).
+    corpus : str, list of str or None
+        ``distill.corpus_file`` (else ``warmup.corpus_file``) of the general phase (None: the
+        task's train sentences).
     """
 
     general_steps: int
@@ -80,7 +82,7 @@ class DistillPlan:
     batch_size: int
     eval_interval: int
     seed: int
-    corpus: Optional[str]
+    corpus: Any
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,7 +146,12 @@ def plan_distill(cfg) -> DistillPlan:
     seed = cfg.seed if d.seed is None else d.seed  # load_config fills distill.seed; a hand-built cfg may not
     return DistillPlan(general_steps=int(d.general_steps), task_steps=int(d.task_steps),
                        learning_rate=float(d.learning_rate), batch_size=int(d.batch_size),
-                       eval_interval=int(d.eval_interval), seed=int(seed), corpus=cfg.warmup.corpus_file)
+                       eval_interval=int(d.eval_interval), seed=int(seed), corpus=_corpus(cfg))
+
+
+def _corpus(cfg):
+    """The general-KD corpus: ``distill.corpus_file``, else ``warmup.corpus_file`` (None: task sentences)."""
+    return getattr(cfg.distill, "corpus_file", None) or cfg.warmup.corpus_file
 
 
 def _check_compatible(exported, setup) -> None:
@@ -158,12 +165,19 @@ def _check_compatible(exported, setup) -> None:
         )
 
 
-def _general_source(setup, cfg):
+def _general_source(setup, cfg, plan: Optional[DistillPlan] = None):
     """(dataset, teacher source, description) of the general-KD text."""
-    if cfg.warmup.corpus_file:
-
-        texts = unlabeled_texts(cfg, setup.tokenizer, cache_dir=str(setup.workdir.datasets_cache))
-        return texts, setup.live_teacher(), f"corpus {cfg.warmup.corpus_file} (live teacher)"
+    plan = plan or plan_distill(cfg)
+    if plan.corpus:
+        # The lines general_steps batches can see (a seeded subset), teacher outputs cached like
+        # the task's, so the baseline and every distill seed share one teacher pass.
+        key = "distill.corpus_file" if getattr(cfg.distill, "corpus_file", None) else "warmup.corpus_file"
+        texts = unlabeled_texts(cfg, setup.tokenizer, cache_dir=str(setup.workdir.datasets_cache), corpus=plan.corpus,
+                                key=key, max_rows=max(1, plan.general_steps * plan.batch_size), seed=int(cfg.seed))
+        max_len = cfg.warmup.max_seq_length or cfg.task.max_seq_length
+        cache = setup.open_cache(texts, texts._fingerprint, f"corpus{max_len}")
+        files = ", ".join(corpus_files(plan.corpus))
+        return texts, CachedTeacher(cache, setup.device), f"corpus {files} ({len(texts)} lines, cached teacher)"
     # The task's train sentences at the task's length: exactly what the shared cache holds,
     # so no teacher forward is paid again.
     return setup.task.train, setup.cached_teacher(), "task train sentences (cached teacher)"
@@ -229,7 +243,7 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
     phases = []
     if plan.general_steps:
         general_kd = dataclasses.replace(cfg.kd, prediction_weight=0.0)
-        ds, teacher, desc = _general_source(setup, cfg)
+        ds, teacher, desc = _general_source(setup, cfg, plan)
         phases.append(("general", plan.general_steps, ds, teacher,
                        KDLoss(general_kd, n_student, n_teacher, regression=bool(spec.is_regression)), desc))
     if plan.task_steps:

@@ -65,6 +65,7 @@ from ..errors import CheckpointError, ConfigError, EffBertError
 from ..hf.configuration_effbert import EfficientBertHFConfig
 from ..io import (atomic_replace_dir, atomic_write_json, atomic_write_text, disk_full_guard, load_json,
                   make_tmp_dir)
+from ..kd.teacher_init import origin_line
 
 __all__ = [
     "ExportedStudent",
@@ -223,7 +224,8 @@ def _export_into(final: Path, space, config, arch, student, tok, task, id2label,
         if tok is not None:
             _write_tokenizer(tmp, tok, config.max_position_embeddings)
         atomic_write_json(arch, tmp / ARCH_FILE)
-        atomic_write_text(architecture_markdown(space, arch, student, id2label), tmp / ARCHITECTURE_FILE)
+        origin = (extra_meta or {}).get("origin")
+        atomic_write_text(architecture_markdown(space, arch, student, id2label, origin=origin), tmp / ARCHITECTURE_FILE)
         meta = {
             "format_version": FORMAT_VERSION,
             "nni_effbert_version": __version__,
@@ -315,7 +317,8 @@ def load_exported(path: PathLike) -> ExportedStudent:
 
 
 def architecture_markdown(space: Any, arch: Mapping[str, Any], student: Any = None,
-                          id2label: Optional[Mapping[int, str]] = None) -> str:
+                          id2label: Optional[Mapping[int, str]] = None,
+                          origin: Optional[Mapping[str, Any]] = None) -> str:
     """The human-readable ``architecture.md`` of a student.
 
     Parameters
@@ -328,6 +331,9 @@ def architecture_markdown(space: Any, arch: Mapping[str, Any], student: Any = No
         The built student; per-layer parameters are measured on it (built when omitted).
     id2label : dict, optional
         Class names, listed under the head.
+    origin : dict, optional
+        :func:`~nni_effbert.kd.teacher_init.student_origin` (student preset and supernet init),
+        named under the title.
 
     Returns
     -------
@@ -353,6 +359,7 @@ def architecture_markdown(space: Any, arch: Mapping[str, Any], student: Any = No
         f"factorized embeddings of size {c.embedding_size}, ffn hidden size {c.intermediate_size}, "
         f"vocabulary {c.vocab_size}, up to {c.max_position_embeddings} positions.",
         "",
+        *([origin_line(origin), ""] if origin else []),
         "Each layer is self-attention followed by `stack` MLPs, each with its own residual and LayerNorm, "
         "all computing the layer's expression; `width` is the number of units of `linear1`.",
         "",

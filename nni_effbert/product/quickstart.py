@@ -63,7 +63,9 @@ teacher:
 student:
   preset: quickstart
   overrides: {}
-warmup: {steps: 60, learning_rate: 5.0e-4, batch_size: 32}
+# init: teacher (issue 13, bench/results/teacher_init.md): the supernet starts from the teacher's
+# weights; the earlier start is still runnable with --set warmup.init=teacher_embeddings.
+warmup: {steps: 60, learning_rate: 5.0e-4, batch_size: 32, init: teacher, importance: taylor, importance_batches: 50}
 kd: {temperature: 1.0, attention_weight: 1.0, hidden_weight: 1.0, prediction_weight: 1.0, hidden_loss: mse}
 evaluator:
   train_steps: 20
@@ -94,6 +96,7 @@ BUDGETS: Dict[str, List[str]] = {
         "search.stages.1.trials=1", "search.stages.1.warmup_steps=5",
         "search.stages.2.trials=2", "search.stages.2.warmup_steps=5", "search.stages.2.general_warmup_steps=2",
         "distill.general_steps=10", "distill.task_steps=20", "distill.eval_interval=0",
+        "warmup.importance_batches=5",
     ],
 }
 

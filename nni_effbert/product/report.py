@@ -19,6 +19,7 @@ from ..io import atomic_write_text
 from ..kd.latency import measure_latency
 from ..kd.latency_table import latency_settings, table_for_config
 from ..kd.teacher import load_teacher, prepare_teacher
+from ..kd.teacher_init import origin_line, student_origin
 from ..kd.train import KDSetup
 from ..nas.ranking import best_trial
 from ..nas.records import is_failed, is_scored, normalize_trial, read_nni_trials
@@ -169,7 +170,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, metric_name: str = "dev m
 def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_rows: Sequence[Mapping[str, Any]],
                  out_dir: Optional[PathLike] = None, *, experiment: Optional[str] = None,
                  metric_name: str = "dev metric", title: Optional[str] = None,
-                 chosen: Optional[str] = None) -> ReportResult:
+                 chosen: Optional[str] = None, origin: Optional[Mapping[str, Any]] = None) -> ReportResult:
     """Write ``report.md`` and its PNG plots.
 
     Parameters
@@ -192,6 +193,9 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
     chosen : str, optional
         Trial id of the exported student (e.g. the best trial under ``--max-latency``), marked as
         the selected point on the plots; default the best trial.
+    origin : dict, optional
+        :func:`~nni_effbert.kd.teacher_init.student_origin`: the student preset and supernet init,
+        named at the top.
 
     Returns
     -------
@@ -245,7 +249,8 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
                                          plots["metric_vs_latency"])
 
     text = _report_markdown(title or "EfficientBERT search report", experiment, Path(workdir), trials, counts,
-                            stages, names, best, table, plots, pareto_params, pareto_latency, metric_name, failed)
+                            stages, names, best, table, plots, pareto_params, pareto_latency, metric_name, failed,
+                            origin=origin)
     report = out / "report.md"
     atomic_write_text(text, report)
     logger.info("report written to %s (%d plots)", report, len(plots))
@@ -254,11 +259,13 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
 
 
 def _report_markdown(title, experiment, workdir, trials, counts, stages, names, best, table, plots,
-                     pareto_params, pareto_latency, metric_name, failed) -> str:
+                     pareto_params, pareto_latency, metric_name, failed, origin=None) -> str:
     by_id = {t["trial_id"]: t for t in trials}
     lines = [f"# {title}", ""]
     if experiment:
         lines.append(f"- NNI experiment: `{experiment}`")
+    if origin:
+        lines.append(f"- {origin_line(origin)}")
     lines += [
         f"- Work directory: `{workdir}`",
         f"- Trials: {counts['total']} ({counts['scored']} scored, {counts['failed']} failed, "
@@ -451,8 +458,9 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
                                      "latency vs searched"))
     rows.append(student_row(searched_dir, "searched student", "searched", seq_length=seq, repeats=repeats))
     chosen = (searched.meta.get("extra") or {}).get("trial_id")
+    origin = (searched.meta.get("extra") or {}).get("origin") or student_origin(cfg)
     result = write_report(wd.root, trials, rows, experiment=experiment, metric_name=f"dev {metric}",
-                          chosen=str(chosen) if chosen is not None else None)
+                          chosen=str(chosen) if chosen is not None else None, origin=origin)
     table = format_table(rows, metric_name=f"dev {metric}")
     return ReportOutcome(result=result, rows=rows, table=table, experiment=experiment,
                          baseline_difference=choice.difference)

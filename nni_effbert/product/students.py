@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional
 
 from ..errors import CheckpointError
 from ..io import load_json
+from ..kd.teacher_init import student_origin
 from ..nas.evaluator import KDEvaluator
 from ..nas.params import read_arch_file
 from ..nas.ranking import best_trial
@@ -81,7 +82,8 @@ def _export(evaluator, arch: Dict[str, Any], stage: Optional[int], name: str, ex
     arch = evaluator.validate_arch(arch)
     stage_used = evaluator._loaded_stage
     space = setup.space
-    meta = {**extra, "supernet": source, "supernet_stage": stage_used, "supernet_experiment": evaluator.experiment}
+    meta = {**extra, "supernet": source, "supernet_stage": stage_used, "supernet_experiment": evaluator.experiment,
+            "origin": student_origin(setup.cfg)}
     if evaluator.supernet is not None:
         meta["supernet_checkpoint"] = evaluator.supernet
     out = setup.workdir.export_dir(name)
