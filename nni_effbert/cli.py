@@ -119,7 +119,7 @@ def _run_warmup(args: argparse.Namespace) -> int:
     print(f"stage {result.stage} supernet ({state}): {result.checkpoint}")
     if result.metrics:
         loss = f", KD loss {result.loss:.4f}" if result.loss is not None else ""
-        print(f"reference arch dev {result.metric} = {result.metrics['default']:.4f}{loss}")
+        print(f"reference arch on the search split: {result.metric} = {result.metrics['default']:.4f}{loss}")
     return 0
 
 
