@@ -11,6 +11,7 @@
     nni-effbert distill        -c exp.yml --export DIR  final KD of an exported student
     nni-effbert report         -c exp.yml [--experiment ID]
     nni-effbert quickstart     [--data-dir DIR]         all of it on the embedded SST-2 default
+    nni-effbert fidelity       -c exp.yml --experiment ID [--sample K] [--steps N] [--repeat R]
 
 Every command takes ``-c/--config`` and repeatable ``--set dotted.key=value`` overrides, and
 ``--help``. Errors nni-effbert raises on purpose (:class:`~nni_effbert.errors.EffBertError`:
@@ -304,6 +305,41 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 # ---------------------------------------------------------------------------------------------
+# fidelity
+# ---------------------------------------------------------------------------------------------
+
+
+def _configure_fidelity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", required=True, metavar="ID", help="NNI experiment id whose candidates to measure")
+    parser.add_argument("--sample", type=int, default=12, metavar="K",
+                        help="candidates to distil: the best, the worst and seeded random ones between (default 12)")
+    parser.add_argument("--steps", type=int, metavar="N",
+                        help="total distill steps per candidate (default: the config's distill budget; split "
+                             "between general and task KD in the config's proportion)")
+    parser.add_argument("--repeat", type=int, default=0, metavar="R",
+                        help="also re-score the K archs with R other evaluator seeds (test-retest ceiling)")
+    parser.add_argument("--stage", type=int, metavar="N",
+                        help="stage to sample from (default: the stage with the most scored candidates)")
+    parser.add_argument("--seed", type=int, metavar="S", help="seed of the sample (default: the config's seed)")
+    parser.add_argument("--experiments-dir", metavar="DIR",
+                        help="NNI experiments folder, when the experiment is not in NNI's manifest")
+
+
+def _run_fidelity(args: argparse.Namespace) -> int:
+    from .product.fidelity import run_fidelity
+
+    cfg = _load_cfg(args)
+    out = run_fidelity(cfg, args.experiment, sample=args.sample, steps=args.steps, repeat=args.repeat,
+                       stage=args.stage, seed=args.seed, experiments_dir=args.experiments_dir,
+                       progress=not args.quiet)
+    print(out.summary)
+    print(f"distilled {out.distilled} arch(s), reused {out.reused} recorded; re-scored {out.rescored}")
+    for path in (out.json_path, out.md_path, out.png_path):
+        print(f"written: {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # The command table
 # ---------------------------------------------------------------------------------------------
 
@@ -351,6 +387,13 @@ COMMANDS: List[Command] = [
             _run_quickstart, _configure_quickstart, needs_config=False,
             description="Fine-tune the MiniLM teacher on SST-2, search, export, distil the searched student "
                         "and the baseline, and write the report, on the embedded default config."),
+    Command("fidelity", "measure how well the search score predicts the distilled dev score (Kendall tau)",
+            _run_fidelity, _configure_fidelity,
+            description="Distil K scored candidates of an experiment (best, worst, seeded random between) as "
+                        "`nni-effbert distill` would, score them on dev, and write <workdir>/reports/"
+                        "fidelity.{md,json,png}: Kendall tau / Spearman rho (p-values) and top-1 / top-3 hit "
+                        "rates of the search score, for every objective. --repeat R re-scores the archs with R "
+                        "other evaluator seeds (test-retest ceiling). Resumable: recorded archs are not redone."),
 ]
 
 

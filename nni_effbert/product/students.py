@@ -28,6 +28,7 @@ __all__ = [
     "export_best",
     "export_arch",
     "ensure_baseline",
+    "export_trial_arch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -178,3 +179,13 @@ def ensure_baseline(cfg, searched_dir, *, name: str = BASELINE, progress: bool =
         _export(ev, choice.arch, stage, name, extra)
     result = run_distill(cfg, out, progress=progress, setup=ev.setup)
     return result, choice
+
+
+def export_trial_arch(cfg, arch: Dict[str, Any], stage: Optional[int], name: str, *, extra: Optional[Dict[str, Any]] = None,
+                      progress: bool = True, evaluator=None) -> ExportInfo:
+    """Export a trial's ``arch`` with the supernet weights of its ``stage`` into ``exports/<name>``
+    (what ``nni-effbert export --experiment`` does for the best trial; ``nni-effbert fidelity``
+    does it for each sampled candidate)."""
+
+    evaluator = evaluator or KDEvaluator(cfg, progress=progress)
+    return _export(evaluator, dict(arch), stage, name, dict(extra or {}))
