@@ -290,7 +290,7 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import load_config
-    from .product.quickstart import run_pipeline, write_config
+    from .product.quickstart import SMOKE_NOTE, run_pipeline, write_config
 
     started = time.perf_counter()
     workdir = Path(args.workdir).expanduser().absolute()
@@ -302,6 +302,8 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     print(f"report: {out.report.result.report}")
     print(f"exported model: {out.export.path}")
     print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in out.timings.items()) + f"; total {total:.0f}s")
+    if args.budget == "smoke":
+        print(f"note: {SMOKE_NOTE}")
     return 0
 
 # ---------------------------------------------------------------------------------------------
