@@ -14,11 +14,11 @@ on dev. Every candidate's metric dict carries every objective (``kd``, ``kd_pred
 ``--reduced`` (what a 2-core machine shared with other jobs can run in well under an hour; the
 numbers are labelled reduced; exact budgets in :data:`REDUCED`): 1,500 train rows (300 of them
 the search split), sequences cut at 48 tokens, the teacher fine-tuned 40 steps, one ``joint``
-stage with a 60-step warm-up and 10-step candidate fine-tunes, the candidates scored **in this process** by the same
+stage with a 60-step warm-up (batch 32) and 10-step candidate fine-tunes (batch 16), the candidates scored **in this process** by the same
 :class:`~nni_effbert.nas.evaluator.KDEvaluator` the trials run (uniform random archs, as the
 progressive search's first stage proposes before its sampler has learnt anything) instead of
 through ``nnictl`` (whose ~10 s per trial process is pure overhead here), and a short final
-distillation (5 general + 25 task KD steps). The budgets are written into the JSON.
+distillation (0 general + 40 task KD steps at batch 16). The budgets are written into the JSON.
 
 Writes ``<out>.json`` (machine, config, budgets, ``fidelity`` = the command's fidelity.json with
 ``pairs``), ``<out>.md`` and ``<out>.png`` (the scatter).
@@ -44,8 +44,9 @@ REDUCED = [
     "teacher.finetune.max_steps=40",
     "warmup.steps=60",
     "evaluator.train_steps=10", "evaluator.eval_interval=10", "evaluator.latency_repeats=1",
+    "evaluator.batch_size=16",
     "search.stages=[{name: coarse, kind: joint, trials: 12, warmup_steps: 60}]",
-    "distill.general_steps=5", "distill.task_steps=25", "distill.eval_interval=0",
+    "distill.general_steps=0", "distill.task_steps=40", "distill.batch_size=16", "distill.eval_interval=0",
 ]
 
 

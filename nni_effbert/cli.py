@@ -225,7 +225,7 @@ def _run_export(args: argparse.Namespace) -> int:
         info = export_best(cfg, args.experiment, name=args.name, experiments_dir=args.experiments_dir,
                            progress=not args.quiet)
         t = info.trial
-        print(f"best trial {t['trial_id']} (stage {t['stage']}, dev {t['metric']:.4f}), "
+        print(f"best trial {t['trial_id']} (stage {t['stage']}, search score {t['metric']:.4f}), "
               f"{info.params} params ({info.non_embedding_params} non-embedding), weights from {info.source}")
     else:
         info = export_arch(cfg, args.arch, name=args.name, stage=args.stage, progress=not args.quiet)

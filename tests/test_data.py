@@ -300,13 +300,13 @@ def test_search_split_carved_from_train(glue_dir, cache_dir, tiny_tokenizer, tmp
     """task.search_rows rows leave train for the held-out search split (GLUE and custom files)."""
     cfg = TaskConfig(name="sst2", data_dir=str(glue_dir), max_train_rows=40, max_dev_rows=8, max_seq_length=16,
                      search_rows=10)
-    full = D.load_raw_task(TaskConfig(**{**cfg.__dict__, "search_rows": 0}), cache_dir)[0]["train"]["sentence"]
+    full = list(D.load_raw_task(TaskConfig(**{**cfg.__dict__, "search_rows": 0}), cache_dir)[0]["train"]["sentence"])
     dd, _ = D.load_raw_task(cfg, cache_dir)
     assert len(dd["train"]) == 30 and len(dd["search"]) == 10
-    assert sorted(dd["train"]["sentence"] + dd["search"]["sentence"]) == sorted(full)
+    assert sorted(list(dd["train"]["sentence"]) + list(dd["search"]["sentence"])) == sorted(full)
     td = D.load_task(cfg, tiny_tokenizer, cache_dir)
-    assert sorted(td.train["idx"] + td.search["idx"]) == list(range(40))  # ids = positions in the train subset
-    assert [full[i] for i in td.search["idx"]] == dd["search"]["sentence"]
+    assert sorted(list(td.train["idx"]) + list(td.search["idx"])) == list(range(40))  # positions in the train subset
+    assert [full[i] for i in td.search["idx"]] == list(dd["search"]["sentence"])
     assert td.fingerprint != D.load_task(TaskConfig(**{**cfg.__dict__, "search_rows": 11}), tiny_tokenizer,
                                          cache_dir).fingerprint
     rows = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i in range(8))
@@ -316,3 +316,5 @@ def test_search_split_carved_from_train(glue_dir, cache_dir, tiny_tokenizer, tmp
                                            search_fraction=0.25, search_rows=None), cache_dir)
     assert len(custom["search"]) == 2 and len(custom["train"]) == 6
     assert not set(custom["search"]["text"]) & set(custom["train"]["text"])
+    empty = D.load_task(TaskConfig(**{**cfg.__dict__, "search_rows": 0}), tiny_tokenizer, cache_dir)
+    assert len(empty.search) == 0 and len(empty.train) == 40

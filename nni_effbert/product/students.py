@@ -103,8 +103,8 @@ def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: 
                 progress: bool = True, evaluator=None) -> ExportInfo:
     """Export the best succeeded trial of an NNI experiment.
 
-    The trial is :func:`~nni_effbert.nas.ranking.best_trial` (last stage with results, highest dev
-    metric, then fewest parameters); its weights are sliced from that stage's supernet.
+    The trial is :func:`~nni_effbert.nas.ranking.best_trial` (last stage with results, highest search
+    score, then fewest parameters); its weights are sliced from that stage's supernet.
 
     Raises
     ------
