@@ -114,7 +114,8 @@ def markdown(data) -> str:
     spread = data["spread"]
     lines += ["", f"Spread of the {len(fid['pairs'])} candidates' search scores: search-split accuracy "
                   f"{spread['metric_min']:.4f}..{spread['metric_max']:.4f} ({spread['at_majority']} at the "
-                  f"majority-class rate {spread['majority_rate']:.4f}); KD loss {spread['kd_min']:.4f}..{spread['kd_max']:.4f}; "
+                  f"majority-class rate {spread['majority_rate']:.4f}, {spread['at_a_class_rate']} at the share of "
+                  f"one class, i.e. predicting that class for every row); KD loss {spread['kd_min']:.4f}..{spread['kd_max']:.4f}; "
                   f"final dev accuracy {spread['final_min']:.4f}..{spread['final_max']:.4f}.", "",
               f"Target Kendall tau >= 0.6 for the default objective: measured {f(fid['kendall_tau'])} "
               f"({'met' if fid['kendall_tau'] is not None and fid['kendall_tau'] >= 0.6 else 'NOT met'}).", "",
@@ -133,6 +134,8 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="total distill steps per candidate (default: config)")
     p.add_argument("--out", default=str(HERE / "results" / "fidelity"))
     p.add_argument("--port", type=int, default=None)
+    p.add_argument("--trials-from", metavar="JSON", help="reuse the trials recorded in an earlier result JSON "
+                   "instead of searching again (the fidelity records of the work dir are reused too)")
     args = p.parse_args()
 
     import numpy as np
@@ -163,7 +166,11 @@ def main():
     setup = KDSetup.from_config(cfg)
 
     t0 = time.perf_counter()
-    if args.reduced:
+    if args.trials_from:
+        earlier = json.loads(Path(args.trials_from).read_text())
+        trials, experiment, mode = earlier["trials"], earlier["fidelity"]["experiment"], earlier["search_mode"]
+        timings.update({f"{k} (run of {earlier['machine']['date'][:16]})": v for k, v in earlier["timings"].items()})
+    elif args.reduced:
         n = sum(s.trials for s in cfg.search.stages)
         trials = in_process_search(cfg, n, cfg.seed, setup)
         experiment, mode = "bench-reduced", f"in-process, stage 0 only, {n} uniform random candidates"
@@ -193,6 +200,8 @@ def main():
     kd = [-pp["objectives"]["kd"] for pp in fid["pairs"]]
     labels = np.asarray(setup.task.search["labels"])
     majority = float(max(np.mean(labels == c) for c in np.unique(labels)))
+    # A candidate predicting one class for every row scores that class's share exactly.
+    class_rates = [float(np.mean(labels == c)) for c in np.unique(labels)]
     data = {
         "machine": info, "load_end": load_now(), "reduced": bool(args.reduced),
         "command": "python bench/fidelity.py " + " ".join(sys.argv[1:]), "config": args.config, "overrides": sets,
@@ -203,6 +212,7 @@ def main():
                     "repeat": args.repeat},
         "spread": {"metric_min": min(metric_scores), "metric_max": max(metric_scores),
                    "majority_rate": majority, "at_majority": int(sum(abs(m - majority) < 1e-9 for m in metric_scores)),
+                   "at_a_class_rate": int(sum(any(abs(m - r) < 1e-9 for r in class_rates) for m in metric_scores)),
                    "kd_min": min(kd), "kd_max": max(kd), "final_min": min(finals), "final_max": max(finals)},
         "timings": timings, "fidelity": fid, "trials": trials,
     }

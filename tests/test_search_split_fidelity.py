@@ -246,6 +246,9 @@ def test_select_candidates_spans_the_range():
     assert agree["top1_hit"] == 1.0 and agree["top3_hit_rate"] == pytest.approx(1.0)
     assert agree["kendall_tau"] == pytest.approx(stats.kendalltau([1, 2, 3, 4], [1, 3, 2, 4]).statistic)
     assert fidelity_mod.rank_agreement([1, 1, 1], [1, 2, 3])["kendall_tau"] is None
+    tied = fidelity_mod.rank_agreement([1, 2, 3, 4], [0.5, 0.5, 0.5, 0.5])  # every final score ties
+    assert tied["kendall_tau"] is None and tied["top1_hit"] is None and tied["top3_hit_rate"] is None
+    assert fidelity_mod.rank_agreement([4, 3, 2, 1], [1, 2, 3, 4])["top3_hit_rate"] == pytest.approx(2 / 3)
 
 
 def test_fidelity_is_the_last_command():

@@ -127,8 +127,10 @@ def rank_agreement(search: Sequence[float], final: Sequence[float]) -> Dict[str,
     """Kendall's tau-b, Spearman's rho (``scipy.stats``, two-sided p-values) and top-k hits.
 
     ``top1_hit`` is 1 when the arch with the best search score is (one of) the best by final
-    score; ``top3_hit_rate`` is the share of the 3 best by search score that are among the 3
-    best by final score. Constant inputs give ``None`` correlations (undefined).
+    score; ``top3_hit_rate`` is the share of the 3 best by search score whose final score is at
+    least the third-best final score (ties count as hits). Constant inputs give ``None``
+    correlations (undefined), and constant final scores ``None`` hit rates (every arch would
+    "hit").
     """
     x, y = np.asarray(search, dtype=float), np.asarray(final, dtype=float)
     out: Dict[str, Any] = {"n": int(len(x))}
@@ -139,13 +141,13 @@ def rank_agreement(search: Sequence[float], final: Sequence[float]) -> Dict[str,
                    spearman_rho=_finite(sr.statistic), spearman_rho_pvalue=_finite(sr.pvalue))
     else:
         out.update(kendall_tau=None, kendall_tau_pvalue=None, spearman_rho=None, spearman_rho_pvalue=None)
-    if len(x):
-        best_final = y.max()
-        out["top1_hit"] = float(y[int(np.argmax(x))] == best_final)
+    out["top1_hit"] = out["top3_hit_rate"] = None
+    if len(x) and np.ptp(y) > 0:
+        out["top1_hit"] = float(y[int(np.argmax(x))] == y.max())
         k = min(3, len(x))
-        top_s = set(np.argsort(-x, kind="stable")[:k].tolist())
-        top_f = set(np.argsort(-y, kind="stable")[:k].tolist())
-        out["top3_hit_rate"] = len(top_s & top_f) / k
+        top_s = np.argsort(-x, kind="stable")[:k]
+        third = np.sort(y)[::-1][k - 1]
+        out["top3_hit_rate"] = float(np.mean(y[top_s] >= third))
     return out
 
 
