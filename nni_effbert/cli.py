@@ -11,6 +11,7 @@
     nni-effbert distill        -c exp.yml [--export DIR] final KD of an exported student (default exports/searched)
     nni-effbert report         -c exp.yml [--experiment ID]
     nni-effbert quickstart     [--data-dir DIR]         all of it on the embedded SST-2 default
+    nni-effbert fidelity       -c exp.yml --experiment ID [--sample K] [--steps N] [--repeat R]
 
 Every command takes ``-c/--config`` and repeatable ``--set dotted.key=value`` overrides, and
 ``--help``. Errors nni-effbert raises on purpose (:class:`~nni_effbert.errors.EffBertError`:
@@ -127,7 +128,7 @@ def _run_warmup(args: argparse.Namespace) -> int:
     print(f"stage {result.stage} supernet ({state}): {result.checkpoint}")
     if result.metrics:
         loss = f", KD loss {result.loss:.4f}" if result.loss is not None else ""
-        print(f"reference arch dev {result.metric} = {result.metrics['default']:.4f}{loss}")
+        print(f"reference arch on the search split: {result.metric} = {result.metrics['default']:.4f}{loss}")
     return 0
 
 
@@ -269,7 +270,7 @@ def _run_export(args: argparse.Namespace) -> int:
         info = export_best(cfg, args.experiment, name=args.name, experiments_dir=args.experiments_dir,
                            progress=not args.quiet)
         t = info.trial
-        print(f"best trial {t['trial_id']} (stage {t['stage']}, dev {t['metric']:.4f}), "
+        print(f"best trial {t['trial_id']} (stage {t['stage']}, search score {t['metric']:.4f}), "
               f"{info.params} params ({info.non_embedding_params} non-embedding), weights from {info.source}")
     else:
         info = export_arch(cfg, args.arch, name=args.name, stage=args.stage, progress=not args.quiet,
@@ -354,7 +355,7 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import load_config
-    from .product.quickstart import run_pipeline, write_config
+    from .product.quickstart import SMOKE_NOTE, run_pipeline, write_config
 
     started = time.perf_counter()
     workdir = Path(args.workdir).expanduser().absolute()
@@ -366,7 +367,44 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     print(f"report: {out.report.result.report}")
     print(f"exported model: {out.export.path}")
     print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in out.timings.items()) + f"; total {total:.0f}s")
+    if args.budget == "smoke":
+        print(f"note: {SMOKE_NOTE}")
     return 0
+
+# ---------------------------------------------------------------------------------------------
+# fidelity
+# ---------------------------------------------------------------------------------------------
+
+
+def _configure_fidelity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", required=True, metavar="ID", help="NNI experiment id whose candidates to measure")
+    parser.add_argument("--sample", type=int, default=12, metavar="K",
+                        help="candidates to distil: the best, the worst and seeded random ones between (default 12)")
+    parser.add_argument("--steps", type=int, metavar="N",
+                        help="total distill steps per candidate (default: the config's distill budget; split "
+                             "between general and task KD in the config's proportion)")
+    parser.add_argument("--repeat", type=int, default=0, metavar="R",
+                        help="also re-score the K archs with R other evaluator seeds (test-retest ceiling)")
+    parser.add_argument("--stage", type=int, metavar="N",
+                        help="stage to sample from (default: the stage with the most scored candidates)")
+    parser.add_argument("--seed", type=int, metavar="S", help="seed of the sample (default: the config's seed)")
+    parser.add_argument("--experiments-dir", metavar="DIR",
+                        help="NNI experiments folder, when the experiment is not in NNI's manifest")
+
+
+def _run_fidelity(args: argparse.Namespace) -> int:
+    from .product.fidelity import run_fidelity
+
+    cfg = _load_cfg(args)
+    out = run_fidelity(cfg, args.experiment, sample=args.sample, steps=args.steps, repeat=args.repeat,
+                       stage=args.stage, seed=args.seed, experiments_dir=args.experiments_dir,
+                       progress=not args.quiet)
+    print(out.summary)
+    print(f"distilled {out.distilled} arch(s), reused {out.reused} recorded; re-scored {out.rescored}")
+    for path in (out.json_path, out.md_path, out.png_path):
+        print(f"written: {path}")
+    return 0
+
 
 # ---------------------------------------------------------------------------------------------
 # The command table
@@ -423,6 +461,13 @@ COMMANDS: List[Command] = [
                         "and store the table in <workdir>/latency/ (resumable; reused while the key matches). "
                         "--check N measures N random archs end to end and reports the predictor's MAPE and "
                         "Kendall tau (<workdir>/latency/check.json)."),
+    Command("fidelity", "measure how well the search score predicts the distilled dev score (Kendall tau)",
+            _run_fidelity, _configure_fidelity,
+            description="Distil K scored candidates of an experiment (best, worst, seeded random between) as "
+                        "`nni-effbert distill` would, score them on dev, and write <workdir>/reports/"
+                        "fidelity.{md,json,png}: Kendall tau / Spearman rho (p-values) and top-1 / top-3 hit "
+                        "rates of the search score, for every objective. --repeat R re-scores the archs with R "
+                        "other evaluator seeds (test-retest ceiling). Resumable: recorded archs are not redone."),
 ]
 
 

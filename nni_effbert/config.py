@@ -63,6 +63,8 @@ DATA_DIR_ENV = "EFFBERT_DATA_DIR"
 MINILM_ALIAS = "minilm"
 
 HIDDEN_LOSSES = ("mse", "correlation")
+#: ``evaluator.objective`` values (see :class:`EvaluatorConfig`).
+OBJECTIVES = ("kd", "kd_pred", "metric")
 
 # ---------------------------------------------------------------------------------------------
 # Field helpers: metadata read by the generic loader
@@ -97,6 +99,10 @@ def _fraction(value: float) -> float:
     if not 0.0 < value <= 1.0:
         raise ValueError(f"must be in (0, 1], got {value}")
     return value
+
+
+def _optional_fraction(value: Optional[float]) -> Optional[float]:
+    return None if value is None else _fraction(value)
 
 
 def _unit_interval(value: float) -> float:
@@ -176,9 +182,23 @@ class TaskConfig(_Checked):
     label_column: str = "label"
     metric: Optional[str] = _checked(_choice(*METRICS), None)
     regression: bool = False
+    # Held-out search split, carved (seeded) from the train rows after the subset: candidates are
+    # scored on it and no student ever trains on it; dev stays for the final report. Rows, or a
+    # fraction of the train rows (give one); capped at half the train rows; 0 = no search split.
+    search_rows: Optional[int] = _checked(_non_negative, 1000)
+    search_fraction: Optional[float] = _checked(_optional_fraction, None)
+
+    @classmethod
+    def _prepare(cls, data: Dict[str, Any]) -> Dict[str, Any]:
+        # Giving only search_fraction switches from the default search_rows to the fraction.
+        if data.get("search_fraction") is not None and "search_rows" not in data:
+            data = {**data, "search_rows": None}
+        return data
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.search_rows is not None and self.search_fraction is not None:
+            raise ValueError("set either search_rows or search_fraction, not both (empty the other)")
         if self.name == CUSTOM_TASK:
             missing = [k for k in ("train_file", "dev_file") if not getattr(self, k)]
             if missing:
@@ -282,6 +302,13 @@ class EvaluatorConfig(_Checked):
     latency_device: str = "cpu"
     latency_threads: int = _checked(_positive, 1)
     latency_batch_size: int = _checked(_positive, 1)
+    # What a candidate's final ``default`` is, all measured on the held-out search split (every
+    # one of them is in the metric dict anyway): ``kd`` = minus the KD loss against the cached
+    # teacher outputs (prediction soft-CE + hidden + attention terms, kd.* weights), ``kd_pred``
+    # = minus the prediction soft-CE alone, ``metric`` = the task metric.
+    objective: str = _checked(_choice(*OBJECTIVES), "kd")
+    # Seeds the candidate fine-tune alone (batch order, dropout); empty: the top-level seed.
+    seed: Optional[int] = None
 
     @classmethod
     def _prepare(cls, data: Dict[str, Any]) -> Dict[str, Any]:

@@ -51,26 +51,26 @@ def test_task_specs_consistent():
     with pytest.raises(ConfigError, match="unknown task 'imdb'.*cola, sst2"):
         canonical_task_name("imdb")
     with pytest.raises(ConfigError, match="unknown task"):
-        TaskConfig(name="imdb")
+        TaskConfig(search_rows=0, name="imdb")
 
 
 # --- shared GLUE data ------------------------------------------------------------------------
 
 
 def test_sst2_from_glue_root_and_task_folder(glue_dir, cache_dir):
-    dd, spec = D.load_raw_task(TaskConfig(name="sst2", data_dir=str(glue_dir), max_train_rows=300), cache_dir)
+    dd, spec = D.load_raw_task(TaskConfig(search_rows=0, name="sst2", data_dir=str(glue_dir), max_train_rows=300), cache_dir)
     assert spec.name == "sst2" and not spec.is_pair and spec.num_labels == 2
     assert len(dd["train"]) == 300 and len(dd["dev"]) == 872
     assert dd["train"].column_names == ["sentence", "label"]
     assert set(dd["dev"]["label"]) == {0, 1}
     first = (glue_dir / "SST-2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1].split("\t")
     assert dd["dev"][0] == {"sentence": first[0], "label": int(first[1])}
-    dd2, _ = D.load_raw_task(TaskConfig(name="SST-2", data_dir=str(glue_dir / "SST-2"), max_train_rows=300), cache_dir)
+    dd2, _ = D.load_raw_task(TaskConfig(search_rows=0, name="SST-2", data_dir=str(glue_dir / "SST-2"), max_train_rows=300), cache_dir)
     assert dd2["train"]["sentence"] == dd["train"]["sentence"]
 
 
 def test_rte_string_labels_and_pairs(glue_dir, cache_dir):
-    dd, spec = D.load_raw_task(TaskConfig(name="rte", data_dir=str(glue_dir)), cache_dir)
+    dd, spec = D.load_raw_task(TaskConfig(search_rows=0, name="rte", data_dir=str(glue_dir)), cache_dir)
     assert spec.is_pair and spec.label_list == ["entailment", "not_entailment"]
     lines = (glue_dir / "RTE" / "train.tsv").read_text(encoding="utf-8").splitlines()
     assert len(dd["train"]) == len(lines) - 1
@@ -81,7 +81,7 @@ def test_rte_string_labels_and_pairs(glue_dir, cache_dir):
 
 def test_fractions_are_seeded(glue_dir, cache_dir):
     def rows(**kw):
-        dd, _ = D.load_raw_task(TaskConfig(name="rte", data_dir=str(glue_dir), **kw), cache_dir)
+        dd, _ = D.load_raw_task(TaskConfig(search_rows=0, name="rte", data_dir=str(glue_dir), **kw), cache_dir)
         return dd["train"]["sentence1"], dd["dev"]["sentence1"]
 
     full_train, full_dev = rows()
@@ -102,7 +102,7 @@ def test_subset_keeps_file_order():
 
 
 def test_load_task_tokenizes_and_fingerprints(glue_dir, cache_dir, tiny_tokenizer):
-    cfg = TaskConfig(name="rte", data_dir=str(glue_dir), max_seq_length=24, max_train_rows=40, max_dev_rows=10, seed=0)
+    cfg = TaskConfig(search_rows=0, name="rte", data_dir=str(glue_dir), max_seq_length=24, max_train_rows=40, max_dev_rows=10, seed=0)
     td = D.load_task(cfg, tiny_tokenizer, cache_dir)
     assert td.train.column_names == ["input_ids", "token_type_ids", "attention_mask", "labels", "idx"]
     assert td.train["idx"] == list(range(40)) and len(td.dev) == 10
@@ -138,7 +138,7 @@ def test_fingerprint_follows_tokenizer(tiny_vocab_file, tiny_tokenizer):
 def test_headerless_cola_and_mnli_dev_matched(tmp_path, cache_dir):
     write(tmp_path / "CoLA" / "train.tsv", "gj04\t1\t\tThe sailors rode the breeze.\ngj04\t0\t*\tBill whistled ran.\n")
     write(tmp_path / "CoLA" / "dev.tsv", "gj04\t1\t\tThey drank the pub.\n")
-    dd, spec = D.load_raw_task(TaskConfig(name="cola", data_dir=str(tmp_path)), cache_dir)
+    dd, spec = D.load_raw_task(TaskConfig(search_rows=0, name="cola", data_dir=str(tmp_path)), cache_dir)
     assert spec.metric == "matthews" and dd["train"]["label"] == [1, 0]
     assert dd["train"]["sentence"][1] == "Bill whistled ran."
 
@@ -147,7 +147,7 @@ def test_headerless_cola_and_mnli_dev_matched(tmp_path, cache_dir):
           "1\tx\tA dog.\tA cat.\tcontradiction\tcontradiction\n")
     write(tmp_path / "MNLI" / "dev_matched.tsv",
           "index\tgenre\tsentence1\tsentence2\tlabel1\tlabel2\tgold_label\n0\tx\tIt rains.\tIt is wet.\tneutral\tneutral\tneutral\n")
-    dd, spec = D.load_raw_task(TaskConfig(name="mnli", data_dir=str(tmp_path)), cache_dir)
+    dd, spec = D.load_raw_task(TaskConfig(search_rows=0, name="mnli", data_dir=str(tmp_path)), cache_dir)
     assert dd["train"].column_names == ["premise", "hypothesis", "label"]
     assert dd["train"]["label"] == [0, 2] and dd["dev"]["label"] == [1]
 
@@ -155,14 +155,14 @@ def test_headerless_cola_and_mnli_dev_matched(tmp_path, cache_dir):
 def test_custom_csv_tsv_jsonl_json(tmp_path, cache_dir):
     csv_train = write(tmp_path / "train.csv", 'text,label\n"good, really",pos\nbad,neg\nfine,pos\n')
     csv_dev = write(tmp_path / "dev.csv", "text,label\nawful,neg\n")
-    cfg = TaskConfig(name="custom", train_file=csv_train, dev_file=csv_dev, text_columns=["text"])
+    cfg = TaskConfig(search_rows=0, name="custom", train_file=csv_train, dev_file=csv_dev, text_columns=["text"])
     dd, spec = D.load_raw_task(cfg, cache_dir)
     assert spec.label_list == ["neg", "pos"] and spec.metric == "accuracy"
     assert dd["train"]["text"] == ["good, really", "bad", "fine"] and dd["train"]["label"] == [1, 0, 1]
 
     tsv_train = write(tmp_path / "t.tsv", 'q\tp\ty\nsay "hi"\thello\t0.5\nno\tyes\t4\n')
     tsv_dev = write(tmp_path / "d.tsv", "q\tp\ty\na\tb\t1\n")
-    cfg = TaskConfig(name="custom", train_file=tsv_train, dev_file=tsv_dev, text_columns=["q", "p"],
+    cfg = TaskConfig(search_rows=0, name="custom", train_file=tsv_train, dev_file=tsv_dev, text_columns=["q", "p"],
                      label_column="y", regression=True)
     dd, spec = D.load_raw_task(cfg, cache_dir)
     assert spec.is_regression and spec.num_labels == 1 and spec.metric == "pearson_spearman"
@@ -172,15 +172,15 @@ def test_custom_csv_tsv_jsonl_json(tmp_path, cache_dir):
     jl = write(tmp_path / "train.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
     js = write(tmp_path / "dev.json", json.dumps(rows[:2]))
     for dev in (write(tmp_path / "dev.jsonl", json.dumps(rows[0]) + "\n"),):
-        cfg = TaskConfig(name="custom", train_file=jl, dev_file=dev, text_columns=["a", "b"],
+        cfg = TaskConfig(search_rows=0, name="custom", train_file=jl, dev_file=dev, text_columns=["a", "b"],
                          label_column="lab", metric="f1")
         dd, spec = D.load_raw_task(cfg, cache_dir)
         assert spec.label_list == ["2", "10"] and spec.metric == "f1"  # numeric labels sort numerically
         assert dd["train"]["label"] == [1, 0, 0] and dd["dev"]["label"] == [1]
     with pytest.raises(DataError, match="same format"):
-        D.load_raw_task(TaskConfig(name="custom", train_file=jl, dev_file=csv_dev, text_columns=["a"]), cache_dir)
+        D.load_raw_task(TaskConfig(search_rows=0, name="custom", train_file=jl, dev_file=csv_dev, text_columns=["a"]), cache_dir)
     js_train = write(tmp_path / "train.json", json.dumps(rows))
-    dd, _ = D.load_raw_task(TaskConfig(name="custom", train_file=js_train, dev_file=js, text_columns=["a"],
+    dd, _ = D.load_raw_task(TaskConfig(search_rows=0, name="custom", train_file=js_train, dev_file=js, text_columns=["a"],
                                        label_column="lab"), cache_dir)
     assert dd["dev"]["a"] == ["x y", "u"]
 
@@ -201,7 +201,7 @@ def test_bad_glue_files(tmp_path, cache_dir, train, dev, words):
     write(tmp_path / "SST-2" / "train.tsv", train)
     write(tmp_path / "SST-2" / "dev.tsv", dev)
     with pytest.raises(DataError, match=words):
-        D.load_raw_task(TaskConfig(name="sst2", data_dir=str(tmp_path)), cache_dir)
+        D.load_raw_task(TaskConfig(search_rows=0, name="sst2", data_dir=str(tmp_path)), cache_dir)
 
 
 def test_bad_custom_files_and_folders(tmp_path, cache_dir):
@@ -221,13 +221,13 @@ def test_bad_custom_files_and_folders(tmp_path, cache_dir):
         if suffix == ".jsonl" and dev_text is None:
             dev = write(tmp_path / "dev_ok.jsonl", '{"text": "x", "label": "a"}\n')
         with pytest.raises(DataError, match=words):
-            D.load_raw_task(TaskConfig(name="custom", train_file=train, dev_file=dev, text_columns=["text"]), cache_dir)
-    regression = TaskConfig(name="custom", train_file=write(tmp_path / "r.csv", "text,label\nx,1.5\ny,high\n"),
+            D.load_raw_task(TaskConfig(search_rows=0, name="custom", train_file=train, dev_file=dev, text_columns=["text"]), cache_dir)
+    regression = TaskConfig(search_rows=0, name="custom", train_file=write(tmp_path / "r.csv", "text,label\nx,1.5\ny,high\n"),
                             dev_file=good, text_columns=["text"], regression=True)
     with pytest.raises(DataError, match=r"r\.csv:3: label 'high' is not in the task's label set \(a number\)"):
         D.load_raw_task(regression, cache_dir)
     with pytest.raises(DataError, match=r"no RTE/train\.tsv under .*Found: .*dev\.csv"):
-        D.load_raw_task(TaskConfig(name="rte", data_dir=str(tmp_path)), cache_dir)
+        D.load_raw_task(TaskConfig(search_rows=0, name="rte", data_dir=str(tmp_path)), cache_dir)
 
 
 def test_hub_failure_says_how_to_pass_local_data(monkeypatch, cache_dir):
@@ -236,12 +236,12 @@ def test_hub_failure_says_how_to_pass_local_data(monkeypatch, cache_dir):
 
     monkeypatch.setattr(D.datasets, "load_dataset", offline)
     with pytest.raises(DataError, match=rf"--data-dir.*task\.data_dir.*\${DATA_DIR_ENV}.*SST-2/train\.tsv"):
-        D.load_raw_task(TaskConfig(name="sst2"), cache_dir)
+        D.load_raw_task(TaskConfig(search_rows=0, name="sst2"), cache_dir)
 
 
 def test_env_data_dir_used_by_loader(monkeypatch, glue_dir, cache_dir):
     monkeypatch.setenv(DATA_DIR_ENV, str(glue_dir))
-    dd, spec = D.load_raw_task(TaskConfig(name="rte", max_train_rows=5), cache_dir)
+    dd, spec = D.load_raw_task(TaskConfig(search_rows=0, name="rte", max_train_rows=5), cache_dir)
     assert spec.name == "rte" and len(dd["train"]) == 5
 
 
@@ -264,7 +264,7 @@ def test_collate_pads_and_types():
 
 
 def test_make_loader_seeded(glue_dir, cache_dir, tiny_tokenizer):
-    td = D.load_task(TaskConfig(name="sst2", data_dir=str(glue_dir), max_train_rows=50, max_seq_length=16),
+    td = D.load_task(TaskConfig(search_rows=0, name="sst2", data_dir=str(glue_dir), max_train_rows=50, max_seq_length=16),
                      tiny_tokenizer, cache_dir)
     order = lambda seed: torch.cat([b["idx"] for b in D.make_loader(td.train, 8, True, seed, 0)]).tolist()
     assert order(3) == order(3) != order(4) and sorted(order(3)) == list(range(50))
@@ -290,7 +290,31 @@ def test_unlabeled_texts(tmp_path, glue_dir, cache_dir, tiny_tokenizer):
         D.unlabeled_texts(cfg, tiny_tokenizer, cache_dir)
 
     cfg = ExperimentConfig(workdir=str(tmp_path))
-    cfg.task = TaskConfig(name="rte", data_dir=str(glue_dir), max_train_rows=12, max_seq_length=20)
+    cfg.task = TaskConfig(search_rows=0, name="rte", data_dir=str(glue_dir), max_train_rows=12, max_seq_length=20)
     ds = D.unlabeled_texts(cfg, tiny_tokenizer, cache_dir)
     assert len(ds) == 12 and "labels" not in ds.column_names
     assert all(1 in t for t in ds["token_type_ids"])  # pairs stay pairs
+
+
+def test_search_split_carved_from_train(glue_dir, cache_dir, tiny_tokenizer, tmp_path):
+    """task.search_rows rows leave train for the held-out search split (GLUE and custom files)."""
+    cfg = TaskConfig(name="sst2", data_dir=str(glue_dir), max_train_rows=40, max_dev_rows=8, max_seq_length=16,
+                     search_rows=10)
+    full = list(D.load_raw_task(TaskConfig(**{**cfg.__dict__, "search_rows": 0}), cache_dir)[0]["train"]["sentence"])
+    dd, _ = D.load_raw_task(cfg, cache_dir)
+    assert len(dd["train"]) == 30 and len(dd["search"]) == 10
+    assert sorted(list(dd["train"]["sentence"]) + list(dd["search"]["sentence"])) == sorted(full)
+    td = D.load_task(cfg, tiny_tokenizer, cache_dir)
+    assert sorted(list(td.train["idx"]) + list(td.search["idx"])) == list(range(40))  # positions in the train subset
+    assert [full[i] for i in td.search["idx"]] == list(dd["search"]["sentence"])
+    assert td.fingerprint != D.load_task(TaskConfig(**{**cfg.__dict__, "search_rows": 11}), tiny_tokenizer,
+                                         cache_dir).fingerprint
+    rows = "text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i in range(8))
+    train = write(tmp_path / "train.csv", rows)
+    dev = write(tmp_path / "dev.csv", "text,label\nawful,neg\n")
+    custom, _ = D.load_raw_task(TaskConfig(name="custom", train_file=train, dev_file=dev, text_columns=["text"],
+                                           search_fraction=0.25, search_rows=None), cache_dir)
+    assert len(custom["search"]) == 2 and len(custom["train"]) == 6
+    assert not set(custom["search"]["text"]) & set(custom["train"]["text"])
+    empty = D.load_task(TaskConfig(**{**cfg.__dict__, "search_rows": 0}), tiny_tokenizer, cache_dir)
+    assert len(empty.search) == 0 and len(empty.train) == 40

@@ -42,10 +42,13 @@ def test_three_concurrent_first_trials_build_the_cache_once(prepared, tmp_path):
     for pid, out, err, rc in outs:
         assert rc == 0, err[-3000:]
     results = [json.loads(out.strip().splitlines()[-1]) for _, out, _, _ in outs]
-    folders = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    assert len(folders) == 1, sorted(p.name for p in cache.iterdir())  # one cache, built once
-    meta = json.loads((folders[0] / "meta.json").read_text())
-    assert meta["built_by"]["pid"] in {pid for pid, *_ in outs}
+    # One cache per split (train, and the search split candidates are scored on), each built once.
+    folders = sorted((p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: not p.name.startswith("train-"))
+    assert [p.name.split("-")[0] for p in folders] == ["train", "search"], sorted(p.name for p in cache.iterdir())
+    for folder in folders:
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["built_by"]["pid"] in {pid for pid, *_ in outs}
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
     from nni_effbert.kd.cache import TeacherCache
 

@@ -11,6 +11,7 @@ Teardown stops and deletes the experiment and removes its folder, also when the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -119,15 +120,28 @@ def test_search_cli_runs_real_trials_through_nnictl(search_run, capsys):
         (warmups if "_warmup_stage" in params else cands).append((params, metric))
     assert sorted(p["_warmup_stage"] for p, _ in warmups) == [0, 1]
     assert sorted(p["_stage"] for p, _ in cands) == [0, 0, 1]
+
+    # NNI 3.0's web UI ranks a trial ("Top trials", "Best metric") iff its final metric's default is a
+    # finite number (Trial.sortable); no warm-up may be rankable, so none can outrank a candidate.
+    def rankable(metric):
+        value = metric.get("default") if isinstance(metric, dict) else metric
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    assert not any(rankable(m) for _, m in warmups), warmups
+    assert all(rankable(m) for _, m in cands)
+    for _, metric in warmups:  # the warm-up still reports its reference arch, under other keys
+        assert metric["warmup"] is True and 0.0 <= metric["warmup_search_metric"] <= 1.0
     for params, metric in cands:
         arch = {k: v for k, v in params.items() if not k.startswith("_")}
         assert metric["params"] == space.count_params(arch)
-        assert metric["stage"] == params["_stage"] and 0.0 <= metric["default"] <= 1.0
+        assert metric["stage"] == params["_stage"] and 0.0 <= metric["search_metric"] <= 1.0
+        assert metric["objective"] == "kd" and metric["default"] == -metric["search_kd_loss"]
         assert len(metric["expressions"]) == space.config.num_hidden_layers
         assert metric["train_steps"] == (0 if params["_stage"] == 1 else cfg.evaluator.train_steps)
     # What export/report read: the experiment's records, by id, once stopped (here: viewed).
     trials = read_nni_trials(exp_id, port=view_port)
     assert sum(not t["warmup"] and t["status"] == "SUCCEEDED" for t in trials) == 3
+    assert sum(t["warmup"] and t["status"] == "SUCCEEDED" for t in trials) == 2  # the report knows they succeeded
     with capsys.disabled():
         print(f"\nnni-effbert search --wait ({N_TRIALS} trials, concurrency 2): {wall:.1f} s wall\n"
               + format_trials(trials))

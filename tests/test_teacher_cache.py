@@ -66,7 +66,7 @@ def cfg(tmp_path_factory, glue_dir, base_teacher):
     return load_config(
         REPO / "examples" / "tiny" / "effbert.yml",
         [f"workdir={work}", f"teacher.model={base_teacher}", f"task.data_dir={glue_dir}",
-         "task.max_train_rows=200", "task.max_dev_rows=48"],
+         "task.max_train_rows=200", "task.max_dev_rows=48", "task.search_rows=0"],
     )
 
 

@@ -43,7 +43,7 @@ def tokenizer(tiny_vocab_file):
 @pytest.fixture(scope="module")
 def task(glue_dir, tokenizer, tmp_path_factory):
     cfg = TaskConfig(name="sst2", data_dir=str(glue_dir), max_seq_length=24, max_train_rows=48, max_dev_rows=24,
-                     seed=0)
+                     search_rows=0, seed=0)
     return load_task(cfg, tokenizer, cache_dir=str(tmp_path_factory.mktemp("ds")))
 
 

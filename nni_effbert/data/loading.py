@@ -2,11 +2,13 @@
 
 Every path ends in the same layout, so code downstream never looks at file formats:
 
-* :func:`load_raw_task` -> ``DatasetDict(train, dev)`` with the task's text columns (hub
-  spelling) and an integer ``label`` (float for regression), after the seeded subset;
+* :func:`load_raw_task` -> ``DatasetDict(train, search, dev)`` with the task's text columns (hub
+  spelling) and an integer ``label`` (float for regression), after the seeded subset; ``search``
+  is the held-out search split carved from the train rows (:func:`search_split_rows`);
 * :func:`load_task` -> :class:`TaskData` tokenized with the teacher's tokenizer, columns
   ``input_ids, token_type_ids, attention_mask, labels, idx``, unpadded, plus a
-  ``fingerprint`` that keys the teacher-output cache;
+  ``fingerprint`` that keys the teacher-output cache; ``idx`` of ``train`` and ``search`` is
+  the row's position in the (subset) train file, so the two splits never share an id;
 * :func:`make_loader` / :func:`collate` -> padded torch batches;
 * :func:`unlabeled_texts` -> tokenized sentences for warm-up distillation.
 
@@ -51,6 +53,7 @@ __all__ = [
     "resolve_data_dir",
     "corpus_files",
     "check_corpus_file",
+    "search_split_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,17 +79,24 @@ class TaskData:
     ----------
     train, dev : datasets.Dataset
         Columns ``input_ids, token_type_ids, attention_mask`` (unpadded int lists),
-        ``labels`` (int, or float for regression) and ``idx`` (row position in the split).
+        ``labels`` (int, or float for regression) and ``idx`` (for ``dev``: the row position in
+        the split; for ``train``: the row position in the subset train file). ``train`` holds
+        only the student-train rows: the search split is not in it.
     spec : TaskSpec
         Labels, metric and columns of the task.
     fingerprint : str
-        Stable hex digest of data content, tokenizer, max length, fractions and seed.
+        Stable hex digest of data content, tokenizer, max length, fractions, search split and seed.
+    search : datasets.Dataset or None
+        The held-out search split (same columns; ``idx`` = position in the subset train file,
+        disjoint from ``train``'s). Candidates are scored on it; nothing trains on it. Empty
+        when ``task.search_rows`` is 0.
     """
 
     train: datasets.Dataset
     dev: datasets.Dataset
     spec: TaskSpec
     fingerprint: str
+    search: Optional[datasets.Dataset] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,11 +407,43 @@ def _source_fingerprint(task_cfg: TaskConfig, spec: TaskSpec) -> Dict[str, Any]:
         "max_train_rows": task_cfg.max_train_rows,
         "max_dev_rows": task_cfg.max_dev_rows,
         "seed": _seed(task_cfg),
+        "search_rows": task_cfg.search_rows,
+        "search_fraction": task_cfg.search_fraction,
     }
 
 
 def _seed(task_cfg: TaskConfig) -> int:
     return 0 if task_cfg.seed is None else int(task_cfg.seed)
+
+
+def search_split_rows(n: int, task_cfg: TaskConfig) -> Tuple[np.ndarray, np.ndarray]:
+    """Positions (sorted) of the student-train rows and of the search rows among ``n`` train rows.
+
+    ``task.search_rows`` rows (or ``round(task.search_fraction * n)``), at most half of ``n``
+    (a warning says when the cap applies), drawn by a permutation seeded with ``task.seed``
+    and independent of the subset's own permutation.
+
+    Parameters
+    ----------
+    n : int
+        Train rows after the seeded subset.
+    task_cfg : TaskConfig
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        ``(train_positions, search_positions)``, disjoint, together ``0..n-1``.
+    """
+    if task_cfg.search_fraction is not None:
+        want = int(round(n * float(task_cfg.search_fraction)))
+    else:
+        want = int(task_cfg.search_rows or 0)
+    k = min(want, n // 2)
+    if k < want:
+        logger.warning("task.search_rows/search_fraction asks for %d search rows but the train split has %d rows: "
+                       "using %d (half), the rest trains the students", want, n, k)
+    perm = np.random.default_rng([_seed(task_cfg), 0x5EA4C4]).permutation(n)
+    return np.sort(perm[k:]), np.sort(perm[:k])
 
 
 def _load_raw(task_cfg: TaskConfig, cache_dir: Optional[str]) -> Tuple[datasets.DatasetDict, TaskSpec, Dict[str, Any]]:
@@ -445,11 +487,15 @@ def _load_raw(task_cfg: TaskConfig, cache_dir: Optional[str]) -> Tuple[datasets.
             dd = _load_hub(spec, cache_dir)
             source = {split: ds._fingerprint for split, ds in dd.items()}
     seed = _seed(task_cfg)
+    train = _subset(dd["train"], task_cfg.train_fraction, task_cfg.max_train_rows, seed)
+    train_rows, search_rows = search_split_rows(len(train), task_cfg)
     dd = datasets.DatasetDict(
-        train=_subset(dd["train"], task_cfg.train_fraction, task_cfg.max_train_rows, seed),
+        train=train.select(train_rows.tolist()) if len(search_rows) else train,
+        search=train.select(search_rows.tolist()),
         dev=_subset(dd["dev"], task_cfg.dev_fraction, task_cfg.max_dev_rows, seed),
     )
-    return dd, spec, {**_source_fingerprint(task_cfg, spec), "source": source}
+    rows = {"train": train_rows, "search": search_rows}
+    return dd, spec, {**_source_fingerprint(task_cfg, spec), "source": source, "_rows": rows}
 
 
 def load_raw_task(task_cfg: TaskConfig, cache_dir: Optional[str] = None) -> Tuple[datasets.DatasetDict, TaskSpec]:
@@ -468,8 +514,9 @@ def load_raw_task(task_cfg: TaskConfig, cache_dir: Optional[str] = None) -> Tupl
     Returns
     -------
     (datasets.DatasetDict, TaskSpec)
-        Splits ``train`` and ``dev`` with the spec's text columns and ``label`` (class id, or
-        float for regression).
+        Splits ``train`` (the student-train rows), ``search`` (the held-out search split carved
+        from the train rows, see :func:`search_split_rows`) and ``dev``, with the spec's text
+        columns and ``label`` (class id, or float for regression).
 
     Raises
     ------
@@ -515,6 +562,7 @@ def _tokenize(
     text_columns: Sequence[str],
     max_length: int,
     with_labels: bool,
+    row_ids: Optional[Sequence[int]] = None,
 ) -> Dict[str, List[Any]]:
     texts = [batch[c] for c in text_columns]
     enc = tokenizer(
@@ -524,7 +572,7 @@ def _tokenize(
     out = {k: enc[k] for k in MODEL_INPUTS}
     if with_labels:
         out["labels"] = batch["label"]
-    out["idx"] = list(indices)
+    out["idx"] = list(indices) if row_ids is None else [int(row_ids[i]) for i in indices]
     return out
 
 
@@ -536,10 +584,11 @@ def _tokenize_split(
     fingerprint: str,
     with_labels: bool,
     desc: str,
+    row_ids: Optional[Sequence[int]] = None,
 ) -> datasets.Dataset:
     fn = functools.partial(
         _tokenize, tokenizer=tokenizer, text_columns=list(text_columns),
-        max_length=max_length, with_labels=with_labels,
+        max_length=max_length, with_labels=with_labels, row_ids=row_ids,
     )
     # Our own fingerprint names the cache file: datasets' default hashes the tokenizer object
     # with dill, which is not stable across processes for every tokenizer.
@@ -566,21 +615,23 @@ def load_task(task_cfg: TaskConfig, tokenizer: Any, cache_dir: Optional[str] = N
     TaskData
     """
     dd, spec, source = _load_raw(task_cfg, cache_dir)
+    rows = source.pop("_rows")
     fingerprint = _digest(
         {**source, "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_length": task_cfg.max_seq_length}
     )
     splits = {
         split: _tokenize_split(
             dd[split], tokenizer, spec.text_columns, task_cfg.max_seq_length,
-            _digest([fingerprint, split]), True, f"tokenize {spec.name} {split}",
+            _digest([fingerprint, split]), True, f"tokenize {spec.name} {split}", rows.get(split),
         )
-        for split in ("train", "dev")
+        for split in ("train", "search", "dev")
     }
     logger.info(
-        "task %s: %d train / %d dev rows, fingerprint %s",
-        spec.name, len(splits["train"]), len(splits["dev"]), fingerprint,
+        "task %s: %d train / %d search (held out from train) / %d dev rows, fingerprint %s",
+        spec.name, len(splits["train"]), len(splits["search"]), len(splits["dev"]), fingerprint,
     )
-    return TaskData(train=splits["train"], dev=splits["dev"], spec=spec, fingerprint=fingerprint)
+    return TaskData(train=splits["train"], dev=splits["dev"], spec=spec, fingerprint=fingerprint,
+                    search=splits["search"])
 
 
 def _non_blank(text: str) -> bool:
@@ -634,9 +685,9 @@ def unlabeled_texts(cfg: ExperimentConfig, tokenizer: Any, cache_dir: Optional[s
     ----------
     cfg : ExperimentConfig
         ``warmup.corpus_file`` (plain text, one sentence per line; one file or a list) when
-        set, else the task's train split (after the seeded subset; sentence pairs stay pairs,
-        as the teacher sees them). Truncated to ``warmup.max_seq_length`` or
-        ``task.max_seq_length``.
+        set, else the task's student-train rows (after the seeded subset, without the search
+        split; sentence pairs stay pairs, as the teacher sees them; ``idx`` = position in the
+        subset train file). Truncated to ``warmup.max_seq_length`` or ``task.max_seq_length``.
     tokenizer : transformers tokenizer
     cache_dir : str, optional
         ``datasets`` cache folder.
@@ -684,8 +735,10 @@ def unlabeled_texts(cfg: ExperimentConfig, tokenizer: Any, cache_dir: Optional[s
     else:
         dd, spec, source = _load_raw(cfg.task, cache_dir)
         raw, columns = dd["train"], spec.text_columns
+        row_ids = source.pop("_rows")["train"]
     fingerprint = _digest({**source, "unlabeled": True, "tokenizer": tok_fp, "max_seq_length": max_length})
-    return _tokenize_split(raw, tokenizer, columns, max_length, fingerprint, False, "tokenize unlabeled")
+    return _tokenize_split(raw, tokenizer, columns, max_length, fingerprint, False, "tokenize unlabeled",
+                           None if corpus else row_ids)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ __all__ = ["PREPARED_FORMAT", "task_files", "prepared_key", "load_prepared_task"
 logger = logging.getLogger(__name__)
 
 #: Bumped when the layout of a prepared task changes (part of every key).
-PREPARED_FORMAT = "effbert-prepared-1"
+PREPARED_FORMAT = "effbert-prepared-2"  # 2: the held-out search split is saved too
 
 
 def task_files(task_cfg: TaskConfig) -> Optional[Dict[str, str]]:
@@ -84,21 +84,28 @@ def _read(folder: Path) -> Optional[TaskData]:
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         splits = {split: datasets.load_from_disk(str(folder / split)) for split in ("train", "dev")}
+        splits["search"] = datasets.load_from_disk(str(folder / "search")) if meta.get("has_search") else None
         spec = TaskSpec(**meta["spec"])
         fingerprint = str(meta["fingerprint"])
     except (OSError, ValueError, KeyError, TypeError, FileNotFoundError) as exc:
         logger.warning("prepared task data in %s cannot be read (%s); preparing it again", folder, exc)
         return None
-    return TaskData(train=splits["train"], dev=splits["dev"], spec=spec, fingerprint=fingerprint)
+    return TaskData(train=splits["train"], dev=splits["dev"], spec=spec, fingerprint=fingerprint,
+                    search=splits["search"])
 
 
 def _write(task: TaskData, folder: Path) -> None:
     tmp = make_tmp_dir(folder)
     try:
+        search = getattr(task, "search", None)
         for split in ("train", "dev"):
             getattr(task, split).save_to_disk(str(tmp / split))
+        if search is not None:
+            search.save_to_disk(str(tmp / "search"))
         atomic_write_json({"fingerprint": task.fingerprint, "spec": dataclasses.asdict(task.spec),
-                           "rows": {"train": len(task.train), "dev": len(task.dev)}}, tmp / "meta.json")
+                           "has_search": search is not None,
+                           "rows": {"train": len(task.train), "dev": len(task.dev),
+                                    "search": len(search) if search is not None else 0}}, tmp / "meta.json")
         if folder.exists():  # another process prepared it meanwhile: keep theirs (trials may read it)
             shutil.rmtree(tmp, ignore_errors=True)
         else:

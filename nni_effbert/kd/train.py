@@ -48,14 +48,14 @@ from transformers import AutoConfig, AutoTokenizer
 
 from nni_effbert.search_spaces.supernet import EfficientBertSupernet
 
-from ..data.loading import collate, length_sorted_batches
+from ..data.loading import collate, length_sorted_batches, make_loader
 from ..data.metrics import compute_metrics
 from ..data.prepared import load_prepared_task
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..runtime import Runtime, resolve_runtime
 from ..workdir import WorkDir
 from .cache import TeacherCache
-from .losses import KDLoss, TeacherBatch
+from .losses import KDLoss, TeacherBatch, prediction_loss
 from .teacher import FINGERPRINT_MEMO, MARKER_FILE, load_teacher, prepare_teacher, read_teacher_marker, teacher_outputs
 from .teacher_init import student_preset
 
@@ -70,6 +70,7 @@ __all__ = [
     "iterate_batches",
     "kd_train",
     "evaluate",
+    "score_split",
     "build_space",
     "KDSetup",
 ]
@@ -593,6 +594,91 @@ def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: 
     return {k: float(v) for k, v in metrics.items()}
 
 
+@torch.no_grad()
+def score_split(model: nn.Module, dataset, spec, teacher: TeacherSource, loss_fn: KDLoss, *, batch_size: int,
+                pad_token_id: int, arch: Optional[Arch] = None, device: Any = "cpu",
+                split: str = "search") -> Dict[str, Any]:
+    """Task metric and KD losses of ``model`` on a labelled split, in one pass (eval mode).
+
+    This is what a candidate is scored with on the held-out search split: the task metric and
+    the distillation loss against the teacher's (cached) outputs on the same rows (DNA, Li et
+    al., CVPR 2020, ranks candidates by their distillation loss).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A student (or the supernet with ``arch``).
+    dataset : datasets.Dataset
+        Tokenized rows with ``labels`` and ``idx``.
+    spec : TaskSpec
+    teacher : TeacherSource
+        Teacher outputs of the same rows (e.g. :class:`CachedTeacher` over the split's cache).
+    loss_fn : KDLoss
+        The experiment's KD loss (its weights give ``kd_loss``).
+    batch_size, pad_token_id : int
+    arch : dict, optional
+    device : torch.device or str
+    split : str
+        Named in error messages.
+
+    Returns
+    -------
+    dict
+        ``metrics`` (:func:`~nni_effbert.data.metrics.compute_metrics`, ``default`` first),
+        ``kd_loss`` (the weighted KD loss, mean over batches weighted by their size),
+        ``kd_pred_loss`` (the prediction soft-CE alone at ``kd.temperature``, MSE for
+        regression, whatever ``kd.prediction_weight`` is), and ``kd_attention_loss`` /
+        ``kd_hidden_loss`` when those terms are on; ``rows``.
+
+    Raises
+    ------
+    TrialFailure
+        Non-finite logits or losses, or an undefined metric.
+    ConfigError
+        An empty split.
+    """
+    if len(dataset) == 0:
+        raise ConfigError(f"cannot score on the empty {split} split")
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    sums: Dict[str, float] = {}
+    n = 0
+    regression = bool(spec.is_regression)
+    try:
+        for batch in make_loader(dataset, batch_size, False, 0, pad_token_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            t_out = teacher(batch)
+            out = _forward(model, batch, arch, return_kd=True)
+            terms = loss_fn(out, t_out, batch["attention_mask"]).as_dict()
+            terms["pred_soft_ce"] = float(prediction_loss(out.logits, t_out.logits, loss_fn.temperature, regression))
+            b = int(batch["input_ids"].shape[0])
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * b
+            n += b
+            logits.append(out.logits.float().cpu())
+            labels.append(batch["labels"].cpu())
+    finally:
+        model.train(was_training)
+    means = {k: v / n for k, v in sums.items()}
+    if not all(math.isfinite(v) for v in means.values()):
+        raise TrialFailure(f"the model's KD loss on the {split} split is not finite ({means}): it diverged")
+    all_logits = torch.cat(logits)
+    if not torch.isfinite(all_logits).all():
+        raise TrialFailure(f"the model's {split} logits are NaN or infinite: it diverged")
+    preds = all_logits[:, 0].numpy() if regression else all_logits.numpy()
+    metrics = {k: float(v) for k, v in compute_metrics(spec.metric, preds, torch.cat(labels).numpy()).items()}
+    if not math.isfinite(metrics["default"]):
+        raise TrialFailure(f"{split} {spec.metric} is undefined ({metrics['default']}): the model's predictions "
+                           "are constant")
+    out: Dict[str, Any] = {"metrics": metrics, "kd_loss": means["total"], "kd_pred_loss": means["pred_soft_ce"],
+                           "rows": n}
+    for term in ("attention", "hidden"):
+        if term in means:
+            out[f"kd_{term}_loss"] = means[term]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Experiment setup
 # ---------------------------------------------------------------------------------------------
@@ -703,6 +789,7 @@ class KDSetup:
     _teacher_model: Optional[nn.Module] = field(default=None, repr=False)
     _train_cache: Any = field(default=None, repr=False)
     _dev_batches: Any = field(default=None, repr=False)
+    _search_cache: Any = field(default=None, repr=False)
     runtime: Any = None
 
     def __post_init__(self) -> None:
@@ -808,7 +895,8 @@ class KDSetup:
 
     def evaluate(self, model: nn.Module, arch: Optional[Arch] = None) -> Dict[str, float]:
         """Dev metric of ``model`` (see :func:`evaluate`), in batches of ``evaluator.eval_batch_size``
-        rows sorted by length (built once per setup)."""
+        rows sorted by length (built once per setup). For the final report only: the search
+        scores on the search split (:meth:`score_search`)."""
         if self._dev_batches is None:
             ev = self.cfg.evaluator
             size = int(ev.eval_batch_size or ev.batch_size)
@@ -817,3 +905,34 @@ class KDSetup:
         return evaluate(model, self.task.dev, self.task.spec, batch_size=int(self.cfg.evaluator.batch_size),
                         pad_token_id=self.pad_token_id, arch=arch, device=self.device, batches=self._dev_batches,
                         runtime=self.runtime)
+
+    # -- the held-out search split ------------------------------------------------------------
+
+    def search_split(self):
+        """The task's search split (carved from train, never trained on).
+
+        Raises
+        ------
+        ConfigError
+            If it is empty (``task.search_rows: 0`` or a single train row).
+        """
+        search = getattr(self.task, "search", None)
+        if search is None or len(search) == 0:
+            raise ConfigError(
+                "the task has no search split (task.search_rows is 0 or the train split has fewer than 2 rows); "
+                "the search scores candidates on rows held out from train, never on dev: set task.search_rows "
+                "(e.g. 1000) or task.search_fraction"
+            )
+        return search
+
+    def search_cache(self):
+        """The teacher-output cache of the search split (built on first use, shared)."""
+        if self._search_cache is None:
+            self._search_cache = self.open_cache(self.search_split(), self.task.fingerprint, "search")
+        return self._search_cache
+
+    def score_search(self, model: nn.Module, arch: Optional[Arch] = None) -> Dict[str, Any]:
+        """Task metric and KD losses of ``model`` on the search split (see :func:`score_split`)."""
+        return score_split(model, self.search_split(), self.task.spec, CachedTeacher(self.search_cache(), self.device),
+                           self.loss_fn, batch_size=int(self.cfg.evaluator.batch_size),
+                           pad_token_id=self.pad_token_id, arch=arch, device=self.device, split="search")

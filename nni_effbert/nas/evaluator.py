@@ -5,12 +5,15 @@ Given an arch (``label -> value``), the evaluator
 1. loads the stage's warmed supernet of the trial's experiment (``supernet/<experiment
    id>/stage{N}.pt``, never another experiment's; see :meth:`KDEvaluator.load_stage`),
 2. takes ``space.subnet(arch)``: a plain student whose weights are slices of the supernet's,
-3. KD fine-tunes it on the task's train split against the cached teacher outputs for
+3. KD fine-tunes it on the task's student-train rows against the cached teacher outputs for
    ``evaluator.train_steps`` steps (or ``evaluator.epochs``; ``0`` scores the inherited
-   weights as they are, the paper's stage 3), evaluating dev every ``eval_interval`` steps
-   and reporting it with ``nni.report_intermediate_result``,
-4. reports ``nni.report_final_result`` with the dev metric as ``default`` plus parameter
+   weights as they are, the paper's stage 3), scoring it on the held-out search split every
+   ``eval_interval`` steps and reporting that with ``nni.report_intermediate_result``,
+4. reports ``nni.report_final_result`` with the ``evaluator.objective`` as ``default`` (see
+   :mod:`.objectives`; every objective's ``search_*`` value is in the dict) plus parameter
    counts, CPU latency (:mod:`.latency`) and the per-layer expressions, widths and stacks.
+
+The search never reads the dev split: it is kept for the final report.
 
 A candidate whose loss turns NaN or whose forward fails raises
 :class:`~nni_effbert.kd.train.TrialFailure` and reports nothing: NNI records the trial as
@@ -39,6 +42,7 @@ from ..kd.latency import measure_latency
 from ..kd.latency_table import latency_settings, load_table, table_path, torch_device
 from ..kd.train import KDSetup, TrainSettings, TrialFailure, kd_train
 from ..workdir import WorkDir
+from .objectives import objective_value, search_metric_dict
 from .params import is_warmup
 from .supernets import experiment_key, latest_stage, missing_message, resolve_checkpoint
 from .warmup import load_supernet_checkpoint, run_warmup_parameters, warmup_required
@@ -277,8 +281,9 @@ class KDEvaluator:
         Returns
         -------
         dict
-            The final metric dict: ``default`` (dev metric), the metric's components,
-            ``params``, ``non_embedding_params``, ``latency_ms``, ``expressions``, ``widths``,
+            The final metric dict: ``default`` (the ``evaluator.objective`` on the search split),
+            ``objective``, ``search_metric`` (+ ``search_<component>``), ``search_kd_loss``,
+            ``search_kd_pred_loss`` (+ attention / hidden terms), ``search_rows``, ``params``, ``non_embedding_params``, ``latency_ms``, ``expressions``, ``widths``,
             ``stacks``, ``stage``, ``train_steps``, ``inherited_from``, ``seconds``.
 
         Raises
@@ -309,8 +314,9 @@ class KDEvaluator:
             import nni  # local: only a trial inside NNI reports; export/distill never import nni
 
             nni.report_final_result(result)
-        logger.info("dev %s = %.4f (%d params, %.2f ms)", setup.task.spec.metric, result["default"],
-                    result["params"], result.get("latency_ms", float("nan")))
+        logger.info("search split: %s = %.4f, KD loss %.4f; default (%s) = %.4f (%d params, %.2f ms)",
+                    setup.task.spec.metric, result["search_metric"], result["search_kd_loss"], result["objective"],
+                    result["default"], result["params"], result.get("latency_ms", float("nan")))
         return result
 
     def evaluate_model(self, model, **kwargs) -> Dict[str, Any]:
@@ -332,21 +338,26 @@ class KDEvaluator:
         student.to(setup.device)
         spec = setup.task.spec
         last_eval: Dict[str, Any] = {}
+        objective = ev.objective
 
         def periodic(step: int) -> Dict[str, float]:
-            metrics = setup.evaluate(student)
-            last_eval.update(step=step, metrics=metrics)
-            logger.info("step %d/%d: dev %s = %.4f", step, steps, spec.metric, metrics["default"])
+            scored = search_metric_dict(setup.score_search(student), spec.metric)
+            last_eval.update(step=step, scored=scored)
+            value = objective_value(scored, objective)
+            logger.info("step %d/%d: search %s = %.4f, KD loss %.4f", step, steps, spec.metric,
+                        scored["search_metric"], scored["search_kd_loss"])
             if self.report:
                 import nni  # local: only a trial inside NNI reports; export/distill never import nni
 
-                nni.report_intermediate_result({"default": metrics["default"], "step": step})
-            return metrics
+                nni.report_intermediate_result({"default": value, "step": step, "search_metric": scored["search_metric"],
+                                                "search_kd_loss": scored["search_kd_loss"]})
+            return {"default": value}
 
         loss = None
         if steps > 0:
+            seed = cfg.seed if ev.seed is None else ev.seed
             settings = TrainSettings(
-                steps=steps, learning_rate=ev.learning_rate, batch_size=ev.batch_size, seed=cfg.seed,
+                steps=steps, learning_rate=ev.learning_rate, batch_size=ev.batch_size, seed=seed,
                 eval_interval=ev.eval_interval, desc=f"KD stage {stage}", progress=self.progress,
             )
             out = kd_train(student, setup.cached_teacher(), setup.task.train, setup.loss_fn, settings,
@@ -354,11 +365,11 @@ class KDEvaluator:
                            runtime=setup.runtime)
             loss = out.loss
         if last_eval.get("step") == steps and steps > 0:
-            metrics = last_eval["metrics"]  # the periodic evaluation already scored the final weights
+            scored = last_eval["scored"]  # the periodic evaluation already scored the final weights
         else:
-            metrics = setup.evaluate(student)
-        result: Dict[str, Any] = {"default": metrics["default"]}
-        result.update({k: v for k, v in metrics.items() if k != "default"})
+            scored = search_metric_dict(setup.score_search(student), spec.metric)
+        result: Dict[str, Any] = {"default": objective_value(scored, objective), "objective": objective}
+        result.update(scored)
         result["params"] = int(space.count_params(arch))
         result["non_embedding_params"] = int(space.count_params(arch, exclude_embeddings=True))
         if self.latency:

@@ -70,6 +70,7 @@ from ..kd.losses import KDLoss
 from ..kd.teacher_init import start_from_teacher, warmup_init_mode
 from ..kd.train import CachedTeacher, KDSetup, TrainSettings, TrainState, kd_train
 from ..workdir import WorkDir
+from .objectives import search_metric_dict
 from .params import WARMUP_KEY, int_meta, split_arch
 from .supernets import check_owner, experiment_key, owner
 
@@ -323,9 +324,12 @@ class WarmupResult:
     reference_arch : dict or None
         The arch scored after the warm-up (see :attr:`metrics`).
     metrics : dict
-        Dev metrics of ``reference_arch`` on the warmed supernet.
+        Search-split metrics of ``reference_arch`` on the warmed supernet (the search never
+        reads dev).
     metric : str
         Name of the task metric.
+    search : dict
+        ``search_*`` keys of ``reference_arch`` (task metric and KD losses on the search split).
     """
 
     stage: int
@@ -339,13 +343,22 @@ class WarmupResult:
     reference_arch: Optional[Dict[str, Any]] = None
     metrics: Dict[str, float] = field(default_factory=dict)
     metric: str = ""
+    search: Dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> Dict[str, Any]:
-        """Final-metric dict of a warm-up trial (``default`` = dev metric of the reference arch;
-        the search never ranks warm-up trials)."""
+        """Final-metric dict of a warm-up trial, **without** ``default``.
+
+        NNI 3.0's web UI ranks trials by the final metric's ``default`` (``Trial.sortable``:
+        a final metric whose ``default`` is a finite number; ``TrialManager.sort`` feeds the
+        overview's "Top trials" and "Best metric"). A warm-up is not a candidate, so its numbers
+        go under other keys (``warmup_search_metric``, ``warmup_search_kd_loss``, ...: the
+        reference arch on the warmed supernet, on the search split) and it never appears in
+        that ranking. The progressive search takes a final metric without ``default`` from a
+        warm-up as its success (``strategies.core``), and ``nas.records`` keeps it SUCCEEDED.
+        """
         out: Dict[str, Any] = {}
-        if self.metrics:
-            out["default"] = self.metrics["default"]
+        for key, value in self.search.items():
+            out[f"warmup_{key}"] = value
         out.update({"warmup": True, "stage": self.stage, "steps": self.plan.total_steps,
                     "skipped": self.skipped, "init": self.init})
         if self.loss is not None:
@@ -717,13 +730,15 @@ def run_warmup_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int
 
 def _finish(setup: KDSetup, plan: WarmupPlan, ckpt: Path, started: float, sampler: "_ArchSampler", *,
             skipped: bool, init: str, loss: Optional[float], resumed_at: Optional[int] = None) -> WarmupResult:
-    """Score the reference arch on the warmed supernet and build the result."""
+    """Score the reference arch on the warmed supernet (search split, never dev) and build the result."""
     space = setup.space
     reference = _reference_arch(space, plan.fixed, plan.budget, sampler)
-    metrics = setup.evaluate(space, reference)
+    search = search_metric_dict(setup.score_search(space, reference), setup.task.spec.metric)
+    metrics = {"default": search["search_metric"]}
     seconds = time.perf_counter() - started
-    logger.info("stage %d %s in %.1fs: %s (reference arch dev %s = %.4f)", plan.stage,
-                "already warmed up" if skipped else "warmed up", seconds, ckpt, setup.task.spec.metric,
-                metrics["default"])
+    logger.info("stage %d %s in %.1fs: %s (reference arch on the search split: %s = %.4f, KD loss %.4f)",
+                plan.stage, "already warmed up" if skipped else "warmed up", seconds, ckpt, setup.task.spec.metric,
+                search["search_metric"], search["search_kd_loss"])
     return WarmupResult(plan.stage, ckpt, plan, skipped=skipped, init=init, resumed_at=resumed_at, loss=loss,
-                        seconds=seconds, reference_arch=reference, metrics=metrics, metric=setup.task.spec.metric)
+                        seconds=seconds, reference_arch=reference, metrics=metrics, metric=setup.task.spec.metric,
+                        search=search)

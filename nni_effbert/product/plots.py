@@ -19,7 +19,7 @@ from ..io import atomic_write
 from ..nas.ranking import pareto_front
 from ..nas.records import is_failed, is_scored
 
-__all__ = ["stage_label", "stage_colors", "plot_best_so_far", "plot_front", "params_axis"]
+__all__ = ["stage_label", "stage_colors", "plot_best_so_far", "plot_front", "params_axis", "plot_scatter"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,3 +125,18 @@ def params_axis(scored: Sequence[Mapping[str, Any]]) -> Optional[str]:
     return None
 
 
+
+
+def plot_scatter(xs: Sequence[float], ys: Sequence[float], labels: Sequence[str], *, xlabel: str, ylabel: str,
+                 title: str, path: Path) -> None:
+    """A labelled scatter plot (``nni-effbert fidelity``: search score vs final dev score)."""
+    fig, ax = _new_figure()
+    ax.scatter(list(xs), list(ys), s=30, color="tab:blue", alpha=0.8, label=f"{len(xs)} distilled candidates")
+    for x, y, label in zip(xs, ys, labels):
+        ax.annotate(str(label)[-6:], (x, y), fontsize=6, alpha=0.7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)

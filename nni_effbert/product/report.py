@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from ..errors import CheckpointError, ConfigError
-from ..io import atomic_write_text
+from ..errors import CheckpointError, ConfigError, EffBertError
+from ..io import atomic_write_text, load_json
 from ..kd.latency import measure_latency
 from ..kd.latency_table import latency_settings, table_for_config
 from ..kd.teacher import load_teacher, prepare_teacher
@@ -27,6 +27,7 @@ from ..nas.supernets import describe_key
 from ..workdir import WorkDir
 from .distill import distill_record
 from .export import load_exported
+from .fidelity import fidelity_markdown
 from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label
 from .cost import ensure_latency_baseline, latency_baseline_arch
 from .students import SEARCHED, ensure_baseline, experiments_dir_of, supernet_experiment
@@ -170,7 +171,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, metric_name: str = "dev m
 def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_rows: Sequence[Mapping[str, Any]],
                  out_dir: Optional[PathLike] = None, *, experiment: Optional[str] = None,
                  metric_name: str = "dev metric", title: Optional[str] = None,
-                 chosen: Optional[str] = None, origin: Optional[Mapping[str, Any]] = None) -> ReportResult:
+                 chosen: Optional[str] = None, origin: Optional[Mapping[str, Any]] = None,
+                 search_metric_name: Optional[str] = None, splits_note: Optional[str] = None) -> ReportResult:
     """Write ``report.md`` and its PNG plots.
 
     Parameters
@@ -196,6 +198,11 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
     origin : dict, optional
         :func:`~nni_effbert.kd.teacher_init.student_origin`: the student preset and supernet init,
         named at the top.
+    search_metric_name : str, optional
+        Name of the trials' ``default`` in the search section and plots (default ``metric_name``;
+        the search scores candidates on the held-out search split, not on dev).
+    splits_note : str, optional
+        A line saying which split each number comes from.
 
     Returns
     -------
@@ -206,7 +213,8 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
     -----
     Plots (``best_so_far.png``, ``metric_vs_params.png``, ``metric_vs_latency.png``) show scored
     trials only. Failed trials are counted in the legends, titles and report; a plot with no
-    scored trial to show is not written.
+    scored trial to show is not written. When ``fidelity.json`` (``nni-effbert fidelity``) is in
+    the output folder, its section is appended.
     """
 
     trials = [normalize_trial(t) for t in trials]
@@ -227,6 +235,7 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
     names = {t["stage"]: t["stage_name"] for t in trials if t["stage_name"]}
     stages = sorted({t["stage"] for t in candidates}, key=lambda s: (s is None, s if s is not None else 0))
     colors = stage_colors(stages)
+    metric_name = search_metric_name or metric_name  # the search's scores; the table above names dev
     best = None
     if scored:
         best = best_trial(scored, experiment=experiment)
@@ -251,6 +260,15 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
     text = _report_markdown(title or "EfficientBERT search report", experiment, Path(workdir), trials, counts,
                             stages, names, best, table, plots, pareto_params, pareto_latency, metric_name, failed,
                             origin=origin)
+    if splits_note:
+        text = text.replace("\n## Teacher, baseline and searched student\n", f"\n{splits_note}\n\n"
+                            "## Teacher, baseline and searched student\n", 1)
+    fidelity_json = out / "fidelity.json"
+    if fidelity_json.is_file():
+        try:
+            text += "\n" + fidelity_markdown(load_json(fidelity_json, "fidelity results"), "fidelity.png")
+        except (EffBertError, KeyError, TypeError) as exc:
+            logger.warning("fidelity section left out: %s is not readable (%s)", fidelity_json, exc)
     report = out / "report.md"
     atomic_write_text(text, report)
     logger.info("report written to %s (%d plots)", report, len(plots))
@@ -459,8 +477,15 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
     rows.append(student_row(searched_dir, "searched student", "searched", seq_length=seq, repeats=repeats))
     chosen = (searched.meta.get("extra") or {}).get("trial_id")
     origin = (searched.meta.get("extra") or {}).get("origin") or student_origin(cfg)
+    objective = cfg.evaluator.objective
+    search_rows = len(setup.task.search) if getattr(setup.task, "search", None) is not None else 0
+    note = (f"Splits: the search scored candidates on the **search split** ({search_rows} rows held out of train, "
+            f"never trained on); each trial's score is its `default`, the `{objective}` objective "
+            f"(evaluator.objective). The table's dev {metric} comes from the **dev split** ({len(setup.task.dev)} "
+            "rows), which the search never read.")
     result = write_report(wd.root, trials, rows, experiment=experiment, metric_name=f"dev {metric}",
-                          chosen=str(chosen) if chosen is not None else None, origin=origin)
+                          chosen=str(chosen) if chosen is not None else None, origin=origin,
+                          search_metric_name=f"search score ({objective})", splits_note=note)
     table = format_table(rows, metric_name=f"dev {metric}")
     return ReportOutcome(result=result, rows=rows, table=table, experiment=experiment,
                          baseline_difference=choice.difference)

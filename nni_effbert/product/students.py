@@ -29,6 +29,7 @@ __all__ = [
     "export_best",
     "export_arch",
     "ensure_baseline",
+    "export_trial_arch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,8 +107,8 @@ def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: 
                 progress: bool = True, evaluator=None) -> ExportInfo:
     """Export the best succeeded trial of an NNI experiment.
 
-    The trial is :func:`~nni_effbert.nas.ranking.best_trial` (last stage with results, highest dev
-    metric, then fewest parameters); its weights are sliced from that stage's supernet.
+    The trial is :func:`~nni_effbert.nas.ranking.best_trial` (last stage with results, highest search
+    score, then fewest parameters); its weights are sliced from that stage's supernet.
 
     Raises
     ------
@@ -198,3 +199,13 @@ def ensure_baseline(cfg, searched_dir, *, name: str = BASELINE, progress: bool =
         _export(ev, choice.arch, stage, name, extra)
     result = run_distill(cfg, out, progress=progress, setup=ev.setup)
     return result, choice
+
+
+def export_trial_arch(cfg, arch: Dict[str, Any], stage: Optional[int], name: str, *, extra: Optional[Dict[str, Any]] = None,
+                      progress: bool = True, evaluator=None) -> ExportInfo:
+    """Export a trial's ``arch`` with the supernet weights of its ``stage`` into ``exports/<name>``
+    (what ``nni-effbert export --experiment`` does for the best trial; ``nni-effbert fidelity``
+    does it for each sampled candidate)."""
+
+    evaluator = evaluator or KDEvaluator(cfg, progress=progress)
+    return _export(evaluator, dict(arch), stage, name, dict(extra or {}))
