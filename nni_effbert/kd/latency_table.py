@@ -78,7 +78,7 @@ from nni_effbert.search_spaces.config import EfficientBertConfig, preset_config
 from nni_effbert.search_spaces.modeling import (SLOTS, EfficientBertModel, EfficientMLPBlock, Embeddings,
                                                 LayerArch, SelfAttention, SlotSpec)
 from nni_effbert.search_spaces.ops import NO_BINARY
-from nni_effbert.search_spaces.space import layer_choices
+from nni_effbert.search_spaces.supernet import layer_choices  # not .space: that imports nni.nas
 
 from ..errors import ConfigError, EffBertError
 from ..io import atomic_write_json, load_json
