@@ -738,7 +738,7 @@ def unlabeled_texts(cfg: ExperimentConfig, tokenizer: Any, cache_dir: Optional[s
         row_ids = source.pop("_rows")["train"]
     fingerprint = _digest({**source, "unlabeled": True, "tokenizer": tok_fp, "max_seq_length": max_length})
     return _tokenize_split(raw, tokenizer, columns, max_length, fingerprint, False, "tokenize unlabeled",
-                           None if corpus else row_ids)
+                           None if files else row_ids)
 
 
 # ---------------------------------------------------------------------------------------------

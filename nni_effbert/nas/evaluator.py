@@ -400,7 +400,7 @@ class KDEvaluator:
         ``nni-effbert latency`` and ``nni-effbert search`` build it)."""
         if not hasattr(self, "_latency_table"):
             settings = latency_settings(self.cfg)
-            config = self.space.config
+            config = self.setup.space.config  # not self.space: that builds the NNI space (nni.nas)
             table = load_table(table_path(self.cfg.workdir, config, settings), config, settings)
             self._latency_table = table if table is not None and table.complete else None
         return self._latency_table
