@@ -27,7 +27,6 @@ from typing import Any, Mapping, Optional, Tuple
 import numpy as np
 
 from nni_effbert.config import load_config
-from nni_effbert.kd.teacher_init import student_preset
 from nni_effbert.search_spaces import EfficientBertSpace
 
 from .broker import STATE_FILE, TrialBroker
@@ -70,7 +69,12 @@ def build_space_and_search(config: Optional[str] = None, preset: Optional[str] =
                                     f"path of effbert.yml, absolute or relative to the nnictl working directory)")
 
         cfg = load_config(config, check_paths=False)
-        preset, overrides = student_preset(cfg)  # student.preset: teacher reads the teacher's config
+        preset, overrides = cfg.student.preset, dict(cfg.student.overrides)
+        if preset == "teacher":
+            # local: kd imports transformers and datasets (seconds); the nnictl tuner must connect in 10 s
+            from nni_effbert.kd.teacher_init import student_preset
+
+            preset, overrides = student_preset(cfg)  # the teacher's sizes, then the overrides
         space = EfficientBertSpace.preset(preset, **overrides)
         data = cfg.search.to_dict()
         data.update(dict(search or {}))
