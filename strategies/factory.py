@@ -37,7 +37,6 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from nni_effbert.config import load_config
-from nni_effbert.kd.teacher_init import student_preset
 from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.workdir import WorkDir
 
@@ -135,7 +134,12 @@ def build_space_and_search(config: Optional[str] = None, preset: Optional[str] =
                                     f"the path of effbert.yml, absolute or relative to trialCodeDirectory)")
 
         cfg = load_config(config, check_paths=False)
-        preset, overrides = student_preset(cfg)  # student.preset: teacher reads the teacher's config
+        preset, overrides = cfg.student.preset, dict(cfg.student.overrides)
+        if preset == "teacher":
+            # local: kd imports transformers and datasets (seconds); the nnictl tuner must connect in 10 s
+            from nni_effbert.kd.teacher_init import student_preset
+
+            preset, overrides = student_preset(cfg)  # the teacher's sizes, then the overrides
         space = EfficientBertSpace.preset(preset, **overrides)
         data = cfg.search.to_dict()
         data.update(dict(search or {}))
