@@ -20,7 +20,11 @@ setup(
     python_requires=">=3.9",
     packages=[
         "nni_effbert",
+        "nni_effbert.data",
         "nni_effbert.hf",
+        "nni_effbert.kd",
+        "nni_effbert.nas",
+        "nni_effbert.product",
         "nni_effbert.search_spaces",
         "nni_effbert.strategies",
     ],
