@@ -92,7 +92,7 @@ def test_nas_experiment_sigterm_then_resume_continues_the_stage(tmp_path, base_t
         assert before["stage"] == 0 and before["done"] is None  # stopped mid-stage
         finished_before = [r for r in before["records"] if r["status"] == "succeeded"]
         assert any(r["warmup"] for r in finished_before) and any(not r["warmup"] for r in finished_before)
-        supernet = work / "supernet" / "stage0.pt"
+        supernet = work / "supernet" / exp_id / "stage0.pt"  # the experiment's own supernet
         mtime = supernet.stat().st_mtime_ns
 
         cmd, kw = _search([*sets, "--resume", exp_id], env, tmp_path, capture_output=True, timeout=300)

@@ -30,9 +30,9 @@ def test_nnictl_stop_and_resume_continues_the_stage(tmp_path, prepared, glue_dir
               "stages": [{"name": "coarse", "kind": "joint", "trials": 3, "warmup_steps": 2}]}
     exp_yml = write_config(tmp_path / "exp.yml", tmp_path / "work", prepared["teacher"], glue_dir, search=search)
     exp = NniExperiment(tmp_path, exp_yml, concurrency=1, max_trials=4)
-    ckpt = tmp_path / "work" / "supernet" / "stage0.pt"
     try:
         exp.create()
+        ckpt = tmp_path / "work" / "supernet" / exp.id / "stage0.pt"  # the experiment's own supernet
 
         def first_candidate_done(status, jobs):
             return sum(j["status"] == "SUCCEEDED" and "_warmup_stage" not in params_of(j) for j in jobs) >= 1

@@ -52,7 +52,7 @@ def test_search_python_runs_nas_experiment(tmp_path, base_teacher, glue_dir, cap
         exp_id = found.group(1)
         assert f"experiment {exp_id}: DONE" in proc.stdout
         # The warm-up ran in the strategy's process and wrote the stage checkpoint.
-        assert (work / "supernet" / "stage0.pt").is_file()
+        assert (work / "supernet" / exp_id / "stage0.pt").is_file()
         data = json.loads((work / "trials.json").read_text())
         assert data["experiment_id"] == exp_id
         trials = [normalize_trial(t) for t in data["trials"]]

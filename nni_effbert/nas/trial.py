@@ -175,6 +175,8 @@ def _out_of_memory(exc: Optional[BaseException]) -> bool:
         if isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc)
                                               or "Cannot allocate memory" in str(exc)):
             return True  # torch's CPU allocator raises RuntimeError, not MemoryError
+        if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+            return True  # a thread's stack could not be mapped: the address-space cap again
         exc = exc.__cause__ or exc.__context__
     return False
 
