@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from nni_effbert.search_spaces.modeling import EfficientBertModel
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..io import load_json
 from ..kd.latency import measure_latency
 from ..kd.latency_table import latency_settings, table_for_config, teacher_latency_ms, torch_device
@@ -26,8 +26,7 @@ from ..nas.cost import best_by_objective, best_within_latency
 from ..nas.evaluator import KDEvaluator
 from ..nas.records import read_nni_trials
 from .distill import distill_record, plan_distill, run_distill
-from .export import load_exported
-from .students import SEARCHED, ExportInfo, _export, experiments_dir_of, supernet_experiment
+from .students import SEARCHED, ExportInfo, _export, baseline_evaluator, experiments_dir_of
 
 __all__ = ["LATENCY_BASELINE", "LatencyBaselineChoice", "export_within_latency", "export_best_objective", "latency_limit",
            "latency_baseline_arch", "ensure_latency_baseline"]
@@ -186,13 +185,8 @@ def ensure_latency_baseline(cfg, searched_dir, *, name: str = LATENCY_BASELINE, 
     -------
     (DistillResult, LatencyBaselineChoice)
     """
-    searched = load_exported(searched_dir)
-    # Sliced from the supernets the searched student came from (its experiment's), as ensure_baseline.
-    ev = KDEvaluator(cfg, progress=progress, setup=setup, experiment=supernet_experiment(searched.meta))
+    searched, ev = baseline_evaluator(cfg, searched_dir, progress=progress, setup=setup)
     space = ev.setup.space
-    if space.config.to_dict() != searched.config.to_dict():
-        raise CheckpointError(f"the student in {searched.path} belongs to another student space than this "
-                              "config's; build the report with the config it was exported with")
     table = table_for_config(cfg, space_config=space.config, progress=progress)
     choice = latency_baseline_arch(space, table, dict(searched.arch), settings=latency_settings(cfg))
     out = ev.setup.workdir.export_dir(name)

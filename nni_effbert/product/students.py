@@ -158,6 +158,23 @@ def supernet_experiment(meta) -> Optional[str]:
     return extra.get("experiment")
 
 
+def baseline_evaluator(cfg, searched_dir, *, progress: bool = True, setup=None):
+    """``(searched export, KDEvaluator)`` for slicing a baseline of a searched export: from the
+    supernets the searched student came from (its experiment's), in the same student space.
+
+    Raises
+    ------
+    CheckpointError
+        The export belongs to another student space than ``cfg``'s.
+    """
+    searched = load_exported(searched_dir)
+    ev = KDEvaluator(cfg, progress=progress, setup=setup, experiment=supernet_experiment(searched.meta))
+    if ev.setup.space.config.to_dict() != searched.config.to_dict():
+        raise CheckpointError(f"the student in {searched.path} belongs to another student space than this "
+                              "config's; build the report with the config it was exported with")
+    return searched, ev
+
+
 def ensure_baseline(cfg, searched_dir, *, name: str = BASELINE, progress: bool = True, setup=None):
     """Export (if needed) and distil the hand-designed baseline for a searched export.
 
@@ -171,13 +188,8 @@ def ensure_baseline(cfg, searched_dir, *, name: str = BASELINE, progress: bool =
     (DistillResult, BaselineChoice)
     """
 
-    searched = load_exported(searched_dir)
-    # The baseline is sliced from the supernets the searched student came from (its experiment's).
-    ev = KDEvaluator(cfg, progress=progress, setup=setup, experiment=supernet_experiment(searched.meta))
+    searched, ev = baseline_evaluator(cfg, searched_dir, progress=progress, setup=setup)
     space = ev.setup.space
-    if space.config.to_dict() != searched.config.to_dict():
-        raise CheckpointError(f"the student in {searched.path} belongs to another student space than this "
-                              "config's; build the report with the config it was exported with")
     choice = baseline_arch(space, int(searched.meta["params"]))
     out = ev.setup.workdir.export_dir(name)
     wanted = {"baseline_for": searched.meta.get("fingerprint"), "target_params": choice.target}
