@@ -183,6 +183,8 @@ class ProgressiveAdvisor(MsgDispatcherBase):
 
     def handle_report_metric_data(self, data):
         kind = data.get("type")
+        # Which parameters this job really runs (NNI may have queued others for it: see .broker).
+        self.broker.observe(data.get("trial_job_id"), data.get("parameter_id"))
         if kind == MetricType.FINAL:
             self.broker.result(data.get("parameter_id"), nni.load(data["value"]))
             self._send_served(self.broker.flush())
@@ -194,7 +196,7 @@ class ProgressiveAdvisor(MsgDispatcherBase):
 
     def handle_trial_end(self, data):
         pid = nni.load(data["hyper_params"]).get("parameter_id")
-        self.broker.end(pid, data["event"])
+        self.broker.end(pid, data["event"], job=data.get("trial_job_id"))
         self._send_served(self.broker.flush())
 
     def handle_import_data(self, data):

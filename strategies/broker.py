@@ -12,6 +12,26 @@ The broker also maps NNI parameter ids to the search's trial ids, turns NNI's tr
 into :meth:`~.core.ProgressiveSearch.tell` calls, and writes the whole state as JSON after
 every change (atomically, through :mod:`nni_effbert.io`) so ``nnictl resume`` continues where
 the search stopped. It holds a lock: NNI calls tuners from two threads.
+
+**Which job ran which parameters.** NNI 3.0's local (and remote) training service does not
+bind a trial's parameters to its job: it queues every ``NewTrialJob``'s parameters and hands
+the head of the queue to whichever trial process asks first (``V3asV1`` in NNI's
+``training_service/v3/compat.js``). Two trials started together may swap parameters, and a
+trial killed before it asks leaves its parameters queued, so every later trial runs its
+predecessor's. NNI's trial list then shows a job with parameters it did not run, and the
+``hyper_params`` of a ``TrialEnd`` name the job's *queued* parameters. The broker therefore:
+
+* learns which parameters each job really ran from its metrics (they carry the parameter id
+  the trial received) and routes results and ends by that;
+* every served parameter dict carries its id (``_parameter_id``), which the trial copies into
+  its final metric (``parameter_id``) so results imported on resume land right too;
+* counts a job that ended SUCCEEDED without reporting as having run a placeholder (every real
+  trial reports before it exits 0) and a job that failed before reporting as the end of its
+  queued parameters (:data:`~.core.UNREPORTED`, which a later metric of them overrides);
+* when the search waits on trials and no job is left to run them (their parameters are stuck
+  in NNI's queue), serves *placeholder* parameters (``{"_noop": ...}``: the trial exits at
+  once) so NNI starts jobs that drain the queue; if a round of placeholders drains none of the
+  awaited trials, they are dead and fail as :data:`~.core.UNREPORTED`.
 """
 from __future__ import annotations
 
@@ -20,21 +40,25 @@ import logging
 import threading
 from collections import deque
 from pathlib import Path
-from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 from nni_effbert.errors import CheckpointError
 from nni_effbert.io import atomic_write_json, load_json
 
-from .core import NO_METRIC, Done, Failure, ProgressiveSearch, Proposal, Wait
+from .core import NO_METRIC, UNREPORTED, Done, Failure, ProgressiveSearch, Proposal, Wait
 from .errors import SearchStateError
 
-__all__ = ["TrialBroker", "NO_METRIC", "STATE_FILE"]
+__all__ = ["TrialBroker", "NO_METRIC", "UNREPORTED", "STATE_FILE", "NOOP_KEY", "PARAMETER_ID_KEY"]
 
 logger = logging.getLogger(__name__)
 
 #: File name of the search state inside the checkpoint folder.
 STATE_FILE = "progressive_search.json"
 BROKER_VERSION = 1
+#: In a placeholder's parameters: the trial exits at once without reporting (see the module docs).
+NOOP_KEY = "_noop"
+#: In every served parameter dict: its NNI parameter id, echoed in the trial's final metric.
+PARAMETER_ID_KEY = "_parameter_id"
 
 Served = List[Tuple[int, Dict[str, Any]]]
 
@@ -58,6 +82,12 @@ class TrialBroker:
         self._pid_to_trial: Dict[int, int] = {}
         self._next_pid = 0
         self._teacher_metric: Dict[int, Any] = {}  # the teacher trial's metric, told at its SUCCEEDED end
+        self._job_pid: Dict[str, int] = {}  # NNI trial job id -> the parameter id it reported with
+        self._noop: Set[int] = set()  # parameter ids served as placeholders
+        self._live = 0  # jobs the manager was given (or re-runs) and has not ended
+        self._drain: Optional[Dict[str, Any]] = None  # the placeholder round in flight, if any
+        self._unasked = 0  # jobs that ended unsuccessfully without reporting: maybe never asked
+        self._unreported_end: Dict[int, str] = {}  # warm-up trial -> event of a job that ended unreported
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -90,20 +120,71 @@ class TrialBroker:
                     if isinstance(action, Wait):
                         logger.debug("%d slot(s) wait: %s", len(self._slots), action.reason)
                     break
-                pid = self._slots.popleft()
-                if pid is None:
-                    pid = self._next_pid
-                self._next_pid = max(self._next_pid, pid + 1)
+                pid = self._take_slot()
                 self._pid_to_trial[pid] = action.trial_id
-                served.append((pid, action.parameters))
+                served.append((pid, {**action.parameters, PARAMETER_ID_KEY: pid}))
+            if not served:
+                served = self._drain_round()
+            self._live += len(served)
             if asked:
                 self.save()  # ask() may also have handed a stage over or ended the search
             return served
 
+    def _take_slot(self) -> int:
+        pid = self._slots.popleft()
+        if pid is None:
+            pid = self._next_pid
+        self._next_pid = max(self._next_pid, pid + 1)
+        return pid
+
+    def _drain_round(self) -> Served:
+        """Placeholders while the search waits on trials that no job is left to run (module docs).
+
+        NNI's queue holds one stale entry per job that died before asking for its parameters,
+        so at most :attr:`_unasked` (jobs that ended unsuccessfully without reporting). A round of
+        that many placeholders makes NNI hand out every stale entry; a trial still awaited after
+        the round is dead and fails as :data:`~.core.UNREPORTED`."""
+        waiting = set(self.search.running())
+        if not waiting or self.search.done is not None:
+            self._drain = None
+            return []
+        if self._drain is None:
+            if self._live > 0 or not self._slots:
+                return []
+            self._drain = {"waiting": sorted(waiting), "left": self._unasked}
+            logger.info("waiting on trial(s) %s with no job left to run them: %d placeholder trial(s) let NNI "
+                        "hand out parameters still queued", sorted(waiting), self._unasked)
+        served: Served = []
+        while self._slots and self._drain["left"] > 0:
+            pid = self._take_slot()
+            self._noop.add(pid)
+            self._drain["left"] -= 1
+            served.append((pid, {NOOP_KEY: "drains NNI's parameter queue", PARAMETER_ID_KEY: pid}))
+        if served or self._drain["left"] > 0 or self._live > 0:
+            return served
+        # The round is over and no job is left: what it still waits on will never report.
+        for trial in sorted(waiting & set(self._drain["waiting"])):
+            event = self._unreported_end.get(trial)
+            reason = f"its trial job ended {event} before reporting a result" if event else UNREPORTED
+            logger.warning("trial %d: no job is left that could run it (%s); counted as failed", trial, reason)
+            self.search.tell(trial, Failure(reason))
+        self._drain = None
+        self.save()
+        return []
+
     def allocate_after(self, parameter_id: int) -> None:
-        """Make sure broker-numbered ids stay above ``parameter_id`` (ids recovered on resume)."""
+        """Make sure broker-numbered ids stay above ``parameter_id`` (ids recovered on resume,
+        whose jobs the manager runs again)."""
         with self.lock:
             self._next_pid = max(self._next_pid, int(parameter_id) + 1)
+            self._live += 1
+
+    def observe(self, job: Any, parameter_id: Any) -> None:
+        """A metric of NNI job ``job`` arrived with ``parameter_id``: the parameters it really runs."""
+        if job is None or parameter_id is None:
+            return
+        with self.lock:
+            self._job_pid[str(job)] = int(parameter_id)
 
     # -- events -----------------------------------------------------------------------------
 
@@ -128,9 +209,42 @@ class TrialBroker:
             self.search.tell(trial, value)
             self.save()
 
-    def end(self, parameter_id: Any, event: str) -> None:
-        """A trial ended with NNI status ``event`` (SUCCEEDED, FAILED, USER_CANCELED, ...)."""
+    def end(self, parameter_id: Any, event: str, job: Any = None) -> None:
+        """NNI job ``job`` ended with status ``event`` (SUCCEEDED, FAILED, USER_CANCELED, ...);
+        ``parameter_id`` is the one NNI queued for it (see the module docs for why it may differ
+        from what the job ran)."""
         with self.lock:
+            self._live = max(0, self._live - 1)
+            ran = self._job_pid.get(str(job)) if job is not None else None
+            if ran is None and job is not None:
+                if event == "SUCCEEDED":
+                    # Every real trial reports before it exits 0: this job ran a placeholder, and
+                    # the parameters queued for it are still in NNI's queue (or it was one).
+                    return
+                self._unasked += 1  # it may have died before asking: its entry stays queued
+                if self._drain is not None:
+                    self._drain["left"] += 1  # one more entry the round must hand out
+                trial = self.trial_of(parameter_id)
+                if trial is None or self.search.record(trial).status != "running":
+                    return
+                if self.search.record(trial).warmup:
+                    self._unreported_end[trial] = str(event)
+                    # A failed warm-up stops the search: fail it only once no job is left that
+                    # could still run its queued parameters (the placeholder round, below).
+                    logger.info("job %s ended %s before reporting; the warm-up of parameter id %s is failed "
+                                "unless a queued job runs it", job, event, parameter_id)
+                    return
+                logger.info("job %s ended %s before reporting; counted as the end of parameter id %s",
+                            job, event, parameter_id)
+                self.search.tell(trial, Failure(UNREPORTED))
+                self.save()
+                return
+            if ran is not None:
+                if ran != parameter_id and parameter_id is not None:
+                    logger.info("job %s ran parameter id %s (NNI queued %s for it)", job, ran, parameter_id)
+                parameter_id = ran
+            if parameter_id is not None and int(parameter_id) in self._noop:
+                return
             trial = self.trial_of(parameter_id)
             if trial is None:
                 logger.info("end of parameter id %s is not from this search; ignored", parameter_id)
@@ -168,8 +282,18 @@ class TrialBroker:
                         value = json.loads(value)
                     except json.JSONDecodeError:
                         pass
-                key = json.dumps(params, sort_keys=True) if isinstance(params, dict) else None
-                trial = running.pop(key, None)
+                echoed = value.get("parameter_id") if isinstance(value, Mapping) else None
+                if isinstance(echoed, int) and not isinstance(echoed, bool):
+                    # The trial says which parameters it ran (NNI's own pairing may be wrong).
+                    trial = self.trial_of(echoed)
+                    if trial is None or trial not in running.values():
+                        continue
+                    running = {k: t for k, t in running.items() if t != trial}
+                else:
+                    if isinstance(params, dict):
+                        params = {k: v for k, v in params.items() if k != PARAMETER_ID_KEY}
+                    key = json.dumps(params, sort_keys=True) if isinstance(params, dict) else None
+                    trial = running.pop(key, None)
                 if trial is not None:
                     self.search.tell(trial, value)
                     applied += 1
@@ -187,6 +311,8 @@ class TrialBroker:
                 "broker_version": BROKER_VERSION,
                 "next_parameter_id": self._next_pid,
                 "parameter_to_trial": {str(k): v for k, v in self._pid_to_trial.items()},
+                "job_parameter": dict(self._job_pid),
+                "placeholders": sorted(self._noop),
                 "search": self.search.state_dict(),
             }
 
@@ -205,12 +331,16 @@ class TrialBroker:
                 self.search.load_state_dict(state["search"])
                 self._next_pid = int(state["next_parameter_id"])
                 self._pid_to_trial = {int(k): int(v) for k, v in state["parameter_to_trial"].items()}
+                self._job_pid = {str(k): int(v) for k, v in state.get("job_parameter", {}).items()}
+                self._noop = {int(p) for p in state.get("placeholders", [])}
             except SearchStateError:
                 raise
             except (KeyError, TypeError, ValueError, AttributeError) as err:
                 raise SearchStateError(f"tuner state is malformed ({type(err).__name__}: {err})") from err
-            # The manager asks afresh after a restart: slots of the old run are void.
+            # The manager asks afresh after a restart: slots of the old run are void, and so is
+            # its parameter queue (the jobs it re-runs are counted by allocate_after).
             self._slots.clear()
+            self._live, self._drain, self._unasked = 0, None, 0
 
     def parameter_ids_of_running(self) -> Dict[int, int]:
         """``{parameter_id: trial_id}`` of the trials the search still waits for."""

@@ -48,6 +48,7 @@ __all__ = [
     "TEACHER_KEY",
     "split_parameters",
     "NO_METRIC",
+    "UNREPORTED",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,12 @@ STATE_VERSION = 1
 #: trial's end before its metric when they travel on different threads; a metric that arrives
 #: later still counts while the trial's stage is running (see :meth:`ProgressiveSearch.tell`).
 NO_METRIC = "trial ended SUCCEEDED without reporting a final metric"
+#: Failure reason of a trial whose NNI job ended (failed, killed) before it reported anything.
+#: NNI 3.0's local training service may have handed that job another trial's parameters (see
+#: :mod:`.broker`), so a metric that arrives later from the job that did run them still counts.
+UNREPORTED = "its trial job ended before reporting a result"
+#: Failures that a later final metric of the same trial overrides.
+REVIVABLE = frozenset({NO_METRIC, UNREPORTED})
 
 Arch = Dict[str, Any]
 
@@ -512,7 +519,7 @@ class ProgressiveSearch:
         if record is None:
             logger.warning("result for unknown trial %s ignored", trial_id)
             return
-        late = (record.status == "failed" and record.reason == NO_METRIC and self._done is None
+        late = (record.status == "failed" and record.reason in REVIVABLE and self._done is None
                 and record.stage == self._stage and not isinstance(result, Failure) and result is not None)
         if late:
             logger.warning("trial %d: final metric arrived after its end event; counted after all", trial_id)

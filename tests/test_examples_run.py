@@ -162,7 +162,7 @@ def test_relative_class_args_config_resolves_against_trial_code_directory(tmp_pa
     broker = build_broker("effbert.yml", state_path=str(tmp_path / "state.json"))
     assert broker.search.space.config.num_hidden_layers == 2
     first = broker.request([None, None])
-    assert [p for _, p in first] == [{"_teacher": True}]  # no teacher in ../../runs/tiny yet
+    assert [p for _, p in first] == [{"_teacher": True, "_parameter_id": 0}]  # no teacher in ../../runs/tiny yet
     monkeypatch.chdir(tmp_path)
     from nni_effbert.strategies.errors import SearchConfigError
 
@@ -200,7 +200,11 @@ def test_nnictl_create_on_the_tiny_example_runs_teacher_warmups_and_candidates(t
         jobs.sort(key=lambda j: j["startTime"])
         assert all(j["status"] == "SUCCEEDED" for j in jobs), context
         teacher, rest = jobs[0], jobs[1:]
-        assert params(teacher) == {"_teacher": True}, context
+        assert params(teacher) == {"_teacher": True, "_parameter_id": 0}, context
+        # Every trial echoes the parameter id it ran in its final metric (the search's pairing check).
+        for job in jobs:
+            final = json.loads(json.loads(job["finalMetricData"][0]["data"]))
+            assert final["parameter_id"] == params(job)["_parameter_id"] == int(job["finalMetricData"][0]["parameterId"])
         assert not any(params(j).get("_teacher") for j in rest)
         assert all(j["startTime"] >= teacher["endTime"] for j in rest)  # nothing before it succeeded
         final = json.loads(json.loads(teacher["finalMetricData"][0]["data"]))
@@ -261,7 +265,7 @@ def test_teacher_trial_comes_first_and_holds_every_slot(tmp_path):
     adv, CT = _advisor_without_teacher(tmp_path)
     adv.handle_request_trial_jobs(3)  # trialConcurrency 3
     jobs = _new_jobs(adv, CT)
-    assert [j["parameters"] for j in jobs] == [{"_teacher": True}]
+    assert [j["parameters"] for j in jobs] == [{"_teacher": True, "_parameter_id": jobs[0]["parameter_id"]}]
     teacher_pid = jobs[0]["parameter_id"]
     # Its metric is the teacher's dev metric: recorded, never ranked.
     adv.handle_report_metric_data({"type": "FINAL", "parameter_id": teacher_pid,
@@ -300,7 +304,8 @@ def test_failed_teacher_trial_stops_the_experiment_with_its_reason(tmp_path):
     again, CT = _advisor_without_teacher(tmp_path)
     again.load_checkpoint()
     again.handle_request_trial_jobs(1)
-    assert [j["parameters"] for j in _new_jobs(again, CT)] == [{"_teacher": True}]
+    assert [{k: v for k, v in j["parameters"].items() if k != "_parameter_id"} for j in _new_jobs(again, CT)] \
+        == [{"_teacher": True}]
 
 
 def test_existing_teacher_means_no_teacher_trial(tmp_path):

@@ -246,6 +246,39 @@ def test_read_stopped_experiment_from_sqlite(tmp_path, monkeypatch):
                     if t["trial_id"] in ("CRASH", "NOMET", "KILLD")], experiment="abc123")
 
 
+def test_records_follow_the_parameters_a_trial_reported_with(tmp_path):
+    """NNI 3.0 may list a job with parameters queued for another (it hands queued parameters to
+    whichever trial asks first): a trial's arch is the one its final metric was reported with;
+    placeholder jobs are left out."""
+    narrow = {**ARCH, "layer0_width": 8}
+    jobs = [  # (id, parameter id NNI lists, listed params, parameter id of its final metric, metric)
+        ("SWAPa", 0, {**ARCH, "_stage": 0}, 1, {"default": 0.79}),
+        ("SWAPb", 1, {**narrow, "_stage": 0}, 0, {"default": 0.81}),
+        ("NOOP1", 2, {"_noop": "drains", "_parameter_id": 2}, None, None),
+        ("ECHOc", 3, {**ARCH, "_stage": 0}, 3, {"default": 0.5, "parameter_id": 1}),
+    ]
+    db = tmp_path / "exps" / "swap1" / "db" / "nni.sqlite"
+    db.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db)
+    conn.executescript(SCHEMA)
+    for i, (tid, pid, params, ran, final) in enumerate(jobs):
+        for j, event in enumerate(["WAITING", "RUNNING", "SUCCEEDED"]):
+            conn.execute("insert into TrialJobEvent values (?,?,?,?,?,?,?,?)",
+                         (100 * i + j, tid, event, _hp(pid, params) if event == "WAITING" else None, None, i, None,
+                          None))
+        if final is not None:
+            conn.execute("insert into MetricData values (?,?,?,?,?,?)",
+                         (100 * i + 9, tid, str(ran), "FINAL", 0, _metric(final)))
+    conn.commit()
+    conn.close()
+    trials = {t["trial_id"]: t for t in read_nni_trials("swap1", experiments_dir=tmp_path / "exps")}
+    assert sorted(trials) == ["ECHOc", "SWAPa", "SWAPb"]
+    assert trials["SWAPa"]["arch"] == narrow and trials["SWAPa"]["metric"] == 0.79
+    assert trials["SWAPb"]["arch"] == ARCH and trials["SWAPb"]["metric"] == 0.81
+    assert trials["ECHOc"]["arch"] == narrow  # the trial's own echo wins over NNI's pairing
+    assert best_trial(list(trials.values()))["arch"] == ARCH
+
+
 def test_read_running_experiment_over_rest(tmp_path):
     """The REST API as nni_manager serves it (trial-jobs with hyperParameters, metric-data)."""
     jobs, metrics = [], []

@@ -36,6 +36,14 @@ class TableObjective:
         return sum(self.table[(l, repr(v))] for l, v in params.items() if not l.startswith("_"))
 
 
+def report(params, objective):
+    """What the real trial reports: a warm-up's dict has no ``default``, a candidate's has its score."""
+    echo = {"parameter_id": params["_parameter_id"]} if "_parameter_id" in params else {}
+    if "_warmup_stage" in params:
+        return {"search_metric": 0.5, **echo}
+    return {"default": objective(params), **echo}
+
+
 class RecordingAdvisor(ProgressiveAdvisor):
     """The advisor with its channel replaced by a list of sent commands."""
 
@@ -85,9 +93,9 @@ class FakeManager:
         if self.fail(params):
             self.adv.handle_trial_end({"trial_job_id": str(pid), "event": "FAILED", "hyper_params": hyper})
         else:
-            if "_warmup_stage" not in params:
+            if "_noop" not in params:  # a placeholder exits without reporting, as nas.trial does
                 self.adv.handle_report_metric_data({"parameter_id": pid, "trial_job_id": str(pid), "type": "FINAL",
-                                                    "sequence": 0, "value": nni.dump(self.objective(params))})
+                                                    "sequence": 0, "value": nni.dump(report(params, self.objective))})
             self.adv.handle_trial_end({"trial_job_id": str(pid), "event": "SUCCEEDED", "hyper_params": hyper})
         self.adv.handle_request_trial_jobs(1)
         self.pump()
@@ -102,6 +110,11 @@ class FakeManager:
             self.finish_one()
 
 
+def arch_of(trial):
+    """A served trial's parameters without its parameter id."""
+    return {k: v for k, v in trial["parameters"].items() if k != "_parameter_id"}
+
+
 def commands(adv, kind):
     return [data for command, data in adv.sent if command == kind]
 
@@ -114,6 +127,8 @@ def test_advisor_waits_for_the_warmup_with_concurrency_2_and_keeps_both_slots(tm
     assert len(first) == 1 and first[0]["parameters"]["_warmup_stage"] == 0
     assert adv.broker.credit == 1  # the second slot waits, it is not lost
     hyper = json.dumps({"parameter_id": first[0]["parameter_id"], "parameters": first[0]["parameters"]})
+    adv.handle_report_metric_data({"parameter_id": first[0]["parameter_id"], "trial_job_id": "w0", "type": "FINAL",
+                                   "sequence": 0, "value": nni.dump({"search_metric": 0.5})})
     adv.handle_trial_end({"trial_job_id": "w0", "event": "SUCCEEDED", "hyper_params": hyper})
     after = commands(adv, CommandType.NewTrialJob)[1:]
     assert len(after) == 1 and after[0]["parameters"]["_stage"] == 0  # the waiting slot filled at once
@@ -149,6 +164,8 @@ def test_advisor_failed_warmup_stops_the_experiment_with_the_reason(tmp_path):
     manager.run()
     errors = commands(adv, CommandType.Error)
     assert len(errors) == 1 and "warm-up of stage 1 (expression)" in errors[0] and "FAILED" in errors[0]
+    # The warm-up's job ended before reporting: one placeholder proved nothing else would run it.
+    assert sum("_noop" in t["parameters"] for t in manager.started) == 1
     assert len(commands(adv, CommandType.NoMoreTrialJobs)) == 1
     assert not any(t["parameters"].get("_stage") == 1 for t in manager.started)
 
@@ -163,7 +180,7 @@ def test_advisor_resume_keeps_rerun_trials_and_reproposes_lost_ones(tmp_path):
         manager.finish_one()
     running = list(manager.running)  # two candidates in flight when the experiment stops
     assert len(running) == 2
-    finished = {json.dumps(t["parameters"], sort_keys=True) for t in manager.started if t not in running}
+    finished = {json.dumps(arch_of(t), sort_keys=True) for t in manager.started if t not in running}
 
     resumed = make_advisor(tmp_path)
     resumed.load_checkpoint()
@@ -174,9 +191,10 @@ def test_advisor_resume_keeps_rerun_trials_and_reproposes_lost_ones(tmp_path):
                                                      "parameters": running[0]["parameters"]})])
     resumed.handle_request_trial_jobs(2)
     sent = commands(resumed, CommandType.NewTrialJob)
-    assert sent[0]["parameters"] == running[1]["parameters"]  # the lost one, proposed again
+    assert arch_of(sent[0]) == arch_of(running[1])  # the lost one, proposed again
     assert all(s["parameter_id"] > max(t["parameter_id"] for t in manager.started) for s in sent)
-    assert not {json.dumps(s["parameters"], sort_keys=True) for s in sent} & finished
+    assert all(s["parameters"]["_parameter_id"] == s["parameter_id"] for s in sent)
+    assert not {json.dumps(arch_of(s), sort_keys=True) for s in sent} & finished
     # The re-run trial still reports under its old id.
     pid = running[0]["parameter_id"]
     resumed.handle_report_metric_data({"parameter_id": pid, "type": "FINAL", "trial_job_id": "r",
@@ -261,7 +279,8 @@ def test_tuner_resume_requeues_running_trials(tmp_path):
     again = ProgressiveTuner(preset="tiny", search=SEARCH, state_path=path)
     again.load_checkpoint()
     [c] = again.generate_multiple_parameters([10])
-    assert c == b  # the interrupted candidate, proposed again
+    assert c["_parameter_id"] == 10 and b["_parameter_id"] == 2
+    assert {**c, "_parameter_id": 0} == {**b, "_parameter_id": 0}  # the interrupted candidate, proposed again
     assert again.broker.search.record(again.broker.trial_of(1)).score == 0.5
     # NNI replays the finished trial's result on resume: already known, nothing changes.
     again.import_data([{"parameter": a, "value": "0.5"}])
@@ -286,3 +305,95 @@ def test_register_tuner_is_idempotent(tmp_path, monkeypatch):
         bad = tmp_path / "meta.yml"
         bad.write_text("algoType: tuner\nbuiltinName: TPE\nclassName: nni_effbert.strategies.tuner.ProgressiveTuner\n")
         register_tuner(bad)
+
+
+class FifoManager:
+    """NNI 3.0's manager with its local training service (``V3asV1``), in miniature: parameters are
+    queued when a job is submitted and handed to whichever job asks first; jobs start, ask, report
+    and end in a seeded random order, and some are killed before or after they ask."""
+
+    def __init__(self, advisor, concurrency, objective, seed, kill_before=0.0, kill_after=0.0):
+        self.adv, self.concurrency, self.objective = advisor, concurrency, objective
+        self.rng = np.random.RandomState(seed)
+        self.kill_before, self.kill_after = kill_before, kill_after
+        self.waiting, self.fifo, self.jobs, self.read, self.next_job = deque(), deque(), [], 0, 0
+        self.warm, self.ran, self.killed = set(), [], 0
+
+    def pump(self):
+        for command, data in self.adv.sent[self.read:]:
+            if command == CommandType.NewTrialJob:
+                self.waiting.append(data)
+        self.read = len(self.adv.sent)
+        while self.waiting and len(self.jobs) < self.concurrency:
+            form = self.waiting.popleft()
+            self.fifo.append(form)  # V3asV1.submitTrialJob: this.parameters.push(...)
+            self.jobs.append({"id": f"job{self.next_job}", "form": form, "got": None})
+            self.next_job += 1
+
+    def end(self, job, event):
+        self.jobs.remove(job)
+        hyper = json.dumps({"parameter_id": job["form"]["parameter_id"], "parameters": job["form"]["parameters"]})
+        self.adv.handle_trial_end({"trial_job_id": job["id"], "event": event, "hyper_params": hyper})
+        self.adv.handle_request_trial_jobs(1)
+        self.pump()
+
+    def step(self):
+        job = self.jobs[self.rng.randint(len(self.jobs))]
+        if job["got"] is None:
+            if self.rng.uniform() < self.kill_before:
+                self.killed += 1
+                return self.end(job, "FAILED")
+            job["got"] = self.fifo.popleft()  # onRequestParameter: this.parameters.shift()
+            params = job["got"]["parameters"]
+            if "_stage" in params and "_warmup_stage" not in params:
+                # No candidate ever runs before its stage's warm-up has finished.
+                assert params["_stage"] in self.warm, (params["_stage"], self.warm)
+            return None
+        params = job["got"]["parameters"]
+        if "_noop" in params:
+            return self.end(job, "SUCCEEDED")
+        if "_warmup_stage" not in params and self.rng.uniform() < self.kill_after:
+            self.killed += 1
+            return self.end(job, "FAILED")
+        self.ran.append(params)
+        if "_warmup_stage" in params:
+            self.warm.add(params["_warmup_stage"])
+        self.adv.handle_report_metric_data({"parameter_id": job["got"]["parameter_id"], "trial_job_id": job["id"],
+                                            "type": "FINAL", "sequence": 0,
+                                            "value": nni.dump(report(params, self.objective))})
+        return self.end(job, "SUCCEEDED")
+
+    def run(self, limit=5000):
+        self.adv.handle_initialize({})
+        self.adv.handle_request_trial_jobs(self.concurrency)
+        self.pump()
+        for _ in range(limit):
+            if not self.jobs:
+                return
+            self.step()
+        raise AssertionError("the simulated experiment did not end")
+
+
+@pytest.mark.parametrize("seed,concurrency,kill_before,kill_after", [
+    (0, 2, 0.0, 0.0), (1, 3, 0.0, 0.0), (2, 2, 0.15, 0.0), (3, 3, 0.1, 0.1), (4, 2, 0.2, 0.1)])
+def test_advisor_attributes_results_to_the_parameters_each_job_really_ran(tmp_path, seed, concurrency,
+                                                                           kill_before, kill_after):
+    """NNI's local training service hands queued parameters to whichever trial asks first, and a
+    trial killed before it asks shifts every later one: the search still scores each arch with
+    its own result, runs no candidate before its warm-up, and ends."""
+    adv = make_advisor(tmp_path)
+    objective = TableObjective(adv.broker.search.space)
+    manager = FifoManager(adv, concurrency, objective, seed, kill_before, kill_after)
+    manager.run()
+    done = adv.broker.done
+    assert done is not None and not done.failed, done
+    assert len(commands(adv, CommandType.NoMoreTrialJobs)) == 1 and not commands(adv, CommandType.Error)
+    scored = [r for r in adv.broker.search.records if r.status == "succeeded" and not r.warmup]
+    assert scored
+    for record in scored:  # the score of each arch is its own, whichever job ran it
+        assert record.score == pytest.approx(objective(record.parameters))
+    runs = [json.dumps({k: v for k, v in p.items() if k != "_parameter_id"}, sort_keys=True)
+            for p in manager.ran if "_warmup_stage" not in p]
+    assert len(runs) == len(set(runs))  # no candidate ran twice
+    if kill_before == 0 and kill_after == 0:
+        assert len(scored) == TOTAL - 3  # nothing lost: every candidate of the three stages scored

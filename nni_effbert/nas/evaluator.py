@@ -125,6 +125,8 @@ class KDEvaluator:
         self.experiment = experiment_key(experiment)
         self.stage = stage
         self.report = report
+        #: Added to the reported final metric (the trial sets which parameters it ran, see nas.params).
+        self.reported_extra: Dict[str, Any] = {}
         self.progress = progress
         self.latency = latency
         self._setup: Optional[KDSetup] = setup
@@ -313,7 +315,7 @@ class KDEvaluator:
         if self.report:
             import nni  # local: only a trial inside NNI reports; export/distill never import nni
 
-            nni.report_final_result(result)
+            nni.report_final_result({**result, **self.reported_extra})
         logger.info("search split: %s = %.4f, KD loss %.4f; default (%s) = %.4f (%d params, %.2f ms)",
                     setup.task.spec.metric, result["search_metric"], result["search_kd_loss"], result["objective"],
                     result["default"], result["params"], result.get("latency_ms", float("nan")))

@@ -16,7 +16,8 @@ from typing import Any, Dict, Mapping, Optional
 from ..errors import ConfigError
 from ..io import read_json_object
 
-__all__ = ["WARMUP_KEY", "TEACHER_KEY", "KNOWN_META", "is_warmup", "is_teacher", "split_arch", "int_meta", "read_arch_file", "add_arguments"]
+__all__ = ["WARMUP_KEY", "TEACHER_KEY", "NOOP_KEY", "PARAMETER_ID_KEY", "KNOWN_META", "is_warmup", "is_teacher",
+           "is_placeholder", "echoed_ids", "split_arch", "int_meta", "read_arch_file", "add_arguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +26,13 @@ WARMUP_KEY = "_warmup_stage"
 #: Present (true) in the parameters of the teacher fine-tuning trial.
 TEACHER_KEY = "_teacher"
 #: Meta keys the trial understands; other ``_`` keys are ignored (logged at debug level).
+#: Present in a placeholder's parameters: the trial exits at once (``strategies.broker`` serves
+#: them to drain NNI's parameter queue).
+NOOP_KEY = "_noop"
+#: The NNI parameter id, in every parameter dict the progressive search serves.
+PARAMETER_ID_KEY = "_parameter_id"
 KNOWN_META = frozenset({"_warmup_stage", "_warmup_steps", "_general_warmup_steps", "_stage", "_stage_name",
-                        "_stage_kind", "_train_steps", "_teacher"})
+                        "_stage_kind", "_train_steps", "_teacher", NOOP_KEY, PARAMETER_ID_KEY})
 
 
 def is_warmup(params: Mapping[str, Any]) -> bool:
@@ -37,6 +43,19 @@ def is_warmup(params: Mapping[str, Any]) -> bool:
 def is_teacher(params: Mapping[str, Any]) -> bool:
     """True for the teacher fine-tuning trial's parameters (``{"_teacher": true}``)."""
     return bool(params.get(TEACHER_KEY))
+
+
+def is_placeholder(params: Mapping[str, Any]) -> bool:
+    """True for a placeholder trial's parameters (nothing to run)."""
+    return NOOP_KEY in params
+
+
+def echoed_ids(params: Mapping[str, Any]) -> Dict[str, Any]:
+    """What a trial adds to its final metric so the search knows which parameters it ran:
+    ``{"parameter_id": N}`` (NNI may hand a trial parameters queued for another; see
+    ``strategies.broker``), or ``{}`` for parameters without an id (``--arch`` files)."""
+    pid = params.get(PARAMETER_ID_KEY)
+    return {"parameter_id": pid} if isinstance(pid, int) and not isinstance(pid, bool) else {}
 
 
 def split_arch(params: Mapping[str, Any]) -> Dict[str, Any]:

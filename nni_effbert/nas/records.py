@@ -45,7 +45,7 @@ import sqlite3
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError, EffBertError
 
@@ -60,6 +60,7 @@ _STAGE_KEY = "_stage"
 _WARMUP_KEY = "_warmup_stage"
 _STAGE_NAME_KEY = "_stage_name"
 _TEACHER_KEY = "_teacher"
+_NOOP_KEY = "_noop"
 
 #: NNI's manifest of experiments (``nnictl`` and ``Experiment`` both keep it here).
 _MANIFEST = Path("~/nni-experiments/.experiment")
@@ -220,19 +221,60 @@ def _read_rest(port: int, experiment: Optional[str], timeout: float) -> List[Dic
     jobs = _get_json(port, "trial-jobs", timeout)
     metrics = _get_json(port, "metric-data", timeout)
     finals: Dict[str, Any] = {}
+    ran: Dict[str, Any] = {}
     for m in metrics or []:
         if m.get("type") == "FINAL":
             finals.setdefault(m.get("trialJobId"), m.get("data"))
-    trials = []
+            ran.setdefault(m.get("trialJobId"), m.get("parameterId"))
+    rows = []
     for job in jobs or []:
         tid = job.get("trialJobId")
         data = finals.get(tid)
         if data is None and job.get("finalMetricData"):
             data = job["finalMetricData"][0].get("data")
-        params = _hyper_parameters(job.get("hyperParameters") or [])
-        trials.append(_trial_from_nni(tid, job.get("status"), job.get("sequenceId"), params, data,
-                                      job.get("message")))
-    return _finish(trials)
+            ran.setdefault(tid, job["finalMetricData"][0].get("parameterId"))
+        rows.append((tid, job.get("status"), job.get("sequenceId"), job.get("hyperParameters") or [], data,
+                     job.get("message")))
+    return _finish(_trials_from_jobs(rows, ran))
+
+
+def _trials_from_jobs(rows: Sequence[Tuple[Any, Any, Any, Sequence[Any], Any, Any]],
+                      ran: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """Trial dicts from NNI jobs ``(id, status, sequence, hyperParameters, final metric, message)``.
+
+    A job's parameters are the ones its final metric was reported with (``ran``: job id ->
+    parameter id), not necessarily the ones NNI lists for it: NNI 3.0's local training service
+    hands queued parameters to whichever trial asks first (see ``strategies.broker``). Placeholder
+    jobs (``_noop`` parameters) are left out."""
+    by_pid: Dict[int, Dict[str, Any]] = {}
+    listed = []
+    for tid, status, seq, entries, data, message in rows:
+        pid, params = _hyper_parameters_with_id(entries)
+        if pid is not None:
+            by_pid.setdefault(pid, params)
+        listed.append((tid, status, seq, pid, params, data, message))
+    trials, moved = [], 0
+    for tid, status, seq, pid, params, data, message in listed:
+        final = _decode(data) if data is not None else None
+        echoed = final.get("parameter_id") if isinstance(final, Mapping) else None
+        actual = echoed if isinstance(echoed, int) and not isinstance(echoed, bool) else _int_or_none(ran.get(tid))
+        if actual is not None and actual != pid and actual in by_pid:
+            params, moved = by_pid[actual], moved + 1
+        if _NOOP_KEY in params:
+            continue
+        trials.append(_trial_from_nni(tid, status, seq, params, data, message))
+    if moved:
+        logger.warning("%d NNI trial(s) ran parameters NNI lists under another trial (NNI hands queued "
+                       "parameters to whichever trial asks first); their parameters here are the ones they "
+                       "reported with", moved)
+    return trials
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _read_sqlite(db: Path, experiment: str) -> List[Dict[str, Any]]:
@@ -245,7 +287,7 @@ def _read_sqlite(db: Path, experiment: str) -> List[Dict[str, Any]]:
         events = conn.execute(
             "select trialJobId, event, data, sequenceId, message from TrialJobEvent order by rowid").fetchall()
         finals = conn.execute(
-            "select trialJobId, data from MetricData where type = 'FINAL' order by rowid").fetchall()
+            "select trialJobId, data, parameterId from MetricData where type = 'FINAL' order by rowid").fetchall()
     except sqlite3.Error as exc:
         raise ExperimentNotFoundError(f"{db} is not a readable NNI database ({exc})") from exc
     finally:
@@ -268,12 +310,13 @@ def _read_sqlite(db: Path, experiment: str) -> List[Dict[str, Any]]:
             job["sequence"] = seq
         job["message"] = message
     final_by_trial: Dict[str, Any] = {}
-    for tid, data in finals:
+    ran: Dict[str, Any] = {}
+    for tid, data, pid in finals:
         final_by_trial.setdefault(tid, data)
-    trials = [_trial_from_nni(tid, job["status"], job["sequence"], _hyper_parameters(job["params"]),
-                              final_by_trial.get(tid), job["message"])
-              for tid, job in jobs.items()]
-    return _finish(trials)
+        ran.setdefault(tid, pid)
+    rows = [(tid, job["status"], job["sequence"], job["params"], final_by_trial.get(tid), job["message"])
+            for tid, job in jobs.items()]
+    return _finish(_trials_from_jobs(rows, ran))
 
 
 def _decode(data: Any) -> Any:
@@ -288,14 +331,15 @@ def _decode(data: Any) -> Any:
     return data
 
 
-def _hyper_parameters(entries: Sequence[Any]) -> Dict[str, Any]:
+def _hyper_parameters_with_id(entries: Sequence[Any]) -> Tuple[Optional[int], Dict[str, Any]]:
+    """``(parameter id, parameters)`` of a job's first hyper-parameter entry."""
     for entry in entries:
         hp = _decode(entry)
         if isinstance(hp, dict):
             params = hp.get("parameters", hp)
             if isinstance(params, dict):
-                return params
-    return {}
+                return _int_or_none(hp.get("parameter_id")), params
+    return None, {}
 
 
 def _trial_from_nni(tid: str, status: Any, sequence: Any, params: Mapping[str, Any], data: Any,

@@ -57,7 +57,7 @@ from ..kd.teacher import finetune_from_config
 from ..kd.train import TrialFailure
 from ..runtime import apply_gpu_memory_limit, configure_runtime, configure_threads, gpu_oom_reason, resolve_runtime
 from .evaluator import KDEvaluator
-from .params import add_arguments, int_meta, is_teacher, is_warmup, read_arch_file, split_arch
+from .params import add_arguments, echoed_ids, int_meta, is_placeholder, is_teacher, is_warmup, read_arch_file, split_arch
 from .supervisor import CHILD_ENV, EXIT_FAILED, _die_with_parent, in_nni, supervise
 from .warmup import run_warmup_parameters
 
@@ -80,7 +80,8 @@ EXIT_OK = 0
 #: Bad input: config, data, arch, missing checkpoint.
 EXIT_BAD_INPUT = 2
 
-def run_teacher_parameters(cfg, *, report: bool = True, progress: bool = True) -> Dict[str, Any]:
+def run_teacher_parameters(cfg, *, report: bool = True, progress: bool = True,
+                           echo: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run the teacher trial: fine-tune (or reuse) the teacher into the work directory.
 
     Returns the metric dict ``{"default": dev metric, "teacher": True, "metric": name,
@@ -89,7 +90,7 @@ def run_teacher_parameters(cfg, *, report: bool = True, progress: bool = True) -
     """
     result = finetune_from_config(cfg, progress=progress)
     metrics = {"default": float(result.dev_metric), "teacher": True, "metric": result.metric,
-               "reused": bool(result.reused)}
+               "reused": bool(result.reused), **(echo or {})}
     logger.info("teacher %s: dev %s %.4f (%s)", "reused" if result.reused else "fine-tuned", result.metric,
                 result.dev_metric, result.path)
     if report:
@@ -126,13 +127,14 @@ def run_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int] = Non
         The final metric dict.
     """
     if is_teacher(params):
-        return run_teacher_parameters(cfg, report=report, progress=progress)
+        return run_teacher_parameters(cfg, report=report, progress=progress, echo=echoed_ids(params))
     if is_warmup(params):
         return run_warmup_parameters(cfg, params, stage=stage, report=report, progress=progress, setup=setup,
                                      experiment=experiment)
     arch = split_arch(params)
     evaluator = KDEvaluator(cfg, stage=int_meta(params, "_stage") if stage is None else stage,
                             report=report, progress=progress, setup=setup, experiment=experiment)
+    evaluator.reported_extra = echoed_ids(params)
     steps = train_steps if train_steps is not None else int_meta(params, "_train_steps")
     return evaluator.evaluate(arch, train_steps=steps)
 
@@ -200,6 +202,10 @@ def run(args: argparse.Namespace) -> int:
         logger.info("trial %s parameters: %s", nni.get_trial_id(), json.dumps(params, sort_keys=True))
     else:
         raise ConfigError("not running inside NNI: pass --arch ARCH.json with the parameters to run")
+    if is_placeholder(params):
+        # Started only so that NNI hands out parameters queued before it (strategies.broker).
+        logger.info("placeholder trial (%s): nothing to run", params.get("_noop"))
+        return EXIT_OK
     progress = not getattr(args, "quiet", False)
     limit = cfg.evaluator.memory_limit_mb
     if limit and runtime.is_cuda:

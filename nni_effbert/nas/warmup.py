@@ -71,7 +71,7 @@ from ..kd.teacher_init import start_from_teacher, warmup_init_mode
 from ..kd.train import CachedTeacher, KDSetup, TrainSettings, TrainState, kd_train
 from ..workdir import WorkDir
 from .objectives import search_metric_dict
-from .params import WARMUP_KEY, int_meta, split_arch
+from .params import WARMUP_KEY, echoed_ids, int_meta, split_arch
 from .supernets import check_owner, experiment_key, owner
 
 __all__ = [
@@ -720,7 +720,7 @@ def run_warmup_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int
     result = run_warmup(cfg, warm_stage, fixed=fixed, steps=int_meta(params, "_warmup_steps"),
                         general_steps=int_meta(params, "_general_warmup_steps"), progress=progress, setup=setup,
                         experiment=experiment)
-    metrics = result.report()
+    metrics = {**result.report(), **echoed_ids(params)}
     if report:
         import nni  # local: only a trial inside NNI reports
 
