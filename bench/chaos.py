@@ -14,9 +14,13 @@ the real trial entry) on the tiny preset with a random tiny BERT teacher fine-tu
 
 and runs to the end. Warm-up trials are not killed: a failed warm-up stops the search by
 design (its candidates would be scored on an untrained supernet) and is covered by the
-warm-up resume tests. Then it reports
+warm-up resume tests. What a process runs is read from its own log line (``trial X
+parameters: ...``), not from NNI's trial list: NNI 3.0's local training service hands queued
+parameters to whichever trial asks first, so its list may pair a job with another's
+parameters (``strategies.broker``); a victim that has not asked yet may be killed. Then it reports
 
-* every trial's final state (NNI's record, the reason from the trial's stderr);
+* every trial's final state (NNI's record, the reason from the trial's stderr) and what it ran
+  (from its final metric's ``parameter_id``, else its log);
 * that no trial NNI recorded as finished (SUCCEEDED) ran again (same parameters, started later);
 * that every scored candidate inherited the complete checkpoint of its stage: the sha1 and owner
   the trial recorded when it loaded the supernet equal the final ``supernet/<id>/stage{N}.pt``,
@@ -48,7 +52,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -252,7 +256,42 @@ def final_of(job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
 
 def key_of(params: Dict[str, Any]) -> str:
-    return json.dumps(params, sort_keys=True)
+    return json.dumps({k: v for k, v in params.items() if k != "_parameter_id"}, sort_keys=True)
+
+
+def trial_file(exp_dir: Path, tid: str, name: str) -> Optional[Path]:
+    """A trial's file in NNI 3.0's layout (``environments/<env>/trials/<id>/``; the env changes on resume)."""
+    found = sorted(exp_dir.glob(f"environments/*/trials/{tid}/{name}"))
+    return found[-1] if found else None
+
+
+def logged_params(exp_dir: Path, tid: str) -> Optional[Dict[str, Any]]:
+    """The parameters a trial process says it received (``nas.trial`` logs them when NNI hands them
+    over), or None before that. NNI's own trial list may pair a job with other parameters: its
+    local training service hands queued parameters to whichever trial asks first."""
+    path = trial_file(exp_dir, tid, "trial.stderr")
+    if path is None:
+        return None
+    for line in path.read_text(errors="replace").splitlines():
+        if f"trial {tid} parameters: " in line:
+            try:
+                return json.loads(line.split(" parameters: ", 1)[1])
+            except ValueError:
+                return None
+    return None
+
+
+def ran_params(job: Dict[str, Any], by_pid: Dict[int, Dict[str, Any]], exp_dir: Path) -> Tuple[Dict[str, Any], str]:
+    """What a job really ran and how that is known: its final metric's parameter id, else its log,
+    else (a job killed before it asked) NNI's listing."""
+    final = final_of(job)
+    pid = final.get("parameter_id") if isinstance(final, dict) else None
+    if isinstance(pid, int) and pid in by_pid:
+        return by_pid[pid], "metric"
+    logged = logged_params(exp_dir, job["trialJobId"])
+    if logged is not None:
+        return logged, "log"
+    return params_of(job), "nni listing"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +393,7 @@ def run_soak(args) -> Dict[str, Any]:
         now = time.monotonic()
         for j in jobs:
             tid = j["trialJobId"]
-            if "_warmup_stage" in params_of(j) or tid in seen_candidates or j["status"] != "RUNNING":
+            if tid in seen_candidates or j["status"] != "RUNNING":
                 continue
             if tid not in procs:
                 continue  # its training process has not started yet
@@ -370,12 +409,21 @@ def run_soak(args) -> Dict[str, Any]:
                 continue
             del kill_at[tid]
             pid = procs.get(tid)
+            runs = logged_params(work / "nni-experiments" / exp_id, tid) or {}
+            if pid is not None and ("_warmup_stage" in runs or "_noop" in runs):
+                # Only candidates (or processes that have not asked yet) are killed: a failed
+                # warm-up stops the search on purpose. NNI may list this job as a candidate.
+                pending_kill += 1
+                events.append({"t": round(now - t0, 1), "event": f"victim {tid} runs a "
+                               f"{'warm-up' if '_warmup_stage' in runs else 'placeholder'}; kill passed on"})
+                continue
             if pid is None:
                 pending_kill += 1
                 events.append({"t": round(now - t0, 1), "event": f"victim {tid} ended before its moment; kill passed on"})
                 continue
             os.kill(pid, signal.SIGKILL)
-            kills.append({"trial": tid, "pid": pid, "after_s": round(now - proc_seen[tid], 2), "t": round(now - t0, 1)})
+            kills.append({"trial": tid, "pid": pid, "after_s": round(now - proc_seen[tid], 2), "t": round(now - t0, 1),
+                          "had_parameters": bool(runs)})
             log(f"SIGKILL trial {tid} (pid {pid}) {now - proc_seen[tid]:.1f} s after its process started")
         # -- stop + resume, manager kill ------------------------------------------------------
         if not stopped_once and ended >= args.stop_at * total:
@@ -429,8 +477,8 @@ def run_soak(args) -> Dict[str, Any]:
 
 
 def reason_of(exp_dir: Path, tid: str) -> str:
-    path = exp_dir / "trials" / tid / "stderr"
-    if not path.is_file():
+    path = trial_file(exp_dir, tid, "trial.stderr")
+    if path is None:
         return ""
     lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if "trial failed:" in line]
     return lines[-1] if lines else ""
@@ -445,13 +493,15 @@ def analyse(soak: Dict[str, Any]) -> Dict[str, Any]:
     jobs = sorted(soak["jobs"], key=lambda j: (j.get("startTime") or 0, j["trialJobId"]))
     killed = {k["trial"] for k in soak["kills"]}
     exp_id, work = soak["exp_id"], soak["work"]
+    by_pid = {json.loads(j["hyperParameters"][0])["parameter_id"]: params_of(j) for j in jobs if j.get("hyperParameters")}
     rows = []
     for j in jobs:
-        p = params_of(j)
+        p, known_from = ran_params(j, by_pid, soak["experiments_dir"])
         final = final_of(j)
         warm = "_warmup_stage" in p
         rows.append({
-            "trial": j["trialJobId"], "kind": "warm-up" if warm else "candidate",
+            "trial": j["trialJobId"], "kind": "placeholder" if "_noop" in p else "warm-up" if warm else "candidate",
+            "params_from": known_from, "listed_as_other": key_of(p) != key_of(params_of(j)),
             "stage": p.get("_warmup_stage" if warm else "_stage"), "status": j["status"],
             "metric": final.get("default") if isinstance(final, dict) else None,
             "killed_by_injector": j["trialJobId"] in killed,
@@ -461,12 +511,13 @@ def analyse(soak: Dict[str, Any]) -> Dict[str, Any]:
     # 1. No finished trial re-run: parameters that SUCCEEDED never start again afterwards.
     reruns = []
     for r in rows:
-        if r["status"] != "SUCCEEDED":
+        if r["status"] != "SUCCEEDED" or r["kind"] == "placeholder":
             continue
         later = [o["trial"] for o in rows if o is not r and o["key"] == r["key"] and (o["start"] or 0) >= (r["end"] or 0)]
         if later:
             reruns.append({"finished": r["trial"], "ran_again_as": later})
-    twice = [k for k, n in Counter(r["key"] for r in rows if r["status"] == "SUCCEEDED").items() if n > 1]
+    twice = [k for k, n in Counter(r["key"] for r in rows if r["status"] == "SUCCEEDED"
+                                   and r["kind"] != "placeholder").items() if n > 1]
     # 2. Every scored candidate inherited the complete checkpoint its stage's warm-up wrote.
     warm_ok = {r["stage"]: r["trial"] for r in rows if r["kind"] == "warm-up" and r["status"] == "SUCCEEDED"}
     ckpts = {}
@@ -567,12 +618,14 @@ def write_results(out: Path, soak: Dict[str, Any], res: Dict[str, Any], args) ->
         f"| ranking of the survivors equal to the fault-free ranking | {yes[c['ranking_equal']]} "
         f"(Kendall tau {c['kendall_tau']:.3f}) |",
         "", "## Every trial", "",
-        "| trial | kind | stage | final state | metric | killed by the injector | reason |", "|---|---|---:|---|---:|---|---|",
+        "| trial | kind (what it ran) | stage | final state | metric | killed by the injector | ran known from | "
+        "NNI lists other parameters | reason |", "|---|---|---:|---|---:|---|---|---|---|",
     ]
     for r in rows:
         metric = "" if r["metric"] is None else f"{r['metric']:.4f}"
         lines.append(f"| {r['trial']} | {r['kind']} | {r['stage']} | {r['status']} | {metric} | "
-                     f"{'yes' if r['killed_by_injector'] else ''} | {r['reason'].replace('|', '/')} |")
+                     f"{'yes' if r['killed_by_injector'] else ''} | {r['params_from']} | "
+                     f"{'yes' if r['listed_as_other'] else ''} | {r['reason'].replace('|', '/')} |")
     lines += ["", "## Survivors: soak score vs fault-free re-score", "",
               "| trial | stage | soak | fault-free | soak KD loss | fault-free KD loss |", "|---|---:|---:|---:|---:|---:|"]
     for x in sorted(res["rescored"], key=lambda x: (-x["soak"], x["params"], x["trial"])):

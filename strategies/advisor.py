@@ -21,9 +21,12 @@ Other behaviours:
   two), so a trial's final metric is always seen before its end;
 * a failed warm-up sends ``NoMoreTrialJobs`` and reports the reason to the manager, which puts
   the experiment in ``ERROR`` (the reason is in ``dispatcher.log`` and ``nnimanager.log``);
-* when the search ends, ``NoMoreTrialJobs`` is sent (the experiment shows
-  ``TUNER_NO_MORE_TRIAL`` until ``maxTrialNumber`` trials ran, so set ``maxTrialNumber`` to
-  ``SearchConfig.total_trials()``);
+* when the search ends, ``NoMoreTrialJobs`` is sent and the advisor lowers the experiment's
+  ``maxTrialNumber`` (NNI's REST API, as ``nnictl update trialnum`` does) to the trial jobs NNI
+  has, so the experiment ends ``DONE`` once they end (NNI shows ``TUNER_NO_MORE_TRIAL`` until
+  ``maxTrialNumber`` jobs ran). Set ``maxTrialNumber`` to ``SearchConfig.max_trial_jobs()``:
+  the search's trials plus room for the placeholder and re-proposed trials that faults cost
+  (:mod:`.broker`); a search that reaches NNI's limit first is cut short;
 * the state is written to NNI's checkpoint folder after every change; ``nnictl resume``
   reloads it, keeps the trials NNI re-runs, applies results that arrived while stopped, and
   proposes again the trials that were lost;
@@ -35,9 +38,12 @@ Other behaviours:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Optional, Set
 
@@ -116,9 +122,8 @@ class ProgressiveAdvisor(MsgDispatcherBase):
         from .factory import resolve_config_path  # local: imported in __init__ already, after connecting
 
         cfg = load_config(resolve_config_path(config), check_paths=False)
-        found = re.search(r":(\d+)/", os.environ.get("NNI_TUNER_COMMAND_CHANNEL", ""))
         search_lock.acquire(WorkDir.of(cfg), kind="advisor", experiment=Path(ckpt).parent.name,
-                            port=int(found.group(1)) if found else None, share=cfg.search.share_workdir)
+                            port=self._manager_port(), share=cfg.search.share_workdir)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -154,6 +159,36 @@ class ProgressiveAdvisor(MsgDispatcherBase):
             self.report_error(f"EfficientBertProgressive: {done.reason}")
         else:
             logger.info("EfficientBertProgressive: %s", done.reason)
+            self._close_trial_budget()
+
+    def _manager_port(self) -> Optional[int]:
+        found = re.search(r":(\d+)/", os.environ.get("NNI_TUNER_COMMAND_CHANNEL", ""))
+        return int(found.group(1)) if found else None
+
+    def _close_trial_budget(self) -> None:
+        """Lower ``maxTrialNumber`` to the jobs NNI has, so the finished experiment ends DONE."""
+        port = self._manager_port()
+        if port is None:
+            return  # not NNI's dispatcher (tests)
+        base = f"http://localhost:{port}/api/v1/nni"
+        try:
+            with urllib.request.urlopen(f"{base}/experiment", timeout=10) as resp:  # noqa: S310 - localhost
+                profile = json.loads(resp.read().decode("utf-8"))
+            with urllib.request.urlopen(f"{base}/trial-jobs", timeout=10) as resp:  # noqa: S310 - localhost
+                jobs = len(json.loads(resp.read().decode("utf-8")) or [])
+            params = profile.get("params") or {}
+            if not jobs or int(params.get("maxTrialNumber") or 0) <= jobs:
+                return
+            params["maxTrialNumber"] = jobs
+            request = urllib.request.Request(f"{base}/experiment?update_type=MAX_TRIAL_NUM", method="PUT",
+                                             data=json.dumps(profile).encode("utf-8"),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10):  # noqa: S310 - localhost
+                pass
+            logger.info("search done: maxTrialNumber lowered to the %d trial jobs NNI ran", jobs)
+        except (urllib.error.URLError, OSError, ValueError, TypeError) as err:
+            logger.warning("could not lower maxTrialNumber (%s); the experiment shows TUNER_NO_MORE_TRIAL "
+                           "instead of DONE", err)
 
     def _reconcile_resume(self) -> None:
         """After a resume: trials the manager neither re-ran nor finished are proposed again."""

@@ -25,7 +25,7 @@ from typing import List, Optional
 from .errors import SearchConfigError
 
 __all__ = ["STAGE_KINDS", "OBJECTIVE_KINDS", "Stage", "SamplerConfig", "ObjectiveConfig", "SearchConfig",
-           "paper_stages"]
+           "paper_stages", "nni_trial_budget"]
 
 #: ``joint``: search every label; ``expression``: sizes fixed to the previous stage's best;
 #: ``size``: expressions fixed to the previous stage's best.
@@ -39,6 +39,14 @@ def _need(cond: bool, msg: str) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def nni_trial_budget(trials: int) -> int:
+    """``maxTrialNumber`` for a search of ``trials`` trials: room for the placeholder and
+    re-proposed trials that faults cost (``strategies.broker``); a search that reaches NNI's
+    limit first would be cut short. The advisor lowers it to the jobs NNI ran once the search
+    is done, so the experiment ends ``DONE``."""
+    return int(trials) + max(8, int(trials) // 4)
 
 
 @dataclass
@@ -418,8 +426,13 @@ class SearchConfig:
         return tuple(self.param_budget) if self.param_budget is not None else None
 
     def total_trials(self) -> int:
-        """Trials of the whole search, warm-ups included: a good ``maxTrialNumber``."""
+        """Trials of the whole search, warm-ups included (see :meth:`max_trial_jobs` for NNI)."""
         return sum(s.trials + (1 if s.warmup else 0) for s in self.stages)
+
+    def max_trial_jobs(self, extra: int = 0) -> int:
+        """NNI's ``maxTrialNumber`` for this search (plus ``extra`` trials, e.g. the teacher's):
+        see :func:`nni_trial_budget`."""
+        return nni_trial_budget(self.total_trials() + int(extra))
 
     @classmethod
     def from_dict(cls, data: dict) -> "SearchConfig":

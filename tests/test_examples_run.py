@@ -135,7 +135,7 @@ def test_example_search_space_file_matches_its_preset(example):
     assert not Path(conf["tuner"]["classArgs"]["config"]).is_absolute()
     assert "ABSOLUTE" not in (example / "nnictl.yml").read_text()
     cfg = load_config(example / "effbert.yml", check_paths=False)
-    assert conf["maxTrialNumber"] == cfg.search.total_trials() + 1  # + the teacher trial
+    assert conf["maxTrialNumber"] == cfg.search.max_trial_jobs(extra=1)  # + the teacher trial
 
 
 def test_relative_class_args_config_resolves_against_trial_code_directory(tmp_path, monkeypatch):

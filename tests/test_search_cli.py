@@ -152,7 +152,7 @@ def test_nnictl_config_fields(tmp_path):
 
     cfg = load_config(TINY, [f"workdir={tmp_path / 'w'}", "search.trial_concurrency=3"], check_paths=False)
     conf = nnictl_config(cfg, tmp_path / "w" / "config.yml")
-    assert conf["trialConcurrency"] == 3 and conf["maxTrialNumber"] == cfg.search.total_trials()
+    assert conf["trialConcurrency"] == 3 and conf["maxTrialNumber"] == cfg.search.max_trial_jobs() > cfg.search.total_trials()
     assert conf["tuner"] == {"name": "EfficientBertProgressive",
                              "classArgs": {"config": str(tmp_path / "w" / "config.yml")}}
     assert conf["trialCommand"].endswith(f"-m nni_effbert.trial --config {tmp_path / 'w' / 'config.yml'}")

@@ -67,7 +67,7 @@ def nnictl_config(cfg, config_file: Path, *, search_space_file: Optional[Path] =
         "trialCommand": f"{sys.executable} -m nni_effbert.trial --config {config_file}",
         "trialCodeDirectory": str(Path(code_dir or wd.root / NNICTL_DIR).absolute()),
         "trialConcurrency": int(cfg.search.trial_concurrency),
-        "maxTrialNumber": int(cfg.search.total_trials()),
+        "maxTrialNumber": cfg.search.max_trial_jobs(),
         "tuner": {"name": "EfficientBertProgressive", "classArgs": {"config": str(config_file)}},
         "trainingService": local_training_service(cfg.search),
         "experimentWorkingDirectory": str(Path(experiments_dir or wd.root / EXPERIMENTS_DIR).absolute()),
