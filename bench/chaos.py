@@ -558,10 +558,18 @@ def analyse(soak: Dict[str, Any]) -> Dict[str, Any]:
     same_scores = all(x["soak"] == x["fault_free"] and x["soak_kd_loss"] == x["fault_free_kd_loss"] for x in rescored)
     tau = kendalltau([x["soak"] for x in rescored], [x["fault_free"] for x in rescored]).statistic \
         if len(rescored) > 1 else float("nan")
+    # 4. The search itself ran to its end: every planned candidate issued, the last stage done.
+    state_file = soak["experiments_dir"] / "checkpoint" / "progressive_search.json"
+    state = json.loads(state_file.read_text())["search"] if state_file.is_file() else {}
+    done = state.get("done") or {}
+    issued = Counter(r["stage"] for r in state.get("records", []) if not r["warmup"] and r["status"] != "lost")
+    search_end = {"done": done.get("reason"), "cause": done.get("cause"),
+                  "candidates_per_stage": {str(k): issued[k] for k in sorted(issued)},
+                  "candidates_issued": sum(issued.values()), "candidates_planned": soak["n_candidates"]}
     by_status = Counter(r["status"] for r in rows)
     n_trial_procs = len(rows)
     return {
-        "rows": rows, "reruns": reruns, "succeeded_twice": twice, "checkpoints": ckpts, "bad_checkpoints": bad_ckpt,
+        "search_end": search_end, "rows": rows, "reruns": reruns, "succeeded_twice": twice, "checkpoints": ckpts, "bad_checkpoints": bad_ckpt,
         "temp_leftovers": leftovers, "rescored": rescored, "same_scores": same_scores,
         "ranking_equal": ranking("soak") == ranking("fault_free"), "kendall_tau": tau, "by_status": dict(by_status),
         "kill_share": round(len(soak["kills"]) / max(1, n_trial_procs), 3),
@@ -577,7 +585,10 @@ def write_results(out: Path, soak: Dict[str, Any], res: Dict[str, Any], args) ->
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "candidates_planned": soak["n_candidates"], "trials_planned": soak["total"], "trial_jobs": len(rows),
         "faults": {"kills": soak["kills"], "events": soak["events"], "kill_share_of_trial_jobs": res["kill_share"]},
-        "checks": {"no_finished_trial_rerun": not res["reruns"] and not res["succeeded_twice"],
+        "checks": {"search_ran_to_the_end": res["search_end"]["cause"] == "finished"
+                   and res["search_end"]["candidates_issued"] == res["search_end"]["candidates_planned"],
+                   "search_end": res["search_end"],
+                   "no_finished_trial_rerun": not res["reruns"] and not res["succeeded_twice"],
                    "reruns": res["reruns"], "succeeded_twice": res["succeeded_twice"],
                    "no_candidate_from_half_written_checkpoint": not res["bad_checkpoints"] and not res["temp_leftovers"],
                    "bad_checkpoints": res["bad_checkpoints"], "temp_leftovers": res["temp_leftovers"],
@@ -607,6 +618,10 @@ def write_results(out: Path, soak: Dict[str, Any], res: Dict[str, Any], args) ->
     yes = {True: "**yes**", False: "**NO**"}
     lines += [
         "", "| check | result |", "|---|---|",
+        f"| the search ran to its end (last stage done, every planned candidate issued) | "
+        f"{yes[c['search_ran_to_the_end']]} ({c['search_end']['candidates_issued']}/"
+        f"{c['search_end']['candidates_planned']} candidates, per stage {c['search_end']['candidates_per_stage']}; "
+        f"{c['search_end']['done']}) |",
         f"| no finished (SUCCEEDED) trial ran again | {yes[c['no_finished_trial_rerun']]} "
         f"({len(c['reruns'])} re-runs, {len(c['succeeded_twice'])} parameter sets succeeded twice) |",
         f"| every scored candidate inherited its stage's complete checkpoint (sha1 + owner = the final file "
