@@ -115,7 +115,38 @@ def test_entries_ignore_order_and_binary_kind():
     assert a == b and a in names
     assert lt.slot_entry(SlotSpec(), h, h) is None
     # 8 activations x {no binary, binary} - the empty slot, per tensor width, + bases + fixed parts
-    assert len(names) == 15 * len(config.widths) + len(config.widths) + 5
+    # (embeddings, attention, head, two overheads) + the calibration scale
+    assert len(names) == 15 * len(config.widths) + len(config.widths) + 5 + 1
+    assert list(names)[-1] == "calibration"  # fitted last, on the complete sum
+
+
+def test_calibration_scales_the_sum_to_end_to_end_measurements(tmp_path, monkeypatch):
+    """The last entry is the median measured / summed ratio over seeded random archs (not the
+    check's seed-0 archs), and every prediction and breakdown carries it."""
+    import statistics
+    import types
+
+    config = preset_config("tiny")
+    real = lt._Bench.measure
+
+    def measure(self, kind, spec, table):
+        if kind == "calibration":
+            return real(self, kind, spec, table)
+        return {"embeddings": 1.0, "attention": 2.0, "head": 0.5, "mlp": 1.5}.get(kind, 0.25)
+
+    monkeypatch.setattr(lt._Bench, "measure", measure)
+    monkeypatch.setattr(lt, "measure_latency", lambda model, **kw: types.SimpleNamespace(times_ms=[5.0, 5.0]))
+    table = lt.build_table(config, lt.LatencySettings(threads=1, seq_length=16), tmp_path / "t.json", progress=False)
+    archs = lt.random_archs(config, lt.CALIBRATION_ARCHS, seed=lt.CALIBRATION_SEED)
+    assert archs != lt.random_archs(config, lt.CALIBRATION_ARCHS, seed=0)
+    raw = [table.predict(a, calibrated=False) for a in archs]
+    assert len(set(raw)) > 1 and table.scale == pytest.approx(statistics.median(5.0 / r for r in raw), abs=1e-6)
+    for arch in lt.random_archs(config, 5, seed=3):
+        expected = table.predict(arch, calibrated=False) * table.scale
+        assert table.predict(arch) == pytest.approx(expected)
+        assert sum(table.breakdown(arch).values()) == pytest.approx(expected)
+    lo, hi = table.latency_range()
+    assert all(lo - 1e-9 <= table.predict(a) <= hi + 1e-9 for a in lt.random_archs(config, 20, seed=1))
 
 
 def test_table_reused_when_keyed_the_same_and_rebuilt_for_other_threads(tmp_path, monkeypatch):
