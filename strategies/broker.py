@@ -88,6 +88,7 @@ class TrialBroker:
         self._drain: Optional[Dict[str, Any]] = None  # the placeholder round in flight, if any
         self._unasked = 0  # jobs that ended unsuccessfully without reporting: maybe never asked
         self._unreported_end: Dict[int, str] = {}  # warm-up trial -> event of a job that ended unreported
+        self._reported_failure: Dict[int, str] = {}  # trial -> the reason its job reported, told at its end
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -201,6 +202,11 @@ class TrialBroker:
             if trial is None:
                 logger.info("final metric of parameter id %s is not from this search; ignored", parameter_id)
                 return
+            if isinstance(value, Mapping) and value.get("failed"):
+                # The trial reported why it fails (nas.trial does, then exits 1); told at its end,
+                # so a failure that stops the search does so after NNI saw the job end.
+                self._reported_failure[trial] = str(value.get("reason") or "the trial reported a failure")
+                return
             if self.search.record(trial).teacher:
                 # The teacher trial counts when NNI says it SUCCEEDED (its process has exited),
                 # so no other trial can start while it still runs.
@@ -252,7 +258,9 @@ class TrialBroker:
             record = self.search.record(trial)
             if record.status != "running":
                 return  # the final metric came first, as usual
-            if event == "SUCCEEDED":
+            if trial in self._reported_failure:
+                self.search.tell(trial, Failure(self._reported_failure.pop(trial)))
+            elif event == "SUCCEEDED":
                 # A warm-up needs no metric; a candidate that succeeded without one is unusable.
                 self.search.tell(trial, self._teacher_metric.pop(trial, None) if record.warmup else Failure(NO_METRIC))
             else:

@@ -96,8 +96,9 @@ def params_of(job: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def arch_key(params: Dict[str, Any]) -> str:
-    """Fingerprint of a trial's parameters (meta keys included: a warm-up is its own kind)."""
-    return json.dumps(params, sort_keys=True)
+    """Fingerprint of a trial's parameters (meta keys included: a warm-up is its own kind; the
+    parameter id the search adds is not part of what the trial runs)."""
+    return json.dumps({k: v for k, v in params.items() if k != "_parameter_id"}, sort_keys=True)
 
 
 class NniExperiment:

@@ -397,3 +397,22 @@ def test_advisor_attributes_results_to_the_parameters_each_job_really_ran(tmp_pa
     assert len(runs) == len(set(runs))  # no candidate ran twice
     if kill_before == 0 and kill_after == 0:
         assert len(scored) == TOTAL - 3  # nothing lost: every candidate of the three stages scored
+
+
+def test_a_reported_failure_stops_on_the_trials_own_reason_without_placeholders(tmp_path):
+    """nas.trial reports ``{"failed": true, "reason": ...}`` before it exits 1: the search knows
+    which parameters failed and why, at once."""
+    adv = make_advisor(tmp_path)
+    adv.handle_initialize({})
+    adv.handle_request_trial_jobs(2)
+    [warmup] = commands(adv, CommandType.NewTrialJob)
+    pid = warmup["parameter_id"]
+    adv.handle_report_metric_data({"parameter_id": pid, "trial_job_id": "w", "type": "FINAL", "sequence": 0,
+                                   "value": nni.dump({"failed": True, "reason": "loss diverged at step 3",
+                                                      "parameter_id": pid})})
+    adv.handle_trial_end({"trial_job_id": "w", "event": "FAILED",
+                          "hyper_params": json.dumps({"parameter_id": pid, "parameters": warmup["parameters"]})})
+    adv.handle_request_trial_jobs(1)
+    errors = commands(adv, CommandType.Error)
+    assert len(errors) == 1 and "warm-up of stage 0" in errors[0] and "loss diverged at step 3" in errors[0]
+    assert len(commands(adv, CommandType.NewTrialJob)) == 1  # no placeholder, no candidate

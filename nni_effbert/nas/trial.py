@@ -234,10 +234,23 @@ def run(args: argparse.Namespace) -> int:
             raise
         logger.error("trial FAILED: %s", reason)
         print(f"trial failed: {reason}", file=sys.stderr)
+        if inside:
+            _report_failure(reason, params)
         return EXIT_FAILED
     _restore_memory_limit(previous)
     print(json.dumps(result, sort_keys=False))
     return EXIT_OK
+
+
+def _report_failure(reason: str, params: Mapping[str, Any]) -> None:
+    """Tell the search why this trial failed, and which parameters it ran (NNI may have queued
+    others for this job): a final metric without ``default``, so the web UI never ranks it."""
+    try:
+        import nni  # local: only inside NNI
+
+        nni.report_final_result({"failed": True, "reason": reason, **echoed_ids(params)})
+    except Exception as exc:  # noqa: BLE001 - the trial fails either way; its exit status says so
+        logger.warning("could not report the failure to NNI: %s", exc)
 
 
 def build_parser() -> argparse.ArgumentParser:
