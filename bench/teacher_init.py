@@ -192,11 +192,13 @@ def _ms(xs):
 
 def markdown(records, meta) -> str:
     t_dev = records[0]["teacher_dev"]
+    took = ", ".join(f"{r['variant']} {r['seconds'] / 60:.0f} min" for r in records)
     lines = [
         "# Teacher init bench (issue 13) -- REDUCED budgets", "",
-        f"Machine: {meta['machine']['cpu_model']}, {meta['machine']['cores']} cores, **shared with six other "
-        f"engineers' jobs** (load average {meta['load_before']} before, {meta['load_after']} after). "
-        f"Wall time {meta['seconds'] / 60:.1f} min.", "",
+        f"Machine: {meta['machine']['cpu_model']}, {meta['machine']['cores']} cores (load average of the run "
+        f"that measured latency and wrote this: {meta['load_before']} before, {meta['load_after']} after). "
+        f"Wall time of that run {meta['seconds'] / 60:.1f} min; variants saved by earlier `--no-latency` runs "
+        f"took {took}.", "",
         f"Budgets (`bench/configs/teacher_init.yml`): SST-2 {meta['budgets']['train_rows']:,}-row train subset, "
         f"MiniLM teacher fine-tuned 1 epoch on it; Taylor importance on {meta['budgets']['importance_batches']} "
         f"task batches; stage-0 warm-up {meta['budgets']['warmup']}; tiny search: {meta['budgets']['candidates']} "

@@ -131,7 +131,10 @@ def test_teacher_warmup_and_trials_end_to_end(tmp_path, base_teacher, glue_dir, 
     assert "trial failed: loss became NaN at step 2" in stderr or "trial failed: gradient became" in stderr
     assert stdout.strip() == ""  # no metric dict
     sent = (tmp_path / "nan.jsonl").read_text().splitlines() if (tmp_path / "nan.jsonl").exists() else []
-    assert not [m for m in sent if json.loads(m)["type"] == "FINAL"]  # never a score
+    finals = [json.loads(m)["value"] for m in sent if json.loads(m)["type"] == "FINAL"]
+    # Never a score: only the failure, its reason, and (from the search) the parameter id it ran.
+    assert all(isinstance(v, dict) and v.get("failed") is True and "default" not in v for v in finals), finals
+    assert len(finals) == 1 and "became" in finals[0]["reason"]
     record = json.loads((work / "trials" / "job-nan" / "result.json").read_text())
     assert record["status"] == "failed" and "became" in record["reason"]
 
