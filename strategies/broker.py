@@ -30,8 +30,9 @@ predecessor's. NNI's trial list then shows a job with parameters it did not run,
   queued parameters (:data:`~.core.UNREPORTED`, which a later metric of them overrides);
 * when the search waits on trials and no job is left to run them (their parameters are stuck
   in NNI's queue), serves *placeholder* parameters (``{"_noop": ...}``: the trial exits at
-  once) so NNI starts jobs that drain the queue; if a round of placeholders drains none of the
-  awaited trials, they are dead and fail as :data:`~.core.UNREPORTED`.
+  once) so NNI starts jobs that drain the queue, as many as jobs ended unsuccessfully without
+  reporting (the most stale entries the queue can hold); a trial still awaited after that
+  round is dead and fails as :data:`~.core.UNREPORTED`.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tup
 
 from nni_effbert.errors import CheckpointError
 from nni_effbert.io import atomic_write_json, load_json
+from nni_effbert.nas.params import NOOP_KEY, PARAMETER_ID_KEY
 
 from .core import NO_METRIC, UNREPORTED, Done, Failure, ProgressiveSearch, Proposal, Wait
 from .errors import SearchStateError
@@ -55,10 +57,6 @@ logger = logging.getLogger(__name__)
 #: File name of the search state inside the checkpoint folder.
 STATE_FILE = "progressive_search.json"
 BROKER_VERSION = 1
-#: In a placeholder's parameters: the trial exits at once without reporting (see the module docs).
-NOOP_KEY = "_noop"
-#: In every served parameter dict: its NNI parameter id, echoed in the trial's final metric.
-PARAMETER_ID_KEY = "_parameter_id"
 
 Served = List[Tuple[int, Dict[str, Any]]]
 

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError, EffBertError
+from .params import NOOP_KEY
 
 __all__ = ["ExperimentNotFoundError", "normalize_trial", "is_scored", "is_failed", "read_nni_trials"]
 
@@ -60,7 +61,6 @@ _STAGE_KEY = "_stage"
 _WARMUP_KEY = "_warmup_stage"
 _STAGE_NAME_KEY = "_stage_name"
 _TEACHER_KEY = "_teacher"
-_NOOP_KEY = "_noop"
 
 #: NNI's manifest of experiments (``nnictl`` and ``Experiment`` both keep it here).
 _MANIFEST = Path("~/nni-experiments/.experiment")
@@ -260,7 +260,7 @@ def _trials_from_jobs(rows: Sequence[Tuple[Any, Any, Any, Sequence[Any], Any, An
         actual = echoed if isinstance(echoed, int) and not isinstance(echoed, bool) else _int_or_none(ran.get(tid))
         if actual is not None and actual != pid and actual in by_pid:
             params, moved = by_pid[actual], moved + 1
-        if _NOOP_KEY in params:
+        if NOOP_KEY in params:
             continue
         trials.append(_trial_from_nni(tid, status, seq, params, data, message))
     if moved:
