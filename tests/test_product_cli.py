@@ -207,6 +207,66 @@ def test_export_distill_report_cli(tmp_path, base_teacher, glue_dir, capsys, mon
         assert len(err.splitlines()) == 1 and needle in err, (argv, err)
 
 
+def test_both_baselines_are_distilled_once_and_reused_for_the_same_budget(tmp_path, base_teacher, glue_dir, capsys,
+                                                                          monkeypatch):
+    """``ensure_baseline`` (params) and ``ensure_latency_baseline`` export and distil their BERT-MLP
+    baseline, record what it was matched to, reuse it for the same searched student and budget,
+    and export it again for another distill budget."""
+    from nni_effbert import cli
+    from nni_effbert.config import load_config
+    from nni_effbert.product import students
+    from nni_effbert.product.cost import LATENCY_BASELINE, ensure_latency_baseline
+    from nni_effbert.product.distill import plan_distill
+    from nni_effbert.product.export import load_exported
+    from nni_effbert.product.students import BASELINE, ensure_baseline
+    from nni_effbert.search_spaces import EfficientBertSpace
+
+    work = tmp_path / "work"
+    sets = [f"workdir={work}", f"teacher.model={base_teacher}", f"task.data_dir={glue_dir}", "task.max_train_rows=96",
+            "task.max_dev_rows=48", "distill.general_steps=0", "distill.task_steps=2", "distill.eval_interval=0",
+            "distill.batch_size=16", "evaluator.latency_repeats=3"]
+    argv = [f"--set={s}" for s in sets]
+    assert cli.main(["teacher", "-q", "-c", TINY, *argv]) == 0
+    assert cli.main(["warmup", "-q", "-c", TINY, *argv, "--stage", "0"]) == 0
+    space = EfficientBertSpace.preset("tiny")
+    arch = space.bert_arch(width=space.config.widths[1], stack=2)
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    assert cli.main(["export", "-q", "-c", TINY, *argv, "--arch", str(tmp_path / "arch.json")]) == 0
+    capsys.readouterr()
+    searched = work / "exports" / "searched"
+    cfg = load_config(TINY, sets)
+
+    exports = []
+    real_export = students._export
+    monkeypatch.setattr(students, "_export", lambda ev, a, stage, name, extra: exports.append(name) or
+                        real_export(ev, a, stage, name, extra))
+    base, choice = ensure_baseline(cfg, searched, progress=False)
+    lat, lat_choice = ensure_latency_baseline(cfg, searched, progress=False)
+    assert exports == [BASELINE, LATENCY_BASELINE]
+    assert base.path == work / "exports" / BASELINE and lat.path == work / "exports" / LATENCY_BASELINE
+    fingerprint = load_exported(searched).meta["fingerprint"]
+    for folder, matched in ((base.path, {"target_params": choice.target, "param_difference": choice.difference}),
+                            (lat.path, {"matched_by": "latency", "predicted_ms": lat_choice.predicted_ms})):
+        meta = load_exported(folder).meta
+        extra = meta["extra"]
+        assert {k: extra[k] for k in matched} == matched
+        assert extra["baseline_for"] == fingerprint and extra["searched_export"] == str(searched)
+        assert extra["distill"]["plan"] == plan_distill(cfg).to_dict() and extra["supernet_stage"] == 0
+    assert load_exported(lat.path).arch == space.validate_arch(lat_choice.arch)
+    assert load_exported(base.path).arch == space.validate_arch(choice.arch)
+
+    # The same searched student and budget: both reused, nothing exported or trained again.
+    again, _ = ensure_baseline(cfg, searched, progress=False)
+    lat_again, _ = ensure_latency_baseline(cfg, searched, progress=False)
+    assert exports == [BASELINE, LATENCY_BASELINE]
+    assert (again.dev_metric, lat_again.dev_metric) == (base.dev_metric, lat.dev_metric)
+    # Another distill budget: exported again from the supernet, then distilled with it.
+    longer = load_config(TINY, [*sets, "distill.task_steps=3"])
+    ensure_latency_baseline(longer, searched, progress=False)
+    assert exports == [BASELINE, LATENCY_BASELINE, LATENCY_BASELINE]
+    assert load_exported(lat.path).meta["extra"]["distill"]["plan"]["task_steps"] == 3
+
+
 @pytest.mark.integration
 def test_whole_cli_chain_with_nnictl(tmp_path, base_teacher, glue_dir, capsys):
     """teacher -> warmup -> search (nnictl, 4 candidates + 2 warm-up trials) -> export -> distill -> report."""

@@ -19,17 +19,16 @@ from typing import Any, Dict, List, Optional
 from nni_effbert.search_spaces.modeling import EfficientBertModel
 
 from ..errors import ConfigError
-from ..io import load_json
 from ..kd.latency import measure_latency
 from ..kd.latency_table import latency_settings, table_for_config, teacher_latency_ms, torch_device
 from ..nas.cost import best_by_objective, best_within_latency
 from ..nas.evaluator import KDEvaluator
 from ..nas.records import read_nni_trials
-from .distill import distill_record, plan_distill, run_distill
-from .students import SEARCHED, ExportInfo, _export, baseline_evaluator, experiments_dir_of
+from .students import (SEARCHED, ExportInfo, _export, baseline_evaluator, distil_baseline, experiments_dir_of,
+                       reusable_export)
 
 __all__ = ["LATENCY_BASELINE", "LatencyBaselineChoice", "export_within_latency", "export_best_objective", "latency_limit",
-           "latency_baseline_arch", "ensure_latency_baseline"]
+           "latency_baseline_arch", "choose_latency_baseline", "ensure_latency_baseline"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,39 +173,60 @@ def latency_baseline_arch(space, table, target_arch: Dict[str, Any], *, settings
                                  candidates=[{k: c[k] for k in ("width", "predicted_ms", "measured_ms")} for c in cands])
 
 
-def ensure_latency_baseline(cfg, searched_dir, *, name: str = LATENCY_BASELINE, progress: bool = True, setup=None):
+def recorded_latency_baseline(cfg, ev, searched, name: str = LATENCY_BASELINE) -> Optional[LatencyBaselineChoice]:
+    """The choice recorded by an ``exports/<name>`` that can be reused for ``searched`` (same
+    student, supernets, space and distill plan), without measuring again; else None."""
+    meta = reusable_export(cfg, ev, name, _latency_key(searched, ev))
+    if meta is None:
+        return None
+    x = meta["extra"]
+    return LatencyBaselineChoice(arch=ev.setup.space.bert_arch(width=int(x["width"]), stack=1), width=int(x["width"]),
+                                 predicted_ms=float(x["predicted_ms"]), target_predicted_ms=float(x["target_predicted_ms"]),
+                                 measured_ms=x.get("measured_ms"), target_measured_ms=x.get("target_measured_ms"),
+                                 candidates=list(x.get("candidates") or []))
+
+
+def _latency_key(searched, ev) -> Dict[str, Any]:
+    return {"baseline_for": searched.meta.get("fingerprint"), "matched_by": "latency",
+            "supernet_experiment": ev.experiment}
+
+
+def choose_latency_baseline(cfg, searched_dir, *, name: str = LATENCY_BASELINE, progress: bool = True,
+                            setup=None) -> LatencyBaselineChoice:
+    """The latency-matched baseline for a searched export: the one an existing reusable export
+    records, else :func:`latency_baseline_arch` (predicted, then measured). A report asks this
+    first, so a rerun keeps the width it measured once (short measurements on a busy machine may
+    rank two nearby widths either way)."""
+    searched, ev = baseline_evaluator(cfg, searched_dir, progress=progress, setup=setup)
+    recorded = recorded_latency_baseline(cfg, ev, searched, name)
+    if recorded is not None:
+        return recorded
+    table = table_for_config(cfg, space_config=ev.setup.space.config, progress=progress)
+    return latency_baseline_arch(ev.setup.space, table, dict(searched.arch), settings=latency_settings(cfg))
+
+
+def ensure_latency_baseline(cfg, searched_dir, *, name: str = LATENCY_BASELINE, progress: bool = True, setup=None,
+                            choice: Optional[LatencyBaselineChoice] = None):
     """Export (if needed) and distil the latency-matched baseline for a searched export.
 
     Like :func:`~nni_effbert.product.students.ensure_baseline` (same supernet stage, same distill
-    budget; an existing export for the same searched student, width and budget is reused), with
-    the width chosen by :func:`latency_baseline_arch`. Builds the latency table if missing.
+    budget), with the width of ``choice`` (default :func:`choose_latency_baseline`: an existing
+    export for the same searched student and budget is reused without measuring again). Builds
+    the latency table if missing.
 
     Returns
     -------
     (DistillResult, LatencyBaselineChoice)
     """
     searched, ev = baseline_evaluator(cfg, searched_dir, progress=progress, setup=setup)
-    space = ev.setup.space
-    table = table_for_config(cfg, space_config=space.config, progress=progress)
-    choice = latency_baseline_arch(space, table, dict(searched.arch), settings=latency_settings(cfg))
-    out = ev.setup.workdir.export_dir(name)
-    wanted = {"baseline_for": searched.meta.get("fingerprint"), "matched_by": "latency", "width": choice.width,
-              "supernet_experiment": ev.experiment}
-    reuse = False
-    if (out / "export_meta.json").is_file():
-        meta = load_json(out / "export_meta.json", "baseline export metadata")
-        extra = meta.get("extra") or {}
-        record = distill_record(meta)
-        reuse = (all(extra.get(k) == v for k, v in wanted.items()) and record is not None
-                 and record.get("plan") == plan_distill(cfg).to_dict()
-                 and meta.get("space_config") == space.config.to_dict())
-    if not reuse:
-        stage = (searched.meta.get("extra") or {}).get("supernet_stage")
-        extra = {"source": "baseline", **wanted, "predicted_ms": choice.predicted_ms,
-                 "target_predicted_ms": choice.target_predicted_ms, "measured_ms": choice.measured_ms,
-                 "target_measured_ms": choice.target_measured_ms, "searched_export": str(searched.path)}
-        logger.info("latency-matched baseline: BERT MLP, stack 1, width %d (predicted %.3f ms vs %.3f searched)",
-                    choice.width, choice.predicted_ms, choice.target_predicted_ms)
-        _export(ev, choice.arch, stage, name, extra)
-    result = run_distill(cfg, out, progress=progress, setup=ev.setup)
+    if choice is None:
+        choice = choose_latency_baseline(cfg, searched_dir, name=name, progress=progress, setup=ev.setup)
+    wanted = {**_latency_key(searched, ev), "width": choice.width}
+    about = (f"latency-matched baseline: BERT MLP, stack 1, width {choice.width} (predicted "
+             f"{choice.predicted_ms:.3f} ms vs {choice.target_predicted_ms:.3f} searched)")
+    extra = {"predicted_ms": choice.predicted_ms, "target_predicted_ms": choice.target_predicted_ms,
+             "measured_ms": choice.measured_ms, "target_measured_ms": choice.target_measured_ms,
+             "candidates": choice.candidates}
+    result = distil_baseline(cfg, ev, searched, choice.arch, name, wanted, about=about, extra=extra,
+                             progress=progress)
     return result, choice

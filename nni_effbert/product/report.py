@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..io import atomic_write_text, load_json
 from ..kd.latency import measure_latency
-from ..kd.latency_table import latency_settings, table_for_config
 from ..kd.teacher import load_teacher, prepare_teacher
 from ..kd.teacher_init import origin_line, student_origin
 from ..kd.train import KDSetup
@@ -29,7 +28,7 @@ from .distill import distill_record
 from .export import load_exported
 from .fidelity import fidelity_markdown
 from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label
-from .cost import ensure_latency_baseline, latency_baseline_arch
+from .cost import choose_latency_baseline, ensure_latency_baseline
 from .students import SEARCHED, ensure_baseline, experiments_dir_of, supernet_experiment
 
 __all__ = ["TABLE_KEYS", "ReportResult", "ReportOutcome", "format_table", "write_report", "teacher_row", "student_row", "build_report"]
@@ -457,9 +456,7 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
     metric = setup.task.spec.metric
     # The second baseline, matched by latency (predicted, then measured); distilled only when
     # its width differs from the params-matched one.
-    lat_choice = latency_baseline_arch(setup.space, table_for_config(cfg, space_config=setup.space.config,
-                                                                     progress=progress),
-                                       dict(searched.arch), settings=latency_settings(cfg))
+    lat_choice = choose_latency_baseline(cfg, searched_dir, progress=progress, setup=setup)
     same = lat_choice.width == choice.width
     rows = [
         teacher_row(setup, seq_length=seq, repeats=repeats),
@@ -469,7 +466,8 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
                     note=f"width {choice.width}, stack 1, {choice.difference:+d} params vs searched"),
     ]
     if not same:
-        lat_result, lat_choice = ensure_latency_baseline(cfg, searched_dir, progress=progress, setup=setup)
+        lat_result, lat_choice = ensure_latency_baseline(cfg, searched_dir, progress=progress, setup=setup,
+                                                         choice=lat_choice)
         rows.append(student_row(lat_result.path, "baseline (BERT MLP), matched by latency", "baseline_latency",
                                 seq_length=seq, repeats=repeats,
                                 note=f"width {lat_choice.width}, stack 1, {100 * lat_choice.relative_difference:+.1f}% "

@@ -29,6 +29,8 @@ __all__ = [
     "export_best",
     "export_arch",
     "ensure_baseline",
+    "distil_baseline",
+    "reusable_export",
     "export_trial_arch",
 ]
 
@@ -189,28 +191,47 @@ def ensure_baseline(cfg, searched_dir, *, name: str = BASELINE, progress: bool =
     """
 
     searched, ev = baseline_evaluator(cfg, searched_dir, progress=progress, setup=setup)
-    space = ev.setup.space
-    choice = baseline_arch(space, int(searched.meta["params"]))
-    out = ev.setup.workdir.export_dir(name)
-    wanted = {"baseline_for": searched.meta.get("fingerprint"), "target_params": choice.target}
-    wanted["supernet_experiment"] = ev.experiment
-    reuse = False
-    if (out / "export_meta.json").is_file():
-        meta = load_json(out / "export_meta.json", "baseline export metadata")
-        extra = meta.get("extra") or {}
-        record = distill_record(meta)
-        reuse = (all(extra.get(k) == v for k, v in wanted.items()) and record is not None
-                 and record.get("plan") == plan_distill(cfg).to_dict()
-                 and meta.get("space_config") == space.config.to_dict())
-    if not reuse:
-        stage = (searched.meta.get("extra") or {}).get("supernet_stage")
-        extra = {"source": "baseline", **wanted, "width": choice.width,
-                 "param_difference": choice.difference, "searched_export": str(searched.path)}
-        logger.info("baseline: BERT MLP, stack 1, width %d (%d params vs %d searched, %+d)", choice.width,
-                    choice.params, choice.target, choice.difference)
-        _export(ev, choice.arch, stage, name, extra)
-    result = run_distill(cfg, out, progress=progress, setup=ev.setup)
+    choice = baseline_arch(ev.setup.space, int(searched.meta["params"]))
+    wanted = {"baseline_for": searched.meta.get("fingerprint"), "target_params": choice.target,
+              "supernet_experiment": ev.experiment}
+    about = (f"baseline: BERT MLP, stack 1, width {choice.width} ({choice.params} params vs {choice.target} "
+             f"searched, {choice.difference:+d})")
+    result = distil_baseline(cfg, ev, searched, choice.arch, name, wanted, about=about, progress=progress,
+                             extra={"width": choice.width, "param_difference": choice.difference})
     return result, choice
+
+
+def reusable_export(cfg, ev, name: str, wanted: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The metadata of ``exports/<name>`` if it can stand as it is: its ``extra`` has every
+    ``wanted`` key, it is in the evaluator's student space and it was distilled with today's
+    ``distill`` plan; else None."""
+    out = ev.setup.workdir.export_dir(name)
+    if not (out / "export_meta.json").is_file():
+        return None
+    meta = load_json(out / "export_meta.json", "baseline export metadata")
+    record = distill_record(meta)
+    if (all((meta.get("extra") or {}).get(k) == v for k, v in wanted.items()) and record is not None
+            and record.get("plan") == plan_distill(cfg).to_dict()
+            and meta.get("space_config") == ev.setup.space.config.to_dict()):
+        return meta
+    return None
+
+
+def distil_baseline(cfg, ev, searched, arch: Dict[str, Any], name: str, wanted: Dict[str, Any], *, about: str,
+                    extra: Optional[Dict[str, Any]] = None, progress: bool = True):
+    """Export ``arch`` as the baseline ``exports/<name>`` of the ``searched`` export and distil it.
+
+    ``arch`` is sliced from the searched student's supernet stage (evaluator ``ev``). An export
+    that :func:`reusable_export` accepts for ``wanted`` is kept as it is; otherwise it is
+    exported again with ``wanted`` + ``extra`` in its metadata (``about`` is logged). Returns the
+    :class:`~nni_effbert.product.distill.DistillResult`.
+    """
+    if reusable_export(cfg, ev, name, wanted) is None:
+        stage = (searched.meta.get("extra") or {}).get("supernet_stage")
+        logger.info("%s", about)
+        _export(ev, dict(arch), stage, name,
+                {"source": "baseline", **wanted, **(extra or {}), "searched_export": str(searched.path)})
+    return run_distill(cfg, ev.setup.workdir.export_dir(name), progress=progress, setup=ev.setup)
 
 
 def export_trial_arch(cfg, arch: Dict[str, Any], stage: Optional[int], name: str, *, extra: Optional[Dict[str, Any]] = None,
