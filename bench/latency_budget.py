@@ -121,9 +121,12 @@ def main() -> int:
         exp = export_best(scfg, out.experiment_id, name=f"searched-lat-seed{seed}",
                           evaluator=KDEvaluator(scfg, setup=setup))
         searched = run_distill(scfg, exp.path, setup=setup)
-        base, choice = ensure_latency_baseline(scfg, exp.path, name=f"baseline-lat-seed{seed}", setup=setup)
+        # One latency match for all seeds (chosen on the first): the seeds then pair the same two archs.
+        base, choice = ensure_latency_baseline(scfg, exp.path, name=f"baseline-lat-seed{seed}", setup=setup,
+                                               choice=seeds[0]["choice"] if seeds else None)
         seeds.append({"seed": seed, "searched": searched.dev_metric, "baseline": base.dev_metric,
-                      "searched_dir": str(exp.path), "baseline_dir": str(base.path), "baseline_width": choice.width})
+                      "searched_dir": str(exp.path), "baseline_dir": str(base.path), "baseline_width": choice.width,
+                      "choice": choice})
         print(f"distill seed {seed}: searched {searched.dev_metric:.4f}, latency-matched baseline "
               f"(width {choice.width}) {base.dev_metric:.4f}", flush=True)
     s_ms, b_meas = interleaved_latency([seeds[0]["searched_dir"], seeds[0]["baseline_dir"]], settings)
@@ -137,6 +140,8 @@ def main() -> int:
     equal = abs(s_ms - b_meas) <= 0.05 * b_meas
     ahead = equal and p_value is not None and p_value < 0.05
     faster = ratio >= 1.25 and statistics.mean(s_dev) >= statistics.mean(b_dev) - 0.005
+    for r in seeds:
+        r.pop("choice")
     data = {"reduced": bool(args.reduced), "machine": info, "load_end": load_now(), "command":
             "python bench/latency_budget.py " + " ".join(sys.argv[1:]), "budget": budget[0],
             "baseline_predicted_ms": b_ms, "experiment": out.experiment_id, "seeds": seeds,
