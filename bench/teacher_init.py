@@ -2,29 +2,35 @@
 
     python bench/teacher_init.py --out bench/results/teacher_init
 
-Variants (same teacher, same data, same budgets; only the student preset and ``warmup.init`` differ):
+Variants (same teacher, same data, same budgets; only the student preset, ``warmup.init`` and
+the latency budget differ):
 
 ====  =================================================================================
 A     ``warmup.init: teacher_embeddings`` (today's default), ``student.preset: quickstart``
 B     ``warmup.init: teacher``, ``student.preset: quickstart``
 C     ``warmup.init: teacher``, ``student.preset: teacher`` with ``{num_hidden_layers: 3, max_stack: 2}``
+D     as C, but every candidate (and the BERT candidate's width) must be predicted >= 3x faster
+      than the teacher: the product's latency table of the space and the teacher's measured
+      latency (issue 14's ``search.speedup``); its baseline is BERT's MLP of the nearest latency
+      (:func:`nni_effbert.product.cost.latency_baseline_arch`)
 ====  =================================================================================
 
 Per variant: warm up stage 0 of the supernet (general KD on the shared real corpus, then task
 KD), run a *tiny* search (``--candidates`` random archs of the space scored with inherited
 weights on a held-out split of SST-2 train that the training subset does not contain), take
 the best as the "searched" student and the BERT-MLP baseline of the nearest parameter count
-(:func:`nni_effbert.product.distill.baseline_arch`), export both from the same supernet and
-distil both with the same ``distill`` budget for each of ``--seeds`` distill seeds. The 872-row
-GLUE dev set is used only for the final scores. CPU latency (batch 1, sequence 128) of the
-teacher and of every variant's seed-0 students is measured at the end, interleaved round by
-round in one process; the medians over rounds are reported.
+(:func:`nni_effbert.product.distill.baseline_arch`; of the nearest latency for D), export both
+from the same supernet and distil both with the same ``distill`` budget for each of ``--seeds``
+distill seeds. The 872-row GLUE dev set is used only for the final scores. CPU latency (batch 1,
+sequence 128) of the teacher and of every variant's seed-0 students is measured at the end,
+interleaved round by round in one process; the medians over rounds are reported.
 
-The budgets are those of ``bench/configs/teacher_init.yml`` (REDUCED: 2,000 training rows, 10
-importance batches, 20 + 60 warm-up steps, 3 random candidates, 20 + 100 distill steps; the
-recorded run also used ``--seeds 1``): this session's machine had 2 cores shared by seven
-engineers (load average 14-20). The teacher, its output caches and the importance scores live in
-``bench/work/teacher_init/shared`` and are shared by the variants (symbolic links).
+The budgets are those of ``bench/configs/teacher_init.yml`` plus the ``--set`` overrides of the
+run, both written into the JSON (``meta.budgets``, ``meta.overrides``) and the markdown; they are
+REDUCED to fit a 2-core machine. The teacher, its output caches and the importance scores live in
+``bench/work/teacher_init/shared`` and are shared by the variants (symbolic links). ``--reuse``
+takes the variants of an earlier results JSON as done (to add a variant to a recorded run: the
+latency of all of them is measured again, together).
 
 Writes ``<out>.json`` (one record per variant with ``variant``, ``teacher_dev``,
 ``searched_dev`` / ``baseline_dev`` over seeds, ``searched_latency_ms``,
@@ -44,7 +50,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_now, machine_info  # noqa: E402
@@ -52,11 +57,14 @@ from _common import load_now, machine_info  # noqa: E402
 from nni_effbert.config import TaskConfig, load_config  # noqa: E402
 from nni_effbert.data.loading import load_raw_task, load_task  # noqa: E402
 from nni_effbert.kd.latency import measure_latency  # noqa: E402
+from nni_effbert.kd.latency_table import latency_settings, table_for_config, teacher_latency_ms  # noqa: E402
 from nni_effbert.kd.teacher import finetune_from_config, load_teacher, prepare_teacher  # noqa: E402
 from nni_effbert.kd.teacher_init import student_origin  # noqa: E402
 from nni_effbert.kd.train import KDSetup, evaluate  # noqa: E402
 from nni_effbert.nas.warmup import run_warmup  # noqa: E402
+from nni_effbert.product.cost import latency_baseline_arch  # noqa: E402
 from nni_effbert.product.distill import baseline_arch, run_distill  # noqa: E402
+from nni_effbert.strategies.sampler import latency_in_budget  # noqa: E402
 from nni_effbert.product.export import export_student, load_exported  # noqa: E402
 from nni_effbert.workdir import WorkDir  # noqa: E402
 
@@ -72,6 +80,10 @@ VARIANTS = {
     "C": {"what": "init: teacher, preset: teacher with 3 layers (max_stack 2)",
           "set": ["warmup.init=teacher", "student.preset=teacher",
                   "student.overrides={num_hidden_layers: 3, max_stack: 2}"]},
+    "D": {"what": "as C, searched under a 3x speed-up budget over the teacher (search.speedup, issue 14)",
+          "set": ["warmup.init=teacher", "student.preset=teacher",
+                  "student.overrides={num_hidden_layers: 3, max_stack: 2}"],
+          "speedup": 3.0},
 }
 
 
@@ -114,26 +126,49 @@ def run_variant(name: str, args, work: Path, shared: Path, heldout_cfg) -> dict:
     warm = run_warmup(cfg, 0, setup=setup, progress=not args.quiet)
     heldout = load_task(heldout_cfg, setup.tokenizer, cache_dir=str(WorkDir.of(cfg).datasets_cache)).dev
     rng = np.random.default_rng(args.search_seed)
-    candidates, seen = [], set()
+    fits, budget, table = (lambda arch: True), None, None
+    speedup = VARIANTS[name].get("speedup")
+    if speedup:
+        # The product's latency predictor (issue 14): the table of this space and the teacher's
+        # measured latency, both at the config's latency settings (CPU, 1 thread, b1/s128).
+        table = table_for_config(cfg, space_config=space.config, progress=not args.quiet)
+        budget = (0.0, teacher_latency_ms(cfg) / speedup)
+        fits = (lambda arch: latency_in_budget(table.predict, arch, budget))  # noqa: E731
+        logger.info("variant %s: predicted latency budget <= %.3f ms (teacher / %.1f)", name, budget[1], speedup)
+    candidates, seen, tries = [], set(), 0
     while len(candidates) < args.candidates:
+        tries += 1
+        if tries > 20000:
+            raise SystemExit(f"variant {name}: found only {len(candidates)} archs within the latency budget {budget}")
         arch = space.random_arch(rng)
-        if space.fingerprint(arch) not in seen:
+        if space.fingerprint(arch) not in seen and fits(arch):
             seen.add(space.fingerprint(arch))
             candidates.append(arch)
-    candidates.append(space.bert_arch())  # the full-width BERT MLP is a candidate too
+    # The widest BERT MLP (stack 1) that fits is a candidate too (the full width without a budget).
+    bert = next((a for a in (space.bert_arch(width=w) for w in sorted(space.config.widths, reverse=True)) if fits(a)),
+                None)
+    if bert is not None:
+        candidates.append(bert)
     scored = []
     for arch in candidates:
         m = evaluate(space, heldout, spec, batch_size=64, pad_token_id=setup.pad_token_id, arch=arch)["default"]
         scored.append({"arch": arch, "heldout": float(m), "params": int(space.count_params(arch)),
-                       "expressions": [d["expression"] for d in space.describe(arch)]})
+                       "expressions": [d["expression"] for d in space.describe(arch)],
+                       "predicted_latency_ms": None if table is None else round(table.predict(arch), 3)})
     best = max(scored, key=lambda s: (s["heldout"], -s["params"]))
-    base = baseline_arch(space, best["params"])
+    if table is None:  # BERT MLP of the nearest parameter count
+        base = baseline_arch(space, best["params"])
+        base_arch, base_width, base_diff, matched_by = base.arch, base.width, base.difference, "params"
+    else:  # under a latency budget: BERT MLP of the nearest latency (predicted, then measured)
+        choice = latency_baseline_arch(space, table, best["arch"], settings=latency_settings(cfg))
+        base_arch, base_width, matched_by = choice.arch, choice.width, "latency"
+        base_diff = int(space.count_params(base_arch)) - best["params"]
     origin = student_origin(cfg)
     per_seed = {"searched": [], "baseline": []}
     folders = {}
     for seed in range(args.seeds):
         seeded = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, seed=seed))
-        for role, arch in (("searched", best["arch"]), ("baseline", base.arch)):
+        for role, arch in (("searched", best["arch"]), ("baseline", base_arch)):
             out = root / "exports" / f"{role}_s{seed}"
             export_student(space, arch, space, out, tokenizer=setup.tokenizer, task=spec,
                            extra_meta={"origin": origin, "variant": name})
@@ -150,7 +185,8 @@ def run_variant(name: str, args, work: Path, shared: Path, heldout_cfg) -> dict:
                    "seconds": round(warm.seconds, 1), "plan": warm.plan.to_dict()},
         "candidates": [{k: v for k, v in s.items() if k != "arch"} for s in scored],
         "searched_arch": best["arch"], "searched_expressions": best["expressions"], "searched_heldout": best["heldout"],
-        "baseline_width": base.width, "baseline_param_difference": base.difference,
+        "baseline_width": base_width, "baseline_param_difference": base_diff, "baseline_matched_by": matched_by,
+        "latency_budget_ms": None if budget is None else list(budget), "speedup_target": speedup,
         "searched_dev": [r["dev"] for r in per_seed["searched"]],
         "baseline_dev": [r["dev"] for r in per_seed["baseline"]],
         "searched_before_distill": [r["before"] for r in per_seed["searched"]],
@@ -225,18 +261,21 @@ def markdown(records, meta) -> str:
         lines.append(f"- **{r['variant']}**: searched {', '.join(f'{x:.4f}' for x in r['searched_dev'])} "
                      f"(before distill {r['searched_before_distill'][0]:.4f}); baseline "
                      f"{', '.join(f'{x:.4f}' for x in r['baseline_dev'])} (width {r['baseline_width']}, "
-                     f"{r['baseline_param_difference']:+,d} params vs searched; before distill "
+                     f"matched by {r.get('baseline_matched_by', 'params')}, {r['baseline_param_difference']:+,d} params vs "
+                     f"searched; before distill "
                      f"{r['baseline_before_distill'][0]:.4f}); warm-up init `{r['warmup']['init']}`, reference "
                      f"arch dev after warm-up {r['warmup']['reference_dev']:.4f}; searched expressions "
                      f"{', '.join('`' + e + '`' for e in r['searched_expressions'])}")
-    best = max(records, key=lambda r: np.mean(r["searched_dev"]))
-    keep = np.mean(best["searched_dev"]) / t_dev
-    speed = best["teacher_latency_ms"] / best["searched_latency_ms"]
-    lines += ["", "## Targets (best variant by searched dev mean)", "",
-              f"- Variant {best['variant']}: searched keeps {100 * keep:.1f}% of the teacher's dev accuracy "
-              f"(target >= 97%): **{'met' if keep >= 0.97 else 'not met'}**.",
-              f"- Its CPU latency is {speed:.2f}x lower than the teacher's (target >= 3x): "
-              f"**{'met' if speed >= 3 else 'not met'}**.", ""]
+    lines += ["", "## Targets (>= 97% of the teacher's dev accuracy at >= 3x lower CPU latency)", "",
+              "| variant | searched keeps | teacher / searched latency | both met |", "|---|---:|---:|:---:|"]
+    met = []
+    for r in records:
+        keep = np.mean(r["searched_dev"]) / t_dev
+        speed = r["teacher_latency_ms"] / r["searched_latency_ms"]
+        ok = keep >= 0.97 and speed >= 3
+        met += [r["variant"]] if ok else []
+        lines.append(f"| {r['variant']} | {100 * keep:.1f}% | {speed:.2f}x | {'yes' if ok else 'no'} |")
+    lines += ["", f"Target **{'met by ' + ', '.join(met) if met else 'not met by any variant'}**.", ""]
     return "\n".join(lines)
 
 
@@ -254,6 +293,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], help="extra dotted.key=value overrides for every variant")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-latency", action="store_true", help="run the variants, save them, skip latency and results")
+    p.add_argument("--reuse", metavar="JSON", help="take the variants recorded in an earlier results JSON as done "
+                   "(their exported students must still exist); latency is measured again for all")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.perf_counter()
@@ -270,8 +311,15 @@ def main(argv=None) -> int:
     # without it finds them all done and only measures latency and writes the results.)
     out = Path(args.out)
     records = []
+    earlier = {}
+    if args.reuse:
+        earlier = {r["variant"]: r for r in json.loads(Path(args.reuse).read_text())["records"]}
     for v in args.variants.split(","):
         partial = out.parent / f"{out.name}.partial.{v}.json"
+        if v in earlier and all(Path(f).is_dir() for f in earlier[v]["folders"].values()):
+            records.append(earlier[v])
+            logger.info("variant %s: reused from %s", v, args.reuse)
+            continue
         if partial.is_file():
             records.append(json.loads(partial.read_text()))
             continue
@@ -284,7 +332,7 @@ def main(argv=None) -> int:
                         int(base.evaluator.latency_seq_length))
     stage = base.search.stages[0]
     meta = {
-        "reduced": True, "machine": machine_info(), "load_before": load_before, "load_after": load_now(),
+        "reduced": True, "machine": machine_info(), "reused": sorted(earlier), "load_before": load_before, "load_after": load_now(),
         "seconds": time.perf_counter() - started, "config": str(CONFIG.relative_to(HERE.parent)), "overrides": args.set,
         "budgets": {"train_rows": base.task.max_train_rows, "importance_batches": base.warmup.importance_batches,
                     "warmup": f"{stage.general_warmup_steps} general-KD steps on the shared corpus + "
