@@ -343,6 +343,23 @@ class ProgressiveSearch:
             self._finish_stage()
         return self._done
 
+    def settle(self) -> Optional[Done]:
+        """End the search if its last stage has nothing left to propose or wait for, without
+        proposing anything: what :meth:`ask` would conclude. For a caller with no slot to fill
+        (NNI asks for jobs only while it has submitted fewer than ``maxTrialNumber``, so the last
+        results may arrive when nothing will call :meth:`ask` again)."""
+        if self._done is not None or self._teacher in ("pending", "running"):
+            return self._done
+        if (not self._started or self._stage + 1 != len(self.config.stages)
+                or self._warmup[self._stage] not in ("done", "skipped")):
+            return None
+        if not self._exhausted and self._issued() < self.stage.trials:
+            return None
+        if any(r.status == "running" for r in self._records.values()):
+            return None
+        self._finish_stage()
+        return self._done
+
     def _issued(self) -> int:
         return sum(1 for r in self._records.values()
                    if r.stage == self._stage and not r.warmup and r.status != "lost")

@@ -66,8 +66,9 @@ def make_advisor(tmp_path=None, **kw):
 class FakeManager:
     """NNI's manager loop in miniature: asks ``concurrency`` trials, then one per ended trial."""
 
-    def __init__(self, advisor, concurrency, objective, fail=lambda p: False):
+    def __init__(self, advisor, concurrency, objective, fail=lambda p: False, max_trials=None):
         self.adv, self.concurrency, self.objective, self.fail = advisor, concurrency, objective, fail
+        self.max_trials = max_trials  # as NNI's: no more requests once that many jobs were submitted
         self.queue, self.running, self.started, self.max_running = deque(), deque(), [], 0
         self.read = 0
 
@@ -97,7 +98,8 @@ class FakeManager:
                 self.adv.handle_report_metric_data({"parameter_id": pid, "trial_job_id": str(pid), "type": "FINAL",
                                                     "sequence": 0, "value": nni.dump(report(params, self.objective))})
             self.adv.handle_trial_end({"trial_job_id": str(pid), "event": "SUCCEEDED", "hyper_params": hyper})
-        self.adv.handle_request_trial_jobs(1)
+        if self.max_trials is None or len(self.started) < self.max_trials:
+            self.adv.handle_request_trial_jobs(1)
         self.pump()
 
     def run(self, limit=1000):
@@ -153,6 +155,24 @@ def test_advisor_full_search_through_a_simulated_manager(tmp_path):
     for p in params:  # every candidate is a valid arch of the real space, JSON as the web UI shows it
         if "_warmup_stage" not in p:
             space.validate_arch({k: v for k, v in p.items() if not k.startswith("_")})
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["search"]["done"]["cause"] == "finished"
+
+
+@pytest.mark.parametrize("last_warmup", [True, False])
+@pytest.mark.parametrize("concurrency", [1, 2, 3])
+def test_search_ends_when_its_last_results_arrive_after_nni_stopped_asking(tmp_path, concurrency, last_warmup):
+    """maxTrialNumber = exactly the search's jobs: NNI asks for no job after the last one is
+    submitted, so the last results come in with no slot open; the search still ends (and says so
+    in its saved state) instead of waiting for an ask that never comes."""
+    search = {**SEARCH, "stages": [*SEARCH["stages"][:-1], {**SEARCH["stages"][-1], "warmup": last_warmup}]}
+    total = SearchConfig.from_dict(search).total_trials()
+    adv = make_advisor(tmp_path, search=search)
+    manager = FakeManager(adv, concurrency, TableObjective(adv.broker.search.space), max_trials=total)
+    manager.run()
+    assert len(manager.started) == total and not manager.running
+    assert adv.broker.done is not None and not adv.broker.done.failed
+    assert len(commands(adv, CommandType.NoMoreTrialJobs)) == 1
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["search"]["done"]["cause"] == "finished"
 
