@@ -4,15 +4,13 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import nni
 import numpy as np
 import torch
-from nni.nas.evaluator import FunctionalEvaluator
 from nni.nas.execution import SequentialExecutionEngine
 from nni.nas.nn.pytorch import ModelSpace
-from nni.nas.space import RawFormatModelSpace
 
 
 def machine_info() -> Dict[str, Any]:

@@ -29,7 +29,7 @@ no activation is ever applied directly to another activation (the paper's rule).
 """
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn

@@ -80,6 +80,33 @@ def base_teacher(tmp_path_factory, tiny_vocab_file) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (two OpenMP threads on a loaded 2-core box are
+    several times slower than one); a module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def finetune_teacher_into(cfg) -> None:
+    """Fine-tune ``cfg``'s (tiny, in-test) teacher into its work directory, quietly."""
+    from transformers import AutoTokenizer
+
+    from nni_effbert.data.loading import load_task
+    from nni_effbert.kd.teacher import finetune_teacher
+    from nni_effbert.workdir import WorkDir
+
+    wd = WorkDir.of(cfg).ensure()
+    tok = AutoTokenizer.from_pretrained(str(cfg.teacher.model))
+    task = load_task(cfg.task, tok, cache_dir=str(wd.datasets_cache))
+    finetune_teacher(cfg, task, tok, wd.teacher_dir, progress=False)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "integration: runs a real NNI manager (nnictl), tens of seconds")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); scripts/gpu_check.sh runs them")

@@ -4,7 +4,6 @@ Timings are asserted loosely (the machine is shared): exact figures belong in be
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from pathlib import Path

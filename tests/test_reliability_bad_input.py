@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_reliability_support import make_teacher, prepare_work, tree_digest
+from test_reliability_support import prepare_work, tree_digest
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ advisor's persisted state and the supernet checkpoint's mtime.
 """
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest

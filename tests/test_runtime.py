@@ -29,12 +29,7 @@ TINY = REPO / "examples" / "tiny" / "effbert.yml"
 NO_CUDA = not torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sets(tmp_path, base_teacher, glue_dir, *extra):

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from transformers import AutoTokenizer
 
 import nni_effbert.kd.train as kd_train_mod
 from nni_effbert.cli import COMMANDS, build_parser
 from nni_effbert.config import load_config
-from nni_effbert.data.loading import load_task, search_split_rows
+from nni_effbert.data.loading import search_split_rows
 from nni_effbert.errors import ConfigError
-from nni_effbert.kd.teacher import finetune_teacher, teacher_outputs
+from nni_effbert.kd.teacher import teacher_outputs
 from nni_effbert.kd.train import KDSetup
 from nni_effbert.nas.evaluator import KDEvaluator
 from nni_effbert.nas.objectives import objective_value
@@ -31,17 +30,13 @@ from nni_effbert.product.distill import run_distill
 from nni_effbert.product.report import write_report
 from nni_effbert.product.students import export_trial_arch
 from nni_effbert.workdir import WorkDir
+from conftest import finetune_teacher_into
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH_ROWS = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +47,7 @@ def cfg(tmp_path_factory, base_teacher, glue_dir):
         "task.max_train_rows=64", "task.max_dev_rows=16", f"task.search_rows={SEARCH_ROWS}",
         "warmup.batch_size=8", "evaluator.batch_size=8", "evaluator.latency_repeats=1",
         "distill.general_steps=2", "distill.task_steps=2", "distill.batch_size=8", "distill.eval_interval=0"])
-    wd = WorkDir.of(cfg).ensure()
-    tok = AutoTokenizer.from_pretrained(str(base_teacher))
-    task = load_task(cfg.task, tok, cache_dir=str(wd.datasets_cache))
-    finetune_teacher(cfg, task, tok, wd.teacher_dir, progress=False)
+    finetune_teacher_into(cfg)
     return cfg
 
 

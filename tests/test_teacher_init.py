@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, RobertaConfig, \
+from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, \
     RobertaForSequenceClassification
 
 from nni_effbert.config import load_config
 from nni_effbert.data.loading import load_task, make_loader, unlabeled_texts
 from nni_effbert.errors import CheckpointError, ConfigError, DataError
 from nni_effbert.kd.losses import KDLoss, uniform_layer_map
-from nni_effbert.kd.teacher import finetune_teacher, teacher_outputs
+from nni_effbert.kd.teacher import teacher_outputs
 from nni_effbert.kd.teacher_init import (init_from_teacher, magnitude_importance, origin_line, start_from_teacher,
                                          student_origin, student_preset, taylor_importance, teacher_parts,
                                          teacher_student_fields)
@@ -24,17 +24,13 @@ from nni_effbert.nas.warmup import run_warmup
 from nni_effbert.product.export import architecture_markdown
 from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.workdir import WorkDir
+from conftest import finetune_teacher_into
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "corpus"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bert(layers=2, hidden=32, heads=4, inter=48, vocab=300, seed=0, std=0.2, cls=BertForSequenceClassification,
@@ -253,10 +249,7 @@ def teacher_cfg(tmp_path_factory, base_teacher, glue_dir):
     cfg = _cfg(tmp_path_factory.mktemp("work"), base_teacher, glue_dir, "student.preset=teacher",
                "student.overrides={num_hidden_layers: 1, max_stack: 2}", "warmup.init=teacher",
                "warmup.importance_batches=3", f"warmup.corpus_file=[{corpus / 'a.txt'},{corpus / 'b.txt'}]")
-    wd = WorkDir.of(cfg).ensure()
-    tok = AutoTokenizer.from_pretrained(str(base_teacher))
-    task = load_task(cfg.task, tok, cache_dir=str(wd.datasets_cache))
-    finetune_teacher(cfg, task, tok, wd.teacher_dir, progress=False)
+    finetune_teacher_into(cfg)
     return cfg
 
 

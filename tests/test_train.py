@@ -21,13 +21,7 @@ from nni_effbert.kd.train import (LiveTeacher, TrainSettings, TrialFailure, buil
 from nni_effbert.workdir import WorkDir
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads on a loaded 2-core box are several times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

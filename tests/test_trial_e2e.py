@@ -55,7 +55,6 @@ def _env(**extra):
 
 def test_teacher_warmup_and_trials_end_to_end(tmp_path, base_teacher, glue_dir, capsys):
     from nni_effbert import cli
-    from nni_effbert.search_spaces import EfficientBertSpace
 
     work = tmp_path / "work"
     sets = [f"--set=workdir={work}", f"--set=teacher.model={base_teacher}", f"--set=task.data_dir={glue_dir}",

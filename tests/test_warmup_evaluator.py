@@ -11,30 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from nni_effbert.nas import warmup as warmup_mod
 from nni_effbert.config import load_config
-from nni_effbert.data.loading import load_task
 from nni_effbert.errors import CheckpointError, ConfigError
 from nni_effbert.nas.evaluator import ArchError, KDEvaluator
 from nni_effbert.nas.nni_evaluator import StageAwareEvaluator
 from nni_effbert.io import load_torch
 from nni_effbert.search_spaces import EfficientBertModel
-from nni_effbert.kd.teacher import finetune_teacher
 from nni_effbert.kd.train import KDSetup
 from nni_effbert.nas.warmup import _ArchSampler, run_warmup
 from nni_effbert.workdir import WorkDir
+from conftest import finetune_teacher_into
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(work, base_teacher, glue_dir, *extra):
@@ -47,10 +40,7 @@ def _cfg(work, base_teacher, glue_dir, *extra):
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory, base_teacher, glue_dir):
     cfg = _cfg(tmp_path_factory.mktemp("work"), base_teacher, glue_dir)
-    wd = WorkDir.of(cfg).ensure()
-    tok = AutoTokenizer.from_pretrained(str(base_teacher))
-    task = load_task(cfg.task, tok, cache_dir=str(wd.datasets_cache))
-    finetune_teacher(cfg, task, tok, wd.teacher_dir, progress=False)
+    finetune_teacher_into(cfg)
     return cfg
 
 
