@@ -69,6 +69,9 @@ def main() -> int:
     p.add_argument("--distill-seeds", type=int, default=3)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--reduced", action="store_true", help="a short run (labelled REDUCED); not the bench's figures")
+    p.add_argument("--experiment", metavar="ID", help="take the search of this finished experiment in the work "
+                   "directory (run by an earlier call) instead of running the pipeline again; the pipeline's own "
+                   "distillation and report are skipped, the distill seeds below are what is compared")
     args = p.parse_args()
     if args.distill_seeds < 1:
         p.error("--distill-seeds must be >= 1")
@@ -112,13 +115,16 @@ def main() -> int:
 
     info = machine_info()
     started = time.perf_counter()
-    out = run_pipeline(cfg, effective, port=args.port)
+    if args.experiment:
+        experiment = args.experiment
+    else:
+        experiment = run_pipeline(cfg, effective, port=args.port).experiment_id
     setup = KDSetup.from_config(cfg, progress=False)
     seeds = []
     for k in range(args.distill_seeds):
         seed = int(cfg.distill.seed if cfg.distill.seed is not None else cfg.seed) + k
         scfg = load_config(effective, [f"distill.seed={seed}"])
-        exp = export_best(scfg, out.experiment_id, name=f"searched-lat-seed{seed}",
+        exp = export_best(scfg, experiment, name=f"searched-lat-seed{seed}",
                           evaluator=KDEvaluator(scfg, setup=setup))
         searched = run_distill(scfg, exp.path, setup=setup)
         # One latency match for all seeds (chosen on the first): the seeds then pair the same two archs.
@@ -144,7 +150,7 @@ def main() -> int:
         r.pop("choice")
     data = {"reduced": bool(args.reduced), "machine": info, "load_end": load_now(), "command":
             "python bench/latency_budget.py " + " ".join(sys.argv[1:]), "budget": budget[0],
-            "baseline_predicted_ms": b_ms, "experiment": out.experiment_id, "seeds": seeds,
+            "baseline_predicted_ms": b_ms, "experiment": experiment, "seeds": seeds,
             "searched_dev": s_dev, "baseline_dev": b_dev, "searched_latency_ms": s_ms, "baseline_latency_ms": b_meas,
             "p_value": p_value, "total_s": time.perf_counter() - started,
             "targets": {"ahead_at_equal_latency_p<0.05": ahead, "matches_at_1.25x_lower_latency": faster,
@@ -154,7 +160,11 @@ def main() -> int:
     dest.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
     label = "REDUCED RUN (not the bench's figures): " if args.reduced else ""
     md = [f"# {label}Search under a latency budget vs the latency-matched BERT-MLP baseline", "",
-          f"- {budget[0]}; baseline predicted {b_ms:.3f} ms; experiment {out.experiment_id}",
+          f"- {budget[0]}; baseline predicted {b_ms:.3f} ms; experiment {experiment}",
+          f"- distillation per student and seed: {cfg.distill.general_steps} general + {cfg.distill.task_steps} task "
+          f"KD steps (batch {cfg.distill.batch_size}); the search "
+          + (f"ran in an earlier call (`--experiment {experiment}`); this call's wall time covers the distillations"
+             if args.experiment else "ran in this call"),
           f"- load average at the end {data['load_end']} (2 shared cores); {data['total_s'] / 60:.1f} min wall", "",
           "| distill seed | baseline | searched | searched - baseline |", "|---:|---:|---:|---:|"]
     md += [f"| {r['seed']} | {r['baseline']:.4f} | {r['searched']:.4f} | {r['searched'] - r['baseline']:+.4f} |"
