@@ -67,6 +67,19 @@ class LightNasSpace(ModelSpace):
         return super().__getattr__(name)
 
 
+def link_shared(root, shared, names=("teacher", "cache", "datasets")) -> None:
+    """Make ``root/<name>`` a symbolic link to ``shared/<name>`` (created if missing) for each of
+    ``names``: work directories that share one fine-tuned teacher, its caches and datasets."""
+    from pathlib import Path
+
+    root, shared = Path(root), Path(shared)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (shared / name).mkdir(parents=True, exist_ok=True)
+        if not (root / name).exists():
+            os.symlink(shared / name, root / name)
+
+
 def run_in_process(strategy, model_space, max_models=None):
     """Run ``strategy`` on ``model_space`` (already bound to an evaluator) in this process."""
     engine = SequentialExecutionEngine(max_model_count=max_models, continue_on_failure=True)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_now, machine_info  # noqa: E402
+from _common import link_shared, load_now, machine_info  # noqa: E402
 
 OBJECTIVES = ("kd", "kd_pred", "metric")
 
@@ -52,15 +51,12 @@ def tau_rho(x, y):
             "spearman_rho": float(r.statistic), "spearman_p": float(r.pvalue)}
 
 
-def objectives_of(final):
-    from nni_effbert.product.fidelity import objective_scores
-
-    return objective_scores(final)
-
-
 def rescore(evaluator, archs, *, train_steps, tag, store: Path, progress=True):
     """``{trial: objectives}`` of ``archs`` scored by ``evaluator`` (recorded in ``store``, reused)."""
     from tqdm import tqdm
+
+    from nni_effbert.io import atomic_write_json
+    from nni_effbert.product.fidelity import objective_scores
 
     store.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -70,11 +66,9 @@ def rescore(evaluator, archs, *, train_steps, tag, store: Path, progress=True):
             out[tid] = json.loads(path.read_text())["objectives"]
             continue
         final = evaluator.evaluate(arch, train_steps=train_steps, trial_id=f"proxy-{tag}-{tid}")
-        rec = {"arch": arch, "train_steps": train_steps, "objectives": objectives_of(final),
+        rec = {"arch": arch, "train_steps": train_steps, "objectives": objective_scores(final),
                "seconds": final.get("seconds")}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec))
-        os.replace(tmp, path)
+        atomic_write_json(rec, path)
         out[tid] = rec["objectives"]
     return out
 
@@ -96,14 +90,6 @@ class HalfSplit:
 
     def __exit__(self, *exc):
         self.setup.task.search = self.full
-
-
-def link_shared(root: Path, shared: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("teacher", "cache", "datasets"):
-        link = root / name
-        if not link.exists():
-            os.symlink(shared / name, link)
 
 
 def main() -> int:

@@ -120,7 +120,7 @@ def main() -> int:
     else:
         experiment = run_pipeline(cfg, effective, port=args.port).experiment_id
     setup = KDSetup.from_config(cfg, progress=False)
-    seeds = []
+    seeds, matched = [], None
     for k in range(args.distill_seeds):
         seed = int(cfg.distill.seed if cfg.distill.seed is not None else cfg.seed) + k
         scfg = load_config(effective, [f"distill.seed={seed}"])
@@ -128,13 +128,12 @@ def main() -> int:
                           evaluator=KDEvaluator(scfg, setup=setup))
         searched = run_distill(scfg, exp.path, setup=setup)
         # One latency match for all seeds (chosen on the first): the seeds then pair the same two archs.
-        base, choice = ensure_latency_baseline(scfg, exp.path, name=f"baseline-lat-seed{seed}", setup=setup,
-                                               choice=seeds[0]["choice"] if seeds else None)
+        base, matched = ensure_latency_baseline(scfg, exp.path, name=f"baseline-lat-seed{seed}", setup=setup,
+                                                choice=matched)
         seeds.append({"seed": seed, "searched": searched.dev_metric, "baseline": base.dev_metric,
-                      "searched_dir": str(exp.path), "baseline_dir": str(base.path), "baseline_width": choice.width,
-                      "choice": choice})
+                      "searched_dir": str(exp.path), "baseline_dir": str(base.path), "baseline_width": matched.width})
         print(f"distill seed {seed}: searched {searched.dev_metric:.4f}, latency-matched baseline "
-              f"(width {choice.width}) {base.dev_metric:.4f}", flush=True)
+              f"(width {matched.width}) {base.dev_metric:.4f}", flush=True)
     s_ms, b_meas = interleaved_latency([seeds[0]["searched_dir"], seeds[0]["baseline_dir"]], settings)
     s_dev = [r["searched"] for r in seeds]
     b_dev = [r["baseline"] for r in seeds]
@@ -146,8 +145,6 @@ def main() -> int:
     equal = abs(s_ms - b_meas) <= 0.05 * b_meas
     ahead = equal and p_value is not None and p_value < 0.05
     faster = ratio >= 1.25 and statistics.mean(s_dev) >= statistics.mean(b_dev) - 0.005
-    for r in seeds:
-        r.pop("choice")
     data = {"reduced": bool(args.reduced), "machine": info, "load_end": load_now(), "command":
             "python bench/latency_budget.py " + " ".join(sys.argv[1:]), "budget": budget[0],
             "baseline_predicted_ms": b_ms, "experiment": experiment, "seeds": seeds,

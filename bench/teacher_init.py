@@ -44,7 +44,6 @@ import csv
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -52,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_now, machine_info  # noqa: E402
+from _common import link_shared, load_now, machine_info  # noqa: E402
 
 from nni_effbert.config import TaskConfig, load_config  # noqa: E402
 from nni_effbert.data.loading import load_raw_task, load_task  # noqa: E402
@@ -105,15 +104,6 @@ def heldout_task(cfg, folder: Path, rows: int, seed: int = 1):
             w.writerow(header)
             w.writerows(pick)
     return TaskConfig(name="sst2", data_dir=str(folder), max_seq_length=cfg.task.max_seq_length)
-
-
-def link_shared(variant_root: Path, shared_root: Path) -> None:
-    variant_root.mkdir(parents=True, exist_ok=True)
-    for name in ("teacher", "cache", "datasets"):
-        (shared_root / name).mkdir(parents=True, exist_ok=True)
-        link = variant_root / name
-        if not link.exists():
-            os.symlink(shared_root / name, link)
 
 
 def run_variant(name: str, args, work: Path, shared: Path, heldout_cfg) -> dict:

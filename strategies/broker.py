@@ -125,8 +125,7 @@ class TrialBroker:
             if not served:
                 served = self._drain_round()
             self._live += len(served)
-            settle = getattr(self.search, "settle", None)
-            if not asked and self.search.done is None and settle is not None and settle() is not None:
+            if not asked and self.search.done is None and self.search.settle() is not None:
                 asked = True  # the last result came in with no slot open: the search ended anyway
             if asked:
                 self.save()  # ask() may also have handed a stage over or ended the search

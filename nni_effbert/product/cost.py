@@ -198,6 +198,10 @@ def choose_latency_baseline(cfg, searched_dir, *, name: str = LATENCY_BASELINE, 
     first, so a rerun keeps the width it measured once (short measurements on a busy machine may
     rank two nearby widths either way)."""
     searched, ev = baseline_evaluator(cfg, searched_dir, progress=progress, setup=setup)
+    return _choose_latency_baseline(cfg, ev, searched, name, progress)
+
+
+def _choose_latency_baseline(cfg, ev, searched, name: str, progress: bool) -> LatencyBaselineChoice:
     recorded = recorded_latency_baseline(cfg, ev, searched, name)
     if recorded is not None:
         return recorded
@@ -220,7 +224,7 @@ def ensure_latency_baseline(cfg, searched_dir, *, name: str = LATENCY_BASELINE, 
     """
     searched, ev = baseline_evaluator(cfg, searched_dir, progress=progress, setup=setup)
     if choice is None:
-        choice = choose_latency_baseline(cfg, searched_dir, name=name, progress=progress, setup=ev.setup)
+        choice = _choose_latency_baseline(cfg, ev, searched, name, progress)
     wanted = {**_latency_key(searched, ev), "width": choice.width}
     about = (f"latency-matched baseline: BERT MLP, stack 1, width {choice.width} (predicted "
              f"{choice.predicted_ms:.3f} ms vs {choice.target_predicted_ms:.3f} searched)")
