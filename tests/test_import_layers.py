@@ -30,7 +30,7 @@ PACKAGE_DIRS = {
 #: Bottom first. A module may import modules of its own layer or of layers below it. Names are
 #: relative to ``nni_effbert``; ``*`` matches within a package; the first matching layer wins.
 LAYERS: List[Tuple[str, List[str]]] = [
-    ("foundation", ["", "errors", "io", "workdir", "runtime", "typed_yaml", "hf", "hf.*"]),
+    ("foundation", ["", "errors", "io", "workdir", "runtime", "typed_yaml", "stats", "hf", "hf.*"]),
     ("space", ["search_spaces", "search_spaces.*", "strategies", "strategies.errors", "strategies.stages",
                "strategies.sampler", "strategies.core", "data", "data.tasks", "data.metrics"]),
     ("config", ["config"]),
