@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import yaml
 
 from nni_effbert.strategies.stages import SearchConfig
+from nni_effbert.strategies.ties import default_tie_margin
 
 from .data.tasks import CUSTOM_TASK, METRICS, canonical_task_name
 from .errors import ConfigError
@@ -323,6 +324,10 @@ class WarmupConfig(_Checked):
     # (first-order Taylor on importance_batches task batches, DynaBERT) or "magnitude" (weights).
     importance: str = _checked(_choice("taylor", "magnitude"), "taylor")
     importance_batches: int = _checked(_positive, 200)
+    # How each warm-up step draws the supernet path: "uniform" (every label independently) or
+    # "balanced" (every choice of every label equally often, reshuffled every few steps), so no
+    # expression choice gets more shared-weight training than another by chance.
+    path_sampling: str = _checked(_choice("uniform", "balanced"), "uniform")
 
 
 @dataclass
@@ -623,6 +628,8 @@ def load_config(
         cfg.task.seed = cfg.seed
     if cfg.distill.seed is None:
         cfg.distill.seed = cfg.seed
+    if cfg.search.tie_margin is None:
+        cfg.search.tie_margin = default_tie_margin(cfg.evaluator.objective)
     if check_paths:
         _check_paths(cfg, where)
     return cfg

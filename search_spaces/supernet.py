@@ -30,6 +30,10 @@ def _label(layer: int, name: str) -> str:
     return f"layer{layer}_{name}"
 
 
+#: BERT's own MLP in the space's notation: the hand-designed reference a search has to beat.
+REFERENCE_EXPRESSION = "linear2(gelu(linear1(x)))"
+
+
 def layer_choices(config: EfficientBertConfig, layer: int) -> Dict[str, List[Any]]:
     """The labels of one layer with their allowed values, in a stable order."""
     choices: Dict[str, List[Any]] = {}
@@ -127,7 +131,7 @@ class EfficientBertSupernet(nn.Module):
 
     def bert_arch(self, width: Optional[int] = None, stack: int = 1) -> Dict[str, Any]:
         """BERT's ``linear2(gelu(linear1(x)))`` at every layer (width defaults to the largest)."""
-        layers = [{"expression": "linear2(gelu(linear1(x)))",
+        layers = [{"expression": REFERENCE_EXPRESSION,
                    "width": width or max(self.config.widths), "stack": stack}] * self.config.num_hidden_layers
         return self.arch_from_layers(layers)
 

@@ -34,6 +34,7 @@ from .errors import SearchConfigError, SearchFailedError, SearchStateError, Warm
 from .sampler import (PartitionSampler, bert_seed_archs, check_budget, check_latency_budget, in_budget,
                       latency_in_budget, random_arch_in_budget)
 from .stages import SearchConfig, Stage
+from .ties import order_with_ties
 
 __all__ = [
     "Proposal",
@@ -294,14 +295,19 @@ class ProgressiveSearch:
 
     def ranking(self, stage: Optional[int] = None) -> List[TrialRecord]:
         """Successful candidates of ``stage`` (default: the latest stage with results), best
-        first. Failed, lost and running trials are never ranked."""
+        first: the cheapest of the candidates within ``search.tie_margin`` of the best score
+        leads, then the rest by score. Failed, lost and running trials are never ranked."""
         if stage is None:
             stages = [r.stage for r in self._records.values() if not r.warmup and r.status == "succeeded"]
             if not stages:
                 return []
             stage = max(stages)
         ok = [r for r in self._records.values() if r.stage == stage and not r.warmup and r.status == "succeeded"]
-        return [TrialRecord(**asdict(r)) for r in sorted(ok, key=lambda r: (-r.score, r.trial_id))]
+        # Candidates within search.tie_margin of the best tie; the cheapest of them leads (.ties).
+        ranked = order_with_ties(ok, score=lambda r: r.score,
+                                 cost=lambda r: r.latency_ms if r.latency_ms is not None else r.params_count,
+                                 margin=float(self.config.tie_margin or 0.0), tiebreak=lambda r: r.trial_id)
+        return [TrialRecord(**asdict(r)) for r in ranked]
 
     def best(self) -> Optional[TrialRecord]:
         """Best candidate of the latest stage that has results, or None."""

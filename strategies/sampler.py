@@ -266,6 +266,27 @@ def random_arch_in_budget(space: Any, rng: np.random.RandomState, fixed: Mapping
     return None
 
 
+def balanced_arch(space: Any, key: Sequence[int], step: int, fixed: Mapping[str, Any]) -> Arch:
+    """Step ``step`` of a sequence of archs that draws every choice of every label equally often.
+
+    Each free label with ``k`` values takes them in a seeded random order that is reshuffled every
+    ``k`` steps (``key + (label index, block)`` seeds it), so after any multiple of ``k`` steps
+    every value has been drawn exactly as often as every other, and within a block no value
+    repeats. Uniform independent draws (:meth:`random_arch`) reach the same frequencies only on
+    average. Stateless: step ``k`` is the same arch on a resumed warm-up. Labels in ``fixed`` are
+    held.
+    """
+    arch: Dict[str, Any] = {}
+    for i, (label, values) in enumerate(space.choices.items()):
+        if label in fixed:
+            arch[label] = fixed[label]
+            continue
+        block, position = divmod(int(step), len(values))
+        order = np.random.default_rng([*map(int, key), i, block]).permutation(len(values))
+        arch[label] = values[int(order[position])]
+    return space.validate_arch(arch)
+
+
 # ---------------------------------------------------------------------------------------------
 # The partition tree
 # ---------------------------------------------------------------------------------------------

@@ -329,6 +329,12 @@ class SearchConfig:
         Schedule trials on GPUs other processes already use (``useActiveGpu``).
     max_trials_per_gpu : int
         Trials sharing one GPU at once (``maxTrialNumberPerGpu``; needs ``gpus_per_trial``).
+    tie_margin : float, optional
+        Candidates whose scores lie within this margin of a stage's best tie, and the cheapest of
+        them (lowest predicted latency, else fewest parameters) is the stage's answer and the
+        exported student (:mod:`.ties`). Empty: the default of ``evaluator.objective``
+        (:data:`~nni_effbert.strategies.ties.TIE_MARGINS`, about twice the score's own
+        seed-to-seed spread), filled in when the experiment config is loaded; 0: strict ranking.
     """
 
     param_budget: Optional[List[float]] = None
@@ -344,6 +350,7 @@ class SearchConfig:
     gpu_indices: Optional[List[int]] = None
     use_active_gpu: bool = False
     max_trials_per_gpu: int = 1
+    tie_margin: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.param_budget is not None:
@@ -377,6 +384,9 @@ class SearchConfig:
         _need(self.speedup is None or (_number(self.speedup) and self.speedup > 0),
               f"speedup must be a number > 0 (times faster than the teacher) or empty, got {self.speedup!r}")
         _need(isinstance(self.objective, ObjectiveConfig), f"objective must be a mapping, got {self.objective!r}")
+        _need(self.tie_margin is None or (_number(self.tie_margin) and math.isfinite(self.tie_margin)
+                                          and self.tie_margin >= 0),
+              f"tie_margin must be a number >= 0 (score units) or empty, got {self.tie_margin!r}")
 
         self._check_gpus()
 

@@ -31,7 +31,7 @@ PACKAGE_DIRS = {
 #: relative to ``nni_effbert``; ``*`` matches within a package; the first matching layer wins.
 LAYERS: List[Tuple[str, List[str]]] = [
     ("foundation", ["", "errors", "io", "workdir", "runtime", "typed_yaml", "stats", "hf", "hf.*"]),
-    ("space", ["search_spaces", "search_spaces.*", "strategies", "strategies.errors", "strategies.stages",
+    ("space", ["search_spaces", "search_spaces.*", "strategies", "strategies.errors", "strategies.stages", "strategies.ties",
                "strategies.sampler", "strategies.core", "data", "data.tasks", "data.metrics"]),
     ("config", ["config"]),
     ("data and KD", ["data.*", "kd", "kd.*"]),

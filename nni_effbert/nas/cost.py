@@ -17,22 +17,12 @@ import math
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 from ..errors import ConfigError
-from .ranking import NoSucceededTrialError, pareto_front
+from .ranking import NoSucceededTrialError, pareto_front, trial_latency
 from .records import is_scored, normalize_trial
 
 __all__ = ["trial_latency", "latency_front", "best_within_latency", "best_by_objective"]
 
 logger = logging.getLogger(__name__)
-
-
-def trial_latency(trial: Mapping[str, Any]) -> Optional[float]:
-    """Predicted latency of a trial (ms) if it reported one, else its measured latency, else None."""
-    final = trial.get("final") or {}
-    predicted = final.get("predicted_latency_ms") if isinstance(final, Mapping) else None
-    if isinstance(predicted, (int, float)) and math.isfinite(predicted):
-        return float(predicted)
-    measured = trial.get("latency_ms")
-    return float(measured) if isinstance(measured, (int, float)) and math.isfinite(measured) else None
 
 
 def _with_latency(trials: Iterable[Mapping[str, Any]], stage: Union[int, str, None]) -> List[Dict[str, Any]]:

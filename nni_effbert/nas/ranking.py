@@ -11,9 +11,11 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 from ..errors import ConfigError, EffBertError
+from nni_effbert.strategies.ties import order_with_ties
+
 from .records import is_failed, is_scored, normalize_trial
 
-__all__ = ["NoSucceededTrialError", "best_trial", "pareto_front"]
+__all__ = ["NoSucceededTrialError", "best_trial", "pareto_front", "trial_latency"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +28,23 @@ class NoSucceededTrialError(EffBertError):
 
 
 
+def trial_latency(trial: Mapping[str, Any]) -> Optional[float]:
+    """Predicted latency of a trial (ms) if it reported one, else its measured latency, else None."""
+    final = trial.get("final") or {}
+    predicted = final.get("predicted_latency_ms") if isinstance(final, Mapping) else None
+    if isinstance(predicted, (int, float)) and math.isfinite(predicted):
+        return float(predicted)
+    measured = trial.get("latency_ms")
+    return float(measured) if isinstance(measured, (int, float)) and math.isfinite(measured) else None
+
+
 def best_trial(trials: Iterable[Mapping[str, Any]], *, stage: Union[int, str, None] = "last",
-               experiment: Optional[str] = None) -> Dict[str, Any]:
+               experiment: Optional[str] = None, tie_margin: float = 0.0) -> Dict[str, Any]:
     """The best scored trial: highest metric, then fewest parameters, then earliest.
+
+    With ``tie_margin`` (``search.tie_margin``), the trials within that margin of the highest
+    metric tie, and the cheapest of them wins: lowest latency (predicted when the trial reported
+    it, else measured), else fewest parameters (:func:`nni_effbert.strategies.ties.order_with_ties`).
 
     Parameters
     ----------
@@ -41,6 +57,8 @@ def best_trial(trials: Iterable[Mapping[str, Any]], *, stage: Union[int, str, No
         None: all trials.
     experiment : str, optional
         Named in the error message.
+    tie_margin : float
+        Metric margin within which trials tie (0: the strict ranking above).
 
     Raises
     ------
@@ -73,6 +91,13 @@ def best_trial(trials: Iterable[Mapping[str, Any]], *, stage: Union[int, str, No
         return (-t["metric"], t["params"] if t["params"] is not None else math.inf,
                 t["sequence"] if t["sequence"] is not None else math.inf, t["trial_id"])
 
+    if tie_margin:
+        def cost(t):
+            latency = trial_latency(t)
+            return latency if latency is not None else t["params"]
+
+        return order_with_ties(pool, score=lambda t: t["metric"], cost=cost, margin=float(tie_margin),
+                               tiebreak=lambda t: key(t)[1:])[0]
     return min(pool, key=key)
 
 

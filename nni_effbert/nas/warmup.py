@@ -61,7 +61,7 @@ import torch
 from filelock import FileLock
 
 from nni_effbert.search_spaces.config import config_differences
-from nni_effbert.strategies.sampler import in_budget, random_arch_in_budget
+from nni_effbert.strategies.sampler import balanced_arch, in_budget, random_arch_in_budget
 
 from ..data.loading import corpus_files, unlabeled_texts
 from ..errors import CheckpointError, ConfigError
@@ -368,19 +368,30 @@ class WarmupResult:
 
 
 class _ArchSampler:
-    """Uniform archs with fixed labels, inside the budget; step ``k`` of a phase is reproducible."""
+    """Archs with fixed labels, inside the budget; step ``k`` of a phase is reproducible.
+
+    ``balanced`` (``warmup.path_sampling: balanced``) draws every choice of every label equally
+    often (:func:`~nni_effbert.strategies.sampler.balanced_arch`); a balanced arch outside the
+    parameter budget is replaced by a uniform one inside it, so a tight budget tilts the balance
+    towards the choices that fit. Otherwise every label is drawn uniformly and independently.
+    """
 
     def __init__(self, space, fixed: Mapping[str, Any], budget: Optional[List[float]], seed: int, stage: int,
-                 phase: int, max_tries: int):
+                 phase: int, max_tries: int, balanced: bool = False):
 
         self.space, self.fixed, self.budget = space, dict(fixed), tuple(budget) if budget else None
         self.seed, self.stage, self.phase, self.max_tries = int(seed), int(stage), int(phase), int(max_tries)
+        self.balanced = bool(balanced)
         self._in_budget, self._random = in_budget, random_arch_in_budget
 
     def __call__(self, step: int) -> Dict[str, Any]:
+        accept = lambda a: self._in_budget(self.space, a, self.budget)  # noqa: E731
+        if self.balanced:
+            arch = balanced_arch(self.space, (self.seed, self.stage, self.phase), step, self.fixed)
+            if accept(arch):
+                return arch
         rng = np.random.default_rng([self.seed, self.stage, self.phase, int(step)])
-        arch = self._random(self.space, rng, self.fixed, lambda a: self._in_budget(self.space, a, self.budget),
-                            self.max_tries)
+        arch = self._random(self.space, rng, self.fixed, accept, self.max_tries)
         if arch is None:
             raise ConfigError(
                 f"warm-up of stage {self.stage}: no architecture with the fixed choices fits search.param_budget "
@@ -636,7 +647,9 @@ def run_warmup(
     old_layout = experiment is not None and not wd.supernet_folder(experiment).is_dir()
     wd.supernet_folder(experiment).mkdir(parents=True, exist_ok=True)
     max_tries = int(cfg.search.sampler.max_tries)
-    samplers = [_ArchSampler(space, fixed, plan.budget, plan.seed, stage, i, max_tries) for i in range(len(_PHASES))]
+    balanced = cfg.warmup.path_sampling == "balanced"
+    samplers = [_ArchSampler(space, fixed, plan.budget, plan.seed, stage, i, max_tries, balanced)
+                for i in range(len(_PHASES))]
     sampler_of = dict(zip(_PHASES, samplers))
     sampler_of["task"](0)  # fail now, before any training, when the budget cannot be met
     if plan.total_steps == 0:

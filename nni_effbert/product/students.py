@@ -110,7 +110,8 @@ def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: 
     """Export the best succeeded trial of an NNI experiment.
 
     The trial is :func:`~nni_effbert.nas.ranking.best_trial` (last stage with results, highest search
-    score, then fewest parameters); its weights are sliced from that stage's supernet.
+    score, then fewest parameters; among trials within ``search.tie_margin`` of the highest score,
+    the cheapest); its weights are sliced from that stage's supernet.
 
     Raises
     ------
@@ -124,11 +125,12 @@ def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: 
     """
 
     trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
-    best = best_trial(trials, experiment=experiment)
+    best = best_trial(trials, experiment=experiment, tie_margin=float(cfg.search.tie_margin or 0.0))
     evaluator = evaluator or KDEvaluator(cfg, progress=progress, experiment=experiment)
     evaluator.experiment = experiment  # the weights come from this experiment's supernets, whoever built it
     extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
-             "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"]}
+             "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
+             "tie_margin": float(cfg.search.tie_margin or 0.0)}
     info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra)
     info.trial = best
     return info

@@ -1,0 +1,66 @@
+"""Choosing among candidates whose search scores tie within the score's own repeatability.
+
+A search score is noisy: the same arch re-scored with another evaluator seed moves by about as
+much as many candidates differ. Ranking strictly by score then picks, among candidates the score
+cannot tell apart, whichever the noise favoured, often a larger, slower one. The rule here: the
+candidates within ``margin`` of the best score tie, and the cheapest of them (lowest predicted
+latency, else fewest parameters) is chosen; outside any tie the best score wins as before.
+
+:data:`TIE_MARGINS` gives each ``evaluator.objective`` its default margin: about twice the standard
+deviation of the difference between two scorings of the same arch with different evaluator seeds,
+as ``nni-effbert fidelity --repeat`` measures it (the figures are on the docs' results page).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, TypeVar
+
+__all__ = ["TIE_MARGINS", "default_tie_margin", "order_with_ties"]
+
+T = TypeVar("T")
+
+#: Default ``search.tie_margin`` per ``evaluator.objective`` (score units of that objective).
+TIE_MARGINS = {"kd": 0.022, "kd_pred": 0.014, "metric": 0.012}
+
+
+def default_tie_margin(objective: str) -> float:
+    """The default margin of an ``evaluator.objective`` (0 for an unknown one: strict ranking)."""
+    return float(TIE_MARGINS.get(objective, 0.0))
+
+
+def order_with_ties(items: Sequence[T], score: Callable[[T], float], cost: Callable[[T], Optional[float]],
+                    margin: float, tiebreak: Callable[[T], object] = lambda item: 0) -> List[T]:
+    """``items`` best first, where "best" lets the cheapest of the tied leaders go first.
+
+    Parameters
+    ----------
+    items : sequence
+        Scored candidates (higher score is better).
+    score, cost : callable
+        A candidate's score, and its cost (lower is better; None when unknown, which ranks as the
+        most expensive).
+    margin : float
+        Candidates with ``score >= best - margin`` tie; 0 is the strict ranking.
+    tiebreak : callable
+        Orders candidates of equal score and cost (e.g. the trial id: earliest first).
+
+    Returns
+    -------
+    list
+        The chosen candidate first (the cheapest of the tie; on equal cost the higher score), then
+        every other candidate by score, best first.
+    """
+    if margin < 0 or not math.isfinite(margin):
+        raise ValueError(f"the tie margin must be a finite number >= 0, got {margin}")
+    by_score = sorted(items, key=lambda it: (-score(it), tiebreak(it)))
+    if not by_score:
+        return []
+    top = score(by_score[0])
+    tied = [it for it in by_score if score(it) >= top - margin]
+
+    def cost_key(it: T) -> float:
+        value = cost(it)
+        return math.inf if value is None else float(value)
+
+    chosen = min(tied, key=lambda it: (cost_key(it), -score(it), tiebreak(it)))
+    return [chosen] + [it for it in by_score if it is not chosen]
