@@ -29,7 +29,7 @@ import yaml
 from nni_effbert.strategies.stages import SearchConfig
 from nni_effbert.strategies.ties import default_tie_margin
 
-from .data.tasks import CUSTOM_TASK, METRICS, canonical_task_name
+from .data.tasks import CUSTOM_TASK, METRICS, canonical_task_name, get_task_spec
 from .errors import ConfigError
 from .io import atomic_write_text  # readers (other trials) never see a partial file
 from .typed_yaml import apply_overrides as _apply_overrides
@@ -458,6 +458,19 @@ class DistillConfig(_Checked):
     # General-KD text of the final distillation: one plain-text file (one sentence per line) or a
     # list of them. Empty: warmup.corpus_file, else the task's train sentences.
     corpus_file: Union[str, List[str], None] = _path(None)
+    # Transfer set (Hinton et al.; TinyBERT's task distillation on more text): unlabeled in-domain
+    # text, one sentence per line (one file or a list), distilled with the task-KD loss against the
+    # teacher's soft labels for transfer_steps steps between the general and the task phases.
+    # Single-sentence tasks only. Lines equal to a dev or search-split row are dropped.
+    transfer_file: Union[str, List[str], None] = _path(None)
+    transfer_steps: int = _checked(_non_negative, 0)  # task-KD steps on the transfer set (0: no transfer phase)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.transfer_steps and not self.transfer_file:
+            raise ValueError("transfer_steps needs transfer_file (unlabeled in-domain text, one sentence per line)")
+        if self.transfer_file and not self.transfer_steps:
+            raise ValueError("transfer_file is set but transfer_steps is 0: give the transfer phase steps")
 
 
 def _device_name(value: str) -> str:
@@ -565,7 +578,8 @@ def _check_paths(cfg: ExperimentConfig, where: str) -> None:
     need("task.data_dir", cfg.task.data_dir, "folder")
     need("task.train_file", cfg.task.train_file, "file")
     need("task.dev_file", cfg.task.dev_file, "file")
-    for key, files in (("warmup.corpus_file", cfg.warmup.corpus_file), ("distill.corpus_file", cfg.distill.corpus_file)):
+    for key, files in (("warmup.corpus_file", cfg.warmup.corpus_file), ("distill.corpus_file", cfg.distill.corpus_file),
+                       ("distill.transfer_file", cfg.distill.transfer_file)):
         for value in ([files] if isinstance(files, str) else files or []):
             need(key, value, "file")
     need("warmup.checkpoint", cfg.warmup.checkpoint, "file")
@@ -630,6 +644,13 @@ def load_config(
         cfg.distill.seed = cfg.seed
     if cfg.search.tie_margin is None:
         cfg.search.tie_margin = default_tie_margin(cfg.evaluator.objective)
+    if cfg.distill.transfer_steps:
+        columns = cfg.task.text_columns if cfg.task.name == CUSTOM_TASK else get_task_spec(cfg.task.name).text_columns
+        if len(columns) != 1:
+            raise ConfigError(
+                f"{where}:distill.transfer_file: task {cfg.task.name!r} has sentence pairs ({', '.join(columns)}) but "
+                "a transfer file holds single sentences; transfer sets work for single-sentence tasks only "
+                "(set distill.transfer_steps=0)")
     if check_paths:
         _check_paths(cfg, where)
     return cfg

@@ -7,7 +7,11 @@ al., 2021, Sec. 3.4, after TinyBERT) on the student exported into ``DIR``:
    attention maps on unlabeled text -- ``distill.corpus_file`` (else ``warmup.corpus_file``;
    one file or a list, the ``general_steps x batch_size`` lines of a seeded subset) when set,
    else the task's train sentences, both through the shared teacher-output cache;
-2. **task KD** (``distill.task_steps``): hidden states, attentions and predictions (``kd``) on
+2. **transfer KD** (``distill.transfer_steps``, optional): the task-KD loss (predictions included)
+   on unlabeled in-domain text (``distill.transfer_file``) against the teacher's soft labels, a
+   transfer set in Hinton et al.'s sense and TinyBERT's task distillation on more text than the
+   labelled rows; single-sentence tasks only, lines equal to a dev or search-split row dropped;
+3. **task KD** (``distill.task_steps``): hidden states, attentions and predictions (``kd``) on
    the task's train split.
 
 Both phases are :func:`~nni_effbert.kd.train.kd_train`. The distilled student is scored on dev,
@@ -74,6 +78,10 @@ class DistillPlan:
     corpus : str, list of str or None
         ``distill.corpus_file`` (else ``warmup.corpus_file``) of the general phase (None: the
         task's train sentences).
+    transfer_steps : int
+        ``distill.transfer_steps`` (0: no transfer phase).
+    transfer : str, list of str or None
+        ``distill.transfer_file``.
     """
 
     general_steps: int
@@ -83,9 +91,15 @@ class DistillPlan:
     eval_interval: int
     seed: int
     corpus: Any
+    transfer_steps: int = 0
+    transfer: Any = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.transfer_steps:  # plans without a transfer phase keep their earlier records' form
+            out.pop("transfer_steps")
+            out.pop("transfer")
+        return out
 
 
 @dataclass
@@ -144,9 +158,12 @@ def plan_distill(cfg) -> DistillPlan:
         raise ConfigError("distill.general_steps needs kd.attention_weight or kd.hidden_weight > 0 "
                           "(general KD has no predictions to distil); set distill.general_steps=0 or a weight")
     seed = cfg.seed if d.seed is None else d.seed  # load_config fills distill.seed; a hand-built cfg may not
+    transfer_steps = int(getattr(d, "transfer_steps", 0) or 0)
     return DistillPlan(general_steps=int(d.general_steps), task_steps=int(d.task_steps),
                        learning_rate=float(d.learning_rate), batch_size=int(d.batch_size),
-                       eval_interval=int(d.eval_interval), seed=int(seed), corpus=_corpus(cfg))
+                       eval_interval=int(d.eval_interval), seed=int(seed), corpus=_corpus(cfg),
+                       transfer_steps=transfer_steps,
+                       transfer=getattr(d, "transfer_file", None) if transfer_steps else None)
 
 
 def _corpus(cfg):
@@ -181,6 +198,43 @@ def _general_source(setup, cfg, plan: Optional[DistillPlan] = None):
     # The task's train sentences at the task's length: exactly what the shared cache holds,
     # so no teacher forward is paid again.
     return setup.task.train, setup.cached_teacher(), "task train sentences (cached teacher)"
+
+
+def _transfer_source(setup, cfg, plan: DistillPlan):
+    """(dataset, teacher source, description) of the transfer set.
+
+    The seeded subset of ``transfer_steps x batch_size`` lines, without any line whose tokens equal
+    a dev or search-split row's (those rows are held out: a student must not see them, even
+    unlabelled), with the teacher's outputs cached once like the general corpus's.
+
+    Raises
+    ------
+    ConfigError
+        A sentence-pair task (corpus lines are single sentences), or a transfer set left empty
+        by the held-out filter.
+    """
+    spec = setup.task.spec
+    if len(spec.text_columns) != 1:
+        raise ConfigError(
+            f"distill.transfer_file: task {spec.name!r} has sentence pairs ({', '.join(spec.text_columns)}) but a "
+            "transfer file holds single sentences; transfer sets are supported for single-sentence tasks only "
+            "(set distill.transfer_steps=0)")
+    texts = unlabeled_texts(cfg, setup.tokenizer, cache_dir=str(setup.workdir.datasets_cache), corpus=plan.transfer,
+                            key="distill.transfer_file", max_rows=max(1, plan.transfer_steps * plan.batch_size),
+                            seed=int(cfg.seed) + 1)
+    held_out = {tuple(ids) for split in (setup.task.dev, getattr(setup.task, "search", None)) if split is not None
+                for ids in split["input_ids"]}
+    kept = texts.filter(lambda ids: tuple(ids) not in held_out, input_columns="input_ids",
+                        desc="drop held-out rows", new_fingerprint=f"{texts._fingerprint}-heldout-{len(held_out)}")
+    if len(kept) < len(texts):
+        logger.info("transfer set: dropped %d line(s) equal to a dev or search-split row", len(texts) - len(kept))
+    if len(kept) == 0:
+        raise ConfigError(f"distill.transfer_file: every line of {', '.join(corpus_files(plan.transfer))} equals a "
+                          "dev or search-split row; give in-domain text that is not the evaluation data")
+    max_len = cfg.warmup.max_seq_length or cfg.task.max_seq_length
+    cache = setup.open_cache(kept, kept._fingerprint, f"transfer{max_len}")
+    files = ", ".join(corpus_files(plan.transfer))
+    return kept, CachedTeacher(cache, setup.device), f"transfer set {files} ({len(kept)} lines, cached teacher)"
 
 
 def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, setup=None) -> DistillResult:
@@ -246,6 +300,9 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
         ds, teacher, desc = _general_source(setup, cfg, plan)
         phases.append(("general", plan.general_steps, ds, teacher,
                        KDLoss(general_kd, n_student, n_teacher, regression=bool(spec.is_regression)), desc))
+    if plan.transfer_steps:
+        ds, teacher, desc = _transfer_source(setup, cfg, plan)
+        phases.append(("transfer", plan.transfer_steps, ds, teacher, setup.loss_fn, desc))
     if plan.task_steps:
         phases.append(("task", plan.task_steps, setup.task.train, setup.cached_teacher(), setup.loss_fn,
                        "task train split (cached teacher)"))
