@@ -333,6 +333,8 @@ def _run_report(args: argparse.Namespace) -> int:
     out = build_report(cfg, experiment=args.experiment, searched_dir=args.export,
                        experiments_dir=args.experiments_dir, progress=not args.quiet)
     print(out.table)
+    for c in out.comparisons:
+        print(f"{c.name_a} - {c.name_b} (dev, paired, 95% CI): {c.summary()}")
     print(f"report: {out.result.report}")
     for path in out.result.plots.values():
         print(f"plot: {path}")
@@ -364,6 +366,8 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     out = run_pipeline(cfg, path, port=args.port, progress=not args.quiet)
     total = time.perf_counter() - started
     print(out.report.table)
+    for c in out.report.comparisons:
+        print(f"{c.name_a} - {c.name_b} (dev, paired, 95% CI): {c.summary()}")
     print(f"report: {out.report.result.report}")
     print(f"exported model: {out.export.path}")
     print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in out.timings.items()) + f"; total {total:.0f}s")

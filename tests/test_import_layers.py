@@ -37,7 +37,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("data and KD", ["data.*", "kd", "kd.*"]),
     ("NAS library", ["nas", "nas.params", "nas.records", "nas.ranking", "nas.warmup", "nas.evaluator",
                      "nas.nni_evaluator", "nas.supernets", "nas.search_lock", "nas.cost", "nas.objectives"]),
-    ("product library", ["product", "product.export", "product.distill", "product.students", "product.plots",
+    ("product library", ["product", "product.export", "product.distill", "product.students", "product.plots", "product.compare",
                          "product.cost", "product.report", "product.fidelity"]),
     ("NNI-facing", ["nas.*", "strategies.*"]),
     ("pipeline", ["product.quickstart"]),

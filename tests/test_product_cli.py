@@ -157,8 +157,11 @@ def test_export_distill_report_cli(tmp_path, base_teacher, glue_dir, capsys, mon
     assert len(rows) == 3 or rows[2].startswith("| baseline (BERT MLP), matched by latency"), out
     assert rows[0].startswith("| teacher") and rows[1].startswith("| baseline") and rows[-1].startswith("| searched")
     assert "1.00x" in rows[0] and "100.0%" in rows[0]
+    assert "searched - baseline (dev, paired, 95% CI): " in out and "teacher - searched (dev, paired" in out
     reports = work / "reports"
     assert (reports / "report.md").is_file() and "exp42" in (reports / "report.md").read_text()
+    md = (reports / "report.md").read_text()
+    assert "### Paired comparisons on the dev rows" in md and "| searched vs baseline |" in md
     assert {p.name for p in reports.glob("*.png")} >= {"best_so_far.png", "metric_vs_params.png",
                                                        "metric_vs_latency.png"}
     base = load_exported(work / "exports" / "baseline")

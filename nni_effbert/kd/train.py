@@ -70,6 +70,7 @@ __all__ = [
     "iterate_batches",
     "kd_train",
     "evaluate",
+    "predict",
     "score_split",
     "build_space",
     "KDSetup",
@@ -565,11 +566,44 @@ def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: 
         regression outputs).
     """
 
+    preds, labels = predict(model, dataset, spec, batch_size=batch_size, pad_token_id=pad_token_id, arch=arch,
+                            device=device, batches=batches, runtime=runtime)
+    metrics = compute_metrics(spec.metric, preds, labels)
+    if not math.isfinite(metrics["default"]):
+        raise TrialFailure(f"dev {spec.metric} is undefined ({metrics['default']}): the model's predictions are constant")
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def predict(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: int,
+            arch: Optional[Arch] = None, device: Any = "cpu", batches=None,
+            runtime: Optional[Runtime] = None, call: Optional[Callable[[nn.Module, Batch], Tensor]] = None,
+            ) -> Tuple[np.ndarray, np.ndarray]:
+    """Predictions of ``model`` on every row of a labelled split, in the dataset's row order.
+
+    What :func:`evaluate` scores, row by row, for paired comparisons of two models on the same
+    rows (:mod:`nni_effbert.stats`). Same parameters as :func:`evaluate`, plus ``call``: how to
+    get logits from a model and a batch (default: a student's forward; a Hugging Face teacher
+    needs ``lambda m, b: m(**inputs).logits``).
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        Logits ``[N, C]`` (``[N]`` values for regression) and labels ``[N]``, row ``i`` being
+        dataset row ``i``.
+
+    Raises
+    ------
+    TrialFailure
+        If the model outputs NaN or infinite logits.
+    """
     if len(dataset) == 0:
         raise ConfigError("cannot evaluate on an empty split")
     if batches is None:
-        batches, _ = length_sorted_batches(dataset, batch_size, pad_token_id)
+        batches, order = length_sorted_batches(dataset, batch_size, pad_token_id)
+    else:
+        order = None  # batches built by the caller: rows are put back in order by their lengths' sort
     rt = runtime if runtime is not None else Runtime(torch.device(device))
+    forward = call or (lambda m, b: _forward(m, b, arch, return_kd=False).logits)
     was_training = model.training
     model.eval()
     logits, labels = [], []
@@ -579,8 +613,8 @@ def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: 
                 labels.append(batch["labels"])
                 batch = {k: v.to(rt.device, non_blocking=rt.is_cuda) for k, v in batch.items()}
                 with rt.autocast():
-                    out = _forward(model, batch, arch, return_kd=False)
-                logits.append(out.logits.float())
+                    out = forward(model, batch)
+                logits.append(out.float())
         logits = [x.cpu() for x in logits]  # one sync at the end, not one per batch
     finally:
         model.train(was_training)
@@ -588,10 +622,12 @@ def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: 
     if not torch.isfinite(all_logits).all():
         raise TrialFailure("the model's dev logits are NaN or infinite: it diverged")
     preds = all_logits[:, 0].numpy() if spec.is_regression else all_logits.numpy()
-    metrics = compute_metrics(spec.metric, preds, torch.cat(labels).numpy())
-    if not math.isfinite(metrics["default"]):
-        raise TrialFailure(f"dev {spec.metric} is undefined ({metrics['default']}): the model's predictions are constant")
-    return {k: float(v) for k, v in metrics.items()}
+    gold = torch.cat(labels).numpy()
+    if order is None:
+        lengths = np.fromiter((len(ids) for ids in dataset["input_ids"]), dtype=np.int64, count=len(dataset))
+        order = np.argsort(lengths, kind="stable")  # what length_sorted_batches does
+    back = np.argsort(order)
+    return preds[back], gold[back]
 
 
 @torch.no_grad()
@@ -893,18 +929,28 @@ class KDSetup:
             supernet = self.space.supernet
             supernet.apply(supernet._init_weights)
 
-    def evaluate(self, model: nn.Module, arch: Optional[Arch] = None) -> Dict[str, float]:
-        """Dev metric of ``model`` (see :func:`evaluate`), in batches of ``evaluator.eval_batch_size``
-        rows sorted by length (built once per setup). For the final report only: the search
-        scores on the search split (:meth:`score_search`)."""
+    def _dev_batches_once(self) -> list:
         if self._dev_batches is None:
             ev = self.cfg.evaluator
             size = int(ev.eval_batch_size or ev.batch_size)
             self._dev_batches = length_sorted_batches(self.task.dev, size, self.pad_token_id)[0] \
                 if len(self.task.dev) else []
+        return self._dev_batches
+
+    def evaluate(self, model: nn.Module, arch: Optional[Arch] = None) -> Dict[str, float]:
+        """Dev metric of ``model`` (see :func:`evaluate`), in batches of ``evaluator.eval_batch_size``
+        rows sorted by length (built once per setup). For the final report only: the search
+        scores on the search split (:meth:`score_search`)."""
         return evaluate(model, self.task.dev, self.task.spec, batch_size=int(self.cfg.evaluator.batch_size),
-                        pad_token_id=self.pad_token_id, arch=arch, device=self.device, batches=self._dev_batches,
+                        pad_token_id=self.pad_token_id, arch=arch, device=self.device, batches=self._dev_batches_once(),
                         runtime=self.runtime)
+
+    def predict_dev(self, model: nn.Module, *, arch: Optional[Arch] = None,
+                    call: Optional[Callable[[nn.Module, Batch], Tensor]] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Dev predictions of ``model`` in dev row order, and the labels (see :func:`predict`)."""
+        return predict(model, self.task.dev, self.task.spec, batch_size=int(self.cfg.evaluator.batch_size),
+                       pad_token_id=self.pad_token_id, arch=arch, device=self.device,
+                       batches=self._dev_batches_once(), runtime=self.runtime, call=call)
 
     # -- the held-out search split ------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from .distill import distill_record
 from .export import load_exported
 from .fidelity import fidelity_markdown
 from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label
+from .compare import comparisons_markdown
 from .cost import choose_latency_baseline, ensure_latency_baseline
 from .students import SEARCHED, ensure_baseline, experiments_dir_of, supernet_experiment
 
@@ -173,7 +174,8 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
                  out_dir: Optional[PathLike] = None, *, experiment: Optional[str] = None,
                  metric_name: str = "dev metric", title: Optional[str] = None,
                  chosen: Optional[str] = None, origin: Optional[Mapping[str, Any]] = None,
-                 search_metric_name: Optional[str] = None, splits_note: Optional[str] = None) -> ReportResult:
+                 search_metric_name: Optional[str] = None, splits_note: Optional[str] = None,
+                 comparisons: Optional[str] = None) -> ReportResult:
     """Write ``report.md`` and its PNG plots.
 
     Parameters
@@ -204,6 +206,9 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
         the search scores candidates on the held-out search split, not on dev).
     splits_note : str, optional
         A line saying which split each number comes from.
+    comparisons : str, optional
+        Markdown placed under the table: the paired comparisons of its models
+        (:func:`nni_effbert.product.compare.comparisons_markdown`).
 
     Returns
     -------
@@ -264,6 +269,8 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
     if splits_note:
         text = text.replace("\n## Teacher, baseline and searched student\n", f"\n{splits_note}\n\n"
                             "## Teacher, baseline and searched student\n", 1)
+    if comparisons and table:
+        text = text.replace(_TABLE_NOTE, _TABLE_NOTE + "\n" + comparisons, 1)
     fidelity_json = out / "fidelity.json"
     if fidelity_json.is_file():
         try:
@@ -275,6 +282,10 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
     logger.info("report written to %s (%d plots)", report, len(plots))
     return ReportResult(report=report, plots=plots, table=table, counts=counts, pareto_params=pareto_params,
                         pareto_latency=pareto_latency, best=best)
+
+
+_TABLE_NOTE = ("Latency: median CPU forward time at batch 1, sequence length 128. "
+               "`vs teacher`: dev metric as a percentage of the teacher's.")
 
 
 def _report_markdown(title, experiment, workdir, trials, counts, stages, names, best, table, plots,
@@ -294,8 +305,7 @@ def _report_markdown(title, experiment, workdir, trials, counts, stages, names, 
         "",
     ]
     if table:
-        lines += [table, "", "Latency: median CPU forward time at batch 1, sequence length 128. "
-                  "`vs teacher`: dev metric as a percentage of the teacher's.", ""]
+        lines += [table, "", _TABLE_NOTE, ""]
     else:
         lines += ["No comparison table yet: run `nni-effbert distill` to produce the final students.", ""]
 
@@ -414,6 +424,8 @@ class ReportOutcome:
     experiment : str or None
     baseline_difference : int
         Baseline params minus searched params.
+    comparisons : list of PairedResult
+        The paired comparisons on the dev rows (searched vs each baseline, teacher vs searched).
     """
 
     result: Any
@@ -421,6 +433,7 @@ class ReportOutcome:
     table: str = ""
     experiment: Optional[str] = None
     baseline_difference: int = 0
+    comparisons: List[Any] = field(default_factory=list)
 
 
 def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, experiments_dir: Optional[str] = None,
@@ -488,6 +501,12 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
                                      "latency vs searched"))
     rows.append(student_row(searched_dir, "searched student", "searched", seq_length=seq, repeats=repeats,
                             note=reference_note(searched.meta)))
+    models = {"teacher": "teacher", "baseline": base_result.path}
+    if not same:
+        models["baseline (latency)"] = lat_result.path
+    models["searched"] = searched_dir
+    pairs = [("searched", name) for name in models if name.startswith("baseline")] + [("teacher", "searched")]
+    comparisons, paired = comparisons_markdown(setup, models, pairs, seed=int(cfg.seed))
     chosen = (searched.meta.get("extra") or {}).get("trial_id")
     origin = (searched.meta.get("extra") or {}).get("origin") or student_origin(cfg)
     objective = cfg.evaluator.objective
@@ -498,9 +517,10 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
             "rows), which the search never read.")
     result = write_report(wd.root, trials, rows, experiment=experiment, metric_name=f"dev {metric}",
                           chosen=str(chosen) if chosen is not None else None, origin=origin,
-                          search_metric_name=f"search score ({objective})", splits_note=note)
+                          search_metric_name=f"search score ({objective})", splits_note=note,
+                          comparisons=comparisons)
     table = format_table(rows, metric_name=f"dev {metric}")
     return ReportOutcome(result=result, rows=rows, table=table, experiment=experiment,
-                         baseline_difference=choice.difference)
+                         baseline_difference=choice.difference, comparisons=paired)
 
 
