@@ -483,6 +483,13 @@ COMMANDS: List[Command] = [
             description="Export a student into <workdir>/exports/NAME, loadable by transformers alone: the "
                         "best succeeded trial of an NNI experiment (weights sliced from its stage's supernet) "
                         "or the architecture of a JSON file. Prints the folder."),
+    Command("verify-export", "check an export folder's code, weights and config against export_meta.json's sha256",
+            _run_verify_export, _configure_verify_export, needs_config=False,
+            description="Compare every file of an export folder with the sha256 recorded in its export_meta.json "
+                        "(files_sha256) at export time, refuse Python files that were not exported, and check that "
+                        "config.json describes the same architecture as arch.json. Run it before loading the folder "
+                        "with trust_remote_code=True, which imports the folder's *.py files. Exit 0 if the folder "
+                        "is intact, 2 (one line naming the file) if not."),
     Command("distill", "final KD of an exported student (general, then task KD); saves it into the folder",
             _run_distill, _configure_distill,
             description="Distil the teacher into an exported student with the distill: budget: general KD "
@@ -511,13 +518,6 @@ COMMANDS: List[Command] = [
                         "fidelity.{md,json,png}: Kendall tau / Spearman rho (p-values) and top-1 / top-3 hit "
                         "rates of the search score, for every objective. --repeat R re-scores the archs with R "
                         "other evaluator seeds (test-retest ceiling). Resumable: recorded archs are not redone."),
-    Command("verify-export", "check an export folder's code, weights and config against export_meta.json's sha256",
-            _run_verify_export, _configure_verify_export, needs_config=False,
-            description="Compare every file of an export folder with the sha256 recorded in its export_meta.json "
-                        "(files_sha256) at export time, refuse Python files that were not exported, and check that "
-                        "config.json describes the same architecture as arch.json. Run it before loading the folder "
-                        "with trust_remote_code=True, which imports the folder's *.py files. Exit 0 if the folder "
-                        "is intact, 2 (one line naming the file) if not."),
 ]
 
 
