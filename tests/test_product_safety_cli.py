@@ -243,6 +243,26 @@ def test_each_experiment_reads_its_own_config(work, capsys, monkeypatch, caplog)
     code, _, err = _run(capsys, "export", "-q", "-c", wd.config_file, "--experiment", "../x", "--name", "y")
     assert code == 2 and "an experiment id is letters and digits" in err
 
+    # the --python (NasExperiment) path writes its snapshot too (NNI itself faked: nothing runs)
+    from nni_effbert.nas import python_search
+
+    class FakeNas:
+        def __init__(self, space, evaluator, strategy, conf, id=None):
+            self.id = id or "exppy3"
+
+        def run(self, port):
+            return True
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(python_search, "_nas_experiment_class", lambda: FakeNas)
+    code, _, err = _run(capsys, "search", "-q", "-c", TINY, *sets, f"--set={ONE_STAGE.replace('trials: 2', 'trials: 1')}",
+                        "--python")
+    assert code == 1 and "experiment exppy3 has no succeeded candidate" in err, err  # no trial ran
+    assert len(load_config(wd.experiment_config_file("exppy3")).search.stages) == 1, err
+    assert load_config(wd.experiment_config_file("exppy3")).search.stages[0].trials == 1
+
     # a resume goes on with the experiment's own config, and writes it back for NNI's advisor
     code, _, err = _run(capsys, "search", "-q", "-c", TINY, *sets, f"--set={ONE_STAGE}", "--resume", "expold1")
     assert code == 0, err

@@ -124,9 +124,11 @@ class LatencyRecord:
         return None
 
     def set_choice(self, key: Mapping[str, Any], choice: Mapping[str, Any]) -> None:
+        """Record the latency-matched baseline ``choice`` (:meth:`LatencyBaselineChoice.to_record`) for ``key``."""
         self.baseline = {"key": dict(key), "choice": dict(choice)}
 
     def save(self) -> None:
+        """Write the record (atomically) to :attr:`path`."""
         atomic_write_json({"format": self.FORMAT, "settings": self.settings, "latency": self.latencies,
                            "latency_baseline": self.baseline}, self.path)
 
