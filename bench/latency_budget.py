@@ -125,7 +125,7 @@ def main() -> int:
         seed = int(cfg.distill.seed if cfg.distill.seed is not None else cfg.seed) + k
         scfg = load_config(effective, [f"distill.seed={seed}"])
         exp = export_best(scfg, experiment, name=f"searched-lat-seed{seed}",
-                          evaluator=KDEvaluator(scfg, setup=setup))
+                          evaluator=KDEvaluator(scfg, setup=setup), force=True)  # afresh on purpose
         searched = run_distill(scfg, exp.path, setup=setup)
         # One latency match for all seeds (chosen on the first): the seeds then pair the same two archs.
         base, matched = ensure_latency_baseline(scfg, exp.path, name=f"baseline-lat-seed{seed}", setup=setup,

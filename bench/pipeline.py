@@ -150,7 +150,8 @@ def distil_again(config_path, overrides, experiment, seed, setup):
     from nni_effbert.product.students import ensure_baseline, export_best
 
     cfg = load_config(config_path, [*overrides, f"distill.seed={seed}"])
-    info = export_best(cfg, experiment, name=f"searched-seed{seed}", evaluator=KDEvaluator(cfg, setup=setup))
+    info = export_best(cfg, experiment, name=f"searched-seed{seed}", evaluator=KDEvaluator(cfg, setup=setup),
+                       force=True)  # afresh on purpose: this seed's student is redistilled below
     searched = run_distill(cfg, info.path, setup=setup)
     base, _ = ensure_baseline(cfg, info.path, name=f"baseline-seed{seed}", setup=setup)
     print(f"distill seed {seed}: baseline {base.dev_metric:.4f}, searched {searched.dev_metric:.4f}", flush=True)

@@ -12,6 +12,7 @@
     nni-effbert report         -c exp.yml [--experiment ID]
     nni-effbert quickstart     [--data-dir DIR]         all of it on the embedded SST-2 default
     nni-effbert fidelity       -c exp.yml --experiment ID [--sample K] [--steps N] [--repeat R]
+    nni-effbert verify-export  PATH                     check an export folder's files against its recorded sha256
 
 Every command takes ``-c/--config`` and repeatable ``--set dotted.key=value`` overrides, and
 ``--help``. Errors nni-effbert raises on purpose (:class:`~nni_effbert.errors.EffBertError`:
@@ -31,6 +32,7 @@ where imports are deliberately local).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -70,10 +72,23 @@ class Command:
     needs_config: bool = True
 
 
-def _load_cfg(args: argparse.Namespace):
-    from .config import load_config
+def _load_cfg(args: argparse.Namespace, experiment: Optional[str] = None, *, resume: bool = False):
+    """The command's config; with ``experiment``, that experiment's own config snapshot (plus the
+    command's ``--set``; for a ``resume``, exactly the snapshot), see
+    :func:`~nni_effbert.config.experiment_config`."""
+    from .config import experiment_config, load_config
 
     cfg = load_config(args.config, list(args.set or []))
+    if resume:
+        # A resumed experiment goes on with its own config, exactly (other stages or budgets
+        # would not fit the history it resumes); without a snapshot, the config given.
+        resumed = experiment_config(cfg, experiment, fallback="given", option="--resume")
+        if resumed is not cfg and args.set:
+            logging.getLogger(__name__).warning("--set is not applied to a resumed experiment: %s goes on with its "
+                                                "own config", experiment)
+        cfg = resumed
+    else:
+        cfg = experiment_config(cfg, experiment, list(args.set or []))
     resolve_runtime(cfg)  # runtime.device / precision this machine cannot run: one line, exit 2
     configure_threads(cfg, concurrent=False)  # runtime.threads when set; else torch's default
     return cfg
@@ -117,7 +132,7 @@ def _configure_warmup(parser: argparse.ArgumentParser) -> None:
 def _run_warmup(args: argparse.Namespace) -> int:
     from .nas.warmup import load_fixed_file, run_warmup
 
-    cfg = _load_cfg(args)
+    cfg = _load_cfg(args, args.experiment)
     fixed = load_fixed_file(args.fixed) if args.fixed else None
     result = run_warmup(cfg, args.stage, fixed=fixed, steps=args.steps, general_steps=args.general_steps,
                         force=args.force, checkpoint_interval=args.checkpoint_every, progress=not args.quiet,
@@ -159,7 +174,8 @@ def _configure_search(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, metavar="N", help="web UI / REST port (default: a free one)")
     parser.add_argument("--resume", metavar="ID",
                         help="resume this stopped experiment of the work directory (with --python: a NasExperiment "
-                             "search); the search goes on where it stopped")
+                             "search); the search goes on where it stopped, with the experiment's own config "
+                             "(<workdir>/nni-experiments/ID/effbert.yml; -c only locates the work directory)")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="with --wait: stop the experiment and fail after this long")
 
@@ -168,7 +184,7 @@ def _run_search(args: argparse.Namespace) -> int:
     """0 on success, 1 if the experiment ended in ERROR or nothing scored, 130 when stopped."""
     from .nas.search import format_trials, run_search
 
-    cfg = _load_cfg(args)
+    cfg = _load_cfg(args, args.resume, resume=True)
     result = run_search(cfg, config_path=args.config, wait=args.wait, python=args.python, port=args.port,
                         progress=not args.quiet, timeout=args.timeout, resume=args.resume)
     if result.status == "RUNNING":
@@ -230,6 +246,9 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
                         help="with --arch: supernet stage to take the weights from (default: the latest)")
     parser.add_argument("--experiments-dir", metavar="DIR",
                         help="NNI experiments folder, when the experiment is not in NNI's manifest")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing export of the same name (its weights, and any distilled student "
+                             "and distill record in it, are lost)")
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -240,7 +259,7 @@ def _run_export(args: argparse.Namespace) -> int:
         raise ConfigError("--stage goes with --arch; with --experiment the best trial's own stage is used")
     from .product.students import export_arch, export_best
 
-    cfg = _load_cfg(args)
+    cfg = _load_cfg(args, args.experiment)
     limited = args.max_latency is not None or args.min_speedup is not None
     if (args.pareto or limited) and (not args.experiment or args.arch):
         raise ConfigError("--pareto, --max-latency and --min-speedup go with --experiment ID (without --arch)")
@@ -253,7 +272,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
         limit = latency_limit(cfg, max_latency_ms=args.max_latency, min_speedup=args.min_speedup)
         info = export_within_latency(cfg, args.experiment, limit, name=args.name, experiments_dir=args.experiments_dir,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, force=args.force)
         t = info.trial
         print(f"best trial within {limit:.3f} ms: {t['trial_id']} (stage {t['stage']}, dev {t['metric']:.4f}, "
               f"{t['latency_ms']:.3f} ms {t['latency_source']}), {info.params} params, weights from {info.source}")
@@ -261,20 +280,20 @@ def _run_export(args: argparse.Namespace) -> int:
         from .product.cost import export_best_objective
 
         info = export_best_objective(cfg, args.experiment, name=args.name, experiments_dir=args.experiments_dir,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, force=args.force)
         t = info.trial
         print(f"best trial by the {cfg.search.objective.kind} objective {t['trial_id']} (stage {t['stage']}, dev "
               f"{t['metric']:.4f}, {t['latency_ms']:.3f} ms, objective {t['objective']:.4f}), {info.params} params, "
               f"weights from {info.source}")
     elif args.experiment and not args.arch:
         info = export_best(cfg, args.experiment, name=args.name, experiments_dir=args.experiments_dir,
-                           progress=not args.quiet)
+                           progress=not args.quiet, force=args.force)
         t = info.trial
         print(f"best trial {t['trial_id']} (stage {t['stage']}, search score {t['metric']:.4f}), "
               f"{info.params} params ({info.non_embedding_params} non-embedding), weights from {info.source}")
     else:
         info = export_arch(cfg, args.arch, name=args.name, stage=args.stage, progress=not args.quiet,
-                           experiment=args.experiment)
+                           experiment=args.experiment, force=args.force)
         print(f"{info.params} params ({info.non_embedding_params} non-embedding), weights from {info.source}")
     print(info.path)
     return 0
@@ -324,14 +343,17 @@ def _configure_report(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", metavar="DIR", help="the distilled searched student (default <workdir>/exports/searched)")
     parser.add_argument("--experiments-dir", metavar="DIR",
                         help="NNI experiments folder, when the experiment is not in NNI's manifest")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="measure every latency and choose the latency-matched baseline again (default: reuse "
+                             "what an earlier report of the same students measured, reports/measurements.json)")
 
 
 def _run_report(args: argparse.Namespace) -> int:
     from .product.report import build_report
 
-    cfg = _load_cfg(args)
+    cfg = _load_cfg(args, args.experiment)
     out = build_report(cfg, experiment=args.experiment, searched_dir=args.export,
-                       experiments_dir=args.experiments_dir, progress=not args.quiet)
+                       experiments_dir=args.experiments_dir, progress=not args.quiet, remeasure=args.remeasure)
     print(out.table)
     for c in out.comparisons:
         print(f"{c.name_a} - {c.name_b} (dev, paired, 95% CI): {c.summary()}")
@@ -399,7 +421,7 @@ def _configure_fidelity(parser: argparse.ArgumentParser) -> None:
 def _run_fidelity(args: argparse.Namespace) -> int:
     from .product.fidelity import run_fidelity
 
-    cfg = _load_cfg(args)
+    cfg = _load_cfg(args, args.experiment)
     out = run_fidelity(cfg, args.experiment, sample=args.sample, steps=args.steps, repeat=args.repeat,
                        stage=args.stage, seed=args.seed, experiments_dir=args.experiments_dir,
                        progress=not args.quiet)
@@ -407,6 +429,25 @@ def _run_fidelity(args: argparse.Namespace) -> int:
     print(f"distilled {out.distilled} arch(s), reused {out.reused} recorded; re-scored {out.rescored}")
     for path in (out.json_path, out.md_path, out.png_path):
         print(f"written: {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# verify-export
+# ---------------------------------------------------------------------------------------------
+
+
+def _configure_verify_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="PATH", help="an export folder (e.g. <workdir>/exports/searched)")
+
+
+def _run_verify_export(args: argparse.Namespace) -> int:
+    from .product.export import load_exported, verify_export
+
+    hashes = verify_export(args.path)
+    load_exported(args.path, verify=False)  # config.json / arch.json / weights agree with each other
+    code = sorted(n for n in hashes if n.endswith(".py"))
+    print(f"{args.path}: OK, {len(hashes)} files match export_meta.json (code: {', '.join(code)})")
     return 0
 
 
@@ -430,7 +471,9 @@ COMMANDS: List[Command] = [
                         "(e.g. NaN loss), 2 for bad input."),
     Command("search", "run the progressive search with nnictl (or NasExperiment with --python)", _run_search,
             _configure_search,
-            description="Save the resolved config and an nnictl config into the work directory, register the "
+            description="Save the resolved config (<workdir>/config.yml, and the experiment's own copy "
+                        "<workdir>/nni-experiments/ID/effbert.yml that `--experiment ID` commands, its trials and a "
+                        "resume read) and an nnictl config into the work directory, register the "
                         "EfficientBertProgressive tuner if needed and run `nnictl create`; prints the web UI URL "
                         "and the experiment id. --wait blocks until it ends, stops it and prints the trials "
                         "(exit 1 if it ended in ERROR). --python runs NasExperiment + ProgressiveStrategy in this "
@@ -444,6 +487,13 @@ COMMANDS: List[Command] = [
             description="Export a student into <workdir>/exports/NAME, loadable by transformers alone: the "
                         "best succeeded trial of an NNI experiment (weights sliced from its stage's supernet) "
                         "or the architecture of a JSON file. Prints the folder."),
+    Command("verify-export", "check an export folder's code, weights and config against export_meta.json's sha256",
+            _run_verify_export, _configure_verify_export, needs_config=False,
+            description="Compare every file of an export folder with the sha256 recorded in its export_meta.json "
+                        "(files_sha256) at export time, refuse Python files that were not exported, and check that "
+                        "config.json describes the same architecture as arch.json. Run it before loading the folder "
+                        "with trust_remote_code=True, which imports the folder's *.py files. Exit 0 if the folder "
+                        "is intact, 2 (one line naming the file) if not."),
     Command("distill", "final KD of an exported student (general, then task KD); saves it into the folder",
             _run_distill, _configure_distill,
             description="Distil the teacher into an exported student with the distill: budget: general KD "

@@ -34,6 +34,7 @@ from .errors import ConfigError
 from .io import atomic_write_text  # readers (other trials) never see a partial file
 from .typed_yaml import apply_overrides as _apply_overrides
 from .typed_yaml import from_dict, read_yaml, to_dict
+from .workdir import WorkDir
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -51,6 +52,8 @@ __all__ = [
     "from_dict",
     "to_dict",
     "load_config",
+    "experiment_config",
+    "save_experiment_config",
     "apply_overrides",
     "resolve_teacher_model",
     "ConfigError",
@@ -653,4 +656,74 @@ def load_config(
                 "(set distill.transfer_steps=0)")
     if check_paths:
         _check_paths(cfg, where)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-experiment config snapshots
+# ---------------------------------------------------------------------------------------------
+
+
+def save_experiment_config(cfg: ExperimentConfig, experiment: str) -> Path:
+    """Write ``cfg`` as experiment ``experiment``'s own config snapshot
+    (:meth:`WorkDir.experiment_config_file <nni_effbert.workdir.WorkDir.experiment_config_file>`),
+    unless it has one already: a snapshot is written once, when the experiment starts, and a
+    resume keeps it. Returns the snapshot's path."""
+
+    path = WorkDir.of(cfg).experiment_config_file(experiment)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cfg.save(path)
+        logger.info("experiment %s: config snapshot %s", experiment, path)
+    return path
+
+
+def experiment_config(cfg: ExperimentConfig, experiment: Optional[str], overrides: Sequence[str] = (), *,
+                      check_paths: bool = True, fallback: str = "workdir",
+                      option: str = "--experiment") -> ExperimentConfig:
+    """The config experiment ``experiment`` of ``cfg``'s work directory was run with.
+
+    Every command given ``--experiment ID`` reads the experiment's own snapshot
+    (``<workdir>/nni-experiments/ID/effbert.yml``, see :func:`save_experiment_config`), with the
+    command's ``--set`` ``overrides`` applied on top, instead of a config that a later search may
+    have changed (its ``search.stages``, say).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The config the command was given; it locates the work directory.
+    experiment : str or None
+        The experiment id (None: ``cfg`` itself is returned).
+    overrides : sequence of str
+        The command's ``--set`` overrides.
+    check_paths : bool
+        As :func:`load_config`.
+    fallback : {'workdir', 'given'}
+        Without a snapshot (experiments of work directories from before snapshots): read
+        ``<workdir>/config.yml`` (``'workdir'``, with ``overrides``; ``cfg`` when that is
+        missing too) or keep ``cfg`` (``'given'``). Either way a note is logged.
+    option : str
+        The option that named the experiment, for the message on a malformed id.
+
+    Raises
+    ------
+    ConfigError
+        A malformed experiment id, or an invalid snapshot.
+    """
+    if not experiment:
+        return cfg
+    if not isinstance(experiment, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", experiment):
+        raise ConfigError(f"{option} {experiment!r}: an experiment id is letters and digits, like 'a1b2c3d4'")
+    wd = WorkDir.of(cfg)
+    snapshot = wd.experiment_config_file(experiment)
+    if snapshot.is_file():
+        snap = load_config(snapshot, list(overrides), check_paths=check_paths)
+        if to_dict(snap) != to_dict(cfg):
+            logger.info("experiment %s: using its own config %s (the config given differs)", experiment, snapshot)
+        return snap
+    if fallback == "workdir" and wd.config_file.is_file():
+        logger.info("experiment %s has no config snapshot (%s; work directory from an older nni-effbert): using "
+                    "%s, the config of the work directory's latest search", experiment, snapshot, wd.config_file)
+        return load_config(wd.config_file, list(overrides), check_paths=check_paths)
+    logger.info("experiment %s has no config snapshot (%s): using the config given", experiment, snapshot)
     return cfg

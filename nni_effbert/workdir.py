@@ -5,7 +5,7 @@ everything through it (NNI shared storage), so every module asks this one for pa
 of joining strings of its own::
 
     <workdir>/
-      config.yml              the resolved experiment config (absolute paths)
+      config.yml              the resolved config of the latest search (absolute paths)
       teacher/                fine-tuned teacher (HF folder + effbert_teacher.json)
       teacher.lock            held while the teacher is fine-tuned
       cache/                  teacher-output caches, one folder per key (nni_effbert.kd.cache)
@@ -19,6 +19,9 @@ of joining strings of its own::
       supernet/stage{N}.resume.pt periodic warm-up state (step, optimizer), deleted when done
       supernet/stage{N}.lock      held while stage N is warmed up
       search.lock             who runs the live search of this folder (nni_effbert.nas.search_lock)
+      nni-experiments/<experiment id>/  NNI's folder of the experiment (experimentWorkingDirectory)
+      nni-experiments/<experiment id>/effbert.yml  the experiment's own config snapshot, written
+                              when it starts; commands given ``--experiment ID`` and its trials read it
       trials/<trial id>/result.json  what a trial reported (metrics, arch)
       exports/<name>/         exported students
       reports/                report.md and plots
@@ -42,6 +45,7 @@ __all__ = ["WorkDir"]
 logger = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+_EXPERIMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,23 @@ class WorkDir:
     def search_lock(self) -> Path:
         """Who runs the live search of this work directory (:mod:`nni_effbert.nas.search_lock`)."""
         return self.root / "search.lock"
+
+    @property
+    def experiments_dir(self) -> Path:
+        """NNI's ``experimentWorkingDirectory`` of the searches run here (one folder per experiment)."""
+        return self.root / "nni-experiments"
+
+    def experiment_config_file(self, experiment: str) -> Path:
+        """Experiment ``experiment``'s own config snapshot, ``nni-experiments/<id>/effbert.yml``.
+
+        Raises
+        ------
+        ConfigError
+            If the id is not letters, digits, ``_`` or ``-`` (it names a folder).
+        """
+        if not isinstance(experiment, str) or not _EXPERIMENT_ID.fullmatch(experiment):
+            raise ConfigError(f"experiment id {experiment!r}: an experiment id is letters and digits, like 'a1b2c3d4'")
+        return self.experiments_dir / experiment / "effbert.yml"
 
     @property
     def trials_dir(self) -> Path:

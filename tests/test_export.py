@@ -204,11 +204,13 @@ def test_load_exported_errors(tmp_path, space, arch):
         load_exported(tmp_path / "nope")
     out = export_student(space, arch, space, tmp_path / "exp", verify=False)
     (out / WEIGHTS_FILE).write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="model.safetensors was changed after export"):
         load_exported(out)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_exported(out, verify=False)
     (out / ARCH_FILE).unlink()
     with pytest.raises(CheckpointError, match="arch.json"):
-        load_exported(out)
+        load_exported(out, verify=False)
 
 
 def test_remote_code_is_pure_torch():

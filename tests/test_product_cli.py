@@ -241,8 +241,8 @@ def test_both_baselines_are_distilled_once_and_reused_for_the_same_budget(tmp_pa
 
     exports = []
     real_export = students._export
-    monkeypatch.setattr(students, "_export", lambda ev, a, stage, name, extra: exports.append(name) or
-                        real_export(ev, a, stage, name, extra))
+    monkeypatch.setattr(students, "_export", lambda ev, a, stage, name, extra, **kw: exports.append(name) or
+                        real_export(ev, a, stage, name, extra, **kw))
     base, choice = ensure_baseline(cfg, searched, progress=False)
     lat, lat_choice = ensure_latency_baseline(cfg, searched, progress=False)
     assert exports == [BASELINE, LATENCY_BASELINE]

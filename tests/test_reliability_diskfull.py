@@ -131,7 +131,7 @@ def test_export_folder_on_a_full_disk(prepared, tmp_path, tmpfs, capsys):
     data = json.loads(arch.read_text())
     data["layer0_stack"] = 2
     arch.write_text(json.dumps(data))
-    rc, _, err = _cli(capsys, "export", "-q", "-c", exp, "--arch", str(arch), "--name", "searched")
+    rc, _, err = _cli(capsys, "export", "-q", "-c", exp, "--arch", str(arch), "--name", "searched", "--force")
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith(f"nni-effbert export: error: disk full while writing {exports / 'searched'}"), err
     assert tree_digest(exports) == before and _hidden(exports) == []  # old export intact, no temp folder

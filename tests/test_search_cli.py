@@ -93,6 +93,9 @@ def test_search_cli_runs_real_trials_through_nnictl(search_run, capsys):
     with pytest.raises(OSError):
         _get(port, "check-status")
     assert (work / "nni-experiments" / exp_id / "db" / "nni.sqlite").is_file()
+    # the experiment's own config snapshot, what `--experiment ID` commands and its trials read
+    assert load_config(work / "nni-experiments" / exp_id / "effbert.yml").to_dict() == \
+        load_config(work / "config.yml").to_dict()
 
     # The nnictl config it wrote, and the saved experiment config every trial read.
     conf = yaml.safe_load((work / "nnictl" / "nnictl.yml").read_text())

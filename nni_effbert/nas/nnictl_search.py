@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from nni_effbert.strategies.registration import not_registered_hint, register_tuner
 
+from ..config import save_experiment_config
 from ..errors import EffBertError
 from ..io import atomic_write_json, atomic_write_text
 from ..workdir import WorkDir
@@ -244,6 +245,9 @@ def run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[in
         tail = " | ".join(line.strip() for line in output.splitlines() if line.strip())[-800:]
         raise SearchError(f"`nnictl {' '.join(args)}` failed: {tail}")
     search_lock.update(wd, lock, experiment=exp_id)
+    # The experiment's own config: `export/report/fidelity --experiment`, its trials and a later
+    # resume read it, whatever another search writes into <workdir>/config.yml afterwards.
+    save_experiment_config(cfg, exp_id)
     url = f"http://localhost:{port}"
     exp_dir = wd.root / EXPERIMENTS_DIR / exp_id
     print(f"experiment {exp_id} {'resumed' if resume else 'started'}: web UI {url}", flush=True)

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from nni_effbert.strategies import ProgressiveStrategy
 from nni_effbert.strategies.core import split_parameters
 
+from ..config import save_experiment_config
 from ..errors import EffBertError
 from ..io import atomic_write_json
 from ..kd.latency_table import search_latency
@@ -287,6 +288,7 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
     # (NNI_EXP_ID) read them.
     evaluator.experiment = experiment.id
     search_lock.update(wd, lock, experiment=experiment.id)
+    save_experiment_config(cfg, experiment.id)  # what `--experiment ID` commands and a resume read
     url = f"http://localhost:{port}"
     print(f"NAS experiment {experiment.id} {'resumed' if resume else 'started'}: web UI {url} "
           "(warm-ups run in this process)", flush=True)

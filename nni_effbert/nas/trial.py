@@ -51,13 +51,14 @@ import resource
 import sys
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from ..config import load_config
+from ..config import experiment_config, load_config
 from ..errors import ConfigError, DiskFullError, EffBertError, one_line
 from ..kd.teacher import finetune_from_config
 from ..kd.train import TrialFailure
 from ..runtime import apply_gpu_memory_limit, configure_runtime, configure_threads, gpu_oom_reason, resolve_runtime
 from .evaluator import KDEvaluator
 from .params import add_arguments, echoed_ids, int_meta, is_placeholder, is_teacher, is_warmup, read_arch_file, split_arch
+from .supernets import experiment_key
 from .supervisor import CHILD_ENV, EXIT_FAILED, _die_with_parent, in_nni, supervise
 from .warmup import run_warmup_parameters
 
@@ -187,6 +188,12 @@ def run(args: argparse.Namespace) -> int:
     """Run a trial from parsed arguments (``config``, ``set``, ``arch``, ``stage``,
     ``train_steps``); returns the exit status. Bad input raises :class:`EffBertError`."""
     cfg = load_config(args.config, list(args.set or []))
+    # A trial of experiment X ($NNI_EXP_ID, or --experiment X) runs with X's own config snapshot,
+    # whatever a later search wrote into <workdir>/config.yml (the --config nnictl passes). The
+    # first trials of a new nnictl experiment may start before `search` wrote the snapshot: they
+    # read --config, which is the same file then.
+    cfg = experiment_config(cfg, experiment_key(getattr(args, "experiment", None)), list(args.set or []),
+                            fallback="given")
     configure_threads(cfg)
     runtime = resolve_runtime(cfg)  # a device or precision this machine lacks: exit 2 here
     logger.info("trial runs on %s", runtime.describe())

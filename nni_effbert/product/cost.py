@@ -65,8 +65,11 @@ def latency_limit(cfg, *, max_latency_ms: Optional[float] = None, min_speedup: O
 
 
 def export_within_latency(cfg, experiment: str, max_latency_ms: float, *, name: str = SEARCHED,
-                          experiments_dir: Optional[str] = None, progress: bool = True) -> ExportInfo:
+                          experiments_dir: Optional[str] = None, progress: bool = True,
+                          force: bool = False) -> ExportInfo:
     """Export the best trial of ``experiment`` (last stage) whose latency is at most ``max_latency_ms``.
+
+    An existing ``exports/<name>`` is replaced only with ``force``.
 
     Raises
     ------
@@ -80,16 +83,16 @@ def export_within_latency(cfg, experiment: str, max_latency_ms: float, *, name: 
              "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
              "max_latency_ms": float(max_latency_ms), "trial_latency_ms": best["latency_ms"],
              "trial_latency_source": best["latency_source"]}
-    info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra)
+    info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra, force=force)
     info.trial = best
     return info
 
 
 def export_best_objective(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: Optional[str] = None,
-                          progress: bool = True) -> ExportInfo:
+                          progress: bool = True, force: bool = False) -> ExportInfo:
     """Export the trial of the last stage that is best by ``search.objective`` (score and latency),
     the ranking the search itself used; ``nni-effbert export --experiment ID`` does this when the
-    config has a latency objective."""
+    config has a latency objective. An existing ``exports/<name>`` is replaced only with ``force``."""
     objective = cfg.search.objective
     target = objective.target(teacher_latency_ms(cfg) if objective.target_speedup is not None else None)
     trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
@@ -98,7 +101,7 @@ def export_best_objective(cfg, experiment: str, *, name: str = SEARCHED, experim
     extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
              "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
              "objective": objective.kind, "trial_objective": best["objective"], "trial_latency_ms": best["latency_ms"]}
-    info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra)
+    info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra, force=force)
     info.trial = best
     return info
 
@@ -126,6 +129,20 @@ class LatencyBaselineChoice:
     measured_ms: Optional[float] = None
     target_measured_ms: Optional[float] = None
     candidates: List[Dict[str, Any]] = field(default_factory=list)
+
+    def to_record(self) -> Dict[str, Any]:
+        """The choice as JSON (the arch left out: it is BERT's MLP at ``width``, :meth:`from_record`)."""
+        return {"width": int(self.width), "predicted_ms": self.predicted_ms, "target_predicted_ms": self.target_predicted_ms,
+                "measured_ms": self.measured_ms, "target_measured_ms": self.target_measured_ms,
+                "candidates": list(self.candidates)}
+
+    @classmethod
+    def from_record(cls, space, record: Dict[str, Any]) -> "LatencyBaselineChoice":
+        """The choice :meth:`to_record` wrote, in ``space``."""
+        return cls(arch=space.bert_arch(width=int(record["width"]), stack=1), width=int(record["width"]),
+                   predicted_ms=float(record["predicted_ms"]), target_predicted_ms=float(record["target_predicted_ms"]),
+                   measured_ms=record.get("measured_ms"), target_measured_ms=record.get("target_measured_ms"),
+                   candidates=list(record.get("candidates") or []))
 
     @property
     def relative_difference(self) -> float:
@@ -179,11 +196,7 @@ def recorded_latency_baseline(cfg, ev, searched, name: str = LATENCY_BASELINE) -
     meta = reusable_export(cfg, ev, name, _latency_key(searched, ev))
     if meta is None:
         return None
-    x = meta["extra"]
-    return LatencyBaselineChoice(arch=ev.setup.space.bert_arch(width=int(x["width"]), stack=1), width=int(x["width"]),
-                                 predicted_ms=float(x["predicted_ms"]), target_predicted_ms=float(x["target_predicted_ms"]),
-                                 measured_ms=x.get("measured_ms"), target_measured_ms=x.get("target_measured_ms"),
-                                 candidates=list(x.get("candidates") or []))
+    return LatencyBaselineChoice.from_record(ev.setup.space, meta["extra"])
 
 
 def _latency_key(searched, ev) -> Dict[str, Any]:
@@ -192,17 +205,18 @@ def _latency_key(searched, ev) -> Dict[str, Any]:
 
 
 def choose_latency_baseline(cfg, searched_dir, *, name: str = LATENCY_BASELINE, progress: bool = True,
-                            setup=None) -> LatencyBaselineChoice:
+                            setup=None, remeasure: bool = False) -> LatencyBaselineChoice:
     """The latency-matched baseline for a searched export: the one an existing reusable export
     records, else :func:`latency_baseline_arch` (predicted, then measured). A report asks this
     first, so a rerun keeps the width it measured once (short measurements on a busy machine may
-    rank two nearby widths either way)."""
+    rank two nearby widths either way); ``remeasure`` chooses again."""
     searched, ev = baseline_evaluator(cfg, searched_dir, progress=progress, setup=setup)
-    return _choose_latency_baseline(cfg, ev, searched, name, progress)
+    return _choose_latency_baseline(cfg, ev, searched, name, progress, remeasure=remeasure)
 
 
-def _choose_latency_baseline(cfg, ev, searched, name: str, progress: bool) -> LatencyBaselineChoice:
-    recorded = recorded_latency_baseline(cfg, ev, searched, name)
+def _choose_latency_baseline(cfg, ev, searched, name: str, progress: bool, *,
+                             remeasure: bool = False) -> LatencyBaselineChoice:
+    recorded = None if remeasure else recorded_latency_baseline(cfg, ev, searched, name)
     if recorded is not None:
         return recorded
     table = table_for_config(cfg, space_config=ev.setup.space.config, progress=progress)

@@ -25,9 +25,18 @@ work. It holds:
 ``architecture.md``
     Per-layer expression, width, stack and parameters, with totals.
 ``export_meta.json``
-    The search-space config, parameter counts, fingerprint, task, and caller metadata.
+    The search-space config, parameter counts, fingerprint, task, caller metadata, and under
+    ``files_sha256`` the sha256 of every other file of the folder (remote code, weights,
+    ``config.json``, ``arch.json``, tokenizer, docs), which :func:`verify_export`
+    (``nni-effbert verify-export``) checks.
 ``README.md``
-    A short model card: what the model is and how to load it.
+    A short model card: what the model is, how to load it, and what ``trust_remote_code=True``
+    executes.
+
+``trust_remote_code=True`` makes ``transformers`` import the folder's ``*.py`` files: anyone
+who can write to the folder can run code in the loading process. :func:`load_exported` (and so
+``distill``, ``report``, ``fidelity``) verifies the hashes first and refuses a folder whose
+code, weights or ``config.json`` changed since it was written.
 
 The folder is built under a temporary name beside ``out_dir``, checked (by default the exported
 code is imported from the folder and its logits compared with the student's), then swapped in
@@ -36,6 +45,7 @@ atomically: a reader never sees a half-written export.
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -69,8 +79,14 @@ from ..kd.teacher_init import origin_line
 
 __all__ = [
     "ExportedStudent",
+    "ExportIntegrityError",
+    "ExportExistsError",
     "export_student",
     "load_exported",
+    "verify_export",
+    "check_replaceable",
+    "file_sha256",
+    "HASHES_KEY",
     "architecture_markdown",
     "WEIGHTS_FILE",
     "ARCH_FILE",
@@ -91,6 +107,18 @@ CONFIG_FILE = "config.json"
 
 #: Bumped when the folder layout changes incompatibly; :func:`load_exported` checks it.
 FORMAT_VERSION = 1
+
+#: Key of ``export_meta.json`` mapping every other file of the folder to its sha256 (hex).
+HASHES_KEY = "files_sha256"
+
+
+class ExportIntegrityError(CheckpointError):
+    """An export folder's files disagree with the sha256 recorded in its ``export_meta.json``
+    (or the folder predates the hashes): its code, weights or config were changed since export."""
+
+
+class ExportExistsError(CheckpointError):
+    """The export folder already exists and would be replaced without ``force``."""
 
 #: Entry point of the pure-torch student among the ``search_spaces`` files.
 _STUDENT_MODULE = "modeling.py"
@@ -240,10 +268,13 @@ def _export_into(final: Path, space, config, arch, student, tok, task, id2label,
             "has_tokenizer": tok is not None,
             "extra": dict(extra_meta or {}),
         }
-        atomic_write_json(meta, tmp / META_FILE)
         atomic_write_text(_model_card(meta, id2label, tok is not None), tmp / README_FILE)
+        meta[HASHES_KEY] = _folder_hashes(tmp)  # every file but the meta itself, written last
+        atomic_write_json(meta, tmp / META_FILE)
         if verify:
             _verify_folder(tmp, student, config)
+            verify_export(tmp)  # what readers will check: the hashes match the files published
+        _warn_if_losing_distilled(final, extra_meta)
         atomic_replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -252,13 +283,17 @@ def _export_into(final: Path, space, config, arch, student, tok, task, id2label,
                 meta["non_embedding_params"], final)
 
 
-def load_exported(path: PathLike) -> ExportedStudent:
+def load_exported(path: PathLike, *, verify: bool = True) -> ExportedStudent:
     """Read an export folder back as the plugin-side pure-torch student.
 
     Parameters
     ----------
     path : str or Path
         A folder written by :func:`export_student`.
+    verify : bool
+        Check first that every file matches the sha256 recorded in ``export_meta.json``
+        (:func:`verify_export`); a folder whose code, weights or ``config.json`` changed, or one
+        written before the hashes, is refused.
 
     Returns
     -------
@@ -271,12 +306,17 @@ def load_exported(path: PathLike) -> ExportedStudent:
     CheckpointError
         If the folder or one of its files is missing or corrupt, or the weights do not fit the
         architecture.
+    ExportIntegrityError
+        If ``verify`` and a file disagrees with its recorded sha256 (or none is recorded), or
+        ``config.json``'s ``arch`` differs from ``arch.json``.
     """
 
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"export folder {folder} does not exist; create it with "
                               "`nni-effbert export` (or nni_effbert.product.export.export_student)")
+    if verify:
+        verify_export(folder)
     hint = f"re-export the student into {folder}"
     missing = [n for n in (CONFIG_FILE, ARCH_FILE, WEIGHTS_FILE, META_FILE) if not (folder / n).is_file()]
     if missing:
@@ -297,6 +337,7 @@ def load_exported(path: PathLike) -> ExportedStudent:
     except ValueError as exc:
         raise CheckpointError(f"{folder / ARCH_FILE}: {exc}; {hint}") from exc
     hf_config = load_json(folder / CONFIG_FILE, "model config", hint=hint)
+    _check_config_arch(folder, hf_config, arch, space, hint)
     id2label = {int(k): v for k, v in (hf_config.get("id2label") or {}).items()}
     if len(id2label) != config.num_labels:
         raise CheckpointError(f"{folder / CONFIG_FILE}: id2label has {len(id2label)} labels but the "
@@ -314,6 +355,155 @@ def load_exported(path: PathLike) -> ExportedStudent:
     _load_strict(model, {k[len(prefix):]: v for k, v in tensors.items()}, str(folder / WEIGHTS_FILE))
     model.eval()
     return ExportedStudent(model=model, arch=arch, config=config, id2label=id2label, meta=meta, path=folder)
+
+
+def file_sha256(path: PathLike) -> str:
+    """The sha256 (hex) of a file, read in 1 MiB blocks (what ``sha256sum`` prints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_export(path: PathLike) -> Dict[str, str]:
+    """Check an export folder against the sha256 recorded in its ``export_meta.json``.
+
+    Every file listed under ``files_sha256`` must exist and hash to its recorded value, and no
+    ``*.py`` file may be present that is not listed (``trust_remote_code=True`` would import
+    it). ``config.json``'s ``arch`` must equal ``arch.json``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The export folder.
+
+    Returns
+    -------
+    dict
+        File name -> sha256 of the files checked.
+
+    Raises
+    ------
+    ExportIntegrityError
+        The first disagreement, naming the file and how to fix it (re-export, or check the
+        folder's origin); also for a folder written by an nni-effbert without file hashes.
+    CheckpointError
+        Not an export folder (no ``export_meta.json``), or an unreadable one.
+    """
+    folder = Path(path)
+    hint = f"re-export the student into {folder}"
+    if not folder.is_dir():
+        raise CheckpointError(f"export folder {folder} does not exist; create it with `nni-effbert export`")
+    if not (folder / META_FILE).is_file():
+        raise CheckpointError(f"{folder} is not an nni-effbert export folder: no {META_FILE}; {hint}")
+    meta = load_json(folder / META_FILE, "export metadata", hint=hint)
+    hashes = meta.get(HASHES_KEY) if isinstance(meta, dict) else None
+    if not isinstance(hashes, dict) or not hashes:
+        version = meta.get("nni_effbert_version") if isinstance(meta, dict) else None
+        raise ExportIntegrityError(
+            f"{folder} was exported by nni-effbert {version or '(unknown version)'}, which did not record file "
+            f"hashes, so its code and weights cannot be verified; re-export it (`nni-effbert export ... --force`)")
+    bad_names = [n for n in hashes if not isinstance(n, str) or Path(n).name != n or n in (".", "..", META_FILE)]
+    if bad_names:
+        raise ExportIntegrityError(f"{folder / META_FILE}: {HASHES_KEY} lists {bad_names[:3]}, not file names of "
+                                   f"the folder; {hint}")
+    for name in sorted(hashes, key=lambda n: (not n.endswith(".py"), n)):  # code first
+        file = folder / name
+        if not file.is_file():
+            raise ExportIntegrityError(f"{file} is missing (export_meta.json records it); {hint}")
+        got = file_sha256(file)
+        if got != hashes[name]:
+            raise ExportIntegrityError(
+                f"{file} was changed after export (sha256 {got[:12]}... but export_meta.json records "
+                f"{str(hashes[name])[:12]}...); do not load it with trust_remote_code; {hint}")
+    stray = sorted(p.name for p in folder.glob("*.py") if p.name not in hashes)
+    if stray:
+        raise ExportIntegrityError(f"{folder} holds code that was not exported: {stray} (trust_remote_code could "
+                                   f"import it); remove it or {hint}")
+    arch = load_json(folder / ARCH_FILE, "architecture file", hint=hint) if (folder / ARCH_FILE).is_file() else None
+    config = load_json(folder / CONFIG_FILE, "model config", hint=hint) if (folder / CONFIG_FILE).is_file() else None
+    if isinstance(arch, dict) and isinstance(config, dict) and config.get("arch") != arch:
+        raise ExportIntegrityError(_arch_mismatch(folder, config.get("arch"), arch, hint))
+    return {name: str(hashes[name]) for name in hashes}
+
+
+def check_replaceable(folder: PathLike, *, force: bool) -> None:
+    """Refuse to replace an existing folder (an export, or anything else) unless ``force``.
+
+    With ``force`` the folder is replaced; :func:`export_student` still logs a warning when the
+    replaced folder held a distilled student whose record the new export does not carry on.
+
+    Raises
+    ------
+    ExportExistsError
+        ``folder`` exists and ``force`` is False; the message names what would be lost (the
+        distilled weights and distill record, or the export's weights and metadata).
+    """
+    folder = Path(folder)
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    if not force:
+        raise ExportExistsError(f"{folder} already exists; replacing it would lose {_what_would_be_lost(folder)}; "
+                                "pass --force to replace it, or --name to export under another name")
+
+
+def _what_would_be_lost(folder: Path) -> str:
+    meta = None
+    if (folder / META_FILE).is_file():
+        try:
+            meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = None
+    if not isinstance(meta, dict):
+        return "the folder's contents (it is not a readable nni-effbert export)"
+    record = (meta.get("extra") or {}).get("distill")
+    if isinstance(record, dict):
+        score = record.get("dev_metric")
+        what = f"dev {record.get('metric', 'metric')} {score:.4f}" if isinstance(score, (int, float)) else "distilled"
+        return (f"the distilled student ({WEIGHTS_FILE}, {what}) and its distill record in {META_FILE}")
+    return f"the exported weights ({WEIGHTS_FILE}) and {META_FILE}"
+
+
+def _warn_if_losing_distilled(final: Path, extra_meta: Optional[Mapping[str, Any]]) -> None:
+    """Log when a distilled export is replaced by one that does not carry its distill record on."""
+    meta_file = final / META_FILE
+    if not meta_file.is_file():
+        return
+    try:
+        old = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    record = (old.get("extra") or {}).get("distill") if isinstance(old, dict) else None
+    if isinstance(record, dict) and not isinstance((extra_meta or {}).get("distill"), dict):
+        logger.warning("replacing the distilled student in %s: its distilled weights and distill record are lost",
+                       final)
+
+
+def _arch_mismatch(folder: Path, config_arch: Any, arch: Mapping[str, Any], hint: str) -> str:
+    if not isinstance(config_arch, dict):
+        return f"{folder / CONFIG_FILE} has no arch (arch.json has one); {hint}"
+    diff = sorted(k for k in set(config_arch) | set(arch) if config_arch.get(k) != arch.get(k))
+    first = diff[0]
+    return (f"{folder / CONFIG_FILE} disagrees with {ARCH_FILE}: {first} is {config_arch.get(first)!r} there but "
+            f"{arch.get(first)!r} in {ARCH_FILE} ({len(diff)} label(s) differ), so transformers would load another "
+            f"model; {hint}")
+
+
+def _check_config_arch(folder: Path, hf_config: Any, arch: Mapping[str, Any], space, hint: str) -> None:
+    """``config.json``'s ``arch`` (what transformers builds) must be ``arch.json``'s (what the plugin builds)."""
+    config_arch = hf_config.get("arch") if isinstance(hf_config, dict) else None
+    try:
+        same = isinstance(config_arch, dict) and space.validate_arch(config_arch) == arch
+    except ValueError:
+        same = False
+    if not same:
+        raise ExportIntegrityError(_arch_mismatch(folder, config_arch, arch, hint))
+
+
+def _folder_hashes(folder: Path) -> Dict[str, str]:
+    """sha256 of every file of a folder being exported (``export_meta.json`` itself aside)."""
+    return {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != META_FILE}
 
 
 def architecture_markdown(space: Any, arch: Mapping[str, Any], student: Any = None,
@@ -384,6 +574,9 @@ def architecture_markdown(space: Any, arch: Mapping[str, Any], student: Any = No
         "",
         f"**Non-embedding parameters: {non_embedding:,}** (total minus the word, position and "
         "token-type tables)",
+        "",
+        "Loading this folder with `trust_remote_code=True` imports its `*.py` files: check them first with "
+        "`nni-effbert verify-export <folder>` (or `sha256sum` against `files_sha256` in `export_meta.json`).",
         "",
     ]
     return "\n".join(lines)
@@ -619,6 +812,13 @@ def _model_card(meta: Mapping[str, Any], id2label: Mapping[int, str], has_tokeni
         'classify = pipeline("text-classification", model="PATH", trust_remote_code=True)',
         'classify("a gripping, beautifully acted film", truncation=True)',
         "```",
+        "",
+        "**What `trust_remote_code=True` runs.** It makes `transformers` import this folder's Python files "
+        "(`configuration_effbert.py`, `modeling_effbert_hf.py`, `modeling.py`, `ops.py`) into your process: "
+        "whoever can change them can run code as you. Check the folder before loading it: "
+        "`nni-effbert verify-export PATH` compares every file with the sha256 recorded in `export_meta.json` "
+        "(`files_sha256`); without nni-effbert, compare `sha256sum *.py model.safetensors config.json` "
+        "with those values.",
         "",
     ]
     if not has_tokenizer:

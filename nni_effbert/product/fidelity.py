@@ -269,7 +269,8 @@ def run_fidelity(cfg, experiment: Optional[str] = None, *, trials: Optional[Sequ
         record = _record_ok(path, key)
         if record is None:
             name = f"fidelity-{_safe(tid)}"
-            export_trial_arch(cfg, t["arch"], stage, name, evaluator=evaluator,
+            # force: fidelity-<trial> folders are this command's scratch copies, redone when unrecorded
+            export_trial_arch(cfg, t["arch"], stage, name, evaluator=evaluator, force=True,
                               extra={"source": "fidelity", "experiment": experiment, "trial_id": tid,
                                      "trial_metric": t["metric"], "stage": stage})
             result = run_distill(dcfg, wd.export_dir(name), force=True, progress=progress, setup=setup)

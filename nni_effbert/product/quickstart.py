@@ -41,7 +41,7 @@ from ..nas.evaluator import KDEvaluator
 from ..nas.search import run_search
 from .distill import run_distill
 from .report import build_report
-from .students import export_best
+from .students import SEARCHED, export_best, keep_previous_export
 
 __all__ = ["QUICKSTART_YAML", "BUDGETS", "SMOKE_NOTE", "PipelineResult", "write_config", "run_pipeline"]
 
@@ -201,7 +201,9 @@ def run_pipeline(cfg, config_path: Path, *, port: Optional[int] = None, progress
 
         step("export")
         setup = KDSetup.from_config(cfg, progress=progress)
-        info = export_best(cfg, result.experiment_id, evaluator=KDEvaluator(cfg, progress=progress, setup=setup))
+        keep_previous_export(cfg, SEARCHED)  # a rerun never destroys the previous (distilled) student
+        info = export_best(cfg, result.experiment_id, evaluator=KDEvaluator(cfg, progress=progress, setup=setup),
+                           force=False)
         tqdm.write(f"export: trial {info.trial['trial_id']} -> {info.path}")
         done("export")
 

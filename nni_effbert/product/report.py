@@ -4,21 +4,31 @@ Rows of the comparison table (:func:`format_table`) are dicts with ``name``, ``d
 ``params``, ``non_embedding_params``, ``latency_ms`` and optionally ``role``
 (``teacher`` / ``baseline`` / ``baseline_latency`` / ``searched``) and ``note``; the speed-up column is relative to
 the teacher row (``role == 'teacher'``, or the row named ``teacher``).
+
+A report is reproducible: :func:`build_report` records the latencies it measured and the
+latency-matched baseline it chose in ``<workdir>/reports/measurements.json``
+(:class:`LatencyRecord`), and a later report of the same students (same weights, same latency
+settings) reuses them instead of measuring again, so it prints the same table and distils
+nothing new. ``remeasure=True`` (``nni-effbert report --remeasure``) measures and chooses again.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
 
 from nni_effbert.search_spaces.supernet import REFERENCE_EXPRESSION
 
 from ..errors import CheckpointError, ConfigError, EffBertError
-from ..io import atomic_write_text, load_json
+from ..io import atomic_write_json, atomic_write_text, load_json
 from ..kd.latency import measure_latency
+from ..kd.latency_table import latency_settings
 from ..kd.teacher import load_teacher, prepare_teacher
 from ..kd.teacher_init import origin_line, student_origin
 from ..kd.train import KDSetup
@@ -27,14 +37,15 @@ from ..nas.records import is_failed, is_scored, normalize_trial, read_nni_trials
 from ..nas.supernets import describe_key
 from ..workdir import WorkDir
 from .distill import distill_record
-from .export import load_exported
+from .export import HASHES_KEY, WEIGHTS_FILE, load_exported
 from .fidelity import fidelity_markdown
 from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label
 from .compare import comparisons_markdown
-from .cost import choose_latency_baseline, ensure_latency_baseline
+from .cost import LatencyBaselineChoice, choose_latency_baseline, ensure_latency_baseline
 from .students import SEARCHED, ensure_baseline, experiments_dir_of, supernet_experiment
 
-__all__ = ["TABLE_KEYS", "ReportResult", "ReportOutcome", "format_table", "write_report", "teacher_row", "student_row", "build_report"]
+__all__ = ["TABLE_KEYS", "MEASUREMENTS_FILE", "LatencyRecord", "ReportResult", "ReportOutcome", "format_table",
+           "write_report", "teacher_row", "student_row", "build_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +53,87 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: Keys a table row may have.
 TABLE_KEYS = ("name", "dev_metric", "params", "non_embedding_params", "latency_ms", "role", "note")
+
+#: File of ``<workdir>/reports`` recording what :func:`build_report` measured (:class:`LatencyRecord`).
+MEASUREMENTS_FILE = "measurements.json"
+
+
+class LatencyRecord:
+    """What a report measured, reused by the next report of the same models.
+
+    ``measurements.json`` holds ``{"format": 1, "settings": {...}, "latency": {name: {"id",
+    "ms"}}, "latency_baseline": {"key", "choice"}}``: each latency under the identity of what
+    was measured (the teacher's fingerprint, a student's weights sha256), and the
+    latency-matched baseline chosen for a searched student. Everything is dropped when the
+    latency settings (sequence length, repeats, threads, torch) differ, or with ``remeasure``.
+
+    Parameters
+    ----------
+    path : Path
+        The JSON file.
+    settings : dict
+        What the latencies depend on besides the model.
+    remeasure : bool
+        Ignore what is recorded (it is overwritten by :meth:`save`).
+    """
+
+    FORMAT = 1
+
+    def __init__(self, path: Path, settings: Mapping[str, Any], *, remeasure: bool = False):
+        self.path = Path(path)
+        self.settings = dict(settings)
+        self.measured = 0
+        self.reused = 0
+        data: Dict[str, Any] = {}
+        if not remeasure and self.path.is_file():
+            try:
+                data = load_json(self.path, "report measurements")
+            except EffBertError as exc:
+                logger.warning("measuring again: %s", exc)
+                data = {}
+            if not isinstance(data, dict) or data.get("format") != self.FORMAT or data.get("settings") != self.settings:
+                if data:
+                    logger.info("latency settings changed since %s was written: measuring again", self.path)
+                data = {}
+        self.latencies: Dict[str, Any] = dict(data.get("latency") or {})
+        self.baseline: Dict[str, Any] = dict(data.get("latency_baseline") or {})
+
+    def expect(self, idents: Mapping[str, Any]) -> None:
+        """Keep the recorded latencies only if every model of ``idents`` (name -> identity) has one
+        measured on it: rows are then all reused, or all measured again side by side (a teacher
+        latency from an earlier run is never mixed with a new student's)."""
+        ok = all(ident is not None and isinstance(self.latencies.get(name), dict)
+                 and self.latencies[name].get("id") == ident for name, ident in idents.items())
+        if not ok and self.latencies:
+            logger.info("models changed since %s was written: measuring every latency again", self.path)
+            self.latencies = {}
+
+    def latency(self, name: str, ident: Any, measure: Callable[[], float]) -> float:
+        """The recorded latency of ``name`` if it was measured on ``ident``, else ``measure()`` (recorded)."""
+        rec = self.latencies.get(name)
+        if isinstance(rec, dict) and ident is not None and rec.get("id") == ident and \
+                isinstance(rec.get("ms"), (int, float)):
+            self.reused += 1
+            return float(rec["ms"])
+        ms = float(measure())
+        self.latencies[name] = {"id": ident, "ms": ms}
+        self.measured += 1
+        return ms
+
+    def choice(self, key: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+        """The latency-matched baseline recorded for ``key``, or None."""
+        if self.baseline.get("key") == dict(key) and isinstance(self.baseline.get("choice"), dict):
+            return dict(self.baseline["choice"])
+        return None
+
+    def set_choice(self, key: Mapping[str, Any], choice: Mapping[str, Any]) -> None:
+        """Record the latency-matched baseline ``choice`` (:meth:`LatencyBaselineChoice.to_record`) for ``key``."""
+        self.baseline = {"key": dict(key), "choice": dict(choice)}
+
+    def save(self) -> None:
+        """Write the record (atomically) to :attr:`path`."""
+        atomic_write_json({"format": self.FORMAT, "settings": self.settings, "latency": self.latencies,
+                           "latency_baseline": self.baseline}, self.path)
 
 
 @dataclass
@@ -369,29 +461,40 @@ def _report_markdown(title, experiment, workdir, trials, counts, stages, names, 
 # ---------------------------------------------------------------------------------------------
 
 
-def teacher_row(setup, *, seq_length: int, repeats: int) -> Dict[str, Any]:
-    """The teacher's table row: dev metric from its fine-tuning record, size, measured latency."""
+def teacher_row(setup, *, seq_length: int, repeats: int, record: Optional[LatencyRecord] = None) -> Dict[str, Any]:
+    """The teacher's table row: dev metric from its fine-tuning record, size, measured latency
+    (the one ``record`` holds for this teacher, when given)."""
 
     model, _ = load_teacher(str(setup.teacher_dir))
     model = prepare_teacher(model).cpu()
     total = sum(p.numel() for p in model.parameters())
     embeddings = getattr(model.base_model, "embeddings", None)
     emb = sum(p.numel() for p in embeddings.parameters()) if embeddings is not None else 0
-    latency = measure_latency(model, seq_length=seq_length, repeats=repeats).median_ms
+
+    def measure() -> float:
+        return measure_latency(model, seq_length=seq_length, repeats=repeats).median_ms
+
+    latency = record.latency("teacher", _teacher_id(setup), measure) if record is not None else measure()
     return {"name": "teacher", "role": "teacher", "dev_metric": float(setup.teacher_marker["dev_metric"]),
             "params": int(total), "non_embedding_params": int(total - emb), "latency_ms": float(latency)}
 
 
 def student_row(folder, name: str, role: str, *, seq_length: int, repeats: int, note: Optional[str] = None,
-                metric: Optional[float] = None) -> Dict[str, Any]:
-    """A distilled student's table row (the latency is measured again, beside the teacher's)."""
+                metric: Optional[float] = None, latencies: Optional[LatencyRecord] = None) -> Dict[str, Any]:
+    """A distilled student's table row (the latency is measured again, beside the teacher's,
+    unless ``latencies`` holds one measured on the same weights)."""
 
     exported = load_exported(folder)
     record = distill_record(exported.meta)
     if record is None:
         raise CheckpointError(f"the student in {folder} is not distilled yet; run "
                               f"`nni-effbert distill -c <config> --export {folder}` first")
-    latency = measure_latency(exported.model, seq_length=seq_length, repeats=repeats).median_ms
+
+    def measure() -> float:
+        return measure_latency(exported.model, seq_length=seq_length, repeats=repeats).median_ms
+
+    ident = (exported.meta.get(HASHES_KEY) or {}).get(WEIGHTS_FILE)
+    latency = latencies.latency(_row_key(folder), ident, measure) if latencies is not None else measure()
     return {"name": name, "role": role, "dev_metric": float(metric if metric is not None else record["dev_metric"]),
             "params": int(exported.meta["params"]), "non_embedding_params": int(exported.meta["non_embedding_params"]),
             "latency_ms": float(latency), "note": note}
@@ -407,6 +510,23 @@ def reference_note(meta: Mapping[str, Any]) -> Optional[str]:
     if layers and all(layer.get("expression") == REFERENCE_EXPRESSION for layer in layers):
         return f"reference expression: BERT's {REFERENCE_EXPRESSION} in every layer"
     return None
+
+
+def _teacher_id(setup) -> Optional[str]:
+    return setup.teacher_marker.get("teacher_fingerprint")
+
+
+def _row_key(folder) -> str:
+    return str(Path(folder).expanduser().absolute())
+
+
+def _weights_id(folder) -> Optional[str]:
+    """The recorded sha256 of an export's weights (what its latency row was measured on)."""
+    try:
+        meta = load_json(Path(folder) / "export_meta.json", "export metadata")
+    except EffBertError:
+        return None
+    return ((meta or {}).get(HASHES_KEY) or {}).get(WEIGHTS_FILE) if isinstance(meta, dict) else None
 
 
 @dataclass
@@ -437,8 +557,12 @@ class ReportOutcome:
 
 
 def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, experiments_dir: Optional[str] = None,
-                 progress: bool = True, setup=None) -> ReportOutcome:
+                 progress: bool = True, setup=None, remeasure: bool = False) -> ReportOutcome:
     """Read the experiment's trials, distil the baseline if needed, and write the report.
+
+    The latencies and the latency-matched baseline's width are measured once and recorded in
+    ``reports/measurements.json``; a later report of the same students reuses them (same
+    table, nothing measured or distilled again) unless ``remeasure``.
 
     Parameters
     ----------
@@ -450,6 +574,8 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
         The distilled searched student (default ``exports/searched``).
     experiments_dir : str, optional
         NNI's experiments folder, for experiments its manifest does not know.
+    remeasure : bool
+        Measure every latency and choose the latency-matched baseline again.
     """
 
     wd = WorkDir.of(cfg)
@@ -479,30 +605,50 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
                        searched_dir)
     setup = setup or KDSetup.from_config(cfg, progress=progress)
     seq, repeats = int(cfg.evaluator.latency_seq_length), int(cfg.evaluator.latency_repeats)
+    record = LatencyRecord(wd.reports_dir / MEASUREMENTS_FILE,
+                           {"seq_length": seq, "repeats": repeats, "threads": int(torch.get_num_threads()),
+                            "torch": torch.__version__, "latency_settings": dataclasses.asdict(latency_settings(cfg))},
+                           remeasure=remeasure)
     base_result, choice = ensure_baseline(cfg, searched_dir, progress=progress, setup=setup)
     metric = setup.task.spec.metric
     # The second baseline, matched by latency (predicted, then measured); distilled only when
-    # its width differs from the params-matched one.
-    lat_choice = choose_latency_baseline(cfg, searched_dir, progress=progress, setup=setup)
+    # its width differs from the params-matched one. The width chosen once is recorded: short
+    # measurements on a busy machine may rank two nearby widths either way on a rerun.
+    lat_key = {"searched": searched.meta.get("fingerprint"), "supernet_experiment": sliced_from,
+               "space_config": searched.meta.get("space_config")}
+    recorded = record.choice(lat_key)
+    if recorded is not None:
+        lat_choice = LatencyBaselineChoice.from_record(setup.space, recorded)
+    else:
+        lat_choice = choose_latency_baseline(cfg, searched_dir, progress=progress, setup=setup, remeasure=remeasure)
+        record.set_choice(lat_key, lat_choice.to_record())
     same = lat_choice.width == choice.width
-    rows = [
-        teacher_row(setup, seq_length=seq, repeats=repeats),
-        student_row(base_result.path, "baseline (BERT MLP)" + (", matched by params and latency" if same
-                                                               else ", matched by params"),
-                    "baseline", seq_length=seq, repeats=repeats,
-                    note=f"width {choice.width}, stack 1, {choice.difference:+d} params vs searched"),
-    ]
+    lat_result = None
     if not same:
         lat_result, lat_choice = ensure_latency_baseline(cfg, searched_dir, progress=progress, setup=setup,
                                                          choice=lat_choice)
+    students = [base_result.path, *([lat_result.path] if lat_result is not None else []), searched_dir]
+    record.expect({"teacher": _teacher_id(setup), **{_row_key(p): _weights_id(p) for p in students}})
+    rows = [
+        teacher_row(setup, seq_length=seq, repeats=repeats, record=record),
+        student_row(base_result.path, "baseline (BERT MLP)" + (", matched by params and latency" if same
+                                                               else ", matched by params"),
+                    "baseline", seq_length=seq, repeats=repeats, latencies=record,
+                    note=f"width {choice.width}, stack 1, {choice.difference:+d} params vs searched"),
+    ]
+    if lat_result is not None:
         rows.append(student_row(lat_result.path, "baseline (BERT MLP), matched by latency", "baseline_latency",
-                                seq_length=seq, repeats=repeats,
+                                seq_length=seq, repeats=repeats, latencies=record,
                                 note=f"width {lat_choice.width}, stack 1, {100 * lat_choice.relative_difference:+.1f}% "
                                      "latency vs searched"))
     rows.append(student_row(searched_dir, "searched student", "searched", seq_length=seq, repeats=repeats,
-                            note=reference_note(searched.meta)))
+                            latencies=record, note=reference_note(searched.meta)))
+    record.save()
+    if record.reused and not record.measured:
+        logger.info("latencies and the latency-matched baseline reused from %s (--remeasure measures again)",
+                    record.path)
     models = {"teacher": "teacher", "baseline": base_result.path}
-    if not same:
+    if lat_result is not None:
         models["baseline (latency)"] = lat_result.path
     models["searched"] = searched_dir
     pairs = [("searched", name) for name in models if name.startswith("baseline")] + [("teacher", "searched")]

@@ -7,6 +7,7 @@ exports and distils the BERT-MLP baseline for ``nni-effbert report``.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -20,7 +21,7 @@ from ..nas.ranking import best_trial
 from ..nas.records import read_nni_trials
 from ..workdir import WorkDir
 from .distill import baseline_arch, distill_record, plan_distill, run_distill
-from .export import export_student, load_exported
+from .export import check_replaceable, export_student, load_exported
 
 __all__ = [
     "SEARCHED",
@@ -32,6 +33,7 @@ __all__ = [
     "distil_baseline",
     "reusable_export",
     "export_trial_arch",
+    "keep_previous_export",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,9 +72,16 @@ class ExportInfo:
 # ---------------------------------------------------------------------------------------------
 
 
-def _export(evaluator, arch: Dict[str, Any], stage: Optional[int], name: str, extra: Dict[str, Any]) -> ExportInfo:
-    """Export ``arch`` with the supernet weights of ``stage`` into ``exports/<name>``."""
+def _export(evaluator, arch: Dict[str, Any], stage: Optional[int], name: str, extra: Dict[str, Any], *,
+            force: bool) -> ExportInfo:
+    """Export ``arch`` with the supernet weights of ``stage`` into ``exports/<name>``.
 
+    An existing ``exports/<name>`` is replaced only with ``force`` (every caller says which it
+    means): without it :class:`~nni_effbert.product.export.ExportExistsError` names what would be
+    lost, before any weight is loaded.
+    """
+
+    check_replaceable(WorkDir.of(evaluator.cfg).export_dir(name), force=force)  # before the teacher loads
     setup = evaluator.setup
     source = evaluator.load_stage(stage)
     if "random initialisation" in source:
@@ -95,6 +104,29 @@ def _export(evaluator, arch: Dict[str, Any], stage: Optional[int], name: str, ex
                       non_embedding_params=int(space.count_params(arch, exclude_embeddings=True)), source=source)
 
 
+def keep_previous_export(cfg, name: str) -> Optional[Path]:
+    """Move an existing ``exports/<name>`` aside, to ``exports/<name>-<its experiment>`` (or
+    ``-previous``, numbered when taken), so that a pipeline rerun exports its new student under the
+    usual name without destroying the previous (perhaps distilled) one. Returns the new place,
+    or None when there was nothing to move."""
+    wd = WorkDir.of(cfg)
+    folder = wd.export_dir(name)
+    if not (folder.exists() or folder.is_symlink()):
+        return None
+    try:
+        meta = load_json(folder / "export_meta.json", "export metadata")
+    except CheckpointError:
+        meta = {}
+    tag = str(((meta or {}).get("extra") or {}).get("experiment") or "previous") if isinstance(meta, dict) else "previous"
+    target, n = wd.export_dir(f"{name}-{tag}"), 1
+    while target.exists() or target.is_symlink():
+        n += 1
+        target = wd.export_dir(f"{name}-{tag}-{n}")
+    os.replace(folder, target)
+    logger.warning("kept the previous export %s as %s (the new one takes its name)", folder, target)
+    return target
+
+
 def experiments_dir_of(cfg, given: Optional[str]) -> Optional[str]:
     """``given``, else ``<workdir>/nni-experiments`` where ``nni-effbert search`` keeps NNI's
     experiment folders (found even when NNI's manifest in the home folder does not list them)."""
@@ -106,8 +138,10 @@ def experiments_dir_of(cfg, given: Optional[str]) -> Optional[str]:
 
 
 def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: Optional[str] = None,
-                progress: bool = True, evaluator=None) -> ExportInfo:
+                progress: bool = True, evaluator=None, force: bool = False) -> ExportInfo:
     """Export the best succeeded trial of an NNI experiment.
+
+    An existing ``exports/<name>`` (a distilled student, say) is replaced only with ``force``.
 
     The trial is :func:`~nni_effbert.nas.ranking.best_trial` (last stage with results, highest search
     score, then fewest parameters; among trials within ``search.tie_margin`` of the highest score,
@@ -131,17 +165,19 @@ def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: 
     extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
              "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
              "tie_margin": float(cfg.search.tie_margin or 0.0)}
-    info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra)
+    info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra, force=force)
     info.trial = best
     return info
 
 
 def export_arch(cfg, arch_file: str, *, name: str = SEARCHED, stage: Optional[int] = None,
-                progress: bool = True, evaluator=None, experiment: Optional[str] = None) -> ExportInfo:
+                progress: bool = True, evaluator=None, experiment: Optional[str] = None,
+                force: bool = False) -> ExportInfo:
     """Export the architecture of a JSON file (``label -> value``) with supernet weights.
 
     ``stage`` picks the supernet checkpoint (default: the latest one); ``experiment`` whose
     supernets (default: the work directory's own warm-ups, see :mod:`~nni_effbert.nas.supernets`).
+    An existing ``exports/<name>`` is replaced only with ``force``.
     """
 
     data = read_arch_file(arch_file)
@@ -150,7 +186,7 @@ def export_arch(cfg, arch_file: str, *, name: str = SEARCHED, stage: Optional[in
     extra = {"source": "arch file", "arch_file": str(Path(arch_file).absolute())}
     if experiment:
         extra["experiment"] = experiment
-    return _export(evaluator, arch, stage, name, extra)
+    return _export(evaluator, arch, stage, name, extra, force=force)
 
 
 def supernet_experiment(meta) -> Optional[str]:
@@ -231,16 +267,18 @@ def distil_baseline(cfg, ev, searched, arch: Dict[str, Any], name: str, wanted: 
     if reusable_export(cfg, ev, name, wanted) is None:
         stage = (searched.meta.get("extra") or {}).get("supernet_stage")
         logger.info("%s", about)
+        # force: a baseline that no longer fits (another searched student, width or budget) is the
+        # report's own to redo; export_student logs it when a distilled one is replaced.
         _export(ev, dict(arch), stage, name,
-                {"source": "baseline", **wanted, **(extra or {}), "searched_export": str(searched.path)})
+                {"source": "baseline", **wanted, **(extra or {}), "searched_export": str(searched.path)}, force=True)
     return run_distill(cfg, ev.setup.workdir.export_dir(name), progress=progress, setup=ev.setup)
 
 
 def export_trial_arch(cfg, arch: Dict[str, Any], stage: Optional[int], name: str, *, extra: Optional[Dict[str, Any]] = None,
-                      progress: bool = True, evaluator=None) -> ExportInfo:
+                      progress: bool = True, evaluator=None, force: bool = False) -> ExportInfo:
     """Export a trial's ``arch`` with the supernet weights of its ``stage`` into ``exports/<name>``
     (what ``nni-effbert export --experiment`` does for the best trial; ``nni-effbert fidelity``
-    does it for each sampled candidate)."""
+    does it for each sampled candidate). An existing ``exports/<name>`` is replaced only with ``force``."""
 
     evaluator = evaluator or KDEvaluator(cfg, progress=progress)
-    return _export(evaluator, dict(arch), stage, name, dict(extra or {}))
+    return _export(evaluator, dict(arch), stage, name, dict(extra or {}), force=force)
