@@ -1,0 +1,201 @@
+"""Where does MLP capacity matter? The BERT-MLP family distilled per task (issue 26, part 4).
+
+    python bench/capacity.py --tasks sst2,sst2+transfer,mnli,qnli --seeds 3 --out bench/results/capacity
+
+For each task: the MiniLM teacher fine-tuned on the task's train rows, one stage-0 warm-up of the
+supernet (started from the teacher), then BERT's own MLP (``linear2(gelu(linear1(x)))``) at widths
+1/4, 1/2 and 1 of the space's ffn hidden size with stack 1, and width 1/2 with stack 2, each
+exported from that supernet and distilled (``distill`` budget of ``bench/configs/capacity.yml``)
+once per distill seed. Every student predicts the task's held-out rows (SST-2: the 872-row GLUE dev
+set; MNLI-m and QNLI: ``test.tsv`` of ``../shared/data/nli``, read through the custom-task path and
+never trained on), and each arch is compared with the full-width one by the paired test of
+:mod:`nni_effbert.stats` (rows x distill seeds): does capacity move the score beyond the noise?
+
+Tasks: ``sst2``; ``sst2+transfer`` (SST-2 with ``distill.transfer_file`` = the movie-review corpus,
+in-domain text for KD against the teacher's soft labels); ``mnli`` (MNLI-matched, 6,815 train /
+3,000 test rows); ``qnli`` (3,463 / 2,000). ``--set`` overrides apply to every task.
+
+Writes ``<out>.json`` (per task: teacher score, per arch the scores of every seed, params, the
+paired comparison with the full-width arch and with the teacher; budgets, machine load, timings),
+``<out>.md`` and ``<out>.png`` (score against non-embedding params per task, mean and the
+seeds' range).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load_now, machine_info  # noqa: E402
+
+from nni_effbert.config import load_config  # noqa: E402
+from nni_effbert.kd.teacher import finetune_from_config  # noqa: E402
+from nni_effbert.kd.train import KDSetup  # noqa: E402
+from nni_effbert.nas.evaluator import KDEvaluator  # noqa: E402
+from nni_effbert.nas.warmup import run_warmup  # noqa: E402
+from nni_effbert.product.compare import compare_predictions, dev_predictions  # noqa: E402
+from nni_effbert.product.distill import run_distill  # noqa: E402
+from nni_effbert.product.students import export_trial_arch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "bench" / "configs" / "capacity.yml"
+NLI = REPO.parent / "shared" / "data" / "nli"
+CORPUS = REPO.parent / "shared" / "data" / "corpus" / "movie_reviews.txt"
+
+#: Task name -> ``--set`` overrides of its ``task`` (and ``distill``) section.
+TASKS: Dict[str, List[str]] = {
+    "sst2": [],
+    "sst2+transfer": [f"distill.transfer_file={CORPUS}"],  # + distill.transfer_steps=--transfer-steps
+    "mnli": ["task.name=custom", "task.data_dir=null", f"task.train_file={NLI / 'mnli_m' / 'train.tsv'}",
+             f"task.dev_file={NLI / 'mnli_m' / 'test.tsv'}", "task.text_columns=[sentence1, sentence2]",
+             "task.label_column=gold_label", "task.max_seq_length=128"],
+    "qnli": ["task.name=custom", "task.data_dir=null", f"task.train_file={NLI / 'qnli' / 'train.tsv'}",
+             f"task.dev_file={NLI / 'qnli' / 'test.tsv'}", "task.text_columns=[question, sentence]",
+             "task.label_column=label", "task.max_seq_length=128"],
+}
+#: (fraction of the ffn hidden size, stack) of the BERT-MLP family; (1, 1) is the reference.
+FAMILY: List[Tuple[float, int]] = [(0.25, 1), (0.5, 1), (1.0, 1), (0.5, 2)]
+REFERENCE = (1.0, 1)
+
+log = logging.getLogger("capacity")
+
+
+def _width(space, fraction: float) -> int:
+    widths = sorted(space.config.widths)
+    return min(widths, key=lambda w: abs(w - fraction * max(widths)))
+
+
+def run_task(task: str, args) -> Dict[str, Any]:
+    # Both SST-2 variants share one work directory: the same teacher, caches and supernet.
+    work = Path(args.work) / task.split("+")[0]
+    transfer = [f"distill.transfer_steps={args.transfer_steps}"] if task.endswith("+transfer") else []
+    cfg = load_config(CONFIG, [f"workdir={work}", *TASKS[task], *transfer, *args.set])
+    started = time.perf_counter()
+    teacher = finetune_from_config(cfg, progress=not args.quiet)
+    timings = {"teacher_s": round(time.perf_counter() - started, 1)}
+    setup = KDSetup.from_config(cfg, progress=not args.quiet)
+    t0 = time.perf_counter()
+    run_warmup(cfg, 0, setup=setup, progress=not args.quiet)
+    timings["warmup_s"] = round(time.perf_counter() - t0, 1)
+    evaluator = KDEvaluator(cfg, stage=0, report=False, progress=not args.quiet, latency=False, setup=setup)
+    space = setup.space
+    labels = np.asarray(setup.task.dev["labels"])
+    metric = setup.task.spec.metric
+    predictions: Dict[str, np.ndarray] = {"teacher": dev_predictions(setup, "teacher")}
+    archs: Dict[str, Dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    for fraction, stack in FAMILY:
+        width = _width(space, fraction)
+        name = f"w{width}-s{stack}"
+        arch = space.bert_arch(width=width, stack=stack)
+        per_seed, scores = [], []
+        for seed in range(args.seeds):
+            seeded = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, seed=seed))
+            folder = f"capacity-{task.replace('+', '-')}-{name}-seed{seed}"
+            info = export_trial_arch(seeded, arch, 0, folder, evaluator=evaluator,
+                                     extra={"source": "capacity bench", "task": task})
+            result = run_distill(seeded, info.path, force=True, progress=not args.quiet, setup=setup)
+            per_seed.append(dev_predictions(setup, info.path))
+            scores.append(result.dev_metric)
+            log.info("%s %s seed %d: dev %s %.4f", task, name, seed, metric, result.dev_metric)
+        predictions[name] = np.stack(per_seed)
+        archs[name] = {"fraction": fraction, "width": width, "stack": stack, "scores": scores,
+                       "mean": float(np.mean(scores)), "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
+                       "non_embedding_params": int(space.count_params(arch, exclude_embeddings=True)),
+                       "params": int(space.count_params(arch))}
+    timings["distill_s"] = round(time.perf_counter() - t0, 1)
+    ref = f"w{_width(space, REFERENCE[0])}-s{REFERENCE[1]}"
+    pairs = [(name, ref) for name in archs if name != ref] + [("teacher", name) for name in archs]
+    comparisons = compare_predictions(predictions, labels, metric, pairs, seed=0)
+    return {"task": task, "metric": metric, "teacher_dev": float(teacher.dev_metric),
+            "train_rows": len(setup.task.train), "search_rows": len(setup.task.search), "dev_rows": len(labels),
+            "reference": ref, "archs": archs, "comparisons": [c.to_dict() for c in comparisons],
+            "timings": timings, "overrides": TASKS[task] + transfer + list(args.set)}
+
+
+def markdown(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
+    lines = ["# Capacity bench: does the BERT MLP's size move the final score?", "",
+             f"Command: `{meta['command']}`; {meta['seeds']} distill seed(s) per arch; budgets: "
+             f"`{json.dumps(meta['budgets'])}`; machine: {meta['machine'].get('cpu')}, load before "
+             f"{meta['load_before']}, after {meta['load_after']}.", ""]
+    for r in results:
+        lines += [f"## {r['task']} ({r['metric']}, {r['dev_rows']} held-out rows; {r['train_rows']} train rows)", "",
+                  f"Teacher: {r['teacher_dev']:.4f}.", "",
+                  "| arch | non-emb. params | scores per seed | mean ± std |", "|---|---:|---|---:|"]
+        for name, a in r["archs"].items():
+            lines.append(f"| {name} | {a['non_embedding_params']:,} | {', '.join(f'{s:.4f}' for s in a['scores'])} | "
+                         f"{a['mean']:.4f} ± {a['std']:.4f} |")
+        lines += ["", f"Paired comparisons (rows x seeds, 95% bootstrap CI, two-sided permutation p) against "
+                  f"{r['reference']} and the teacher:", "",
+                  "| A vs B | A - B | 95% CI | p |", "|---|---:|---|---:|"]
+        for c in r["comparisons"]:
+            lines.append(f"| {c['name_a']} vs {c['name_b']} | {c['diff']:+.4f} | [{c['ci_low']:+.4f}, "
+                         f"{c['ci_high']:+.4f}] | {c['p_value']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        for name, a in r["archs"].items():
+            x = a["non_embedding_params"] / 1e6
+            ax.errorbar([x], [a["mean"]], yerr=[[a["mean"] - min(a["scores"])], [max(a["scores"]) - a["mean"]]],
+                        fmt="o", capsize=3)
+            ax.annotate(name, (x, a["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.axhline(r["teacher_dev"], ls="--", lw=0.8, color="grey")
+        ax.set_title(r["task"])
+        ax.set_xlabel("non-embedding params (M)")
+        ax.set_ylabel(r["metric"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="sst2,sst2+transfer,mnli,qnli")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--transfer-steps", type=int, default=1600, help="distill.transfer_steps of sst2+transfer")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, every task")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "capacity"))
+    p.add_argument("--work", default=str(REPO / "bench" / "work" / "capacity"),
+                   help="work directories (one per task; the SST-2 variants share one)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or args.seeds < 1:
+        p.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}" if unknown else "--seeds must be >= 1")
+    load_before = load_now()
+    results = [run_task(task, args) for task in tasks]
+    base = load_config(CONFIG, [f"workdir={args.work}", *args.set], check_paths=False)
+    meta = {"command": "python bench/capacity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "seeds": args.seeds, "budgets": {"distill": dataclasses.asdict(base.distill),
+                                             "warmup_steps": base.warmup.steps, "task": dataclasses.asdict(base.task)},
+            "machine": machine_info(), "load_before": load_before, "load_after": load_now()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "tasks": results}, indent=2, default=str))
+    out.with_suffix(".md").write_text(markdown(results, meta))
+    plot(results, out.with_suffix(".png"))
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
