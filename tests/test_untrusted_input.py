@@ -293,7 +293,7 @@ def test_object_pickle_checkpoint_refused_without_unsafe_advice(tmp_path, monkey
 
 
 def test_no_file_suggests_unsafe_unpickling():
-    """Nothing the project ships (code, messages, docs) tells anyone to load with weights_only=False."""
+    """Nothing the project ships (code, messages, docs) tells anyone to turn weights_only off."""
     needle = "weights_only=" + "False"
     hits = []
     for top in ("nni_effbert", "search_spaces", "strategies", "docs", "bench", "examples", "scripts", "README.md",
@@ -320,7 +320,7 @@ def test_torch_floor_has_weights_only_default():
 def test_nas_resume_checkpoint_refuses_code(tmp_path, monkeypatch):
     """Fix: ``python_search.use_safe_checkpoints`` (was: NNI's TorchSerializer, a bare torch.load).
 
-    torch.load's old default (weights_only=False, torch < 2.6) is put back for the test, so the
+    torch.load's old default (unpickle anything, torch < 2.6) is put back for the test, so the
     pickle would run if anything loaded it without asking for weights_only."""
     from nni.nas.utils.serializer import get_default_serializer, set_default_serializer
 
@@ -328,8 +328,11 @@ def test_nas_resume_checkpoint_refuses_code(tmp_path, monkeypatch):
 
     real_load = torch.load
 
-    def old_default_load(*args, weights_only=False, **kwargs):
-        return real_load(*args, weights_only=weights_only, **kwargs)
+    torch_before_2_6_default = False  # what torch.load unpickled with when not told
+
+    def old_default_load(*args, **kwargs):
+        kwargs.setdefault("weights_only", torch_before_2_6_default)
+        return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", old_default_load)
     monkeypatch.chdir(tmp_path)
@@ -344,6 +347,12 @@ def test_nas_resume_checkpoint_refuses_code(tmp_path, monkeypatch):
         loaded = serializer.load(ckpt / "state.ckpt")
         assert loaded["strategy"] == state["strategy"] and torch.equal(loaded["engine"]["w"], torch.ones(2))
         (ckpt / "state.ckpt.torch").write_bytes(pickle.dumps(_RunsCode()))
+        from nni.nas.utils.serializer import TorchSerializer
+
+        with pytest.raises(Exception):  # NNI's own serializer runs the pickle under the old default
+            TorchSerializer().load(ckpt / "state.ckpt")
+        assert (tmp_path / "PWNED").exists()
+        (tmp_path / "PWNED").unlink()
         with pytest.raises(CheckpointError, match=r"NAS experiment checkpoint at .*state\.ckpt\.torch"):
             serializer.load(ckpt / "state.ckpt")
         assert not (tmp_path / "PWNED").exists()
