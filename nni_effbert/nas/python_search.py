@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import torch
+
 from nni_effbert.strategies import ProgressiveStrategy
 from nni_effbert.strategies.core import split_parameters
 
@@ -148,8 +150,6 @@ class SafeTorchSerializer:
     suffix = ".torch"
 
     def save(self, data: Any, path: Path) -> None:
-        import torch  # local: the torch module object is only needed here; it is loaded already
-
         torch.save(data, str(path) + self.suffix)
 
     def load(self, path: Path) -> Any:
