@@ -36,7 +36,7 @@ setup(
     package_data={"nni_effbert": ["resources/*", "resources/**/*"]},
     include_package_data=True,
     install_requires=[
-        "torch>=2.1",  # install the CPU build first: pip install torch==2.13.0
+        "torch>=2.6",  # weights_only loading by default (NNI reads its resume checkpoint with torch.load); CPU build first: pip install torch==2.13.0
         *NNI_PINS,
         "transformers>=4.40",
         "datasets>=2.18",

@@ -199,7 +199,8 @@ class TaskConfig(_Checked):
     seed
         Seeds the row subsets and the search split; empty: the top-level ``seed``.
     dev_file, text_columns, label_column
-        Custom tasks (``name: custom``): the dev file (CSV, TSV or JSON lines), one or two text columns, and the label column.
+        Custom tasks (``name: custom``): the dev file (CSV, TSV or JSON lines), one or two text columns, and the
+        label column (at least 2 classes; label rules, encoding and size limits: ``docs/guides/data.md``).
     metric
         Custom tasks: the primary metric (default: accuracy, or Pearson for regression).
     regression

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import uuid
@@ -320,9 +321,10 @@ def load_torch(
     *,
     hint: Optional[str] = None,
     map_location: Any = "cpu",
-    weights_only: bool = True,
 ) -> Any:
-    """``torch.load`` a checkpoint, turning every failure into a clear :class:`CheckpointError`.
+    """``torch.load`` a checkpoint safely (``weights_only=True``: tensors, containers and
+    primitives only, never arbitrary pickled objects), turning every failure into a clear
+    :class:`CheckpointError`.
 
     Parameters
     ----------
@@ -335,9 +337,6 @@ def load_torch(
         A generic hint (delete the file and re-create it) is used otherwise.
     map_location : optional
         Passed to ``torch.load`` (default CPU).
-    weights_only : bool
-        Passed to ``torch.load``. Keep True for anything that may come from elsewhere;
-        objects holding more than tensors, containers and primitives need False.
 
     Returns
     -------
@@ -347,8 +346,9 @@ def load_torch(
     Raises
     ------
     CheckpointError
-        If the file is missing, is not a file, is truncated or corrupt, or holds objects
-        that ``weights_only`` loading refuses.
+        If the file is missing, is not a file, is truncated or corrupt (random bytes included),
+        or holds a pickled Python object other than tensors and plain containers (which could
+        run code when loaded: such a file was not written by nni-effbert and is not loaded).
     """
     import torch  # local: keep ``import nni_effbert.io`` light for the CLI
 
@@ -361,19 +361,25 @@ def load_torch(
     if p.stat().st_size == 0:
         raise CheckpointError(f"{what} at {p} is empty (0 bytes); {todo}")
     try:
-        return torch.load(p, map_location=map_location, weights_only=weights_only)
+        return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if weights_only and "weights_only" in str(exc).lower().replace(" ", "_"):
+        # torch words every refusal of its safe unpickler alike; only "Unsupported global" means
+        # a well-formed pickle of some other object. Anything else (bad opcodes, random bytes)
+        # is a damaged file. torch's own advice to turn the safe mode off is never repeated.
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:
             raise CheckpointError(
-                f"{what} at {p} holds objects that safe (weights_only) loading refuses: "
-                f"{str(exc).splitlines()[0]}. Load it with weights_only=False only if you "
-                "trust where the file came from."
+                f"{what} at {p} holds a pickled Python object ({found.group(1)}) besides tensors and plain "
+                f"containers; nni-effbert does not unpickle such objects (loading one can run code), so it "
+                f"was not written by this version of nni-effbert; {todo}"
             ) from exc
-        raise CheckpointError(f"{what} at {p} is corrupt ({exc}); {todo}") from exc
+        raise CheckpointError(f"{what} at {p} is corrupt (not a readable checkpoint); {todo}") from exc
     except Exception as exc:  # noqa: BLE001 - any failure to deserialise means a bad file
         # torch reports truncated zip archives as RuntimeError("PytorchStreamReader ..."),
         # and non-zip garbage as whatever the legacy unpickler trips on (IndexError, ...).
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights_only" in first.lower().replace(" ", "_"):  # torch's advice to unpickle unsafely
+            first = type(exc).__name__
         raise CheckpointError(f"{what} at {p} is truncated or corrupt ({first}); {todo}") from exc
 
 

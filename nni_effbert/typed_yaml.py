@@ -6,10 +6,15 @@ caller passes; :mod:`nni_effbert.config` is the experiment schema built on it. U
 duplicate keys, values of the wrong type and malformed YAML raise
 :class:`~nni_effbert.errors.ConfigError`; ``path`` fields are resolved against a base folder;
 ``--set dotted.key=value`` overrides are parsed as YAML scalars and type-checked like the file.
+
+Two YAML features are refused: anchors and aliases (``&name`` / ``*name``: nested aliases expand
+exponentially, a few lines can ask for gigabytes, the "billion laughs"), and non-finite numbers
+(``.nan``, ``.inf``, ``nan`` ...) anywhere, in a ``float`` field or under a free-form mapping.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from pathlib import Path
@@ -51,11 +56,30 @@ def _resolve_path(value: str, base_dir: Optional[Path], maybe: bool) -> str:
     return os.path.normpath(candidate)
 
 
+def _finite(value: float, where: str, key: str) -> float:
+    if not math.isfinite(value):
+        raise _err(where, key, f"must be a finite number, got {value!r}")
+    return value
+
+
+def _check_finite(value: Any, where: str, key: str) -> Any:
+    """Refuse a non-finite float anywhere inside free-form data (``Any`` fields)."""
+    if isinstance(value, float):
+        _finite(value, where, key)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, where, _join(key, k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, where, _join(key, i))
+    return value
+
+
 def _convert(tp: Any, value: Any, where: str, key: str, base_dir: Optional[Path]) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return value
+        return _check_finite(value, where, key)
     if origin is Union:
         if value is None and type(None) in args:
             return None
@@ -101,13 +125,15 @@ def _convert(tp: Any, value: Any, where: str, key: str, base_dir: Optional[Path]
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), where, key)
         if isinstance(value, str):
             # PyYAML reads exponents without a dot (``1e-4``) as strings (YAML 1.1).
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return _finite(number, where, key)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -208,7 +234,17 @@ def to_dict(obj: Any) -> Any:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one) and anchors /
+    aliases (whose nested expansion can ask for any amount of memory)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None,
+                f"YAML anchors and aliases (&{event.anchor} / *{event.anchor}) are not allowed in "
+                "nni-effbert configs; write the values out", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Dict:
@@ -241,6 +277,8 @@ def read_yaml(path: Path) -> Dict[str, Any]:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         line = f"{mark.line + 1}" if mark is not None else "?"
         problem = getattr(err, "problem", None) or str(err)
+        if "anchors and aliases" in problem:
+            raise ConfigError(f"{path}:line {line}: {problem}") from None
         raise ConfigError(f"{path}:line {line}: malformed YAML: {problem}") from None
     if data is None:
         raise ConfigError(f"{path}: config file is empty; it needs at least 'workdir: <folder>'")
@@ -296,9 +334,10 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str], cls: type) -
         if not dotted or any(not p for p in parts):
             raise ConfigError(f"{where}: empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None  # noqa: S506 - SafeLoader subclass
         except yaml.YAMLError as err:
-            raise ConfigError(f"{where}: value is not valid YAML: {err}") from None
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConfigError(f"{where}: value is not valid YAML: {' '.join(str(problem).split())}") from None
 
         node: Any = data
         tp: Any = cls

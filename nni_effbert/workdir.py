@@ -166,8 +166,22 @@ class WorkDir:
         return self.trials_dir / _safe(trial_id)
 
     def export_dir(self, name: str) -> Path:
-        """Folder of one exported student."""
-        return self.exports_dir / _safe(name)
+        """Folder of one exported student.
+
+        Raises
+        ------
+        ConfigError
+            If ``exports/<name>`` is a symbolic link or a file: exports are written and replaced
+            in place, never through a link (the link's target would not be the export).
+        """
+        folder = self.exports_dir / _safe(name)
+        if folder.is_symlink():
+            raise ConfigError(f"export name {name!r}: {folder} is a symbolic link (to {os.readlink(folder)}); "
+                              "exports are real folders under exports/: remove the link or choose another name")
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"export name {name!r}: {folder} is a file, not an export folder; "
+                              "remove it or choose another name")
+        return folder
 
     def latest_supernet_checkpoint(self, up_to_stage: Optional[int] = None,
                                    experiment: Optional[str] = None) -> Optional[int]:

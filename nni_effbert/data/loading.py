@@ -25,7 +25,10 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -54,6 +57,9 @@ __all__ = [
     "corpus_files",
     "check_corpus_file",
     "search_split_rows",
+    "label_key",
+    "MAX_FIELD_CHARS",
+    "scan_text_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,8 +72,18 @@ MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 _FORMAT_VERSION = "effbert-data-1"
 _TEXT_SUFFIXES = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
-# The csv module refuses fields above 128 KiB by default; GLUE passages are far below, but a
-# user's long documents should fail on the model's max length, not here.
+#: Longest text (or label) field a task file may hold, in characters; longer ones are refused
+#: with ``file:line`` before anything is cached or tokenized. ``task.max_seq_length`` truncates
+#: far below it (512 tokens are a few thousand characters), and a tokenizer given one field of
+#: hundreds of MB aborts the process. Corpus files hold their lines to the same limit.
+MAX_FIELD_CHARS = 100_000
+# Bytes read at a time when a file is scanned for its encoding.
+_SCAN_CHUNK = 1 << 20
+# A plain decimal number (no ``_`` separators, no ``nan``/``inf``): the labels that name a number.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+# The csv module refuses fields above 128 KiB by default; fields are held to MAX_FIELD_CHARS
+# by our own check (which names the file and line), so csv's limit is lifted.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
@@ -157,6 +173,72 @@ def _sha256(path: Union[str, Path]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for one-line messages about huge fields."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(str(value)):,} characters)"
+
+
+def scan_text_file(path: Union[str, os.PathLike], *, max_line_chars: Optional[int] = None,
+                   prefix: str = "") -> int:
+    """Check that a file is UTF-8 text, reading it in bounded chunks (1 MiB at a time).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The file.
+    max_line_chars : int, optional
+        Refuse a line longer than this many characters (corpus files: :data:`MAX_FIELD_CHARS`).
+    prefix : str
+        Put before the message (a config key such as ``"warmup.corpus_file: "``).
+
+    Returns
+    -------
+    int
+        The number of lines.
+
+    Raises
+    ------
+    DataError
+        One line naming ``file:line``: a NUL byte (binary data), bytes that are not UTF-8, a
+        line over ``max_line_chars``, or a read error.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, line_chars = 1, 0
+    try:
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(_SCAN_CHUNK)
+                nul = chunk.find(b"\x00")
+                if nul >= 0:
+                    at = line + chunk.count(b"\n", 0, nul)
+                    raise DataError(f"{prefix}{path}:{at}: binary data (a NUL byte), not a text file; "
+                                    "give UTF-8 text")
+                try:
+                    text = decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as err:
+                    at = line + err.object.count(b"\n", 0, err.start)
+                    raise DataError(f"{prefix}{path}:{at}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); "
+                                    "save the file as UTF-8") from None
+                parts = text.split("\n")
+                if max_line_chars is not None:
+                    for i, part in enumerate(parts):
+                        line_chars += len(part)
+                        if line_chars > max_line_chars:
+                            raise DataError(
+                                f"{prefix}{path}:{line + i}: line longer than {max_line_chars:,} characters "
+                                "(the limit, nni_effbert.data.loading.MAX_FIELD_CHARS); split or shorten it")
+                        if i < len(parts) - 1:
+                            line_chars = 0
+                line += len(parts) - 1
+                if not chunk:
+                    return line - 1 if line_chars == 0 else line
+    except OSError as exc:
+        raise DataError(f"{prefix}cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _iter_delimited(path: str, fmt: str) -> Iterator[Tuple[int, List[str]]]:
     """Yield (line number, fields) of a TSV (no quoting, as GLUE) or CSV (quoted) file."""
     with open(path, encoding="utf-8", newline="") as f:
@@ -176,6 +258,7 @@ def _read_records(path: str, fmt: str, header: Optional[List[str]]) -> Tuple[Lis
     """Read and check a file: (column names, [(line, record)]). Raises DataError."""
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: file is empty")
+    scan_text_file(path)  # binary or non-UTF-8 content: file and line, not a UnicodeDecodeError
     records: List[Tuple[int, Dict[str, Any]]] = []
     if fmt == "json":
         with open(path, encoding="utf-8") as f:
@@ -239,10 +322,44 @@ def _require_columns(path: str, columns: List[str], needed: Sequence[str], recor
                 raise DataError(f"{path}:{lineno}: record has no value for column {c!r}")
 
 
-def _label_key(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # a JSON 1.0 is the class "1"
-    return str(value).strip()
+def label_key(value: Any) -> str:
+    """The class a raw label names: the one rule of every file format (TSV, CSV, JSON, JSON
+    lines, GLUE folders).
+
+    A label is its text with surrounding spaces removed, compared exactly (case counts:
+    ``Pos`` and ``pos`` are two classes). A label that is a plain decimal number (a JSON
+    number, or text such as ``1``, ``1.0``, ``+1``, ``01``, ``1e0``) names that number, written
+    as an integer when it is one: ``1``, ``1.0`` and JSON ``1.0`` are all the class ``1``;
+    ``0.50`` is ``0.5``. JSON ``true`` / ``false`` are the classes ``true`` / ``false``.
+
+    Parameters
+    ----------
+    value : object
+        A label as read from a file (text, or a JSON number / boolean).
+
+    Returns
+    -------
+    str
+        The class name.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        text = repr(value)
+    else:
+        text = str(value).strip()
+    if not _NUMBER.fullmatch(text):
+        return text
+    try:
+        return str(int(text))  # exact for long integers
+    except ValueError:
+        pass
+    number = float(text)
+    if not np.isfinite(number):  # 1e999: keep the text
+        return text
+    if number.is_integer():
+        return str(int(number))
+    return repr(number)
 
 
 def _label_mapper(spec: TaskSpec):
@@ -256,12 +373,12 @@ def _label_mapper(spec: TaskSpec):
             return out if np.isfinite(out) else None
 
         return to_float
-    ids = {name: i for i, name in enumerate(spec.label_list or [])}
+    ids = {label_key(name): i for i, name in enumerate(spec.label_list or [])}
     # GLUE TSVs of SST-2, CoLA, MRPC, QQP and WNLI store ids; MNLI, QNLI and RTE store names.
     ids.update({str(i): i for i in range(spec.num_labels)} if spec.name != CUSTOM_TASK else {})
 
     def to_id(value: Any) -> Optional[int]:
-        return ids.get(_label_key(value))
+        return ids.get(label_key(value))
 
     return to_id
 
@@ -273,15 +390,22 @@ def _check_labels(path: str, records, label_column: str, spec: TaskSpec) -> None
         if to_label(value) is None:
             allowed = "a number" if spec.is_regression else ", ".join(spec.label_list or [])
             raise DataError(
-                f"{path}:{lineno}: label {value!r} is not in the task's label set ({allowed})"
+                f"{path}:{lineno}: label {_short(value)} is not in the task's label set ({allowed})"
             )
 
 
-def _check_text(path: str, records, text_columns: Sequence[str]) -> None:
+def _check_text(path: str, records, text_columns: Sequence[str], label_column: Optional[str] = None) -> None:
+    limit = MAX_FIELD_CHARS
     for lineno, rec in records:
         for c in text_columns:
             if not isinstance(rec[c], str):
-                raise DataError(f"{path}:{lineno}: column {c!r} must be text, got {rec[c]!r}")
+                raise DataError(f"{path}:{lineno}: column {c!r} must be text, got {_short(rec[c])}")
+        for c in list(text_columns) + ([label_column] if label_column else []):
+            if isinstance(rec[c], str) and len(rec[c]) > limit:
+                raise DataError(
+                    f"{path}:{lineno}: column {c!r} holds {len(rec[c]):,} characters, above the limit of "
+                    f"{limit:,} per field (nni_effbert.data.loading.MAX_FIELD_CHARS); shorten or split the row"
+                )
 
 
 def _sort_labels(values: Sequence[str]) -> List[str]:
@@ -341,13 +465,26 @@ def _load_files(
         out["label"] = [to_label(v) for v in batch[label_column]]
         return out
 
-    out = datasets.DatasetDict()
-    for split, path in files.items():
+    columns_of: Dict[str, List[str]] = {}
+    train_classes = None
+    for split, path in files.items():  # every file is checked before anything is cached
         columns, records = _read_records(path, fmt, header)
         _require_columns(path, columns, list(text_columns) + [label_column], records)
-        _check_text(path, records, text_columns)
+        _check_text(path, records, text_columns, label_column)
         _check_labels(path, records, label_column, spec)
+        columns_of[split] = columns
+        if split == "train" and not spec.is_regression:
+            train_classes = {to_label(rec[label_column]) for _, rec in records}
         del records
+    if train_classes is not None and len(train_classes) < 2:
+        only = ", ".join(repr(spec.label_list[i]) for i in sorted(train_classes)) or "none"
+        raise DataError(
+            f"{files['train']}: every row of column {label_column!r} has the same class ({only}); a classification "
+            "task needs at least 2 classes in its train file (set task.regression: true for a numeric target)"
+        )
+    out = datasets.DatasetDict()
+    for split, path in files.items():
+        columns = columns_of[split]
         ds = datasets.load_dataset(
             "json" if fmt == "json" else "csv",
             data_files={split: path},
@@ -462,7 +599,7 @@ def _load_raw(task_cfg: TaskConfig, cache_dir: Optional[str]) -> Tuple[datasets.
         else:
             cols, records = _read_records(files["train"], fmt, None)
             _require_columns(files["train"], cols, [task_cfg.label_column], records)
-            labels = _sort_labels([_label_key(r[task_cfg.label_column]) for _, r in records])
+            labels = _sort_labels([label_key(r[task_cfg.label_column]) for _, r in records])
         spec = custom_task_spec(task_cfg.text_columns, labels, task_cfg.metric, task_cfg.regression)
         dd = _load_files(files, fmt, spec, task_cfg.text_columns, task_cfg.label_column, None, cache_dir)
         source = {split: _sha256(p) for split, p in files.items()}
@@ -614,24 +751,64 @@ def load_task(task_cfg: TaskConfig, tokenizer: Any, cache_dir: Optional[str] = N
     -------
     TaskData
     """
-    dd, spec, source = _load_raw(task_cfg, cache_dir)
-    rows = source.pop("_rows")
-    fingerprint = _digest(
-        {**source, "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_length": task_cfg.max_seq_length}
-    )
-    splits = {
-        split: _tokenize_split(
-            dd[split], tokenizer, spec.text_columns, task_cfg.max_seq_length,
-            _digest([fingerprint, split]), True, f"tokenize {spec.name} {split}", rows.get(split),
+    with _drop_new_cache_on_failure(cache_dir):
+        dd, spec, source = _load_raw(task_cfg, cache_dir)
+        rows = source.pop("_rows")
+        fingerprint = _digest(
+            {**source, "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_length": task_cfg.max_seq_length}
         )
-        for split in ("train", "search", "dev")
-    }
+        splits = {
+            split: _tokenize_split(
+                dd[split], tokenizer, spec.text_columns, task_cfg.max_seq_length,
+                _digest([fingerprint, split]), True, f"tokenize {spec.name} {split}", rows.get(split),
+            )
+            for split in ("train", "search", "dev")
+        }
     logger.info(
         "task %s: %d train / %d search (held out from train) / %d dev rows, fingerprint %s",
         spec.name, len(splits["train"]), len(splits["search"]), len(splits["dev"]), fingerprint,
     )
     return TaskData(train=splits["train"], dev=splits["dev"], spec=spec, fingerprint=fingerprint,
                     search=splits["search"])
+
+
+def _tree(folder: str) -> set:
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        found.update(os.path.join(root, name) for name in dirs + files)
+    return found
+
+
+@contextmanager
+def _drop_new_cache_on_failure(cache_dir: Optional[str]) -> Iterator[None]:
+    """On any failure inside the block (an exception, MemoryError, Ctrl-C), remove what the block
+    added to ``cache_dir`` and nothing else: caches of earlier runs stay, a half-built one of this
+    run (a builder's Arrow copy of a huge file, tokenized splits) does not linger.
+
+    The ``datasets`` default cache (``cache_dir`` None) is left alone.
+    """
+    if not cache_dir:
+        yield
+        return
+    before = _tree(cache_dir) if os.path.isdir(cache_dir) else set()
+    try:
+        yield
+    except BaseException:
+        added = sorted(_tree(cache_dir) - before) if os.path.isdir(cache_dir) else []
+        # A new folder holds only new entries: remove the topmost new paths whole.
+        top = [p for p in added if os.path.dirname(p) not in added]
+        for path in top:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        if top:
+            logger.warning("data loading failed: removed %d partial cache entr%s it had written under %s",
+                           len(top), "y" if len(top) == 1 else "ies", cache_dir)
+        raise
 
 
 def _non_blank(text: str) -> bool:
@@ -648,28 +825,23 @@ def corpus_files(value: Union[str, Sequence[str], None]) -> List[str]:
 def check_corpus_file(path: str, key: str = "warmup.corpus_file") -> None:
     """Check that a corpus file exists, is readable UTF-8 text and has a non-blank line.
 
+    The whole file is scanned in bounded chunks (:func:`scan_text_file`), so a bad byte or an
+    over-long line anywhere is reported with its line before ``datasets`` reads the file.
+
     Raises
     ------
     DataError
-        One line naming the file and what is wrong: missing, a folder, unreadable, binary
-        (a NUL byte or invalid UTF-8 in its first 64 KiB) or empty (no non-blank line).
+        One line naming the file (and line) and what is wrong: missing, a folder, unreadable,
+        binary (a NUL byte), not UTF-8, a line over :data:`MAX_FIELD_CHARS` characters, or
+        empty (no non-blank line).
     """
     if not os.path.exists(path):
         raise DataError(f"{key}: file not found: {path}")
     if not os.path.isfile(path):
         raise DataError(f"{key}: {path} is not a file (give plain-text files, one sentence per line)")
+    scan_text_file(path, max_line_chars=MAX_FIELD_CHARS, prefix=f"{key}: ")
     try:
         with open(path, "rb") as f:
-            head = f.read(65536)
-            decoder = codecs.getincrementaldecoder("utf-8")()
-            if b"\x00" in head:
-                raise DataError(f"{key}: {path} is a binary file, not plain text (one sentence per line)")
-            try:
-                decoder.decode(head, final=False)
-            except UnicodeDecodeError:
-                raise DataError(f"{key}: {path} is not UTF-8 text (binary or another encoding); "
-                                "convert it to UTF-8, one sentence per line") from None
-            f.seek(0)
             if not any(line.strip() for line in f):
                 raise DataError(f"{key}: {path}: corpus file is empty (it needs one sentence per line)")
     except OSError as exc:
@@ -715,9 +887,14 @@ def unlabeled_texts(cfg: ExperimentConfig, tokenizer: Any, cache_dir: Optional[s
     max_length = cfg.warmup.max_seq_length or cfg.task.max_seq_length
     tok_fp = tokenizer_fingerprint(tokenizer)
     files = corpus_files(cfg.warmup.corpus_file if corpus is None else corpus)
+    for path in files:
+        check_corpus_file(path, key)
+    with _drop_new_cache_on_failure(cache_dir):
+        return _unlabeled(cfg, tokenizer, cache_dir, files, key, max_rows, seed, max_length, tok_fp)
+
+
+def _unlabeled(cfg, tokenizer, cache_dir, files, key, max_rows, seed, max_length, tok_fp) -> datasets.Dataset:
     if files:
-        for path in files:
-            check_corpus_file(path, key)
         raw = datasets.load_dataset("text", data_files={"train": files}, cache_dir=cache_dir)["train"]
         corpus_sha = [_sha256(path) for path in files]
         corpus_sha = corpus_sha[0] if len(corpus_sha) == 1 else corpus_sha  # one file: the old key

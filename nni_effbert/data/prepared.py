@@ -37,7 +37,7 @@ __all__ = ["PREPARED_FORMAT", "task_files", "prepared_key", "load_prepared_task"
 logger = logging.getLogger(__name__)
 
 #: Bumped when the layout of a prepared task changes (part of every key).
-PREPARED_FORMAT = "effbert-prepared-2"  # 2: the held-out search split is saved too
+PREPARED_FORMAT = "effbert-prepared-3"  # 2: the held-out search split is saved too; 3: one label rule (1 == 1.0)
 
 
 def task_files(task_cfg: TaskConfig) -> Optional[Dict[str, str]]:

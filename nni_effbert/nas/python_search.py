@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import torch
+
 from nni_effbert.strategies import ProgressiveStrategy
 from nni_effbert.strategies.core import split_parameters
 
 from ..config import save_experiment_config
-from ..errors import EffBertError
-from ..io import atomic_write_json
+from ..errors import CheckpointError, EffBertError
+from ..io import atomic_write_json, load_torch
 from ..kd.latency_table import search_latency
 from ..runtime import resolve_runtime
 from ..workdir import WorkDir
@@ -134,6 +136,71 @@ def _save_nas_checkpoint(experiment) -> None:
         for path in (tmp, written):
             if path.exists():
                 path.unlink()
+
+
+class SafeTorchSerializer:
+    """NNI's ``TorchSerializer`` (same ``.torch`` files) whose ``load`` never unpickles code.
+
+    NNI 3.0 reads a resumed experiment's ``checkpoint/state.ckpt.torch`` with a plain
+    ``torch.load``, which is safe only where torch defaults to ``weights_only=True`` (2.6 and
+    later). This loads it through :func:`nni_effbert.io.load_torch` (``weights_only=True`` on
+    every torch version): a file holding anything but tensors and plain containers, or a damaged
+    one, is a one-line :class:`~nni_effbert.errors.CheckpointError`.
+    """
+
+    suffix = ".torch"
+
+    def save(self, data: Any, path: Path) -> None:
+        torch.save(data, str(path) + self.suffix)
+
+    def load(self, path: Path) -> Any:
+        from nni.nas.utils.serializer import _find_path_with_prefix  # local: nni.nas pulls in pytorch_lightning (~6 s); --python only
+
+        found = _find_path_with_prefix(Path(path), self.suffix)  # FileNotFoundError: NNI skips loading
+        return load_torch(found, "NAS experiment checkpoint",
+                          hint="it cannot be resumed; start a new search without --resume")
+
+
+def use_safe_checkpoints() -> None:
+    """Make NNI save and load NAS experiment checkpoints through :class:`SafeTorchSerializer`."""
+    from nni.nas.utils.serializer import set_default_serializer  # local: nni.nas pulls in pytorch_lightning (~6 s); --python only
+
+    set_default_serializer(SafeTorchSerializer())
+
+
+def check_checkpoint_config(exp_dir: Path) -> None:
+    """Refuse a resume whose ``checkpoint/config.json`` holds serialized Python objects.
+
+    NNI reads that file with ``nni.load``, which rebuilds objects marked with keys such as
+    ``__nni_obj__`` (a cloudpickle), ``__symbol__`` or ``__instance_type__`` (imports): code
+    would run. The config NNI writes is plain JSON with no ``__...__`` key.
+
+    Raises
+    ------
+    CheckpointError
+        One line naming the file and the key.
+    """
+    path = Path(exp_dir) / "checkpoint" / "config.json"
+    if not path.is_file():
+        return  # NNI reports a missing config itself
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"NAS experiment config {path} cannot be read ({' '.join(str(exc).split())}); "
+                              "it cannot be resumed; start a new search without --resume") from None
+    todo = [data]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(key, str) and key.startswith("__") and key.endswith("__"):
+                    raise CheckpointError(
+                        f"NAS experiment config {path} holds a serialized Python object ({key!r}), which NNI "
+                        "would rebuild by running code; nni-effbert did not write it: start a new search "
+                        "without --resume")
+                todo.append(value)
+        elif isinstance(node, list):
+            todo.extend(node)
 
 
 @contextlib.contextmanager
@@ -260,8 +327,9 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
     from nni.nas.experiment import NasExperimentConfig  # local: nni.nas pulls in pytorch_lightning (~6 s); --python only
 
     wd, _ = prepare_workdir(cfg, config_path)
+    use_safe_checkpoints()
     if resume is not None:
-        check_resumable(wd, resume, nas=True)
+        check_checkpoint_config(check_resumable(wd, resume, nas=True))
     evaluator = KDEvaluator(cfg, progress=progress)
     space = evaluator.space  # the experiment's space (teacher-sized fit_dense, task labels)
     holder: Dict[str, Any] = {}
