@@ -135,7 +135,7 @@ def _run_warmup(args: argparse.Namespace) -> int:
 
 
 def _configure_trial(parser: argparse.ArgumentParser) -> None:
-    from .nas.params import add_arguments
+    from .params import add_arguments
 
     add_arguments(parser)
 

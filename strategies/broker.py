@@ -45,7 +45,7 @@ from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tup
 
 from nni_effbert.errors import CheckpointError
 from nni_effbert.io import atomic_write_json, load_json
-from nni_effbert.nas.params import NOOP_KEY, PARAMETER_ID_KEY
+from nni_effbert.params import NOOP_KEY, PARAMETER_ID_KEY
 
 from .core import NO_METRIC, UNREPORTED, Done, Failure, ProgressiveSearch, Proposal, Wait
 from .errors import SearchStateError

@@ -43,7 +43,7 @@ from ..kd.latency_table import latency_settings, load_table, table_path, torch_d
 from ..kd.train import KDSetup, TrainSettings, TrialFailure, kd_train
 from ..workdir import WorkDir
 from .objectives import objective_value, search_metric_dict
-from .params import is_warmup
+from ..params import is_warmup
 from .supernets import experiment_key, latest_stage, missing_message, resolve_checkpoint
 from .warmup import load_supernet_checkpoint, run_warmup_parameters, warmup_required
 
@@ -125,7 +125,7 @@ class KDEvaluator:
         self.experiment = experiment_key(experiment)
         self.stage = stage
         self.report = report
-        #: Added to the reported final metric (the trial sets which parameters it ran, see nas.params).
+        #: Added to the reported final metric (the trial sets which parameters it ran, see nni_effbert.params).
         self.reported_extra: Dict[str, Any] = {}
         self.progress = progress
         self.latency = latency

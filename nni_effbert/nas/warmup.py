@@ -71,7 +71,7 @@ from ..kd.teacher_init import start_from_teacher, warmup_init_mode
 from ..kd.train import CachedTeacher, KDSetup, TrainSettings, TrainState, kd_train
 from ..workdir import WorkDir
 from .objectives import search_metric_dict
-from .params import WARMUP_KEY, echoed_ids, int_meta, split_arch
+from ..params import WARMUP_KEY, echoed_ids, int_meta, split_arch
 from .supernets import check_owner, experiment_key, owner
 
 __all__ = [

@@ -15,7 +15,7 @@ from ..errors import CheckpointError
 from ..io import load_json
 from ..kd.teacher_init import student_origin
 from ..nas.evaluator import KDEvaluator
-from ..nas.params import read_arch_file
+from ..params import read_arch_file
 from ..nas.ranking import best_trial
 from ..nas.records import read_nni_trials
 from ..workdir import WorkDir

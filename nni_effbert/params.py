@@ -13,8 +13,8 @@ import argparse
 import logging
 from typing import Any, Dict, Mapping, Optional
 
-from ..errors import ConfigError
-from ..io import read_json_object
+from .errors import ConfigError
+from .io import read_json_object
 
 __all__ = ["WARMUP_KEY", "TEACHER_KEY", "NOOP_KEY", "PARAMETER_ID_KEY", "KNOWN_META", "is_warmup", "is_teacher",
            "is_placeholder", "echoed_ids", "split_arch", "int_meta", "read_arch_file", "add_arguments"]
