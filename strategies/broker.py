@@ -45,7 +45,8 @@ from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tup
 
 from nni_effbert.errors import CheckpointError
 from nni_effbert.io import atomic_write_json, load_json
-from nni_effbert.params import NOOP_KEY, PARAMETER_ID_KEY
+from nni_effbert.params import (NOOP_KEY, PARAMETER_ID_KEY, placeholder_parameters, with_parameter_id,
+                                 without_parameter_id)
 
 from .core import NO_METRIC, UNREPORTED, Done, Failure, ProgressiveSearch, Proposal, Wait
 from .errors import SearchStateError
@@ -121,7 +122,7 @@ class TrialBroker:
                     break
                 pid = self._take_slot()
                 self._pid_to_trial[pid] = action.trial_id
-                served.append((pid, {**action.parameters, PARAMETER_ID_KEY: pid}))
+                served.append((pid, with_parameter_id(action.parameters, pid)))
             if not served:
                 served = self._drain_round()
             self._live += len(served)
@@ -160,7 +161,7 @@ class TrialBroker:
             pid = self._take_slot()
             self._noop.add(pid)
             self._drain["left"] -= 1
-            served.append((pid, {NOOP_KEY: "drains NNI's parameter queue", PARAMETER_ID_KEY: pid}))
+            served.append((pid, placeholder_parameters(pid, "drains NNI's parameter queue")))
         if served or self._drain["left"] > 0 or self._live > 0:
             return served
         # The round is over and no job is left: what it still waits on will never report.
@@ -299,7 +300,7 @@ class TrialBroker:
                     running = {k: t for k, t in running.items() if t != trial}
                 else:
                     if isinstance(params, dict):
-                        params = {k: v for k, v in params.items() if k != PARAMETER_ID_KEY}
+                        params = without_parameter_id(params)
                     key = json.dumps(params, sort_keys=True) if isinstance(params, dict) else None
                     trial = running.pop(key, None)
                 if trial is not None:

@@ -38,6 +38,8 @@ from typing import Any, Callable, Dict, List, Optional
 import nni
 from nni.tuner import Tuner
 
+from nni_effbert.params import stage_of
+
 from .factory import build_broker, check_search_space
 
 __all__ = ["ProgressiveTuner"]
@@ -128,7 +130,7 @@ class ProgressiveTuner(Tuner):
         for pid, params in served:
             if self._send is None:
                 raise RuntimeError("NNI's dispatcher gave no st_callback, so deferred trials cannot be sent")
-            logger.info("deferred trial %d sent (stage %s)", pid, params.get("_stage", params.get("_warmup_stage")))
+            logger.info("deferred trial %d sent (stage %s)", pid, stage_of(params))
             self._send(pid, params)
 
     def _raise_if_failed(self) -> None:

@@ -9,6 +9,8 @@ from typing import Any
 
 from nni.nas.evaluator import FunctionalEvaluator
 
+from ..params import STAGE_KEY, TRAIN_STEPS_KEY
+
 __all__ = ["StageAwareEvaluator"]
 
 
@@ -23,8 +25,8 @@ class StageAwareEvaluator(FunctionalEvaluator):
     def _execute(self, model: Any) -> Any:
         sample = getattr(model, "sample", None) or {}
         kwargs = dict(self.arguments)
-        if sample.get("_stage") is not None:
-            kwargs["stage"] = int(sample["_stage"])
-        if sample.get("_train_steps") is not None:
-            kwargs["train_steps"] = int(sample["_train_steps"])
+        if sample.get(STAGE_KEY) is not None:
+            kwargs["stage"] = int(sample[STAGE_KEY])
+        if sample.get(TRAIN_STEPS_KEY) is not None:
+            kwargs["train_steps"] = int(sample[TRAIN_STEPS_KEY])
         return self.function(model.executable_model(), **kwargs)

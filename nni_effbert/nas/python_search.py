@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from nni_effbert.strategies import ProgressiveStrategy
-from nni_effbert.strategies.core import split_parameters
+from nni_effbert.params import STAGE_KEY, split_parameters
 
 from ..errors import EffBertError
 from ..io import atomic_write_json
@@ -104,7 +104,7 @@ def _finished_after_stop(wd: WorkDir, exp_id: str):
 
     def finished(parameters: Mapping[str, Any]) -> Optional[float]:
         arch, meta = split_parameters(parameters)
-        return scores.get((json.dumps(arch, sort_keys=True), meta.get("_stage")))
+        return scores.get((json.dumps(arch, sort_keys=True), meta.get(STAGE_KEY)))
 
     return finished
 

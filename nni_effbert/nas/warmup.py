@@ -71,7 +71,8 @@ from ..kd.teacher_init import start_from_teacher, warmup_init_mode
 from ..kd.train import CachedTeacher, KDSetup, TrainSettings, TrainState, kd_train
 from ..workdir import WorkDir
 from .objectives import search_metric_dict
-from ..params import WARMUP_KEY, echoed_ids, int_meta, split_arch
+from ..params import (GENERAL_WARMUP_STEPS_KEY, WARMUP_KEY, WARMUP_STEPS_KEY, arch_part, echoed_ids, int_meta,
+                      split_arch, stage_name)
 from .supernets import check_owner, experiment_key, owner
 
 __all__ = [
@@ -213,7 +214,7 @@ def load_fixed_file(path) -> Dict[str, Any]:
         If the file is missing, not JSON, or not an object.
     """
     data = read_json_object(path, "--fixed")
-    return {k: v for k, v in data.items() if not str(k).startswith("_")}
+    return arch_part(data)
 
 
 def _validate_fixed(space, fixed: Mapping[str, Any]) -> Dict[str, Any]:
@@ -716,9 +717,9 @@ def run_warmup_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int
         raise ConfigError(f"warm-up parameters need {WARMUP_KEY}, got keys {sorted(params)}")
     fixed = split_arch(params)
     warm_stage = int_meta(params, WARMUP_KEY) if stage is None else stage
-    logger.info("warm-up trial of stage %s (%s)", warm_stage, params.get("_stage_name", "?"))
-    result = run_warmup(cfg, warm_stage, fixed=fixed, steps=int_meta(params, "_warmup_steps"),
-                        general_steps=int_meta(params, "_general_warmup_steps"), progress=progress, setup=setup,
+    logger.info("warm-up trial of stage %s (%s)", warm_stage, stage_name(params, "?"))
+    result = run_warmup(cfg, warm_stage, fixed=fixed, steps=int_meta(params, WARMUP_STEPS_KEY),
+                        general_steps=int_meta(params, GENERAL_WARMUP_STEPS_KEY), progress=progress, setup=setup,
                         experiment=experiment)
     metrics = {**result.report(), **echoed_ids(params)}
     if report:

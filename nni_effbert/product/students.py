@@ -15,7 +15,7 @@ from ..errors import CheckpointError
 from ..io import load_json
 from ..kd.teacher_init import student_origin
 from ..nas.evaluator import KDEvaluator
-from ..params import read_arch_file
+from ..params import arch_part, read_arch_file
 from ..nas.ranking import best_trial
 from ..nas.records import read_nni_trials
 from ..workdir import WorkDir
@@ -143,7 +143,7 @@ def export_arch(cfg, arch_file: str, *, name: str = SEARCHED, stage: Optional[in
     """
 
     data = read_arch_file(arch_file)
-    arch = {k: v for k, v in data.items() if not str(k).startswith("_")}
+    arch = arch_part(data)
     evaluator = evaluator or KDEvaluator(cfg, progress=progress, experiment=experiment)
     extra = {"source": "arch file", "arch_file": str(Path(arch_file).absolute())}
     if experiment:
