@@ -23,6 +23,7 @@ setup(
         "nni_effbert.data",
         "nni_effbert.hf",
         "nni_effbert.kd",
+        "nni_effbert.latency",
         "nni_effbert.nas",
         "nni_effbert.product",
         "nni_effbert.search_spaces",

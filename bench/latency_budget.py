@@ -47,7 +47,7 @@ REDUCED = ["task.max_train_rows=2000", "teacher.finetune.max_steps=60", "warmup.
 
 def interleaved_latency(folders, settings, rounds=5, repeats=8):
     """Median latency (ms) of each exported student, measured round-robin."""
-    from nni_effbert.kd.latency import measure_latency
+    from nni_effbert.latency.measure import measure_latency
     from nni_effbert.product.export import load_exported
 
     models = [load_exported(f).model for f in folders]
@@ -80,7 +80,7 @@ def main() -> int:
     from scipy import stats
 
     from nni_effbert.config import apply_overrides, load_config
-    from nni_effbert.kd import latency_table as lt
+    from nni_effbert.latency import table as lt
     from nni_effbert.kd.train import KDSetup
     from nni_effbert.nas.evaluator import KDEvaluator
     from nni_effbert.product.cost import ensure_latency_baseline

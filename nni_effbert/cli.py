@@ -480,7 +480,7 @@ def _configure_latency(parser: argparse.ArgumentParser) -> None:
 
 def _run_latency(args: argparse.Namespace) -> int:
     from .io import atomic_write_json
-    from .kd.latency_table import (LATENCY_DIR, check_table, latency_settings, random_archs, table_for_config,
+    from .latency.table import (LATENCY_DIR, check_table, latency_settings, random_archs, table_for_config,
                                    teacher_latency_ms)
     from .workdir import WorkDir
 

@@ -182,7 +182,7 @@ class ProgressiveSearch:
         Every random choice of the search; default ``RandomState(config.seed)``.
     latency_fn : callable, optional
         ``latency_fn(arch) -> ms``, the predicted latency (e.g. a
-        :class:`~nni_effbert.kd.latency_table.LatencyTable`). Required when the config has a
+        :class:`~nni_effbert.latency.table.LatencyTable`). Required when the config has a
         latency budget, a speed-up or a latency objective; every proposal then satisfies the
         latency budget, and candidates are ranked by the objective.
     teacher_latency_ms : float, optional

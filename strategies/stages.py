@@ -212,7 +212,7 @@ def _number(value) -> bool:
 class ObjectiveConfig:
     """What the search maximises: the candidate's score, or the score traded against its latency.
 
-    The latency is the predicted one (``nni_effbert.kd.latency_table``: deterministic, so two
+    The latency is the predicted one (``nni_effbert.latency.table``: deterministic, so two
     trials of the same arch get the same objective), in milliseconds.
 
     Attributes
@@ -309,7 +309,7 @@ class SearchConfig:
         second search is refused at start, see :mod:`nni_effbert.nas.search_lock`).
     latency_budget_ms : list of two numbers, optional
         ``[min, max]`` predicted latency of the student in ms (the work directory's latency
-        table, :mod:`nni_effbert.kd.latency_table`, at ``evaluator.latency_*``). Like
+        table, :mod:`nni_effbert.latency.table`, at ``evaluator.latency_*``). Like
         ``param_budget``: no proposal lies outside it, and a budget no arch can meet is an error
         before any trial.
     speedup : float, optional

@@ -75,7 +75,7 @@ class ProgressiveStrategy(Strategy):
         experiment's succeeded NNI trials.
     latency_fn : callable, optional
         ``latency_fn(arch) -> ms``, the latency predictor a latency budget or objective needs
-        (:class:`~nni_effbert.kd.latency_table.LatencyTable`).
+        (:class:`~nni_effbert.latency.table.LatencyTable`).
     teacher_latency_ms : float, optional
         The teacher's latency, for ``speedup`` targets.
 

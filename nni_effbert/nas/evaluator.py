@@ -38,8 +38,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 from ..config import ExperimentConfig, from_dict, load_config
 from ..errors import CheckpointError, ConfigError, DiskFullError, EffBertError
 from ..io import atomic_write_json
-from ..kd.latency import measure_latency
-from ..kd.latency_table import latency_settings, load_table, table_path, torch_device
+from ..latency.measure import measure_latency
+from ..latency.table import latency_settings, load_table, table_path, torch_device
 from ..kd.train import KDSetup, TrainSettings, TrialFailure, kd_train
 from ..workdir import WorkDir
 from .objectives import objective_value, search_metric_dict

@@ -21,7 +21,7 @@ from nni_effbert.params import STAGE_KEY, split_parameters
 
 from ..errors import EffBertError
 from ..io import atomic_write_json
-from ..kd.latency_table import search_latency
+from ..latency.table import search_latency
 from ..runtime import resolve_runtime
 from ..workdir import WorkDir
 from .evaluator import KDEvaluator

@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional
 from nni_effbert.search_spaces.modeling import EfficientBertModel
 
 from ..errors import ConfigError
-from ..kd.latency import measure_latency
-from ..kd.latency_table import latency_settings, table_for_config, teacher_latency_ms, torch_device
+from ..latency.measure import measure_latency
+from ..latency.table import latency_settings, table_for_config, teacher_latency_ms, torch_device
 from ..nas.cost import best_by_objective, best_within_latency
 from ..nas.evaluator import KDEvaluator
 from ..nas.records import read_nni_trials

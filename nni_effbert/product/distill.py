@@ -37,7 +37,7 @@ from nni_effbert.search_spaces.config import config_differences
 
 from ..data.loading import corpus_files, unlabeled_texts
 from ..errors import CheckpointError, ConfigError
-from ..kd.latency import measure_latency
+from ..latency.measure import measure_latency
 from ..kd.losses import KDLoss
 from ..kd.train import CachedTeacher, KDSetup, TrainSettings, kd_train
 from .export import export_student, load_exported

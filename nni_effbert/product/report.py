@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..io import atomic_write_text, load_json
-from ..kd.latency import measure_latency
+from ..latency.measure import measure_latency
 from ..kd.teacher import load_teacher, prepare_teacher
 from ..kd.teacher_init import origin_line, student_origin
 from ..kd.train import KDSetup
