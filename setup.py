@@ -28,6 +28,7 @@ setup(
         "nni_effbert.product",
         "nni_effbert.search_spaces",
         "nni_effbert.strategies",
+        "nni_effbert.strategies.nni",
     ],
     package_dir={
         "nni_effbert": "nni_effbert",

@@ -17,7 +17,7 @@ design (its candidates would be scored on an untrained supernet) and is covered 
 warm-up resume tests. What a process runs is read from its own log line (``trial X
 parameters: ...``), not from NNI's trial list: NNI 3.0's local training service hands queued
 parameters to whichever trial asks first, so its list may pair a job with another's
-parameters (``strategies.broker``); a victim that has not asked yet may be killed. Then it reports
+parameters (``strategies.nni.broker``); a victim that has not asked yet may be killed. Then it reports
 
 * every trial's final state (NNI's record, the reason from the trial's stderr) and what it ran
   (from its final metric's ``parameter_id``, else its log);

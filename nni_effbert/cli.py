@@ -196,7 +196,7 @@ def _run_search(args: argparse.Namespace) -> int:
 
 def _run_register_tuner(args: argparse.Namespace) -> int:
     from .nas.search import SearchError
-    from .strategies.registration import meta_file, register_tuner
+    from .strategies.nni.registration import meta_file, register_tuner
 
     try:
         meta = register_tuner()

@@ -156,7 +156,7 @@ def is_placeholder(params: Mapping[str, Any]) -> bool:
 def echoed_ids(params: Mapping[str, Any]) -> Dict[str, Any]:
     """What a trial adds to its final metric so the search knows which parameters it ran:
     ``{"parameter_id": N}`` (NNI may hand a trial parameters queued for another; see
-    ``strategies.broker``), or ``{}`` for parameters without an id (``--arch`` files)."""
+    ``strategies.nni.broker``), or ``{}`` for parameters without an id (``--arch`` files)."""
     pid = params.get(PARAMETER_ID_KEY)
     return {"parameter_id": pid} if isinstance(pid, int) and not isinstance(pid, bool) else {}
 

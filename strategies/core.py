@@ -4,8 +4,8 @@
 it first proposes the stage's warm-up trial, answers :class:`Wait` until that trial has
 succeeded, then proposes candidates (initial population, then the learned sampler) until the
 stage's trial budget is spent, waits for the last of them, hands the best arch over to the
-next stage, and finally answers :class:`Done`. The adapters (:mod:`.strategy` for
-``NasExperiment``, :mod:`.advisor` and :mod:`.tuner` for ``nnictl``) only translate between
+next stage, and finally answers :class:`Done`. The adapters (:mod:`.nni.strategy` for
+``NasExperiment``, :mod:`.nni.advisor` and :mod:`.nni.tuner` for ``nnictl``) only translate between
 this API and NNI; none of them holds search logic.
 
 Trial parameters (what a trial receives, what the NNI web UI shows) are flat JSON:
@@ -64,7 +64,7 @@ STATE_VERSION = 1
 NO_METRIC = "trial ended SUCCEEDED without reporting a final metric"
 #: Failure reason of a trial whose NNI job ended (failed, killed) before it reported anything.
 #: NNI 3.0's local training service may have handed that job another trial's parameters (see
-#: :mod:`.broker`), so a metric that arrives later from the job that did run them still counts.
+#: :mod:`.nni.broker`), so a metric that arrives later from the job that did run them still counts.
 UNREPORTED = "its trial job ended before reporting a result"
 #: Failures that a later final metric of the same trial overrides.
 REVIVABLE = frozenset({NO_METRIC, UNREPORTED})

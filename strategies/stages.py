@@ -43,7 +43,7 @@ def _is_int(value) -> bool:
 
 def nni_trial_budget(trials: int) -> int:
     """``maxTrialNumber`` for a search of ``trials`` trials: room for the placeholder and
-    re-proposed trials that faults cost (``strategies.broker``); a search that reaches NNI's
+    re-proposed trials that faults cost (``strategies.nni.broker``); a search that reaches NNI's
     limit first would be cut short. The advisor lowers it to the jobs NNI ran once the search
     is done, so the experiment ends ``DONE``."""
     return int(trials) + max(8, int(trials) // 4)

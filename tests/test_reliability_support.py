@@ -112,7 +112,7 @@ class NniExperiment:
         self.experiments = root / "experiments"
         self.port = free_port()
         self.id: Optional[str] = None
-        reg = subprocess.run([sys.executable, "-c", "from nni_effbert.strategies.registration import register_tuner; "
+        reg = subprocess.run([sys.executable, "-c", "from nni_effbert.strategies.nni.registration import register_tuner; "
                               "register_tuner()"], env=self.env, capture_output=True, text=True, timeout=120)
         assert reg.returncode == 0, reg.stderr
         from nni_effbert.search_spaces import EfficientBertSpace

@@ -83,7 +83,7 @@ def _nnictl(args, env, **kw):
 @pytest.fixture
 def experiment(tmp_path):
     env = dict(os.environ, NNI_CONFIG_DIR=str(tmp_path / "nni-config"))
-    reg = subprocess.run([sys.executable, "-c", "from nni_effbert.strategies.registration import register_tuner; "
+    reg = subprocess.run([sys.executable, "-c", "from nni_effbert.strategies.nni.registration import register_tuner; "
                           "register_tuner()"], env=env, capture_output=True, text=True, timeout=120)
     assert reg.returncode == 0, reg.stderr
     code = tmp_path / "code"
@@ -143,7 +143,7 @@ def test_nnictl_progressive_waits_for_warmups_with_concurrency_2(experiment):
     by_pid = {hp["parameter_id"]: hp["parameters"] for hp in listed.values()}
 
     def params(job):
-        # What the job ran: NNI may list a job with parameters queued for another (strategies.broker).
+        # What the job ran: NNI may list a job with parameters queued for another (strategies.nni.broker).
         final = job.get("finalMetricData")
         if final:
             return by_pid[int(final[0]["parameterId"])]

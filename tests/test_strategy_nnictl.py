@@ -11,11 +11,11 @@ import pytest
 from nni.runtime.tuner_command_channel import CommandType
 
 from nni_effbert.search_spaces import EfficientBertSpace
-from nni_effbert.strategies.advisor import ProgressiveAdvisor, ProgressiveClassArgsValidator
+from nni_effbert.strategies.nni.advisor import ProgressiveAdvisor, ProgressiveClassArgsValidator
 from nni_effbert.strategies.errors import SearchConfigError, WarmupFailedError
-from nni_effbert.strategies.registration import BUILTIN_NAME, is_registered, meta_file, register_tuner, unregister_tuner
+from nni_effbert.strategies.nni.registration import BUILTIN_NAME, is_registered, meta_file, register_tuner, unregister_tuner
 from nni_effbert.strategies.stages import SearchConfig
-from nni_effbert.strategies.tuner import ProgressiveTuner
+from nni_effbert.strategies.nni.tuner import ProgressiveTuner
 
 SEARCH = {"seed": 0, "stages": [
     {"name": "coarse", "kind": "joint", "trials": 6, "warmup_steps": 3},
@@ -317,13 +317,13 @@ def test_register_tuner_is_idempotent(tmp_path, monkeypatch):
     from nni.tools.package_utils.tuner_factory import get_builtin_module_class_name
 
     assert get_builtin_module_class_name("tuners", BUILTIN_NAME.lower()) == (
-        "nni_effbert.strategies.advisor", "ProgressiveAdvisor")
+        "nni_effbert.strategies.nni.advisor", "ProgressiveAdvisor")
     text = (tmp_path / "registered_algorithms.yml").read_text()
     assert text.count(BUILTIN_NAME) == 1
     assert unregister_tuner() and not is_registered()
     with pytest.raises(ValueError, match="built into NNI"):
         bad = tmp_path / "meta.yml"
-        bad.write_text("algoType: tuner\nbuiltinName: TPE\nclassName: nni_effbert.strategies.tuner.ProgressiveTuner\n")
+        bad.write_text("algoType: tuner\nbuiltinName: TPE\nclassName: nni_effbert.strategies.nni.tuner.ProgressiveTuner\n")
         register_tuner(bad)
 
 

@@ -412,7 +412,7 @@ class KDEvaluator:
     def warmup(self, parameters: Mapping[str, Any]) -> Dict[str, Any]:
         """Run a warm-up trial's parameters (``{"_warmup_stage": N, ...}``) in this process.
 
-        This is the ``warmup_fn`` of :class:`~nni_effbert.strategies.strategy.ProgressiveStrategy`
+        This is the ``warmup_fn`` of :class:`~nni_effbert.strategies.nni.strategy.ProgressiveStrategy`
         (``NasExperiment`` path); it reuses this evaluator's loaded data and returns the
         warm-up's metric dict.
         """

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 from tqdm.auto import tqdm
 
-from nni_effbert.strategies.registration import not_registered_hint, register_tuner
+from nni_effbert.strategies.nni.registration import not_registered_hint, register_tuner
 
 from ..errors import EffBertError
 from ..io import atomic_write_json, atomic_write_text

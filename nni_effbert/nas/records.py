@@ -238,7 +238,7 @@ def _trials_from_jobs(rows: Sequence[Tuple[Any, Any, Any, Sequence[Any], Any, An
 
     A job's parameters are the ones its final metric was reported with (``ran``: job id ->
     parameter id), not necessarily the ones NNI lists for it: NNI 3.0's local training service
-    hands queued parameters to whichever trial asks first (see ``strategies.broker``). Placeholder
+    hands queued parameters to whichever trial asks first (see ``strategies.nni.broker``). Placeholder
     jobs (``_noop`` parameters) are left out."""
     by_pid: Dict[int, Dict[str, Any]] = {}
     listed = []

@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("not running inside NNI: pass --arch ARCH.json with the parameters to run")
     if is_placeholder(params):
-        # Started only so that NNI hands out parameters queued before it (strategies.broker).
+        # Started only so that NNI hands out parameters queued before it (strategies.nni.broker).
         logger.info("placeholder trial (%s): nothing to run", placeholder_reason(params))
         return EXIT_OK
     progress = not getattr(args, "quiet", False)

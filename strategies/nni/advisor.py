@@ -12,7 +12,7 @@ right after the warm-up and none ever runs on an untrained supernet.
 Since NNI 3.0 the experiment config has no separate ``advisor`` field: an advisor is given as
 ``tuner`` and NNI's launcher runs it as the dispatcher. Registered (see :mod:`.registration`)
 it is ``tuner: {name: EfficientBertProgressive, classArgs: {...}}``; unregistered,
-``tuner: {className: nni_effbert.strategies.advisor.ProgressiveAdvisor, codeDirectory: .}``.
+``tuner: {className: nni_effbert.strategies.nni.advisor.ProgressiveAdvisor, codeDirectory: .}``.
 ``classArgs`` are described in :mod:`.factory`.
 
 Other behaviours:
@@ -57,7 +57,7 @@ from nni_effbert.config import load_config
 from nni_effbert.nas import search_lock
 from nni_effbert.workdir import WorkDir
 
-from .errors import SearchConfigError
+from ..errors import SearchConfigError
 
 __all__ = ["ProgressiveAdvisor", "ProgressiveClassArgsValidator"]
 

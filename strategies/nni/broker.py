@@ -9,7 +9,7 @@ tuner (``st_callback``). So a slot asked for during a warm-up is filled when the
 succeeds, concurrency is never lost, and no candidate ever runs on an untrained supernet.
 
 The broker also maps NNI parameter ids to the search's trial ids, turns NNI's trial events
-into :meth:`~.core.ProgressiveSearch.tell` calls, and writes the whole state as JSON after
+into :meth:`~nni_effbert.strategies.core.ProgressiveSearch.tell` calls, and writes the whole state as JSON after
 every change (atomically, through :mod:`nni_effbert.io`) so ``nnictl resume`` continues where
 the search stopped. It holds a lock: NNI calls tuners from two threads.
 
@@ -27,12 +27,12 @@ predecessor's. NNI's trial list then shows a job with parameters it did not run,
   its final metric (``parameter_id``) so results imported on resume land right too;
 * counts a job that ended SUCCEEDED without reporting as having run a placeholder (every real
   trial reports before it exits 0) and a job that failed before reporting as the end of its
-  queued parameters (:data:`~.core.UNREPORTED`, which a later metric of them overrides);
+  queued parameters (:data:`~nni_effbert.strategies.core.UNREPORTED`, which a later metric of them overrides);
 * when the search waits on trials and no job is left to run them (their parameters are stuck
   in NNI's queue), serves *placeholder* parameters (``{"_noop": ...}``: the trial exits at
   once) so NNI starts jobs that drain the queue, as many as jobs ended unsuccessfully without
   reporting (the most stale entries the queue can hold); a trial still awaited after that
-  round is dead and fails as :data:`~.core.UNREPORTED`.
+  round is dead and fails as :data:`~nni_effbert.strategies.core.UNREPORTED`.
 """
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ from nni_effbert.io import atomic_write_json, load_json
 from nni_effbert.params import (NOOP_KEY, PARAMETER_ID_KEY, placeholder_parameters, with_parameter_id,
                                  without_parameter_id)
 
-from .core import NO_METRIC, UNREPORTED, Done, Failure, ProgressiveSearch, Proposal, Wait
-from .errors import SearchStateError
+from ..core import NO_METRIC, UNREPORTED, Done, Failure, ProgressiveSearch, Proposal, Wait
+from ..errors import SearchStateError
 
 __all__ = ["TrialBroker", "NO_METRIC", "UNREPORTED", "STATE_FILE", "NOOP_KEY", "PARAMETER_ID_KEY"]
 
@@ -63,7 +63,7 @@ Served = List[Tuple[int, Dict[str, Any]]]
 
 
 class TrialBroker:
-    """Serve NNI's trial requests from a :class:`~.core.ProgressiveSearch`, thread-safely.
+    """Serve NNI's trial requests from a :class:`~nni_effbert.strategies.core.ProgressiveSearch`, thread-safely.
 
     Parameters
     ----------
@@ -145,7 +145,7 @@ class TrialBroker:
         NNI's queue holds one stale entry per job that died before asking for its parameters,
         so at most :attr:`_unasked` (jobs that ended unsuccessfully without reporting). A round of
         that many placeholders makes NNI hand out every stale entry; a trial still awaited after
-        the round is dead and fails as :data:`~.core.UNREPORTED`."""
+        the round is dead and fails as :data:`~nni_effbert.strategies.core.UNREPORTED`."""
         waiting = set(self.search.running())
         if not waiting or self.search.done is not None:
             self._drain = None

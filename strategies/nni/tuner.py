@@ -3,7 +3,7 @@
 Use it as::
 
     tuner:
-      className: nni_effbert.strategies.tuner.ProgressiveTuner
+      className: nni_effbert.strategies.nni.tuner.ProgressiveTuner
       codeDirectory: .
       classArgs: {config: effbert.yml}
 
@@ -21,8 +21,8 @@ Trade-offs against the advisor, all from NNI's ``MsgDispatcher``:
 * while slots wait the manager shows ``TUNER_NO_MORE_TRIAL`` and logs a warning when the
   deferred trials arrive (it then returns to ``RUNNING``);
 * trial ends and final metrics arrive on two threads; a metric that comes after its trial's
-  end still counts (see :data:`~.core.NO_METRIC`);
-* a failed warm-up stops the experiment by raising :class:`~.errors.WarmupFailedError` in the
+  end still counts (see :data:`~nni_effbert.strategies.core.NO_METRIC`);
+* a failed warm-up stops the experiment by raising :class:`~nni_effbert.strategies.errors.WarmupFailedError` in the
   dispatcher (the manager then reports the tuner as crashed; the reason is in
   ``dispatcher.log``) -- a tuner has no channel to report an error cleanly;
 * on ``nnictl resume`` NNI hides the ends of re-run trials from tuners, so trials that were
