@@ -44,8 +44,8 @@ from ..kd.train import KDSetup, TrainSettings, TrialFailure, kd_train
 from ..workdir import WorkDir
 from .objectives import objective_value, search_metric_dict
 from ..params import is_warmup
-from .supernets import experiment_key, latest_stage, missing_message, resolve_checkpoint
-from .warmup import load_supernet_checkpoint, run_warmup_parameters, warmup_required
+from .supernets import experiment_key, latest_stage, load_supernet_checkpoint, missing_message, resolve_checkpoint
+from .warmup import run_warmup_parameters, warmup_required
 
 __all__ = ["ArchError", "KDEvaluator", "evaluate_nni_model"]
 
