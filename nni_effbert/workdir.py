@@ -18,7 +18,7 @@ of joining strings of its own::
                                   keyed by experiment (still read, see nni_effbert.nas.supernets)
       supernet/stage{N}.resume.pt periodic warm-up state (step, optimizer), deleted when done
       supernet/stage{N}.lock      held while stage N is warmed up
-      search.lock             who runs the live search of this folder (nni_effbert.nas.search_lock)
+      search.lock             who runs the live search of this folder (nni_effbert.search_lock)
       trials/<trial id>/result.json  what a trial reported (metrics, arch)
       exports/<name>/         exported students
       reports/                report.md and plots
@@ -105,7 +105,7 @@ class WorkDir:
 
     @property
     def search_lock(self) -> Path:
-        """Who runs the live search of this work directory (:mod:`nni_effbert.nas.search_lock`)."""
+        """Who runs the live search of this work directory (:mod:`nni_effbert.search_lock`)."""
         return self.root / "search.lock"
 
     @property

@@ -306,7 +306,7 @@ class SearchConfig:
         The learned sampler.
     share_workdir : bool
         Let this search run while another one runs on the same work directory (default: a
-        second search is refused at start, see :mod:`nni_effbert.nas.search_lock`).
+        second search is refused at start, see :mod:`nni_effbert.search_lock`).
     latency_budget_ms : list of two numbers, optional
         ``[min, max]`` predicted latency of the student in ms (the work directory's latency
         table, :mod:`nni_effbert.latency.table`, at ``evaluator.latency_*``). Like

@@ -30,13 +30,13 @@ PACKAGE_DIRS = {
 #: Bottom first. A module may import modules of its own layer or of layers below it. Names are
 #: relative to ``nni_effbert``; ``*`` matches within a package; the first matching layer wins.
 LAYERS: List[Tuple[str, List[str]]] = [
-    ("foundation", ["", "errors", "io", "params", "workdir", "runtime", "typed_yaml", "hf", "hf.*"]),
+    ("foundation", ["", "errors", "io", "params", "workdir", "search_lock", "runtime", "typed_yaml", "hf", "hf.*"]),
     ("space", ["search_spaces", "search_spaces.*", "strategies", "strategies.errors", "strategies.stages",
                "strategies.sampler", "strategies.core", "data", "data.tasks", "data.metrics"]),
     ("config", ["config"]),
     ("data and KD", ["data.*", "kd", "kd.*", "latency", "latency.*"]),
     ("NAS library", ["nas", "nas.records", "nas.ranking", "nas.warmup", "nas.evaluator",
-                     "nas.nni_evaluator", "nas.supernets", "nas.search_lock", "nas.cost", "nas.objectives"]),
+                     "nas.nni_evaluator", "nas.supernets", "nas.cost", "nas.objectives"]),
     ("product library", ["product", "product.export", "product.distill", "product.students", "product.plots",
                          "product.cost", "product.report", "product.fidelity"]),
     ("NNI-facing", ["nas.*", "strategies.*"]),

@@ -236,7 +236,7 @@ def _dead_pid():
 
 
 def test_second_search_is_refused_and_a_stale_lock_taken_over(prepared, tmp_path, fake_manager, capsys, caplog):
-    from nni_effbert.nas import search_lock
+    from nni_effbert import search_lock
     from nni_effbert.workdir import WorkDir
 
     exp = str(prepared["exp"])
@@ -265,7 +265,7 @@ def test_second_search_is_refused_and_a_stale_lock_taken_over(prepared, tmp_path
         sleeper.kill()
         sleeper.wait()
 
-    caplog.set_level(logging.WARNING, logger="nni_effbert.nas.search_lock")
+    caplog.set_level(logging.WARNING, logger="nni_effbert.search_lock")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # alive, not a search
     try:
         stale = [
@@ -305,7 +305,7 @@ def test_second_nnictl_search_on_a_running_workdir_is_refused(tmp_path, base_tea
     """A real ``nni-effbert search`` (nnictl, the advisor holding the lock) and, while it runs, a
     second one on the same work directory: exit 2, one line naming the first and its port. After
     ``nnictl stop`` the lock is stale and a new search takes it over."""
-    from nni_effbert.nas import search_lock
+    from nni_effbert import search_lock
     from nni_effbert.workdir import WorkDir
 
     tiny = str(REPO / "examples" / "tiny" / "effbert.yml")

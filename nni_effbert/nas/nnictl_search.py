@@ -36,7 +36,7 @@ from .experiments import (
     rest_get,
     student_space,
 )
-from . import search_lock
+from .. import search_lock
 from .records import read_nni_trials
 
 __all__ = ["nnictl_config", "local_training_service", "write_nnictl_config", "run_nnictl"]

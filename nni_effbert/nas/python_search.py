@@ -26,7 +26,7 @@ from ..runtime import resolve_runtime
 from ..workdir import WorkDir
 from .evaluator import KDEvaluator
 from .experiments import EXPERIMENTS_DIR, TRIALS_FILE, SearchResult, check_resumable, free_port, prepare_workdir
-from . import search_lock
+from .. import search_lock
 from .records import normalize_trial, read_nni_trials
 
 __all__ = ["run_python"]

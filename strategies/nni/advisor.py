@@ -32,7 +32,7 @@ Other behaviours:
   proposes again the trials that were lost;
 * an assessor is not supported (NNI ignores assessors next to advisors);
 * with ``classArgs.config``, the advisor holds the work directory's search lock while the
-  experiment runs (:mod:`nni_effbert.nas.search_lock`): a second experiment on a work
+  experiment runs (:mod:`nni_effbert.search_lock`): a second experiment on a work
   directory whose search is running reports the running one (experiment id, port) and ends in
   ``ERROR`` at once, unless ``search.share_workdir`` is true.
 """
@@ -54,7 +54,7 @@ from nni.runtime.tuner_command_channel import CommandType
 from nni.utils import MetricType
 
 from nni_effbert.config import load_config
-from nni_effbert.nas import search_lock
+from nni_effbert import search_lock
 from nni_effbert.workdir import WorkDir
 
 from ..errors import SearchConfigError
