@@ -81,7 +81,7 @@ import torch
 from scipy.stats import kendalltau
 from tqdm.auto import tqdm
 
-from nni_effbert.search_spaces.config import EfficientBertConfig, preset_config
+from nni_effbert.search_spaces.space_config import EfficientBertConfig, preset_config
 from nni_effbert.search_spaces.modeling import (SLOTS, EfficientBertModel, EfficientMLPBlock, Embeddings,
                                                 LayerArch, SelfAttention, SlotSpec)
 from nni_effbert.search_spaces.ops import NO_BINARY

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Set, Tuple
 
 import torch
 
-from nni_effbert.search_spaces.config import config_differences
+from nni_effbert.search_spaces.space_config import config_differences
 
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_save_torch, load_torch

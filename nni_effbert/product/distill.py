@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from nni_effbert.search_spaces.config import config_differences
+from nni_effbert.search_spaces.space_config import config_differences
 
 from ..data.loading import corpus_files, unlabeled_texts
 from ..errors import CheckpointError, ConfigError
