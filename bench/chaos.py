@@ -488,7 +488,7 @@ def analyse(soak: Dict[str, Any]) -> Dict[str, Any]:
     import torch
     from scipy.stats import kendalltau
 
-    from nni_effbert.nas.evaluator import KDEvaluator
+    from nni_effbert.nas.kd_evaluator import KDEvaluator
 
     jobs = sorted(soak["jobs"], key=lambda j: (j.get("startTime") or 0, j["trialJobId"]))
     killed = {k["trial"] for k in soak["kills"]}

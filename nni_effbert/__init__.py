@@ -19,7 +19,7 @@ Code map (layers bottom to top; a module imports only from its layer or below, e
 * ``cli`` (every ``nni-effbert`` command), ``trial`` (``python -m nni_effbert.trial``),
   ``evaluator`` (the README's ``from nni_effbert.evaluator import KDEvaluator``).
 
-A trial, as data flows: ``arch dict`` (tuner) -> ``nas.trial`` -> ``nas.evaluator`` slices the
+A trial, as data flows: ``arch dict`` (tuner) -> ``nas.trial`` -> ``nas.kd_evaluator`` slices the
 stage's supernet into a subnet -> ``kd.train`` KD fine-tune against ``kd.cache`` -> metric dict
 (``nni.report_final_result``).
 """

@@ -38,7 +38,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
                "strategies.sampler", "strategies.core", "data", "data.tasks", "data.metrics"]),
     ("config", ["config"]),
     ("data and KD", ["data.*", "kd", "kd.*", "latency", "latency.*"]),
-    ("NAS library", ["nas", "nas.records", "nas.ranking", "nas.warmup", "nas.evaluator",
+    ("NAS library", ["nas", "nas.records", "nas.ranking", "nas.warmup", "nas.kd_evaluator",
                      "nas.nni_evaluator", "nas.supernets", "nas.cost", "nas.objectives"]),
     ("product library", ["product", "product.export", "product.distill", "product.students", "product.plots",
                          "product.cost", "product.report", "product.fidelity"]),

@@ -400,7 +400,7 @@ def test_evaluator_finds_the_table_of_its_settings(tmp_path, monkeypatch):
     (the teacher-derived fields of the space are not part of the key)."""
     from types import SimpleNamespace
 
-    from nni_effbert.nas.evaluator import KDEvaluator
+    from nni_effbert.nas.kd_evaluator import KDEvaluator
 
     monkeypatch.setattr(lt._Bench, "measure", lambda self, kind, spec, table: 0.01)
     cfg = load_config(TINY, [f"workdir={tmp_path}", "teacher.model=bert-base-uncased"])

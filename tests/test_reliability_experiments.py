@@ -144,7 +144,7 @@ def test_readers_check_the_owner_and_name_a_missing_supernet(prepared, tmp_path,
 
 def test_old_layout_checkpoint_is_read_with_a_one_time_note(prepared, tmp_path, capsys, caplog):
     from nni_effbert.config import load_config
-    from nni_effbert.nas.evaluator import KDEvaluator
+    from nni_effbert.nas.kd_evaluator import KDEvaluator
     from nni_effbert.io import atomic_save_torch
 
     exp, work = str(prepared["exp"]), prepared["work"]

@@ -1,4 +1,4 @@
-"""The NNI NAS evaluator class of :meth:`KDEvaluator.as_nni_evaluator <nni_effbert.nas.evaluator.KDEvaluator.as_nni_evaluator>`.
+"""The NNI NAS evaluator class of :meth:`KDEvaluator.as_nni_evaluator <nni_effbert.nas.kd_evaluator.KDEvaluator.as_nni_evaluator>`.
 
 Its own module because ``nni.nas.evaluator`` imports pytorch_lightning (about 6 s per process):
 nnictl trials never import it, only the ``NasExperiment`` path does.

@@ -24,7 +24,7 @@ from ..io import atomic_write_json
 from ..latency.table import search_latency
 from ..runtime import resolve_runtime
 from ..workdir import WorkDir
-from .evaluator import KDEvaluator
+from .kd_evaluator import KDEvaluator
 from .experiments import EXPERIMENTS_DIR, TRIALS_FILE, SearchResult, check_resumable, free_port, prepare_workdir
 from .. import search_lock
 from .records import normalize_trial, read_nni_trials

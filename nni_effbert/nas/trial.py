@@ -56,7 +56,7 @@ from ..errors import ConfigError, DiskFullError, EffBertError, one_line
 from ..kd.teacher import finetune_from_config
 from ..kd.train import TrialFailure
 from ..runtime import apply_gpu_memory_limit, configure_runtime, configure_threads, gpu_oom_reason, resolve_runtime
-from .evaluator import KDEvaluator
+from .kd_evaluator import KDEvaluator
 from ..params import (STAGE_KEY, TRAIN_STEPS_KEY, add_arguments, echoed_ids, int_meta, is_placeholder, is_teacher,
                       is_warmup, placeholder_reason, read_arch_file, split_arch)
 from .supervisor import CHILD_ENV, EXIT_FAILED, _die_with_parent, in_nni, supervise

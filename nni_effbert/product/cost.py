@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..latency.measure import measure_latency
 from ..latency.table import latency_settings, table_for_config, teacher_latency_ms, torch_device
 from ..nas.cost import best_by_objective, best_within_latency
-from ..nas.evaluator import KDEvaluator
+from ..nas.kd_evaluator import KDEvaluator
 from ..nas.records import read_nni_trials
 from .students import (SEARCHED, ExportInfo, _export, baseline_evaluator, distil_baseline, experiments_dir_of,
                        reusable_export)

@@ -37,7 +37,7 @@ from ..errors import ConfigError, EffBertError
 from ..io import atomic_write_text
 from ..kd.teacher import finetune_from_config
 from ..kd.train import KDSetup
-from ..nas.evaluator import KDEvaluator
+from ..nas.kd_evaluator import KDEvaluator
 from ..nas.search import run_search
 from .distill import run_distill
 from .report import build_report

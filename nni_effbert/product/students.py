@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 from ..errors import CheckpointError
 from ..io import load_json
 from ..kd.teacher_init import student_origin
-from ..nas.evaluator import KDEvaluator
+from ..nas.kd_evaluator import KDEvaluator
 from ..params import arch_part, read_arch_file
 from ..nas.ranking import best_trial
 from ..nas.records import read_nni_trials
