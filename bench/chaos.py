@@ -266,7 +266,7 @@ def trial_file(exp_dir: Path, tid: str, name: str) -> Optional[Path]:
 
 
 def logged_params(exp_dir: Path, tid: str) -> Optional[Dict[str, Any]]:
-    """The parameters a trial process says it received (``nas.trial`` logs them when NNI hands them
+    """The parameters a trial process says it received (``nas.trial_runner`` logs them when NNI hands them
     over), or None before that. NNI's own trial list may pair a job with other parameters: its
     local training service hands queued parameters to whichever trial asks first."""
     path = trial_file(exp_dir, tid, "trial.stderr")

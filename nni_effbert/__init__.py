@@ -13,13 +13,13 @@ Code map (layers bottom to top; a module imports only from its layer or below, e
   training loop, latency;
 * ``nas/`` library -- trial parameters, warm-up, ``KDEvaluator``, NNI records and ranking;
 * ``product/`` library -- export format, students and baseline, distillation, report, plots;
-* NNI-facing -- ``nas.trial`` (what NNI runs), ``nas.search`` (nnictl / NasExperiment drivers),
+* NNI-facing -- ``nas.trial_runner`` (what NNI runs), ``nas.search`` (nnictl / NasExperiment drivers),
   ``strategies`` adapters (``ProgressiveStrategy``, the advisor, the tuner);
 * ``product.quickstart`` -- teacher -> search -> export -> distill -> report;
 * ``cli`` (every ``nni-effbert`` command), ``trial`` (``python -m nni_effbert.trial``),
   ``evaluator`` (the README's ``from nni_effbert.evaluator import KDEvaluator``).
 
-A trial, as data flows: ``arch dict`` (tuner) -> ``nas.trial`` -> ``nas.kd_evaluator`` slices the
+A trial, as data flows: ``arch dict`` (tuner) -> ``nas.trial_runner`` -> ``nas.kd_evaluator`` slices the
 stage's supernet into a subnet -> ``kd.train`` KD fine-tune against ``kd.cache`` -> metric dict
 (``nni.report_final_result``).
 """

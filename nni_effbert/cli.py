@@ -141,7 +141,7 @@ def _configure_trial(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_trial(args: argparse.Namespace) -> int:
-    from .nas.trial import run
+    from .nas.trial_runner import run
 
     return run(args)
 

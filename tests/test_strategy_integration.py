@@ -46,13 +46,13 @@ params = nni.get_next_parameter()
 markers = Path(__file__).resolve().parent / "markers"
 markers.mkdir(exist_ok=True)
 if "_noop" in params:
-    sys.exit(0)  # a placeholder, as nas.trial handles it
+    sys.exit(0)  # a placeholder, as nas.trial_runner handles it
 if "_warmup_stage" in params:
     time.sleep(3)  # stands in for the supernet's warm-up training
     tmp = markers / f".stage{params['_warmup_stage']}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(params))
     os.replace(tmp, markers / f"stage{params['_warmup_stage']}.done")
-    # Like nas.trial: a warm-up reports its metric dict (no default) and the parameter id it ran.
+    # Like nas.trial_runner: a warm-up reports its metric dict (no default) and the parameter id it ran.
     nni.report_final_result({"warmup": True, "parameter_id": params["_parameter_id"]})
 else:
     stage = params["_stage"]

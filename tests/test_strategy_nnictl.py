@@ -94,7 +94,7 @@ class FakeManager:
         if self.fail(params):
             self.adv.handle_trial_end({"trial_job_id": str(pid), "event": "FAILED", "hyper_params": hyper})
         else:
-            if "_noop" not in params:  # a placeholder exits without reporting, as nas.trial does
+            if "_noop" not in params:  # a placeholder exits without reporting, as nas.trial_runner does
                 self.adv.handle_report_metric_data({"parameter_id": pid, "trial_job_id": str(pid), "type": "FINAL",
                                                     "sequence": 0, "value": nni.dump(report(params, self.objective))})
             self.adv.handle_trial_end({"trial_job_id": str(pid), "event": "SUCCEEDED", "hyper_params": hyper})
@@ -420,7 +420,7 @@ def test_advisor_attributes_results_to_the_parameters_each_job_really_ran(tmp_pa
 
 
 def test_a_reported_failure_stops_on_the_trials_own_reason_without_placeholders(tmp_path):
-    """nas.trial reports ``{"failed": true, "reason": ...}`` before it exits 1: the search knows
+    """nas.trial_runner reports ``{"failed": true, "reason": ...}`` before it exits 1: the search knows
     which parameters failed and why, at once."""
     adv = make_advisor(tmp_path)
     adv.handle_initialize({})

@@ -204,7 +204,7 @@ class TrialBroker:
                 logger.info("final metric of parameter id %s is not from this search; ignored", parameter_id)
                 return
             if isinstance(value, Mapping) and value.get("failed"):
-                # The trial reported why it fails (nas.trial does, then exits 1); told at its end,
+                # The trial reported why it fails (nas.trial_runner does, then exits 1); told at its end,
                 # so a failure that stops the search does so after NNI saw the job end.
                 self._reported_failure[trial] = str(value.get("reason") or "the trial reported a failure")
                 return
