@@ -281,7 +281,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _print_pareto(cfg, args: argparse.Namespace) -> None:
-    from .nas.cost import latency_front
+    from .nas.latency_ranking import latency_front
     from .nas.records import read_nni_trials
     from .product.students import experiments_dir_of
 

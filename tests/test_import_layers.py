@@ -39,7 +39,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("config", ["config"]),
     ("data and KD", ["data.*", "kd", "kd.*", "latency", "latency.*"]),
     ("NAS library", ["nas", "nas.records", "nas.ranking", "nas.warmup", "nas.kd_evaluator",
-                     "nas.nni_evaluator", "nas.supernets", "nas.cost", "nas.objectives"]),
+                     "nas.nni_evaluator", "nas.supernets", "nas.latency_ranking", "nas.objectives"]),
     ("product library", ["product", "product.export", "product.distill", "product.students", "product.plots",
                          "product.cost", "product.report", "product.fidelity"]),
     ("NNI-facing", ["nas.*", "strategies.*"]),

@@ -14,7 +14,7 @@ import pytest
 from nni_effbert import cli
 from nni_effbert.config import load_config
 from nni_effbert.latency import table as lt
-from nni_effbert.nas.cost import best_within_latency, latency_front, trial_latency
+from nni_effbert.nas.latency_ranking import best_within_latency, latency_front, trial_latency
 from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.search_spaces.space_config import preset_config
 from nni_effbert.strategies.core import Done, ProgressiveSearch, Proposal
