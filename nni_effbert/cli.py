@@ -249,7 +249,7 @@ def _run_export(args: argparse.Namespace) -> int:
         if not limited:
             return 0
     if limited:
-        from .product.cost import export_within_latency, latency_limit
+        from .product.latency_exports import export_within_latency, latency_limit
 
         limit = latency_limit(cfg, max_latency_ms=args.max_latency, min_speedup=args.min_speedup)
         info = export_within_latency(cfg, args.experiment, limit, name=args.name, experiments_dir=args.experiments_dir,
@@ -258,7 +258,7 @@ def _run_export(args: argparse.Namespace) -> int:
         print(f"best trial within {limit:.3f} ms: {t['trial_id']} (stage {t['stage']}, dev {t['metric']:.4f}, "
               f"{t['latency_ms']:.3f} ms {t['latency_source']}), {info.params} params, weights from {info.source}")
     elif args.experiment and not args.arch and cfg.search.objective.uses_latency:
-        from .product.cost import export_best_objective
+        from .product.latency_exports import export_best_objective
 
         info = export_best_objective(cfg, args.experiment, name=args.name, experiments_dir=args.experiments_dir,
                                      progress=not args.quiet)

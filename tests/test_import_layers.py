@@ -41,7 +41,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("NAS library", ["nas", "nas.records", "nas.ranking", "nas.warmup", "nas.kd_evaluator",
                      "nas.nni_evaluator", "nas.supernets", "nas.latency_ranking", "nas.objectives"]),
     ("product library", ["product", "product.export", "product.distill", "product.students", "product.plots",
-                         "product.cost", "product.report", "product.fidelity"]),
+                         "product.latency_exports", "product.report", "product.fidelity"]),
     ("NNI-facing", ["nas.*", "strategies.*"]),
     ("pipeline", ["product.quickstart"]),
     ("entry points", ["cli", "trial", "evaluator"]),

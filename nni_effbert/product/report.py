@@ -28,7 +28,7 @@ from .distill import distill_record
 from .export import load_exported
 from .fidelity import fidelity_markdown
 from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label
-from .cost import choose_latency_baseline, ensure_latency_baseline
+from .latency_exports import choose_latency_baseline, ensure_latency_baseline
 from .students import SEARCHED, ensure_baseline, experiments_dir_of, supernet_experiment
 
 __all__ = ["TABLE_KEYS", "ReportResult", "ReportOutcome", "format_table", "write_report", "teacher_row", "student_row", "build_report"]
