@@ -176,7 +176,7 @@ def main():
         experiment, mode = "bench-reduced", f"in-process, stage 0 only, {n} uniform random candidates"
     else:
         from nni_effbert.nas.records import read_nni_trials
-        from nni_effbert.nas.search import run_search
+        from nni_effbert.nas.launcher import run_search
 
         kwargs = {"config_path": str(effective), "wait": True}
         if args.port:

@@ -13,7 +13,7 @@ Code map (layers bottom to top; a module imports only from its layer or below, e
   training loop, latency;
 * ``nas/`` library -- trial parameters, warm-up, ``KDEvaluator``, NNI records and ranking;
 * ``product/`` library -- export format, students and baseline, distillation, report, plots;
-* NNI-facing -- ``nas.trial_runner`` (what NNI runs), ``nas.search`` (nnictl / NasExperiment drivers),
+* NNI-facing -- ``nas.trial_runner`` (what NNI runs), ``nas.launcher`` (runs the nnictl or the NasExperiment driver),
   ``strategies`` adapters (``ProgressiveStrategy``, the advisor, the tuner);
 * ``product.quickstart`` -- teacher -> search -> export -> distill -> report;
 * ``cli`` (every ``nni-effbert`` command), ``trial`` (``python -m nni_effbert.trial``),

@@ -166,7 +166,7 @@ def _configure_search(parser: argparse.ArgumentParser) -> None:
 
 def _run_search(args: argparse.Namespace) -> int:
     """0 on success, 1 if the experiment ended in ERROR or nothing scored, 130 when stopped."""
-    from .nas.search import format_trials, run_search
+    from .nas.launcher import format_trials, run_search
 
     cfg = _load_cfg(args)
     result = run_search(cfg, config_path=args.config, wait=args.wait, python=args.python, port=args.port,
@@ -195,7 +195,7 @@ def _run_search(args: argparse.Namespace) -> int:
 
 
 def _run_register_tuner(args: argparse.Namespace) -> int:
-    from .nas.search import SearchError
+    from .nas.launcher import SearchError
     from .strategies.nni.registration import meta_file, register_tuner
 
     try:

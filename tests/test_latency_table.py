@@ -417,7 +417,7 @@ def test_evaluator_finds_the_table_of_its_settings(tmp_path, monkeypatch):
 def test_nnictl_factory_and_search_command_use_the_table(tmp_path, monkeypatch):
     """The tuner built from classArgs gets the work directory's table; `nni-effbert search` refuses
     an impossible latency budget before starting NNI."""
-    from nni_effbert.nas.search import check_latency_search
+    from nni_effbert.nas.launcher import check_latency_search
     from nni_effbert.strategies.nni.factory import build_broker
 
     monkeypatch.setattr(lt._Bench, "measure", lambda self, kind, spec, table: 0.5 if kind == "attention" else 0.05)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nni_effbert.nas.search import format_trials, free_port, nnictl_config
+from nni_effbert.nas.launcher import format_trials, free_port, nnictl_config
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """The ``nnictl`` search driver: write the nnictl config, register the advisor, ``nnictl create``
 (or ``resume``) and optionally wait for the experiment to end.
 
-See :mod:`nni_effbert.nas.search` for the whole picture.
+See :mod:`nni_effbert.nas.launcher` for the whole picture.
 """
 
 import logging

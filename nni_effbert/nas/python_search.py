@@ -2,7 +2,7 @@
 with :class:`~nni_effbert.strategies.ProgressiveStrategy`, warm-ups in this process, resumable
 after SIGTERM, records in ``<workdir>/trials.json``.
 
-See :mod:`nni_effbert.nas.search` for the whole picture and the NNI 3.0 gaps worked around here.
+See :mod:`nni_effbert.nas.launcher` for the whole picture and the NNI 3.0 gaps worked around here.
 """
 
 import contextlib
