@@ -15,7 +15,7 @@ The NNI adapters (:mod:`.nni`) are imported on first use, so that ``import nni_e
 the config loader) stays light.
 """
 from .core import Done, Failure, Proposal, ProgressiveSearch, TrialRecord, Wait, split_parameters
-from .errors import BudgetError, SearchConfigError, SearchFailedError, SearchStateError, WarmupFailedError
+from .search_errors import BudgetError, SearchConfigError, SearchFailedError, SearchStateError, WarmupFailedError
 from .stages import SamplerConfig, SearchConfig, Stage, paper_stages
 
 _LAZY = {

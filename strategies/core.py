@@ -33,7 +33,7 @@ import numpy as np
 # The wire format (keys, split_parameters) lives in nni_effbert.params; re-exported here.
 from ..params import (STAGE_KEY, TEACHER_KEY, TRAIN_STEPS_KEY, WARMUP_KEY, candidate_parameters, split_parameters,
                       teacher_parameters, warmup_parameters)
-from .errors import SearchConfigError, SearchFailedError, SearchStateError, WarmupFailedError
+from .search_errors import SearchConfigError, SearchFailedError, SearchStateError, WarmupFailedError
 from .sampler import (PartitionSampler, bert_seed_archs, check_budget, check_latency_budget, in_budget,
                       latency_in_budget, random_arch_in_budget)
 from .stages import SearchConfig, Stage

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import BudgetError
+from .search_errors import BudgetError
 from .stages import SamplerConfig
 
 __all__ = [

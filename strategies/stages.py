@@ -22,7 +22,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import List, Optional
 
-from .errors import SearchConfigError
+from .search_errors import SearchConfigError
 
 __all__ = ["STAGE_KINDS", "OBJECTIVE_KINDS", "Stage", "SamplerConfig", "ObjectiveConfig", "SearchConfig",
            "paper_stages", "nni_trial_budget"]

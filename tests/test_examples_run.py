@@ -164,7 +164,7 @@ def test_relative_class_args_config_resolves_against_trial_code_directory(tmp_pa
     first = broker.request([None, None])
     assert [p for _, p in first] == [{"_teacher": True, "_parameter_id": 0}]  # no teacher in ../../runs/tiny yet
     monkeypatch.chdir(tmp_path)
-    from nni_effbert.strategies.errors import SearchConfigError
+    from nni_effbert.strategies.search_errors import SearchConfigError
 
     with pytest.raises(SearchConfigError, match="resolved against trialCodeDirectory"):
         build_broker("missing.yml")

@@ -34,7 +34,7 @@ PACKAGE_DIRS = {
 #: relative to ``nni_effbert``; ``*`` matches within a package; the first matching layer wins.
 LAYERS: List[Tuple[str, List[str]]] = [
     ("foundation", ["", "errors", "io", "params", "workdir", "search_lock", "runtime", "typed_yaml", "hf", "hf.*"]),
-    ("space", ["search_spaces", "search_spaces.*", "strategies", "strategies.errors", "strategies.stages",
+    ("space", ["search_spaces", "search_spaces.*", "strategies", "strategies.search_errors", "strategies.stages",
                "strategies.sampler", "strategies.core", "data", "data.tasks", "data.metrics"]),
     ("config", ["config"]),
     ("data and KD", ["data.*", "kd", "kd.*", "latency", "latency.*"]),

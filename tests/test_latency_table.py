@@ -18,7 +18,7 @@ from nni_effbert.nas.latency_ranking import best_within_latency, latency_front, 
 from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.search_spaces.space_config import preset_config
 from nni_effbert.strategies.core import Done, ProgressiveSearch, Proposal
-from nni_effbert.strategies.errors import BudgetError, SearchConfigError
+from nni_effbert.strategies.search_errors import BudgetError, SearchConfigError
 from nni_effbert.strategies.stages import ObjectiveConfig, SearchConfig, Stage
 
 REPO = Path(__file__).resolve().parents[1]

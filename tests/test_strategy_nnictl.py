@@ -12,7 +12,7 @@ from nni.runtime.tuner_command_channel import CommandType
 
 from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.strategies.nni.advisor import ProgressiveAdvisor, ProgressiveClassArgsValidator
-from nni_effbert.strategies.errors import SearchConfigError, WarmupFailedError
+from nni_effbert.strategies.search_errors import SearchConfigError, WarmupFailedError
 from nni_effbert.strategies.nni.registration import BUILTIN_NAME, is_registered, meta_file, register_tuner, unregister_tuner
 from nni_effbert.strategies.stages import SearchConfig
 from nni_effbert.strategies.nni.tuner import ProgressiveTuner

@@ -57,7 +57,7 @@ from nni_effbert.config import load_config
 from nni_effbert import search_lock
 from nni_effbert.workdir import WorkDir
 
-from ..errors import SearchConfigError
+from ..search_errors import SearchConfigError
 
 __all__ = ["ProgressiveAdvisor", "ProgressiveClassArgsValidator"]
 

@@ -49,7 +49,7 @@ from nni_effbert.params import (NOOP_KEY, PARAMETER_ID_KEY, placeholder_paramete
                                  without_parameter_id)
 
 from ..core import NO_METRIC, UNREPORTED, Done, Failure, ProgressiveSearch, Proposal, Wait
-from ..errors import SearchStateError
+from ..search_errors import SearchStateError
 
 __all__ = ["TrialBroker", "NO_METRIC", "UNREPORTED", "STATE_FILE", "NOOP_KEY", "PARAMETER_ID_KEY"]
 

@@ -41,7 +41,7 @@ from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.workdir import WorkDir
 
 from ..core import ProgressiveSearch
-from ..errors import SearchConfigError
+from ..search_errors import SearchConfigError
 from ..stages import SearchConfig
 from .broker import STATE_FILE, TrialBroker
 

@@ -11,7 +11,7 @@ the ``warmup_fn`` you inject: ``warmup_fn(parameters)`` receives the same JSON p
 ``nnictl`` warm-up trial gets (``{"_warmup_stage": i, "_stage_name": ..., "_warmup_steps": ...,
 <fixed labels>}``) and must return once the stage's supernet checkpoint is written, or raise.
 It is called while no candidate runs, so candidates always start from the warmed-up supernet.
-A raised exception stops the search with :class:`~nni_effbert.strategies.errors.WarmupFailedError`. Without a
+A raised exception stops the search with :class:`~nni_effbert.strategies.search_errors.WarmupFailedError`. Without a
 ``warmup_fn`` the warm-ups are skipped with a logged warning (fine for a synthetic evaluator or
 a supernet warmed up beforehand with ``nni-effbert warmup``).
 
@@ -35,7 +35,7 @@ from nni.nas.space import ExecutableModelSpace, ModelStatus
 from nni.nas.strategy.base import Strategy
 
 from ..core import Done, Failure, Proposal, ProgressiveSearch, Wait
-from ..errors import SearchConfigError, SearchStateError
+from ..search_errors import SearchConfigError, SearchStateError
 from ..stages import SearchConfig
 
 __all__ = ["ProgressiveStrategy"]

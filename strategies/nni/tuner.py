@@ -22,7 +22,7 @@ Trade-offs against the advisor, all from NNI's ``MsgDispatcher``:
   deferred trials arrive (it then returns to ``RUNNING``);
 * trial ends and final metrics arrive on two threads; a metric that comes after its trial's
   end still counts (see :data:`~nni_effbert.strategies.core.NO_METRIC`);
-* a failed warm-up stops the experiment by raising :class:`~nni_effbert.strategies.errors.WarmupFailedError` in the
+* a failed warm-up stops the experiment by raising :class:`~nni_effbert.strategies.search_errors.WarmupFailedError` in the
   dispatcher (the manager then reports the tuner as crashed; the reason is in
   ``dispatcher.log``) -- a tuner has no channel to report an error cleanly;
 * on ``nnictl resume`` NNI hides the ends of re-run trials from tuners, so trials that were
