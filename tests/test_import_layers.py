@@ -281,6 +281,34 @@ def test_folders_import_only_folders_below_them():
     assert not bad, "folders importing upward:\n" + "\n".join(bad)
 
 
+#: Documented public aliases that share a name with the module they re-export.
+ALIASES = {
+    "evaluator": "the README's `from nni_effbert.evaluator import KDEvaluator` (nas.kd_evaluator)",
+    "trial": "`python -m nni_effbert.trial`, the trialCommand of every nnictl config (nas.trial_runner)",
+    "strategies.advisor": "the advisor's old class path in registered_algorithms.yml (strategies.nni.advisor)",
+}
+
+
+def duplicate_names(names) -> Dict[str, List[str]]:
+    """File name -> the modules that have it, for names held by more than one non-alias module."""
+    by_name: Dict[str, List[str]] = {}
+    for name in names:
+        short = _short(name)
+        by_name.setdefault(short.rsplit(".", 1)[-1], []).append(short)
+    return {base: sorted(mods) for base, mods in sorted(by_name.items())
+            if len([m for m in mods if m not in ALIASES]) > 1}
+
+
+def test_no_two_modules_share_a_name():
+    files = module_files()
+    modules = [name for name, path in files.items() if path.name != "__init__.py"]
+    dups = duplicate_names(modules)
+    assert not dups, f"modules sharing a file name (rename one, or document an alias in ALIASES): {dups}"
+    assert duplicate_names(["nni_effbert.nas.cost", "nni_effbert.product.cost"]) == {
+        "cost": ["nas.cost", "product.cost"]}
+    assert duplicate_names(["nni_effbert.evaluator", "nni_effbert.nas.evaluator"]) == {}
+
+
 def test_remote_code_never_imports_nni():
     files = module_files()
     for name, path in files.items():
