@@ -95,7 +95,7 @@ def _mark(marks: Dict[str, float], name: str) -> None:
 def _instrument(marks: Dict[str, float]) -> None:
     """Wrap the evaluator's functions to time the first batch and the end of the work."""
     from nni_effbert.kd import train  # local: after the source mapping, in the worker process only
-    from nni_effbert.nas import evaluator
+    from nni_effbert.nas import kd_evaluator as evaluator
 
     kd_train, setup_evaluate, evaluate = evaluator.kd_train, train.KDSetup.evaluate, evaluator.KDEvaluator.evaluate
     score_search = getattr(train.KDSetup, "score_search", None)  # candidates are scored on the search split
