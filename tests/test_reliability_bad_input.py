@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_reliability_support import prepare_work, tree_digest
+from support.reliability import prepare_work, tree_digest
 
 
 @pytest.fixture(scope="module")

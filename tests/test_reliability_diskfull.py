@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from test_reliability_support import prepare_work, tree_digest
+from support.reliability import prepare_work, tree_digest
 
 
 @pytest.fixture(scope="module")

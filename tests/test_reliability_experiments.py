@@ -28,7 +28,7 @@ import time
 import pytest
 import torch
 
-from test_reliability_support import REPO, prepare_work, trial_env
+from support.reliability import REPO, prepare_work, trial_env
 
 
 def _sha1(path):

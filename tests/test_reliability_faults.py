@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from test_reliability_support import (REPO, NniExperiment, params_of, prepare_work, trial_env,
+from support.reliability import (REPO, NniExperiment, params_of, prepare_work, trial_env,
                                       write_config)
 
 FAULT_WRAPPER = '''

@@ -17,7 +17,7 @@ from nni.nas.strategy import Random
 from nni_effbert.strategies import ProgressiveStrategy, SearchConfig, Stage
 from nni_effbert.strategies.core import split_parameters
 from nni_effbert.strategies.search_errors import SearchConfigError, WarmupFailedError
-from test_strategy_support import BUDGET, FakeSpace, SyntheticObjective
+from support.strategy import BUDGET, FakeSpace, SyntheticObjective
 
 
 class FrozenArch(torch.nn.Module):

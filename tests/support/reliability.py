@@ -1,4 +1,4 @@
-"""Shared helpers of the ``test_reliability_*`` modules (no tests here).
+"""Shared helpers of the ``test_reliability_*`` modules.
 
 * :func:`prepared_work`: a tiny experiment ready for trials -- a random tiny BERT teacher
   fine-tuned a few steps by ``nni-effbert teacher``, its output cache, and stage 0's
@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "tiny" / "effbert.yml"
 TERMINAL = ("DONE", "ERROR", "STOPPED", "TUNER_NO_MORE_TRIAL", "NO_MORE_TRIAL")
 
