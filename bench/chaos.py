@@ -58,7 +58,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from _common import machine_info  # noqa: E402
+from _common import machine_info  # noqa: E402  (puts the repository root on the path)
+from tests.support.teacher import save_tiny_bert  # noqa: E402  (shared with the reliability tests)
 
 TINY = REPO / "examples" / "tiny" / "effbert.yml"
 CHILD_ENV = "NNI_EFFBERT_TRIAL_SUPERVISOR"
@@ -86,8 +87,7 @@ def log(msg: str) -> None:
 
 def make_teacher(folder: Path, glue: Path) -> Path:
     """A random tiny BERT (hidden 32, 2 layers) with a WordPiece vocab of SST-2's frequent words."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertTokenizerFast
 
     counts: Counter = Counter()
     with open(glue / "SST-2" / "train.tsv", encoding="utf-8") as f:
@@ -102,13 +102,7 @@ def make_teacher(folder: Path, glue: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
     tok = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        vocab_size=len(tok), max_position_embeddings=64, num_labels=2))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(folder, tok)
 
 
 def write_config(path: Path, work: Path, teacher: Path, glue: Path, candidates: int) -> Path:
