@@ -35,9 +35,9 @@ PACKAGE_DIRS = {
 LAYERS: List[Tuple[str, List[str]]] = [
     ("foundation", ["", "errors", "io", "params", "workdir", "search_lock", "runtime", "typed_yaml", "hf", "hf.*"]),
     ("space", ["search_spaces", "search_spaces.*", "strategies", "strategies.search_errors", "strategies.stages",
-               "strategies.sampler", "strategies.core", "data", "data.tasks", "data.metrics"]),
+               "strategies.sampler", "strategies.core", "data", "data.*"]),
     ("config", ["config"]),
-    ("data and KD", ["data.*", "kd", "kd.*", "latency", "latency.*"]),
+    ("KD and latency", ["kd", "kd.*", "latency", "latency.*"]),
     ("NAS library", ["nas", "nas.records", "nas.ranking", "nas.warmup", "nas.kd_evaluator",
                      "nas.nni_evaluator", "nas.supernets", "nas.latency_ranking", "nas.objectives"]),
     ("product library", ["product", "product.export", "product.distill", "product.students", "product.plots",
