@@ -62,9 +62,10 @@ FOLDERS: List[Tuple[str, List[str]]] = [
     ("entry points", ["cli", "trial", "evaluator"]),
 ]
 
-#: Modules counted in another folder than their own: the advisor's old class path (a one-line
-#: alias that NNI's ``registered_algorithms.yml`` may still name) belongs to the adapters it re-exports.
-FOLDER_OF = {"strategies.advisor": "strategies.nni"}
+#: Modules counted in another folder than their own: the old class paths of the advisor and the
+#: tuner (one-line aliases that ``registered_algorithms.yml`` or nnictl configs may still name)
+#: belong to the adapters they re-export.
+FOLDER_OF = {"strategies.advisor": "strategies.nni", "strategies.tuner": "strategies.nni"}
 
 #: Imported by the HF remote code from the export folder it is copied into (verbatim copies of
 #: ``search_spaces/modeling.py`` and ``ops.py``), not from the package.
@@ -286,6 +287,7 @@ ALIASES = {
     "evaluator": "the README's `from nni_effbert.evaluator import KDEvaluator` (nas.kd_evaluator)",
     "trial": "`python -m nni_effbert.trial`, the trialCommand of every nnictl config (nas.trial_runner)",
     "strategies.advisor": "the advisor's old class path in registered_algorithms.yml (strategies.nni.advisor)",
+    "strategies.tuner": "the plain tuner's old className in nnictl configs (strategies.nni.tuner)",
 }
 
 

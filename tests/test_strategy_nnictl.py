@@ -438,10 +438,11 @@ def test_a_reported_failure_stops_on_the_trials_own_reason_without_placeholders(
     assert len(commands(adv, CommandType.NewTrialJob)) == 1  # no placeholder, no candidate
 
 
-def test_the_old_advisor_class_path_still_imports():
+def test_the_old_advisor_and_tuner_class_paths_still_import():
     # registered_algorithms.yml written before the adapters moved to strategies/nni/ names this path
     import importlib
 
     old = importlib.import_module("nni_effbert.strategies.advisor")
     assert old.ProgressiveAdvisor is ProgressiveAdvisor
     assert old.ProgressiveClassArgsValidator is ProgressiveClassArgsValidator
+    assert importlib.import_module("nni_effbert.strategies.tuner").ProgressiveTuner is ProgressiveTuner
