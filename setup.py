@@ -23,10 +23,12 @@ setup(
         "nni_effbert.data",
         "nni_effbert.hf",
         "nni_effbert.kd",
+        "nni_effbert.latency",
         "nni_effbert.nas",
         "nni_effbert.product",
         "nni_effbert.search_spaces",
         "nni_effbert.strategies",
+        "nni_effbert.strategies.nni",
     ],
     package_dir={
         "nni_effbert": "nni_effbert",

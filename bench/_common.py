@@ -1,16 +1,23 @@
-"""Shared helpers of the benches: machine info, in-process NNI strategy runs, curves."""
+"""Shared helpers of the benches: machine info, in-process NNI strategy runs, curves.
+
+The arch-only NNI model space comes from ``tests/support/spaces.py`` (shared with the tests)."""
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import sys
+from pathlib import Path
 from typing import Any, Dict, List
 
-import nni
 import numpy as np
 import torch
 from nni.nas.execution import SequentialExecutionEngine
-from nni.nas.nn.pytorch import ModelSpace
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # tests.support: the helpers the benches share with the tests
+from tests.support.spaces import FrozenArch, LightNasSpace  # noqa: E402,F401  (re-exported to the benches)
 
 
 def machine_info() -> Dict[str, Any]:
@@ -30,41 +37,6 @@ def machine_info() -> Dict[str, Any]:
 
 def load_now() -> List[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-class FrozenArch(torch.nn.Module):
-    """What the light space freezes to: only the sample (no weights are built)."""
-
-    def __init__(self, sample):
-        super().__init__()
-        self.sample = dict(sample)
-
-
-class LightNasSpace(ModelSpace):
-    """The labels of an ``EfficientBertSpace`` as an NNI model space (one ``nni.choice`` per
-    label) whose ``freeze`` builds no model: for objectives that only read the arch. The arch
-    API the progressive strategy needs is delegated to the real space."""
-
-    _API = ("expression_labels", "size_labels", "random_arch", "bert_arch", "count_params",
-            "fingerprint", "validate_arch")
-
-    def __init__(self, arch_space):
-        super().__init__()
-        self.arch_space = arch_space
-        for label, values in arch_space.choices.items():
-            self.add_mutable(nni.choice(label, list(values)))
-
-    def freeze(self, sample):
-        return FrozenArch(sample)
-
-    labels = property(lambda self: self.arch_space.labels)
-    choices = property(lambda self: self.arch_space.choices)
-    config = property(lambda self: self.arch_space.config)
-
-    def __getattr__(self, name):
-        if name in LightNasSpace._API:
-            return getattr(self.arch_space, name)
-        return super().__getattr__(name)
 
 
 def link_shared(root, shared, names=("teacher", "cache", "datasets")) -> None:

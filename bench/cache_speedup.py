@@ -81,7 +81,7 @@ def live_teacher(setup):
 @contextlib.contextmanager
 def timed_loop(record):
     """Time ``kd_train`` (the loop alone) inside ``KDEvaluator.evaluate``."""
-    import nni_effbert.nas.evaluator as ev
+    import nni_effbert.nas.kd_evaluator as ev
 
     real = ev.kd_train
 
@@ -118,7 +118,7 @@ def main():
     from tqdm import tqdm
 
     from nni_effbert.config import load_config
-    from nni_effbert.nas.evaluator import KDEvaluator
+    from nni_effbert.nas.kd_evaluator import KDEvaluator
 
     info = machine_info()
     cfg = load_config(args.config, [f"evaluator.train_steps={args.train_steps}"])

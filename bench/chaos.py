@@ -17,7 +17,7 @@ design (its candidates would be scored on an untrained supernet) and is covered 
 warm-up resume tests. What a process runs is read from its own log line (``trial X
 parameters: ...``), not from NNI's trial list: NNI 3.0's local training service hands queued
 parameters to whichever trial asks first, so its list may pair a job with another's
-parameters (``strategies.broker``); a victim that has not asked yet may be killed. Then it reports
+parameters (``strategies.nni.broker``); a victim that has not asked yet may be killed. Then it reports
 
 * every trial's final state (NNI's record, the reason from the trial's stderr) and what it ran
   (from its final metric's ``parameter_id``, else its log);
@@ -58,7 +58,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-from _common import machine_info  # noqa: E402
+from _common import machine_info  # noqa: E402  (puts the repository root on the path)
+from tests.support.teacher import save_tiny_bert  # noqa: E402  (shared with the reliability tests)
 
 TINY = REPO / "examples" / "tiny" / "effbert.yml"
 CHILD_ENV = "NNI_EFFBERT_TRIAL_SUPERVISOR"
@@ -86,8 +87,7 @@ def log(msg: str) -> None:
 
 def make_teacher(folder: Path, glue: Path) -> Path:
     """A random tiny BERT (hidden 32, 2 layers) with a WordPiece vocab of SST-2's frequent words."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertTokenizerFast
 
     counts: Counter = Counter()
     with open(glue / "SST-2" / "train.tsv", encoding="utf-8") as f:
@@ -102,13 +102,7 @@ def make_teacher(folder: Path, glue: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
     tok = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        vocab_size=len(tok), max_position_embeddings=64, num_labels=2))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(folder, tok)
 
 
 def write_config(path: Path, work: Path, teacher: Path, glue: Path, candidates: int) -> Path:
@@ -266,7 +260,7 @@ def trial_file(exp_dir: Path, tid: str, name: str) -> Optional[Path]:
 
 
 def logged_params(exp_dir: Path, tid: str) -> Optional[Dict[str, Any]]:
-    """The parameters a trial process says it received (``nas.trial`` logs them when NNI hands them
+    """The parameters a trial process says it received (``nas.trial_runner`` logs them when NNI hands them
     over), or None before that. NNI's own trial list may pair a job with other parameters: its
     local training service hands queued parameters to whichever trial asks first."""
     path = trial_file(exp_dir, tid, "trial.stderr")
@@ -488,7 +482,7 @@ def analyse(soak: Dict[str, Any]) -> Dict[str, Any]:
     import torch
     from scipy.stats import kendalltau
 
-    from nni_effbert.nas.evaluator import KDEvaluator
+    from nni_effbert.nas.kd_evaluator import KDEvaluator
 
     jobs = sorted(soak["jobs"], key=lambda j: (j.get("startTime") or 0, j["trialJobId"]))
     killed = {k["trial"] for k in soak["kills"]}

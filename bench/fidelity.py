@@ -15,7 +15,7 @@ on dev. Every candidate's metric dict carries every objective (``kd``, ``kd_pred
 numbers are labelled reduced; exact budgets in :data:`REDUCED`): 1,500 train rows (300 of them
 the search split), sequences cut at 48 tokens, the teacher fine-tuned 40 steps, one ``joint``
 stage with a 60-step warm-up (batch 32) and 10-step candidate fine-tunes (batch 16), the candidates scored **in this process** by the same
-:class:`~nni_effbert.nas.evaluator.KDEvaluator` the trials run (uniform random archs, as the
+:class:`~nni_effbert.nas.kd_evaluator.KDEvaluator` the trials run (uniform random archs, as the
 progressive search's first stage proposes before its sampler has learnt anything) instead of
 through ``nnictl`` (whose ~10 s per trial process is pure overhead here), and a short final
 distillation (0 general + 40 task KD steps at batch 16). The budgets are written into the JSON.
@@ -55,7 +55,7 @@ def in_process_search(cfg, n, seed, setup):
     the trials' own evaluator; returns trial dicts as :func:`read_nni_trials` would."""
     import numpy as np
 
-    from nni_effbert.nas.evaluator import KDEvaluator
+    from nni_effbert.nas.kd_evaluator import KDEvaluator
     from nni_effbert.nas.warmup import run_warmup
     from nni_effbert.strategies.sampler import in_budget, random_arch_in_budget
 
@@ -176,7 +176,7 @@ def main():
         experiment, mode = "bench-reduced", f"in-process, stage 0 only, {n} uniform random candidates"
     else:
         from nni_effbert.nas.records import read_nni_trials
-        from nni_effbert.nas.search import run_search
+        from nni_effbert.nas.launcher import run_search
 
         kwargs = {"config_path": str(effective), "wait": True}
         if args.port:

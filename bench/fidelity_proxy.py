@@ -103,7 +103,7 @@ def main() -> int:
 
     from nni_effbert.config import load_config
     from nni_effbert.kd.train import KDSetup
-    from nni_effbert.nas.evaluator import KDEvaluator
+    from nni_effbert.nas.kd_evaluator import KDEvaluator
     from nni_effbert.nas.warmup import run_warmup
 
     started = time.perf_counter()

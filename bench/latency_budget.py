@@ -11,7 +11,7 @@ BERT-MLP baseline.
    ``search.latency_budget_ms = [0.95 b, 1.05 b]`` (equal latency, +-5%), or with
    ``--speedup X`` as ``search.speedup`` instead.
 3. Distils the searched trial and the latency-matched baseline
-   (:func:`nni_effbert.product.cost.ensure_latency_baseline`) with ``--distill-seeds`` seeds of
+   (:func:`nni_effbert.product.latency_exports.ensure_latency_baseline`) with ``--distill-seeds`` seeds of
    ``distill.seed`` (fresh exports of the same two archs each time) and measures both students'
    latency interleaved, in this process.
 
@@ -47,7 +47,7 @@ REDUCED = ["task.max_train_rows=2000", "teacher.finetune.max_steps=60", "warmup.
 
 def interleaved_latency(folders, settings, rounds=5, repeats=8):
     """Median latency (ms) of each exported student, measured round-robin."""
-    from nni_effbert.kd.latency import measure_latency
+    from nni_effbert.latency.measure import measure_latency
     from nni_effbert.product.export import load_exported
 
     models = [load_exported(f).model for f in folders]
@@ -80,10 +80,10 @@ def main() -> int:
     from scipy import stats
 
     from nni_effbert.config import apply_overrides, load_config
-    from nni_effbert.kd import latency_table as lt
+    from nni_effbert.latency import table as lt
     from nni_effbert.kd.train import KDSetup
-    from nni_effbert.nas.evaluator import KDEvaluator
-    from nni_effbert.product.cost import ensure_latency_baseline
+    from nni_effbert.nas.kd_evaluator import KDEvaluator
+    from nni_effbert.product.latency_exports import ensure_latency_baseline
     from nni_effbert.product.distill import run_distill
     from nni_effbert.product.quickstart import run_pipeline
     from nni_effbert.product.students import export_best

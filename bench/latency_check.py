@@ -43,7 +43,7 @@ def main() -> int:
 
     from nni_effbert.config import load_config
     from nni_effbert.io import atomic_write_json
-    from nni_effbert.kd import latency_table as lt
+    from nni_effbert.latency import table as lt
     from nni_effbert.runtime import configure_runtime
 
     configure_runtime()

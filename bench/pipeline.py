@@ -146,7 +146,7 @@ def distil_again(config_path, overrides, experiment, seed, setup):
     """Export the searched trial afresh, distil it and its baseline with ``distill.seed = seed``."""
     from nni_effbert.config import load_config
     from nni_effbert.product.distill import run_distill
-    from nni_effbert.nas.evaluator import KDEvaluator
+    from nni_effbert.nas.kd_evaluator import KDEvaluator
     from nni_effbert.product.students import ensure_baseline, export_best
 
     cfg = load_config(config_path, [*overrides, f"distill.seed={seed}"])

@@ -231,7 +231,7 @@ def run_real(args):
 
     from nni.nas.space import RawFormatModelSpace
     from nni_effbert.config import load_config
-    from nni_effbert.nas.evaluator import KDEvaluator, _EVALUATORS
+    from nni_effbert.nas.kd_evaluator import KDEvaluator, _EVALUATORS
     from nni_effbert.strategies import Stage
 
     overrides = [f"evaluator.train_steps={args.train_steps}"]

@@ -12,7 +12,7 @@ C     ``warmup.init: teacher``, ``student.preset: teacher`` with ``{num_hidden_l
 D     as C, but every candidate (and the BERT candidate's width) must be predicted >= 3x faster
       than the teacher: the product's latency table of the space and the teacher's measured
       latency (issue 14's ``search.speedup``); its baseline is BERT's MLP of the nearest latency
-      (:func:`nni_effbert.product.cost.latency_baseline_arch`)
+      (:func:`nni_effbert.product.latency_exports.latency_baseline_arch`)
 ====  =================================================================================
 
 Per variant: warm up stage 0 of the supernet (general KD on the shared real corpus, then task
@@ -55,13 +55,13 @@ from _common import link_shared, load_now, machine_info  # noqa: E402
 
 from nni_effbert.config import TaskConfig, load_config  # noqa: E402
 from nni_effbert.data.loading import load_raw_task, load_task  # noqa: E402
-from nni_effbert.kd.latency import measure_latency  # noqa: E402
-from nni_effbert.kd.latency_table import latency_settings, table_for_config, teacher_latency_ms  # noqa: E402
+from nni_effbert.latency.measure import measure_latency  # noqa: E402
+from nni_effbert.latency.table import latency_settings, table_for_config, teacher_latency_ms  # noqa: E402
 from nni_effbert.kd.teacher import finetune_from_config, load_teacher, prepare_teacher  # noqa: E402
 from nni_effbert.kd.teacher_init import student_origin  # noqa: E402
 from nni_effbert.kd.train import KDSetup, evaluate  # noqa: E402
 from nni_effbert.nas.warmup import run_warmup  # noqa: E402
-from nni_effbert.product.cost import latency_baseline_arch  # noqa: E402
+from nni_effbert.product.latency_exports import latency_baseline_arch  # noqa: E402
 from nni_effbert.product.distill import baseline_arch, run_distill  # noqa: E402
 from nni_effbert.strategies.sampler import latency_in_budget  # noqa: E402
 from nni_effbert.product.export import export_student, load_exported  # noqa: E402

@@ -55,7 +55,7 @@ MARKS_ENV = "EFFBERT_BENCH_MARKS"
 SRC_ENV = "EFFBERT_BENCH_SRC"
 PARAMS_ENV = "EFFBERT_BENCH_PARAMS"
 METRICS_ENV = "EFFBERT_BENCH_METRICS"
-CHILD_ENV = "NNI_EFFBERT_TRIAL_SUPERVISOR"  # nni_effbert.nas.trial / .supervisor: set in the supervised child
+CHILD_ENV = "NNI_EFFBERT_TRIAL_SUPERVISOR"  # nni_effbert.nas.trial_runner / .supervisor: set in the supervised child
 #: Stage 2 without its own warm-up: its candidates inherit the stage-0 supernet (or
 #: ``supernet/stage2.pt`` when it exists). The weights' values do not change what a trial does.
 TRIAL_SETS = ["--set", "search.stages.2.warmup=false"]
@@ -95,7 +95,7 @@ def _mark(marks: Dict[str, float], name: str) -> None:
 def _instrument(marks: Dict[str, float]) -> None:
     """Wrap the evaluator's functions to time the first batch and the end of the work."""
     from nni_effbert.kd import train  # local: after the source mapping, in the worker process only
-    from nni_effbert.nas import evaluator
+    from nni_effbert.nas import kd_evaluator as evaluator
 
     kd_train, setup_evaluate, evaluate = evaluator.kd_train, train.KDSetup.evaluate, evaluator.KDEvaluator.evaluate
     score_search = getattr(train.KDSetup, "score_search", None)  # candidates are scored on the search split
@@ -135,7 +135,7 @@ def child_main(argv: List[str]) -> int:
     marks: Dict[str, float] = {}
     worker = bool(os.environ.get(CHILD_ENV))  # the supervisor only starts the worker and waits
     if worker:
-        import nni_effbert.nas.trial  # noqa: F401  # local: the worker's imports, as the trial's own
+        import nni_effbert.nas.trial_runner  # noqa: F401  # local: the worker's imports, as the trial's own
         _instrument(marks)
     import nni_effbert.trial as entry  # local: after the source mapping
 

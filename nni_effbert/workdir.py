@@ -18,7 +18,7 @@ of joining strings of its own::
                                   keyed by experiment (still read, see nni_effbert.nas.supernets)
       supernet/stage{N}.resume.pt periodic warm-up state (step, optimizer), deleted when done
       supernet/stage{N}.lock      held while stage N is warmed up
-      search.lock             who runs the live search of this folder (nni_effbert.nas.search_lock)
+      search.lock             who runs the live search of this folder (nni_effbert.search_lock)
       nni-experiments/<experiment id>/  NNI's folder of the experiment (experimentWorkingDirectory)
       nni-experiments/<experiment id>/effbert.yml  the experiment's own config snapshot, written
                               when it starts; commands given ``--experiment ID`` and its trials read it
@@ -109,7 +109,7 @@ class WorkDir:
 
     @property
     def search_lock(self) -> Path:
-        """Who runs the live search of this work directory (:mod:`nni_effbert.nas.search_lock`)."""
+        """Who runs the live search of this work directory (:mod:`nni_effbert.search_lock`)."""
         return self.root / "search.lock"
 
     @property

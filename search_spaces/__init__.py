@@ -9,7 +9,7 @@ Installed as ``nni_effbert.search_spaces``::
 pytorch_lightning (seconds per process), which code that only needs the pure-torch
 ``EfficientBertSupernet`` / ``EfficientBertModel`` (trial processes, export) never loads.
 """
-from .config import PRESETS, EfficientBertConfig, preset_config
+from .space_config import PRESETS, EfficientBertConfig, preset_config
 from .expressions import ExpressionError, parse_expression
 from .modeling import EfficientBertModel, LayerArch, SlotSpec, StudentOutput
 from .ops import BINARY_OPS, UNARY_OPS

@@ -20,7 +20,7 @@ import nni
 import torch
 from nni.nas.nn.pytorch import ModelSpace
 
-from .config import EfficientBertConfig
+from .space_config import EfficientBertConfig
 from .modeling import EfficientBertModel
 from .supernet import EfficientBertSupernet, _resolve_config, _validate, layer_choices
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import EfficientBertConfig, preset_config
+from .space_config import EfficientBertConfig, preset_config
 from .expressions import ExpressionError, expression_to_string, parse_expression, slot_classes
 from .modeling import ORDERS, OPERANDS, SLOTS, EfficientBertModel, LayerArch, StudentOutput, slice_state_dict
 from .ops import NO_BINARY

@@ -5,24 +5,24 @@ Installed as ``nni_effbert.strategies``.
 * :mod:`.stages` -- the search as data (``Stage``, ``SamplerConfig``, ``SearchConfig``);
 * :mod:`.core` -- ``ProgressiveSearch``, the ask/tell state machine every adapter wraps;
 * :mod:`.sampler` -- initial populations and the learned space-partition sampler;
-* :mod:`.strategy` -- ``ProgressiveStrategy`` for ``NasExperiment``;
-* :mod:`.advisor` -- ``ProgressiveAdvisor``, the registered ``nnictl`` tuner
+* :mod:`.nni.strategy` -- ``ProgressiveStrategy`` for ``NasExperiment``;
+* :mod:`.nni.advisor` -- ``ProgressiveAdvisor``, the registered ``nnictl`` tuner
   ``EfficientBertProgressive`` (waits for warm-ups);
-* :mod:`.tuner` -- ``ProgressiveTuner``, the same as a plain NNI ``Tuner``;
-* :mod:`.registration` -- ``register_tuner()``.
+* :mod:`.nni.tuner` -- ``ProgressiveTuner``, the same as a plain NNI ``Tuner``;
+* :mod:`.nni.registration` -- ``register_tuner()``.
 
-The NNI adapters are imported on first use, so that ``import nni_effbert.strategies`` (done by
+The NNI adapters (:mod:`.nni`) are imported on first use, so that ``import nni_effbert.strategies`` (done by
 the config loader) stays light.
 """
 from .core import Done, Failure, Proposal, ProgressiveSearch, TrialRecord, Wait, split_parameters
-from .errors import BudgetError, SearchConfigError, SearchFailedError, SearchStateError, WarmupFailedError
+from .search_errors import BudgetError, SearchConfigError, SearchFailedError, SearchStateError, WarmupFailedError
 from .stages import SamplerConfig, SearchConfig, Stage, paper_stages
 
 _LAZY = {
-    "ProgressiveStrategy": ".strategy",
-    "ProgressiveAdvisor": ".advisor",
-    "ProgressiveTuner": ".tuner",
-    "register_tuner": ".registration",
+    "ProgressiveStrategy": ".nni.strategy",
+    "ProgressiveAdvisor": ".nni.advisor",
+    "ProgressiveTuner": ".nni.tuner",
+    "register_tuner": ".nni.registration",
 }
 
 __all__ = [

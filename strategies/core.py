@@ -4,8 +4,8 @@
 it first proposes the stage's warm-up trial, answers :class:`Wait` until that trial has
 succeeded, then proposes candidates (initial population, then the learned sampler) until the
 stage's trial budget is spent, waits for the last of them, hands the best arch over to the
-next stage, and finally answers :class:`Done`. The adapters (:mod:`.strategy` for
-``NasExperiment``, :mod:`.advisor` and :mod:`.tuner` for ``nnictl``) only translate between
+next stage, and finally answers :class:`Done`. The adapters (:mod:`.nni.strategy` for
+``NasExperiment``, :mod:`.nni.advisor` and :mod:`.nni.tuner` for ``nnictl``) only translate between
 this API and NNI; none of them holds search logic.
 
 Trial parameters (what a trial receives, what the NNI web UI shows) are flat JSON:
@@ -30,7 +30,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import SearchConfigError, SearchFailedError, SearchStateError, WarmupFailedError
+# The wire format (keys, split_parameters) lives in nni_effbert.params; re-exported here.
+from ..params import (STAGE_KEY, TEACHER_KEY, TRAIN_STEPS_KEY, WARMUP_KEY, candidate_parameters, split_parameters,
+                      teacher_parameters, warmup_parameters)
+from .search_errors import SearchConfigError, SearchFailedError, SearchStateError, WarmupFailedError
 from .sampler import (PartitionSampler, bert_seed_archs, check_budget, check_latency_budget, in_budget,
                       latency_in_budget, random_arch_in_budget)
 from .stages import SearchConfig, Stage
@@ -54,12 +57,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Parameter keys that are not arch labels.
-WARMUP_KEY = "_warmup_stage"
-STAGE_KEY = "_stage"
-TRAIN_STEPS_KEY = "_train_steps"
-TEACHER_KEY = "_teacher"
-
 STATE_VERSION = 1
 
 #: Failure reason of a candidate that ended SUCCEEDED without a final metric. NNI may deliver a
@@ -68,19 +65,12 @@ STATE_VERSION = 1
 NO_METRIC = "trial ended SUCCEEDED without reporting a final metric"
 #: Failure reason of a trial whose NNI job ended (failed, killed) before it reported anything.
 #: NNI 3.0's local training service may have handed that job another trial's parameters (see
-#: :mod:`.broker`), so a metric that arrives later from the job that did run them still counts.
+#: :mod:`.nni.broker`), so a metric that arrives later from the job that did run them still counts.
 UNREPORTED = "its trial job ended before reporting a result"
 #: Failures that a later final metric of the same trial overrides.
 REVIVABLE = frozenset({NO_METRIC, UNREPORTED})
 
 Arch = Dict[str, Any]
-
-
-def split_parameters(parameters: Mapping[str, Any]) -> Tuple[Arch, Dict[str, Any]]:
-    """Split trial parameters into ``(arch labels, underscore-prefixed search keys)``."""
-    arch = {k: v for k, v in parameters.items() if not k.startswith("_")}
-    meta = {k: v for k, v in parameters.items() if k.startswith("_")}
-    return arch, meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +183,7 @@ class ProgressiveSearch:
         Every random choice of the search; default ``RandomState(config.seed)``.
     latency_fn : callable, optional
         ``latency_fn(arch) -> ms``, the predicted latency (e.g. a
-        :class:`~nni_effbert.kd.latency_table.LatencyTable`). Required when the config has a
+        :class:`~nni_effbert.latency.table.LatencyTable`). Required when the config has a
         latency budget, a speed-up or a latency objective; every proposal then satisfies the
         latency budget, and candidates are ranked by the objective.
     teacher_latency_ms : float, optional
@@ -382,7 +372,7 @@ class ProgressiveSearch:
         return record
 
     def _propose_teacher(self) -> Proposal:
-        params: Dict[str, Any] = {TEACHER_KEY: True}
+        params = teacher_parameters()
         record = self._new_record(True, params)
         record.teacher = True
         self._teacher = "running"
@@ -391,15 +381,8 @@ class ProgressiveSearch:
 
     def _propose_warmup(self) -> Proposal:
         stage = self.stage
-        params: Dict[str, Any] = {
-            WARMUP_KEY: self._stage,
-            "_stage_name": stage.name,
-            "_stage_kind": stage.kind,
-            "_general_warmup_steps": stage.general_warmup_steps,
-        }
-        if stage.warmup_steps is not None:
-            params["_warmup_steps"] = stage.warmup_steps
-        params.update(self._fixed)
+        params = warmup_parameters(self._stage, stage.name, stage.kind, stage.general_warmup_steps,
+                                   stage.warmup_steps, self._fixed)
         record = self._new_record(True, params)
         self._warmup[self._stage] = "running"
         logger.info("stage %d (%s): warm-up trial %d proposed", self._stage, stage.name, record.trial_id)
@@ -408,10 +391,7 @@ class ProgressiveSearch:
     def _propose_candidate(self, arch: Arch) -> Proposal:
         stage = self.stage
         arch = self.space.validate_arch(arch)
-        params = dict(arch)
-        params[STAGE_KEY] = self._stage
-        if stage.train_steps is not None:
-            params[TRAIN_STEPS_KEY] = stage.train_steps
+        params = candidate_parameters(arch, self._stage, stage.train_steps)
         record = self._new_record(False, params, arch)
         self._seen.add((self._stage, record.fingerprint))
         logger.info("stage %d (%s): candidate %d/%d proposed as trial %d (%d params)", self._stage, stage.name,

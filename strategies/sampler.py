@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import BudgetError
+from .search_errors import BudgetError
 from .stages import SamplerConfig
 
 __all__ = [
@@ -213,7 +213,7 @@ def check_latency_budget(space: Any, budget: Optional[Tuple[float, float]], late
     """Fail fast when no arch of ``space`` can meet the latency ``budget`` (with ``param_budget``).
 
     The achievable range comes from ``latency_fn.latency_range()`` when the predictor has it (a
-    :class:`~nni_effbert.kd.latency_table.LatencyTable` computes it exactly), else from the
+    :class:`~nni_effbert.latency.table.LatencyTable` computes it exactly), else from the
     uniform-size BERT archs and ``tries`` random archs.
 
     Returns

@@ -22,7 +22,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import List, Optional
 
-from .errors import SearchConfigError
+from .search_errors import SearchConfigError
 
 __all__ = ["STAGE_KINDS", "OBJECTIVE_KINDS", "Stage", "SamplerConfig", "ObjectiveConfig", "SearchConfig",
            "paper_stages", "nni_trial_budget"]
@@ -43,7 +43,7 @@ def _is_int(value) -> bool:
 
 def nni_trial_budget(trials: int) -> int:
     """``maxTrialNumber`` for a search of ``trials`` trials: room for the placeholder and
-    re-proposed trials that faults cost (``strategies.broker``); a search that reaches NNI's
+    re-proposed trials that faults cost (``strategies.nni.broker``); a search that reaches NNI's
     limit first would be cut short. The advisor lowers it to the jobs NNI ran once the search
     is done, so the experiment ends ``DONE``."""
     return int(trials) + max(8, int(trials) // 4)
@@ -215,7 +215,7 @@ def _number(value) -> bool:
 class ObjectiveConfig:
     """What the search maximises: the candidate's score, or the score traded against its latency.
 
-    The latency is the predicted one (``nni_effbert.kd.latency_table``: deterministic, so two
+    The latency is the predicted one (``nni_effbert.latency.table``: deterministic, so two
     trials of the same arch get the same objective), in milliseconds.
 
     Attributes
@@ -309,10 +309,10 @@ class SearchConfig:
         The learned sampler.
     share_workdir : bool
         Let this search run while another one runs on the same work directory (default: a
-        second search is refused at start, see :mod:`nni_effbert.nas.search_lock`).
+        second search is refused at start, see :mod:`nni_effbert.search_lock`).
     latency_budget_ms : list of two numbers, optional
         ``[min, max]`` predicted latency of the student in ms (the work directory's latency
-        table, :mod:`nni_effbert.kd.latency_table`, at ``evaluator.latency_*``). Like
+        table, :mod:`nni_effbert.latency.table`, at ``evaluator.latency_*``). Like
         ``param_budget``: no proposal lies outside it, and a budget no arch can meet is an error
         before any trial.
     speedup : float, optional

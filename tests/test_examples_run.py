@@ -27,7 +27,7 @@ import yaml
 
 from nni_effbert.config import load_config
 from nni_effbert.nas.experiments import free_port, student_space
-from nni_effbert.strategies.factory import check_search_space, resolve_config_path
+from nni_effbert.strategies.nni.factory import check_search_space, resolve_config_path
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.parent for p in (REPO / "examples").glob("*/nnictl.yml"))
@@ -131,7 +131,7 @@ def test_example_search_space_file_matches_its_preset(example):
         f"{space_file} is out of date; run `python scripts/write_example_search_spaces.py`")
     check_search_space(space, on_disk)  # what the advisor does on NNI's search space
     # The registered-free advisor form, and the paths NNI and the advisor resolve.
-    assert conf["tuner"]["className"] == "nni_effbert.strategies.advisor.ProgressiveAdvisor"
+    assert conf["tuner"]["className"] == "nni_effbert.strategies.nni.advisor.ProgressiveAdvisor"
     assert not Path(conf["tuner"]["classArgs"]["config"]).is_absolute()
     assert "ABSOLUTE" not in (example / "nnictl.yml").read_text()
     cfg = load_config(example / "effbert.yml", check_paths=False)
@@ -141,7 +141,7 @@ def test_example_search_space_file_matches_its_preset(example):
 def test_relative_class_args_config_resolves_against_trial_code_directory(tmp_path, monkeypatch):
     import base64
 
-    from nni_effbert.strategies.factory import nni_experiment_params
+    from nni_effbert.strategies.nni.factory import nni_experiment_params
 
     code = tmp_path / "examples" / "code"  # its effbert.yml's ../../runs/tiny stays in tmp_path
     params = {"trialCodeDirectory": str(code), "trialConcurrency": 1}
@@ -157,14 +157,14 @@ def test_relative_class_args_config_resolves_against_trial_code_directory(tmp_pa
     monkeypatch.setattr(sys, "argv", ["-m", *argv])
     code.mkdir(parents=True)
     shutil.copy(REPO / "examples" / "tiny" / "effbert.yml", code / "effbert.yml")
-    from nni_effbert.strategies.factory import build_broker
+    from nni_effbert.strategies.nni.factory import build_broker
 
     broker = build_broker("effbert.yml", state_path=str(tmp_path / "state.json"))
     assert broker.search.space.config.num_hidden_layers == 2
     first = broker.request([None, None])
     assert [p for _, p in first] == [{"_teacher": True, "_parameter_id": 0}]  # no teacher in ../../runs/tiny yet
     monkeypatch.chdir(tmp_path)
-    from nni_effbert.strategies.errors import SearchConfigError
+    from nni_effbert.strategies.search_errors import SearchConfigError
 
     with pytest.raises(SearchConfigError, match="resolved against trialCodeDirectory"):
         build_broker("missing.yml")
@@ -238,7 +238,7 @@ def _advisor_without_teacher(tmp_path, **kw):
     import nni
     from nni.runtime.tuner_command_channel import CommandType
 
-    from nni_effbert.strategies.advisor import ProgressiveAdvisor
+    from nni_effbert.strategies.nni.advisor import ProgressiveAdvisor
 
     class Recording(ProgressiveAdvisor):
         def send(self, command, data):
@@ -358,7 +358,7 @@ def test_quiet_silences_datasets_and_transformers_progress_bars(tmp_path, base_t
 
 def test_unregistered_name_error_names_the_command(tmp_path):
     from nni_effbert.nas.nnictl_search import _error_reason
-    from nni_effbert.strategies.registration import not_registered_hint
+    from nni_effbert.strategies.nni.registration import not_registered_hint
 
     log = tmp_path / "exp" / "log"
     log.mkdir(parents=True)

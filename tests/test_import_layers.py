@@ -8,7 +8,10 @@ module or inside a function, is read with :mod:`ast`. The test fails on
 * an ``nni`` import in the HF remote code (``hf/``) or in the pure-torch modelling modules,
   which are copied into export folders and must load without nni;
 * a function-local import without a comment saying why (outside ``cli.py``, whose module
-  docstring explains why its commands import lazily).
+  docstring explains why its commands import lazily);
+* a circle between folders, or a folder that imports a folder above it (:data:`FOLDERS`). A
+  folder is a package (``data``, ``strategies``, ``strategies.nni`` ...); a module directly in
+  ``nni_effbert/`` is a folder of its own.
 """
 from __future__ import annotations
 
@@ -30,19 +33,39 @@ PACKAGE_DIRS = {
 #: Bottom first. A module may import modules of its own layer or of layers below it. Names are
 #: relative to ``nni_effbert``; ``*`` matches within a package; the first matching layer wins.
 LAYERS: List[Tuple[str, List[str]]] = [
-    ("foundation", ["", "errors", "io", "workdir", "runtime", "typed_yaml", "stats", "hf", "hf.*"]),
-    ("space", ["search_spaces", "search_spaces.*", "strategies", "strategies.errors", "strategies.stages", "strategies.ties",
-               "strategies.sampler", "strategies.core", "data", "data.tasks", "data.metrics"]),
+    ("foundation", ["", "errors", "io", "params", "workdir", "search_lock", "runtime", "typed_yaml", "stats", "hf", "hf.*"]),
+    ("space", ["search_spaces", "search_spaces.*", "strategies", "strategies.search_errors", "strategies.stages",
+               "strategies.ties", "strategies.sampler", "strategies.core", "data", "data.*"]),
     ("config", ["config"]),
-    ("data and KD", ["data.*", "kd", "kd.*"]),
-    ("NAS library", ["nas", "nas.params", "nas.records", "nas.ranking", "nas.warmup", "nas.evaluator",
-                     "nas.nni_evaluator", "nas.supernets", "nas.search_lock", "nas.cost", "nas.objectives"]),
-    ("product library", ["product", "product.export", "product.distill", "product.students", "product.plots", "product.compare",
-                         "product.cost", "product.report", "product.fidelity"]),
+    ("KD and latency", ["kd", "kd.*", "latency", "latency.*"]),
+    ("NAS library", ["nas", "nas.records", "nas.ranking", "nas.warmup", "nas.kd_evaluator",
+                     "nas.nni_evaluator", "nas.supernets", "nas.latency_ranking", "nas.objectives"]),
+    ("product library", ["product", "product.export", "product.distill", "product.students", "product.plots",
+                         "product.compare", "product.latency_exports", "product.report", "product.fidelity"]),
     ("NNI-facing", ["nas.*", "strategies.*"]),
     ("pipeline", ["product.quickstart"]),
     ("entry points", ["cli", "trial", "evaluator"]),
 ]
+
+#: Folders bottom first (see :func:`folder_of`). A folder imports only folders below it.
+FOLDERS: List[Tuple[str, List[str]]] = [
+    ("foundation", ["", "errors", "io", "params", "workdir", "search_lock", "runtime", "typed_yaml", "stats", "hf"]),
+    ("space", ["search_spaces"]),
+    ("search core", ["strategies"]),
+    ("data", ["data"]),
+    ("config", ["config"]),
+    ("KD", ["kd"]),
+    ("latency", ["latency"]),
+    ("NNI adapters", ["strategies.nni"]),
+    ("NAS", ["nas"]),
+    ("product", ["product"]),
+    ("entry points", ["cli", "trial", "evaluator"]),
+]
+
+#: Modules counted in another folder than their own: the old class paths of the advisor and the
+#: tuner (one-line aliases that ``registered_algorithms.yml`` or nnictl configs may still name)
+#: belong to the adapters they re-export.
+FOLDER_OF = {"strategies.advisor": "strategies.nni", "strategies.tuner": "strategies.nni"}
 
 #: Imported by the HF remote code from the export folder it is copied into (verbatim copies of
 #: ``search_spaces/modeling.py`` and ``ops.py``), not from the package.
@@ -179,6 +202,56 @@ def upward_imports(graph: Dict[str, Set[str]]) -> List[str]:
     return bad
 
 
+def folder_of(name: str, packages: Set[str]) -> str:
+    """The folder of a module: its package (``data.loading`` -> ``data``, a package -> itself),
+    or the module itself when it sits directly in ``nni_effbert/`` (``config`` -> ``config``)."""
+    short = _short(name)
+    if short in FOLDER_OF:
+        return FOLDER_OF[short]
+    if name in packages or "." not in short:
+        return short
+    return short.rsplit(".", 1)[0]
+
+
+def packages_of(files: Dict[str, Path]) -> Set[str]:
+    return {name for name, path in files.items() if path.name == "__init__.py"}
+
+
+def folder_graph(graph: Dict[str, Set[str]], packages: Set[str]) -> Dict[str, Set[str]]:
+    """Folder -> the other folders its modules import."""
+    out: Dict[str, Set[str]] = {}
+    for src, targets in graph.items():
+        a = folder_of(src, packages)
+        out.setdefault(a, set())
+        for dst in targets:
+            b = folder_of(dst, packages)
+            if b != a:
+                out[a].add(b)
+    return out
+
+
+def folder_level(folder: str) -> int:
+    for i, (_, names) in enumerate(FOLDERS):
+        if folder in names:
+            return i
+    raise AssertionError(f"folder {folder or 'nni_effbert'} has no place in FOLDERS; add it in {Path(__file__).name}")
+
+
+def upward_folder_imports(fgraph: Dict[str, Set[str]]) -> List[str]:
+    bad = []
+    for src, targets in sorted(fgraph.items()):
+        for dst in sorted(targets):
+            if folder_level(dst) > folder_level(src):
+                bad.append(f"{src or 'nni_effbert'} ({FOLDERS[folder_level(src)][0]}) imports "
+                           f"{dst} ({FOLDERS[folder_level(dst)][0]})")
+    return bad
+
+
+def package_folder_graph() -> Dict[str, Set[str]]:
+    files = module_files()
+    return folder_graph(import_graph(), packages_of(files))
+
+
 # ---------------------------------------------------------------------------------------------
 # The package
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +270,45 @@ def test_no_import_circles():
 def test_imports_point_down_the_layers():
     bad = upward_imports(import_graph())
     assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_no_folder_imports_a_folder_that_imports_it_back():
+    cycles = find_cycles(package_folder_graph())
+    assert not cycles, "folder circles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_folders_import_only_folders_below_them():
+    bad = upward_folder_imports(package_folder_graph())
+    assert not bad, "folders importing upward:\n" + "\n".join(bad)
+
+
+#: Documented public aliases that share a name with the module they re-export.
+ALIASES = {
+    "evaluator": "the README's `from nni_effbert.evaluator import KDEvaluator` (nas.kd_evaluator)",
+    "trial": "`python -m nni_effbert.trial`, the trialCommand of every nnictl config (nas.trial_runner)",
+    "strategies.advisor": "the advisor's old class path in registered_algorithms.yml (strategies.nni.advisor)",
+    "strategies.tuner": "the plain tuner's old className in nnictl configs (strategies.nni.tuner)",
+}
+
+
+def duplicate_names(names) -> Dict[str, List[str]]:
+    """File name -> the modules that have it, for names held by more than one non-alias module."""
+    by_name: Dict[str, List[str]] = {}
+    for name in names:
+        short = _short(name)
+        by_name.setdefault(short.rsplit(".", 1)[-1], []).append(short)
+    return {base: sorted(mods) for base, mods in sorted(by_name.items())
+            if len([m for m in mods if m not in ALIASES]) > 1}
+
+
+def test_no_two_modules_share_a_name():
+    files = module_files()
+    modules = [name for name, path in files.items() if path.name != "__init__.py"]
+    dups = duplicate_names(modules)
+    assert not dups, f"modules sharing a file name (rename one, or document an alias in ALIASES): {dups}"
+    assert duplicate_names(["nni_effbert.nas.cost", "nni_effbert.product.cost"]) == {
+        "cost": ["nas.cost", "product.cost"]}
+    assert duplicate_names(["nni_effbert.evaluator", "nni_effbert.nas.evaluator"]) == {}
 
 
 def test_remote_code_never_imports_nni():
@@ -257,6 +369,30 @@ def test_checker_reads_relative_and_local_imports(tmp_path):
                      ("nni_effbert.product.report", 4, True)]
 
 
-@pytest.mark.parametrize("name", ["nni_effbert.cli", "nni_effbert.nas.trial", "nni_effbert.kd.teacher"])
+def test_folder_checker_fails_on_a_folder_cycle():
+    files = module_files()
+    packages = packages_of(files)
+    graph = import_graph()
+    assert not find_cycles(folder_graph(graph, packages))
+    # No module circle (kd.losses does not import data.tasks), but kd/ imports data/ elsewhere.
+    graph["nni_effbert.data.tasks"] = graph["nni_effbert.data.tasks"] | {"nni_effbert.kd.losses"}
+    assert not any("nni_effbert.data.tasks" in c for c in find_cycles(graph))
+    fgraph = folder_graph(graph, packages)
+    cycles = find_cycles(fgraph)
+    assert any({"data", "kd"} <= set(c) for c in cycles), cycles
+    assert "data (data) imports kd (KD)" in upward_folder_imports(fgraph)
+
+
+def test_folder_of():
+    packages = {"nni_effbert.data", "nni_effbert.strategies", "nni_effbert.strategies.nni", "nni_effbert"}
+    assert folder_of("nni_effbert.data.loading", packages) == "data"
+    assert folder_of("nni_effbert.data", packages) == "data"
+    assert folder_of("nni_effbert.strategies.nni.advisor", packages) == "strategies.nni"
+    assert folder_of("nni_effbert.strategies.core", packages) == "strategies"
+    assert folder_of("nni_effbert.config", packages) == "config"
+    assert folder_of("nni_effbert", packages) == ""
+
+
+@pytest.mark.parametrize("name", ["nni_effbert.cli", "nni_effbert.nas.trial_runner", "nni_effbert.kd.teacher"])
 def test_known_modules_are_found(name):
     assert name in module_files()

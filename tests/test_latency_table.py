@@ -13,12 +13,12 @@ import pytest
 
 from nni_effbert import cli
 from nni_effbert.config import load_config
-from nni_effbert.kd import latency_table as lt
-from nni_effbert.nas.cost import best_within_latency, latency_front, trial_latency
+from nni_effbert.latency import table as lt
+from nni_effbert.nas.latency_ranking import best_within_latency, latency_front, trial_latency
 from nni_effbert.search_spaces import EfficientBertSpace
-from nni_effbert.search_spaces.config import preset_config
+from nni_effbert.search_spaces.space_config import preset_config
 from nni_effbert.strategies.core import Done, ProgressiveSearch, Proposal
-from nni_effbert.strategies.errors import BudgetError, SearchConfigError
+from nni_effbert.strategies.search_errors import BudgetError, SearchConfigError
 from nni_effbert.strategies.stages import ObjectiveConfig, SearchConfig, Stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -400,7 +400,7 @@ def test_evaluator_finds_the_table_of_its_settings(tmp_path, monkeypatch):
     (the teacher-derived fields of the space are not part of the key)."""
     from types import SimpleNamespace
 
-    from nni_effbert.nas.evaluator import KDEvaluator
+    from nni_effbert.nas.kd_evaluator import KDEvaluator
 
     monkeypatch.setattr(lt._Bench, "measure", lambda self, kind, spec, table: 0.01)
     cfg = load_config(TINY, [f"workdir={tmp_path}", "teacher.model=bert-base-uncased"])
@@ -417,8 +417,8 @@ def test_evaluator_finds_the_table_of_its_settings(tmp_path, monkeypatch):
 def test_nnictl_factory_and_search_command_use_the_table(tmp_path, monkeypatch):
     """The tuner built from classArgs gets the work directory's table; `nni-effbert search` refuses
     an impossible latency budget before starting NNI."""
-    from nni_effbert.nas.search import check_latency_search
-    from nni_effbert.strategies.factory import build_broker
+    from nni_effbert.nas.launcher import check_latency_search
+    from nni_effbert.strategies.nni.factory import build_broker
 
     monkeypatch.setattr(lt._Bench, "measure", lambda self, kind, spec, table: 0.5 if kind == "attention" else 0.05)
     base = [f"workdir={tmp_path / 'work'}", "teacher.model=bert-base-uncased"]

@@ -218,7 +218,7 @@ def test_both_baselines_are_distilled_once_and_reused_for_the_same_budget(tmp_pa
     from nni_effbert import cli
     from nni_effbert.config import load_config
     from nni_effbert.product import students
-    from nni_effbert.product.cost import LATENCY_BASELINE, ensure_latency_baseline
+    from nni_effbert.product.latency_exports import LATENCY_BASELINE, ensure_latency_baseline
     from nni_effbert.product.distill import plan_distill
     from nni_effbert.product.export import load_exported
     from nni_effbert.product.students import BASELINE, ensure_baseline

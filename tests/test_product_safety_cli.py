@@ -224,7 +224,7 @@ def test_each_experiment_reads_its_own_config(work, capsys, monkeypatch, caplog)
     assert len(cfg.search.stages) == 3 and cfg.evaluator.train_steps == 3
 
     # a trial of expold1 inside NNI ($NNI_EXP_ID) reads the snapshot, not --config
-    from nni_effbert.nas import trial as trial_mod
+    from nni_effbert.nas import trial_runner as trial_mod
 
     seen = {}
     monkeypatch.setenv("NNI_EXP_ID", "expold1")
@@ -277,8 +277,9 @@ def test_each_experiment_reads_its_own_config(work, capsys, monkeypatch, caplog)
 
 
 def test_second_report_reuses_measurements_and_distils_nothing(work, capsys, monkeypatch):
-    from nni_effbert.kd import latency as latency_mod
-    from nni_effbert.product import cost, distill, report
+    from nni_effbert.latency import measure as latency_mod
+    from nni_effbert.product import distill, report
+    from nni_effbert.product import latency_exports as cost
 
     work, sets, _ = work
     code, first, err = _run(capsys, "report", "-q", "-c", TINY, *sets)

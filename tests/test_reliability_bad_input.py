@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_reliability_support import prepare_work, tree_digest
+from support.reliability import prepare_work, tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +159,8 @@ def test_impossible_budget_refused_by_the_advisor_before_any_trial(ctx, tmp_path
     """The advisor builds its search (and checks the budget) in its constructor, i.e. when the
     NNI dispatcher starts, before any trial is requested. NNI's early classArgs validation
     (``ProgressiveClassArgsValidator``, run by ``nnictl create``) does not check the budget."""
-    from nni_effbert.strategies.advisor import ProgressiveClassArgsValidator
-    from nni_effbert.strategies.factory import build_broker
+    from nni_effbert.strategies.nni.advisor import ProgressiveClassArgsValidator
+    from nni_effbert.strategies.nni.factory import build_broker
 
     bad = _config_with(tmp_path, ctx, lambda d: d["search"].update(param_budget=[1, 2]))
     with pytest.raises(Exception, match="budget") as info:

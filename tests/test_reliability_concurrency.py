@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from test_reliability_support import REPO, prepare_work, trial_env
+from support.reliability import REPO, prepare_work, trial_env
 
 
 @pytest.fixture(scope="module")

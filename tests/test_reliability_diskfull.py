@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from test_reliability_support import prepare_work, tree_digest
+from support.reliability import prepare_work, tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_export_folder_on_a_full_disk(prepared, tmp_path, tmpfs, capsys):
 def test_result_json_on_a_full_disk(prepared, tmp_path, tmpfs, capsys):
     from nni_effbert.config import load_config
     from nni_effbert.errors import DiskFullError
-    from nni_effbert.nas.evaluator import KDEvaluator
+    from nni_effbert.nas.kd_evaluator import KDEvaluator
 
     exp, work = str(prepared["exp"]), prepared["work"]
     trials = tmpfs(work / "trials", 64)

@@ -28,7 +28,7 @@ import time
 import pytest
 import torch
 
-from test_reliability_support import REPO, prepare_work, trial_env
+from support.reliability import REPO, prepare_work, trial_env
 
 
 def _sha1(path):
@@ -66,7 +66,7 @@ def _logits(folder_or_space, arch=None):
 def test_two_experiments_in_one_workdir_keep_their_supernets(prepared, tmp_path, capsys):
     from nni_effbert.config import load_config
     from nni_effbert.kd.train import KDSetup
-    from nni_effbert.nas.warmup import load_supernet_checkpoint
+    from nni_effbert.nas.supernets import load_supernet_checkpoint
 
     exp, work = str(prepared["exp"]), prepared["work"]
     # Experiment A warms up stage 0; B warms up stage 0 with other settings (as a second search of
@@ -144,7 +144,7 @@ def test_readers_check_the_owner_and_name_a_missing_supernet(prepared, tmp_path,
 
 def test_old_layout_checkpoint_is_read_with_a_one_time_note(prepared, tmp_path, capsys, caplog):
     from nni_effbert.config import load_config
-    from nni_effbert.nas.evaluator import KDEvaluator
+    from nni_effbert.nas.kd_evaluator import KDEvaluator
     from nni_effbert.io import atomic_save_torch
 
     exp, work = str(prepared["exp"]), prepared["work"]
@@ -236,7 +236,7 @@ def _dead_pid():
 
 
 def test_second_search_is_refused_and_a_stale_lock_taken_over(prepared, tmp_path, fake_manager, capsys, caplog):
-    from nni_effbert.nas import search_lock
+    from nni_effbert import search_lock
     from nni_effbert.workdir import WorkDir
 
     exp = str(prepared["exp"])
@@ -265,7 +265,7 @@ def test_second_search_is_refused_and_a_stale_lock_taken_over(prepared, tmp_path
         sleeper.kill()
         sleeper.wait()
 
-    caplog.set_level(logging.WARNING, logger="nni_effbert.nas.search_lock")
+    caplog.set_level(logging.WARNING, logger="nni_effbert.search_lock")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # alive, not a search
     try:
         stale = [
@@ -305,7 +305,7 @@ def test_second_nnictl_search_on_a_running_workdir_is_refused(tmp_path, base_tea
     """A real ``nni-effbert search`` (nnictl, the advisor holding the lock) and, while it runs, a
     second one on the same work directory: exit 2, one line naming the first and its port. After
     ``nnictl stop`` the lock is stale and a new search takes it over."""
-    from nni_effbert.nas import search_lock
+    from nni_effbert import search_lock
     from nni_effbert.workdir import WorkDir
 
     tiny = str(REPO / "examples" / "tiny" / "effbert.yml")

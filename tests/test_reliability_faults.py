@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from test_reliability_support import (REPO, NniExperiment, params_of, prepare_work, trial_env,
+from support.reliability import (REPO, NniExperiment, params_of, prepare_work, trial_env,
                                       write_config)
 
 FAULT_WRAPPER = '''
@@ -152,7 +152,7 @@ def test_nnictl_failed_warmup_stops_the_experiment(tmp_path, prepared, glue_dir)
 def test_supervisor_turns_a_signal_death_into_a_failed_trial(capfd):
     """What NNI runs inside a trial: a child killed by SIGKILL -> exit 1 with the reason (NNI 3.0
     would otherwise record USER_CANCELED, exit code null, and no reason); other codes pass through."""
-    from nni_effbert.nas.trial import EXIT_FAILED, supervise
+    from nni_effbert.nas.trial_runner import EXIT_FAILED, supervise
 
     killed = supervise([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
     assert killed == EXIT_FAILED

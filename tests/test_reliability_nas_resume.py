@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from nni_effbert.nas.search import free_port
+from nni_effbert.nas.launcher import free_port
 
 pytestmark = pytest.mark.integration
 

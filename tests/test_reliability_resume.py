@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from test_reliability_support import NniExperiment, arch_key, params_of, prepare_work, write_config
+from support.reliability import NniExperiment, arch_key, params_of, prepare_work, write_config
 
 pytestmark = pytest.mark.integration
 

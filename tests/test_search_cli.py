@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nni_effbert.nas.search import format_trials, free_port, nnictl_config
+from nni_effbert.nas.launcher import format_trials, free_port, nnictl_config
 
 pytestmark = pytest.mark.integration
 
@@ -181,7 +181,7 @@ def test_error_reason_falls_back_to_the_dispatcher_log(tmp_path):
     log.mkdir(parents=True)
     (log / "dispatcher.log").write_text(
         "[2026-01-01 00:00:00] INFO (x) started\n"
-        "[2026-01-01 00:00:09] ERROR (nni_effbert.strategies.advisor) EfficientBertProgressive stops the "
+        "[2026-01-01 00:00:09] ERROR (nni_effbert.strategies.nni.advisor) EfficientBertProgressive stops the "
         "experiment: warm-up of stage 0 failed (trial abc FAILED)\n")
     reason = _error_reason(free_port(), tmp_path / "exp")  # nothing listens there: the log is read
     assert "warm-up of stage 0 failed" in reason and "\n" not in reason

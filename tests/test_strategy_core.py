@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from nni_effbert.strategies.core import NO_METRIC, Done, Failure, ProgressiveSearch, Proposal, Wait
-from nni_effbert.strategies.errors import BudgetError, SearchConfigError, SearchStateError, WarmupFailedError
+from nni_effbert.strategies.search_errors import BudgetError, SearchConfigError, SearchStateError, WarmupFailedError
 from nni_effbert.strategies.stages import SamplerConfig, SearchConfig, Stage
-from test_strategy_support import BUDGET, FakeSpace, SyntheticObjective
+from support.strategy import BUDGET, FakeSpace, SyntheticObjective
 
 
 def stages(joint=20, expression=14, size=10):

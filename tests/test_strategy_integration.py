@@ -46,13 +46,13 @@ params = nni.get_next_parameter()
 markers = Path(__file__).resolve().parent / "markers"
 markers.mkdir(exist_ok=True)
 if "_noop" in params:
-    sys.exit(0)  # a placeholder, as nas.trial handles it
+    sys.exit(0)  # a placeholder, as nas.trial_runner handles it
 if "_warmup_stage" in params:
     time.sleep(3)  # stands in for the supernet's warm-up training
     tmp = markers / f".stage{params['_warmup_stage']}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(params))
     os.replace(tmp, markers / f"stage{params['_warmup_stage']}.done")
-    # Like nas.trial: a warm-up reports its metric dict (no default) and the parameter id it ran.
+    # Like nas.trial_runner: a warm-up reports its metric dict (no default) and the parameter id it ran.
     nni.report_final_result({"warmup": True, "parameter_id": params["_parameter_id"]})
 else:
     stage = params["_stage"]
@@ -83,7 +83,7 @@ def _nnictl(args, env, **kw):
 @pytest.fixture
 def experiment(tmp_path):
     env = dict(os.environ, NNI_CONFIG_DIR=str(tmp_path / "nni-config"))
-    reg = subprocess.run([sys.executable, "-c", "from nni_effbert.strategies.registration import register_tuner; "
+    reg = subprocess.run([sys.executable, "-c", "from nni_effbert.strategies.nni.registration import register_tuner; "
                           "register_tuner()"], env=env, capture_output=True, text=True, timeout=120)
     assert reg.returncode == 0, reg.stderr
     code = tmp_path / "code"
@@ -143,7 +143,7 @@ def test_nnictl_progressive_waits_for_warmups_with_concurrency_2(experiment):
     by_pid = {hp["parameter_id"]: hp["parameters"] for hp in listed.values()}
 
     def params(job):
-        # What the job ran: NNI may list a job with parameters queued for another (strategies.broker).
+        # What the job ran: NNI may list a job with parameters queued for another (strategies.nni.broker).
         final = job.get("finalMetricData")
         if final:
             return by_pid[int(final[0]["parameterId"])]

@@ -7,47 +7,16 @@ import json
 import nni
 import numpy as np
 import pytest
-import torch
 from nni.nas.evaluator import FunctionalEvaluator
 from nni.nas.execution import SequentialExecutionEngine
-from nni.nas.nn.pytorch import ModelSpace
 from nni.nas.space import RawFormatModelSpace
 from nni.nas.strategy import Random
 
 from nni_effbert.strategies import ProgressiveStrategy, SearchConfig, Stage
 from nni_effbert.strategies.core import split_parameters
-from nni_effbert.strategies.errors import SearchConfigError, WarmupFailedError
-from test_strategy_support import BUDGET, FakeSpace, SyntheticObjective
-
-
-class FrozenArch(torch.nn.Module):
-    def __init__(self, sample):
-        super().__init__()
-        self.sample = dict(sample)
-
-
-class FakeNasSpace(ModelSpace):
-    """The fake space as an NNI model space: one ``nni.choice`` per label."""
-
-    def __init__(self):
-        super().__init__()
-        self.arch_space = FakeSpace()
-        for label, values in self.arch_space.choices.items():
-            self.add_mutable(nni.choice(label, values))
-
-    def freeze(self, sample):
-        return FrozenArch(sample)
-
-    # The arch API the strategy reads from the model space, as EfficientBertSpace has it.
-    labels = property(lambda self: self.arch_space.labels)
-    choices = property(lambda self: self.arch_space.choices)
-    config = property(lambda self: self.arch_space.config)
-
-    def __getattr__(self, name):
-        if name in ("expression_labels", "size_labels", "random_arch", "bert_arch", "count_params",
-                    "fingerprint", "validate_arch"):
-            return getattr(self.arch_space, name)
-        return super().__getattr__(name)
+from nni_effbert.strategies.search_errors import SearchConfigError, WarmupFailedError
+from support.spaces import LightNasSpace
+from support.strategy import BUDGET, FakeSpace, SyntheticObjective
 
 
 STAGES = [Stage("coarse", "joint", trials=20), Stage("expression", "expression", trials=14),
@@ -71,7 +40,7 @@ def make_evaluator(objective, seen):
 
 
 def run_strategy(strategy, seen, max_models=None):
-    space = FakeNasSpace()
+    space = LightNasSpace(FakeSpace())  # the fake space as an NNI model space: one nni.choice per label
     objective = SyntheticObjective(space.arch_space)
     model_space = RawFormatModelSpace.from_model(space, make_evaluator(objective, seen))
     engine = SequentialExecutionEngine(max_model_count=max_models, continue_on_failure=True)

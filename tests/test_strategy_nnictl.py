@@ -11,11 +11,11 @@ import pytest
 from nni.runtime.tuner_command_channel import CommandType
 
 from nni_effbert.search_spaces import EfficientBertSpace
-from nni_effbert.strategies.advisor import ProgressiveAdvisor, ProgressiveClassArgsValidator
-from nni_effbert.strategies.errors import SearchConfigError, WarmupFailedError
-from nni_effbert.strategies.registration import BUILTIN_NAME, is_registered, meta_file, register_tuner, unregister_tuner
+from nni_effbert.strategies.nni.advisor import ProgressiveAdvisor, ProgressiveClassArgsValidator
+from nni_effbert.strategies.search_errors import SearchConfigError, WarmupFailedError
+from nni_effbert.strategies.nni.registration import BUILTIN_NAME, is_registered, meta_file, register_tuner, unregister_tuner
 from nni_effbert.strategies.stages import SearchConfig
-from nni_effbert.strategies.tuner import ProgressiveTuner
+from nni_effbert.strategies.nni.tuner import ProgressiveTuner
 
 SEARCH = {"seed": 0, "stages": [
     {"name": "coarse", "kind": "joint", "trials": 6, "warmup_steps": 3},
@@ -94,7 +94,7 @@ class FakeManager:
         if self.fail(params):
             self.adv.handle_trial_end({"trial_job_id": str(pid), "event": "FAILED", "hyper_params": hyper})
         else:
-            if "_noop" not in params:  # a placeholder exits without reporting, as nas.trial does
+            if "_noop" not in params:  # a placeholder exits without reporting, as nas.trial_runner does
                 self.adv.handle_report_metric_data({"parameter_id": pid, "trial_job_id": str(pid), "type": "FINAL",
                                                     "sequence": 0, "value": nni.dump(report(params, self.objective))})
             self.adv.handle_trial_end({"trial_job_id": str(pid), "event": "SUCCEEDED", "hyper_params": hyper})
@@ -317,13 +317,13 @@ def test_register_tuner_is_idempotent(tmp_path, monkeypatch):
     from nni.tools.package_utils.tuner_factory import get_builtin_module_class_name
 
     assert get_builtin_module_class_name("tuners", BUILTIN_NAME.lower()) == (
-        "nni_effbert.strategies.advisor", "ProgressiveAdvisor")
+        "nni_effbert.strategies.nni.advisor", "ProgressiveAdvisor")
     text = (tmp_path / "registered_algorithms.yml").read_text()
     assert text.count(BUILTIN_NAME) == 1
     assert unregister_tuner() and not is_registered()
     with pytest.raises(ValueError, match="built into NNI"):
         bad = tmp_path / "meta.yml"
-        bad.write_text("algoType: tuner\nbuiltinName: TPE\nclassName: nni_effbert.strategies.tuner.ProgressiveTuner\n")
+        bad.write_text("algoType: tuner\nbuiltinName: TPE\nclassName: nni_effbert.strategies.nni.tuner.ProgressiveTuner\n")
         register_tuner(bad)
 
 
@@ -420,7 +420,7 @@ def test_advisor_attributes_results_to_the_parameters_each_job_really_ran(tmp_pa
 
 
 def test_a_reported_failure_stops_on_the_trials_own_reason_without_placeholders(tmp_path):
-    """nas.trial reports ``{"failed": true, "reason": ...}`` before it exits 1: the search knows
+    """nas.trial_runner reports ``{"failed": true, "reason": ...}`` before it exits 1: the search knows
     which parameters failed and why, at once."""
     adv = make_advisor(tmp_path)
     adv.handle_initialize({})
@@ -436,3 +436,13 @@ def test_a_reported_failure_stops_on_the_trials_own_reason_without_placeholders(
     errors = commands(adv, CommandType.Error)
     assert len(errors) == 1 and "warm-up of stage 0" in errors[0] and "loss diverged at step 3" in errors[0]
     assert len(commands(adv, CommandType.NewTrialJob)) == 1  # no placeholder, no candidate
+
+
+def test_the_old_advisor_and_tuner_class_paths_still_import():
+    # registered_algorithms.yml written before the adapters moved to strategies/nni/ names this path
+    import importlib
+
+    old = importlib.import_module("nni_effbert.strategies.advisor")
+    assert old.ProgressiveAdvisor is ProgressiveAdvisor
+    assert old.ProgressiveClassArgsValidator is ProgressiveClassArgsValidator
+    assert importlib.import_module("nni_effbert.strategies.tuner").ProgressiveTuner is ProgressiveTuner

@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from nni_effbert.config import KDConfig, TaskConfig
 from nni_effbert.data.loading import load_task
 from nni_effbert.errors import ConfigError
-from nni_effbert.kd.latency import measure_latency
+from nni_effbert.latency.measure import measure_latency
 from nni_effbert.kd.losses import KDLoss, TeacherBatch
 from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.kd.teacher import prepare_teacher

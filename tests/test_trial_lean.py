@@ -83,7 +83,7 @@ def test_trial_processes_do_not_import_nni_nas(tmp_path, base_teacher, glue_dir)
 
 def test_the_nas_space_still_loads_nni_nas():
     """Control: the check above sees pytorch_lightning when the NAS path imports it."""
-    code = ("import sys; import nni_effbert.search_spaces as s; import nni_effbert.nas.trial; "
+    code = ("import sys; import nni_effbert.search_spaces as s; import nni_effbert.nas.trial_runner; "
             "before = 'pytorch_lightning' in sys.modules; s.EfficientBertSpace; "
             "print(before, 'pytorch_lightning' in sys.modules, 'nni.nas' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)

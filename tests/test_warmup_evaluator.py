@@ -15,7 +15,7 @@ import torch
 from nni_effbert.nas import warmup as warmup_mod
 from nni_effbert.config import load_config
 from nni_effbert.errors import CheckpointError, ConfigError
-from nni_effbert.nas.evaluator import ArchError, KDEvaluator
+from nni_effbert.nas.kd_evaluator import ArchError, KDEvaluator
 from nni_effbert.nas.nni_evaluator import StageAwareEvaluator
 from nni_effbert.io import load_torch
 from nni_effbert.search_spaces import EfficientBertModel
@@ -238,7 +238,7 @@ def test_evaluator_stage_checkpoint_rules(cfg, setup, stage0, caplog):
     empty = dataclasses.replace(no_warm, workdir=str(Path(cfg.workdir) / "no-supernet"))
     shutil.copytree(WorkDir.of(cfg).teacher_dir, WorkDir.of(empty).teacher_dir)
     ev3 = KDEvaluator(empty, stage=2, report=False, progress=False)
-    with caplog.at_level(logging.WARNING, logger="nni_effbert.nas.evaluator"):
+    with caplog.at_level(logging.WARNING, logger="nni_effbert.nas.kd_evaluator"):
         result = ev3.evaluate(setup.space.bert_arch(), train_steps=0)
     assert result["inherited_from"] == "random initialisation (no warm-up)"
     assert "WITHOUT warm-up" in caplog.text

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import SPECIAL_TOKENS, N_WORDS, _frequent_words  # noqa: E402
-from test_reliability_support import NniExperiment, make_teacher, params_of, write_config  # noqa: E402
+from support.reliability import NniExperiment, make_teacher, params_of, write_config  # noqa: E402
 
 
 def main() -> int:

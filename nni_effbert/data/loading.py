@@ -31,16 +31,18 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import datasets
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from ..config import DATA_DIR_ENV, ExperimentConfig, TaskConfig
 from ..errors import DataError
-from .tasks import CUSTOM_TASK, TaskSpec, custom_task_spec, get_task_spec
+from .tasks import CUSTOM_TASK, DATA_DIR_ENV, TaskSpec, custom_task_spec, get_task_spec
+
+if TYPE_CHECKING:  # annotations only: config assembles the sections and imports data.tasks
+    from ..config import ExperimentConfig, TaskConfig
 
 __all__ = [
     "TaskData",

@@ -22,15 +22,17 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
 
 import datasets
 
-from ..config import TaskConfig
 from ..errors import DataError
 from ..io import atomic_replace_dir, atomic_write_json, make_tmp_dir
 from .loading import TaskData, _digest, _task_folder, load_task, resolve_data_dir
 from .tasks import CUSTOM_TASK, TaskSpec, get_task_spec
+
+if TYPE_CHECKING:  # annotations only: config assembles the sections and imports data.tasks
+    from ..config import TaskConfig
 
 __all__ = ["PREPARED_FORMAT", "task_files", "prepared_key", "load_prepared_task"]
 

@@ -16,6 +16,7 @@ __all__ = [
     "GLUE_TASKS",
     "TASK_NAMES",
     "CUSTOM_TASK",
+    "DATA_DIR_ENV",
     "METRICS",
     "canonical_task_name",
     "get_task_spec",
@@ -24,6 +25,9 @@ __all__ = [
 
 #: Name of the user-data task (files and columns given in the config).
 CUSTOM_TASK = "custom"
+
+#: Environment variable naming a GLUE-layout data root, used when ``task.data_dir`` is empty.
+DATA_DIR_ENV = "EFFBERT_DATA_DIR"
 
 #: Metric names understood by :func:`nni_effbert.data.metrics.compute_metrics`.
 METRICS: Tuple[str, ...] = (

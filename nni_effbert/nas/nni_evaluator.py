@@ -1,4 +1,4 @@
-"""The NNI NAS evaluator class of :meth:`KDEvaluator.as_nni_evaluator <nni_effbert.nas.evaluator.KDEvaluator.as_nni_evaluator>`.
+"""The NNI NAS evaluator class of :meth:`KDEvaluator.as_nni_evaluator <nni_effbert.nas.kd_evaluator.KDEvaluator.as_nni_evaluator>`.
 
 Its own module because ``nni.nas.evaluator`` imports pytorch_lightning (about 6 s per process):
 nnictl trials never import it, only the ``NasExperiment`` path does.
@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from nni.nas.evaluator import FunctionalEvaluator
+
+from ..params import STAGE_KEY, TRAIN_STEPS_KEY
 
 __all__ = ["StageAwareEvaluator"]
 
@@ -23,8 +25,8 @@ class StageAwareEvaluator(FunctionalEvaluator):
     def _execute(self, model: Any) -> Any:
         sample = getattr(model, "sample", None) or {}
         kwargs = dict(self.arguments)
-        if sample.get("_stage") is not None:
-            kwargs["stage"] = int(sample["_stage"])
-        if sample.get("_train_steps") is not None:
-            kwargs["train_steps"] = int(sample["_train_steps"])
+        if sample.get(STAGE_KEY) is not None:
+            kwargs["stage"] = int(sample[STAGE_KEY])
+        if sample.get(TRAIN_STEPS_KEY) is not None:
+            kwargs["train_steps"] = int(sample[TRAIN_STEPS_KEY])
         return self.function(model.executable_model(), **kwargs)

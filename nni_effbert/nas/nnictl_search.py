@@ -1,7 +1,7 @@
 """The ``nnictl`` search driver: write the nnictl config, register the advisor, ``nnictl create``
 (or ``resume``) and optionally wait for the experiment to end.
 
-See :mod:`nni_effbert.nas.search` for the whole picture.
+See :mod:`nni_effbert.nas.launcher` for the whole picture.
 """
 
 import logging
@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 from tqdm.auto import tqdm
 
-from nni_effbert.strategies.registration import not_registered_hint, register_tuner
+from nni_effbert.strategies.nni.registration import not_registered_hint, register_tuner
 
 from ..config import save_experiment_config
 from ..errors import EffBertError
@@ -37,7 +37,7 @@ from .experiments import (
     rest_get,
     student_space,
 )
-from . import search_lock
+from .. import search_lock
 from .records import read_nni_trials
 
 __all__ = ["nnictl_config", "local_training_service", "write_nnictl_config", "run_nnictl"]

@@ -2,7 +2,7 @@
 with :class:`~nni_effbert.strategies.ProgressiveStrategy`, warm-ups in this process, resumable
 after SIGTERM, records in ``<workdir>/trials.json``.
 
-See :mod:`nni_effbert.nas.search` for the whole picture and the NNI 3.0 gaps worked around here.
+See :mod:`nni_effbert.nas.launcher` for the whole picture and the NNI 3.0 gaps worked around here.
 """
 
 import contextlib
@@ -19,17 +19,17 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from nni_effbert.strategies import ProgressiveStrategy
-from nni_effbert.strategies.core import split_parameters
+from nni_effbert.params import STAGE_KEY, split_parameters
 
 from ..config import save_experiment_config
 from ..errors import CheckpointError, EffBertError
 from ..io import atomic_write_json, load_torch
-from ..kd.latency_table import search_latency
+from ..latency.table import search_latency
 from ..runtime import resolve_runtime
 from ..workdir import WorkDir
-from .evaluator import KDEvaluator
+from .kd_evaluator import KDEvaluator
 from .experiments import EXPERIMENTS_DIR, TRIALS_FILE, SearchResult, check_resumable, free_port, prepare_workdir
-from . import search_lock
+from .. import search_lock
 from .records import normalize_trial, read_nni_trials
 
 __all__ = ["run_python"]
@@ -107,7 +107,7 @@ def _finished_after_stop(wd: WorkDir, exp_id: str):
 
     def finished(parameters: Mapping[str, Any]) -> Optional[float]:
         arch, meta = split_parameters(parameters)
-        return scores.get((json.dumps(arch, sort_keys=True), meta.get("_stage")))
+        return scores.get((json.dumps(arch, sort_keys=True), meta.get(STAGE_KEY)))
 
     return finished
 

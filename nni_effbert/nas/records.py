@@ -48,19 +48,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError, EffBertError
-from .params import NOOP_KEY
+from ..params import NOOP_KEY, STAGE_KEY, WARMUP_KEY, arch_part, is_teacher, stage_name
 
 __all__ = ["ExperimentNotFoundError", "normalize_trial", "is_scored", "is_failed", "read_nni_trials"]
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-#: Trial parameter keys written by the progressive search (``strategies.core``).
-_STAGE_KEY = "_stage"
-_WARMUP_KEY = "_warmup_stage"
-_STAGE_NAME_KEY = "_stage_name"
-_TEACHER_KEY = "_teacher"
 
 #: NNI's manifest of experiments (``nnictl`` and ``Experiment`` both keep it here).
 _MANIFEST = Path("~/nni-experiments/.experiment")
@@ -244,7 +238,7 @@ def _trials_from_jobs(rows: Sequence[Tuple[Any, Any, Any, Sequence[Any], Any, An
 
     A job's parameters are the ones its final metric was reported with (``ran``: job id ->
     parameter id), not necessarily the ones NNI lists for it: NNI 3.0's local training service
-    hands queued parameters to whichever trial asks first (see ``strategies.broker``). Placeholder
+    hands queued parameters to whichever trial asks first (see ``strategies.nni.broker``). Placeholder
     jobs (``_noop`` parameters) are left out."""
     by_pid: Dict[int, Dict[str, Any]] = {}
     listed = []
@@ -345,13 +339,13 @@ def _hyper_parameters_with_id(entries: Sequence[Any]) -> Tuple[Optional[int], Di
 def _trial_from_nni(tid: str, status: Any, sequence: Any, params: Mapping[str, Any], data: Any,
                     message: Any) -> Dict[str, Any]:
     final = _decode(data) if data is not None else None
-    teacher = bool(params.get(_TEACHER_KEY))
-    warmup = _WARMUP_KEY in params or teacher
-    stage = params.get(_WARMUP_KEY if warmup else _STAGE_KEY)
+    teacher = is_teacher(params)
+    warmup = WARMUP_KEY in params or teacher
+    stage = params.get(WARMUP_KEY if warmup else STAGE_KEY)
     trial = dict(_TRIAL_DEFAULTS, trial_id=str(tid), status=str(status or "UNKNOWN").upper(),
                  sequence=int(sequence) if sequence is not None else None, warmup=warmup, teacher=teacher,
-                 arch={k: v for k, v in params.items() if not str(k).startswith("_")},
-                 stage_name=params.get(_STAGE_NAME_KEY), message=message or None)
+                 arch=arch_part(params),
+                 stage_name=stage_name(params), message=message or None)
     metric = None
     if isinstance(final, Mapping):
         trial["final"] = dict(final)

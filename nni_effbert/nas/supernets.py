@@ -1,4 +1,5 @@
-"""Which experiment owns a supernet checkpoint, and which checkpoint a reader may use.
+"""Supernet checkpoints: their format, reading and writing, which experiment owns one, and
+which checkpoint a reader may use (the paths are :class:`~nni_effbert.workdir.WorkDir`'s).
 
 A stage's warmed supernet belongs to the NNI experiment whose warm-up trial wrote it. Two
 searches in one work directory (one after the other, or on purpose at once) must never read
@@ -28,13 +29,25 @@ import logging
 import os
 import re
 import socket
+import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Set, Tuple
+
+import torch
+
+from nni_effbert.search_spaces.space_config import config_differences
 
 from ..errors import CheckpointError, ConfigError
+from ..io import atomic_save_torch, load_torch
 from ..workdir import WorkDir
 
-__all__ = ["EXPERIMENT_ENV", "experiment_key", "owner", "resolve_checkpoint", "check_owner", "describe_key"]
+if TYPE_CHECKING:
+    from ..kd.train import KDSetup
+    from .warmup import WarmupPlan
+
+__all__ = ["EXPERIMENT_ENV", "SUPERNET_FORMAT", "experiment_key", "owner", "resolve_checkpoint", "check_owner",
+           "describe_key", "read_supernet_checkpoint", "load_supernet_checkpoint", "checkpoint_payload",
+           "write_supernet_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +56,10 @@ EXPERIMENT_ENV = "NNI_EXP_ID"
 _TRIAL_ENV = "NNI_TRIAL_JOB_ID"
 _ID = re.compile(r"[A-Za-z0-9_-]+")
 _noted: Set[str] = set()
+
+#: Version of the supernet checkpoint layout.
+SUPERNET_FORMAT = 1
+_KIND = "nni-effbert-supernet"
 
 
 def experiment_key(explicit: Optional[str] = None) -> Optional[str]:
@@ -145,3 +162,93 @@ def missing_message(wd: WorkDir, stage: int, experiment: Optional[str], name: st
     return (f"experiment {experiment} has no supernet of stage {stage} ({name}) in this work directory: {path} "
             f"does not exist; its warm-up trial writes it (is {experiment} an experiment of this work "
             "directory?)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def read_supernet_checkpoint(path, what: str = "supernet checkpoint", hint: Optional[str] = None) -> Dict[str, Any]:
+    """Load a supernet checkpoint written by :func:`run_warmup` (or a plain state dict).
+
+    Returns
+    -------
+    dict
+        With at least ``state_dict``; nni-effbert checkpoints also carry ``space_config``,
+        ``stage``, ``plan``, ``teacher_fingerprint`` and ``task_fingerprint``.
+    """
+    data = load_torch(path, what, hint=hint)
+    if isinstance(data, dict) and data.get("kind") == _KIND:
+        return data
+    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        return {"state_dict": data}  # a bare supernet state dict (e.g. from another tool)
+    raise CheckpointError(f"{what} at {path} is not an nni-effbert supernet checkpoint nor a state dict")
+
+
+_ANY_OWNER = object()
+
+
+def load_supernet_checkpoint(space, path, *, what: str = "supernet checkpoint", hint: Optional[str] = None,
+                             teacher_fingerprint: Optional[str] = None,
+                             experiment: Any = _ANY_OWNER, missing: Optional[str] = None) -> Dict[str, Any]:
+    """Load a supernet checkpoint into ``space``'s shared weights.
+
+    ``experiment`` (an id, or None for the work directory's own warm-ups) is the experiment the
+    checkpoint is read for: one owned by another is refused (:func:`check_owner`).
+    Leave it out for a file the user named (``warmup.checkpoint``). ``missing``: see
+    :func:`check_owner`.
+
+    Raises
+    ------
+    CheckpointError
+        Missing, corrupt, made for another student space (the message names the
+        differing fields), or owned by another experiment.
+    """
+    data = read_supernet_checkpoint(path, what, hint)
+    if experiment is not _ANY_OWNER:
+        check_owner(data, Path(path), experiment, what=what, missing=missing)
+    saved = data.get("space_config")
+    if saved is not None:
+
+        details = config_differences(saved, space.config.to_dict())
+        if details:
+            raise CheckpointError(
+                f"{what} at {path} was trained for another student space ({details}); re-run its warm-up "
+                "with this config or point the config at a matching checkpoint"
+            )
+    saved_teacher = data.get("teacher_fingerprint")
+    if teacher_fingerprint and saved_teacher and saved_teacher != teacher_fingerprint:
+        logger.warning("%s at %s was distilled from another teacher (%s, now %s); its weights are used anyway",
+                       what, path, saved_teacher, teacher_fingerprint)
+    try:
+        space.supernet.load_state_dict(data["state_dict"])
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"{what} at {path} does not fit this student space ({first})") from exc
+    return data
+
+
+def checkpoint_payload(setup: KDSetup, plan: WarmupPlan, init: str, loss: Optional[float],
+                        experiment: Optional[str] = None) -> Dict[str, Any]:
+    """What a warm-up writes: the supernet's weights, its space, plan, teacher, task and owner."""
+    return {
+        "owner": owner(experiment),
+        "kind": _KIND,
+        "format": SUPERNET_FORMAT,
+        "stage": plan.stage,
+        "plan": plan.to_dict(),
+        "space_config": setup.space.config.to_dict(),
+        "state_dict": setup.space.supernet.state_dict(),
+        "teacher_fingerprint": setup.teacher_fingerprint,
+        "task_fingerprint": setup.task.fingerprint,
+        "init": init,
+        "loss": loss,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_supernet_checkpoint(path, setup: KDSetup, plan: WarmupPlan, init: str, loss: Optional[float],
+                              experiment: Optional[str] = None) -> None:
+    """Write a warmed stage's checkpoint (:func:`checkpoint_payload`) atomically."""
+    atomic_save_torch(checkpoint_payload(setup, plan, init, loss, experiment), path)

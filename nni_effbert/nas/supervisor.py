@@ -1,7 +1,7 @@
 """The supervisor of an NNI trial process, without the trial's imports.
 
 Inside NNI a trial runs in a child process of a small supervisor (the same command line; see
-:mod:`nni_effbert.nas.trial`). The supervisor only starts the child and waits: this module
+:mod:`nni_effbert.nas.trial_runner`). The supervisor only starts the child and waits: this module
 imports nothing but the standard library, so ``python -m nni_effbert.trial`` decides to
 supervise before torch, transformers and datasets are loaded, and a trial pays their import
 once (in the child) instead of twice in a row.

@@ -60,7 +60,6 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from nni_effbert.search_spaces.config import config_differences
 from nni_effbert.strategies.sampler import balanced_arch, in_budget, random_arch_in_budget
 
 from ..data.loading import corpus_files, unlabeled_texts
@@ -70,28 +69,24 @@ from ..kd.losses import KDLoss
 from ..kd.teacher_init import start_from_teacher, warmup_init_mode
 from ..kd.train import CachedTeacher, KDSetup, TrainSettings, TrainState, kd_train
 from ..workdir import WorkDir
+from ..params import (GENERAL_WARMUP_STEPS_KEY, WARMUP_KEY, WARMUP_STEPS_KEY, arch_part, echoed_ids, int_meta,
+                      split_arch, stage_name)
 from .objectives import search_metric_dict
-from .params import WARMUP_KEY, echoed_ids, int_meta, split_arch
-from .supernets import check_owner, experiment_key, owner
+from .supernets import (check_owner, experiment_key, load_supernet_checkpoint, read_supernet_checkpoint,
+                        write_supernet_checkpoint)
 
 __all__ = [
-    "SUPERNET_FORMAT",
     "WarmupPlan",
     "WarmupResult",
     "plan_warmup",
     "run_warmup",
     "run_warmup_parameters",
     "load_fixed_file",
-    "load_supernet_checkpoint",
-    "read_supernet_checkpoint",
     "warmup_required",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Version of the supernet checkpoint layout.
-SUPERNET_FORMAT = 1
-_KIND = "nni-effbert-supernet"
 _STATE_KIND = "nni-effbert-warmup-state"
 _PHASES = ("general", "task")
 
@@ -213,7 +208,7 @@ def load_fixed_file(path) -> Dict[str, Any]:
         If the file is missing, not JSON, or not an object.
     """
     data = read_json_object(path, "--fixed")
-    return {k: v for k, v in data.items() if not str(k).startswith("_")}
+    return arch_part(data)
 
 
 def _validate_fixed(space, fixed: Mapping[str, Any]) -> Dict[str, Any]:
@@ -229,71 +224,6 @@ def _validate_fixed(space, fixed: Mapping[str, Any]) -> Dict[str, Any]:
             raise ConfigError(f"fixed choices: label {label!r} has value {value!r}; allowed values: {allowed}")
         out[label] = match[0]
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def read_supernet_checkpoint(path, what: str = "supernet checkpoint", hint: Optional[str] = None) -> Dict[str, Any]:
-    """Load a supernet checkpoint written by :func:`run_warmup` (or a plain state dict).
-
-    Returns
-    -------
-    dict
-        With at least ``state_dict``; nni-effbert checkpoints also carry ``space_config``,
-        ``stage``, ``plan``, ``teacher_fingerprint`` and ``task_fingerprint``.
-    """
-    data = load_torch(path, what, hint=hint)
-    if isinstance(data, dict) and data.get("kind") == _KIND:
-        return data
-    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
-        return {"state_dict": data}  # a bare supernet state dict (e.g. from another tool)
-    raise CheckpointError(f"{what} at {path} is not an nni-effbert supernet checkpoint nor a state dict")
-
-
-_ANY_OWNER = object()
-
-
-def load_supernet_checkpoint(space, path, *, what: str = "supernet checkpoint", hint: Optional[str] = None,
-                             teacher_fingerprint: Optional[str] = None,
-                             experiment: Any = _ANY_OWNER, missing: Optional[str] = None) -> Dict[str, Any]:
-    """Load a supernet checkpoint into ``space``'s shared weights.
-
-    ``experiment`` (an id, or None for the work directory's own warm-ups) is the experiment the
-    checkpoint is read for: one owned by another is refused (:func:`.supernets.check_owner`).
-    Leave it out for a file the user named (``warmup.checkpoint``). ``missing``: see
-    :func:`.supernets.check_owner`.
-
-    Raises
-    ------
-    CheckpointError
-        Missing, corrupt, made for another student space (the message names the
-        differing fields), or owned by another experiment.
-    """
-    data = read_supernet_checkpoint(path, what, hint)
-    if experiment is not _ANY_OWNER:
-        check_owner(data, Path(path), experiment, what=what, missing=missing)
-    saved = data.get("space_config")
-    if saved is not None:
-
-        details = config_differences(saved, space.config.to_dict())
-        if details:
-            raise CheckpointError(
-                f"{what} at {path} was trained for another student space ({details}); re-run its warm-up "
-                "with this config or point the config at a matching checkpoint"
-            )
-    saved_teacher = data.get("teacher_fingerprint")
-    if teacher_fingerprint and saved_teacher and saved_teacher != teacher_fingerprint:
-        logger.warning("%s at %s was distilled from another teacher (%s, now %s); its weights are used anyway",
-                       what, path, saved_teacher, teacher_fingerprint)
-    try:
-        space.supernet.load_state_dict(data["state_dict"])
-    except (RuntimeError, KeyError) as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"{what} at {path} does not fit this student space ({first})") from exc
-    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,24 +481,6 @@ def _phases(setup: KDSetup, cfg, plan: WarmupPlan):
     return phases
 
 
-def _checkpoint_payload(setup: KDSetup, plan: WarmupPlan, init: str, loss: Optional[float],
-                        experiment: Optional[str] = None) -> Dict[str, Any]:
-    return {
-        "owner": owner(experiment),
-        "kind": _KIND,
-        "format": SUPERNET_FORMAT,
-        "stage": plan.stage,
-        "plan": plan.to_dict(),
-        "space_config": setup.space.config.to_dict(),
-        "state_dict": setup.space.supernet.state_dict(),
-        "teacher_fingerprint": setup.teacher_fingerprint,
-        "task_fingerprint": setup.task.fingerprint,
-        "init": init,
-        "loss": loss,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
 def _read_state(path: Path, plan: WarmupPlan) -> Optional[Dict[str, Any]]:
     if not path.is_file():
         return None
@@ -708,7 +620,7 @@ def run_warmup(
             if name == "general" and plan.steps:
                 # Persist the phase boundary: an interruption in the task phase must not redo it.
                 save_state(None, _PHASES.index("task"))
-        atomic_save_torch(_checkpoint_payload(setup, plan, init, loss, experiment), ckpt)
+        write_supernet_checkpoint(ckpt, setup, plan, init, loss, experiment)
         state_path.unlink(missing_ok=True)
 
     return _finish(setup, plan, ckpt, started, sampler_of["task"], skipped=False, init=init, loss=loss,
@@ -729,9 +641,9 @@ def run_warmup_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int
         raise ConfigError(f"warm-up parameters need {WARMUP_KEY}, got keys {sorted(params)}")
     fixed = split_arch(params)
     warm_stage = int_meta(params, WARMUP_KEY) if stage is None else stage
-    logger.info("warm-up trial of stage %s (%s)", warm_stage, params.get("_stage_name", "?"))
-    result = run_warmup(cfg, warm_stage, fixed=fixed, steps=int_meta(params, "_warmup_steps"),
-                        general_steps=int_meta(params, "_general_warmup_steps"), progress=progress, setup=setup,
+    logger.info("warm-up trial of stage %s (%s)", warm_stage, stage_name(params, "?"))
+    result = run_warmup(cfg, warm_stage, fixed=fixed, steps=int_meta(params, WARMUP_STEPS_KEY),
+                        general_steps=int_meta(params, GENERAL_WARMUP_STEPS_KEY), progress=progress, setup=setup,
                         experiment=experiment)
     metrics = {**result.report(), **echoed_ids(params)}
     if report:

@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from nni_effbert.search_spaces.config import config_differences
+from nni_effbert.search_spaces.space_config import config_differences
 
 from ..data.loading import corpus_files, unlabeled_texts
 from ..errors import CheckpointError, ConfigError
-from ..kd.latency import measure_latency
+from ..latency.measure import measure_latency
 from ..kd.losses import KDLoss
 from ..kd.train import CachedTeacher, KDSetup, TrainSettings, kd_train
 from .export import export_student, load_exported

@@ -8,7 +8,7 @@ Steps (one progress bar over them, each step with its own bars):
 
 1. fine-tune the MiniLM teacher (``teacher.model: minilm``, the ``[quickstart]`` extra) on a few
    thousand SST-2 rows;
-2. the progressive search through ``nnictl`` (:func:`nni_effbert.nas.search.run_search`, waiting
+2. the progressive search through ``nnictl`` (:func:`nni_effbert.nas.launcher.run_search`, waiting
    for the end), with the quickstart preset and shortened stages;
 3. export the best trial; 4. distil it; 5. export and distil the baseline with the same budget
    and write the report;
@@ -37,8 +37,8 @@ from ..errors import ConfigError, EffBertError
 from ..io import atomic_write_text
 from ..kd.teacher import finetune_from_config
 from ..kd.train import KDSetup
-from ..nas.evaluator import KDEvaluator
-from ..nas.search import run_search
+from ..nas.kd_evaluator import KDEvaluator
+from ..nas.launcher import run_search
 from .distill import run_distill
 from .report import build_report
 from .students import SEARCHED, export_best, keep_previous_export

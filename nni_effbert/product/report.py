@@ -27,8 +27,8 @@ from nni_effbert.search_spaces.supernet import REFERENCE_EXPRESSION
 
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..io import atomic_write_json, atomic_write_text, load_json
-from ..kd.latency import measure_latency
-from ..kd.latency_table import latency_settings
+from ..latency.measure import measure_latency
+from ..latency.table import latency_settings
 from ..kd.teacher import load_teacher, prepare_teacher
 from ..kd.teacher_init import origin_line, student_origin
 from ..kd.train import KDSetup
@@ -41,7 +41,7 @@ from .export import HASHES_KEY, WEIGHTS_FILE, load_exported
 from .fidelity import fidelity_markdown
 from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label
 from .compare import comparisons_markdown
-from .cost import LatencyBaselineChoice, choose_latency_baseline, ensure_latency_baseline
+from .latency_exports import LatencyBaselineChoice, choose_latency_baseline, ensure_latency_baseline
 from .students import SEARCHED, ensure_baseline, experiments_dir_of, supernet_experiment
 
 __all__ = ["TABLE_KEYS", "MEASUREMENTS_FILE", "LatencyRecord", "ReportResult", "ReportOutcome", "format_table",

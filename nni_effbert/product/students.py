@@ -15,8 +15,8 @@ from typing import Any, Dict, Optional
 from ..errors import CheckpointError
 from ..io import load_json
 from ..kd.teacher_init import student_origin
-from ..nas.evaluator import KDEvaluator
-from ..nas.params import read_arch_file
+from ..nas.kd_evaluator import KDEvaluator
+from ..params import arch_part, read_arch_file
 from ..nas.ranking import best_trial
 from ..nas.records import read_nni_trials
 from ..workdir import WorkDir
@@ -181,7 +181,7 @@ def export_arch(cfg, arch_file: str, *, name: str = SEARCHED, stage: Optional[in
     """
 
     data = read_arch_file(arch_file)
-    arch = {k: v for k, v in data.items() if not str(k).startswith("_")}
+    arch = arch_part(data)
     evaluator = evaluator or KDEvaluator(cfg, progress=progress, experiment=experiment)
     extra = {"source": "arch file", "arch_file": str(Path(arch_file).absolute())}
     if experiment:

@@ -16,7 +16,7 @@
     Without ``config``: ``EfficientBertSpace.preset(preset, **space_overrides)``
     (default preset ``quickstart``).
 ``search``
-    A mapping of :class:`~.stages.SearchConfig` fields. With ``config`` it overrides that
+    A mapping of :class:`~nni_effbert.strategies.stages.SearchConfig` fields. With ``config`` it overrides that
     file's ``search`` section key by key (``stages`` is replaced as a whole).
 ``state_path``
     Where to keep the search state JSON. Default: NNI's checkpoint folder of the experiment
@@ -40,10 +40,10 @@ from nni_effbert.config import load_config
 from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.workdir import WorkDir
 
+from ..core import ProgressiveSearch
+from ..search_errors import SearchConfigError
+from ..stages import SearchConfig
 from .broker import STATE_FILE, TrialBroker
-from .core import ProgressiveSearch
-from .errors import SearchConfigError
-from .stages import SearchConfig
 
 __all__ = ["CLASS_ARGS", "build_space_and_search", "build_broker", "check_search_space", "default_state_path",
            "nni_experiment_params", "resolve_config_path", "needs_teacher_trial"]
@@ -203,7 +203,7 @@ def build_broker(config: Optional[str] = None, preset: Optional[str] = None,
                                     "YAML, whose work directory holds the latency table)")
         # local: the latency table pulls in transformers and scipy; NNI gives its dispatcher 10 s to
         # connect, so searches without a latency budget or objective must not pay for the import.
-        from nni_effbert.kd.latency_table import search_latency
+        from nni_effbert.latency.table import search_latency
 
         cfg = load_config(config, check_paths=False)
         cfg.search = settings

@@ -35,7 +35,7 @@ def not_registered_hint(text: str) -> Optional[str]:
         return None
     return (f"the tuner {BUILTIN_NAME} is not registered with NNI in this environment: run `{REGISTER_COMMAND}` "
             f"(or `nnictl algo register --meta {meta_file()}`), or name the advisor by class: "
-            "tuner: {className: nni_effbert.strategies.advisor.ProgressiveAdvisor, codeDirectory: .}")
+            "tuner: {className: nni_effbert.strategies.nni.advisor.ProgressiveAdvisor, codeDirectory: .}")
 
 
 def meta_file() -> Path:

@@ -11,7 +11,7 @@ the ``warmup_fn`` you inject: ``warmup_fn(parameters)`` receives the same JSON p
 ``nnictl`` warm-up trial gets (``{"_warmup_stage": i, "_stage_name": ..., "_warmup_steps": ...,
 <fixed labels>}``) and must return once the stage's supernet checkpoint is written, or raise.
 It is called while no candidate runs, so candidates always start from the warmed-up supernet.
-A raised exception stops the search with :class:`~.errors.WarmupFailedError`. Without a
+A raised exception stops the search with :class:`~nni_effbert.strategies.search_errors.WarmupFailedError`. Without a
 ``warmup_fn`` the warm-ups are skipped with a logged warning (fine for a synthetic evaluator or
 a supernet warmed up beforehand with ``nni-effbert warmup``).
 
@@ -20,7 +20,7 @@ as ``model_space.freeze(sample)`` where ``sample`` holds the arch labels plus ``
 when the stage sets it, ``_train_steps`` -- exactly the parameters of an ``nnictl`` trial. NNI
 keeps it as ``model.sample`` (an evaluator overriding ``_execute(model)`` reads it there, in
 the strategy's process and in trial processes alike); the space's mutables ignore the extra
-keys. :func:`~.core.split_parameters` separates arch and search keys.
+keys. :func:`~nni_effbert.strategies.core.split_parameters` separates arch and search keys.
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ from nni.nas.execution.event import ModelEvent, ModelEventType
 from nni.nas.space import ExecutableModelSpace, ModelStatus
 from nni.nas.strategy.base import Strategy
 
-from .core import Done, Failure, Proposal, ProgressiveSearch, Wait
-from .errors import SearchConfigError, SearchStateError
-from .stages import SearchConfig
+from ..core import Done, Failure, Proposal, ProgressiveSearch, Wait
+from ..search_errors import SearchConfigError, SearchStateError
+from ..stages import SearchConfig
 
 __all__ = ["ProgressiveStrategy"]
 
@@ -75,7 +75,7 @@ class ProgressiveStrategy(Strategy):
         experiment's succeeded NNI trials.
     latency_fn : callable, optional
         ``latency_fn(arch) -> ms``, the latency predictor a latency budget or objective needs
-        (:class:`~nni_effbert.kd.latency_table.LatencyTable`).
+        (:class:`~nni_effbert.latency.table.LatencyTable`).
     teacher_latency_ms : float, optional
         The teacher's latency, for ``speedup`` targets.
 

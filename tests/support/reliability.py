@@ -1,4 +1,4 @@
-"""Shared helpers of the ``test_reliability_*`` modules (no tests here).
+"""Shared helpers of the ``test_reliability_*`` modules.
 
 * :func:`prepared_work`: a tiny experiment ready for trials -- a random tiny BERT teacher
   fine-tuned a few steps by ``nni-effbert teacher``, its output cache, and stage 0's
@@ -23,24 +23,19 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from .teacher import save_tiny_bert
+
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "tiny" / "effbert.yml"
 TERMINAL = ("DONE", "ERROR", "STOPPED", "TUNER_NO_MORE_TRIAL", "NO_MORE_TRIAL")
 
 
 def make_teacher(folder: Path, vocab_file: Path) -> Path:
     """A random tiny BERT (2 layers, hidden 32) with the tests' tiny tokenizer."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertTokenizerFast
 
     tok = BertTokenizerFast.from_pretrained(str(vocab_file.parent), do_lower_case=True)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        vocab_size=len(tok), max_position_embeddings=64, num_labels=2))
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(folder, tok)
 
 
 def write_config(path: Path, work: Path, teacher: Path, glue_dir: Path, *, search: Optional[dict] = None,
@@ -112,7 +107,7 @@ class NniExperiment:
         self.experiments = root / "experiments"
         self.port = free_port()
         self.id: Optional[str] = None
-        reg = subprocess.run([sys.executable, "-c", "from nni_effbert.strategies.registration import register_tuner; "
+        reg = subprocess.run([sys.executable, "-c", "from nni_effbert.strategies.nni.registration import register_tuner; "
                               "register_tuner()"], env=self.env, capture_output=True, text=True, timeout=120)
         assert reg.returncode == 0, reg.stderr
         from nni_effbert.search_spaces import EfficientBertSpace

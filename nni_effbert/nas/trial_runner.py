@@ -56,8 +56,9 @@ from ..errors import ConfigError, DiskFullError, EffBertError, one_line
 from ..kd.teacher import finetune_from_config
 from ..kd.train import TrialFailure
 from ..runtime import apply_gpu_memory_limit, configure_runtime, configure_threads, gpu_oom_reason, resolve_runtime
-from .evaluator import KDEvaluator
-from .params import add_arguments, echoed_ids, int_meta, is_placeholder, is_teacher, is_warmup, read_arch_file, split_arch
+from ..params import (STAGE_KEY, TRAIN_STEPS_KEY, add_arguments, echoed_ids, int_meta, is_placeholder, is_teacher,
+                      is_warmup, placeholder_reason, read_arch_file, split_arch)
+from .kd_evaluator import KDEvaluator
 from .supernets import experiment_key
 from .supervisor import CHILD_ENV, EXIT_FAILED, _die_with_parent, in_nni, supervise
 from .warmup import run_warmup_parameters
@@ -133,10 +134,10 @@ def run_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int] = Non
         return run_warmup_parameters(cfg, params, stage=stage, report=report, progress=progress, setup=setup,
                                      experiment=experiment)
     arch = split_arch(params)
-    evaluator = KDEvaluator(cfg, stage=int_meta(params, "_stage") if stage is None else stage,
+    evaluator = KDEvaluator(cfg, stage=int_meta(params, STAGE_KEY) if stage is None else stage,
                             report=report, progress=progress, setup=setup, experiment=experiment)
     evaluator.reported_extra = echoed_ids(params)
-    steps = train_steps if train_steps is not None else int_meta(params, "_train_steps")
+    steps = train_steps if train_steps is not None else int_meta(params, TRAIN_STEPS_KEY)
     return evaluator.evaluate(arch, train_steps=steps)
 
 
@@ -210,8 +211,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("not running inside NNI: pass --arch ARCH.json with the parameters to run")
     if is_placeholder(params):
-        # Started only so that NNI hands out parameters queued before it (strategies.broker).
-        logger.info("placeholder trial (%s): nothing to run", params.get("_noop"))
+        # Started only so that NNI hands out parameters queued before it (strategies.nni.broker).
+        logger.info("placeholder trial (%s): nothing to run", placeholder_reason(params))
         return EXIT_OK
     progress = not getattr(args, "quiet", False)
     limit = cfg.evaluator.memory_limit_mb

@@ -79,7 +79,7 @@ import torch
 from scipy.stats import kendalltau
 from tqdm.auto import tqdm
 
-from nni_effbert.search_spaces.config import EfficientBertConfig, preset_config
+from nni_effbert.search_spaces.space_config import EfficientBertConfig, preset_config
 from nni_effbert.search_spaces.modeling import (SLOTS, EfficientBertModel, EfficientMLPBlock, Embeddings,
                                                 LayerArch, SelfAttention, SlotSpec)
 from nni_effbert.search_spaces.ops import NO_BINARY
@@ -88,8 +88,8 @@ from nni_effbert.search_spaces.supernet import layer_choices  # not .space: that
 from ..errors import ConfigError, EffBertError
 from ..io import atomic_write_json, load_json
 from ..workdir import WorkDir
-from .latency import measure_latency
-from .teacher import load_teacher, prepare_teacher, teacher_fingerprint
+from .measure import measure_latency
+from ..kd.teacher import load_teacher, prepare_teacher, teacher_fingerprint
 
 __all__ = [
     "LatencyTableError",
@@ -689,7 +689,7 @@ class CheckResult:
 
 def check_table(table: LatencyTable, archs: Sequence[Mapping[str, Any]], settings: LatencySettings, *,
                 repeats: int = 30, progress: bool = True, keep_archs: bool = True) -> CheckResult:
-    """Measure each arch end to end (:func:`~nni_effbert.kd.latency.measure_latency`, random
+    """Measure each arch end to end (:func:`~nni_effbert.latency.measure.measure_latency`, random
     weights, the table's settings) and compare with the table's prediction."""
     dev = torch_device(settings.device)
     pairs = []

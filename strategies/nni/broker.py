@@ -9,7 +9,7 @@ tuner (``st_callback``). So a slot asked for during a warm-up is filled when the
 succeeds, concurrency is never lost, and no candidate ever runs on an untrained supernet.
 
 The broker also maps NNI parameter ids to the search's trial ids, turns NNI's trial events
-into :meth:`~.core.ProgressiveSearch.tell` calls, and writes the whole state as JSON after
+into :meth:`~nni_effbert.strategies.core.ProgressiveSearch.tell` calls, and writes the whole state as JSON after
 every change (atomically, through :mod:`nni_effbert.io`) so ``nnictl resume`` continues where
 the search stopped. It holds a lock: NNI calls tuners from two threads.
 
@@ -27,12 +27,12 @@ predecessor's. NNI's trial list then shows a job with parameters it did not run,
   its final metric (``parameter_id``) so results imported on resume land right too;
 * counts a job that ended SUCCEEDED without reporting as having run a placeholder (every real
   trial reports before it exits 0) and a job that failed before reporting as the end of its
-  queued parameters (:data:`~.core.UNREPORTED`, which a later metric of them overrides);
+  queued parameters (:data:`~nni_effbert.strategies.core.UNREPORTED`, which a later metric of them overrides);
 * when the search waits on trials and no job is left to run them (their parameters are stuck
   in NNI's queue), serves *placeholder* parameters (``{"_noop": ...}``: the trial exits at
   once) so NNI starts jobs that drain the queue, as many as jobs ended unsuccessfully without
   reporting (the most stale entries the queue can hold); a trial still awaited after that
-  round is dead and fails as :data:`~.core.UNREPORTED`.
+  round is dead and fails as :data:`~nni_effbert.strategies.core.UNREPORTED`.
 """
 from __future__ import annotations
 
@@ -45,10 +45,11 @@ from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tup
 
 from nni_effbert.errors import CheckpointError
 from nni_effbert.io import atomic_write_json, load_json
-from nni_effbert.nas.params import NOOP_KEY, PARAMETER_ID_KEY
+from nni_effbert.params import (NOOP_KEY, PARAMETER_ID_KEY, placeholder_parameters, with_parameter_id,
+                                 without_parameter_id)
 
-from .core import NO_METRIC, UNREPORTED, Done, Failure, ProgressiveSearch, Proposal, Wait
-from .errors import SearchStateError
+from ..core import NO_METRIC, UNREPORTED, Done, Failure, ProgressiveSearch, Proposal, Wait
+from ..search_errors import SearchStateError
 
 __all__ = ["TrialBroker", "NO_METRIC", "UNREPORTED", "STATE_FILE", "NOOP_KEY", "PARAMETER_ID_KEY"]
 
@@ -62,7 +63,7 @@ Served = List[Tuple[int, Dict[str, Any]]]
 
 
 class TrialBroker:
-    """Serve NNI's trial requests from a :class:`~.core.ProgressiveSearch`, thread-safely.
+    """Serve NNI's trial requests from a :class:`~nni_effbert.strategies.core.ProgressiveSearch`, thread-safely.
 
     Parameters
     ----------
@@ -121,7 +122,7 @@ class TrialBroker:
                     break
                 pid = self._take_slot()
                 self._pid_to_trial[pid] = action.trial_id
-                served.append((pid, {**action.parameters, PARAMETER_ID_KEY: pid}))
+                served.append((pid, with_parameter_id(action.parameters, pid)))
             if not served:
                 served = self._drain_round()
             self._live += len(served)
@@ -144,7 +145,7 @@ class TrialBroker:
         NNI's queue holds one stale entry per job that died before asking for its parameters,
         so at most :attr:`_unasked` (jobs that ended unsuccessfully without reporting). A round of
         that many placeholders makes NNI hand out every stale entry; a trial still awaited after
-        the round is dead and fails as :data:`~.core.UNREPORTED`."""
+        the round is dead and fails as :data:`~nni_effbert.strategies.core.UNREPORTED`."""
         waiting = set(self.search.running())
         if not waiting or self.search.done is not None:
             self._drain = None
@@ -160,7 +161,7 @@ class TrialBroker:
             pid = self._take_slot()
             self._noop.add(pid)
             self._drain["left"] -= 1
-            served.append((pid, {NOOP_KEY: "drains NNI's parameter queue", PARAMETER_ID_KEY: pid}))
+            served.append((pid, placeholder_parameters(pid, "drains NNI's parameter queue")))
         if served or self._drain["left"] > 0 or self._live > 0:
             return served
         # The round is over and no job is left: what it still waits on will never report.
@@ -203,7 +204,7 @@ class TrialBroker:
                 logger.info("final metric of parameter id %s is not from this search; ignored", parameter_id)
                 return
             if isinstance(value, Mapping) and value.get("failed"):
-                # The trial reported why it fails (nas.trial does, then exits 1); told at its end,
+                # The trial reported why it fails (nas.trial_runner does, then exits 1); told at its end,
                 # so a failure that stops the search does so after NNI saw the job end.
                 self._reported_failure[trial] = str(value.get("reason") or "the trial reported a failure")
                 return
@@ -299,7 +300,7 @@ class TrialBroker:
                     running = {k: t for k, t in running.items() if t != trial}
                 else:
                     if isinstance(params, dict):
-                        params = {k: v for k, v in params.items() if k != PARAMETER_ID_KEY}
+                        params = without_parameter_id(params)
                     key = json.dumps(params, sort_keys=True) if isinstance(params, dict) else None
                     trial = running.pop(key, None)
                 if trial is not None:

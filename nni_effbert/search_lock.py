@@ -37,9 +37,9 @@ from typing import Any, Dict, Optional, Tuple
 
 from filelock import FileLock
 
-from ..errors import EffBertError
-from ..io import atomic_write_json
-from ..workdir import WorkDir
+from .errors import EffBertError
+from .io import atomic_write_json
+from .workdir import WorkDir
 
 __all__ = ["SearchRunningError", "SearchHolder", "acquire", "release", "release_experiment", "update", "read_holder", "is_live",
            "STARTING_GRACE_S"]

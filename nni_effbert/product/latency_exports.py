@@ -3,7 +3,7 @@ baseline matched to the searched student's latency.
 
 * :func:`export_within_latency` is ``nni-effbert export --experiment ID --max-latency MS`` /
   ``--min-speedup X``: the best trial of the last stage whose latency
-  (:func:`~nni_effbert.nas.cost.trial_latency`: predicted where reported) meets the limit.
+  (:func:`~nni_effbert.nas.latency_ranking.trial_latency`: predicted where reported) meets the limit.
 * :func:`latency_baseline_arch` / :func:`ensure_latency_baseline` build the report's second
   baseline: BERT's MLP, stack 1, at the width whose latency is nearest the searched student's,
   first by the latency table's prediction (the two nearest widths), then by end-to-end
@@ -19,10 +19,10 @@ from typing import Any, Dict, List, Optional
 from nni_effbert.search_spaces.modeling import EfficientBertModel
 
 from ..errors import ConfigError
-from ..kd.latency import measure_latency
-from ..kd.latency_table import latency_settings, table_for_config, teacher_latency_ms, torch_device
-from ..nas.cost import best_by_objective, best_within_latency
-from ..nas.evaluator import KDEvaluator
+from ..latency.measure import measure_latency
+from ..latency.table import latency_settings, table_for_config, teacher_latency_ms, torch_device
+from ..nas.latency_ranking import best_by_objective, best_within_latency
+from ..nas.kd_evaluator import KDEvaluator
 from ..nas.records import read_nni_trials
 from .students import (SEARCHED, ExportInfo, _export, baseline_evaluator, distil_baseline, experiments_dir_of,
                        reusable_export)

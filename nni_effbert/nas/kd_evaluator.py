@@ -38,14 +38,14 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 from ..config import ExperimentConfig, from_dict, load_config
 from ..errors import CheckpointError, ConfigError, DiskFullError, EffBertError
 from ..io import atomic_write_json
-from ..kd.latency import measure_latency
-from ..kd.latency_table import latency_settings, load_table, table_path, torch_device
+from ..latency.measure import measure_latency
+from ..latency.table import latency_settings, load_table, table_path, torch_device
 from ..kd.train import KDSetup, TrainSettings, TrialFailure, kd_train
 from ..workdir import WorkDir
 from .objectives import objective_value, search_metric_dict
-from .params import is_warmup
-from .supernets import experiment_key, latest_stage, missing_message, resolve_checkpoint
-from .warmup import load_supernet_checkpoint, run_warmup_parameters, warmup_required
+from ..params import is_warmup
+from .supernets import experiment_key, latest_stage, load_supernet_checkpoint, missing_message, resolve_checkpoint
+from .warmup import run_warmup_parameters, warmup_required
 
 __all__ = ["ArchError", "KDEvaluator", "evaluate_nni_model"]
 
@@ -125,7 +125,7 @@ class KDEvaluator:
         self.experiment = experiment_key(experiment)
         self.stage = stage
         self.report = report
-        #: Added to the reported final metric (the trial sets which parameters it ran, see nas.params).
+        #: Added to the reported final metric (the trial sets which parameters it ran, see nni_effbert.params).
         self.reported_extra: Dict[str, Any] = {}
         self.progress = progress
         self.latency = latency
@@ -412,7 +412,7 @@ class KDEvaluator:
     def warmup(self, parameters: Mapping[str, Any]) -> Dict[str, Any]:
         """Run a warm-up trial's parameters (``{"_warmup_stage": N, ...}``) in this process.
 
-        This is the ``warmup_fn`` of :class:`~nni_effbert.strategies.strategy.ProgressiveStrategy`
+        This is the ``warmup_fn`` of :class:`~nni_effbert.strategies.nni.strategy.ProgressiveStrategy`
         (``NasExperiment`` path); it reuses this evaluator's loaded data and returns the
         warm-up's metric dict.
         """
