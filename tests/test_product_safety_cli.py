@@ -187,7 +187,7 @@ def test_each_experiment_reads_its_own_config(work, capsys, monkeypatch, caplog)
     import logging
 
     from nni_effbert.config import load_config
-    from nni_effbert.nas import search_lock
+    from nni_effbert import search_lock
     from nni_effbert.workdir import WorkDir
 
     work, sets, arch_file = work
