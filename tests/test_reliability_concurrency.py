@@ -63,6 +63,7 @@ def test_three_concurrent_first_trials_build_the_cache_once(prepared, tmp_path):
 WARMUP_KILLED_IN_SAVE = r'''
 import sys, torch
 import nni_effbert.io as io
+import nni_effbert.nas.supernets as supernets
 import nni_effbert.nas.warmup as warmup
 
 real_save = warmup.atomic_save_torch
@@ -79,7 +80,8 @@ def half_then_block(obj, path):
         sys.stdin.read()  # the parent SIGKILLs us here
 
 
-warmup.atomic_save_torch = half_then_block
+warmup.atomic_save_torch = half_then_block  # the warm-up's resume state
+supernets.atomic_save_torch = half_then_block  # the stage checkpoint (nas.supernets writes it)
 from nni_effbert import cli
 sys.exit(cli.main(sys.argv[1:]))
 '''
