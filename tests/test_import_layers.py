@@ -38,7 +38,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("NAS library", ["nas", "nas.params", "nas.records", "nas.ranking", "nas.warmup", "nas.evaluator",
                      "nas.nni_evaluator", "nas.supernets", "nas.search_lock", "nas.cost", "nas.objectives"]),
     ("product library", ["product", "product.export", "product.distill", "product.students", "product.plots",
-                         "product.cost", "product.report", "product.fidelity"]),
+                         "product.cost", "product.report", "product.fidelity", "product.onnx"]),
     ("NNI-facing", ["nas.*", "strategies.*"]),
     ("pipeline", ["product.quickstart"]),
     ("entry points", ["cli", "trial", "evaluator"]),
