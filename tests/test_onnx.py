@@ -216,3 +216,39 @@ def test_measure_latency_in_each_runtime():
         r = measure_latency(model, seq_length=16, repeats=3, warmup=1, runtime=runtime)
         assert r.runtime == runtime and r.median_ms > 0 and len(r.times_ms) == 3
     assert model.training  # the caller's mode is restored
+
+
+def test_runtime_rows_give_the_int8_teacher_its_own_row(student_folder, base_teacher, tmp_path, dev_rows,
+                                                        tiny_tokenizer):
+    from nni_effbert.data.tasks import get_task_spec
+
+    import shutil
+
+    student_folder = Path(shutil.copytree(student_folder, tmp_path / "student"))
+    texts, labels = dev_rows
+    teacher_out = tmp_path / "teacher"
+    teacher_out.mkdir()
+    onnx_mod.export_onnx(base_teacher, int8=True, out_dir=teacher_out)
+    onnx_mod.export_onnx(student_folder, int8=True)
+    enc = tiny_tokenizer(texts[:32], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    batches = [{"input_ids": enc["input_ids"][i:i + 16], "attention_mask": enc["attention_mask"][i:i + 16],
+                "token_type_ids": enc["token_type_ids"][i:i + 16], "labels": torch.tensor(labels[i:i + 16])}
+               for i in (0, 16)]
+    models = [{"name": "teacher", "role": "teacher", "folder": teacher_out, "dev_metric": 0.5, "latency_ms": 4.0},
+              {"name": "searched student", "role": "searched", "folder": student_folder, "dev_metric": 0.5,
+               "latency_ms": 2.0}]
+    rows = onnx_mod.runtime_rows(models, batches, get_task_spec("sst2"), vocab_size=400, seq_length=16, repeats=3)
+    assert [(r["role"], r["precision"]) for r in rows] == [("teacher", "fp32"), ("teacher", "int8"),
+                                                          ("searched", "fp32"), ("searched", "int8")]
+    t32, t8, s32, s8 = rows
+    assert t32["onnxruntime_speedup"] == 1.0 and t32["torch_speedup"] == 1.0 and s32["torch_speedup"] == 2.0
+    assert t8["torch_ms"] is None and t8["onnxruntime_speedup"] == pytest.approx(t32["onnxruntime_ms"] / t8["onnxruntime_ms"])
+    assert all(0.0 <= r["dev_metric"] <= 1.0 and r["onnxruntime_ms"] > 0 for r in rows)
+    md = onnx_mod.runtime_markdown(rows, metric_name="dev accuracy", seq_length=16)
+    assert md.count("| teacher |") == 2 and "| teacher | int8 |" in md and "fp32 teacher in the same runtime" in md
+    # Weights changed after the export: the files no longer count as this folder's model.
+    weights = student_folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())
+    import os
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert onnx_mod.onnx_files(student_folder) == {"onnxruntime": None, "onnxruntime-int8": None}

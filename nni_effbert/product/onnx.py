@@ -69,6 +69,10 @@ __all__ = [
     "task_rows",
     "onnx_files",
     "OnnxModel",
+    "evaluate_onnx",
+    "onnx_latency_ms",
+    "runtime_rows",
+    "runtime_markdown",
 ]
 
 logger = logging.getLogger(__name__)
@@ -294,19 +298,21 @@ def task_rows(cfg, n: int = CHECK_ROWS) -> Tuple[List[Row], List[Any], str]:
     return rows, list(dev["label"]), f"{spec.name} dev rows"
 
 
-def onnx_files(folder: PathLike) -> Dict[str, Optional[Path]]:
+def onnx_files(folder: PathLike, source: Optional[PathLike] = None) -> Dict[str, Optional[Path]]:
     """``{"onnxruntime": model.onnx, "onnxruntime-int8": model.int8.onnx}`` of ``folder`` (None
-    where missing, or where ``onnx_check.json`` says the files were made from other weights)."""
+    where missing, or where ``onnx_check.json`` says the files were made from other weights than
+    ``source`` holds now; ``source`` defaults to ``folder`` when it holds PyTorch weights)."""
     folder = Path(folder)
     out: Dict[str, Optional[Path]] = {"onnxruntime": None, "onnxruntime-int8": None}
     check_path = folder / CHECK_FILE
     if not check_path.is_file():
         return out
     check = load_json(check_path, "ONNX check record")
-    source = folder if (folder / WEIGHTS_FILE).is_file() else None
-    if source is not None and isinstance(check, dict) and check.get("source_weights") != _weights_stamp(source):
-        logger.warning("%s: the ONNX files were made from other weights than %s holds now; re-run "
-                       "`nni-effbert export --onnx`", folder, WEIGHTS_FILE)
+    if source is None and (folder / WEIGHTS_FILE).is_file():
+        source = folder
+    if source is not None and isinstance(check, dict) and check.get("source_weights") != _weights_stamp(Path(source)):
+        logger.warning("%s: the ONNX files were made from other weights than %s holds now; export them again",
+                       folder, source)
         return out
     for key, name in (("onnxruntime", ONNX_FILE), ("onnxruntime-int8", INT8_FILE)):
         if (folder / name).is_file():
@@ -446,3 +452,124 @@ def _add_readme_section(readme: Path, int8: bool) -> None:
         "",
     ])
     atomic_write_text(text, readme)
+
+
+# ============================================================================================
+# Accuracy and latency per runtime (the report's runtime section, bench/deploy.py)
+# ============================================================================================
+
+#: The runtimes of the runtime section: (runtime, precision, ONNX file key of :func:`onnx_files`).
+SECTION_RUNTIMES = (("torch", "fp32", None), ("onnxruntime", "fp32", "onnxruntime"),
+                    ("onnxruntime", "int8", "onnxruntime-int8"))
+
+
+def evaluate_onnx(model: OnnxModel, batches: Sequence[Mapping[str, torch.Tensor]], spec) -> float:
+    """Task metric of an ONNX model on tokenized batches (``length_sorted_batches`` of a split)."""
+    from ..data.metrics import compute_metrics  # local: keeps this module's import light for the CLI
+
+    logits, labels = [], []
+    for b in batches:
+        logits.append(model(b["input_ids"], b["attention_mask"], b["token_type_ids"]))
+        labels.append(b["labels"].numpy())
+    out = np.concatenate(logits)
+    if not np.isfinite(out).all():
+        raise EffBertError(f"{model.path}: the ONNX model's logits are NaN or infinite")
+    preds = out[:, 0] if spec.is_regression else out
+    return float(compute_metrics(spec.metric, preds, np.concatenate(labels))["default"])
+
+
+def onnx_latency_ms(models: Sequence[OnnxModel], *, vocab_size: int, seq_length: int = 128, batch_size: int = 1,
+                    repeats: int = 20, rounds: int = 3, seed: int = 0) -> List[float]:
+    """Median ``session.run`` time (ms) of each model on the same random ids, measured in
+    ``rounds`` interleaved rounds (a burst of load hits every model alike)."""
+    import statistics
+    import time
+
+    ids, mask, types = _random_inputs(vocab_size, batch_size, seq_length, seed)
+    mask = torch.ones_like(ids)
+    runs = []
+    for m in models:
+        feeds = {n: v.numpy() for n, v in zip(INPUT_NAMES, (ids, mask, types)) if n in m.used}
+        runs.append((m.session, feeds))
+    for sess, feeds in runs:  # warm-up
+        for _ in range(3):
+            sess.run(None, feeds)
+    times: List[List[float]] = [[] for _ in runs]
+    per_round = max(1, int(repeats) // int(rounds))
+    for _ in range(int(rounds)):
+        for i, (sess, feeds) in enumerate(runs):
+            for _ in range(per_round):
+                start = time.perf_counter()
+                sess.run(None, feeds)
+                times[i].append((time.perf_counter() - start) * 1000.0)
+    return [float(statistics.median(t)) for t in times]
+
+
+def runtime_rows(models: Sequence[Mapping[str, Any]], batches, spec, *, vocab_size: int, seq_length: int = 128,
+                 repeats: int = 20, threads: int = 1) -> List[Dict[str, Any]]:
+    """Dev metric and latency of each model in each runtime of :data:`SECTION_RUNTIMES`.
+
+    Parameters
+    ----------
+    models : sequence of dict
+        ``{name, role, folder, dev_metric, latency_ms}``: the PyTorch figures (fp32 eager, from
+        the report table) and the folder holding the model's ONNX files (:func:`onnx_files`).
+    batches : list of dict
+        Tokenized dev batches (``length_sorted_batches``).
+    spec : TaskSpec
+        The task (metric, regression).
+
+    Returns
+    -------
+    list of dict
+        One row per model and precision: ``{name, role, precision, dev_metric, torch_ms,
+        onnxruntime_ms, torch_speedup, onnxruntime_speedup}``; the speed-ups are against the fp32
+        teacher in the same runtime; int8 rows have no ``torch_ms`` (PyTorch int8 is not measured).
+    """
+    loaded = []
+    for m in models:
+        files = onnx_files(m["folder"])
+        for key in ("onnxruntime", "onnxruntime-int8"):
+            if files[key] is not None:
+                loaded.append((m, key, OnnxModel(files[key], threads)))
+    latencies = onnx_latency_ms([x[2] for x in loaded], vocab_size=vocab_size, seq_length=seq_length,
+                                repeats=repeats)
+    rows: List[Dict[str, Any]] = []
+    for m in models:
+        for key, precision in (("onnxruntime", "fp32"), ("onnxruntime-int8", "int8")):
+            hit = [(o, ms) for (mm, k, o), ms in zip(loaded, latencies) if mm is m and k == key]
+            if not hit:
+                continue
+            onnx_model, ms = hit[0]
+            rows.append({"name": m["name"], "role": m.get("role"), "precision": precision,
+                         "dev_metric": evaluate_onnx(onnx_model, batches, spec),
+                         "torch_dev_metric": m.get("dev_metric") if precision == "fp32" else None,
+                         "torch_ms": m.get("latency_ms") if precision == "fp32" else None,
+                         "onnxruntime_ms": ms})
+    teacher = next((r for r in rows if r["role"] == "teacher" and r["precision"] == "fp32"), None)
+    for r in rows:
+        for key in ("torch_ms", "onnxruntime_ms"):
+            base = teacher.get(key) if teacher else None
+            r[key.replace("_ms", "_speedup")] = base / r[key] if base and r.get(key) else None
+    return rows
+
+
+def runtime_markdown(rows: Sequence[Mapping[str, Any]], *, metric_name: str, seq_length: int) -> str:
+    """The report's runtime section (Markdown) of :func:`runtime_rows`."""
+
+    def f(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    lines = ["## Deployment runtimes: PyTorch eager, ONNX Runtime fp32 and int8", "",
+             f"| model | precision | {metric_name} (ONNX Runtime) | PyTorch eager (ms) | speed-up | "
+             "ONNX Runtime (ms) | speed-up |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['precision']} | {f(r['dev_metric'], '.4f')} | {f(r['torch_ms'], '.2f')} | "
+                     f"{f(r['torch_speedup'], '.2f')}x | {f(r['onnxruntime_ms'], '.2f')} | "
+                     f"{f(r['onnxruntime_speedup'], '.2f')}x |".replace("n/ax", "n/a"))
+    lines += ["", f"Latency: median forward time at batch 1, sequence length {seq_length}, one intra-op thread; "
+              "ONNX Runtime times `InferenceSession.run` of `model.onnx` / `model.int8.onnx` (dynamic int8 "
+              "quantization), measured interleaved. Speed-up: against the **fp32 teacher in the same runtime**. "
+              "The int8 teacher is the cheapest thing to try (no training): a searched student is worth its "
+              "search if it beats that row. PyTorch int8 is not measured (n/a).", ""]
+    return "\n".join(lines)

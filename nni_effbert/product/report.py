@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from ..errors import CheckpointError, ConfigError, EffBertError
-from ..io import atomic_write_text, load_json
+from ..data.loading import length_sorted_batches
+from ..io import atomic_write_json, atomic_write_text, load_json
+from ..kd.latency_onnx import DeployMissingError, require_deploy
 from ..kd.latency import measure_latency
 from ..kd.teacher import load_teacher, prepare_teacher
 from ..kd.teacher_init import origin_line, student_origin
@@ -27,6 +29,7 @@ from ..workdir import WorkDir
 from .distill import distill_record
 from .export import load_exported
 from .fidelity import fidelity_markdown
+from .onnx import TEACHER_EXPORT, export_onnx, export_teacher_onnx, onnx_files, runtime_markdown, runtime_rows, task_rows
 from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label
 from .cost import choose_latency_baseline, ensure_latency_baseline
 from .students import SEARCHED, ensure_baseline, experiments_dir_of, supernet_experiment
@@ -484,8 +487,47 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
     result = write_report(wd.root, trials, rows, experiment=experiment, metric_name=f"dev {metric}",
                           chosen=str(chosen) if chosen is not None else None, origin=origin,
                           search_metric_name=f"search score ({objective})", splits_note=note)
+    folders = [wd.teacher_dir, base_result.path] + ([] if same else [lat_result.path]) + [searched_dir]
+    _add_runtime_section(cfg, setup, rows, folders, result.report, metric_name=f"dev {metric}", seq_length=seq,
+                         repeats=repeats)
     table = format_table(rows, metric_name=f"dev {metric}")
     return ReportOutcome(result=result, rows=rows, table=table, experiment=experiment,
                          baseline_difference=choice.difference)
 
 
+def _add_runtime_section(cfg, setup, rows, folders, report: Path, *, metric_name: str, seq_length: int,
+                         repeats: int) -> None:
+    """Insert the deployment-runtime section (:mod:`nni_effbert.product.onnx`) into ``report``
+    before its search section, and write ``reports/runtimes.json``. ONNX files missing from a
+    folder are exported first (the teacher's into ``exports/teacher``). Without the ``[deploy]``
+    extra the section says how to get it."""
+    try:
+        require_deploy("the report's runtime section")
+    except DeployMissingError as exc:
+        section = f"## Deployment runtimes\n\nLeft out: {exc}.\n"
+        data = None
+    else:
+        texts = None
+        models = []
+        for row, folder in zip(rows, folders):
+            teacher = row.get("role") == "teacher"
+            target = WorkDir.of(cfg).export_dir(TEACHER_EXPORT) if teacher else Path(folder)
+            if None in onnx_files(target, source=folder).values():
+                if texts is None:
+                    texts = task_rows(cfg)
+                if teacher:
+                    export_teacher_onnx(cfg, int8=True, rows=texts[0], labels=texts[1], rows_source=texts[2])
+                else:
+                    export_onnx(folder, int8=True, rows=texts[0], labels=texts[1], rows_source=texts[2])
+            models.append({**row, "folder": target})
+        ev = cfg.evaluator
+        batches, _ = length_sorted_batches(setup.task.dev, int(ev.eval_batch_size or ev.batch_size), setup.pad_token_id)
+        data = runtime_rows(models, batches, setup.task.spec, vocab_size=int(setup.space.config.vocab_size),
+                            seq_length=seq_length, repeats=repeats)
+        section = runtime_markdown(data, metric_name=metric_name, seq_length=seq_length)
+        atomic_write_json({"seq_length": seq_length, "batch_size": 1, "threads": 1, "rows": data},
+                          report.parent / "runtimes.json")
+    text = report.read_text(encoding="utf-8")
+    marker = "\n## Search\n"
+    text = text.replace(marker, "\n" + section + marker, 1) if marker in text else text + "\n" + section
+    atomic_write_text(text, report)
