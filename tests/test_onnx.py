@@ -213,9 +213,12 @@ def test_measure_latency_in_each_runtime():
     config = preset_config("tiny")
     model = EfficientBertModel(config, EfficientBertSupernet(config).bert_arch())
     for runtime in latency_onnx.RUNTIMES:
-        r = measure_latency(model, seq_length=16, repeats=3, warmup=1, runtime=runtime)
-        assert r.runtime == runtime and r.median_ms > 0 and len(r.times_ms) == 3
-    assert model.training  # the caller's mode is restored
+        for training in (True, False):
+            model.train(training)
+            r = measure_latency(model, seq_length=16, repeats=3, warmup=1, runtime=runtime)
+            assert r.runtime == runtime and r.median_ms > 0 and len(r.times_ms) == 3
+            # the caller's mode is restored, in every submodule
+            assert all(m.training == training for m in model.modules()), (runtime, training)
 
 
 def test_runtime_rows_give_the_int8_teacher_its_own_row(student_folder, base_teacher, tmp_path, dev_rows,

@@ -137,7 +137,7 @@ def export_module(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path,
     """
     require_deploy("ONNX export")
     path = Path(path)
-    was_training = module.training
+    modes = {m: m.training for m in module.modules()}  # restored module by module, not by the root's flag
     module.eval()
     try:
         with _quiet_export(), torch.no_grad():
@@ -148,7 +148,8 @@ def export_module(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path,
         raise EffBertError(f"torch.onnx.export of {type(module).__name__} failed: "
                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     finally:
-        module.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     return path
 
 

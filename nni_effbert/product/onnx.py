@@ -36,6 +36,8 @@ import json
 import logging
 import os
 import shutil
+import statistics
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -47,6 +49,7 @@ import torch
 from transformers import AutoTokenizer
 
 from .. import __version__
+from ..data.metrics import compute_metrics
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..hf.configuration_effbert import EfficientBertHFConfig
 from ..io import atomic_write_json, atomic_write_text, load_json
@@ -465,8 +468,6 @@ SECTION_RUNTIMES = (("torch", "fp32", None), ("onnxruntime", "fp32", "onnxruntim
 
 def evaluate_onnx(model: OnnxModel, batches: Sequence[Mapping[str, torch.Tensor]], spec) -> float:
     """Task metric of an ONNX model on tokenized batches (``length_sorted_batches`` of a split)."""
-    from ..data.metrics import compute_metrics  # local: keeps this module's import light for the CLI
-
     logits, labels = [], []
     for b in batches:
         logits.append(model(b["input_ids"], b["attention_mask"], b["token_type_ids"]))
@@ -482,9 +483,6 @@ def onnx_latency_ms(models: Sequence[OnnxModel], *, vocab_size: int, seq_length:
                     repeats: int = 20, rounds: int = 3, seed: int = 0) -> List[float]:
     """Median ``session.run`` time (ms) of each model on the same random ids, measured in
     ``rounds`` interleaved rounds (a burst of load hits every model alike)."""
-    import statistics
-    import time
-
     ids, mask, types = _random_inputs(vocab_size, batch_size, seq_length, seed)
     mask = torch.ones_like(ids)
     runs = []

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..data.loading import length_sorted_batches
 from ..io import atomic_write_json, atomic_write_text, load_json
-from ..kd.latency_onnx import DeployMissingError, require_deploy
+from ..kd.latency_onnx import require_deploy
 from ..kd.latency import measure_latency
 from ..kd.teacher import load_teacher, prepare_teacher
 from ..kd.teacher_init import origin_line, student_origin
@@ -502,32 +502,38 @@ def _add_runtime_section(cfg, setup, rows, folders, report: Path, *, metric_name
     folder are exported first (the teacher's into ``exports/teacher``). Without the ``[deploy]``
     extra the section says how to get it."""
     try:
-        require_deploy("the report's runtime section")
-    except DeployMissingError as exc:
+        section = _runtime_section(cfg, setup, rows, folders, report, metric_name=metric_name, seq_length=seq_length,
+                                   repeats=repeats)
+    except EffBertError as exc:  # DeployMissingError included: the rest of the report stands
+        logger.warning("report: deployment-runtime section left out: %s", exc)
         section = f"## Deployment runtimes\n\nLeft out: {exc}.\n"
-        data = None
-    else:
-        texts = None
-        models = []
-        for row, folder in zip(rows, folders):
-            teacher = row.get("role") == "teacher"
-            target = WorkDir.of(cfg).export_dir(TEACHER_EXPORT) if teacher else Path(folder)
-            if None in onnx_files(target, source=folder).values():
-                if texts is None:
-                    texts = task_rows(cfg)
-                if teacher:
-                    export_teacher_onnx(cfg, int8=True, rows=texts[0], labels=texts[1], rows_source=texts[2])
-                else:
-                    export_onnx(folder, int8=True, rows=texts[0], labels=texts[1], rows_source=texts[2])
-            models.append({**row, "folder": target})
-        ev = cfg.evaluator
-        batches, _ = length_sorted_batches(setup.task.dev, int(ev.eval_batch_size or ev.batch_size), setup.pad_token_id)
-        data = runtime_rows(models, batches, setup.task.spec, vocab_size=int(setup.space.config.vocab_size),
-                            seq_length=seq_length, repeats=repeats)
-        section = runtime_markdown(data, metric_name=metric_name, seq_length=seq_length)
-        atomic_write_json({"seq_length": seq_length, "batch_size": 1, "threads": 1, "rows": data},
-                          report.parent / "runtimes.json")
     text = report.read_text(encoding="utf-8")
     marker = "\n## Search\n"
     text = text.replace(marker, "\n" + section + marker, 1) if marker in text else text + "\n" + section
     atomic_write_text(text, report)
+
+
+def _runtime_section(cfg, setup, rows, folders, report: Path, *, metric_name: str, seq_length: int,
+                     repeats: int) -> str:
+    """The section's Markdown (and ``runtimes.json``); raises :class:`EffBertError` subclasses."""
+    require_deploy("the report's runtime section")
+    texts = None
+    models = []
+    for row, folder in zip(rows, folders):
+        teacher = row.get("role") == "teacher"
+        target = WorkDir.of(cfg).export_dir(TEACHER_EXPORT) if teacher else Path(folder)
+        if None in onnx_files(target, source=folder).values():
+            if texts is None:
+                texts = task_rows(cfg)
+            if teacher:
+                export_teacher_onnx(cfg, int8=True, rows=texts[0], labels=texts[1], rows_source=texts[2])
+            else:
+                export_onnx(folder, int8=True, rows=texts[0], labels=texts[1], rows_source=texts[2])
+        models.append({**row, "folder": target})
+    ev = cfg.evaluator
+    batches, _ = length_sorted_batches(setup.task.dev, int(ev.eval_batch_size or ev.batch_size), setup.pad_token_id)
+    data = runtime_rows(models, batches, setup.task.spec, vocab_size=int(setup.space.config.vocab_size),
+                        seq_length=seq_length, repeats=repeats)
+    atomic_write_json({"seq_length": seq_length, "batch_size": 1, "threads": 1, "rows": data},
+                      report.parent / "runtimes.json")
+    return runtime_markdown(data, metric_name=metric_name, seq_length=seq_length)
