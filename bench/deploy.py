@@ -122,9 +122,13 @@ def main() -> int:
     p.add_argument("--experiment", metavar="ID", help="a finished torch-runtime pipeline run in the work directory")
     p.add_argument("--experiment-int8", metavar="ID", help="a finished onnxruntime-int8 search in the work directory")
     p.add_argument("--repeats", type=int, default=30, help="timed forwards per (model, runtime) (default 30)")
+    p.add_argument("--check", type=int, default=12,
+                   help="random archs measured end to end against each runtime's latency table (default 12)")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--smoke", action="store_true", help="quickstart smoke budgets (labelled SMOKE): proves it runs")
     args = p.parse_args()
+    if args.smoke and args.check == p.get_default("check"):
+        args.check = 4
 
     import matplotlib
 
@@ -235,6 +239,14 @@ def main() -> int:
             predicted[f"{name}@{runtime}"] = table.predict(arch)
     measured = _measure_arch_in_runtimes(space_config, archs, lt.latency_settings(cfg),
                                          ("torch", "onnxruntime-int8"))
+    # How well each runtime's per-component table predicts whole models (same random archs).
+    table_checks = {}
+    for runtime, c in (("torch", cfg), ("onnxruntime-int8", cfg8)):
+        table = lt.table_for_config(c, space_config=space_config, progress=False)
+        res = lt.check_table(table, lt.random_archs(space_config, args.check, seed=0), lt.latency_settings(c),
+                             repeats=10, progress=False, keep_archs=False)
+        table_checks[runtime] = {"mape": res.mape, "kendall_tau": res.kendall_tau, "kendall_p": res.kendall_p,
+                                 "n": len(res.pairs), "pairs": res.pairs}
     same_pick = setup.space.fingerprint(archs["torch pick"]) == setup.space.fingerprint(archs["onnxruntime-int8 pick"])
 
     # targets
@@ -255,6 +267,7 @@ def main() -> int:
             "baseline_width": choice.width, "metric": setup.task.spec.metric, "dev_rows": len(setup.task.dev),
             "results": results, "onnx_checks": checks,
             "search_runtime": {"same_pick": same_pick, "archs": archs, "predicted_ms": predicted, "measured_ms": measured},
+            "table_checks": table_checks,
             "targets": {**targets, "keep": keep, "speedup_vs_fp32_teacher_ort": vs_fp32,
                         "speedup_vs_int8_teacher": vs_int8, "points_below_int8_teacher": drop,
                         "met": all(targets.values())},
@@ -287,6 +300,10 @@ def main() -> int:
     for name in archs:
         md.append(f"| {name} | {predicted[f'{name}@torch']:.3f} | {predicted[f'{name}@onnxruntime-int8']:.3f} | "
                   f"{measured[f'{name}@torch']:.3f} | {measured[f'{name}@onnxruntime-int8']:.3f} |")
+    md += ["", "## The latency table per runtime", "",
+           f"Predicted vs measured on {args.check} random archs (whole models, same runtime):", "",
+           "| runtime | MAPE | Kendall tau (p) |", "|---|---:|---:|"]
+    md += [f"| {rt} | {c['mape']:.1f}% | {c['kendall_tau']:.3f} ({c['kendall_p']:.2g}) |" for rt, c in table_checks.items()]
     md += ["", "## Targets", "",
            f"- searched student, ORT int8: {keep:.1%} of the fp32 teacher's {metric} (target >= 97%), "
            f"{vs_fp32:.2f}x faster than the fp32 teacher in ORT (target >= 10x): "

@@ -255,3 +255,17 @@ def test_runtime_rows_give_the_int8_teacher_its_own_row(student_folder, base_tea
     import os
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert onnx_mod.onnx_files(student_folder) == {"onnxruntime": None, "onnxruntime-int8": None}
+
+
+def test_teacher_latency_in_onnx_runtimes(base_teacher):
+    """The teacher (a Hugging Face model) is timed in ONNX Runtime too: speed-up targets compare
+    the student with the teacher in the same runtime."""
+    from transformers import AutoModelForSequenceClassification
+
+    from nni_effbert.kd.latency import measure_latency
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(base_teacher), attn_implementation="eager").eval()
+    for runtime in ("onnxruntime", "onnxruntime-int8"):
+        r = measure_latency(model, seq_length=16, repeats=3, warmup=1, runtime=runtime)
+        assert r.median_ms > 0 and r.runtime == runtime
+    assert not model.training
