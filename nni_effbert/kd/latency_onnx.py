@@ -23,6 +23,7 @@ functions (``# local:``) so that ``torch``-runtime users never pay for, nor need
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import tempfile
 import warnings
@@ -103,12 +104,16 @@ class LogitsModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
+        # DistilBERT / RoBERTa-style models take no segment ids (the graph then has no such input).
+        self.segments = isinstance(model, EfficientBertModel) or \
+            "token_type_ids" in inspect.signature(model.forward).parameters
 
     def forward(self, input_ids, attention_mask, token_type_ids):
         if isinstance(self.model, EfficientBertModel):
             return self.model(input_ids, attention_mask, token_type_ids, return_kd=False).logits
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                          output_hidden_states=False, output_attentions=False).logits
+        extra = {"token_type_ids": token_type_ids} if self.segments else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=False,
+                          output_attentions=False, **extra).logits
 
 
 @contextlib.contextmanager
