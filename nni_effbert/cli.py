@@ -242,8 +242,9 @@ def _configure_onnx(parser: argparse.ArgumentParser, help_onnx: str) -> None:
 
 
 def _export_onnx(cfg, folder, args: argparse.Namespace, teacher: bool = False) -> None:
-    from .product.onnx import CHECK_FILE, export_onnx, export_teacher_onnx, task_rows
+    from .product.onnx import CHECK_FILE, check_model_folder, export_onnx, export_teacher_onnx, task_rows, teacher_folder
 
+    teacher_folder(cfg) if teacher else check_model_folder(folder)  # before reading the task's rows
     rows, labels, source = task_rows(cfg)
     if teacher:
         out = export_teacher_onnx(cfg, int8=args.int8, rows=rows, labels=labels, rows_source=source)

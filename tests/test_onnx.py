@@ -269,3 +269,13 @@ def test_teacher_latency_in_onnx_runtimes(base_teacher):
         r = measure_latency(model, seq_length=16, repeats=3, warmup=1, runtime=runtime)
         assert r.median_ms > 0 and r.runtime == runtime
     assert not model.training
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys, base_teacher, glue_dir):
+    sets = [f"--set=workdir={tmp_path / 'w'}", f"--set=teacher.model={base_teacher}", f"--set=task.data_dir={glue_dir}"]
+    cases = [(["export-teacher", "-c", TINY, *sets, "--int8"], "no fine-tuned teacher"),
+             (["export", "-c", TINY, *sets, "--onnx", "--name", "nothing"], "holds no model")]
+    for argv, needle in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, (argv, err)

@@ -70,6 +70,8 @@ __all__ = [
     "export_onnx",
     "export_teacher_onnx",
     "task_rows",
+    "teacher_folder",
+    "check_model_folder",
     "onnx_files",
     "OnnxModel",
     "evaluate_onnx",
@@ -278,9 +280,7 @@ def export_teacher_onnx(cfg, *, int8: bool = True, rows: Optional[Sequence[Row]]
         If the work directory has no fine-tuned teacher (run ``nni-effbert teacher`` first).
     """
     wd = WorkDir.of(cfg)
-    teacher = wd.teacher_dir
-    if not (teacher / CONFIG_FILE).is_file():
-        raise CheckpointError(f"no fine-tuned teacher in {teacher}; run `nni-effbert teacher -c CONFIG` first")
+    teacher = teacher_folder(cfg)
     out = wd.export_dir(name)
     out.mkdir(parents=True, exist_ok=True)
     for src in sorted(teacher.iterdir()):
@@ -288,6 +288,23 @@ def export_teacher_onnx(cfg, *, int8: bool = True, rows: Optional[Sequence[Row]]
             shutil.copyfile(src, out / src.name)
     return export_onnx(teacher, int8=int8, rows=rows, labels=labels, rows_source=rows_source, out_dir=out,
                        threads=threads)
+
+
+def teacher_folder(cfg) -> Path:
+    """The work directory's fine-tuned teacher folder, or a one-line :class:`CheckpointError`."""
+    teacher = WorkDir.of(cfg).teacher_dir
+    if not (teacher / CONFIG_FILE).is_file():
+        raise CheckpointError(f"no fine-tuned teacher in {teacher}; run `nni-effbert teacher -c CONFIG` first")
+    return teacher
+
+
+def check_model_folder(folder: PathLike) -> Path:
+    """``folder`` if it holds a model config, else a one-line :class:`CheckpointError`."""
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{folder} holds no model (no {CONFIG_FILE}); export a student there first "
+                              "(`nni-effbert export --arch/--experiment`) or pass a fine-tuned teacher folder")
+    return folder
 
 
 def task_rows(cfg, n: int = CHECK_ROWS) -> Tuple[List[Row], List[Any], str]:
@@ -337,9 +354,7 @@ def _is_student_folder(folder: Path) -> bool:
 
 
 def _load_model(folder: Path) -> Tuple[LogitsModule, Any, str]:
-    if not (folder / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{folder} holds no model (no {CONFIG_FILE}); pass an `nni-effbert export` folder "
-                              "or a fine-tuned teacher folder")
+    check_model_folder(folder)
     if _is_student_folder(folder):
         exported = load_exported(folder)
         model = exported.model
