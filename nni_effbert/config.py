@@ -402,6 +402,10 @@ class EvaluatorConfig(_Checked):
     latency_device: str = "cpu"
     latency_threads: int = _checked(_positive, 1)
     latency_batch_size: int = _checked(_positive, 1)
+    # What runs the timed forwards (latency/runtimes.py): PyTorch eager, or the ONNX export in ONNX
+    # Runtime, fp32 or dynamically quantized to int8 (the [deploy] extra). The latency table, the
+    # predictor, the budget and every measured latency_ms follow it.
+    latency_runtime: str = _checked(_choice("torch", "onnxruntime", "onnxruntime-int8"), "torch")
     # What a candidate's final ``default`` is, all measured on the held-out search split (every
     # one of them is in the metric dict anyway): ``kd`` = minus the KD loss against the cached
     # teacher outputs (prediction soft-CE + hidden + attention terms, kd.* weights), ``kd_pred``

@@ -164,6 +164,23 @@ def test_export_distill_report_cli(tmp_path, base_teacher, glue_dir, capsys, mon
     assert "### Paired comparisons on the dev rows" in md and "| searched vs baseline |" in md
     assert {p.name for p in reports.glob("*.png")} >= {"best_so_far.png", "metric_vs_params.png",
                                                        "metric_vs_latency.png"}
+    # The runtime section (ONNX files exported for every model; the int8 teacher is a row of its own)
+    text = (reports / "report.md").read_text()
+    assert "## Deployment runtimes" in text and text.index("## Deployment runtimes") < text.index("## Search")
+    runtimes = json.loads((reports / "runtimes.json").read_text())["rows"]
+    assert {(r["role"], r["precision"]) for r in runtimes} >= {("teacher", "fp32"), ("teacher", "int8"),
+                                                                ("searched", "fp32"), ("searched", "int8")}
+    t32 = next(r for r in runtimes if r["role"] == "teacher" and r["precision"] == "fp32")
+    assert t32["onnxruntime_speedup"] == 1.0 and abs(t32["dev_metric"] - t32["torch_dev_metric"]) < 1e-6
+    assert (work / "exports" / "teacher" / "model.int8.onnx").is_file() and (folder / "model.onnx").is_file()
+    # export --int8 (implies --onnx) on the existing distilled folder, and export-teacher
+    assert cli.main(["export", "-q", "-c", TINY, *sets, "--int8"]) == 0
+    out = capsys.readouterr().out
+    assert "max |logit diff| vs PyTorch" in out and "predicts PyTorch's class on" in out and "sst2 dev rows" in out
+    assert cli.main(["export-teacher", "-q", "-c", TINY, *sets]) == 0
+    assert "max |logit diff| vs PyTorch" in capsys.readouterr().out
+    assert not (work / "exports" / "teacher" / "model.int8.onnx").exists()  # no stale int8 beside a new fp32
+
     base = load_exported(work / "exports" / "baseline")
     assert base.meta["extra"]["baseline_for"] == distilled.meta["fingerprint"]
     assert base.meta["extra"]["distill"]["plan"] == rec["plan"]  # the same final distill budget

@@ -15,6 +15,11 @@ The protocol, used for every latency nni-effbert reports (trials, report table, 
 
 Students are timed without their distillation outputs (``return_kd=False``), teachers
 without hidden states or attention maps: what a deployed model computes.
+
+``runtime`` (``evaluator.latency_runtime``) picks what runs the forwards: PyTorch eager (``torch``,
+the default), or the model exported to ONNX and run by ONNX Runtime, fp32 (``onnxruntime``) or
+after dynamic int8 quantization (``onnxruntime-int8``); see :mod:`nni_effbert.latency.runtimes`.
+The ONNX runtimes time ``InferenceSession.run`` with ``threads`` intra-op threads on the CPU.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import torch
 from nni_effbert.search_spaces.modeling import EfficientBertModel
 
 from ..errors import ConfigError
+from .runtimes import DEFAULT_RUNTIME, INPUT_NAMES, LogitsModule, check_runtime, model_runner
 
 __all__ = ["DEFAULT_THREADS", "LatencyResult", "measure_latency"]
 
@@ -57,6 +63,7 @@ class LatencyResult:
     seq_length: int = 128
     batch_size: int = 1
     threads: int = DEFAULT_THREADS
+    runtime: str = DEFAULT_RUNTIME
 
     @property
     def min_ms(self) -> float:
@@ -96,6 +103,7 @@ def measure_latency(
     vocab_size: Optional[int] = None,
     seed: int = 0,
     forward: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]] = None,
+    runtime: str = DEFAULT_RUNTIME,
 ) -> LatencyResult:
     """Median CPU latency of ``model`` on random token ids.
 
@@ -119,7 +127,11 @@ def measure_latency(
         Seed of the token ids.
     forward : callable, optional
         ``forward(input_ids, attention_mask, token_type_ids)``; default: students with
-        ``return_kd=False``, HF models without hidden states and attentions.
+        ``return_kd=False``, HF models without hidden states and attentions. Only for the
+        ``torch`` runtime.
+    runtime : str
+        ``torch`` (eager), ``onnxruntime`` or ``onnxruntime-int8`` (the model is exported to ONNX
+        at this input shape, quantized for int8, and ``InferenceSession.run`` is timed).
 
     Returns
     -------
@@ -128,9 +140,14 @@ def measure_latency(
     Raises
     ------
     ConfigError
-        If the sequence is longer than the model's position table, or a setting is not
-        positive.
+        If the sequence is longer than the model's position table, a setting is not positive,
+        or the runtime is unknown (or an ONNX runtime is asked for a model on a GPU).
+    DeployMissingError
+        For an ONNX runtime without the ``[deploy]`` extra.
     """
+    check_runtime(runtime)
+    if forward is not None and runtime != "torch":
+        raise ConfigError(f"measure_latency: forward= is for the torch runtime, not {runtime}")
     for name, value in (("seq_length", seq_length), ("batch_size", batch_size), ("repeats", repeats),
                         ("threads", threads)):
         if int(value) < 1:
@@ -153,6 +170,11 @@ def measure_latency(
     mask = torch.ones_like(ids)
     types = torch.zeros_like(ids)
     run = forward or _default_forward(model)
+    if runtime != "torch":
+        runner = model_runner(LogitsModule(model), (ids, mask, types), runtime, threads=int(threads),
+                              input_names=INPUT_NAMES)
+        bound = runner.bind(ids, mask, types)
+        run = lambda *_: bound()  # noqa: E731 - the feeds are converted once, outside the timing
 
     was_training = model.training
     previous_threads = torch.get_num_threads()
@@ -174,8 +196,8 @@ def measure_latency(
         model.train(was_training)
     result = LatencyResult(
         median_ms=float(statistics.median(times)), times_ms=times,
-        seq_length=seq_length, batch_size=batch_size, threads=threads,
+        seq_length=seq_length, batch_size=batch_size, threads=threads, runtime=runtime,
     )
-    logger.debug("latency: median %.3f ms over %d runs (batch %d, seq %d, %d thread(s))",
-                 result.median_ms, repeats, batch_size, seq_length, threads)
+    logger.debug("latency: median %.3f ms over %d runs (%s, batch %d, seq %d, %d thread(s))",
+                 result.median_ms, repeats, runtime, batch_size, seq_length, threads)
     return result

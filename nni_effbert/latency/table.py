@@ -56,9 +56,18 @@ slot, round by round, and the median difference is kept, so slow drift of a shar
 cancels.
 
 A table is stored in the work directory (``<workdir>/latency/table-<digest>.json``), keyed by the
-device (name and model), torch version, intra-op threads, batch size, sequence length and the
-student space's sizes; a table with another key is a different file, so changing the thread count
-builds a new table and keeps the old one. Building is resumable: the file is rewritten after
+device (name and model), torch version, intra-op threads, batch size, sequence length, the
+student space's sizes and the runtime (``evaluator.latency_runtime``: for ``onnxruntime`` and
+``onnxruntime-int8`` the key also holds the onnxruntime version; a ``torch`` table's key has no
+runtime field, so tables built before the option stay valid); a table with another key is a
+different file, so changing the thread count builds a new table and keeps the old one.
+
+Runtimes. Under an ONNX Runtime runtime every component above is exported on its own to ONNX
+(and quantized for ``onnxruntime-int8``) and its ``InferenceSession.run`` is timed; the overheads
+and the calibration time whole models in the same runtime. Whether that sum models a runtime
+well is what ``nni-effbert latency --check N`` measures: ONNX Runtime fuses kernels across
+component boundaries (e.g. a linear's bias with its activation), which isolated components
+cannot see; the calibration absorbs the average of it, not its variation between archs. Building is resumable: the file is rewritten after
 every few entries and a rebuild measures only what is missing.
 """
 from __future__ import annotations
@@ -89,6 +98,7 @@ from ..errors import ConfigError, EffBertError
 from ..io import atomic_write_json, load_json
 from ..workdir import WorkDir
 from .measure import measure_latency
+from .runtimes import DEFAULT_RUNTIME, LogitsModule, check_runtime, model_runner, runtime_version
 from ..kd.teacher import load_teacher, prepare_teacher, teacher_fingerprint
 
 __all__ = [
@@ -149,18 +159,26 @@ class LatencySettings:
         Intra-op threads (``torch.set_num_threads``) while timing.
     batch_size, seq_length : int
         Input shape.
+    runtime : str
+        ``torch``, ``onnxruntime`` or ``onnxruntime-int8`` (``evaluator.latency_runtime``).
     """
 
     device: str = "cpu"
     threads: int = 1
     batch_size: int = 1
     seq_length: int = 128
+    runtime: str = DEFAULT_RUNTIME
 
     def __post_init__(self) -> None:
         for name in ("threads", "batch_size", "seq_length"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"latency {name} must be >= 1, got {getattr(self, name)!r}")
-        torch_device(self.device)  # validates
+        dev = torch_device(self.device)  # validates
+        if check_runtime(self.runtime) != "torch":
+            if dev.type != "cpu":
+                raise ConfigError(f"evaluator.latency_runtime {self.runtime} runs on the CPU, but "
+                                  f"evaluator.latency_device is {self.device!r}; set latency_device: cpu")
+            runtime_version(self.runtime)  # DeployMissingError (one line naming the extra) up front
 
 
 def torch_device(name: str) -> torch.device:
@@ -203,7 +221,8 @@ def latency_settings(cfg) -> LatencySettings:
     return LatencySettings(device=str(getattr(ev, "latency_device", "cpu") or "cpu"),
                            threads=int(getattr(ev, "latency_threads", 1) or 1),
                            batch_size=int(getattr(ev, "latency_batch_size", 1) or 1),
-                           seq_length=int(ev.latency_seq_length))
+                           seq_length=int(ev.latency_seq_length),
+                           runtime=str(getattr(ev, "latency_runtime", DEFAULT_RUNTIME) or DEFAULT_RUNTIME))
 
 
 def _space_key(config: EfficientBertConfig) -> Dict[str, Any]:
@@ -219,10 +238,19 @@ def _space_key(config: EfficientBertConfig) -> Dict[str, Any]:
 
 
 def table_key(config: EfficientBertConfig, settings: LatencySettings) -> Dict[str, Any]:
-    """What a table is valid for: device, torch version, threads, input shape, space sizes."""
-    return {"protocol": PROTOCOL, "device": device_description(settings.device), "torch": torch.__version__,
-            "threads": int(settings.threads), "batch_size": int(settings.batch_size),
-            "seq_length": int(settings.seq_length), "space": _space_key(config)}
+    """What a table is valid for: device, torch version, threads, input shape, space sizes, runtime."""
+    key = {"protocol": PROTOCOL, "device": device_description(settings.device), "torch": torch.__version__,
+           "threads": int(settings.threads), "batch_size": int(settings.batch_size),
+           "seq_length": int(settings.seq_length), "space": _space_key(config)}
+    return {**key, **_runtime_key(settings)}
+
+
+def _runtime_key(settings: LatencySettings) -> Dict[str, Any]:
+    """``{runtime, onnxruntime}`` for the ONNX runtimes; nothing for ``torch`` (so torch tables and
+    teacher latencies keep the keys they had before runtimes existed)."""
+    if settings.runtime == DEFAULT_RUNTIME:
+        return {}
+    return {"runtime": settings.runtime, "onnxruntime": runtime_version(settings.runtime)}
 
 
 def _digest(data: Mapping[str, Any]) -> str:
@@ -358,33 +386,52 @@ class _Bench:
         self.pooler = torch.nn.Linear(h, h).to(self.dev).eval()
         self.classifier = torch.nn.Linear(h, config.num_labels).to(self.dev).eval()
         self.settings = settings
+        self._runners: Dict[int, Callable[[], Any]] = {}
+
+    def _callable(self, module: torch.nn.Module, *inputs: torch.Tensor) -> Callable[[], Any]:
+        """``module(*inputs)`` in the table's runtime: eager, or its own ONNX export in ONNX Runtime."""
+        if self.settings.runtime == DEFAULT_RUNTIME:
+            return lambda: module.forward(*inputs)  # no hooks to run: time the component alone
+        return model_runner(module, inputs, self.settings.runtime, threads=self.settings.threads).bind(*inputs)
+
+    def _latency(self, model: torch.nn.Module, repeats: int, warmup: int) -> List[float]:
+        if self.settings.runtime == DEFAULT_RUNTIME:
+            return measure_latency(model, seq_length=self.settings.seq_length, batch_size=self.settings.batch_size,
+                                   repeats=repeats, warmup=warmup, threads=self.settings.threads).times_ms
+        # ONNX runtimes: export each reference model once (rounds re-time it, not re-export it).
+        fn = self._runners.get(id(model))
+        if fn is None:
+            fn = self._runners[id(model)] = self._callable(LogitsModule(model), self.ids, self.mask, self.types)
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1000.0)
+        return times
 
     def measure(self, kind: str, spec: Any, table: "LatencyTable") -> float:
         sync = self.sync
         if kind == "embeddings":
-            def fn():
-                h = self.embeddings(self.ids, self.types)
-                return (1.0 - self.mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
-            return time_ms(fn, sync)
+            return time_ms(self._callable(_EmbeddingsPart(self.embeddings), self.ids, self.types, self.mask), sync)
         if kind == "attention":
             bias = torch.zeros(self.ids.shape[0], 1, 1, self.ids.shape[1], device=self.dev)
-            return time_ms(lambda: self.attention(self.hidden, bias), sync)
+            return time_ms(self._callable(_AttentionPart(self.attention), self.hidden, bias), sync)
         if kind == "head":
-            def fn():
-                return self.classifier(torch.tanh(self.pooler(self.hidden[:, 0])))
-            return time_ms(fn, sync)
+            return time_ms(self._callable(_HeadPart(self.pooler, self.classifier), self.hidden), sync)
         if kind == "mlp":
             block = EfficientMLPBlock(self.config, int(spec)).to(self.dev).eval()
-            la = _plain_layer(int(spec))
-            return time_ms(lambda: block(self.hidden, la), sync)
+            return time_ms(self._callable(_MLPPart(block, _plain_layer(int(spec))), self.hidden), sync)
         if kind == "slot":
             slot, hw, xw = spec
             g = torch.Generator().manual_seed(1)
             b, t = self.ids.shape
             h = torch.randn(b, t, hw, generator=g).to(self.dev)
             x = self.hidden if xw == self.config.hidden_size else torch.randn(b, t, xw, generator=g).to(self.dev)
-            empty = SlotSpec()
-            return time_difference_ms(lambda: slot(h, x), lambda: empty(h, x), sync)
+            onnx = self.settings.runtime != DEFAULT_RUNTIME
+            return time_difference_ms(self._callable(_SlotPart(slot, onnx), h, x),
+                                      self._callable(_SlotPart(SlotSpec(), onnx), h, x), sync)
         if kind in ("overhead", "overhead_per_mlp"):
             # Two end-to-end references: every layer at stack 1 and at the largest stack. What
             # they take beyond their entries is a fixed part (the model's own forward) plus a
@@ -395,9 +442,7 @@ class _Bench:
             times: Dict[int, List[float]] = {k: [] for k in stacks}
             for _ in range(6):  # interleaved rounds: a burst of load hits both references alike
                 for k in stacks:
-                    times[k] += measure_latency(models[k], seq_length=self.settings.seq_length,
-                                                batch_size=self.settings.batch_size, repeats=8, warmup=2,
-                                                threads=self.settings.threads).times_ms
+                    times[k] += self._latency(models[k], repeats=8, warmup=2)
             residual = {k: statistics.median(times[k]) - table.predict(archs[k], with_overhead=False, calibrated=False)
                         for k in stacks}
             n = self.config.num_hidden_layers
@@ -411,12 +456,60 @@ class _Bench:
             times: List[List[float]] = [[] for _ in archs]
             for _ in range(3):  # interleaved rounds, as for the overheads
                 for i, model in enumerate(models):
-                    times[i] += measure_latency(model, seq_length=self.settings.seq_length,
-                                                batch_size=self.settings.batch_size, repeats=8, warmup=2,
-                                                threads=self.settings.threads).times_ms
+                    times[i] += self._latency(model, repeats=8, warmup=2)
             ratios = [statistics.median(t) / table.predict(a, calibrated=False) for t, a in zip(times, archs)]
             return statistics.median(ratios)
         raise ValueError(f"unknown latency entry kind {kind!r}")
+
+
+class _EmbeddingsPart(torch.nn.Module):
+    """The embeddings and the attention-mask bias (the ``embeddings`` entry)."""
+
+    def __init__(self, embeddings: Embeddings):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, ids, types, mask):
+        h = self.embeddings(ids, types)
+        return h, (1.0 - mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+
+
+class _AttentionPart(torch.nn.Module):
+    def __init__(self, attention: SelfAttention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, hidden, bias):
+        return self.attention(hidden, bias)[0]
+
+
+class _HeadPart(torch.nn.Module):
+    def __init__(self, pooler: torch.nn.Linear, classifier: torch.nn.Linear):
+        super().__init__()
+        self.pooler, self.classifier = pooler, classifier
+
+    def forward(self, hidden):
+        return self.classifier(torch.tanh(self.pooler(hidden[:, 0])))
+
+
+class _MLPPart(torch.nn.Module):
+    def __init__(self, block: EfficientMLPBlock, la: LayerArch):
+        super().__init__()
+        self.block, self.la = block, la
+
+    def forward(self, hidden):
+        return self.block(hidden, self.la)
+
+
+class _SlotPart(torch.nn.Module):
+    def __init__(self, slot: SlotSpec, onnx: bool = False):
+        super().__init__()
+        self.slot, self.onnx = slot, onnx
+
+    def forward(self, h, x):
+        # In ONNX, ``+ 0`` keeps the empty slot a graph with a kernel (an output that is its own
+        # input has nothing to run); both sides of the difference pay the same add.
+        return self.slot(h, x) + 0.0 if self.onnx else self.slot(h, x)
 
 
 def _plain_layer(width: int, stack: int = 1) -> LayerArch:
@@ -696,7 +789,8 @@ def check_table(table: LatencyTable, archs: Sequence[Mapping[str, Any]], setting
     for arch in tqdm(list(archs), desc="latency check", unit="arch", disable=not progress):
         model = EfficientBertModel(table.config, arch).to(dev).eval()
         measured = measure_latency(model, seq_length=settings.seq_length, batch_size=settings.batch_size,
-                                   repeats=repeats, warmup=5, threads=settings.threads).median_ms
+                                   repeats=repeats, warmup=5, threads=settings.threads,
+                                   runtime=settings.runtime).median_ms
         pair = {"predicted_ms": round(table.predict(arch), 4), "measured_ms": round(measured, 4),
                 "params": int(sum(p.numel() for p in model.parameters()))}
         if keep_archs:
@@ -711,7 +805,7 @@ def check_table(table: LatencyTable, archs: Sequence[Mapping[str, Any]], setting
         tau, p_value = float("nan"), float("nan")
     return CheckResult(pairs=pairs, mape=round(mape, 3), kendall_tau=float(tau), kendall_p=float(p_value),
                        settings={"device": table.key["device"], "torch": table.key["torch"],
-                                 "threads": settings.threads, "batch_size": settings.batch_size,
+                                 "runtime": settings.runtime, "threads": settings.threads, "batch_size": settings.batch_size,
                                  "seq_length": settings.seq_length, "repeats": repeats})
 
 
@@ -722,7 +816,7 @@ def check_table(table: LatencyTable, archs: Sequence[Mapping[str, Any]], setting
 
 def teacher_latency_path(cfg, settings: LatencySettings) -> Path:
     key = {"device": device_description(settings.device), "torch": torch.__version__, "threads": settings.threads,
-           "batch_size": settings.batch_size, "seq_length": settings.seq_length}
+           "batch_size": settings.batch_size, "seq_length": settings.seq_length, **_runtime_key(settings)}
     return WorkDir.of(cfg).root / LATENCY_DIR / f"teacher-{_digest(key)}.json"
 
 
@@ -749,8 +843,9 @@ def teacher_latency_ms(cfg, *, measure: bool = True, repeats: int = 30) -> Optio
     model, _ = load_teacher(str(folder))
     model = prepare_teacher(model).to(torch_device(settings.device))
     ms = measure_latency(model, seq_length=settings.seq_length, batch_size=settings.batch_size, repeats=repeats,
-                         threads=settings.threads).median_ms
+                         threads=settings.threads, runtime=settings.runtime).median_ms
     atomic_write_json({"fingerprint": fingerprint, "median_ms": ms, "device": device_description(settings.device),
+                       "runtime": settings.runtime,
                        "threads": settings.threads, "batch_size": settings.batch_size,
                        "seq_length": settings.seq_length}, path)
     return float(ms)

@@ -379,8 +379,10 @@ class KDEvaluator:
             student.to(torch_device(settings.device))
             repeats = ev.latency_repeats if steps > 0 else (ev.inherited_latency_repeats or ev.latency_repeats)
             lat = measure_latency(student, seq_length=settings.seq_length, repeats=repeats,
-                                  seed=cfg.seed, threads=settings.threads, batch_size=settings.batch_size)
+                                  seed=cfg.seed, threads=settings.threads, batch_size=settings.batch_size,
+                                  runtime=settings.runtime)
             result["latency_ms"] = round(lat.median_ms, 4)
+            result["latency_runtime"] = settings.runtime
             table = self.latency_table()
             if table is not None:
                 result["predicted_latency_ms"] = round(table.predict(arch), 4)

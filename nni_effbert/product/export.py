@@ -501,6 +501,18 @@ def _check_config_arch(folder: Path, hf_config: Any, arch: Mapping[str, Any], sp
         raise ExportIntegrityError(_arch_mismatch(folder, config_arch, arch, hint))
 
 
+def record_added_files(folder: PathLike) -> None:
+    """Record the sha256 of files written into an export after it was made (its ONNX files and the
+    model card section that describes them, :mod:`nni_effbert.product.onnx`).
+
+    The caller must have verified the folder before writing them (:func:`load_exported` does), so
+    that only its own files are added to the record, never a file changed by someone else."""
+    folder = Path(folder)
+    meta = load_json(folder / META_FILE, "export metadata")
+    meta[HASHES_KEY] = _folder_hashes(folder)
+    atomic_write_json(meta, folder / META_FILE)
+
+
 def _folder_hashes(folder: Path) -> Dict[str, str]:
     """sha256 of every file of a folder being exported (``export_meta.json`` itself aside)."""
     return {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != META_FILE}

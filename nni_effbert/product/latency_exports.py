@@ -177,7 +177,7 @@ def latency_baseline_arch(space, table, target_arch: Dict[str, Any], *, settings
         for _ in range(3):  # interleaved: load drift hits every model alike
             for i, (_, model) in enumerate(models):
                 r = measure_latency(model.to(dev), seq_length=settings.seq_length, batch_size=settings.batch_size,
-                                    repeats=max(5, repeats // 3), threads=settings.threads)
+                                    repeats=max(5, repeats // 3), threads=settings.threads, runtime=settings.runtime)
                 times[i].extend(r.times_ms)
         med = {i: sorted(v)[len(v) // 2] for i, v in times.items()}
         target_meas = med[0]

@@ -26,8 +26,10 @@ import torch
 from nni_effbert.search_spaces.supernet import REFERENCE_EXPRESSION
 
 from ..errors import CheckpointError, ConfigError, EffBertError
+from ..data.loading import length_sorted_batches
 from ..io import atomic_write_json, atomic_write_text, load_json
 from ..latency.measure import measure_latency
+from ..latency.runtimes import require_deploy
 from ..latency.table import latency_settings
 from ..kd.teacher import load_teacher, prepare_teacher
 from ..kd.teacher_init import origin_line, student_origin
@@ -39,6 +41,7 @@ from ..workdir import WorkDir
 from .distill import distill_record
 from .export import HASHES_KEY, WEIGHTS_FILE, load_exported
 from .fidelity import fidelity_markdown
+from .onnx import TEACHER_EXPORT, export_onnx, export_teacher_onnx, onnx_files, runtime_markdown, runtime_rows, task_rows
 from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label
 from .compare import comparisons_markdown
 from .latency_exports import LatencyBaselineChoice, choose_latency_baseline, ensure_latency_baseline
@@ -665,8 +668,68 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
                           chosen=str(chosen) if chosen is not None else None, origin=origin,
                           search_metric_name=f"search score ({objective})", splits_note=note,
                           comparisons=comparisons)
+    folders = [wd.teacher_dir, base_result.path] + ([lat_result.path] if lat_result is not None else []) + [searched_dir]
+    _add_runtime_section(cfg, setup, rows, folders, result.report, metric_name=f"dev {metric}", seq_length=seq,
+                         repeats=repeats, remeasure=remeasure)
     table = format_table(rows, metric_name=f"dev {metric}")
     return ReportOutcome(result=result, rows=rows, table=table, experiment=experiment,
                          baseline_difference=choice.difference, comparisons=paired)
 
 
+def _add_runtime_section(cfg, setup, rows, folders, report: Path, *, metric_name: str, seq_length: int,
+                         repeats: int, remeasure: bool = False) -> None:
+    """Insert the deployment-runtime section (:mod:`nni_effbert.product.onnx`) into ``report``
+    before its search section, and write ``reports/runtimes.json``. ONNX files missing from a
+    folder are exported first (the teacher's into ``exports/teacher``). Without the ``[deploy]``
+    extra the section says how to get it."""
+    try:
+        section = _runtime_section(cfg, setup, rows, folders, report, metric_name=metric_name, seq_length=seq_length,
+                                   repeats=repeats, remeasure=remeasure)
+    except EffBertError as exc:  # DeployMissingError included: the rest of the report stands
+        logger.warning("report: deployment-runtime section left out: %s", exc)
+        section = f"## Deployment runtimes\n\nLeft out: {exc}.\n"
+    text = report.read_text(encoding="utf-8")
+    marker = "\n## Search\n"
+    text = text.replace(marker, "\n" + section + marker, 1) if marker in text else text + "\n" + section
+    atomic_write_text(text, report)
+
+
+def _runtime_section(cfg, setup, rows, folders, report: Path, *, metric_name: str, seq_length: int,
+                     repeats: int, remeasure: bool = False) -> str:
+    """The section's Markdown (and ``runtimes.json``); raises :class:`EffBertError` subclasses.
+
+    ``runtimes.json`` records what it measured with a key of the settings and every model's
+    weights; a rerun on the same models reuses it (a report of a finished experiment is
+    reproducible) unless ``remeasure``."""
+    require_deploy("the report's runtime section")
+    key = {"seq_length": seq_length, "repeats": repeats, "models": [
+        _teacher_id(setup) if row.get("role") == "teacher" else f"{_row_key(folder)}:{_weights_id(folder)}"
+        for row, folder in zip(rows, folders)]}
+    recorded = report.parent / "runtimes.json"
+    if not remeasure and recorded.is_file():
+        try:
+            old = load_json(recorded, "runtime measurements")
+        except EffBertError:
+            old = None
+        if isinstance(old, dict) and old.get("key") == key and old.get("rows"):
+            logger.info("deployment runtimes reused from %s (--remeasure measures again)", recorded)
+            return runtime_markdown(old["rows"], metric_name=metric_name, seq_length=seq_length)
+    texts = None
+    models = []
+    for row, folder in zip(rows, folders):
+        teacher = row.get("role") == "teacher"
+        target = WorkDir.of(cfg).export_dir(TEACHER_EXPORT) if teacher else Path(folder)
+        if None in onnx_files(target, source=folder).values():
+            if texts is None:
+                texts = task_rows(cfg)
+            if teacher:
+                export_teacher_onnx(cfg, int8=True, rows=texts[0], labels=texts[1], rows_source=texts[2])
+            else:
+                export_onnx(folder, int8=True, rows=texts[0], labels=texts[1], rows_source=texts[2])
+        models.append({**row, "folder": target})
+    ev = cfg.evaluator
+    batches, _ = length_sorted_batches(setup.task.dev, int(ev.eval_batch_size or ev.batch_size), setup.pad_token_id)
+    data = runtime_rows(models, batches, setup.task.spec, vocab_size=int(setup.space.config.vocab_size),
+                        seq_length=seq_length, repeats=repeats)
+    atomic_write_json({"seq_length": seq_length, "batch_size": 1, "threads": 1, "key": key, "rows": data}, recorded)
+    return runtime_markdown(data, metric_name=metric_name, seq_length=seq_length)
