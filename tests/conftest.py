@@ -110,3 +110,15 @@ def finetune_teacher_into(cfg) -> None:
 def pytest_configure(config):
     config.addinivalue_line("markers", "integration: runs a real NNI manager (nnictl), tens of seconds")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); scripts/gpu_check.sh runs them")
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory, glue_dir):
+    """A work directory made by ``nni-effbert quickstart --budget smoke`` on the test data, once
+    per session (:class:`support.smoke.SmokeWorkdir`: ``root``, ``config``, ``experiment``...).
+    Shared: add your own exports (``--name``), change nothing the quickstart wrote."""
+    from support.smoke import delete_experiment, make_smoke_workdir
+
+    made = make_smoke_workdir(tmp_path_factory.mktemp("smoke") / "qs", glue_dir)
+    yield made
+    delete_experiment(made.experiment, made.env)

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
 from ..errors import CheckpointError, ConfigError
-from ..workdir import WorkDir
+from ..workdir import EXPERIMENT_ID, WorkDir, check_experiment_id
 
 __all__ = ["EXPERIMENT_ENV", "experiment_key", "owner", "resolve_checkpoint", "check_owner", "describe_key"]
 
@@ -41,7 +40,6 @@ logger = logging.getLogger(__name__)
 #: Set by NNI in every trial process (and by nni-effbert's ``--python`` search for its warm-ups).
 EXPERIMENT_ENV = "NNI_EXP_ID"
 _TRIAL_ENV = "NNI_TRIAL_JOB_ID"
-_ID = re.compile(r"[A-Za-z0-9_-]+")
 _noted: Set[str] = set()
 
 
@@ -54,11 +52,9 @@ def experiment_key(explicit: Optional[str] = None) -> Optional[str]:
         If ``explicit`` is not an experiment id (letters, digits, ``_`` and ``-``).
     """
     if explicit:
-        if not _ID.fullmatch(str(explicit)):
-            raise ConfigError(f"--experiment {explicit!r}: an experiment id is letters and digits, like 'a1b2c3d4'")
-        return str(explicit)
+        return check_experiment_id(str(explicit))
     env = os.environ.get(EXPERIMENT_ENV, "")
-    if env and env.upper() != "STANDALONE" and _ID.fullmatch(env):
+    if env and env.upper() != "STANDALONE" and EXPERIMENT_ID.fullmatch(env):
         return env
     return None
 
