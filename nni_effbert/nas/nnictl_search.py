@@ -83,11 +83,11 @@ def nnictl_config(cfg, config_file: Path, *, search_space_file: Optional[Path] =
     return conf
 
 
-def trial_command(config_file: Path, python: Optional[str] = None) -> str:
+def trial_command(config_file: Path) -> str:
     """The ``trialCommand`` NNI runs with ``/bin/bash`` in the trial code directory:
     ``python -P -m nni_effbert.trial --config <config>``, every part shell-quoted (a work
     directory may hold spaces, ``;`` or ``$(...)``)."""
-    return shlex.join([python or sys.executable, SAFE_PATH_FLAG, "-m", "nni_effbert.trial",
+    return shlex.join([sys.executable, SAFE_PATH_FLAG, "-m", "nni_effbert.trial",
                        "--config", str(Path(config_file).absolute())])
 
 

@@ -8,6 +8,7 @@ exports under a ``--name`` of their own and never delete anything.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -16,7 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
 
-__all__ = ["SmokeWorkdir", "make_smoke_workdir", "cli_env", "delete_experiment"]
+__all__ = ["REUSE_ENV", "SmokeWorkdir", "make_smoke_workdir", "existing_smoke_workdir", "cli_env", "delete_experiment"]
+
+#: Set to a work directory already made by ``nni-effbert quickstart --budget smoke`` to reuse it
+#: instead of running the quickstart (while developing; tests add exports of their own to it).
+REUSE_ENV = "EFFBERT_SMOKE_WORKDIR"
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,14 @@ def make_smoke_workdir(root: Path, data_dir: Path, timeout: float = 2400) -> Smo
     assert proc.returncode == 0 and found, f"the smoke quickstart failed:\n{output[-4000:]}"
     return SmokeWorkdir(root=root, config=root / "config.yml", quickstart_config=root / "quickstart.yml",
                         experiment=found.group(1), env=env, output=output)
+
+
+def existing_smoke_workdir(root: Path) -> SmokeWorkdir:
+    """A :class:`SmokeWorkdir` of a quickstart work directory made earlier (:data:`REUSE_ENV`): its
+    experiment is the one its ``exports/searched`` came from."""
+    meta = json.loads((root / "exports" / "searched" / "export_meta.json").read_text(encoding="utf-8"))
+    return SmokeWorkdir(root=root, config=root / "config.yml", quickstart_config=root / "quickstart.yml",
+                        experiment=str(meta["extra"]["experiment"]), env=cli_env(), output="")
 
 
 def delete_experiment(exp_id: str, env: Dict[str, str]) -> None:
