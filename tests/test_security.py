@@ -246,3 +246,58 @@ def test_documented_commands_run_on_a_smoke_quickstart_workdir(smoke_workdir, ca
     # An id that is a path, on this work directory: one line, exit 2, nothing read.
     rc = cli.main(["export", "-q", *c, "--pareto", "--experiment", f"../../{exp}"])
     assert rc == 2 and "experiment id" in _one_error_line(capsys.readouterr().err, "export")
+
+
+def test_python_search_gives_nni_safe_path_and_warns_about_the_web_ui(tmp_path, glue_dir, monkeypatch, capsys,
+                                                                       caplog):
+    """``nni-effbert search --python``: the NNI manager (and so every trial it starts in this
+    working directory) is started with ``PYTHONSAFEPATH=1``, restored afterwards, and the open
+    web UI is warned about. NNI, the evaluator and the strategy are stand-ins here; the real
+    manager inherits ``os.environ`` (``nni/experiment/launcher.py``: ``Popen`` without ``env``)."""
+    from nni_effbert.nas import python_search
+
+    seen = {}
+
+    class FakeExperiment:
+        def __init__(self, *args, id=None, **kwargs):
+            self.id = "pyexp123"
+
+        def run(self, port):
+            seen["env"] = os.environ.get("PYTHONSAFEPATH")
+            return True
+
+        def stop(self):
+            pass
+
+    class FakeEvaluator:
+        def __init__(self, *args, **kwargs):
+            self.space, self.experiment = object(), None
+
+        def warmup(self, *args, **kwargs):
+            pass
+
+        def as_nni_evaluator(self):
+            return None
+
+    class FakeStrategy:
+        search = None
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+    work = tmp_path / "w"
+    (work / "teacher").mkdir(parents=True)
+    (work / "teacher" / "effbert_teacher.json").write_text("{}")
+    monkeypatch.setattr(python_search, "KDEvaluator", FakeEvaluator)
+    monkeypatch.setattr(python_search, "ProgressiveStrategy", FakeStrategy)
+    monkeypatch.setattr(python_search, "search_latency", lambda *a, **k: (None, None))
+    monkeypatch.setattr(python_search, "_nas_experiment_class", lambda: FakeExperiment)
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level("WARNING")
+    rc = cli.main(["search", "-q", "-c", TINY, f"--set=workdir={work}", f"--set=teacher.model={tmp_path}",
+                   f"--set=task.data_dir={glue_dir}", "--python", "--port", "18765"])
+    assert rc == 1  # the stand-in strategy scored nothing
+    assert seen["env"] == "1" and "PYTHONSAFEPATH" not in os.environ
+    warnings = [r.getMessage() for r in caplog.records if "no authentication" in r.getMessage()]
+    assert len(warnings) == 1 and "ssh -L 18765:localhost:18765" in warnings[0]
