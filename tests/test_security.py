@@ -301,3 +301,35 @@ def test_python_search_gives_nni_safe_path_and_warns_about_the_web_ui(tmp_path, 
     assert seen["env"] == "1" and "PYTHONSAFEPATH" not in os.environ
     warnings = [r.getMessage() for r in caplog.records if "no authentication" in r.getMessage()]
     assert len(warnings) == 1 and "ssh -L 18765:localhost:18765" in warnings[0]
+
+
+def test_nnictl_search_gives_nni_safe_path_and_warns_about_the_web_ui(tmp_path, glue_dir, monkeypatch, capsys,
+                                                                       caplog):
+    """``nni-effbert search`` (nnictl path, not waited for): ``nnictl create`` (whose NNI manager,
+    dispatcher and trials inherit its environment) runs with ``PYTHONSAFEPATH=1``, and the open
+    web UI is warned about with the SSH-tunnel command. nnictl itself is a stand-in here."""
+    from nni_effbert.nas import nnictl_search
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append((cmd, kwargs.get("env") or {}))
+        return subprocess.CompletedProcess(cmd, 0, stdout='Run "nnictl stop abcd1234" to stop it', stderr="")
+
+    work = tmp_path / "w"
+    (work / "teacher").mkdir(parents=True)
+    (work / "teacher" / "effbert_teacher.json").write_text("{}")
+    monkeypatch.setattr(nnictl_search.subprocess, "run", fake_run)
+    monkeypatch.setattr(nnictl_search, "register_tuner", lambda: {"builtinName": "EfficientBertProgressive"})
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
+    caplog.set_level("WARNING")
+    rc = cli.main(["search", "-q", "-c", TINY, f"--set=workdir={work}", f"--set=teacher.model={tmp_path}",
+                   f"--set=task.data_dir={glue_dir}", "--port", "18766"])
+    assert rc == 0 and "experiment abcd1234 started" in capsys.readouterr().out
+    create = [env for cmd, env in calls if "create" in cmd]
+    assert len(create) == 1 and create[0].get("PYTHONSAFEPATH") == "1"
+    warnings = [r.getMessage() for r in caplog.records if "no authentication" in r.getMessage()]
+    assert len(warnings) == 1 and "ssh -L 18766:localhost:18766" in warnings[0]
+    from nni_effbert.nas import search_lock
+
+    search_lock.release_experiment(nnictl_search.WorkDir(work), "abcd1234")
