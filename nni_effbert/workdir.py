@@ -72,7 +72,7 @@ def check_experiment_id(exp_id, option: str = "--experiment") -> str:
 
 
 def check_workdir_root(root: Union[str, os.PathLike]) -> Path:
-    """``root`` (absolute) unless it is a system folder or the home folder itself.
+    """``root`` (absolute) unless it is a system folder, the home folder itself, or holds ``#``.
 
     Raises
     ------
@@ -93,6 +93,12 @@ def check_workdir_root(root: Union[str, os.PathLike]) -> Path:
         refused |= {Path(p).resolve() for p in _SYSTEM_ROOTS if os.path.isdir(p)}
     except (OSError, RuntimeError):
         pass
+    if "#" in str(path):
+        # Seen with NNI 3.0: a candidate's final metric carries paths of the work directory, and
+        # the dispatcher failed to parse those messages (JSONDecodeError at the '#'), so every
+        # candidate counted as failed.
+        raise ConfigError(f"workdir: {path} contains '#', which NNI 3.0's message channel cuts off (trial results "
+                          "would be lost); choose a folder name without '#'")
     for cand in candidates:
         if cand in refused or cand.parent == cand:
             what = "your home folder" if cand in (home, home.resolve()) else "a system folder"

@@ -30,8 +30,8 @@ from nni_effbert.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "examples" / "tiny" / "effbert.yml")
-#: A work-directory name a shell would split and run: space, ``;`` and a comment.
-HOSTILE = "w x;touch INJECTED;#"
+#: A work-directory name a shell would split and run: a space, ``;`` and ``$(...)``.
+HOSTILE = "w x;touch INJECTED;$(touch INJECTED)"
 #: A ``yaml.py`` planted in the trial code directory: imported, it leaves a marker and kills the trial.
 PLANTED_YAML = ("import pathlib, sys\n"
                 "pathlib.Path(__file__).with_name('PLANTED_MODULE_RAN').write_text('imported')\n"
@@ -159,6 +159,17 @@ def test_system_folder_as_workdir_is_refused(root, capsys):
     assert "workdir:" in line and ("system folder" in line or "home folder" in line) and "runs/sst2" in line
 
 
+def test_workdir_with_a_hash_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    """The issue's ``workdir: 'runs/w;touch INJECTED;#'``: NNI 3.0's channel loses trial results
+    at a ``#`` in their paths, so the search is refused at once, with one line."""
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["search", "-q", "-c", TINY, "--set=workdir='runs/w;touch INJECTED;#'", "--wait"])
+    assert rc == 2
+    line = _one_error_line(capsys.readouterr().err, "search")
+    assert "contains '#'" in line
+    assert not list(tmp_path.rglob("*INJECTED*"))
+
+
 def test_ordinary_workdirs_are_accepted(tmp_path):
     from nni_effbert.workdir import WorkDir, check_workdir_root
 
@@ -173,7 +184,7 @@ def test_ordinary_workdirs_are_accepted(tmp_path):
 @pytest.mark.integration
 def test_search_on_a_hostile_workdir_runs_its_trials_and_nothing_else(tmp_path, base_teacher, glue_dir):
     """``nni-effbert search --wait`` (real NNI manager, real trials) on a work directory named
-    ``w x;touch INJECTED;#`` with a ``yaml.py`` planted in its trial code directory: every trial
+    ``w x;touch INJECTED;$(touch INJECTED)`` with a ``yaml.py`` planted in its trial code directory: every trial
     succeeds, no ``INJECTED`` file appears, the planted module never runs, and the search warns
     about the open web UI with the SSH-tunnel command."""
     from nni_effbert.nas.records import read_nni_trials
