@@ -50,17 +50,18 @@ REDUCED = [
 ]
 
 
-def in_process_search(cfg, n, seed, setup):
-    """Warm up stage 0 and score ``n`` uniform random archs of it (inside the param budget) with
-    the trials' own evaluator; returns trial dicts as :func:`read_nni_trials` would."""
+def in_process_search(cfg, n, seed, setup, experiment):
+    """Warm up stage 0 into ``supernet/<experiment>/`` and score ``n`` uniform random archs of it
+    (inside the param budget) with the trials' own evaluator; returns trial dicts as
+    :func:`read_nni_trials` would (``run_fidelity(cfg, experiment, ...)`` reads that supernet)."""
     import numpy as np
 
     from nni_effbert.nas.kd_evaluator import KDEvaluator
     from nni_effbert.nas.warmup import run_warmup
     from nni_effbert.strategies.sampler import in_budget, random_arch_in_budget
 
-    run_warmup(cfg, 0, setup=setup)
-    evaluator = KDEvaluator(cfg, stage=0, report=False, latency=True, setup=setup)
+    run_warmup(cfg, 0, setup=setup, experiment=experiment)
+    evaluator = KDEvaluator(cfg, stage=0, report=False, latency=True, setup=setup, experiment=experiment)
     space = setup.space
     budget = tuple(cfg.search.param_budget) if cfg.search.param_budget else None
     rng = np.random.default_rng([seed, 12])
@@ -172,8 +173,8 @@ def main():
         timings.update({f"{k} (run of {earlier['machine']['date'][:16]})": v for k, v in earlier["timings"].items()})
     elif args.reduced:
         n = sum(s.trials for s in cfg.search.stages)
-        trials = in_process_search(cfg, n, cfg.seed, setup)
         experiment, mode = "bench-reduced", f"in-process, stage 0 only, {n} uniform random candidates"
+        trials = in_process_search(cfg, n, cfg.seed, setup, experiment)
     else:
         from nni_effbert.nas.records import read_nni_trials
         from nni_effbert.nas.launcher import run_search

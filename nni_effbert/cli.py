@@ -41,7 +41,7 @@ from typing import Callable, List, Optional, Sequence
 from . import __version__
 from .errors import ConfigError, EffBertError, one_line
 from .runtime import configure_runtime, configure_threads, resolve_runtime
-from .workdir import WorkDir
+from .workdir import WorkDir, check_experiment_id
 
 __all__ = ["Command", "COMMANDS", "build_parser", "main"]
 
@@ -184,6 +184,7 @@ def _configure_search(parser: argparse.ArgumentParser) -> None:
 def _run_search(args: argparse.Namespace) -> int:
     """0 on success, 1 if the experiment ended in ERROR or nothing scored, 130 when stopped."""
     from .nas.launcher import format_trials, run_search
+    from .nas.records import is_failed
 
     cfg = _load_cfg(args, args.resume, resume=True)
     result = run_search(cfg, config_path=args.config, wait=args.wait, python=args.python, port=args.port,
@@ -205,8 +206,15 @@ def _run_search(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     if not result.ok:
-        print(f"nni-effbert search: error: experiment {result.experiment_id} has no succeeded candidate",
-              file=sys.stderr)
+        failed = [t for t in result.trials if is_failed(t)]
+        why = "has no succeeded candidate"
+        if failed:
+            first = next((" ".join(str(t["message"]).split()) for t in failed if t.get("message")), "")
+            why = (f"ended {result.status}, but no candidate was scored: {len(failed)} trial(s) failed"
+                   + (f" (first failure: {first[:300]})" if first else "")
+                   + f"; trial logs: {result.workdir / 'nni-experiments' / result.experiment_id}"
+                   "/environments/*/trials/<trial id>/trial.stderr")
+        print(f"nni-effbert search: error: experiment {result.experiment_id} {why}", file=sys.stderr)
         return 1
     return 0
 
@@ -642,6 +650,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd: Command = args._command
     configure_runtime(verbose=args.verbose, quiet=args.quiet)
     try:
+        for option in ("experiment", "resume"):  # ids become paths: checked before anything is read
+            if getattr(args, option, None) is not None:
+                check_experiment_id(getattr(args, option), f"--{option}")
         return int(cmd.run(args) or 0)
     except EffBertError as exc:
         print(f"nni-effbert {cmd.name}: error: {one_line(exc)}", file=sys.stderr)

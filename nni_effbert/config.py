@@ -34,7 +34,7 @@ from .errors import ConfigError
 from .io import atomic_write_text  # readers (other trials) never see a partial file
 from .typed_yaml import apply_overrides as _apply_overrides
 from .typed_yaml import from_dict, read_yaml, to_dict
-from .workdir import WorkDir
+from .workdir import WorkDir, check_workdir_root
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -637,6 +637,10 @@ def load_config(
     cfg = from_dict(ExperimentConfig, data, where, base_dir=path.parent)
     if not cfg.workdir:
         raise ConfigError(f"{where}:workdir: must name a folder")
+    try:
+        check_workdir_root(cfg.workdir)  # never /, /usr, $HOME itself...: a search writes and runs there
+    except ConfigError as exc:
+        raise ConfigError(f"{where}:{exc}") from None
     if cfg.task.data_dir is None and cfg.task.name != CUSTOM_TASK:
         env = os.environ.get(DATA_DIR_ENV, "").strip()
         if env:

@@ -40,12 +40,75 @@ from typing import Optional, Union
 
 from .errors import ConfigError
 
-__all__ = ["WorkDir"]
+__all__ = ["WorkDir", "EXPERIMENT_ID", "check_experiment_id", "check_workdir_root"]
 
 logger = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 _EXPERIMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+#: An NNI experiment id (NNI makes 8 random lowercase letters and digits; ``nnictl create --id``
+#: and the NAS API take a name of the user's): a letter or digit, then letters, digits, ``_`` or
+#: ``-``. No ``/`` and no ``.``, so an id joined to a folder stays inside it.
+EXPERIMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+#: Folders that are never a work directory (``$HOME`` itself is added at check time): a search
+#: writes ``config.yml``, ``nnictl/``, ``trials/``... into it and trials run from it.
+_SYSTEM_ROOTS = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media", "/mnt",
+                 "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/bin", "/usr/lib",
+                 "/usr/local", "/usr/local/bin", "/usr/local/lib", "/usr/sbin", "/usr/share", "/var", "/var/lib",
+                 "/var/tmp", "/Users", "/System", "/Library", "/Applications", "/private", "/private/tmp")
+
+
+def check_experiment_id(exp_id, option: str = "--experiment") -> str:
+    """``exp_id`` if it is an experiment id (:data:`EXPERIMENT_ID`), checked before any path is
+    built from it.
+
+    Raises
+    ------
+    ConfigError
+        One line naming ``option`` and the expected form (e.g. ``../../x`` is refused).
+    """
+    if not isinstance(exp_id, str) or not EXPERIMENT_ID.fullmatch(exp_id):
+        raise ConfigError(f"{option} {exp_id!r}: an experiment id is letters and digits (and _ or -), "
+                          "like 'a1b2c3d4', as `nni-effbert search` prints it")
+    return exp_id
+
+
+def check_workdir_root(root: Union[str, os.PathLike]) -> Path:
+    """``root`` (absolute) unless it is a system folder, the home folder itself, or holds ``#``.
+
+    Raises
+    ------
+    ConfigError
+        ``workdir: / is a system folder ...`` (one line): a work directory is a folder of its
+        own, e.g. ``runs/sst2``.
+    """
+    path = Path(os.fspath(root)).expanduser().absolute()
+    candidates = {Path(os.path.normpath(path))}
+    try:
+        candidates.add(path.resolve())
+    except (OSError, RuntimeError):
+        pass
+    home = Path.home()
+    refused = {Path(p) for p in _SYSTEM_ROOTS} | {home}
+    try:
+        refused.add(home.resolve())
+        refused |= {Path(p).resolve() for p in _SYSTEM_ROOTS if os.path.isdir(p)}
+    except (OSError, RuntimeError):
+        pass
+    if "#" in str(path):
+        # Seen with NNI 3.0: a candidate's final metric carries paths of the work directory, and
+        # the dispatcher failed to parse those messages (JSONDecodeError at the '#'), so every
+        # candidate counted as failed.
+        raise ConfigError(f"workdir: {path} contains '#', which NNI 3.0's message channel cuts off (trial results "
+                          "would be lost); choose a folder name without '#'")
+    for cand in candidates:
+        if cand in refused or cand.parent == cand:
+            what = "your home folder" if cand in (home, home.resolve()) else "a system folder"
+            raise ConfigError(f"workdir: {path} is {what}; a work directory gets config.yml, trials/, exports/... "
+                              "and must be a folder of its own, e.g. workdir: runs/sst2")
+    return path
 
 
 @dataclass(frozen=True)
@@ -72,7 +135,7 @@ class WorkDir:
         root = getattr(cfg_or_path, "workdir", cfg_or_path)
         if not root:
             raise ConfigError("workdir: must name a folder")
-        return cls(Path(os.fspath(root)).expanduser().absolute())
+        return cls(check_workdir_root(root))
 
     # -- top level -------------------------------------------------------------------------
 
@@ -146,7 +209,7 @@ class WorkDir:
     def supernet_folder(self, experiment: Optional[str] = None) -> Path:
         """Folder of an experiment's supernets (``supernet/<id>``); ``supernet`` itself for
         warm-ups outside any experiment (``experiment`` None)."""
-        return self.supernet_dir / _safe(experiment) if experiment else self.supernet_dir
+        return self.supernet_dir / check_experiment_id(experiment) if experiment else self.supernet_dir
 
     def supernet_checkpoint(self, stage: int, experiment: Optional[str] = None) -> Path:
         """Warmed supernet of stage ``stage`` (zero-based): ``supernet/<experiment>/stage{N}.pt``

@@ -110,3 +110,19 @@ def finetune_teacher_into(cfg) -> None:
 def pytest_configure(config):
     config.addinivalue_line("markers", "integration: runs a real NNI manager (nnictl), tens of seconds")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one); scripts/gpu_check.sh runs them")
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory, glue_dir):
+    """A work directory made by ``nni-effbert quickstart --budget smoke`` on the test data, once
+    per session (:class:`support.smoke.SmokeWorkdir`: ``root``, ``config``, ``experiment``...).
+    Shared: add your own exports (``--name``), change nothing the quickstart wrote.
+    ``$EFFBERT_SMOKE_WORKDIR`` names one made before, to reuse instead."""
+    from support.smoke import REUSE_ENV, delete_experiment, existing_smoke_workdir, make_smoke_workdir
+
+    if os.environ.get(REUSE_ENV):  # a quickstart work directory made before (while developing)
+        yield existing_smoke_workdir(Path(os.environ[REUSE_ENV]).absolute())
+        return
+    made = make_smoke_workdir(tmp_path_factory.mktemp("smoke") / "qs", glue_dir)
+    yield made
+    delete_experiment(made.experiment, made.env)

@@ -167,9 +167,12 @@ def _same(ours, scipy_value):
         assert ours == pytest.approx(scipy_value)
 
 
-def _tiny_experiment(cfg, setup, n=4):
-    run_warmup(cfg, 0, progress=False, setup=setup)
-    evaluator = KDEvaluator(cfg, stage=0, report=False, progress=False, latency=False, setup=setup)
+def _tiny_experiment(cfg, setup, n=4, experiment="tinyexp"):
+    """Trial dicts of a tiny experiment whose warm-up wrote ``supernet/<experiment>/stage0.pt``,
+    the layout of an NNI experiment (what ``nni-effbert fidelity --experiment ID`` reads)."""
+    run_warmup(cfg, 0, progress=False, setup=setup, experiment=experiment)
+    evaluator = KDEvaluator(cfg, stage=0, report=False, progress=False, latency=False, setup=setup,
+                            experiment=experiment)
     rng = np.random.default_rng(7)
     trials = []
     for i in range(n):

@@ -3,8 +3,8 @@ checks, the REST helper and the trial table."""
 
 import json
 import logging
-import re
 import socket
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -16,10 +16,10 @@ from nni_effbert.search_spaces import EfficientBertSpace
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..kd.teacher import read_teacher_marker
 from ..kd.teacher_init import student_preset
-from ..workdir import WorkDir
+from ..workdir import WorkDir, check_experiment_id
 from .records import is_scored
 
-__all__ = ["NNICTL_DIR", "EXPERIMENTS_DIR", "TRIALS_FILE", "TERMINAL_TRIAL_STATUSES", "SearchError", "SearchResult", "free_port", "student_space", "prepare_workdir", "rest_get", "check_resumable", "format_trials"]
+__all__ = ["NNICTL_DIR", "EXPERIMENTS_DIR", "TRIALS_FILE", "TERMINAL_TRIAL_STATUSES", "SAFE_PATH_FLAG", "SAFE_PATH_ENV", "SearchError", "SearchResult", "free_port", "web_ui_warning", "student_space", "prepare_workdir", "rest_get", "check_resumable", "format_trials"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,16 @@ NNICTL_DIR = "nnictl"
 EXPERIMENTS_DIR = "nni-experiments"
 #: Records of a ``--python`` search, in the work directory.
 TRIALS_FILE = "trials.json"
+
+#: Python's flag that keeps the working directory (NNI runs a trial in ``trialCodeDirectory``) off
+#: ``sys.path``, so that a ``yaml.py`` left there cannot shadow an installed package: ``-P``
+#: (Python 3.11+) only does that; older Pythons get ``-I``, which also ignores ``PYTHON*``
+#: variables and the user site-packages.
+SAFE_PATH_FLAG = "-P" if sys.version_info >= (3, 11) else "-I"
+#: The same for every Python the NNI manager starts (its dispatcher runs ``python -m nni`` in the
+#: experiment's log folder; trials inherit it too): set in the environment of the manager.
+SAFE_PATH_ENV = {"PYTHONSAFEPATH": "1"}
+
 
 TERMINAL_TRIAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "USER_CANCELED", "SYS_CANCELED", "EARLY_STOPPED"})
 ENDED_STATUSES = ("DONE", "STOPPED", "ERROR")
@@ -91,6 +101,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def web_ui_warning(port: int) -> str:
+    """The one-line warning ``nni-effbert search`` logs when NNI's manager starts.
+
+    NNI 3.0's manager cannot be bound to localhost: its REST server calls ``app.listen(port)``
+    with no host (``nni_node/rest_server/index.js``) and its command line has no host option
+    (``nni_node/common/globals/arguments.js``, strict). Its web UI and REST API have no
+    authentication, so anyone who reaches the port can stop trials or change the experiment.
+    """
+    return (f"NNI's web UI / REST API on port {port} has no authentication and listens on all interfaces "
+            f"(NNI 3.0 cannot bind it to localhost): block port {port} with a firewall and reach it through an "
+            f"SSH tunnel, `ssh -L {port}:localhost:{port} HOST`, then http://localhost:{port}")
+
+
 def student_space(cfg):
     """The student space as the advisor builds it from ``classArgs.config`` (same preset and
     overrides), so the ``searchSpace`` written here matches the advisor's check."""
@@ -128,8 +151,7 @@ def check_resumable(wd: WorkDir, exp_id: str, *, nas: bool) -> Path:
         If the id is malformed, or this work directory holds no such experiment (or, for
         ``nas``, no NasExperiment checkpoint of it).
     """
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", exp_id or ""):
-        raise ConfigError(f"--resume {exp_id!r}: an experiment id is letters and digits, like 'a1b2c3d4'")
+    check_experiment_id(exp_id, "--resume")
     root = wd.root / EXPERIMENTS_DIR
     exp_dir = root / exp_id
     known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

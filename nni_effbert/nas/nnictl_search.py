@@ -5,7 +5,9 @@ See :mod:`nni_effbert.nas.launcher` for the whole picture.
 """
 
 import logging
+import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -28,6 +30,8 @@ from .experiments import (
     EXPERIMENTS_DIR,
     NNICTL_DIR,
     NO_MORE_STATUSES,
+    SAFE_PATH_ENV,
+    SAFE_PATH_FLAG,
     TERMINAL_TRIAL_STATUSES,
     SearchError,
     SearchResult,
@@ -36,11 +40,12 @@ from .experiments import (
     prepare_workdir,
     rest_get,
     student_space,
+    web_ui_warning,
 )
 from .. import search_lock
 from .records import read_nni_trials
 
-__all__ = ["nnictl_config", "local_training_service", "write_nnictl_config", "run_nnictl"]
+__all__ = ["trial_command", "nnictl_config", "local_training_service", "write_nnictl_config", "run_nnictl"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +70,7 @@ def nnictl_config(cfg, config_file: Path, *, search_space_file: Optional[Path] =
     if search_space_file is not None:
         conf["searchSpaceFile"] = str(Path(search_space_file).absolute())
     conf.update({
-        "trialCommand": f"{sys.executable} -m nni_effbert.trial --config {config_file}",
+        "trialCommand": trial_command(config_file),
         "trialCodeDirectory": str(Path(code_dir or wd.root / NNICTL_DIR).absolute()),
         "trialConcurrency": int(cfg.search.trial_concurrency),
         "maxTrialNumber": cfg.search.max_trial_jobs(),
@@ -77,6 +82,14 @@ def nnictl_config(cfg, config_file: Path, *, search_space_file: Optional[Path] =
     # run on the CPU instead of all piling onto GPU 0.
     conf["trialGpuNumber"] = int(cfg.search.gpus_per_trial)
     return conf
+
+
+def trial_command(config_file: Path) -> str:
+    """The ``trialCommand`` NNI runs with ``/bin/bash`` in the trial code directory:
+    ``python -P -m nni_effbert.trial --config <config>``, every part shell-quoted (a work
+    directory may hold spaces, ``;`` or ``$(...)``)."""
+    return shlex.join([sys.executable, SAFE_PATH_FLAG, "-m", "nni_effbert.trial",
+                       "--config", str(Path(config_file).absolute())])
 
 
 def local_training_service(search) -> Dict[str, Any]:
@@ -99,7 +112,7 @@ def write_nnictl_config(cfg, config_file: Path) -> Path:
     conf = nnictl_config(cfg, config_file, search_space_file=space_file)
     path = folder / "nnictl.yml"
     header = ("# Written by `nni-effbert search`; run it again with\n"
-              f"#   nnictl create --config {path} --port 8080\n")
+              f"#   nnictl create --config {shlex.quote(str(path))} --port 8080\n")
     atomic_write_text(header + yaml.safe_dump(conf, sort_keys=False), path)
     return path
 
@@ -119,7 +132,9 @@ def _nnictl(args: Sequence[str], timeout: float = 180, **kw: Any) -> subprocess.
     cmd = [sys.executable, "-c", _NNICTL, *args]
     logger.debug("running %s", " ".join(cmd))
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+        # The manager, its dispatcher and its trials inherit this environment.
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, **SAFE_PATH_ENV), **kw)
     except subprocess.TimeoutExpired as exc:
         raise SearchError(f"`nnictl {' '.join(args)}` did not return within {timeout:.0f} s") from exc
 
@@ -252,6 +267,7 @@ def run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[in
     exp_dir = wd.root / EXPERIMENTS_DIR / exp_id
     print(f"experiment {exp_id} {'resumed' if resume else 'started'}: web UI {url}", flush=True)
     print(f"  nnictl config {conf_path}; logs {exp_dir / 'log'}", flush=True)
+    logger.warning(web_ui_warning(port))
     result = SearchResult(exp_id, url, "RUNNING", wd.root, conf_path, port=port)
     if not wait:
         print(f"  stop it with: nnictl stop {exp_id}", flush=True)

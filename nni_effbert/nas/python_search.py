@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import threading
 import time
@@ -27,9 +28,10 @@ from ..io import atomic_write_json, load_torch
 from ..latency.table import search_latency
 from ..runtime import resolve_runtime
 from ..workdir import WorkDir
-from .kd_evaluator import KDEvaluator
-from .experiments import EXPERIMENTS_DIR, TRIALS_FILE, SearchResult, check_resumable, free_port, prepare_workdir
 from .. import search_lock
+from .experiments import (EXPERIMENTS_DIR, SAFE_PATH_ENV, TRIALS_FILE, SearchResult, check_resumable, free_port,
+                          prepare_workdir, web_ui_warning)
+from .kd_evaluator import KDEvaluator
 from .records import normalize_trial, read_nni_trials
 
 __all__ = ["run_python"]
@@ -360,17 +362,23 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
     url = f"http://localhost:{port}"
     print(f"NAS experiment {experiment.id} {'resumed' if resume else 'started'}: web UI {url} "
           "(warm-ups run in this process)", flush=True)
-    print(f"  stop it with Ctrl-C (or SIGTERM); resume with: nni-effbert search -c {config_path or '<config>'} "
+    logger.warning(web_ui_warning(port))
+    shown_config = shlex.quote(config_path) if config_path else "<config>"
+    print(f"  stop it with Ctrl-C (or SIGTERM); resume with: nni-effbert search -c {shown_config} "
           f"--python --resume {experiment.id}", flush=True)
     result = SearchResult(experiment.id, url, "RUNNING", wd.root, None, port=port)
 
     def on_sigterm(signum, frame):
         raise _Interrupted()
 
+    saved_env = {key: os.environ.get(key) for key in SAFE_PATH_ENV}
     previous = signal.signal(signal.SIGTERM, on_sigterm) \
         if threading.current_thread() is threading.main_thread() else None
     try:
         # NNI catches Ctrl-C (and our SIGTERM) in run/resume, stops and checkpoints; None then.
+        # The manager and its trials (run in this working directory) inherit PYTHONSAFEPATH, so a
+        # module file here cannot shadow an installed package in them.
+        os.environ.update(SAFE_PATH_ENV)
         if resume:
             with _nas_channel_skips_resume_commands():
                 finished = experiment.resume(port=port)
@@ -384,6 +392,11 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         experiment.stop()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     if strategy.search is not None:
         result.trials = [normalize_trial(t) for t in _records_to_trials(strategy, wd)]
         result.trials_file = wd.root / TRIALS_FILE
@@ -392,7 +405,7 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
             result.status, result.error = "ERROR", strategy.search.done.reason
     if result.status == "STOPPED":
         print(f"NAS experiment {experiment.id} stopped; resume with: nni-effbert search -c "
-              f"{config_path or '<config>'} --python --resume {experiment.id}", flush=True)
+              f"{shown_config} --python --resume {experiment.id}", flush=True)
     return result
 
 

@@ -49,6 +49,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError, EffBertError
 from ..params import NOOP_KEY, STAGE_KEY, WARMUP_KEY, arch_part, is_teacher, stage_name
+from ..workdir import check_experiment_id
 
 __all__ = ["ExperimentNotFoundError", "normalize_trial", "is_scored", "is_failed", "read_nni_trials"]
 
@@ -160,6 +161,8 @@ def read_nni_trials(experiment: Optional[str] = None, *, port: Optional[int] = N
     """
     if experiment is None and port is None:
         raise ConfigError("read_nni_trials needs an experiment id or the port of a running experiment")
+    if experiment is not None:
+        check_experiment_id(experiment)  # before it is joined to any folder
     if port is not None:
         return _read_rest(int(port), experiment, timeout)
     info = _manifest().get(experiment, {})

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from nni_effbert.search_spaces.space_config import config_differences
 
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_save_torch, load_torch
-from ..workdir import WorkDir
+from ..workdir import EXPERIMENT_ID, WorkDir, check_experiment_id
 
 if TYPE_CHECKING:
     from ..kd.train import KDSetup
@@ -54,7 +53,6 @@ logger = logging.getLogger(__name__)
 #: Set by NNI in every trial process (and by nni-effbert's ``--python`` search for its warm-ups).
 EXPERIMENT_ENV = "NNI_EXP_ID"
 _TRIAL_ENV = "NNI_TRIAL_JOB_ID"
-_ID = re.compile(r"[A-Za-z0-9_-]+")
 _noted: Set[str] = set()
 
 #: Version of the supernet checkpoint layout.
@@ -71,11 +69,9 @@ def experiment_key(explicit: Optional[str] = None) -> Optional[str]:
         If ``explicit`` is not an experiment id (letters, digits, ``_`` and ``-``).
     """
     if explicit:
-        if not _ID.fullmatch(str(explicit)):
-            raise ConfigError(f"--experiment {explicit!r}: an experiment id is letters and digits, like 'a1b2c3d4'")
-        return str(explicit)
+        return check_experiment_id(str(explicit))
     env = os.environ.get(EXPERIMENT_ENV, "")
-    if env and env.upper() != "STANDALONE" and _ID.fullmatch(env):
+    if env and env.upper() != "STANDALONE" and EXPERIMENT_ID.fullmatch(env):
         return env
     return None
 

@@ -255,7 +255,8 @@ def run_fidelity(cfg, experiment: Optional[str] = None, *, trials: Optional[Sequ
     wd = WorkDir.of(cfg).ensure()
     root = wd.root / "fidelity"
     setup = setup or KDSetup.from_config(cfg, progress=progress)
-    evaluator = KDEvaluator(cfg, report=False, progress=progress, latency=False, setup=setup)
+    # The candidates inherit their own experiment's supernets (supernet/<id>/stage{N}.pt).
+    evaluator = KDEvaluator(cfg, report=False, progress=progress, latency=False, setup=setup, experiment=experiment)
     logger.info("fidelity: %d of %d scored candidates of stage %d; distill plan %s", len(chosen), len(pool),
                 stage, plan)
 
@@ -292,7 +293,8 @@ def run_fidelity(cfg, experiment: Optional[str] = None, *, trials: Optional[Sequ
     for r in range(1, repeat + 1):
         eseed = base_seed + r
         rcfg = dataclasses.replace(cfg, evaluator=dataclasses.replace(cfg.evaluator, seed=eseed))
-        rev = KDEvaluator(rcfg, stage=stage, report=False, progress=progress, latency=False, setup=setup)
+        rev = KDEvaluator(rcfg, stage=stage, report=False, progress=progress, latency=False, setup=setup,
+                          experiment=experiment)
         for t in tqdm(chosen, desc=f"fidelity: re-score (evaluator seed {eseed})", disable=not progress):
             tid = str(t["trial_id"])
             steps_used = t["final"].get("train_steps")

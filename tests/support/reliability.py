@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -117,7 +118,8 @@ class NniExperiment:
         self.config = {
             "experimentName": "effbert-reliability",
             "searchSpaceFile": str(space_file),
-            "trialCommand": trial_command or f"{sys.executable} -m nni_effbert.trial --config {exp_yml}",
+            "trialCommand": trial_command or shlex.join([sys.executable, "-m", "nni_effbert.trial", "--config",
+                                                         str(exp_yml)]),
             "trialCodeDirectory": str(code_dir or root),  # copied to each remote worker
             "trialConcurrency": concurrency,
             "maxTrialNumber": max_trials,
