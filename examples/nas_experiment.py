@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     cfg = load_config(args.config, args.set)
-    evaluator = KDEvaluator(cfg)
+    evaluator = KDEvaluator(cfg, supernet="own")  # candidates inherit this experiment's own warm-ups
     space = evaluator.space  # EfficientBertSpace sized for the teacher and the task
     strategy = ProgressiveStrategy(search=cfg.search, warmup_fn=evaluator.warmup,
                                    arch_space=space)  # NNI hands the strategy a SimplifiedModelSpace

@@ -5,20 +5,54 @@ nnictl trials never import it, only the ``NasExperiment`` path does.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Dict, Mapping, Optional
 
 from nni.nas.evaluator import FunctionalEvaluator
 
-__all__ = ["StageAwareEvaluator"]
+__all__ = ["StageAwareEvaluator", "PROGRESSIVE_SAMPLE_KEY"]
+
+#: A sample carrying this key comes from :class:`~nni_effbert.strategies.ProgressiveStrategy`,
+#: whose warm-ups write the running experiment's own supernets.
+PROGRESSIVE_SAMPLE_KEY = "_stage"
 
 
 class StageAwareEvaluator(FunctionalEvaluator):
-    """``FunctionalEvaluator`` that passes a sample's ``_stage`` and ``_train_steps`` on.
+    """``FunctionalEvaluator`` that passes a sample's ``_stage`` and ``_train_steps`` on, and
+    tells every trial which supernet it inherits from.
 
     NNI hands a functional evaluator only the instantiated model; the progressive strategy
     puts the stage of each candidate into its sample (``model.sample``), which this class
     reads before instantiating the model.
+
+    The ``supernet`` argument (:func:`~nni_effbert.nas.supernets.supernet_source`) is part of
+    the evaluator NNI serialises into each trial. ``{"source": "auto"}`` is resolved in
+    :meth:`freeze`, in the strategy's process, before NNI submits the trial: ``own`` for a
+    progressive-strategy sample, else ``workdir``, whose checkpoint is checked once there, so a
+    missing warm-up stops the experiment with one line instead of failing every trial.
     """
+
+    def freeze(self, sample: Dict[str, Any]):
+        frozen = super().freeze(sample)
+        source = self.arguments.get("supernet")
+        if not isinstance(source, Mapping) or source.get("source") != "auto":
+            return frozen
+        progressive = isinstance(sample, Mapping) and PROGRESSIVE_SAMPLE_KEY in sample
+        resolved = {"source": "own"} if progressive else self._checked_workdir()
+        if frozen is self:
+            return StageAwareEvaluator(self.function, **{**self.arguments, "supernet": resolved})
+        frozen.trace_kwargs["supernet"] = resolved  # a mutated copy (mutable arguments)
+        return frozen
+
+    #: Set by :meth:`KDEvaluator.as_nni_evaluator` in the strategy's process (never serialised):
+    #: raises the one-line ``CheckpointError`` when the work directory has no warm-up yet.
+    check_workdir_supernet: Optional[Callable[[], None]] = None
+
+    def _checked_workdir(self) -> Dict[str, Any]:
+        if not getattr(self, "_workdir_checked", False):
+            if self.check_workdir_supernet is not None:
+                self.check_workdir_supernet()
+            self._workdir_checked = True
+        return {"source": "workdir"}
 
     def _execute(self, model: Any) -> Any:
         sample = getattr(model, "sample", None) or {}
