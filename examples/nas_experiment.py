@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     cfg = load_config(args.config, args.set)
-    evaluator = KDEvaluator(cfg, supernet="own")  # candidates inherit this experiment's own warm-ups
+    evaluator = KDEvaluator(cfg)
     space = evaluator.space  # EfficientBertSpace sized for the teacher and the task
     strategy = ProgressiveStrategy(search=cfg.search, warmup_fn=evaluator.warmup,
                                    arch_space=space)  # NNI hands the strategy a SimplifiedModelSpace
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     config.experiment_working_directory = str(WorkDir.of(cfg).root / "nni-experiments")
     config.training_service.use_active_gpu = False
     experiment = NasExperiment(space, evaluator.as_nni_evaluator(), strategy, config)
+    evaluator.experiment = experiment.id  # warm-ups write this experiment's supernets; its candidates read them
     try:
         experiment.run(port=args.port)  # blocks until the strategy is done
     finally:

@@ -103,11 +103,15 @@ def test_workdir_source_ignores_the_trials_experiment_id(cold_cfg, monkeypatch):
 def test_default_evaluator_checks_on_the_first_foreign_sample_and_trials_carry_the_choice(cold_cfg):
     import nni
 
-    nas = KDEvaluator(cold_cfg).as_nni_evaluator()
+    ev = KDEvaluator(cold_cfg)
+    nas = ev.as_nni_evaluator()
     assert nas.arguments["supernet"] == {"source": "auto"}
-    # The progressive strategy's samples carry _stage: its trials read their experiment's warm-ups.
-    progressive = nas.freeze({"layer0_width": 8, "_stage": 0})
-    assert progressive.arguments["supernet"] == {"source": "own"}
+    # The progressive strategy's samples carry _stage: its trials read what the evaluator's
+    # in-process warm-ups write (the experiment's supernets once the driver named it).
+    assert nas.freeze({"layer0_width": 8, "_stage": 0}).arguments["supernet"] == {"source": "workdir"}
+    ev.experiment = "exp1"  # what search --python / examples/nas_experiment.py set after NasExperiment(...)
+    assert nas.freeze({"layer0_width": 8, "_stage": 0}).arguments["supernet"] == {"source": "experiment",
+                                                                                   "experiment": "exp1"}
     # Any other strategy: the work directory's warm-up, checked before a trial is submitted.
     with pytest.raises(CheckpointError) as err:
         nas.freeze({"layer0_width": 8})

@@ -525,10 +525,11 @@ class KDEvaluator:
         budget of each candidate.
 
         The evaluator's ``supernet=`` choice travels with it to every trial (its ``supernet``
-        argument). With ``auto``, the first sample decides before any trial is submitted: a
-        sample of the progressive strategy (``_stage``) reads the running experiment's own
-        warm-ups; any other strategy's reads the work directory's, and a missing one stops the
-        experiment at once with one line naming ``nni-effbert warmup -c CONFIG --stage 0``.
+        argument), resolved before NNI submits the trial. ``auto`` / ``own``: a sample of the
+        progressive strategy (``_stage``) reads what this evaluator's warm-ups wrote (its
+        :attr:`experiment`'s supernets, else the work directory's); with ``auto`` any other
+        strategy's sample reads the work directory's, and a missing one stops the experiment
+        at its first sample with one line naming ``nni-effbert warmup -c CONFIG --stage 0``.
 
         Parameters
         ----------
@@ -546,12 +547,21 @@ class KDEvaluator:
         nas = StageAwareEvaluator(evaluate_nni_model, config=self.cfg.to_dict(), stage=stage, train_steps=train_steps,
                                   supernet=self._trial_supernet())
 
-        def check_workdir_supernet() -> None:  # what an `auto` evaluator checks on a foreign strategy's first sample
-            probe = KDEvaluator(self.cfg, stage, report=False, progress=False, latency=False)
-            probe.config_hint = self.config_hint
-            probe.use_supernet("workdir")
+        checked: Dict[str, Any] = {}
 
-        nas.check_workdir_supernet = check_workdir_supernet
+        def resolve_supernet(progressive: bool) -> Dict[str, Any]:
+            """The concrete source a sample's trial is told (see StageAwareEvaluator.freeze)."""
+            if self.supernet_source["source"] == "own" or progressive:
+                # Where this evaluator's warm-ups (the progressive strategy's warmup_fn) write.
+                return self.resolved_supernet()
+            if not checked:  # another strategy: the work directory's warm-up, checked once
+                probe = KDEvaluator(self.cfg, stage, report=False, progress=False, latency=False)
+                probe.config_hint = self.config_hint
+                probe.use_supernet("workdir")
+                checked["workdir"] = True
+            return {"source": "workdir"}
+
+        nas.resolve_supernet = resolve_supernet
         return nas
 
     def _trial_supernet(self) -> Dict[str, Any]:

@@ -25,34 +25,33 @@ class StageAwareEvaluator(FunctionalEvaluator):
     reads before instantiating the model.
 
     The ``supernet`` argument (:func:`~nni_effbert.nas.supernets.supernet_source`) is part of
-    the evaluator NNI serialises into each trial. ``{"source": "auto"}`` is resolved in
-    :meth:`freeze`, in the strategy's process, before NNI submits the trial: ``own`` for a
-    progressive-strategy sample, else ``workdir``, whose checkpoint is checked once there, so a
-    missing warm-up stops the experiment with one line instead of failing every trial.
+    the evaluator NNI serialises into each trial. ``auto`` and ``own`` are resolved in
+    :meth:`freeze`, in the strategy's process, before NNI submits the trial: for a
+    progressive-strategy sample, where the evaluator's in-process warm-ups wrote (the
+    experiment's supernets under ``search --python``); for any other strategy's (``auto``), the
+    work directory's, whose checkpoint is checked once there, so a missing warm-up stops the
+    experiment with one line instead of failing every trial.
     """
+
+    #: Set by :meth:`KDEvaluator.as_nni_evaluator` in the strategy's process (never serialised):
+    #: ``resolve_supernet(progressive)`` gives the concrete source a sample's trial reads (and
+    #: raises the one-line ``CheckpointError`` when that supernet is missing).
+    resolve_supernet: Optional[Callable[[bool], Dict[str, Any]]] = None
 
     def freeze(self, sample: Dict[str, Any]):
         frozen = super().freeze(sample)
         source = self.arguments.get("supernet")
-        if not isinstance(source, Mapping) or source.get("source") != "auto":
-            return frozen
+        if not isinstance(source, Mapping) or source.get("source") not in ("auto", "own"):
+            return frozen  # explicit: checked when the KDEvaluator was built
         progressive = isinstance(sample, Mapping) and PROGRESSIVE_SAMPLE_KEY in sample
-        resolved = {"source": "own"} if progressive else self._checked_workdir()
+        if self.resolve_supernet is not None:
+            resolved = self.resolve_supernet(progressive)
+        else:  # an evaluator NNI deserialised: no KDEvaluator behind it to ask
+            resolved = {"source": "own"} if progressive or source.get("source") == "own" else {"source": "workdir"}
         if frozen is self:
             return StageAwareEvaluator(self.function, **{**self.arguments, "supernet": resolved})
         frozen.trace_kwargs["supernet"] = resolved  # a mutated copy (mutable arguments)
         return frozen
-
-    #: Set by :meth:`KDEvaluator.as_nni_evaluator` in the strategy's process (never serialised):
-    #: raises the one-line ``CheckpointError`` when the work directory has no warm-up yet.
-    check_workdir_supernet: Optional[Callable[[], None]] = None
-
-    def _checked_workdir(self) -> Dict[str, Any]:
-        if not getattr(self, "_workdir_checked", False):
-            if self.check_workdir_supernet is not None:
-                self.check_workdir_supernet()
-            self._workdir_checked = True
-        return {"source": "workdir"}
 
     def _execute(self, model: Any) -> Any:
         sample = getattr(model, "sample", None) or {}
