@@ -165,6 +165,7 @@ class KDEvaluator:
         """
         source = supernet_source(supernet)
         kind = source["source"]
+        explicit = kind != "auto"  # only a stated supernet= is checked here (experiment= keeps its old contract)
         if experiment and kind not in ("auto", "experiment"):
             raise ConfigError(f"KDEvaluator: experiment={experiment!r} and supernet={supernet!r} contradict "
                               "each other; pass one of them")
@@ -183,7 +184,7 @@ class KDEvaluator:
         else:  # auto, own: the experiment this process runs in, else the work directory's
             self.experiment = experiment_key(None)
         self._loaded = None
-        if check and kind in ("workdir", "experiment", "checkpoint"):
+        if check and explicit and kind in ("workdir", "experiment", "checkpoint"):
             self.check_supernet()
 
     @property
