@@ -171,6 +171,12 @@ def _run_example(sets, cwd, *args):
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=cwd)
 
 
+def _trial_logs(work, limit=3000):
+    """The tails of the NNI trials' stderr, for assertion messages."""
+    logs = sorted((Path(work) / "nni-experiments").glob("*/trials/*/stderr"))
+    return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-limit:]}" for p in logs[:4])
+
+
 def _delete_experiments(work):
     root = Path(work) / "nni-experiments"
     for folder in (root.iterdir() if root.is_dir() else []):
@@ -190,7 +196,10 @@ def test_nni_strategy_scores_trials_with_the_workdir_warmup(warm, strategy, tmp_
     sets, work = warm
     summary = tmp_path / "summary.json"
     proc = _run_example(sets, tmp_path, "--strategy", strategy, "--trials", "4", "--summary", str(summary))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    if proc.returncode != 0:
+        logs = _trial_logs(work)
+        _delete_experiments(work)
+        pytest.fail(proc.stdout[-2000:] + proc.stderr[-3000:] + logs)
     data = json.loads(summary.read_text())
     exp_id = data["experiment"]
     try:

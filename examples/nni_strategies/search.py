@@ -59,13 +59,13 @@ def main(argv=None) -> int:
     experiment = NasExperiment(space, evaluator.as_nni_evaluator(), STRATEGIES[args.strategy](), config)
     try:
         experiment.run(port=args.port)
+        top = experiment.export_top_models(top_k=3, formatter="dict")  # before stop(): it asks the engine
     except EffBertError as exc:  # e.g. no warm-up yet: stops before the first trial
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         experiment.stop()
 
-    top = experiment.export_top_models(top_k=3, formatter="dict")
     if not top:
         print(f"experiment {experiment.id}: no trial succeeded (see the trials' logs in the web UI)", file=sys.stderr)
         return 1
