@@ -57,14 +57,17 @@ def main(argv=None) -> int:
     config.experiment_working_directory = str(WorkDir.of(cfg).root / "nni-experiments")
     config.training_service.use_active_gpu = False
     experiment = NasExperiment(space, evaluator.as_nni_evaluator(), STRATEGIES[args.strategy](), config)
+    error = None
     try:
         experiment.run(port=args.port)
         top = experiment.export_top_models(top_k=3, formatter="dict")  # before stop(): it asks the engine
     except EffBertError as exc:  # e.g. no warm-up yet: stops before the first trial
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        error = one_line(exc)
     finally:
         experiment.stop()
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)  # after stop(), whose log lines would bury it
+        return 2
 
     if not top:
         print(f"experiment {experiment.id}: no trial succeeded (see the trials' logs in the web UI)", file=sys.stderr)
