@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     config.experiment_working_directory = str(WorkDir.of(cfg).root / "nni-experiments")
     config.training_service.use_active_gpu = False
     experiment = NasExperiment(space, evaluator.as_nni_evaluator(), strategy, config)
+    evaluator.experiment = experiment.id  # warm-ups write this experiment's supernets; its candidates read them
     try:
         experiment.run(port=args.port)  # blocks until the strategy is done
     finally:

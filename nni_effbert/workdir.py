@@ -45,7 +45,6 @@ __all__ = ["WorkDir", "EXPERIMENT_ID", "check_experiment_id", "check_workdir_roo
 logger = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
-_EXPERIMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 #: An NNI experiment id (NNI makes 8 random lowercase letters and digits; ``nnictl create --id``
 #: and the NAS API take a name of the user's): a letter or digit, then letters, digits, ``_`` or
@@ -188,9 +187,7 @@ class WorkDir:
         ConfigError
             If the id is not letters, digits, ``_`` or ``-`` (it names a folder).
         """
-        if not isinstance(experiment, str) or not _EXPERIMENT_ID.fullmatch(experiment):
-            raise ConfigError(f"experiment id {experiment!r}: an experiment id is letters and digits, like 'a1b2c3d4'")
-        return self.experiments_dir / experiment / "effbert.yml"
+        return self.experiments_dir / check_experiment_id(experiment) / "effbert.yml"
 
     @property
     def trials_dir(self) -> Path:

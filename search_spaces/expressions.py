@@ -5,7 +5,17 @@ The template has three slots (see :mod:`.modeling`). A layer's expression prints
 deterministic: ``act_first`` slots print as ``binary(operand, act(h))`` and ``binary_first``
 slots as ``act(binary(h, operand))``; the parser accepts the arguments of the (commutative)
 binary ops in either order.
+
+A slot whose binary op takes its own input as the second operand (``operand: input``) uses
+that input twice. Inlined, ``mul(linear2(...),tanh(linear2(...)))`` would read as two
+applications of ``linear2``, so the printer names the output of ``linear1`` ``h1`` and that
+of ``linear2`` ``h2`` where a slot uses it twice::
+
+    h2 = linear2(gelu(linear1(x))); mul(h2,tanh(h2))
+
+:func:`parse_expression` reads both forms (named statements are substituted back).
 """
+import re
 from functools import lru_cache
 from itertools import product
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -38,10 +48,33 @@ def slot_to_string(slot: SlotSpec, h: str, x: str = "x") -> str:
     return act(_call(slot.binary, h, other))
 
 
+def _uses_input_twice(slot: SlotSpec) -> bool:
+    return slot.binary != NO_BINARY and slot.operand == "input"
+
+
+#: Names the printer gives the outputs of ``linear1`` / ``linear2`` when a slot uses them twice.
+LINEAR_NAMES = {"linear1": "h1", "linear2": "h2"}
+
+
 def expression_to_string(pre: SlotSpec, mid: SlotSpec, post: SlotSpec) -> str:
-    s = slot_to_string(pre, "x")
-    s = slot_to_string(mid, _call("linear1", s))
-    return slot_to_string(post, _call("linear2", s))
+    """Print a layer's expression; see the module docstring for the named form.
+
+    Examples
+    --------
+    >>> from .modeling import SlotSpec
+    >>> expression_to_string(SlotSpec(), SlotSpec("gelu"), SlotSpec("tanh", "mul", "input", "act_first"))
+    'h2 = linear2(gelu(linear1(x))); mul(h2,tanh(h2))'
+    """
+    statements: List[str] = []
+    h = slot_to_string(pre, "x")
+    for linear, slot in (("linear1", mid), ("linear2", post)):
+        h = _call(linear, h)
+        if _uses_input_twice(slot):
+            name = LINEAR_NAMES[linear]
+            statements.append(f"{name} = {h}")
+            h = name
+        h = slot_to_string(slot, h)
+    return "; ".join([*statements, h])
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,8 +85,10 @@ class ExpressionError(ValueError):
     """An expression string the template cannot express."""
 
 
-def parse_tree(text: str) -> Tree:
-    """Parse ``name(arg, ...)`` / ``x`` into a nested tuple tree."""
+def parse_tree(text: str, names: Optional[Dict[str, Tree]] = None) -> Tree:
+    """Parse ``name(arg, ...)`` / ``x`` into a nested tuple tree; a leaf in ``names`` is
+    replaced by its tree (the statements of the named form)."""
+    names = names or {}
     tokens: List[str] = []
     word = ""
     for ch in text.replace(" ", ""):
@@ -86,8 +121,11 @@ def parse_tree(text: str) -> Tree:
                 raise ExpressionError(f"expected ')' in {text!r}")
             pos += 1
             return (name, *args)
+        if name in names:
+            return names[name]
         if name != "x":
-            raise ExpressionError(f"{name!r} in {text!r} needs arguments; the only leaf is 'x'")
+            defined = f" or a name defined before ({', '.join(sorted(names))})" if names else ""
+            raise ExpressionError(f"{name!r} in {text!r} needs arguments; the only leaf is 'x'{defined}")
         return X
 
     try:
@@ -97,6 +135,37 @@ def parse_tree(text: str) -> Tree:
     if pos != len(tokens):
         raise ExpressionError(f"trailing text after position {pos} in expression {text!r}")
     return tree
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_statements(text: str) -> Tree:
+    """Parse an expression, plain (``linear2(gelu(linear1(x)))``) or with named intermediates
+    (``h2 = linear2(gelu(linear1(x))); mul(h2,tanh(h2))``), into one tree with the names
+    substituted.
+
+    Raises
+    ------
+    ExpressionError
+        On a malformed statement, a name that shadows ``x`` or an op, or a name defined twice.
+    """
+    if not isinstance(text, str):
+        raise ExpressionError(f"an expression must be a string, got {type(text).__name__}")
+    *assignments, last = text.split(";")
+    names: Dict[str, Tree] = {}
+    for statement in assignments:
+        name, eq, value = statement.partition("=")
+        name = name.strip()
+        if not eq or not _NAME.fullmatch(name):
+            raise ExpressionError(f"statement {statement.strip()!r} in {text!r} is not 'name = expression'; "
+                                  "only the last statement of an expression is unnamed")
+        if name == "x" or name in UNARY_OPS or name in BINARY_OPS or name in ("linear1", "linear2"):
+            raise ExpressionError(f"{name!r} in {text!r} names x or an op; pick another name, like h1")
+        if name in names:
+            raise ExpressionError(f"{name!r} is defined twice in {text!r}")
+        names[name] = parse_tree(value, names)
+    return parse_tree(last, names)
 
 
 def _is_base(tree: Tree, linear: Optional[str]) -> bool:
@@ -168,7 +237,7 @@ def parse_expression(text: str) -> Tuple[SlotSpec, SlotSpec, SlotSpec]:
     ExpressionError
         If the template cannot express it (the message says where and why).
     """
-    tree = parse_tree(text)
+    tree = parse_statements(text)
     post, base2 = _split_slot(tree, "linear2", text)
     mid, base1 = _split_slot(base2[1], "linear1", text)
     pre, base0 = _split_slot(base1[1], None, text)

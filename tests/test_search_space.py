@@ -87,6 +87,52 @@ def test_paper_expressions_round_trip(tiny, expression):
     assert tiny.describe(arch) == layers
 
 
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_describe_round_trips_and_names_reused_intermediates(preset):
+    """Parsing what describe prints gives back an arch with the same fingerprint, and a slot that
+    uses its input twice names it instead of printing linear1/linear2 twice."""
+    from nni_effbert.search_spaces import EfficientBertSupernet
+
+    space = EfficientBertSupernet.preset(preset, max_position_embeddings=64)
+    rng = np.random.RandomState(7)
+    named = 0
+    for _ in range(200):
+        arch = space.random_arch(rng)
+        described = space.describe(arch)
+        for layer in described:
+            e = layer["expression"]
+            assert e.count("linear1(") == 1 and e.count("linear2(") == 1, e
+            named += "h2 = " in e or "h1 = " in e
+        back = space.arch_from_layers(described)
+        assert space.fingerprint(back) == space.fingerprint(arch)
+        assert space.describe(back) == described
+    assert named > 20  # the sample holds many input-operand slots
+
+
+def test_named_intermediates_print_and_parse(tiny):
+    arch = tiny.arch_from_layers([{"expression": "linear2(gelu(linear1(x)))", "width": 16, "stack": 1}] * 2)
+    arch.update(layer0_post_act="tanh", layer0_post_binary="mul", layer0_post_operand="input",
+                layer0_post_order="act_first", layer1_mid_act="identity", layer1_mid_binary="add",
+                layer1_mid_operand="input", layer1_post_act="sigmoid")
+    got = [d["expression"] for d in tiny.describe(arch)]
+    assert got == ["h2 = linear2(gelu(linear1(x))); mul(h2,tanh(h2))",
+                   "h1 = linear1(x); sigmoid(linear2(add(h1,h1)))"]
+    # The inline form (as printed before) still parses, to the same arch.
+    inline = [{"expression": "mul(linear2(gelu(linear1(x))),tanh(linear2(gelu(linear1(x)))))", "width": 16,
+               "stack": 1}, {"expression": "sigmoid(linear2(add(linear1(x),linear1(x))))", "width": 16, "stack": 1}]
+    assert tiny.fingerprint(tiny.arch_from_layers(inline)) == tiny.fingerprint(arch)
+    # Spaces and any names are fine; bad statements are one-line errors naming the layer.
+    spaced = "a = linear2( gelu(linear1(x)) ) ;  mul(a, tanh(a))"
+    assert tiny.describe(tiny.arch_from_layers([{"expression": spaced, "width": 16, "stack": 1}] * 2))[0]["expression"] \
+        == got[0]
+    for bad, why in (("h2 linear2(gelu(linear1(x))); h2", "is not 'name = expression'"),
+                     ("x = linear1(x); linear2(x)", "names x or an op"),
+                     ("h = linear1(x); h = linear1(x); linear2(h)", "defined twice"),
+                     ("linear2(gelu(linear1(h)))", "needs arguments")):
+        with pytest.raises(ValueError, match=f"layer 0: .*{why}"):
+            tiny.arch_from_layers([{"expression": bad, "width": 16, "stack": 1}] * 2)
+
+
 def test_expression_semantics_match_torch(tiny):
     """The paper's expression strings compute what they say."""
     arch = tiny.arch_from_layers([{"expression": "linear2(relu(mul(linear1(x),x)))", "width": 32, "stack": 1},

@@ -33,7 +33,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from ..config import ExperimentConfig, from_dict, load_config
 from ..errors import CheckpointError, ConfigError, DiskFullError, EffBertError
@@ -44,7 +44,8 @@ from ..kd.train import KDSetup, TrainSettings, TrialFailure, kd_train
 from ..workdir import WorkDir
 from .objectives import objective_value, search_metric_dict
 from ..params import is_warmup
-from .supernets import experiment_key, latest_stage, load_supernet_checkpoint, missing_message, resolve_checkpoint
+from .supernets import (experiment_key, latest_stage, load_supernet_checkpoint, missing_message, resolve_checkpoint,
+                        supernet_source)
 from .warmup import run_warmup_parameters, warmup_required
 
 __all__ = ["ArchError", "KDEvaluator", "evaluate_nni_model"]
@@ -108,7 +109,15 @@ class KDEvaluator:
     experiment : str, optional
         The NNI experiment whose supernets candidates inherit (and warm-ups write). Default
         :func:`~.supernets.experiment_key`: ``$NNI_EXP_ID`` inside an NNI trial, else none (the
-        work directory's own warm-ups, ``supernet/stage{N}.pt``).
+        work directory's own warm-ups, ``supernet/stage{N}.pt``). Same as ``supernet=ID``.
+    supernet : str, path or dict, optional
+        Where candidates take their weights from (:func:`~.supernets.supernet_source`):
+        ``"workdir"`` (the work directory's warm-ups, ``nni-effbert warmup -c CONFIG --stage 0``),
+        an experiment id, a checkpoint path, ``"own"`` (the running experiment's warm-ups, what
+        the progressive strategy writes) or ``"auto"`` (default: ``experiment``'s rule above; in
+        a ``NasExperiment``, ``"own"`` for the progressive strategy and ``"workdir"`` for any
+        other strategy). ``"workdir"``, an id or a path is checked here: a missing supernet is a
+        :class:`~nni_effbert.errors.CheckpointError` naming the warm-up command, before any trial.
 
     Examples
     --------
@@ -116,13 +125,19 @@ class KDEvaluator:
     >>> evaluator.evaluate(space.bert_arch())["default"]                 # doctest: +SKIP
     0.81
     >>> NasExperiment(space, evaluator.as_nni_evaluator(), strategy)      # doctest: +SKIP
+
+    Any NNI strategy, on the work directory's warm-up (``nni-effbert warmup -c CONFIG --stage 0``):
+
+    >>> evaluator = KDEvaluator("effbert.yml", supernet="workdir")          # doctest: +SKIP
+    >>> NasExperiment(evaluator.space, evaluator.as_nni_evaluator(), Random())  # doctest: +SKIP
     """
 
     def __init__(self, cfg_or_path: ConfigLike, stage: Optional[int] = None, *, overrides: Sequence[str] = (),
                  report: bool = True, progress: bool = True, latency: bool = True,
-                 setup: Optional[KDSetup] = None, experiment: Optional[str] = None):
+                 setup: Optional[KDSetup] = None, experiment: Optional[str] = None, supernet: Any = None):
         self.cfg = _as_config(cfg_or_path, overrides)
-        self.experiment = experiment_key(experiment)
+        #: How to name the config in messages (``nni-effbert warmup -c CONFIG``).
+        self.config_hint = str(cfg_or_path) if isinstance(cfg_or_path, (str, os.PathLike)) else "CONFIG"
         self.stage = stage
         self.report = report
         #: Added to the reported final metric (the trial sets which parameters it ran, see nni_effbert.params).
@@ -130,13 +145,48 @@ class KDEvaluator:
         self.progress = progress
         self.latency = latency
         self._setup: Optional[KDSetup] = setup
-        self._loaded: Optional[tuple] = None  # ((stage, source, mtime), description)
         self._loaded_stage: Optional[int] = None
         #: The checkpoint the last :meth:`load_stage` read: path, sha1, owner, created (None: none).
         self.supernet: Optional[Dict[str, Any]] = None
+        self.use_supernet(supernet, experiment=experiment)
 
     def __repr__(self) -> str:
-        return f"KDEvaluator(workdir={self.cfg.workdir!r}, stage={self.stage}, experiment={self.experiment!r})"
+        return (f"KDEvaluator(workdir={self.cfg.workdir!r}, stage={self.stage}, experiment={self.experiment!r}, "
+                f"supernet={self.supernet_source!r})")
+
+    def use_supernet(self, supernet: Any = None, *, experiment: Optional[str] = None, check: bool = True) -> None:
+        """Choose where candidates take their weights from (see the class parameters).
+
+        Raises
+        ------
+        ConfigError
+            ``supernet`` is not a source, or it contradicts ``experiment``.
+        CheckpointError
+            ``check`` and a ``"workdir"`` / experiment / checkpoint source has no supernet yet.
+        """
+        source = supernet_source(supernet)
+        kind = source["source"]
+        explicit = kind != "auto"  # only a stated supernet= is checked here (experiment= keeps its old contract)
+        if experiment and kind not in ("auto", "experiment"):
+            raise ConfigError(f"KDEvaluator: experiment={experiment!r} and supernet={supernet!r} contradict "
+                              "each other; pass one of them")
+        if experiment and kind == "experiment" and source["experiment"] != experiment:
+            raise ConfigError(f"KDEvaluator: experiment={experiment!r} and supernet={supernet!r} name two "
+                              "experiments; pass one of them")
+        if kind == "auto" and experiment:
+            source = {"source": "experiment", "experiment": experiment_key(experiment)}
+            kind = "experiment"
+        #: The normalised ``supernet=`` choice (:func:`~.supernets.supernet_source`).
+        self.supernet_source: Dict[str, Any] = source
+        if kind == "experiment":
+            self.experiment = experiment_key(source["experiment"])
+        elif kind in ("workdir", "checkpoint"):
+            self.experiment = None  # never $NNI_EXP_ID: the trial runs in another experiment than the warm-up
+        else:  # auto, own: the experiment this process runs in, else the work directory's
+            self.experiment = experiment_key(None)
+        self._loaded = None
+        if check and explicit and kind in ("workdir", "experiment", "checkpoint"):
+            self.check_supernet()
 
     @property
     def setup(self) -> KDSetup:
@@ -181,38 +231,11 @@ class KDEvaluator:
         ConfigError
             The stage does not exist.
         """
+        stage, source, desc, owned, legacy = self._locate(stage)
         setup = self.setup
         wd: WorkDir = setup.workdir
         cfg = self.cfg
         exp = self.experiment
-        if stage is None:
-            latest = latest_stage(wd, exp)
-            stage = latest if latest is not None else 0
-        n = len(cfg.search.stages)
-        if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < n:
-            raise ConfigError(f"stage {stage!r} does not exist: the config has {n} stage(s), numbered 0..{n - 1}")
-        path, legacy = resolve_checkpoint(wd, stage, exp)
-        source: Optional[Path] = None
-        owned = True  # the source is one of the experiment's supernets (owner checked)
-        if path.is_file():
-            source, desc = path, f"stage {stage} supernet"
-        elif warmup_required(cfg, stage):
-            raise CheckpointError(missing_message(wd, stage, exp, cfg.search.stages[stage].name))
-        else:
-            earlier = latest_stage(wd, exp, stage - 1) if stage > 0 else None
-            if earlier is not None:
-                source, legacy = resolve_checkpoint(wd, earlier, exp)
-                desc = f"stage {earlier} supernet (stage {stage} has no warm-up)"
-            elif cfg.warmup.checkpoint:
-                if not Path(cfg.warmup.checkpoint).is_file():
-                    raise CheckpointError(
-                        f"warmup.checkpoint names {cfg.warmup.checkpoint}, which does not exist; fix the path or "
-                        "empty warmup.checkpoint"
-                    )
-                source, desc = Path(cfg.warmup.checkpoint), f"warmup.checkpoint {cfg.warmup.checkpoint}"
-                owned = False
-            else:
-                source, desc = None, "random initialisation (no warm-up)"
         key = (stage, str(source) if source else None, source.stat().st_mtime_ns if source else None)
         if self._loaded is not None and self._loaded[0] == key:
             return self._loaded[1]
@@ -236,6 +259,67 @@ class KDEvaluator:
         self._loaded_stage = stage
         logger.info("stage %d candidates inherit weights from %s", stage, desc)
         return desc
+
+    def check_supernet(self, stage: Optional[int] = None) -> Tuple[int, Optional[Path]]:
+        """Check, without loading anything, that the supernet candidates of ``stage`` inherit
+        is there; returns ``(stage, checkpoint or None for a run without warm-up)``.
+
+        Raises
+        ------
+        CheckpointError
+            One line naming the missing file and the command that writes it.
+        ConfigError
+            The stage does not exist.
+        """
+        stage, source, _, _, _ = self._locate(stage)
+        return stage, source
+
+    def _locate(self, stage: Optional[int]) -> Tuple[int, Optional[Path], str, bool, bool]:
+        """``(stage, source, description, owned, legacy)`` of :meth:`load_stage` (raises the same errors)."""
+        wd = WorkDir.of(self.cfg)  # not self.setup: checking must stay cheap (no data, no teacher)
+        cfg = self.cfg
+        exp = self.experiment
+        kind = self.supernet_source["source"]
+        n = len(cfg.search.stages)
+        if stage is None:
+            stage = self.stage
+        if stage is None and kind != "checkpoint":
+            latest = latest_stage(wd, exp)
+            stage = latest if latest is not None else 0
+        elif stage is None:
+            stage = 0
+        if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < n:
+            raise ConfigError(f"stage {stage!r} does not exist: the config has {n} stage(s), numbered 0..{n - 1}")
+        if kind == "checkpoint":
+            path = Path(self.supernet_source["path"])
+            if not path.is_file():
+                raise CheckpointError(f"KDEvaluator(supernet={str(path)!r}): the checkpoint does not exist; pass an "
+                                      "existing supernet checkpoint (supernet/stage{N}.pt of a work directory) or "
+                                      f"warm one up with `nni-effbert warmup -c {self.config_hint} --stage 0`")
+            return stage, path, f"supernet checkpoint {path}", False, False
+        path, legacy = resolve_checkpoint(wd, stage, exp)
+        if path.is_file():
+            return stage, path, f"stage {stage} supernet", True, legacy
+        if warmup_required(cfg, stage):
+            name = cfg.search.stages[stage].name
+            if kind == "workdir":
+                raise CheckpointError(
+                    f"KDEvaluator(supernet='workdir'): the work directory {wd.root} has no supernet of stage {stage} "
+                    f"({name}) yet ({path} does not exist); warm it up once before the experiment: `nni-effbert "
+                    f"warmup -c {self.config_hint} --stage {stage}` (or pass supernet=EXPERIMENT_ID or a checkpoint path)")
+            raise CheckpointError(missing_message(wd, stage, exp, name))
+        earlier = latest_stage(wd, exp, stage - 1) if stage > 0 else None
+        if earlier is not None:
+            source, legacy = resolve_checkpoint(wd, earlier, exp)
+            return stage, source, f"stage {earlier} supernet (stage {stage} has no warm-up)", True, legacy
+        if cfg.warmup.checkpoint:
+            if not Path(cfg.warmup.checkpoint).is_file():
+                raise CheckpointError(
+                    f"warmup.checkpoint names {cfg.warmup.checkpoint}, which does not exist; fix the path or "
+                    "empty warmup.checkpoint"
+                )
+            return stage, Path(cfg.warmup.checkpoint), f"warmup.checkpoint {cfg.warmup.checkpoint}", False, False
+        return stage, None, "random initialisation (no warm-up)", True, False
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -397,7 +481,18 @@ class KDEvaluator:
         result["inherited_from"] = inherited
         if self.supernet is not None:
             result["supernet"] = dict(self.supernet)
+        result["supernet_source"] = self.resolved_supernet()
         return result
+
+    def resolved_supernet(self) -> Dict[str, Any]:
+        """The supernet source as a reader of the trial's record can use it again (``export``):
+        ``{"source": "experiment", "experiment": ID}``, ``{"source": "workdir"}`` or
+        ``{"source": "checkpoint", "path": ...}``; ``auto`` / ``own`` resolved."""
+        if self.supernet_source["source"] == "checkpoint":
+            return dict(self.supernet_source)
+        if self.experiment:
+            return {"source": "experiment", "experiment": self.experiment}
+        return {"source": "workdir"}
 
     def latency_table(self):
         """The work directory's complete latency table for this config, or None (never built here:
@@ -433,6 +528,13 @@ class KDEvaluator:
         ``_stage`` / ``_train_steps`` keys (set by ``ProgressiveStrategy``) choose the stage and
         budget of each candidate.
 
+        The evaluator's ``supernet=`` choice travels with it to every trial (its ``supernet``
+        argument), resolved before NNI submits the trial. ``auto`` / ``own``: a sample of the
+        progressive strategy (``_stage``) reads what this evaluator's warm-ups wrote (its
+        :attr:`experiment`'s supernets, else the work directory's); with ``auto`` any other
+        strategy's sample reads the work directory's, and a missing one stops the experiment
+        at its first sample with one line naming ``nni-effbert warmup -c CONFIG --stage 0``.
+
         Parameters
         ----------
         stage : int, optional
@@ -445,8 +547,34 @@ class KDEvaluator:
         # never needs; only the NasExperiment path comes here.
         from .nni_evaluator import StageAwareEvaluator
 
-        return StageAwareEvaluator(evaluate_nni_model, config=self.cfg.to_dict(),
-                                   stage=self.stage if stage is None else stage, train_steps=train_steps)
+        stage = self.stage if stage is None else stage
+        nas = StageAwareEvaluator(evaluate_nni_model, config=self.cfg.to_dict(), stage=stage, train_steps=train_steps,
+                                  supernet=self._trial_supernet())
+
+        checked: Dict[str, Any] = {}
+
+        def resolve_supernet(progressive: bool) -> Dict[str, Any]:
+            """The concrete source a sample's trial is told (see StageAwareEvaluator.freeze)."""
+            if self.supernet_source["source"] == "own" or progressive:
+                # Where this evaluator's warm-ups (the progressive strategy's warmup_fn) write.
+                return self.resolved_supernet()
+            if not checked:  # another strategy: the work directory's warm-up, checked once
+                probe = KDEvaluator(self.cfg, stage, report=False, progress=False, latency=False)
+                probe.config_hint = self.config_hint
+                probe.use_supernet("workdir")
+                checked["workdir"] = True
+            return {"source": "workdir"}
+
+        nas.resolve_supernet = resolve_supernet
+        return nas
+
+    def _trial_supernet(self) -> Dict[str, Any]:
+        """What the trials of :meth:`as_nni_evaluator` are told: the explicit source, or ``auto``
+        (resolved per sample by the NNI evaluator) / ``own`` as given."""
+        source = dict(self.supernet_source)
+        if source["source"] == "experiment":
+            source["experiment"] = self.experiment  # run_python may have set the experiment afterwards
+        return source
 
 
 def _sha1(path: Path) -> str:
@@ -474,11 +602,15 @@ _EVALUATORS: Dict[str, KDEvaluator] = {}
 
 
 def evaluate_nni_model(model, config: Mapping[str, Any], stage: Optional[int] = None,
-                       train_steps: Optional[int] = None) -> Dict[str, Any]:
+                       train_steps: Optional[int] = None, supernet: Any = None) -> Dict[str, Any]:
     """Evaluation function of :meth:`KDEvaluator.as_nni_evaluator` (module level, so NNI can
-    serialise it): scores ``model.arch`` and reports it to NNI."""
-    key = json.dumps([config, stage], sort_keys=True, default=str)
+    serialise it): scores ``model.arch`` with the supernet the evaluator was told
+    (``supernet``, see :func:`~.supernets.supernet_source`) and reports it to NNI, with the arch
+    (NNI's NAS trial parameters are the serialised model, not the ``label -> value`` dict)."""
+    key = json.dumps([config, stage, supernet], sort_keys=True, default=str)
     evaluator = _EVALUATORS.get(key)
     if evaluator is None:
-        evaluator = _EVALUATORS[key] = KDEvaluator(config, stage)
+        evaluator = _EVALUATORS[key] = KDEvaluator(config, stage, supernet=supernet)
+    arch = getattr(model, "arch", None)
+    evaluator.reported_extra["arch"] = dict(arch) if isinstance(arch, Mapping) else None
     return evaluator.evaluate_model(model, train_steps=train_steps)

@@ -332,7 +332,8 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
     use_safe_checkpoints()
     if resume is not None:
         check_checkpoint_config(check_resumable(wd, resume, nas=True))
-    evaluator = KDEvaluator(cfg, progress=progress)
+    # Its trials read the supernets this experiment's warm-ups write (NNI sets $NNI_EXP_ID in them).
+    evaluator = KDEvaluator(cfg, progress=progress, supernet="own")
     space = evaluator.space  # the experiment's space (teacher-sized fit_dense, task labels)
     holder: Dict[str, Any] = {}
 

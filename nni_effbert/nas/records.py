@@ -27,7 +27,8 @@ Trials travel as plain dicts (JSON-friendly, what :func:`read_nni_trials` return
 ``expressions`` (list of str or None)
     Per-layer MLP expressions.
 ``arch`` (dict)
-    The ``label -> value`` architecture (trial parameters without ``_``-prefixed keys).
+    The ``label -> value`` architecture (trial parameters without ``_``-prefixed keys; a
+    ``NasExperiment`` trial's final metric ``arch``, since its parameters are NNI's serialised model).
 ``message`` (str or None)
     Why a trial failed, where known.
 ``final`` (dict or None)
@@ -353,6 +354,10 @@ def _trial_from_nni(tid: str, status: Any, sequence: Any, params: Mapping[str, A
     if isinstance(final, Mapping):
         trial["final"] = dict(final)
         metric = final.get("default")
+        if isinstance(final.get("arch"), Mapping):
+            # A NasExperiment trial's parameters are NNI's serialised model, not the arch: its
+            # evaluator reports the arch (nas.kd_evaluator.evaluate_nni_model).
+            trial["arch"] = dict(final["arch"])
         for key in ("params", "non_embedding_params", "latency_ms"):
             if isinstance(final.get(key), (int, float)):
                 trial[key] = final[key]

@@ -19,6 +19,24 @@ The experiment key (:func:`experiment_key`):
 * None: a warm-up or trial run by hand outside NNI. Its supernets are the work directory's
   own, ``supernet/stage{N}.pt``, with owner experiment None; no experiment ever reads them.
 
+Where a :class:`~.evaluator.KDEvaluator` takes its supernet (``supernet=``, :func:`supernet_source`):
+
+* ``"workdir"``: the work directory's own warm-ups (``supernet/stage{N}.pt``, written by
+  ``nni-effbert warmup -c CONFIG --stage N``), whatever experiment the trial runs in;
+* an experiment id: that experiment's supernets (``supernet/<id>/stage{N}.pt``);
+* a checkpoint path (``*.pt``): that file, whichever stage asks;
+* ``"own"``: the supernets of the experiment the trial runs in (``$NNI_EXP_ID``), which
+  the progressive strategy's warm-ups write;
+* ``"auto"`` (default): the evaluator's :func:`experiment_key` (``--experiment``, else
+  ``$NNI_EXP_ID``, else the work directory's). Inside a ``NasExperiment``,
+  :class:`~.nni_evaluator.StageAwareEvaluator` replaces it, per sample, by ``"own"`` when
+  the progressive strategy sent the sample (it carries ``_stage``) and by ``"workdir"``
+  otherwise (any other strategy), before the trial is submitted.
+
+The choice travels to the trial as a dict (``{"source": "workdir"}``, ``{"source":
+"experiment", "experiment": ID}``, ``{"source": "checkpoint", "path": ...}``, ``{"source":
+"own"}``), and the trial's final metric records what it resolved to (``supernet_source``).
+
 Work directories from before this layout hold ``supernet/stage{N}.pt`` without an owner.
 An experiment that has no supernet folder of its own (it ran before the change) reads those,
 with a note logged once per file and process: which experiment wrote them is not recorded.
@@ -44,9 +62,9 @@ if TYPE_CHECKING:
     from ..kd.train import KDSetup
     from .warmup import WarmupPlan
 
-__all__ = ["EXPERIMENT_ENV", "SUPERNET_FORMAT", "experiment_key", "owner", "resolve_checkpoint", "check_owner",
-           "describe_key", "read_supernet_checkpoint", "load_supernet_checkpoint", "checkpoint_payload",
-           "write_supernet_checkpoint"]
+__all__ = ["EXPERIMENT_ENV", "SUPERNET_FORMAT", "SUPERNET_SOURCES", "experiment_key", "owner", "resolve_checkpoint",
+           "check_owner", "describe_key", "read_supernet_checkpoint", "load_supernet_checkpoint", "checkpoint_payload",
+           "write_supernet_checkpoint", "supernet_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +92,50 @@ def experiment_key(explicit: Optional[str] = None) -> Optional[str]:
     if env and env.upper() != "STANDALONE" and EXPERIMENT_ID.fullmatch(env):
         return env
     return None
+
+
+#: The ``source`` values of :func:`supernet_source`.
+SUPERNET_SOURCES = ("auto", "own", "workdir", "experiment", "checkpoint")
+
+
+def supernet_source(value: Any) -> Dict[str, Any]:
+    """Normalise ``KDEvaluator(supernet=...)`` into the dict trials carry (module docstring).
+
+    Parameters
+    ----------
+    value : None, str, path or dict
+        None / ``"auto"``, ``"own"``, ``"workdir"``, an experiment id, a checkpoint path
+        (a ``Path``, or a string ending in ``.pt`` or holding a path separator), or a dict
+        this function returned.
+
+    Raises
+    ------
+    ConfigError
+        If ``value`` is none of these (one line, naming what is accepted).
+    """
+    accepted = ("supernet= takes 'workdir' (the work directory's warm-ups), an experiment id, a checkpoint path "
+                "(*.pt), 'own' (the running experiment's warm-ups) or 'auto'")
+    if value is None:
+        return {"source": "auto"}
+    if isinstance(value, Mapping):
+        kind = value.get("source")
+        if kind in ("auto", "own", "workdir"):
+            return {"source": kind}
+        if kind == "experiment" and isinstance(value.get("experiment"), str) and EXPERIMENT_ID.fullmatch(value["experiment"]):
+            return {"source": kind, "experiment": value["experiment"]}
+        if kind == "checkpoint" and isinstance(value.get("path"), str) and value["path"]:
+            return {"source": kind, "path": value["path"]}
+        raise ConfigError(f"supernet={dict(value)!r} is not a supernet source; {accepted}")
+    if isinstance(value, os.PathLike):
+        return {"source": "checkpoint", "path": str(Path(value).expanduser().absolute())}
+    if isinstance(value, str):
+        if value in ("auto", "own", "workdir"):
+            return {"source": value}
+        if value.endswith(".pt") or os.sep in value or "/" in value:
+            return {"source": "checkpoint", "path": str(Path(value).expanduser().absolute())}
+        if EXPERIMENT_ID.fullmatch(value):
+            return {"source": "experiment", "experiment": value}
+    raise ConfigError(f"supernet={value!r} is not a supernet source; {accepted}")
 
 
 def describe_key(experiment: Optional[str]) -> str:

@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from ..errors import CheckpointError
 from ..io import load_json
@@ -160,8 +160,15 @@ def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: 
 
     trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
     best = best_trial(trials, experiment=experiment, tie_margin=float(cfg.search.tie_margin or 0.0))
-    evaluator = evaluator or KDEvaluator(cfg, progress=progress, experiment=experiment)
-    evaluator.experiment = experiment  # the weights come from this experiment's supernets, whoever built it
+    # Where the trial's weights came from: a trial records it (supernet_source) since the
+    # evaluator states it; NNI's strategies score on the work directory's (or a named) supernet.
+    source = (best.get("final") or {}).get("supernet_source")
+    if isinstance(source, Mapping) and source.get("source") in ("workdir", "experiment", "checkpoint"):
+        evaluator = evaluator or KDEvaluator(cfg, progress=progress, supernet=dict(source))
+        evaluator.use_supernet(dict(source))
+    else:  # older trials: the weights come from this experiment's supernets, whoever built it
+        evaluator = evaluator or KDEvaluator(cfg, progress=progress, experiment=experiment)
+        evaluator.experiment = experiment
     extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
              "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
              "tie_margin": float(cfg.search.tie_margin or 0.0)}
