@@ -162,6 +162,9 @@ def _configure_search(parser: argparse.ArgumentParser) -> None:
                              "search); the search goes on where it stopped")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="with --wait: stop the experiment and fail after this long")
+    parser.add_argument("--no-warm-worker", action="store_true",
+                        help="start every trial in a fresh interpreter instead of forking it from a warm worker "
+                             "(the config's search.warm_worker: false)")
 
 
 def _run_search(args: argparse.Namespace) -> int:
@@ -169,6 +172,8 @@ def _run_search(args: argparse.Namespace) -> int:
     from .nas.search import format_trials, run_search
 
     cfg = _load_cfg(args)
+    if args.no_warm_worker:
+        cfg.search.warm_worker = False
     result = run_search(cfg, config_path=args.config, wait=args.wait, python=args.python, port=args.port,
                         progress=not args.quiet, timeout=args.timeout, resume=args.resume)
     if result.status == "RUNNING":

@@ -352,3 +352,40 @@ def test_killed_worker_fails_its_running_trial_and_later_trials_fall_back(worker
     assert info["pid"] != pid
     again = _run([], _env(directory), probe_dir)
     assert again.returncode == 0 and _probe(again.stdout)[0]["ppid"] == info["pid"], again.stderr
+
+
+# -- the search starts it ----------------------------------------------------------------------
+
+
+def test_search_points_trials_at_its_worker_unless_turned_off(tmp_path, monkeypatch, base_teacher, glue_dir):
+    """What ``nni-effbert search`` hands the NNI manager (whose environment every trial inherits):
+    the worker it started, or ``off`` with ``--no-warm-worker`` / ``search.warm_worker: false``.
+    (nnictl itself is replaced here: it is the integration test's part.)"""
+    import subprocess as sp
+
+    from nni_effbert import cli
+    from nni_effbert.nas import nnictl_search
+
+    tiny = str(Path(__file__).resolve().parents[1] / "examples" / "tiny" / "effbert.yml")
+    work = tmp_path / "work"
+    sets = [f"--set=workdir={work}", f"--set=teacher.model={base_teacher}", f"--set=task.data_dir={glue_dir}"]
+    (work / "teacher").mkdir(parents=True)
+    (work / "teacher" / "effbert_teacher.json").write_text("{}")  # the search checks for it; nothing runs
+    handed, started, stopped = [], [], []
+    monkeypatch.setattr(nnictl_search, "_nnictl", lambda args, timeout=180, **kw: (
+        handed.append(kw.get("env")), sp.CompletedProcess(args, 1, "", "nnictl replaced by the test"))[1])
+    monkeypatch.setattr(nnictl_search, "register_tuner", lambda: {})
+    monkeypatch.setattr(warm_worker, "start", lambda d, k, timeout: started.append((d, k)) or {"pid": 1})
+    monkeypatch.setattr(warm_worker, "stop", lambda d, k: stopped.append((d, k)) or True)
+
+    for extra, expected in (([], str(work / "warm-worker")), (["--no-warm-worker"], "off"),
+                            (["--set=search.warm_worker=false"], "off")):
+        started.clear()
+        stopped.clear()
+        assert cli.main(["search", "-q", "-c", tiny, *sets, *extra]) == 2  # nnictl "failed": SearchError
+        assert handed[-1][warm_worker.ENV] == expected
+        if expected == "off":
+            assert not started and not stopped
+        else:
+            assert started == [(work / "warm-worker", "trial")]
+            assert stopped == [(work / "warm-worker", "trial")]  # nnictl failed: the worker goes too

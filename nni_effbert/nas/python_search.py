@@ -10,7 +10,9 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from ..runtime import resolve_runtime
 from ..workdir import WorkDir
 from .evaluator import KDEvaluator
 from .experiments import EXPERIMENTS_DIR, TRIALS_FILE, SearchResult, check_resumable, free_port, prepare_workdir
-from . import search_lock
+from . import search_lock, warm_worker
 from .records import normalize_trial, read_nni_trials
 
 __all__ = ["run_python"]
@@ -277,6 +279,12 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
                                    checkpoint_fn=checkpoint, latency_fn=latency_fn, teacher_latency_ms=teacher_ms,
                                    finished_fn=_finished_after_stop(wd, resume) if resume is not None else None)
     conf = NasExperimentConfig("ts", "simplified", "local")
+    # Trials start as `{envs} {python} -m nni.nas.execution.training_service trial`: through the
+    # supervisor, which has them forked by the warm worker (kind "nas") when it serves.
+    warm_env = warm_worker.for_search(wd.root, "nas", bool(cfg.search.warm_worker))
+    conf._trial_command_params = {  # NNI's own hook for this template
+        "envs": " ".join(f"{k}={shlex.quote(v)}" for k, v in warm_env.items()),
+        "python": f"{shlex.quote(sys.executable)} -m nni_effbert.nas.supervisor"}
     conf.experiment_name = f"effbert-{cfg.task.name}-{wd.root.name}-nas"
     conf.trial_concurrency = int(cfg.search.trial_concurrency)
     conf.experiment_working_directory = str(wd.root / EXPERIMENTS_DIR)
@@ -314,6 +322,7 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         experiment.stop()
+        warm_worker.stop_for_search(warm_env, "nas")
     if strategy.search is not None:
         result.trials = [normalize_trial(t) for t in _records_to_trials(strategy, wd)]
         result.trials_file = wd.root / TRIALS_FILE
