@@ -22,7 +22,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if needs_supervisor(args):
         # Run the trial in a supervised child: forked by the warm worker, else this very
         # command line again (a wrapper script included).
-        return supervise_trial(args)
+        return supervise_trial()
     silence_import_warnings()  # before the library's imports below, which may import nni
     from .nas.trial import main as run_trial  # local: the supervisor process never loads the trial's libraries
 

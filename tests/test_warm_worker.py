@@ -51,6 +51,18 @@ if mode == "sleep":
 sys.exit(int(os.environ.get("PROBE_RC", "0")))
 '''
 
+#: A wrapper script that supervises itself (as ``python -m nni_effbert.trial`` does): its
+#: supervised child runs the same command line, the wrapper included.
+WRAPPER = '''
+import json, os, sys
+if os.environ.get("NNI_EFFBERT_TRIAL_SUPERVISOR"):
+    print("PROBE " + json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv, "main": __name__,
+                                 "path0": sys.path[0]}), file=sys.__stdout__, flush=True)
+    sys.exit(4)
+from nni_effbert.nas.supervisor import supervise_trial
+sys.exit(supervise_trial())
+'''
+
 CHANNEL = '''
 import json, os
 from nni.runtime.trial_command_channel.base import TrialCommandChannel
@@ -69,7 +81,7 @@ class Channel(TrialCommandChannel):
 
 #: A trial's supervisor, as ``python -m nni_effbert.trial`` runs it inside NNI.
 DRIVER = ("import sys; from nni_effbert.nas.supervisor import supervise_trial; "
-          "rc = supervise_trial(sys.argv[2:], module=sys.argv[1], fresh=[sys.executable, '-m', *sys.argv[1:]]); "
+          "rc = supervise_trial(['-m', *sys.argv[1:]]); "
           "print('SUPERVISOR ' + str(sorted(m for m in ('torch', 'nni', 'transformers') if m in sys.modules)), "
           "file=sys.stderr); sys.exit(rc)")
 
@@ -79,6 +91,7 @@ def probe_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("probe")
     (folder / "warm_probe.py").write_text(PROBE)
     (folder / "probe_channel.py").write_text(CHANNEL)
+    (folder / "warm_wrapper.py").write_text(WRAPPER)
     return folder
 
 
@@ -179,6 +192,16 @@ def test_trial_runs_forked_with_its_argv_cwd_env_stdio_and_exit_status(worker, p
     assert "warm worker:" not in p.stderr  # no fallback line
     assert "SUPERVISOR []" in p.stderr  # the supervisor imported none of the heavy modules
     assert _run([], _env(directory), probe_dir).returncode == 0
+
+
+def test_a_wrapper_script_runs_again_in_the_forked_child(worker, probe_dir):
+    directory, pid = worker
+    p = subprocess.run([sys.executable, "warm_wrapper.py", "x"], env=_env(directory), cwd=probe_dir,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 4, p.stderr
+    (probe,) = _probe(p.stdout)
+    assert probe == {"pid": probe["pid"], "ppid": pid, "argv": ["warm_wrapper.py", "x"], "main": "__main__",
+                     "path0": str(probe_dir)}
 
 
 def test_other_environment_falls_back_to_a_fresh_process_with_one_line(worker, probe_dir):

@@ -173,16 +173,18 @@ def prefetch_parameters(env: Optional[Dict[str, str]] = None, timeout: float = 6
         return raw, record if isinstance(record, dict) else {}
 
 
-def supervise_trial(args: Sequence[str], *, module: str = "nni_effbert.trial", kind: str = "trial",
-                    fresh: Optional[Sequence[str]] = None) -> int:
-    """Run this NNI trial (``python -m module args``) in a supervised child: forked by the warm
-    worker when one serves, else a fresh process (``fresh``, default this very command line);
-    returns the exit status (see :func:`supervise`).
+def supervise_trial(command: Optional[Sequence[str]] = None, *, kind: str = "trial") -> int:
+    """Run this NNI trial in a supervised child and return its exit status (see
+    :func:`supervise`). ``command`` is what follows the interpreter on the child's command line
+    (default: this process's own, ``sys.orig_argv[1:]``, a wrapper script included). The child
+    is forked by the warm worker when one serves, else a fresh interpreter.
 
     For ``kind="trial"`` the parameters are received here first (:func:`prefetch_parameters`):
-    a placeholder ends with status 0 at once.
+    a placeholder ends with status 0 at once. For another kind the fresh fallback is the
+    command itself, unsupervised (``exec``), as before the worker.
     """
-    fresh = list(fresh or [sys.executable, *sys.orig_argv[1:]])
+    command = list(sys.orig_argv[1:] if command is None else command)
+    fresh = [sys.executable, *command]
     env = dict(os.environ, **{CHILD_ENV: str(os.getpid())})
     if kind == "trial":
         try:
@@ -205,7 +207,7 @@ def supervise_trial(args: Sequence[str], *, module: str = "nni_effbert.trial", k
     directory = None
     try:
         directory = warm_worker.worker_dir(env)
-        child = warm_worker.request_child(directory, kind, module, args, env=env)
+        child = warm_worker.request_child(directory, kind, command, env=env)
     except WorkerUnavailable as exc:
         note = ""
         if exc.missing and directory is not None:
@@ -230,8 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(argv) < 2 or argv[0] != "-m":
         print("usage: python -m nni_effbert.nas.supervisor -m MODULE [ARGS...]", file=sys.stderr)
         return 2
-    module, args = argv[1], argv[2:]
-    return supervise_trial(args, module=module, kind="nas", fresh=[sys.executable, "-m", module, *args])
+    return supervise_trial(argv, kind="nas")
 
 
 if __name__ == "__main__":

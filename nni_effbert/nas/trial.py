@@ -288,7 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _die_with_parent()
     elif in_nni() and not args.arch:
         # Run the trial in a supervised child (warm worker, or this very command line again).
-        return supervise_trial(list(sys.argv[1:] if argv is None else argv))
+        return supervise_trial()
     configure_runtime(verbose=False, quiet=args.quiet)
     try:
         return run(args)

@@ -6,7 +6,8 @@ trial) that has made those imports once, **without initialising CUDA**, and fork
 per trial on request. The trial's supervisor (:mod:`.supervisor`) asks for the child over a
 Unix socket (``SOCK_SEQPACKET``) and passes
 
-* the module to run and its arguments, the working directory and the trial's full environment
+* the trial's command (``-m module ...``, ``-c code ...`` or ``script ...``: what follows the
+  interpreter on its command line), the working directory and the trial's full environment
   (NNI's per-trial variables included: the child rebuilds NNI's trial channel, ``nni.trial``'s
   ids and NNI's trial logging from it, see :func:`refresh_nni`);
 * its own stdin, stdout and stderr (``SCM_RIGHTS``), so the child writes to the trial's NNI log
@@ -277,23 +278,29 @@ class WarmChild:
         return int(reply["exit"])
 
 
-def request_child(directory: Path, kind: str, module: str, args: Sequence[str], *,
+def request_child(directory: Path, kind: str, command: Sequence[str], *,
                   env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None) -> WarmChild:
-    """Ask the worker of ``directory`` / ``kind`` to fork a child running ``python -m module
-    args`` in ``cwd`` with ``env`` and this process's stdin, stdout and stderr.
+    """Ask the worker of ``directory`` / ``kind`` to fork a child running ``python *command``
+    (``-m module args``, ``-c code args`` or ``script args``) in ``cwd`` with ``env`` and this
+    process's stdin, stdout and stderr.
 
     Raises
     ------
     WorkerUnavailable
-        No worker answers, or it was built for another interpreter, package or environment.
+        No worker answers, or it was built for another interpreter, package or environment, or
+        ``command`` has interpreter options a forked child cannot take.
     """
+    command = list(command)
+    if not command or (command[0].startswith("-") and command[0] not in ("-m", "-c")) \
+            or (command[0] in ("-m", "-c") and len(command) < 2):
+        raise WorkerUnavailable(f"the trial command has interpreter options ({' '.join(command[:2])})")
     env = dict(os.environ if env is None else env)
     sock = _connect(directory, kind)
     read_end, write_end = os.pipe()  # the lifeline: only this process holds the write end
     os.set_inheritable(write_end, False)
     try:
         fds = [_valid_fd(0), 1, 2, read_end]
-        request = {"op": "run", "module": module, "args": list(args), "cwd": cwd or os.getcwd(), "env": env,
+        request = {"op": "run", "argv": command, "cwd": cwd or os.getcwd(), "env": env,
                    "fingerprint": fingerprint(env)}
         socket.send_fds(sock, [json.dumps(request).encode()], fds)
         os.close(read_end)
@@ -573,8 +580,8 @@ class _Worker:
                     "(package files changed since it started, or another interpreter / environment)")
         if _cuda_initialized():
             return f"worker {os.getpid()} has initialised CUDA, which a forked child cannot use"
-        if request.get("module") is None:
-            return "no module to run"
+        if not request.get("argv"):
+            return "no command to run"
         return None
 
     def _run(self, conn: socket.socket, request: Mapping[str, Any], fds: List[int]) -> None:
@@ -720,23 +727,34 @@ def _child(request: Mapping[str, Any], fds: Sequence[int], worker_pid: int, clos
     os.environ.clear()
     os.environ.update({**_IMPORT_SET_ENV, **request["env"], CHILD_ENV: str(worker_pid)})
     os.chdir(request["cwd"])
-    if sys.path:
-        sys.path[0] = os.getcwd()  # as ``python -m`` sets it
     os.write(2, f"warm worker {worker_pid}: trial process {os.getpid()} forked (parent {os.getppid()})\n".encode())
     refresh_nni()
-    return _run_module(request["module"], request["args"])
+    return _run_command(request["argv"])
 
 
-def _run_module(module: str, args: Sequence[str]) -> int:
-    """``python -m module args`` in this process; its exit status, as the interpreter would set it."""
+def _run_command(argv: Sequence[str]) -> int:
+    """``python *argv`` (``-m module ...``, ``-c code ...`` or ``script ...``) in this process;
+    its exit status, as the interpreter would set it."""
     import atexit  # local: forked child only
+    import builtins  # local: forked child only
     import runpy  # local: forked child only
     import traceback  # local: forked child only
 
-    sys.argv = [module, *args]
     code = 0
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        # sys.argv and sys.path[0] as the interpreter sets them for each form.
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        elif argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            sys.path[0] = ""
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": builtins})  # noqa: S102 - the trial's own -c command
+        else:
+            sys.argv = list(argv)
+            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+            runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as exc:
         if exc.code is None:
             code = 0
