@@ -306,6 +306,9 @@ def request_child(directory: Path, kind: str, command: Sequence[str], *,
         os.close(read_end)
         if fds[0] != 0:
             os.close(fds[0])
+        # Should the answer not come (a stalled worker), closing the socket and the lifeline below
+        # makes the worker and the child itself kill a child already forked: never two runs.
+        sock.settimeout(60.0)
         reply = _receive(sock)
     except (OSError, ValueError) as exc:
         sock.close()
