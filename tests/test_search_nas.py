@@ -72,7 +72,7 @@ def test_search_python_runs_nas_experiment(tmp_path, base_teacher, glue_dir, cap
         # the search stopped with the experiment.
         log = (work / "warm-worker" / "nas.log").read_text()
         worker = int(re.search(r"warm worker (\d+) \(nas\) serving", log).group(1))
-        stderrs = [p.read_text() for p in (work / "nni-experiments" / exp_id / "trials").glob("*/trial.stderr")]
+        stderrs = [p.read_text() for p in (work / "nni-experiments" / exp_id).rglob("trials/*/trial.stderr")]
         assert len(stderrs) == 2 and all(f"forked (parent {worker})" in e for e in stderrs), stderrs
         deadline = time.monotonic() + 30
         while "exits (asked to)" not in log and time.monotonic() < deadline:  # its last log line
