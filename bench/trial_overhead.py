@@ -202,6 +202,11 @@ def trial_parameters(config: Path) -> Dict[str, Dict[str, Any]]:
     return {"stage1": {**arch, "_stage": 0}, "stage3": {**arch, "_stage": 2, "_train_steps": 0}}
 
 
+def _with_here(pythonpath: str) -> str:
+    """``PYTHONPATH`` with this folder first (once: the worker checks that it is the trials')."""
+    return pythonpath if pythonpath.split(os.pathsep)[0] == str(HERE) else os.pathsep.join([str(HERE), pythonpath])
+
+
 def run_trial(config: Path, params: Dict[str, Any], src: Optional[str], scratch: Path, tag: str,
               warm: Optional[Path] = None) -> Dict[str, float]:
     scratch.mkdir(parents=True, exist_ok=True)
@@ -213,7 +218,7 @@ def run_trial(config: Path, params: Dict[str, Any], src: Optional[str], scratch:
     env.update({MARKS_ENV: str(files["marks.json"]), PARAMS_ENV: str(files["params.json"]),
                 METRICS_ENV: str(files["metrics.jsonl"]), "NNI_TRIAL_JOB_ID": f"bench-{tag}",
                 "NNI_TRIAL_COMMAND_CHANNEL": "import://trial_overhead.FileTrialChannel",
-                "PYTHONPATH": os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])})
+                "PYTHONPATH": _with_here(env.get("PYTHONPATH", ""))})
     env.pop(SRC_ENV, None)
     if src:
         env[SRC_ENV] = src
@@ -305,7 +310,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     params = trial_parameters(config)
     # The worker is started with the trials' environment (PYTHONPATH, which it checks), as the
     # search starts it with that of the NNI manager.
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = _with_here(os.environ.get("PYTHONPATH", ""))
     warm_dir = workdir / "bench-warm-worker"
     started = time.time()
     warm_worker.start(warm_dir, "trial", timeout=900)
@@ -317,17 +322,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows: Dict[str, List[Dict[str, float]]] = {f"{v}/{s}": [] for v, _, _ in versions for s in stages}
     scratch = workdir / "bench-trial-overhead"
     machine = machine_info()
-    for i in range(args.runs):
-        for stage in stages:
-            for name, src, warm in (versions if i % 2 == 0 else versions[::-1]):  # alternate who goes first
-                r = run_trial(config, params[stage], src, scratch, f"{name}-{stage}-{i}", warm)
-                r["load"] = load_now()[0]
-                rows[f"{name}/{stage}"].append(r)
-                print(f"run {i} {name:6s} {stage}: wall {r['wall']:.2f} s = start-up {r['startup']:.2f} + work "
-                      f"{r['work']:.2f} + teardown {r['teardown']:.2f} (cpu {r['cpu']:.2f} s: start-up "
-                      f"{r['startup_cpu_worker']:.2f}, work {r['work_cpu']:.2f}; load {r['load']})", flush=True)
-                write_results(rows, args, workdir, machine)  # after every run: a stopped bench keeps its results
-    warm_worker.stop(warm_dir, "trial")
+    try:
+        for i in range(args.runs):
+            for stage in stages:
+                for name, src, warm in (versions if i % 2 == 0 else versions[::-1]):  # alternate who goes first
+                    r = run_trial(config, params[stage], src, scratch, f"{name}-{stage}-{i}", warm)
+                    r["load"] = load_now()[0]
+                    rows[f"{name}/{stage}"].append(r)
+                    print(f"run {i} {name:6s} {stage}: wall {r['wall']:.2f} s = start-up {r['startup']:.2f} + work "
+                          f"{r['work']:.2f} + teardown {r['teardown']:.2f} (cpu {r['cpu']:.2f} s: start-up "
+                          f"{r['startup_cpu_worker']:.2f}, work {r['work_cpu']:.2f}; load {r['load']})", flush=True)
+                    write_results(rows, args, workdir, machine)  # after every run: a stopped bench keeps its results
+    finally:
+        warm_worker.stop(warm_dir, "trial")
     lines = write_results(rows, args, workdir, machine)
     print("\n".join(lines))
     return 0
