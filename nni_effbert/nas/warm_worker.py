@@ -128,7 +128,7 @@ def worker_env(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     return {k: v for k, v in env.items() if not k.startswith("NNI_") or k == IDLE_ENV}
 
 
-def fingerprint(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+def fingerprint(env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """What a worker must share with a trial to run it: interpreter, package files, environment.
 
     Cheap (file ``stat`` calls, no heavy import), so every trial's supervisor computes it.
@@ -154,9 +154,11 @@ def fingerprint(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
         for path in (origin, origin.parent / "version.py"):
             if path.exists():
                 packages.update(f"{path}:{path.stat().st_mtime_ns}\n".encode())
-    envs = json.dumps(sorted(_relevant_env(os.environ if env is None else env).items()))
+    # Per variable, hashed (values may be secrets): a mismatch names the variables that differ.
+    envs = {k: hashlib.sha256(v.encode()).hexdigest()[:12]
+            for k, v in sorted(_relevant_env(os.environ if env is None else env).items())}
     return {"python": f"{sys.executable} {sys.version}", "code": code.hexdigest()[:16],
-            "packages": packages.hexdigest()[:16], "environment": hashlib.sha256(envs.encode()).hexdigest()[:16]}
+            "packages": packages.hexdigest()[:16], "environment": envs}
 
 
 def worker_dir(env: Optional[Mapping[str, str]] = None) -> Path:
@@ -237,8 +239,17 @@ def ping(directory: Path, kind: str, timeout: float = 5.0) -> Dict[str, Any]:
     return reply
 
 
-def _differences(mine: Mapping[str, str], theirs: Mapping[str, str]) -> str:
-    return ", ".join(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
+def _differences(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> str:
+    parts = []
+    for key in sorted(set(mine) | set(theirs)):
+        if mine.get(key) == theirs.get(key):
+            continue
+        if key == "environment" and isinstance(mine.get(key), dict) and isinstance(theirs.get(key), dict):
+            names = [k for k in sorted(set(mine[key]) | set(theirs[key])) if mine[key].get(k) != theirs[key].get(k)]
+            parts.append(f"environment ({', '.join(names)})")
+        else:
+            parts.append(key)
+    return ", ".join(parts)
 
 
 class WarmChild:
@@ -444,7 +455,7 @@ def _cuda_initialized() -> bool:
 
 
 class _Worker:
-    def __init__(self, directory: Path, kind: str, idle_s: float, fingerprint: Dict[str, str]):
+    def __init__(self, directory: Path, kind: str, idle_s: float, fingerprint: Dict[str, Any]):
         self.directory, self.kind, self.idle_s = directory, kind, idle_s
         self.selector = selectors.DefaultSelector()
         self.children: Dict[int, Optional[socket.socket]] = {}  # pid -> its supervisor's connection
