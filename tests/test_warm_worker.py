@@ -341,6 +341,28 @@ def test_parameters_received_by_the_supervisor_reach_the_forked_child(worker, fa
     assert PARAMETER_ENV not in os.environ
 
 
+def test_nas_trials_fork_from_a_nas_worker_or_run_as_before(probe_dir, tmp_path):
+    """The --python search's trial command (``python -m nni_effbert.nas.supervisor -m MODULE
+    ...``): forked by a worker of kind ``nas`` (nni.nas imported); without one, the command
+    itself replaces the supervisor (``exec``: same pid, unsupervised, as before)."""
+    directory = tmp_path / "warm-worker"
+    info = warm_worker.start(directory, "nas", timeout=600)
+    try:
+        cmd = [sys.executable, "-m", "nni_effbert.nas.supervisor", "-m", "warm_probe", "a"]
+        p = subprocess.run(cmd, env=_env(directory, PROBE_RC="5"), cwd=probe_dir, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 5, p.stderr
+        (probe,) = _probe(p.stdout)
+        assert probe["ppid"] == info["pid"] and probe["argv"] == ["a"], p.stderr
+        off = subprocess.Popen(cmd, env=_env(directory, **{warm_worker.ENV: "off"}), cwd=probe_dir, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = off.communicate(timeout=300)
+        assert off.returncode == 0 and _probe(out)[0]["pid"] == off.pid, err
+        assert "turned off" in err
+    finally:
+        warm_worker.stop(directory, "nas")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 def test_forked_child_initialises_cuda_on_its_assigned_device(worker, probe_dir):
