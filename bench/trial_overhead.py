@@ -1,9 +1,10 @@
-"""Where an nnictl trial's wall time goes: start-up, work, teardown (stage 1 and stage 3).
+"""Where an nnictl trial's wall time goes: start-up, work, teardown (stage 1 and stage 3), with
+the warm trial worker and without it.
 
 ::
 
     python bench/trial_overhead.py --workdir /tmp/qs --data-dir ../shared/data/glue \
-        [--before-src /tmp/before] [--runs 5] [--out bench/results/trial_overhead]
+        [--before-src /tmp/before] [--runs 5] [--budget default] [--out bench/results/trial_overhead]
 
 The work directory holds the quickstart config (``--budget default``: quickstart preset,
 MiniLM teacher, 2,000 SST-2 train rows, the 872 dev rows); missing parts are made first (the
@@ -29,7 +30,18 @@ functions; nothing in the package is changed for it):
 * teardown: from there to the exit of the process NNI started (printing, interpreter exit,
   the supervisor's exit).
 
-``--before-src`` runs the same trials from another source tree (a checkout of an older
+Versions, interleaved run by run (the order alternates), so a change of the machine's load
+hits all of them:
+
+* ``warm``: the trial process (the supervisor) has its child forked by the warm worker
+  (:mod:`nni_effbert.nas.warm_worker`), started once by the bench for the work directory, as
+  ``nni-effbert search`` does; the trial's start-up is what is left after the imports;
+* ``fresh``: the same with ``NNI_EFFBERT_WARM_WORKER=off`` (``search.warm_worker: false``): the
+  child is a fresh interpreter, as before the worker (one line on stderr says so).
+
+The machine's load average is recorded at the start and with every run (``load`` per row).
+
+``--before-src`` also runs the same trials from another source tree (a checkout of an older
 commit: ``git worktree add /tmp/before bc3f699``) by mapping the ``nni_effbert`` packages to it
 in the trial processes; before and after runs are interleaved, run by run, so a change of the
 machine's load hits both. Reported: the median of ``--runs`` runs per (version, stage), wall
@@ -56,6 +68,7 @@ SRC_ENV = "EFFBERT_BENCH_SRC"
 PARAMS_ENV = "EFFBERT_BENCH_PARAMS"
 METRICS_ENV = "EFFBERT_BENCH_METRICS"
 CHILD_ENV = "NNI_EFFBERT_TRIAL_SUPERVISOR"  # nni_effbert.nas.trial_runner / .supervisor: set in the supervised child
+WARM_ENV = "NNI_EFFBERT_WARM_WORKER"  # nni_effbert.nas.warm_worker.ENV: its directory, or "off"
 #: Stage 2 without its own warm-up: its candidates inherit the stage-0 supernet (or
 #: ``supernet/stage2.pt`` when it exists). The weights' values do not change what a trial does.
 TRIAL_SETS = ["--set", "search.stages.2.warmup=false"]
@@ -164,13 +177,13 @@ def _cli(args: List[str]) -> None:
     subprocess.run([sys.executable, "-m", "nni_effbert.cli", *args], check=True, cwd=REPO)
 
 
-def prepare(workdir: Path, data_dir: Optional[str]) -> Path:
+def prepare(workdir: Path, data_dir: Optional[str], budget: str = "default") -> Path:
     """The quickstart config in ``workdir`` with its teacher and the stage-0 / stage-2 supernets."""
     from nni_effbert.product.quickstart import write_config  # local: the driver only
 
     config = workdir / "quickstart.yml"
     if not config.is_file():
-        config = write_config(workdir, "default", data_dir)
+        config = write_config(workdir, budget, data_dir)
     if not (workdir / "teacher").is_dir():
         _cli(["teacher", "-q", "-c", str(config)])
     if not (workdir / "supernet" / "stage0.pt").is_file():
@@ -189,7 +202,13 @@ def trial_parameters(config: Path) -> Dict[str, Dict[str, Any]]:
     return {"stage1": {**arch, "_stage": 0}, "stage3": {**arch, "_stage": 2, "_train_steps": 0}}
 
 
-def run_trial(config: Path, params: Dict[str, Any], src: Optional[str], scratch: Path, tag: str) -> Dict[str, float]:
+def _with_here(pythonpath: str) -> str:
+    """``PYTHONPATH`` with this folder first (once: the worker checks that it is the trials')."""
+    return pythonpath if pythonpath.split(os.pathsep)[0] == str(HERE) else os.pathsep.join([str(HERE), pythonpath])
+
+
+def run_trial(config: Path, params: Dict[str, Any], src: Optional[str], scratch: Path, tag: str,
+              warm: Optional[Path] = None) -> Dict[str, float]:
     scratch.mkdir(parents=True, exist_ok=True)
     files = {k: scratch / f"{tag}.{k}" for k in ("params.json", "marks.json", "metrics.jsonl")}
     files["params.json"].write_text(json.dumps(params))
@@ -199,10 +218,11 @@ def run_trial(config: Path, params: Dict[str, Any], src: Optional[str], scratch:
     env.update({MARKS_ENV: str(files["marks.json"]), PARAMS_ENV: str(files["params.json"]),
                 METRICS_ENV: str(files["metrics.jsonl"]), "NNI_TRIAL_JOB_ID": f"bench-{tag}",
                 "NNI_TRIAL_COMMAND_CHANNEL": "import://trial_overhead.FileTrialChannel",
-                "PYTHONPATH": os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])})
+                "PYTHONPATH": _with_here(env.get("PYTHONPATH", ""))})
     env.pop(SRC_ENV, None)
     if src:
         env[SRC_ENV] = src
+    env[WARM_ENV] = str(warm) if warm is not None else "off"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "-c", str(config), "-q", *TRIAL_SETS]
     with open(scratch / f"{tag}.out", "w") as out, open(scratch / f"{tag}.err", "w") as err:
         started = time.time()
@@ -210,6 +230,9 @@ def run_trial(config: Path, params: Dict[str, Any], src: Optional[str], scratch:
         _, status, usage = os.wait4(proc.pid, 0)
         ended = time.time()
     proc.returncode = rc = os.waitstatus_to_exitcode(status)
+    forked = "forked (parent" in (scratch / f"{tag}.err").read_text()
+    if warm is not None and not forked:
+        raise SystemExit(f"trial {tag} did not run in the warm worker:\n{(scratch / f'{tag}.err').read_text()[-3000:]}")
     if rc != 0 or not files["marks.json"].is_file():
         raise SystemExit(f"trial {tag} failed (exit {rc}):\n{(scratch / f'{tag}.err').read_text()[-3000:]}")
     marks = json.loads(files["marks.json"].read_text())
@@ -240,12 +263,16 @@ def write_results(rows, args, workdir: Path, machine: Dict[str, Any]) -> List[st
                                                               "latency_ms")}
         summary[key]["wall_over_work"] = round(_median([{"x": r["wall"] / r["work"]} for r in rs], "x"), 2)
         summary[key]["runs"] = len(rs)
-    result = {"machine": machine, "runs": args.runs, "workdir": str(workdir), "before_src": args.before_src,
+    result = {"machine": machine, "runs": args.runs, "budget": args.budget, "workdir": str(workdir),
+              "before_src": args.before_src,
               "summary": summary, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    lines = [f"# Trial overhead (medians over the runs of each row; machine shared, load at start "
-             f"{result['machine']['loadavg']})", "",
+    loads = [r.get("load") for rs in rows.values() for r in rs if r.get("load") is not None]
+    lines = [f"# Trial overhead (medians over the runs of each row; load average at start "
+             f"{result['machine']['loadavg']}, during the runs {min(loads, default=0):.2f}-{max(loads, default=0):.2f}; "
+             f"budget {args.budget})", "",
+             "warm: the trial's child forked by the warm worker; fresh: a fresh interpreter (worker off).", "",
              "Wall seconds, then CPU seconds (user + system): all the trial's processes; the worker's up to its",
              "first batch; the worker's work.", "",
              "| version / stage | runs | wall s | start-up s | work s | teardown s | wall / work | CPU s | CPU start-up s "
@@ -269,30 +296,45 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--before-src", help="source tree of the 'before' version (a git worktree)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--stages", default="stage1,stage3")
+    parser.add_argument("--budget", default="default", help="the quickstart budget of the config (smoke: a quick "
+                        "proof that the bench runs; its figures mean nothing)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "trial_overhead")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(HERE))
     from _common import load_now, machine_info  # local: the driver only (imports nni, torch)
+    from nni_effbert.nas import warm_worker  # local: the driver only
 
     workdir = args.workdir.resolve()
-    config = prepare(workdir, args.data_dir)
+    config = prepare(workdir, args.data_dir, args.budget)
     params = trial_parameters(config)
-    versions = [("after", None)] + ([("before", str(Path(args.before_src).resolve()))] if args.before_src else [])
+    # The worker is started with the trials' environment (PYTHONPATH, which it checks), as the
+    # search starts it with that of the NNI manager.
+    os.environ["PYTHONPATH"] = _with_here(os.environ.get("PYTHONPATH", ""))
+    warm_dir = workdir / "bench-warm-worker"
+    started = time.time()
+    warm_worker.start(warm_dir, "trial", timeout=900)
+    print(f"warm worker ready in {time.time() - started:.1f} s (once per search)", flush=True)
+    versions = [("warm", None, warm_dir), ("fresh", None, None)]
+    if args.before_src:
+        versions.append(("before", str(Path(args.before_src).resolve()), None))
     stages = args.stages.split(",")
-    rows: Dict[str, List[Dict[str, float]]] = {f"{v}/{s}": [] for v, _ in versions for s in stages}
+    rows: Dict[str, List[Dict[str, float]]] = {f"{v}/{s}": [] for v, _, _ in versions for s in stages}
     scratch = workdir / "bench-trial-overhead"
     machine = machine_info()
-    for i in range(args.runs):
-        for stage in stages:
-            for name, src in (versions if i % 2 == 0 else versions[::-1]):  # alternate who goes first
-                r = run_trial(config, params[stage], src, scratch, f"{name}-{stage}-{i}")
-                r["load"] = load_now()[0]
-                rows[f"{name}/{stage}"].append(r)
-                print(f"run {i} {name:6s} {stage}: wall {r['wall']:.2f} s = start-up {r['startup']:.2f} + work "
-                      f"{r['work']:.2f} + teardown {r['teardown']:.2f} (cpu {r['cpu']:.2f} s: start-up "
-                      f"{r['startup_cpu_worker']:.2f}, work {r['work_cpu']:.2f}; load {r['load']})", flush=True)
-                write_results(rows, args, workdir, machine)  # after every run: a stopped bench keeps its results
+    try:
+        for i in range(args.runs):
+            for stage in stages:
+                for name, src, warm in (versions if i % 2 == 0 else versions[::-1]):  # alternate who goes first
+                    r = run_trial(config, params[stage], src, scratch, f"{name}-{stage}-{i}", warm)
+                    r["load"] = load_now()[0]
+                    rows[f"{name}/{stage}"].append(r)
+                    print(f"run {i} {name:6s} {stage}: wall {r['wall']:.2f} s = start-up {r['startup']:.2f} + work "
+                          f"{r['work']:.2f} + teardown {r['teardown']:.2f} (cpu {r['cpu']:.2f} s: start-up "
+                          f"{r['startup_cpu_worker']:.2f}, work {r['work_cpu']:.2f}; load {r['load']})", flush=True)
+                    write_results(rows, args, workdir, machine)  # after every run: a stopped bench keeps its results
+    finally:
+        warm_worker.stop(warm_dir, "trial")
     lines = write_results(rows, args, workdir, machine)
     print("\n".join(lines))
     return 0

@@ -179,6 +179,9 @@ def _configure_search(parser: argparse.ArgumentParser) -> None:
                              "(<workdir>/nni-experiments/ID/effbert.yml; -c only locates the work directory)")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="with --wait: stop the experiment and fail after this long")
+    parser.add_argument("--no-warm-worker", action="store_true",
+                        help="start every trial in a fresh interpreter instead of forking it from a warm worker "
+                             "(the config's search.warm_worker: false)")
 
 
 def _run_search(args: argparse.Namespace) -> int:
@@ -187,6 +190,8 @@ def _run_search(args: argparse.Namespace) -> int:
     from .nas.records import is_failed
 
     cfg = _load_cfg(args, args.resume, resume=True)
+    if args.no_warm_worker:
+        cfg.search.warm_worker = False
     result = run_search(cfg, config_path=args.config, wait=args.wait, python=args.python, port=args.port,
                         progress=not args.quiet, timeout=args.timeout, resume=args.resume)
     if result.status == "RUNNING":

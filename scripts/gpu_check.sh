@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks of issue 15: the tests marked `gpu` (CUDA vs CPU, fp32 and bf16, a CUDA OOM trial)
+# GPU checks of issue 15: the tests marked `gpu` (CUDA vs CPU, fp32 and bf16, a CUDA OOM trial;
+# issue 28: a trial process forked by the warm worker initialises CUDA on its assigned device)
 # and the trial-loop timing bench/gpu_smoke.py (steps/s CPU vs GPU, fp32 vs bf16). Under 5 minutes
 # on one GPU. Without a GPU the tests are skipped and the timing runs its CPU part, saying so.
 #   bash scripts/gpu_check.sh            # PYTHON=/path/to/python to choose the interpreter
@@ -19,5 +20,6 @@ else
 fi
 status=0
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu.py || status=$?
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_warm_worker.py || status=$?
 timeout "$SMOKE_LIMIT" "$PY" bench/gpu_smoke.py --out bench/results/gpu_smoke $SMOKE || status=$?
 exit $status

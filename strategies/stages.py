@@ -335,6 +335,9 @@ class SearchConfig:
         exported student (:mod:`.ties`). Empty: the default of ``evaluator.objective``
         (:data:`~nni_effbert.strategies.ties.TIE_MARGINS`, about twice the score's own
         seed-to-seed spread), filled in when the experiment config is loaded; 0: strict ranking.
+    warm_worker : bool
+        Fork trial processes from a warm worker whose imports are done (default; see
+        ``nni_effbert.nas.warm_worker``); false: every trial starts a fresh interpreter.
     """
 
     param_budget: Optional[List[float]] = None
@@ -351,6 +354,7 @@ class SearchConfig:
     use_active_gpu: bool = False
     max_trials_per_gpu: int = 1
     tie_margin: Optional[float] = None
+    warm_worker: bool = True
 
     def __post_init__(self) -> None:
         if self.param_budget is not None:
@@ -374,6 +378,7 @@ class SearchConfig:
         _need(_is_int(self.seed) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
         _need(isinstance(self.sampler, SamplerConfig), f"sampler must be a sampler mapping, got {self.sampler!r}")
         _need(isinstance(self.share_workdir, bool), f"share_workdir must be true or false, got {self.share_workdir!r}")
+        _need(isinstance(self.warm_worker, bool), f"warm_worker must be true or false, got {self.warm_worker!r}")
         if self.latency_budget_ms is not None:
             budget = self.latency_budget_ms
             _need(isinstance(budget, (list, tuple)) and len(budget) == 2 and all(_number(v) for v in budget),

@@ -68,6 +68,17 @@ def test_search_python_runs_nas_experiment(tmp_path, base_teacher, glue_dir, cap
         nni_trials = read_nni_trials(exp_id, experiments_dir=work / "nni-experiments")
         assert [t["status"] for t in nni_trials] == ["SUCCEEDED", "SUCCEEDED"]
         assert sorted(t["metric"] for t in nni_trials) == sorted(t["metric"] for t in cands)
+        # Both candidate processes were forked by the search's warm worker (kind nas), which
+        # the search stopped with the experiment.
+        log = (work / "warm-worker" / "nas.log").read_text()
+        worker = int(re.search(r"warm worker (\d+) \(nas\) serving", log).group(1))
+        stderrs = [p.read_text() for p in (work / "nni-experiments" / exp_id).rglob("trials/*/trial.stderr")]
+        assert len(stderrs) == 2 and all(f"forked (parent {worker})" in e for e in stderrs), stderrs
+        deadline = time.monotonic() + 30
+        while "exits (asked to)" not in log and time.monotonic() < deadline:  # its last log line
+            time.sleep(0.5)
+            log = (work / "warm-worker" / "nas.log").read_text()
+        assert re.search(rf"warm worker {worker} exits \(asked to\)", log), log
         with capsys.disabled():
             print(f"\nnni-effbert search --python (in-process warm-up + 2 candidate trials, concurrency 2): "
                   f"{wall:.1f} s wall")

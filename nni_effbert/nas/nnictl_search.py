@@ -43,6 +43,7 @@ from .experiments import (
     web_ui_warning,
 )
 from .. import search_lock
+from . import warm_worker
 from .records import read_nni_trials
 
 __all__ = ["trial_command", "nnictl_config", "local_training_service", "write_nnictl_config", "run_nnictl"]
@@ -133,8 +134,8 @@ def _nnictl(args: Sequence[str], timeout: float = 180, **kw: Any) -> subprocess.
     logger.debug("running %s", " ".join(cmd))
     try:
         # The manager, its dispatcher and its trials inherit this environment.
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, **SAFE_PATH_ENV), **kw)
+        env = dict(kw.pop("env", None) or os.environ, **SAFE_PATH_ENV)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
     except subprocess.TimeoutExpired as exc:
         raise SearchError(f"`nnictl {' '.join(args)}` did not return within {timeout:.0f} s") from exc
 
@@ -225,6 +226,7 @@ def run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[in
     # this process once the experiment runs (same port).
     lock = search_lock.acquire(WorkDir.of(cfg).ensure(), kind="starting", experiment=resume, port=port,
                                share=cfg.search.share_workdir)
+    warm_env: Dict[str, str] = {}
     try:
         wd, config_file = prepare_workdir(cfg, config_path)
         if resume is not None:
@@ -239,7 +241,10 @@ def run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[in
             args = ["create", "--config", str(conf_path), "--port", str(port)]
         else:
             args = ["resume", resume, "--port", str(port)]
-        created = _nnictl(args)
+        # The NNI manager passes its environment on to every trial: where the warm worker is.
+        warm_env = warm_worker.for_search(wd.root, "trial", bool(cfg.search.warm_worker))
+        env = dict(os.environ, **warm_env)
+        created = _nnictl(args, env=env)
         for _ in range(2):
             if created.returncode == 0 or not _manager_too_slow(_plain(created.stdout + created.stderr)):
                 break
@@ -249,14 +254,16 @@ def run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[in
             port = free_port()
             search_lock.update(wd, lock, port=port)
             args = [*args[:-1], str(port)]
-            created = _nnictl(args)
+            created = _nnictl(args, env=env)
     except BaseException:
         search_lock.release(WorkDir.of(cfg), lock)
+        warm_worker.stop_for_search(warm_env, "trial")
         raise
     output = _plain(created.stdout + created.stderr)
     exp_id = _experiment_id(output) if resume is None else resume
     if created.returncode != 0 or exp_id is None or "ERROR" in output:
         search_lock.release(wd, lock)
+        warm_worker.stop_for_search(warm_env, "trial")
         tail = " | ".join(line.strip() for line in output.splitlines() if line.strip())[-800:]
         raise SearchError(f"`nnictl {' '.join(args)}` failed: {tail}")
     search_lock.update(wd, lock, experiment=exp_id)
@@ -288,6 +295,7 @@ def run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[in
         else:
             logger.info("experiment %s stopped (port %d freed)", exp_id, port)
             search_lock.release_experiment(wd, exp_id)
+        warm_worker.stop_for_search(warm_env, "trial")
     return result
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import shlex
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..latency.table import search_latency
 from ..runtime import resolve_runtime
 from ..workdir import WorkDir
 from .. import search_lock
+from . import warm_worker
 from .experiments import (EXPERIMENTS_DIR, SAFE_PATH_ENV, TRIALS_FILE, SearchResult, check_resumable, free_port,
                           prepare_workdir, web_ui_warning)
 from .kd_evaluator import KDEvaluator
@@ -349,6 +351,12 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
                                    checkpoint_fn=checkpoint, latency_fn=latency_fn, teacher_latency_ms=teacher_ms,
                                    finished_fn=_finished_after_stop(wd, resume) if resume is not None else None)
     conf = NasExperimentConfig("ts", "simplified", "local")
+    # Trials start as `{envs} {python} -m nni.nas.execution.training_service trial`: through the
+    # supervisor, which has them forked by the warm worker (kind "nas") when it serves.
+    warm_env = warm_worker.for_search(wd.root, "nas", bool(cfg.search.warm_worker))
+    conf._trial_command_params = {  # NNI's own hook for this template
+        "envs": " ".join(f"{k}={shlex.quote(v)}" for k, v in warm_env.items()),
+        "python": f"{shlex.quote(sys.executable)} -m nni_effbert.nas.supervisor"}
     conf.experiment_name = f"effbert-{cfg.task.name}-{wd.root.name}-nas"
     conf.trial_concurrency = int(cfg.search.trial_concurrency)
     conf.experiment_working_directory = str(wd.root / EXPERIMENTS_DIR)
@@ -398,6 +406,7 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        warm_worker.stop_for_search(warm_env, "nas")
     if strategy.search is not None:
         result.trials = [normalize_trial(t) for t in _records_to_trials(strategy, wd)]
         result.trials_file = wd.root / TRIALS_FILE

@@ -60,7 +60,8 @@ from ..params import (STAGE_KEY, TRAIN_STEPS_KEY, add_arguments, echoed_ids, int
                       is_warmup, placeholder_reason, read_arch_file, split_arch)
 from .kd_evaluator import KDEvaluator
 from .supernets import experiment_key
-from .supervisor import CHILD_ENV, EXIT_FAILED, _die_with_parent, in_nni, supervise
+from .supervisor import (CHILD_ENV, EXIT_FAILED, PARAMETER_ENV, _die_with_parent, in_nni, supervise,  # noqa: F401
+                         supervise_trial)  # supervise: re-exported
 from .warmup import run_warmup_parameters
 
 __all__ = [
@@ -204,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     elif inside:
         import nni  # local: only inside NNI
 
-        params = nni.get_next_parameter()
+        params = _next_parameters()
         if params is None:
             raise ConfigError("NNI sent no parameters to this trial")
         logger.info("trial %s parameters: %s", nni.get_trial_id(), json.dumps(params, sort_keys=True))
@@ -250,6 +251,20 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _next_parameters() -> Optional[Dict[str, Any]]:
+    """This trial's parameters: received by the supervisor already (:data:`PARAMETER_ENV`, then
+    set as ``nni``'s current parameters so that reports carry their ``parameter_id``), else from
+    ``nni.get_next_parameter()``."""
+    import nni  # local: only inside NNI
+    import nni.trial  # local: idem
+
+    raw = os.environ.pop(PARAMETER_ENV, None)
+    if raw is None:
+        return nni.get_next_parameter()
+    nni.trial._params = nni.load(raw)
+    return nni.trial._params["parameters"]
+
+
 def _report_failure(reason: str, params: Mapping[str, Any]) -> None:
     """Tell the search why this trial failed, and which parameters it ran (NNI may have queued
     others for this job): a final metric without ``default``, so the web UI never ranks it."""
@@ -281,8 +296,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if os.environ.get(CHILD_ENV):
         _die_with_parent()
     elif in_nni() and not args.arch:
-        # Re-run this very command line (a wrapper script included) under a supervisor.
-        return supervise([sys.executable, *sys.orig_argv[1:]])
+        # Run the trial in a supervised child (warm worker, or this very command line again).
+        return supervise_trial()
     configure_runtime(verbose=False, quiet=args.quiet)
     try:
         return run(args)

@@ -1,0 +1,867 @@
+"""The warm trial worker: trial processes forked from a process whose imports are done.
+
+A fresh trial process spends seconds importing torch, nni, transformers and datasets before
+it does any work. The warm worker is a long-lived process (one per work directory and kind of
+trial) that has made those imports once, **without initialising CUDA**, and forks one child
+per trial on request. The trial's supervisor (:mod:`.supervisor`) asks for the child over a
+Unix socket (``SOCK_SEQPACKET``) and passes
+
+* the trial's command (``-m module ...``, ``-c code ...`` or ``script ...``: what follows the
+  interpreter on its command line), the working directory and the trial's full environment
+  (NNI's per-trial variables included: the child rebuilds NNI's trial channel, ``nni.trial``'s
+  ids and NNI's trial logging from it, see :func:`refresh_nni`);
+* its own stdin, stdout and stderr (``SCM_RIGHTS``), so the child writes to the trial's NNI log
+  files as a fresh process would;
+* the read end of a *lifeline* pipe whose write end only the supervisor holds: when the
+  supervisor dies, SIGKILL included, the child reads end-of-file and kills itself. (The
+  child's parent is the worker, so ``PR_SET_PDEATHSIG`` alone would not notice; it is set too,
+  so a child also dies with its worker.)
+
+The worker answers with the child's pid (to which the supervisor forwards SIGTERM / SIGINT),
+and, when the child ends, with its exit status (``-N`` for a death by signal N), which the
+supervisor turns into the trial's exit status exactly as for a fresh child.
+
+Files, in the worker's directory (``$NNI_EFFBERT_WARM_WORKER``; by default
+``<experiment dir>/warm-worker``): ``<kind>.sock`` (or a short path under ``$XDG_RUNTIME_DIR``
+or the temp folder, keyed by a hash, when the path would exceed ``AF_UNIX``'s 108 bytes),
+``<kind>.lock`` (held by the live worker: at most one per directory and kind), ``<kind>.pid``
+and ``<kind>.log``.
+
+A worker is used only when it was built for the same interpreter, package files (sources and
+the installed torch / nni / transformers / datasets) and environment as the trial
+(:func:`fingerprint`); otherwise, and when none answers, the trial runs in a fresh child as
+before, with one line on stderr saying why. It exits when asked (``nni-effbert search`` stops
+it with the experiment) or after ``$NNI_EFFBERT_WARM_IDLE_S`` seconds (default 300) without a
+trial.
+
+This module imports only the standard library at the top: the supervisor uses its client side
+before any heavy import. The worker (``python -m nni_effbert.nas.warm_worker --dir D --kind K``)
+makes the heavy imports in :func:`preload`.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import importlib
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+__all__ = [
+    "ENV", "CHILD_ENV", "IDLE_ENV", "KINDS", "DISABLED", "WorkerUnavailable", "WarmChild", "fingerprint",
+    "worker_dir", "socket_path", "worker_env", "ping", "request_child", "spawn", "start", "stop", "for_search",
+    "stop_for_search", "serve",
+    "refresh_nni", "main",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The worker's directory, or ``off`` to run every trial in a fresh process.
+ENV = "NNI_EFFBERT_WARM_WORKER"
+#: Set (to the worker's pid) in the environment of a forked trial process.
+CHILD_ENV = "NNI_EFFBERT_WARM_CHILD"
+#: Seconds a worker without trials waits before it exits.
+IDLE_ENV = "NNI_EFFBERT_WARM_IDLE_S"
+DEFAULT_IDLE_S = 300.0
+#: Values of :data:`ENV` that turn the worker off.
+DISABLED = ("off", "0", "false", "no")
+
+#: Kind of trial -> the modules the worker imports before it forks. ``trial``: what nnictl runs
+#: (``python -m nni_effbert.trial``); ``nas``: the ``--python`` search's trials
+#: (``python -m nni.nas.execution.training_service trial``, which unpickles a model of our space
+#: and runs our evaluator). The module a child runs itself is executed fresh (``runpy``), as
+#: ``python -m`` would.
+KINDS: Dict[str, Tuple[str, ...]] = {
+    "trial": ("nni", "nni.trial", "nni.runtime.trial_command_channel.v3", "nni_effbert.nas.trial_runner"),
+    "nas": ("nni", "nni.trial", "nni.runtime.trial_command_channel.v3", "nni.nas.execution", "nni.nas.space",
+            "nni_effbert.nas.kd_evaluator", "nni_effbert.nas.nni_evaluator"),
+}
+
+#: ``AF_UNIX`` paths are limited to 108 bytes (NUL included) on Linux.
+_MAX_SOCKET_PATH = 100
+#: Environment variables read when the worker's modules are imported (interpreter, loader,
+#: Hugging Face caches and switches, torch and its thread pools): a trial whose values differ
+#: gets a fresh process. Every other variable just reaches the child, as in a fresh process.
+#: ``CUDA_VISIBLE_DEVICES`` is not one of them: CUDA starts in the child, after it is set.
+_IMPORT_ENV_PREFIXES = ("PYTHON", "LD_", "HF_", "HUGGINGFACE", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_", "TORCH",
+                        "PYTORCH_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUDA_", "NVIDIA_", "XDG_CACHE_HOME",
+                        "HOME", "PATH")
+_PER_TRIAL_ENV = ("CUDA_VISIBLE_DEVICES",)
+#: Largest request (argv + environment) a supervisor sends.
+_MAX_MESSAGE = 1 << 20
+#: Packages whose installed files are part of the fingerprint.
+_PACKAGES = ("torch", "nni", "transformers", "datasets")
+
+
+class WorkerUnavailable(Exception):
+    """No usable warm worker; the message says why (the trial then starts a fresh process).
+    ``missing`` is True when none answers at all (a new one may be started)."""
+
+    def __init__(self, message: str, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing
+
+
+# ---------------------------------------------------------------------------------------------
+# where, and for what
+# ---------------------------------------------------------------------------------------------
+
+
+def _relevant_env(env: Mapping[str, str]) -> Dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(_IMPORT_ENV_PREFIXES) and k not in _PER_TRIAL_ENV}
+
+
+def worker_env(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The environment to start a worker with: ``env`` (default ``os.environ``) without NNI's
+    per-trial variables (``import nni`` would otherwise set up that trial's logging)."""
+    env = os.environ if env is None else env
+    return {k: v for k, v in env.items() if not k.startswith("NNI_") or k == IDLE_ENV}
+
+
+def fingerprint(env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+    """What a worker must share with a trial to run it: interpreter, package files, environment.
+
+    Cheap (file ``stat`` calls, no heavy import), so every trial's supervisor computes it.
+    """
+    code = hashlib.sha256()
+    import importlib.util  # local: stdlib; find_spec locates packages without importing them
+
+    roots = []
+    for name in ("nni_effbert", "nni_effbert.search_spaces", "nni_effbert.strategies"):
+        spec = importlib.util.find_spec(name)
+        roots += list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in dict.fromkeys(roots):
+        for path in sorted(Path(root).rglob("*.py")):
+            st = path.stat()
+            code.update(f"{path}:{st.st_mtime_ns}:{st.st_size}\n".encode())
+    packages = hashlib.sha256()
+    for name in _PACKAGES:
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin) if spec is not None and spec.origin else None
+        if origin is None:
+            packages.update(f"{name}:missing\n".encode())
+            continue
+        for path in (origin, origin.parent / "version.py"):
+            if path.exists():
+                packages.update(f"{path}:{path.stat().st_mtime_ns}\n".encode())
+    # Per variable, hashed (values may be secrets): a mismatch names the variables that differ.
+    envs = {k: hashlib.sha256(v.encode()).hexdigest()[:12]
+            for k, v in sorted(_relevant_env(os.environ if env is None else env).items())}
+    return {"python": f"{sys.executable} {sys.version}", "code": code.hexdigest()[:16],
+            "packages": packages.hexdigest()[:16], "environment": envs}
+
+
+def worker_dir(env: Optional[Mapping[str, str]] = None) -> Path:
+    """The warm worker's directory for a trial with environment ``env`` (default ``os.environ``).
+
+    Raises
+    ------
+    WorkerUnavailable
+        Turned off (``$NNI_EFFBERT_WARM_WORKER=off``), or no directory to find it in.
+    """
+    env = os.environ if env is None else env
+    value = env.get(ENV, "").strip()
+    if value.lower() in DISABLED:
+        raise WorkerUnavailable(f"turned off ({ENV}={value})")
+    if value:
+        return Path(value).absolute()
+    out = env.get("NNI_OUTPUT_DIR")
+    if out and Path(out).parent.name == "trials":
+        return Path(out).parent.parent / "warm-worker"  # <experiment dir>/trials/<trial id>
+    raise WorkerUnavailable(f"no directory for it (neither {ENV} nor NNI's trial folder is set)")
+
+
+def socket_path(directory: Path, kind: str) -> Path:
+    """The worker's socket: ``<directory>/<kind>.sock``, or, when that path is too long for
+    ``AF_UNIX``, a short one under ``$XDG_RUNTIME_DIR`` (or the temp folder) keyed by a hash."""
+    directory = Path(directory).absolute()
+    path = directory / f"{kind}.sock"
+    if len(os.fsencode(str(path))) <= _MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha256(os.fsencode(str(directory))).hexdigest()[:20]
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return Path(base) / f"nni-effbert-{digest}-{kind}.sock"
+
+
+# ---------------------------------------------------------------------------------------------
+# client side (the supervisor)
+# ---------------------------------------------------------------------------------------------
+
+
+def _connect(directory: Path, kind: str, timeout: float = 5.0) -> socket.socket:
+    path = socket_path(directory, kind)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+    except FileNotFoundError:
+        sock.close()
+        raise WorkerUnavailable(f"none at {path}", missing=True) from None
+    except (ConnectionRefusedError, OSError) as exc:
+        sock.close()
+        raise WorkerUnavailable(f"none answers at {path} ({exc.strerror or exc})", missing=True) from None
+    return sock
+
+
+def _receive(sock: socket.socket) -> Optional[Dict[str, Any]]:
+    data = sock.recv(_MAX_MESSAGE)
+    return json.loads(data.decode()) if data else None
+
+
+def ping(directory: Path, kind: str, timeout: float = 5.0) -> Dict[str, Any]:
+    """The worker's answer to a ping: ``{"pid": ..., "fingerprint": {...}, "children": n}``.
+
+    Raises
+    ------
+    WorkerUnavailable
+        None answers.
+    """
+    sock = _connect(directory, kind, timeout)
+    try:
+        sock.send(json.dumps({"op": "ping"}).encode())
+        reply = _receive(sock)
+    except OSError as exc:
+        raise WorkerUnavailable(f"the worker did not answer ({exc})") from None
+    finally:
+        sock.close()
+    if not reply:
+        raise WorkerUnavailable("the worker closed the connection")
+    return reply
+
+
+def _differences(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> str:
+    parts = []
+    for key in sorted(set(mine) | set(theirs)):
+        if mine.get(key) == theirs.get(key):
+            continue
+        if key == "environment" and isinstance(mine.get(key), dict) and isinstance(theirs.get(key), dict):
+            names = [k for k in sorted(set(mine[key]) | set(theirs[key])) if mine[key].get(k) != theirs[key].get(k)]
+            parts.append(f"environment ({', '.join(names)})")
+        else:
+            parts.append(key)
+    return ", ".join(parts)
+
+
+class WarmChild:
+    """A trial process forked by the warm worker, as the supervisor sees it: its pid, a way to
+    signal it, and :meth:`wait` for its exit status (``-N``: killed by signal N)."""
+
+    def __init__(self, sock: socket.socket, pid: int, worker_pid: int, lifeline: int):
+        self.sock, self.pid, self.worker_pid, self._lifeline = sock, pid, worker_pid, lifeline
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the child (gone already: nothing)."""
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        """Block until the child ended; its exit status.
+
+        Raises
+        ------
+        WorkerUnavailable
+            The worker died first (its children die with it).
+        """
+        self.sock.settimeout(None)
+        try:
+            reply = _receive(self.sock)
+        except OSError:
+            reply = None
+        finally:
+            self.sock.close()
+            os.close(self._lifeline)
+        if reply is None or "exit" not in reply:
+            self.send_signal(signal.SIGKILL)  # it dies with the worker (PR_SET_PDEATHSIG); to be sure
+            raise WorkerUnavailable(f"warm worker {self.worker_pid} ended during the trial, and its trial process "
+                                    f"{self.pid} with it")
+        return int(reply["exit"])
+
+
+def request_child(directory: Path, kind: str, command: Sequence[str], *,
+                  env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None) -> WarmChild:
+    """Ask the worker of ``directory`` / ``kind`` to fork a child running ``python *command``
+    (``-m module args``, ``-c code args`` or ``script args``) in ``cwd`` with ``env`` and this
+    process's stdin, stdout and stderr.
+
+    Raises
+    ------
+    WorkerUnavailable
+        No worker answers, or it was built for another interpreter, package or environment, or
+        ``command`` has interpreter options a forked child cannot take.
+    """
+    command = list(command)
+    if not command or (command[0].startswith("-") and command[0] not in ("-m", "-c")) \
+            or (command[0] in ("-m", "-c") and len(command) < 2):
+        raise WorkerUnavailable(f"the trial command has interpreter options ({' '.join(command[:2])})")
+    env = dict(os.environ if env is None else env)
+    sock = _connect(directory, kind)
+    read_end, write_end = os.pipe()  # the lifeline: only this process holds the write end
+    os.set_inheritable(write_end, False)
+    try:
+        fds = [_valid_fd(0), 1, 2, read_end]
+        request = {"op": "run", "argv": command, "cwd": cwd or os.getcwd(), "env": env,
+                   "fingerprint": fingerprint(env)}
+        socket.send_fds(sock, [json.dumps(request).encode()], fds)
+        os.close(read_end)
+        if fds[0] != 0:
+            os.close(fds[0])
+        # Should the answer not come (a stalled worker), closing the socket and the lifeline below
+        # makes the worker and the child itself kill a child already forked: never two runs.
+        sock.settimeout(60.0)
+        reply = _receive(sock)
+    except (OSError, ValueError) as exc:
+        sock.close()
+        os.close(write_end)
+        raise WorkerUnavailable(f"the worker did not take the trial ({exc})") from None
+    if not reply or "pid" not in reply:
+        sock.close()
+        os.close(write_end)
+        raise WorkerUnavailable((reply or {}).get("error") or "the worker closed the connection")
+    return WarmChild(sock, int(reply["pid"]), int(reply.get("worker", 0)), write_end)
+
+
+def _valid_fd(fd: int) -> int:
+    try:
+        os.fstat(fd)
+        return fd
+    except OSError:
+        return os.open(os.devnull, os.O_RDONLY)
+
+
+def _lock_held(directory: Path, kind: str) -> bool:
+    """True when a worker (starting or serving) holds the directory's lock for ``kind``."""
+    path = Path(directory) / f"{kind}.lock"
+    if not path.exists():
+        return False
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def spawn(directory: Path, kind: str, env: Optional[Mapping[str, str]] = None) -> Optional[subprocess.Popen]:
+    """Start a worker for ``directory`` / ``kind`` in the background unless one holds its lock;
+    returns the process (None when one is there already). It serves once its imports are done."""
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    if _lock_held(directory, kind):
+        return None
+    with open(directory / f"{kind}.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "nni_effbert.nas.warm_worker", "--dir", str(directory),
+                                 "--kind", kind], env=worker_env(env), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, close_fds=True)
+
+
+def start(directory: Path, kind: str, *, timeout: float = 180.0) -> Dict[str, Any]:
+    """Start a worker (unless one answers) and wait until it serves; returns its ping answer.
+
+    Raises
+    ------
+    WorkerUnavailable
+        It did not come up within ``timeout`` seconds (see ``<directory>/<kind>.log``).
+    """
+    try:
+        return ping(directory, kind)
+    except WorkerUnavailable:
+        pass
+    proc = spawn(directory, kind)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return ping(directory, kind)
+        except WorkerUnavailable:
+            if proc is not None and proc.poll() is not None:
+                if _lock_held(directory, kind):
+                    proc = None  # another one started meanwhile: wait for it
+                else:
+                    raise WorkerUnavailable(f"the worker exited with status {proc.returncode}; see "
+                                            f"{Path(directory) / (kind + '.log')}") from None
+            time.sleep(0.2)  # polling for the worker's socket while it imports
+    raise WorkerUnavailable(f"the worker did not start within {timeout:.0f} s; see "
+                            f"{Path(directory) / (kind + '.log')}")
+
+
+def stop(directory: Path, kind: str) -> bool:
+    """Ask the worker to exit once its trials ended; False when none answered."""
+    try:
+        sock = _connect(directory, kind)
+    except WorkerUnavailable:
+        return False
+    try:
+        sock.send(json.dumps({"op": "stop"}).encode())
+        _receive(sock)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def for_search(root: Path, kind: str, enabled: bool, *, timeout: float = 300.0) -> Dict[str, str]:
+    """Start the warm worker of a search's trials (work directory ``root``) and wait until it
+    serves; returns the environment variables that point the trials at it (``{ENV: "off"}`` when
+    not ``enabled``). A worker that does not come up is logged; the trials then start fresh
+    processes (or start a worker themselves), as without one."""
+    if not enabled:
+        return {ENV: "off"}
+    directory = Path(root).absolute() / "warm-worker"
+    try:
+        info = start(directory, kind, timeout=timeout)
+        logger.info("warm worker %s serves the %s trials (%s)", info.get("pid"), kind, socket_path(directory, kind))
+    except WorkerUnavailable as exc:
+        logger.warning("warm worker not started (%s): trials start fresh processes", exc)
+    return {ENV: str(directory)}
+
+
+def stop_for_search(env: Mapping[str, str], kind: str) -> None:
+    """Stop the worker :func:`for_search` started (its trials' environment ``env``)."""
+    value = env.get(ENV, "")
+    if value and value.lower() not in DISABLED and stop(Path(value), kind):
+        logger.info("warm worker of %s stopped", value)
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side
+# ---------------------------------------------------------------------------------------------
+
+
+def preload(kind: str) -> None:
+    """Import what the trials of ``kind`` use, without initialising CUDA."""
+    from ..runtime import silence_import_warnings  # local: the worker process only, before the heavy imports
+
+    silence_import_warnings()
+    for name in KINDS[kind]:
+        importlib.import_module(name)
+
+
+def _cuda_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
+class _Worker:
+    def __init__(self, directory: Path, kind: str, idle_s: float, fingerprint: Dict[str, Any]):
+        self.directory, self.kind, self.idle_s = directory, kind, idle_s
+        self.selector = selectors.DefaultSelector()
+        self.children: Dict[int, Optional[socket.socket]] = {}  # pid -> its supervisor's connection
+        self.connections: Dict[socket.socket, Optional[int]] = {}  # connection -> its child's pid
+        self.stopping = False
+        self.last_active = time.monotonic()
+        self.fingerprint = fingerprint
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        os.set_blocking(self.wake_r, False)
+        self.path = socket_path(directory, kind)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    # -- loop ------------------------------------------------------------------------------
+    def serve(self) -> None:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() or self.path.is_symlink():
+            self.path.unlink()  # a dead worker's socket; we hold the lock
+        self.listener.bind(str(self.path))
+        os.chmod(self.path, 0o600)
+        self.listener.listen(64)
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        logger.info("warm worker %d (%s) serving at %s", os.getpid(), self.kind, self.path)
+        try:
+            while True:
+                for key, _ in self.selector.select(timeout=1.0):
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "wake":
+                        self._drain_wakeups()
+                    else:
+                        self._readable(key.fileobj)
+                self._reap()
+                if self.stopping and self.listener.fileno() >= 0:
+                    self._close_listener()
+                idle = not self.children and not self.connections
+                if idle and (self.stopping or time.monotonic() - self.last_active > self.idle_s):
+                    logger.info("warm worker %d exits (%s)", os.getpid(), "asked to" if self.stopping else "idle")
+                    return
+        finally:
+            self._close_listener()
+
+    def _close_listener(self) -> None:
+        if self.listener.fileno() < 0:
+            return
+        try:
+            self.selector.unregister(self.listener)
+        except (KeyError, ValueError):
+            pass
+        self.listener.close()
+        try:
+            if self.path.exists():
+                self.path.unlink()
+        except OSError:
+            pass
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        self.connections[conn] = None
+        self.selector.register(conn, selectors.EVENT_READ, "conn")
+        self.last_active = time.monotonic()
+
+    def _drop(self, conn: socket.socket) -> None:
+        pid = self.connections.pop(conn, None)
+        if pid is not None and pid in self.children:
+            self.children[pid] = None
+        try:
+            self.selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+    def _send(self, conn: socket.socket, message: Mapping[str, Any]) -> None:
+        try:
+            conn.send(json.dumps(message).encode())
+        except OSError:
+            pass
+
+    def _readable(self, conn: socket.socket) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(conn, _MAX_MESSAGE, 8)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            pid = self.connections.get(conn)
+            if pid is not None and pid in self.children:
+                # The supervisor is gone (killed): its trial process must not outlive it.
+                logger.warning("supervisor of trial process %d gone: killing it", pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for fd in fds:
+                os.close(fd)
+            self._drop(conn)
+            return
+        try:
+            request = json.loads(data.decode())
+        except ValueError:
+            request = {}
+        op = request.get("op")
+        if op == "ping":
+            self._send(conn, {"pid": os.getpid(), "kind": self.kind, "fingerprint": self.fingerprint,
+                              "children": len(self.children)})
+        elif op == "stop":
+            self.stopping = True
+            self._send(conn, {"stopping": True, "children": len(self.children)})
+        elif op == "run" and len(fds) == 4:
+            self._run(conn, request, fds)
+            return
+        else:
+            self._send(conn, {"error": f"bad request {op!r}"})
+        for fd in fds:
+            os.close(fd)
+
+    def _refusal(self, request: Mapping[str, Any]) -> Optional[str]:
+        if self.stopping:
+            return "the worker is stopping"
+        theirs = request.get("fingerprint") or {}
+        if theirs != self.fingerprint:
+            return (f"worker {os.getpid()} was built for another {_differences(self.fingerprint, theirs)} "
+                    "(package files changed since it started, or another interpreter / environment)")
+        if _cuda_initialized():
+            return f"worker {os.getpid()} has initialised CUDA, which a forked child cannot use"
+        if not request.get("argv"):
+            return "no command to run"
+        return None
+
+    def _run(self, conn: socket.socket, request: Mapping[str, Any], fds: List[int]) -> None:
+        reason = self._refusal(request)
+        if reason is not None:
+            for fd in fds:
+                os.close(fd)
+            self._send(conn, {"error": reason})
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for handler in logger.handlers:
+            handler.flush()
+        worker_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the trial process
+            code = 1
+            try:
+                code = _child(request, fds, worker_pid, close=[self.selector, self.listener, conn, *self.connections,
+                                                                self.wake_r, self.wake_w, _LOCK_FD[0]])
+            finally:
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        self.children[pid] = conn
+        self.connections[conn] = pid
+        self.last_active = time.monotonic()
+        logger.info("forked trial process %d for %s", pid, request.get("env", {}).get("NNI_TRIAL_JOB_ID", "?"))
+        self._send(conn, {"pid": pid, "worker": worker_pid})
+
+    def _reap(self) -> None:
+        for pid in list(self.children):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done == 0:
+                continue
+            conn = self.children.pop(pid)
+            code = os.waitstatus_to_exitcode(status)
+            logger.info("trial process %d ended (%d)", pid, code)
+            self.last_active = time.monotonic()
+            if conn is not None:
+                self._send(conn, {"exit": code})
+                self._drop(conn)
+
+
+#: The worker's lock file descriptor (closed in forked children).
+_LOCK_FD: List[Optional[int]] = [None]
+#: Environment variables the worker's imports set.
+_IMPORT_SET_ENV: Dict[str, str] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# the forked child
+# ---------------------------------------------------------------------------------------------
+
+
+def _die_with(worker_pid: int) -> None:
+    try:
+        import ctypes  # local: Linux prctl, forked child only
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != worker_pid:
+        os._exit(1)
+
+
+def _watch_lifeline(fd: int) -> None:
+    """Block until the supervisor's end of the lifeline closes (it died), then die."""
+    while True:
+        try:
+            if not os.read(fd, 1):
+                break
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def refresh_nni() -> None:
+    """Make an already imported ``nni`` read this process's environment again: its
+    ``env_vars`` (and every ``nni`` module that copied them), ``nni.trial``'s ids and parameters,
+    the default trial command channel and NNI's trial logging, as ``import nni`` in a fresh
+    trial process would have set them."""
+    import nni.runtime.env_vars as env_vars  # local: forked child only, nni already imported by the worker
+    import nni.runtime.log as nni_log  # local: idem
+    import nni.runtime.trial_command_channel as channel  # local: idem
+    import nni.trial as nni_trial  # local: idem
+
+    env_vars.trial_env_vars = env_vars._load_env_vars(env_vars._trial_env_var_names)
+    env_vars.dispatcher_env_vars = env_vars._load_env_vars(env_vars._dispatcher_env_var_names)
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "nni" or name.startswith("nni.")) or module is env_vars:
+            continue
+        if "trial_env_vars" in vars(module):
+            module.trial_env_vars = env_vars.trial_env_vars
+        if "dispatcher_env_vars" in vars(module):
+            module.dispatcher_env_vars = env_vars.dispatcher_env_vars
+    trial = env_vars.trial_env_vars
+    nni_trial._params = None
+    nni_trial._experiment_id = trial.NNI_EXP_ID or "STANDALONE"
+    nni_trial._trial_id = trial.NNI_TRIAL_JOB_ID or "STANDALONE"
+    nni_trial._sequence_id = int(trial.NNI_TRIAL_SEQ_ID) if trial.NNI_TRIAL_SEQ_ID is not None else 0
+    nni_trial._intermediate_seq = 0
+    channel._channel = None
+    root = logging.getLogger()
+    for handler in nni_log.handlers.values():
+        root.removeHandler(handler)
+    nni_log.handlers.clear()
+    for handler in nni_log._handlers.values():
+        nni_log._root_logger.removeHandler(handler)
+    nni_log._handlers.clear()
+    nni_log._init_logger()
+
+
+def _child(request: Mapping[str, Any], fds: Sequence[int], worker_pid: int, close: Sequence[Any]) -> int:
+    """Become the trial process of ``request``; returns its exit status (never returns into the
+    worker's loop: the caller ``os._exit``\\ s)."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for item in close:
+        try:
+            item.close() if hasattr(item, "close") else os.close(item)
+        except (OSError, TypeError):
+            pass
+    _die_with(worker_pid)
+    stdin, stdout, stderr, lifeline = fds
+    for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
+        os.dup2(fd, target)
+    for fd in {stdin, stdout, stderr} - {0, 1, 2}:
+        os.close(fd)
+    import threading  # local: forked child only
+
+    threading.Thread(target=_watch_lifeline, args=(lifeline,), name="lifeline", daemon=True).start()
+    for handler in list(logger.handlers):  # the worker's log file is not the trial's
+        logger.removeHandler(handler)
+    logger.propagate = True
+    os.environ.clear()
+    os.environ.update({**_IMPORT_SET_ENV, **request["env"], CHILD_ENV: str(worker_pid)})
+    os.chdir(request["cwd"])
+    os.write(2, f"warm worker {worker_pid}: trial process {os.getpid()} forked (parent {os.getppid()})\n".encode())
+    refresh_nni()
+    return _run_command(request["argv"])
+
+
+def _run_command(argv: Sequence[str]) -> int:
+    """``python *argv`` (``-m module ...``, ``-c code ...`` or ``script ...``) in this process;
+    its exit status, as the interpreter would set it."""
+    import atexit  # local: forked child only
+    import builtins  # local: forked child only
+    import runpy  # local: forked child only
+    import traceback  # local: forked child only
+
+    code = 0
+    try:
+        # sys.argv and sys.path[0] as the interpreter sets them for each form.
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        elif argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            sys.path[0] = ""
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": builtins})  # noqa: S102 - the trial's own -c command
+        else:
+            sys.argv = list(argv)
+            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exc:
+        if exc.code is None:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:
+        _flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)  # die of it, as the interpreter does
+        code = 130
+    except BaseException:  # noqa: BLE001 - an uncaught exception: print it and exit 1, as python does
+        traceback.print_exc()
+        code = 1
+    try:
+        import threading  # local: forked child only
+
+        threading._shutdown()  # join non-daemon threads, as the interpreter does at exit
+    except Exception:  # noqa: BLE001 - exiting either way
+        pass
+    try:
+        atexit._run_exitfuncs()
+    except Exception:  # noqa: BLE001 - exiting either way
+        pass
+    _flush()
+    return code & 0xFF
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# entry
+# ---------------------------------------------------------------------------------------------
+
+
+def serve(directory: Path, kind: str, idle_s: Optional[float] = None) -> int:
+    """Run a worker for ``directory`` / ``kind`` until stopped or idle; 0, or 0 at once when
+    another worker holds the directory's lock."""
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = open(directory / f"{kind}.lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # another worker serves (or starts for) this directory
+    _LOCK_FD[0] = lock.fileno()
+    handler = logging.FileHandler(directory / f"{kind}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s warm worker: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if idle_s is None:
+        idle_s = float(os.environ.get(IDLE_ENV) or DEFAULT_IDLE_S)
+    started = time.monotonic()
+    built_for = fingerprint()  # before the imports, some of which set variables (the trials' are unset)
+    before = dict(os.environ)
+    preload(kind)
+    # Set by the imports (e.g. KMP_INIT_AT_FORK): a fresh trial process has them after its own.
+    _IMPORT_SET_ENV.update({k: v for k, v in os.environ.items() if before.get(k) != v})
+    if _cuda_initialized():
+        logger.error("importing the trial's modules initialised CUDA; a forked child could not use it")
+        return 1
+    (directory / f"{kind}.pid").write_text(f"{os.getpid()}\n")
+    logger.info("imports done in %.1f s", time.monotonic() - started)
+    try:
+        _Worker(directory, kind, idle_s, built_for).serve()
+    finally:
+        try:
+            (directory / f"{kind}.pid").unlink()
+        except OSError:
+            pass
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry of ``python -m nni_effbert.nas.warm_worker --dir D --kind K``."""
+    parser = argparse.ArgumentParser(prog="python -m nni_effbert.nas.warm_worker",
+                                     description="Serve trial processes forked after the imports are done.")
+    parser.add_argument("--dir", required=True, help="the worker's directory (socket, lock, log)")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="trial")
+    parser.add_argument("--idle", type=float, metavar="SECONDS", help=f"exit after this long without a trial "
+                        f"(default ${IDLE_ENV} or {DEFAULT_IDLE_S:.0f})")
+    args = parser.parse_args(argv)
+    return serve(Path(args.dir), args.kind, args.idle)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
