@@ -34,7 +34,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("space", ["search_spaces", "search_spaces.*", "strategies", "strategies.errors", "strategies.stages",
                "strategies.sampler", "strategies.core", "data", "data.tasks", "data.metrics"]),
     ("config", ["config"]),
-    ("data and KD", ["data.*", "kd", "kd.*"]),
+    ("data and KD", ["data.qa", "data.*", "kd", "kd.*"]),
     ("NAS library", ["nas", "nas.params", "nas.records", "nas.ranking", "nas.warmup", "nas.evaluator",
                      "nas.nni_evaluator", "nas.supernets", "nas.search_lock", "nas.cost", "nas.objectives"]),
     ("product library", ["product", "product.export", "product.distill", "product.students", "product.plots",

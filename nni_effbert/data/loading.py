@@ -468,6 +468,9 @@ def _load_raw(task_cfg: TaskConfig, cache_dir: Optional[str]) -> Tuple[datasets.
         source = {split: _sha256(p) for split, p in files.items()}
     else:
         spec = get_task_spec(task_cfg.name)
+        if spec.is_span:
+            raise DataError(f"task {spec.name!r} is span question answering: load it with "
+                            "nni_effbert.data.qa.load_qa_task (question + context windows), not load_task")
         if task_cfg.metric is not None and task_cfg.metric != spec.metric:
             spec = TaskSpec(**{**spec.__dict__, "metric": task_cfg.metric})
         data_dir = resolve_data_dir(task_cfg)
