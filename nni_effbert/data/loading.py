@@ -774,7 +774,9 @@ def collate(
     -------
     dict of str to torch.Tensor
         ``input_ids, token_type_ids, attention_mask`` as ``[B, T]`` long tensors; ``labels``
-        (long, or float for regression) and ``idx`` as ``[B]`` tensors when present.
+        (long, or float for regression), ``start_positions`` / ``end_positions`` (span QA) and
+        ``idx`` as ``[B]`` tensors when present. Other columns (QA's ``example_id``,
+        ``offset_mapping``) are left out.
     """
     cols = _as_rows(features)
     lengths = [len(ids) for ids in cols["input_ids"]]
@@ -797,6 +799,9 @@ def collate(
         labels = cols["labels"]
         is_float = any(isinstance(v, float) for v in labels)
         batch["labels"] = torch.tensor(labels, dtype=torch.float32 if is_float else torch.long)
+    for name in ("start_positions", "end_positions"):  # span QA targets (nni_effbert.data.qa)
+        if name in cols:
+            batch[name] = torch.tensor(cols[name], dtype=torch.long)
     if "idx" in cols:
         batch["idx"] = torch.tensor(cols["idx"], dtype=torch.long)
     return batch

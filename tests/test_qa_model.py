@@ -1,0 +1,140 @@
+"""The span (QA) head: supernet, subnets, parameter counts, and the exported
+``AutoModelForQuestionAnswering`` with nni blocked (plus ``pipeline("question-answering")`` where the
+installed transformers still has it: version 5 removed that pipeline)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from nni_effbert.product.export import export_student, load_exported
+from nni_effbert.search_spaces.config import EfficientBertConfig, preset_config
+from nni_effbert.search_spaces.supernet import EfficientBertSupernet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUESTION = "where is the movie set ?"
+CONTEXT = "the movie is set in a small town . it was not what i expected at all , but the film is good ."
+
+
+@pytest.fixture(scope="module")
+def span_space():
+    torch.manual_seed(0)
+    space = EfficientBertSupernet(preset_config("tiny", head="span"))
+    with torch.no_grad():
+        for p in space.supernet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return space
+
+
+def test_span_head_shapes_counts_and_weight_sharing(span_space):
+    space = span_space
+    arch = space.random_arch(np.random.RandomState(0))
+    sub = space.subnet(arch).eval()
+    assert not hasattr(sub, "pooler") and not hasattr(sub, "classifier")
+    assert space.count_params(arch) == sum(p.numel() for p in sub.parameters())
+    ids = torch.randint(5, 100, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    space.eval()
+    with torch.no_grad():
+        out = sub(ids, mask, torch.zeros_like(ids))
+        ref = space(ids, mask, torch.zeros_like(ids), arch=arch)
+    assert out.logits.shape == (2, 11, 2)
+    assert out.start_logits.shape == out.end_logits.shape == (2, 11)
+    torch.testing.assert_close(out.logits, ref.logits)
+    assert len(out.hidden_states) == space.config.num_hidden_layers + 1
+
+
+def test_head_default_keeps_saved_configs_equal():
+    """Configs saved before span heads existed (no ``head`` key) still load and compare equal."""
+    seq = preset_config("tiny")
+    assert "head" not in seq.to_dict()
+    assert EfficientBertConfig.from_dict(seq.to_dict()) == seq
+    span = preset_config("tiny", head="span")
+    assert span.to_dict()["head"] == "span" and EfficientBertConfig.from_dict(span.to_dict()) == span
+    with pytest.raises(ValueError, match="head"):
+        preset_config("tiny", head="tokens")
+
+
+LOADER = textwrap.dedent(
+    r"""
+    import importlib.abc, json, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("nni", "nni_effbert"):
+                raise ImportError(f"{name} is blocked: the export must load without nni")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    import torch
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer, pipeline
+
+    folder, question, context = sys.argv[1:4]
+    model = AutoModelForQuestionAnswering.from_pretrained(folder, trust_remote_code=True).eval()
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    enc = tok(question, context, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**enc, start_positions=torch.tensor([9]), end_positions=torch.tensor([11]))
+    # The best span of at most 30 context tokens, read back through the tokenizer's offsets: what an
+    # application does with the model (and what pipeline("question-answering") did before transformers 5).
+    enc_off = tok(question, context, return_offsets_mapping=True)
+    ctx = [i for i, s in enumerate(enc_off.sequence_ids()) if s == 1]
+    s_log, e_log = out.start_logits[0], out.end_logits[0]
+    s, e = max(((s, e) for s in ctx for e in ctx if s <= e < s + 30), key=lambda p: float(s_log[p[0]] + e_log[p[1]]))
+    off = enc_off["offset_mapping"]
+    answer = {"answer": context[off[s][0]:off[e][1]], "start": off[s][0], "end": off[e][1]}
+    try:
+        qa = pipeline("question-answering", model=folder, trust_remote_code=True, device="cpu")
+    except KeyError:  # transformers 5 removed the question-answering pipeline
+        piped = None
+    else:
+        piped = qa(question=question, context=context)
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("nni", "nni_effbert"))
+    assert not leaked, leaked
+    print("RESULT" + json.dumps({"model_class": type(model).__name__, "start": out.start_logits.tolist(),
+                                 "end": out.end_logits.tolist(), "loss": out.loss.item(), "answer": answer,
+                                 "pipeline": piped}))
+    """
+)
+
+
+def test_export_answers_through_pipeline_without_nni(tmp_path, span_space, tiny_tokenizer):
+    space = span_space
+    arch = space.random_arch(np.random.RandomState(1))
+    folder = export_student(space, arch, space, tmp_path / "qa", tokenizer=tiny_tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForQuestionAnswering"].endswith("EfficientBertForQuestionAnswering")
+    assert "AutoModelForSequenceClassification" not in config["auto_map"] and config["head"] == "span"
+    assert "Span head" in (folder / "architecture.md").read_text()
+    student = load_exported(folder).model
+
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+               HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(folder), QUESTION, CONTEXT], cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][len("RESULT"):])
+    assert result["model_class"] == "EfficientBertForQuestionAnswering"
+
+    enc = tiny_tokenizer(QUESTION, CONTEXT, return_tensors="pt")
+    with torch.no_grad():
+        want = student(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"], return_kd=False)
+    torch.testing.assert_close(torch.tensor(result["start"]), want.start_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(result["end"]), want.end_logits, rtol=0, atol=1e-5)
+    ce = torch.nn.functional.cross_entropy
+    loss = (ce(want.start_logits, torch.tensor([9])) + ce(want.end_logits, torch.tensor([11]))) / 2
+    assert result["loss"] == pytest.approx(loss.item(), abs=1e-5)
+    answer = result["answer"]
+    assert answer["answer"] and CONTEXT[answer["start"]:answer["end"]] == answer["answer"]
+    if result["pipeline"] is not None:  # transformers < 5: the pipeline finds the same best span
+        assert result["pipeline"]["answer"] == answer["answer"]
