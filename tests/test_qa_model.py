@@ -138,3 +138,30 @@ def test_export_answers_through_pipeline_without_nni(tmp_path, span_space, tiny_
     assert answer["answer"] and CONTEXT[answer["start"]:answer["end"]] == answer["answer"]
     if result["pipeline"] is not None:  # transformers < 5: the pipeline finds the same best span
         assert result["pipeline"]["answer"] == answer["answer"]
+
+
+def test_span_kd_loss_by_hand():
+    from types import SimpleNamespace
+
+    from nni_effbert.kd.losses import KDLoss, TeacherBatch, span_prediction_loss
+    from nni_effbert.search_spaces.modeling import StudentOutput
+
+    ln3 = float(np.log(3))
+    # One row of 3 tokens, the last one padding (its logits must not count).
+    teacher = torch.tensor([[[0.0, 0.0], [ln3, 0.0], [99.0, 7.0]]])
+    student = torch.tensor([[[0.0, ln3], [0.0, 0.0], [-5.0, 3.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    # start: target (1/4, 3/4), student (1/2, 1/2) -> ln 2; end: target (1/2, 1/2), student (3/4, 1/4).
+    end = -(0.5 * np.log(0.75) + 0.5 * np.log(0.25))
+    want = (np.log(2) + end) / 2
+    assert span_prediction_loss(student, teacher, mask).item() == pytest.approx(want, abs=1e-6)
+    # Temperature 2 divides every logit by 2 before both softmaxes.
+    t2 = span_prediction_loss(student, teacher, mask, temperature=2.0).item()
+    assert t2 == pytest.approx(span_prediction_loss(student / 2, teacher / 2, mask).item(), abs=1e-6)
+
+    cfg = SimpleNamespace(temperature=1.0, attention_weight=0.0, hidden_weight=0.0, prediction_weight=2.0,
+                          hidden_loss="mse", layer_map=None)
+    out = KDLoss(cfg, 2, 2)(StudentOutput(logits=student), TeacherBatch(teacher, [], []), mask)
+    assert out.prediction.item() == pytest.approx(want, abs=1e-6) and out.total.item() == pytest.approx(2 * want, abs=1e-6)
+    with pytest.raises(ValueError, match=r"\[B, T, 2\]"):
+        span_prediction_loss(student, teacher[:, :2], mask)
