@@ -24,14 +24,12 @@ from nni_effbert.data.qa import (
 from nni_effbert.errors import DataError
 from nni_effbert.typed_yaml import from_dict
 
-SQUAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad" / "v1.1"
+
 
 
 @pytest.fixture(scope="module")
-def squad_doc():
-    path = SQUAD / "dev-part-b.json"
-    assert path.is_file(), f"SQuAD test data not found: {path}"
-    return json.loads(path.read_text(encoding="utf-8"))
+def squad_doc(squad_dir):
+    return json.loads((squad_dir / "dev-part-b.json").read_text(encoding="utf-8"))
 
 
 def _small(doc, articles, paragraphs=3, questions=4):
@@ -48,25 +46,6 @@ def _write(tmp_path, name, doc) -> str:
     path = tmp_path / name
     path.write_text(json.dumps(doc), encoding="utf-8")
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def qa_tokenizer(tmp_path_factory, squad_doc):
-    """A fast lower-casing BERT tokenizer whose vocab is the 1,500 most frequent SQuAD words + characters."""
-    from transformers import BertTokenizer
-
-    counts = Counter()
-    for art in squad_doc["data"]:
-        for p in art["paragraphs"]:
-            counts.update(re.findall(r"[a-z]+", p["context"].lower()))
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + [f"##{c}" for c in chars]
-    vocab += [w for w, _ in counts.most_common(1500) if w not in chars]
-    path = tmp_path_factory.mktemp("qa_tok") / "vocab.txt"
-    path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tok = BertTokenizer(vocab=str(path), do_lower_case=True)
-    assert tok.is_fast
-    return tok
 
 
 def _cfg(**kw) -> TaskConfig:

@@ -19,7 +19,9 @@ The data flow follows Hugging Face's ``examples/pytorch/question-answering/run_q
   logits of every feature of an example, spans of at most ``max_answer_length`` tokens inside
   the context, scored by ``start + end``; for v2.0 the null (CLS) score against the best span
   gives ``score_diff`` and a threshold tuned on the search split (:func:`best_null_threshold`).
-* :func:`evaluate_predictions` -> EM / F1 (:mod:`nni_effbert.data.metrics`).
+* :func:`evaluate_predictions` -> EM / F1 (:mod:`nni_effbert.data.metrics`);
+  :func:`score_span_model` runs a model (any callable from a padded batch to ``[B, T, 2]``
+  logits) over splits and scores it, the v2.0 threshold tuned on the search split.
 """
 from __future__ import annotations
 
@@ -29,14 +31,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import datasets
 import numpy as np
+import torch
 
 from ..config import TaskConfig
 from ..errors import DataError
-from .loading import _digest, _sha256, _subset, resolve_data_dir, search_split_rows, tokenizer_fingerprint
+from .loading import (MODEL_INPUTS, _digest, _sha256, _subset, length_sorted_batches, resolve_data_dir,
+                      search_split_rows, tokenizer_fingerprint)
 from .metrics import squad_f1_per_question, squad_metrics
 from .tasks import QA_TASKS, TaskSpec, get_task_spec
 
@@ -53,6 +57,8 @@ __all__ = [
     "apply_null_threshold",
     "best_null_threshold",
     "evaluate_predictions",
+    "span_logits",
+    "score_span_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -583,3 +589,103 @@ def evaluate_predictions(predictions: Mapping[str, str], examples: datasets.Data
     """EM / F1 of answers against a split's gold answers (:func:`nni_effbert.data.metrics.squad_metrics`)."""
     gold = {ex["id"]: list(ex["answers"]["text"]) for ex in examples}
     return squad_metrics(predictions, gold, version)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a model over features and scoring it
+# ---------------------------------------------------------------------------------------------
+
+
+def span_logits(forward: Callable[[Dict[str, torch.Tensor]], torch.Tensor], features: datasets.Dataset,
+                batch_size: int, pad_token_id: int) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """Start and end logits of every feature, unpadded, in the features' order.
+
+    Parameters
+    ----------
+    forward : callable
+        Takes a padded batch (:func:`nni_effbert.data.loading.collate`'s dict) and returns its
+        ``[B, T, 2]`` start / end logits (a student's ``logits``, or a HF QA model's
+        ``start_logits`` and ``end_logits`` stacked). Called under ``torch.inference_mode``.
+    features : datasets.Dataset
+        A split of :class:`QAData`.
+    batch_size, pad_token_id : int
+
+    Returns
+    -------
+    (list of numpy.ndarray, list of numpy.ndarray)
+        Per feature, its start and its end logits (float32, one per token).
+    """
+    batches, order = length_sorted_batches(features.select_columns(list(MODEL_INPUTS)), batch_size, pad_token_id)
+    starts: List[Optional[np.ndarray]] = [None] * len(features)
+    ends: List[Optional[np.ndarray]] = [None] * len(features)
+    row = 0
+    with torch.inference_mode():
+        for batch in batches:
+            logits = forward(batch).float().cpu().numpy()
+            lengths = batch["attention_mask"].sum(1).tolist()
+            for b, n in enumerate(lengths):
+                starts[order[row]] = logits[b, :n, 0]
+                ends[order[row]] = logits[b, :n, 1]
+                row += 1
+    return starts, ends  # type: ignore[return-value]
+
+
+def score_span_model(forward: Callable[[Dict[str, torch.Tensor]], torch.Tensor], data: QAData, task_cfg: TaskConfig,
+                     batch_size: int, pad_token_id: int, splits: Sequence[str] = ("search", "dev"),
+                     null_threshold: Optional[float] = None) -> Dict[str, Dict[str, float]]:
+    """EM / F1 of a span model on splits of a QA task (the search split first).
+
+    For SQuAD v2.0 the ``null_score_diff_threshold`` is tuned on the search split
+    (:func:`best_null_threshold`) and applied to every split, dev included: it is never tuned on
+    dev. Without a search split (``task.search_rows: 0``) or with ``null_threshold`` given,
+    that threshold (default 0.0, run_qa's) is used.
+
+    Parameters
+    ----------
+    forward : callable
+        See :func:`span_logits`.
+    data : QAData
+    task_cfg : TaskConfig
+        ``n_best_size`` and ``max_answer_length``.
+    batch_size, pad_token_id : int
+    splits : sequence of str
+        Among ``train``, ``search``, ``dev``.
+    null_threshold : float, optional
+        A fixed v2.0 threshold instead of the tuned one.
+
+    Returns
+    -------
+    dict
+        Split -> :func:`nni_effbert.data.metrics.squad_metrics` (``exact``, ``f1``, ``default`` =
+        ``f1``, ...); v2.0 adds ``null_threshold`` (the threshold used) to each.
+    """
+    version = data.spec.name
+    raw: Dict[str, Tuple[Dict[str, str], Dict[str, float]]] = {}
+    wanted = list(splits)
+    if version == "squad_v2" and null_threshold is None and len(data.search) and "search" not in wanted:
+        wanted.insert(0, "search")  # needed to tune the threshold
+    for split in wanted:
+        feats = getattr(data, split)
+        if len(feats) == 0:
+            continue
+        starts, ends = span_logits(forward, feats, batch_size, pad_token_id)
+        raw[split] = postprocess_predictions(data.examples[split], feats, starts, ends,
+                                             task_cfg.n_best_size, task_cfg.max_answer_length)
+    threshold = null_threshold
+    if version == "squad_v2" and threshold is None:
+        if "search" in raw:
+            gold = {ex["id"]: list(ex["answers"]["text"]) for ex in data.examples["search"]}
+            threshold, _ = best_null_threshold(raw["search"][0], raw["search"][1], gold)
+        else:
+            threshold = 0.0
+    out: Dict[str, Dict[str, float]] = {}
+    for split in splits:
+        if split not in raw:
+            continue
+        preds, diffs = raw[split]
+        if version == "squad_v2":
+            preds = apply_null_threshold(preds, diffs, float(threshold))
+        out[split] = evaluate_predictions(preds, data.examples[split], version)
+        if version == "squad_v2":
+            out[split]["null_threshold"] = float(threshold)
+    return out

@@ -1,0 +1,95 @@
+"""QA teacher (``AutoModelForQuestionAnswering``) fine-tuning, its per-feature output cache, and span scoring."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForQuestionAnswering
+
+from nni_effbert.config import load_config
+from nni_effbert.data.loading import collate
+from nni_effbert.data.qa import load_qa_task, score_span_model
+from nni_effbert.kd.cache import TeacherCache
+from nni_effbert.kd.teacher import finetune_teacher, load_teacher, read_teacher_marker, teacher_outputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base_qa_teacher(tmp_path_factory, qa_tokenizer):
+    """A random tiny BERT (2 layers, hidden 32) saved as an HF folder with the QA tokenizer."""
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        vocab_size=len(qa_tokenizer), max_position_embeddings=128))
+    folder = tmp_path_factory.mktemp("qa_teacher")
+    model.save_pretrained(folder)
+    qa_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory, squad_small, base_qa_teacher):
+    train, dev = squad_small
+    return load_config(REPO / "examples" / "tiny" / "effbert.yml", [
+        f"workdir={tmp_path_factory.mktemp('work')}", f"teacher.model={base_qa_teacher}", "task.name=squad",
+        f"task.train_file={train}", f"task.dev_file={dev}", "task.max_seq_length=96", "task.doc_stride=24",
+        "task.search_rows=12", "task.max_train_rows=60"])
+
+
+@pytest.fixture(scope="module")
+def qa_data(cfg, qa_tokenizer, tmp_path_factory):
+    return load_qa_task(cfg.task, qa_tokenizer, cache_dir=str(tmp_path_factory.mktemp("ds")))
+
+
+def test_teacher_finetunes_as_question_answering(cfg, qa_data, qa_tokenizer, tmp_path):
+    result = finetune_teacher(cfg, qa_data, qa_tokenizer, tmp_path / "teacher", progress=False)
+    marker = read_teacher_marker(result.path)
+    assert marker["problem_type"] == "question_answering" and marker["metric"] == "f1"
+    assert set(marker["dev_scores"]) == {"search", "dev"}
+    assert 0.0 <= result.dev_metric <= 1.0 and result.dev_metric == marker["dev_scores"]["dev"]["f1"]
+    model, _ = load_teacher(str(result.path))  # the folder says QA: no flag needed
+    assert type(model).__name__ == "BertForQuestionAnswering"
+    again = finetune_teacher(cfg, qa_data, qa_tokenizer, tmp_path / "teacher", progress=False)
+    assert again.reused and again.dev_metric == result.dev_metric
+
+
+def test_cache_stores_start_end_logits_per_feature(cfg, qa_data, base_qa_teacher, tmp_path):
+    feats = qa_data.train
+    cache = TeacherCache.open_or_build(tmp_path, base_qa_teacher, feats, data_fingerprint=qa_data.fingerprint,
+                                       split="train", hidden_layers=[0, 2], attention_layers=[2], batch_size=8)
+    assert cache.span_logits and len(cache) == len(feats) > len(qa_data.examples["train"])
+    rows = [3, 0, len(feats) - 1]
+    batch = collate([feats[i] for i in rows], pad_token_id=0)
+    got = cache.get(batch["idx"], max_len=batch["input_ids"].shape[1])
+    model, _ = load_teacher(str(base_qa_teacher), span=True)
+    model.eval()
+    want = teacher_outputs(model, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], [0, 2], [2])
+    mask = batch["attention_mask"].bool()
+    assert got.logits.shape == want.logits.shape == (3, batch["input_ids"].shape[1], 2)
+    torch.testing.assert_close(got.logits[mask], want.logits[mask], rtol=0, atol=1e-4)
+    assert (got.logits[~mask] == 0).all()
+    torch.testing.assert_close(got.hidden_states[1][mask].float(), want.hidden_states[1][mask], rtol=0, atol=2e-2)
+    assert len(got.attentions) == 1
+
+
+def test_score_span_model_with_an_oracle(cfg, qa_data):
+    """A model whose logits peak at the gold positions scores (almost) perfectly; a flat one does not."""
+    by_ids = {tuple(f["input_ids"]): (f["start_positions"], f["end_positions"]) for f in qa_data.dev}
+
+    def oracle(batch):
+        out = torch.zeros(*batch["input_ids"].shape, 2)
+        for b, ids in enumerate(batch["input_ids"].tolist()):
+            n = int(batch["attention_mask"][b].sum())
+            s, e = by_ids[tuple(ids[:n])]
+            out[b, s, 0] = out[b, e, 1] = 10.0
+        return out
+
+    scores = score_span_model(oracle, qa_data, cfg.task, batch_size=8, pad_token_id=0, splits=("dev",))
+    assert scores["dev"]["f1"] > 0.9
+    flat = score_span_model(lambda b: torch.zeros(*b["input_ids"].shape, 2), qa_data, cfg.task, 8, 0, splits=("dev",))
+    assert flat["dev"]["f1"] < scores["dev"]["f1"]
