@@ -1,6 +1,7 @@
 """QA teacher (``AutoModelForQuestionAnswering``) fine-tuning, its per-feature output cache, and span scoring."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,47 @@ def test_score_span_model_with_an_oracle(cfg, qa_data):
     assert scores["dev"]["f1"] > 0.9
     flat = score_span_model(lambda b: torch.zeros(*b["input_ids"].shape, 2), qa_data, cfg.task, 8, 0, splits=("dev",))
     assert flat["dev"]["f1"] < scores["dev"]["f1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny QA trial end to end: teacher, warm-up, candidate scoring (kd and metric objectives)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trial_cfg(tmp_path_factory, squad_small, base_qa_teacher):
+    from nni_effbert.kd.teacher import finetune_from_config
+
+    train, dev = squad_small
+    cfg = load_config(REPO / "examples" / "tiny" / "effbert.yml", [
+        f"workdir={tmp_path_factory.mktemp('trial')}", f"teacher.model={base_qa_teacher}", "task.name=squad",
+        f"task.train_file={train}", f"task.dev_file={dev}", "task.max_seq_length=96", "task.doc_stride=24",
+        "task.search_rows=12", "task.max_train_rows=60", "task.max_dev_rows=16", "warmup.batch_size=8",
+        "evaluator.batch_size=8"])
+    finetune_from_config(cfg, progress=False)
+    return cfg
+
+
+def test_tiny_qa_trial_end_to_end(trial_cfg):
+    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.nas.evaluator import KDEvaluator
+    from nni_effbert.nas.warmup import run_warmup
+
+    setup = KDSetup.from_config(trial_cfg, progress=False)
+    assert setup.space.config.head == "span"
+    train_titles = set(setup.task.examples["train"]["title"])
+    assert not train_titles & set(setup.task.examples["search"]["title"])  # no search article trains
+    run_warmup(trial_cfg, 0, progress=False, setup=setup)
+    evaluator = KDEvaluator(trial_cfg, stage=0, report=False, progress=False, setup=setup)
+    arch = setup.space.random_arch(np.random.default_rng(3))
+    result = evaluator.evaluate(arch, train_steps=4, trial_id="qa-kd")
+    assert result["objective"] == "kd" and result["default"] == -result["search_kd_loss"]
+    assert 0.0 <= result["search_metric"] == result["search_f1"] <= 1.0 and "search_exact" in result
+    assert np.isfinite(result["search_kd_pred_loss"]) and result["train_steps"] == 4
+    # objective: metric = F1 on the search split.
+    metric_cfg = dataclasses.replace(trial_cfg, evaluator=dataclasses.replace(trial_cfg.evaluator, objective="metric"))
+    scored = KDEvaluator(metric_cfg, stage=0, report=False, progress=False, setup=setup).evaluate(
+        arch, train_steps=0, trial_id="qa-metric")
+    assert scored["objective"] == "metric" and scored["default"] == scored["search_f1"]
+    dev = setup.evaluate(setup.space.subnet(arch))
+    assert set(dev) >= {"exact", "f1", "default"} and dev["default"] == dev["f1"]
