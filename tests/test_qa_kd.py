@@ -110,12 +110,13 @@ def trial_cfg(tmp_path_factory, squad_small, base_qa_teacher):
         f"workdir={tmp_path_factory.mktemp('trial')}", f"teacher.model={base_qa_teacher}", "task.name=squad",
         f"task.train_file={train}", f"task.dev_file={dev}", "task.max_seq_length=96", "task.doc_stride=24",
         "task.search_rows=12", "task.max_train_rows=60", "task.max_dev_rows=16", "warmup.batch_size=8",
-        "evaluator.batch_size=8"])
+        "evaluator.batch_size=8", "distill.general_steps=2", "distill.task_steps=4", "distill.batch_size=8",
+        "distill.eval_interval=2"])
     finetune_from_config(cfg, progress=False)
     return cfg
 
 
-def test_tiny_qa_trial_end_to_end(trial_cfg):
+def test_tiny_qa_trial_end_to_end(trial_cfg, tmp_path):
     from nni_effbert.kd.train import KDSetup
     from nni_effbert.nas.evaluator import KDEvaluator
     from nni_effbert.nas.warmup import run_warmup
@@ -138,3 +139,19 @@ def test_tiny_qa_trial_end_to_end(trial_cfg):
     assert scored["objective"] == "metric" and scored["default"] == scored["search_f1"]
     dev = setup.evaluate(setup.space.subnet(arch))
     assert set(dev) >= {"exact", "f1", "default"} and dev["default"] == dev["f1"]
+
+    # Export, final distillation, report rows with EM and F1.
+    from nni_effbert.product.distill import run_distill
+    from nni_effbert.product.export import export_student
+    from nni_effbert.product.report import format_table, student_row, teacher_row
+
+    folder = export_student(setup.space, arch, setup.space, tmp_path / "searched", tokenizer=setup.tokenizer,
+                            task=setup.task.spec)
+    distilled = run_distill(trial_cfg, folder, progress=False, setup=setup)
+    assert [step for step, _ in distilled.curve] == [2, 4] and 0.0 <= distilled.dev_metric <= 1.0
+    row = student_row(folder, "searched", "searched", seq_length=32, repeats=1)
+    assert row["dev_metric"] == distilled.dev_metric and 0.0 <= row["dev_exact"] <= row["dev_metric"] + 1e-9
+    teacher = teacher_row(setup, seq_length=32, repeats=1)
+    assert teacher["dev_exact"] is not None
+    table = format_table([teacher, row], metric_name="dev F1")
+    assert "| model | dev EM | dev F1 |" in table and f"{row['dev_exact']:.4f}" in table

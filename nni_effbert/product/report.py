@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: Keys a table row may have.
-TABLE_KEYS = ("name", "dev_metric", "params", "non_embedding_params", "latency_ms", "role", "note")
+TABLE_KEYS = ("name", "dev_metric", "params", "non_embedding_params", "latency_ms", "role", "note", "dev_exact")
 
 
 @dataclass
@@ -105,7 +105,7 @@ def _check_rows(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
         if not row.get("name"):
             raise ConfigError(f"table row {i} has no name")
         clean = {k: row.get(k) for k in TABLE_KEYS}
-        for key in ("dev_metric", "params", "non_embedding_params", "latency_ms"):
+        for key in ("dev_metric", "params", "non_embedding_params", "latency_ms", "dev_exact"):
             value = clean[key]
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ConfigError(f"table row {clean['name']!r}: {key} must be a number or None, got {value!r}")
@@ -127,8 +127,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, metric_name: str = "dev m
     ----------
     rows : sequence of dict
         ``name``, ``dev_metric``, ``params``, ``non_embedding_params``, ``latency_ms`` (CPU,
-        batch 1, sequence 128, median ms), optional ``role`` and ``note``. Unknown values may be
-        None and print as ``n/a``.
+        batch 1, sequence 128, median ms), optional ``role``, ``note`` and ``dev_exact`` (span
+        QA: exact match beside F1 in ``dev_metric``; a ``dev EM`` column appears when a row has
+        one). Unknown values may be None and print as ``n/a``.
     metric_name : str
         Header of the metric column (e.g. ``dev accuracy``).
 
@@ -145,7 +146,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, metric_name: str = "dev m
     """
     rows = _check_rows(rows)
     teacher = next((r for r in rows if r["_teacher"]), None)
-    header = ["model", metric_name, "vs teacher", "params", "non-emb. params",
+    with_em = any(r["dev_exact"] is not None for r in rows)
+    header = ["model", *(["dev EM"] if with_em else []), metric_name, "vs teacher", "params", "non-emb. params",
               "CPU latency b1/s128 (ms, median)", "speed-up"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in rows:
@@ -157,7 +159,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, metric_name: str = "dev m
             if r["latency_ms"] and tl:
                 speed = f"{tl / r['latency_ms']:.2f}x"
         name = str(r["name"]) + (f" ({r['note']})" if r["note"] else "")
-        cells = [name, _fmt(r["dev_metric"], ".4f"), rel, _fmt_count(r["params"]),
+        cells = [name, *([_fmt(r["dev_exact"], ".4f")] if with_em else []), _fmt(r["dev_metric"], ".4f"), rel,
+                 _fmt_count(r["params"]),
                  _fmt_count(r["non_embedding_params"]), _fmt(r["latency_ms"], ".2f"), speed]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
@@ -366,8 +369,12 @@ def teacher_row(setup, *, seq_length: int, repeats: int) -> Dict[str, Any]:
     embeddings = getattr(model.base_model, "embeddings", None)
     emb = sum(p.numel() for p in embeddings.parameters()) if embeddings is not None else 0
     latency = measure_latency(model, seq_length=seq_length, repeats=repeats).median_ms
-    return {"name": "teacher", "role": "teacher", "dev_metric": float(setup.teacher_marker["dev_metric"]),
-            "params": int(total), "non_embedding_params": int(total - emb), "latency_ms": float(latency)}
+    row = {"name": "teacher", "role": "teacher", "dev_metric": float(setup.teacher_marker["dev_metric"]),
+           "params": int(total), "non_embedding_params": int(total - emb), "latency_ms": float(latency)}
+    exact = ((setup.teacher_marker.get("dev_scores") or {}).get("dev") or {}).get("exact")  # QA teachers
+    if exact is not None:
+        row["dev_exact"] = float(exact)
+    return row
 
 
 def student_row(folder, name: str, role: str, *, seq_length: int, repeats: int, note: Optional[str] = None,
@@ -380,9 +387,13 @@ def student_row(folder, name: str, role: str, *, seq_length: int, repeats: int, 
         raise CheckpointError(f"the student in {folder} is not distilled yet; run "
                               f"`nni-effbert distill -c <config> --export {folder}` first")
     latency = measure_latency(exported.model, seq_length=seq_length, repeats=repeats).median_ms
-    return {"name": name, "role": role, "dev_metric": float(metric if metric is not None else record["dev_metric"]),
-            "params": int(exported.meta["params"]), "non_embedding_params": int(exported.meta["non_embedding_params"]),
-            "latency_ms": float(latency), "note": note}
+    row = {"name": name, "role": role, "dev_metric": float(metric if metric is not None else record["dev_metric"]),
+           "params": int(exported.meta["params"]), "non_embedding_params": int(exported.meta["non_embedding_params"]),
+           "latency_ms": float(latency), "note": note}
+    exact = (record.get("dev_scores") or {}).get("exact")  # span QA: EM beside F1
+    if exact is not None and metric is None:
+        row["dev_exact"] = float(exact)
+    return row
 
 
 @dataclass
@@ -484,7 +495,7 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
     result = write_report(wd.root, trials, rows, experiment=experiment, metric_name=f"dev {metric}",
                           chosen=str(chosen) if chosen is not None else None, origin=origin,
                           search_metric_name=f"search score ({objective})", splits_note=note)
-    table = format_table(rows, metric_name=f"dev {metric}")
+    table = format_table(rows, metric_name="dev F1" if setup.task.spec.is_span else f"dev {metric}")
     return ReportOutcome(result=result, rows=rows, table=table, experiment=experiment,
                          baseline_difference=choice.difference)
 
