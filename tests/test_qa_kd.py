@@ -155,3 +155,46 @@ def test_tiny_qa_trial_end_to_end(trial_cfg, tmp_path):
     assert teacher["dev_exact"] is not None
     table = format_table([teacher, row], metric_name="dev F1")
     assert "| model | dev EM | dev F1 |" in table and f"{row['dev_exact']:.4f}" in table
+
+
+def test_v2_threshold_is_tuned_on_the_search_split(tmp_path, squad_small, qa_tokenizer):
+    """SQuAD v2.0 scoring: the null threshold comes from the search split and answers "" on dev."""
+    import copy
+    import json
+
+    from nni_effbert.config import TaskConfig
+    from nni_effbert.typed_yaml import from_dict
+
+    doc = json.loads(Path(squad_small[0]).read_text())
+    arts = doc["data"]
+    for i, art in enumerate(arts):  # two questions of the next article, asked of this one's first paragraph
+        borrowed = copy.deepcopy(arts[(i + 1) % len(arts)]["paragraphs"][1]["qas"][:2])
+        for qa in borrowed:
+            qa.update(id=f"{qa['id']}-x{i}", answers=[], is_impossible=True)
+        art["paragraphs"][0]["qas"] += borrowed
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps(doc))
+    task = from_dict(TaskConfig, {"name": "squad_v2", "train_file": str(path), "dev_file": str(path),
+                                  "max_seq_length": 96, "doc_stride": 24, "search_rows": 20})
+    data = load_qa_task(task, qa_tokenizer, cache_dir=str(tmp_path / "ds"))
+    by_ids = {tuple(f["input_ids"]): (f["start_positions"], f["end_positions"])
+              for split in ("search", "dev") for f in getattr(data, split)}
+
+    def oracle(batch):
+        out = torch.zeros(*batch["input_ids"].shape, 2)
+        for b, ids in enumerate(batch["input_ids"].tolist()):
+            s, e = by_ids[tuple(ids[:int(batch["attention_mask"][b].sum())])]
+            out[b, s, 0] = out[b, e, 1] = 10.0
+        return out
+
+    dev = score_span_model(oracle, data, task, batch_size=8, pad_token_id=0, splits=("dev",))["dev"]
+    assert dev["NoAns_total"] == 12 and dev["NoAns_exact"] == 1.0 and dev["HasAns_f1"] > 0.9
+    # The threshold used on dev is the search split's best one, not dev's own.
+    from nni_effbert.data.qa import best_null_threshold, postprocess_predictions, span_logits
+
+    starts, ends = span_logits(oracle, data.search, 8, 0)
+    preds, diffs = postprocess_predictions(data.examples["search"], data.search, starts, ends)
+    gold = {ex["id"]: list(ex["answers"]["text"]) for ex in data.examples["search"]}
+    assert dev["null_threshold"] == best_null_threshold(preds, diffs, gold)[0]
+    fixed = score_span_model(oracle, data, task, 8, 0, splits=("dev",), null_threshold=1e9)["dev"]
+    assert fixed["NoAns_exact"] < dev["NoAns_exact"] and fixed["null_threshold"] == 1e9  # spans everywhere
