@@ -165,3 +165,11 @@ def test_span_kd_loss_by_hand():
     assert out.prediction.item() == pytest.approx(want, abs=1e-6) and out.total.item() == pytest.approx(2 * want, abs=1e-6)
     with pytest.raises(ValueError, match=r"\[B, T, 2\]"):
         span_prediction_loss(student, teacher[:, :2], mask)
+
+
+def test_latency_table_key_ignores_the_head():
+    """The nnictl tuner builds the space without the task's head: it must find the trials' table."""
+    from nni_effbert.kd.latency_table import LatencySettings, table_key
+
+    settings = LatencySettings(device="cpu", threads=1, batch_size=1, seq_length=96)
+    assert table_key(preset_config("tiny"), settings) == table_key(preset_config("tiny", head="span"), settings)
