@@ -287,3 +287,26 @@ def test_v2_no_answer_rules():
     # v1.1 keeps "the" as a gold answer: EM of "" is 1 (both normalize to ""), F1 is 0 (no common token).
     v1 = squad_metrics({"q": ""}, {"q": ["the"]}, "squad")
     assert v1["exact"] == 1.0 and v1["f1"] == 0.0
+
+
+def test_snapshot_is_read_instead_of_the_files(tmp_path, squad_doc, qa_tokenizer, monkeypatch):
+    """Trials load the windows a first process saved; an edited file gives a new snapshot."""
+    from nni_effbert.data import qa as qa_mod
+
+    train = _write(tmp_path, "train.json", _small(squad_doc, [0, 1, 2], paragraphs=2, questions=3))
+    dev = _write(tmp_path, "dev.json", _small(squad_doc, [4], paragraphs=1, questions=3))
+    cfg = _cfg(train_file=train, dev_file=dev, max_seq_length=96, doc_stride=24, search_rows=5)
+    first = load_qa_task(cfg, qa_tokenizer, store_dir=tmp_path / "tasks")
+    assert len(list((tmp_path / "tasks").glob("qa-*"))) == 1
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the snapshot should have been used")
+
+    monkeypatch.setattr(qa_mod, "read_squad_file", no_reading)
+    again = load_qa_task(cfg, qa_tokenizer, store_dir=tmp_path / "tasks")
+    assert again.fingerprint == first.fingerprint
+    assert again.train[:] == first.train[:] and again.examples["search"][:] == first.examples["search"][:]
+    monkeypatch.undo()
+    _write(tmp_path, "train.json", _small(squad_doc, [0, 1], paragraphs=2, questions=3))
+    changed = load_qa_task(cfg, qa_tokenizer, store_dir=tmp_path / "tasks")
+    assert changed.fingerprint != first.fingerprint and len(list((tmp_path / "tasks").glob("qa-*"))) == 2

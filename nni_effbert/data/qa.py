@@ -29,6 +29,7 @@ import collections
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -39,6 +40,7 @@ import torch
 
 from ..config import TaskConfig
 from ..errors import DataError
+from ..io import atomic_replace_dir, atomic_write_json, make_tmp_dir
 from .loading import (MODEL_INPUTS, _digest, _sha256, _subset, length_sorted_batches, resolve_data_dir,
                       search_split_rows, tokenizer_fingerprint)
 from .metrics import squad_f1_per_question, squad_metrics
@@ -300,10 +302,30 @@ def article_search_split(titles: Sequence[str], task_cfg: TaskConfig) -> Tuple[n
     return np.flatnonzero(~is_search), np.flatnonzero(is_search)
 
 
-def _load_raw(task_cfg: TaskConfig, cache_dir: Optional[str]) -> Tuple[datasets.DatasetDict, TaskSpec, Dict[str, Any]]:
+def _source_fingerprint(task_cfg: TaskConfig, spec: TaskSpec, source: Dict[str, Any]) -> Dict[str, Any]:
+    """What the questions of the three splits depend on: the data, the subset and the search split."""
+    return {
+        "version": _FORMAT_VERSION, "task": spec.name, "source": source, "seed": int(task_cfg.seed or 0),
+        "train_fraction": task_cfg.train_fraction, "dev_fraction": task_cfg.dev_fraction,
+        "max_train_rows": task_cfg.max_train_rows, "max_dev_rows": task_cfg.max_dev_rows,
+        "search_rows": task_cfg.search_rows, "search_fraction": task_cfg.search_fraction,
+    }
+
+
+def _task_fingerprint(src: Dict[str, Any], tokenizer: Any, task_cfg: TaskConfig) -> str:
+    return _digest({**src, "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_length": task_cfg.max_seq_length,
+                    "doc_stride": task_cfg.doc_stride, "padding_side": tokenizer.padding_side})
+
+
+def _qa_spec(task_cfg: TaskConfig) -> TaskSpec:
     spec = get_task_spec(task_cfg.name)
     if not spec.is_span:
         raise DataError(f"task {spec.name!r} is not a QA task; load it with nni_effbert.data.loading.load_task")
+    return spec
+
+
+def _load_raw(task_cfg: TaskConfig, cache_dir: Optional[str]) -> Tuple[datasets.DatasetDict, TaskSpec, Dict[str, Any]]:
+    spec = _qa_spec(task_cfg)
     files = _qa_files(task_cfg, spec)
     if files is None:
         logger.info("no data_dir nor train_file: loading %s from the datasets hub", spec.name)
@@ -323,13 +345,7 @@ def _load_raw(task_cfg: TaskConfig, cache_dir: Optional[str]) -> Tuple[datasets.
         search=train.select(search_rows.tolist()),
         dev=_subset(dd["dev"], task_cfg.dev_fraction, task_cfg.max_dev_rows, seed),
     )
-    fingerprint_src = {
-        "version": _FORMAT_VERSION, "task": spec.name, "source": source, "seed": seed,
-        "train_fraction": task_cfg.train_fraction, "dev_fraction": task_cfg.dev_fraction,
-        "max_train_rows": task_cfg.max_train_rows, "max_dev_rows": task_cfg.max_dev_rows,
-        "search_rows": task_cfg.search_rows, "search_fraction": task_cfg.search_fraction,
-    }
-    return out, spec, fingerprint_src
+    return out, spec, _source_fingerprint(task_cfg, spec, source)
 
 
 def load_raw_qa(task_cfg: TaskConfig, cache_dir: Optional[str] = None) -> Tuple[datasets.DatasetDict, TaskSpec]:
@@ -440,7 +456,8 @@ def _features(ds: datasets.Dataset, tokenizer: Any, task_cfg: TaskConfig, finger
     return feats.add_column("idx", list(range(len(feats))), new_fingerprint=_digest([fingerprint, "idx"]))
 
 
-def load_qa_task(task_cfg: TaskConfig, tokenizer: Any, cache_dir: Optional[str] = None) -> QAData:
+def load_qa_task(task_cfg: TaskConfig, tokenizer: Any, cache_dir: Optional[str] = None,
+                 store_dir: Optional[os.PathLike] = None) -> QAData:
     """Load a QA task and cut it into windows with the (teacher's) fast tokenizer.
 
     Parameters
@@ -450,23 +467,67 @@ def load_qa_task(task_cfg: TaskConfig, tokenizer: Any, cache_dir: Optional[str] 
         (128) shape the windows.
     tokenizer : transformers fast tokenizer
     cache_dir : str, optional
-        ``datasets`` cache folder; features are cached there by fingerprint.
+        ``datasets`` cache folder (hub downloads).
+    store_dir : path, optional
+        Folder of snapshots (``qa-<fingerprint>/``, ``datasets.save_to_disk``): a task read from
+        files is read, checked and cut into windows once per work directory, and every later
+        process (each trial) loads the snapshot. The fingerprint hashes the files' contents, so
+        an edited file gives a new snapshot.
 
     Returns
     -------
     QAData
     """
+    spec = _qa_spec(task_cfg)
+    snapshot: Optional[Path] = None
+    if store_dir is not None:
+        files = _qa_files(task_cfg, spec)
+        if files is not None and all(os.path.isfile(p) for p in files.values()):
+            src = _source_fingerprint(task_cfg, spec, {split: _sha256(p) for split, p in files.items()})
+            snapshot = Path(store_dir) / f"qa-{_task_fingerprint(src, tokenizer, task_cfg)}"
+            if (snapshot / _SNAPSHOT_DONE).is_file():
+                try:
+                    return _read_snapshot(snapshot, spec)
+                except (OSError, ValueError, KeyError, FileNotFoundError) as err:
+                    logger.warning("QA snapshot %s is unreadable (%s); rebuilding it", snapshot, err)
     dd, spec, source = _load_raw(task_cfg, cache_dir)
-    fingerprint = _digest({**source, "tokenizer": tokenizer_fingerprint(tokenizer),
-                           "max_seq_length": task_cfg.max_seq_length, "doc_stride": task_cfg.doc_stride,
-                           "padding_side": tokenizer.padding_side})
+    fingerprint = _task_fingerprint(source, tokenizer, task_cfg)
     feats = {split: _features(dd[split], tokenizer, task_cfg, _digest([fingerprint, split]),
                               f"windows {spec.name} {split}") for split in dd}
     logger.info("task %s: %d/%d/%d train/search/dev questions -> %d/%d/%d windows, fingerprint %s", spec.name,
                 len(dd["train"]), len(dd["search"]), len(dd["dev"]), len(feats["train"]), len(feats["search"]),
                 len(feats["dev"]), fingerprint)
-    return QAData(train=feats["train"], search=feats["search"], dev=feats["dev"], examples=dd, spec=spec,
+    data = QAData(train=feats["train"], search=feats["search"], dev=feats["dev"], examples=dd, spec=spec,
                   fingerprint=fingerprint)
+    if snapshot is not None:
+        _write_snapshot(data, snapshot)
+    return data
+
+
+_SNAPSHOT_DONE = "complete.json"
+
+
+def _write_snapshot(data: QAData, folder: Path) -> None:
+    """Save ``data`` into ``folder`` atomically (a temporary folder renamed into place)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_tmp_dir(folder)
+    try:
+        datasets.DatasetDict(train=data.train, search=data.search, dev=data.dev).save_to_disk(str(tmp / "features"))
+        data.examples.save_to_disk(str(tmp / "examples"))
+        atomic_write_json({"fingerprint": data.fingerprint, "task": data.spec.name}, tmp / _SNAPSHOT_DONE)
+        atomic_replace_dir(tmp, folder)
+    except OSError as err:  # a snapshot is an optimisation: the data in memory is still right
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.warning("could not save the QA snapshot %s (%s); later processes will read the files again",
+                       folder, err)
+
+
+def _read_snapshot(folder: Path, spec: TaskSpec) -> QAData:
+    meta = json.loads((folder / _SNAPSHOT_DONE).read_text(encoding="utf-8"))
+    feats = datasets.load_from_disk(str(folder / "features"))
+    examples = datasets.load_from_disk(str(folder / "examples"))
+    return QAData(train=feats["train"], search=feats["search"], dev=feats["dev"], examples=examples, spec=spec,
+                  fingerprint=str(meta["fingerprint"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -495,7 +495,7 @@ def finetune_from_config(cfg, progress: bool = True) -> TeacherResult:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"teacher.model: cannot load the tokenizer of {base!r} ({exc})") from None
     if cfg.task.name in QA_TASKS:
-        task = load_qa_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache))
+        task = load_qa_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache), store_dir=wd.datasets_cache / "tasks")
     else:
         task = load_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache))
     return finetune_teacher(cfg, task, tokenizer, wd.teacher_dir, progress=progress)

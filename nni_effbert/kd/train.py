@@ -914,8 +914,9 @@ class KDSetup:
         # Tokenized once per work directory; later processes (every trial) read it from disk.
         identity = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(teacher_dir.iterdir())
                     if p.is_file() and p.name != FINGERPRINT_MEMO]
-        if cfg.task.name in QA_TASKS:  # windows cached by the datasets library under their fingerprint
-            task = load_qa_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache))
+        if cfg.task.name in QA_TASKS:  # windows saved once per work directory (a snapshot per fingerprint)
+            task = load_qa_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache),
+                                store_dir=wd.datasets_cache / "tasks")
         else:
             task = load_prepared_task(cfg.task, tokenizer, store_dir=wd.datasets_cache / "tasks", identity=identity,
                                       cache_dir=str(wd.datasets_cache))
