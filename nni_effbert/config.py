@@ -233,8 +233,9 @@ class TaskConfig(_Checked):
             if len(given) == 1:
                 raise ValueError(f"task {self.name!r}: give both train_file and dev_file (SQuAD-format JSON) "
                                  f"or neither (data_dir or the hub); only {given[0]} is set")
-            if self.text_columns or self.regression:
-                raise ValueError(f"text_columns and regression are not used by the QA task {self.name!r}")
+            if self.text_columns or self.regression or self.metric is not None:
+                raise ValueError(f"text_columns, regression and metric are not used by the QA task {self.name!r} "
+                                 "(it reports exact match and F1); leave them out")
             if self.doc_stride >= self.max_seq_length:
                 raise ValueError(f"doc_stride ({self.doc_stride}) must be smaller than max_seq_length "
                                  f"({self.max_seq_length}): windows overlap by doc_stride tokens")

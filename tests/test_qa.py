@@ -310,3 +310,16 @@ def test_snapshot_is_read_instead_of_the_files(tmp_path, squad_doc, qa_tokenizer
     _write(tmp_path, "train.json", _small(squad_doc, [0, 1], paragraphs=2, questions=3))
     changed = load_qa_task(cfg, qa_tokenizer, store_dir=tmp_path / "tasks")
     assert changed.fingerprint != first.fingerprint and len(list((tmp_path / "tasks").glob("qa-*"))) == 2
+
+
+def test_data_dir_with_official_file_names(tmp_path, squad_doc):
+    folder = tmp_path / "squad_root"
+    (folder / "squad").mkdir(parents=True)
+    _write(folder / "squad", "train-v1.1.json", _small(squad_doc, [0, 1], paragraphs=1, questions=2))
+    _write(folder / "squad", "dev-v1.1.json", _small(squad_doc, [2], paragraphs=1, questions=2))
+    dd, spec = load_raw_qa(_cfg(data_dir=str(folder), search_rows=0))
+    assert spec.name == "squad" and len(dd["train"]) == 4 and len(dd["dev"]) == 2
+    with pytest.raises(DataError, match=r"no train-v2.0.json and dev-v2.0.json in .*squad_root"):
+        load_raw_qa(from_dict(TaskConfig, {"name": "squad_v2", "data_dir": str(folder)}))
+    with pytest.raises(ValueError, match="metric are not used"):
+        _cfg(data_dir=str(folder), metric="accuracy")
