@@ -234,8 +234,9 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
     _check_compatible(exported, setup)
     model = exported.model.to(setup.device)
     spec = setup.task.spec
+    metric_name = "f1" if spec.is_span else spec.metric  # span QA: F1 (EM is in dev_scores)
     before = setup.evaluate(model)["default"]
-    logger.info("%s: dev %s before distillation = %.4f", folder.name, spec.metric, before)
+    logger.info("%s: dev %s before distillation = %.4f", folder.name, metric_name, before)
 
     n_student = exported.config.num_hidden_layers
     n_teacher = int(setup.teacher_config.num_hidden_layers)
@@ -285,7 +286,7 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
     latency = measure_latency(model, seq_length=seq, repeats=int(cfg.evaluator.latency_repeats)).median_ms
     seconds = time.perf_counter() - started
     record = {
-        "plan": plan.to_dict(), "metric": spec.metric, "dev_metric": float(final), "before": float(before),
+        "plan": plan.to_dict(), "metric": metric_name, "dev_metric": float(final), "before": float(before),
         "dev_scores": dev_scores,  # every component of the dev metric (QA: exact, f1, HasAns/NoAns)
         "latency_ms": float(latency), "latency_seq_length": seq, "latency_batch_size": 1,
         "kd_loss": losses, "curve": [list(c) for c in curve], "seconds": round(seconds, 1),
@@ -297,9 +298,9 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
     labels = None if exported.config.head == "span" else [exported.id2label[i] for i in range(len(exported.id2label))]
     export_student(exported.config, exported.arch, model, folder, tokenizer=setup.tokenizer, label_names=labels,
                    task=spec, extra_meta=extra)
-    logger.info("%s distilled in %.0fs: dev %s %.4f -> %.4f, latency %.2f ms", folder.name, seconds, spec.metric,
+    logger.info("%s distilled in %.0fs: dev %s %.4f -> %.4f, latency %.2f ms", folder.name, seconds, metric_name,
                 before, final, latency)
-    return DistillResult(path=folder, metric=spec.metric, dev_metric=float(final), before=float(before),
+    return DistillResult(path=folder, metric=metric_name, dev_metric=float(final), before=float(before),
                          latency_ms=float(latency), seq_length=seq, params=int(exported.meta["params"]),
                          non_embedding_params=int(exported.meta["non_embedding_params"]), plan=plan,
                          seconds=seconds, curve=curve)
