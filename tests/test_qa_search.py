@@ -1,5 +1,6 @@
-"""``nni-effbert search --python`` on a tiny SQuAD task: the QA teacher, an in-process warm-up and two
-candidate trials through the real NNI manager, then export, distill and report on the CLI."""
+"""``nni-effbert search`` on a tiny SQuAD task, through NasExperiment (``--python``: an in-process
+warm-up and two candidate trials) and through nnictl (warm-up and candidate trials), each followed by
+export, distill and report on the CLI."""
 from __future__ import annotations
 
 import json
@@ -35,9 +36,10 @@ def qa_teacher(tmp_path_factory, qa_tokenizer):
     return folder
 
 
-def test_qa_search_python_export_distill_report(tmp_path, qa_teacher, squad_small):
+@pytest.mark.parametrize("driver", ["python", "nnictl"])
+def test_qa_search_export_distill_report(tmp_path, qa_teacher, squad_small, driver, capsys):
     from nni_effbert import cli
-    from nni_effbert.nas.records import is_scored, normalize_trial
+    from nni_effbert.nas.records import is_scored, normalize_trial, read_nni_trials
 
     train, dev = squad_small
     work = tmp_path / "work"
@@ -50,16 +52,25 @@ def test_qa_search_python_export_distill_report(tmp_path, qa_teacher, squad_smal
     assert cli.main(["teacher", "-q", "-c", TINY, *sets]) == 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("NNI_")}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "nni_effbert.cli", "search", "-q", "-c", TINY, *sets, "--python",
-                           "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=400,
-                          cwd=tmp_path)
-    found = re.search(r"NAS experiment (\w+)", proc.stdout)
-    try:
+    if driver == "python":
+        proc = subprocess.run([sys.executable, "-m", "nni_effbert.cli", "search", "-q", "-c", TINY, *sets, "--python",
+                               "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=400,
+                              cwd=tmp_path)
+        found = re.search(r"NAS experiment (\w+)", proc.stdout)
         assert proc.returncode == 0 and found, proc.stdout[-3000:] + proc.stderr[-3000:]
+    else:
+        capsys.readouterr()
+        code = cli.main(["search", "-q", "-c", TINY, *sets, "--wait", "--timeout", "600"])
+        found = re.search(r"^experiment (\S+): (\S+)$", capsys.readouterr().out, re.M)
+        assert code == 0 and found
+    try:
         exp_id = found.group(1)
-        trials = [normalize_trial(t) for t in json.loads((work / "trials.json").read_text())["trials"]]
-        cands = [t for t in trials if not t["warmup"]]
-        assert len(cands) == 2 and all(is_scored(t) for t in cands), cands
+        if driver == "python":
+            trials = [normalize_trial(t) for t in json.loads((work / "trials.json").read_text())["trials"]]
+        else:
+            trials = [normalize_trial(t) for t in read_nni_trials(exp_id, experiments_dir=work / "nni-experiments")]
+        cands = [t for t in trials if not t["warmup"] and not t.get("teacher")]
+        assert len(cands) == 2 and all(is_scored(t) for t in cands), trials
         for t in cands:  # objective metric = F1 on the search split
             assert t["final"]["objective"] == "metric" and t["final"]["default"] == t["final"]["search_f1"]
         for command in (["export", "--experiment", exp_id], ["distill", "--export", str(work / "exports" / "searched")],
