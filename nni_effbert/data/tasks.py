@@ -70,7 +70,8 @@ class TaskSpec:
         Split (``train``/``dev``) to the hub's split name.
     kind : str
         ``sequence`` (classification / regression: GLUE, custom) or ``span`` (extractive
-        question answering: SQuAD; ``metric`` is then ``squad`` or ``squad_v2``).
+        question answering: SQuAD; ``metric`` is then ``f1``, the official SQuAD F1, with exact
+        match beside it; ``name`` says which version's rules apply).
     """
 
     name: str
@@ -100,7 +101,7 @@ class TaskSpec:
     @property
     def allows_no_answer(self) -> bool:
         """True for SQuAD v2.0, whose questions may have no answer in the context."""
-        return self.is_span and self.metric == "squad_v2"
+        return self.is_span and self.name == "squad_v2"
 
 
 # Label lists follow the hub's class order so that TSV string labels and hub integer labels
@@ -152,7 +153,7 @@ GLUE_TASKS: Dict[str, TaskSpec] = {
 #: are those of ``datasets.load_dataset``; ``tsv_splits`` holds the official file names.
 QA_TASKS: Dict[str, TaskSpec] = {
     name: TaskSpec(
-        name, None, ["question", "context"], None, 2, name, kind="span",
+        name, None, ["question", "context"], None, 2, "f1", kind="span",
         tsv_splits={"train": f"train-v{version}.json", "dev": f"dev-v{version}.json"},
     )
     for name, version in (("squad", "1.1"), ("squad_v2", "2.0"))
