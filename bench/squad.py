@@ -195,8 +195,9 @@ def main() -> int:
                 seed = int(cfg.distill.seed if cfg.distill.seed is not None else cfg.seed) + k
                 scfg = load_config(effective, [f"distill.seed={seed}"])
                 name = f"capacity-w{width}-s{stack}-seed{seed}"
-                out = export_trial_arch(scfg, arch, stage, name, evaluator=KDEvaluator(scfg, setup=setup),
-                                        extra={"capacity_check": label})
+                # The same supernet stage of the same experiment the searched student came from.
+                out = export_trial_arch(scfg, arch, stage, name, extra={"capacity_check": label},
+                                        evaluator=KDEvaluator(scfg, setup=setup, experiment=experiment))
                 scores.append(run_distill(scfg, out.path, setup=setup).dev_metric)
                 runs.append(per_question_f1(out.path, setup))
             vs_full = paired_test(runs, per_q["baseline"]) if runs else None
