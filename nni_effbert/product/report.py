@@ -488,14 +488,19 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
     origin = (searched.meta.get("extra") or {}).get("origin") or student_origin(cfg)
     objective = cfg.evaluator.objective
     search_rows = len(setup.task.search) if getattr(setup.task, "search", None) is not None else 0
-    note = (f"Splits: the search scored candidates on the **search split** ({search_rows} rows held out of train, "
+    held, dev_rows = f"{search_rows} rows held out of train", f"{len(setup.task.dev)} rows"
+    if setup.task.spec.is_span:  # QA: count questions (each may be several windows); whole articles are held out
+        held = f"{len(setup.task.examples['search'])} questions, whole articles held out of train"
+        dev_rows = f"{len(setup.task.examples['dev'])} questions"
+    note = (f"Splits: the search scored candidates on the **search split** ({held}, "
             f"never trained on); each trial's score is its `default`, the `{objective}` objective "
-            f"(evaluator.objective). The table's dev {metric} comes from the **dev split** ({len(setup.task.dev)} "
-            "rows), which the search never read.")
-    result = write_report(wd.root, trials, rows, experiment=experiment, metric_name=f"dev {metric}",
+            f"(evaluator.objective). The table's dev {metric} comes from the **dev split** ({dev_rows}"
+            "), which the search never read.")
+    metric_name = "dev F1" if setup.task.spec.is_span else f"dev {metric}"  # span QA: EM in its own column
+    result = write_report(wd.root, trials, rows, experiment=experiment, metric_name=metric_name,
                           chosen=str(chosen) if chosen is not None else None, origin=origin,
                           search_metric_name=f"search score ({objective})", splits_note=note)
-    table = format_table(rows, metric_name="dev F1" if setup.task.spec.is_span else f"dev {metric}")
+    table = format_table(rows, metric_name=metric_name)
     return ReportOutcome(result=result, rows=rows, table=table, experiment=experiment,
                          baseline_difference=choice.difference)
 
