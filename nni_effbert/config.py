@@ -29,7 +29,7 @@ import yaml
 from nni_effbert.strategies.stages import SearchConfig
 from nni_effbert.strategies.ties import default_tie_margin
 
-from .data.tasks import CUSTOM_TASK, DATA_DIR_ENV, METRICS, canonical_task_name, get_task_spec
+from .data.tasks import CUSTOM_TASK, DATA_DIR_ENV, METRICS, QA_TASKS, canonical_task_name, get_task_spec
 from .errors import ConfigError
 from .io import atomic_write_text  # readers (other trials) never see a partial file
 from .typed_yaml import apply_overrides as _apply_overrides
@@ -122,6 +122,17 @@ def _choice(*allowed: str) -> Callable[[Any], Any]:
     return check
 
 
+#: ``task.max_seq_length`` of a QA task when the config leaves it out.
+QA_MAX_SEQ_LENGTH = 384
+
+
+def _is_qa_name(value: Any) -> bool:
+    try:
+        return canonical_task_name(value) in QA_TASKS
+    except ConfigError:
+        return False
+
+
 def _task_name(value: str) -> str:
     try:
         return canonical_task_name(value)
@@ -185,7 +196,8 @@ class TaskConfig(_Checked):
     Attributes
     ----------
     name
-        A GLUE task (``cola sst2 mrpc qqp stsb mnli qnli rte wnli``) or ``custom``.
+        A GLUE task (``cola sst2 mrpc qqp stsb mnli qnli rte wnli``), ``squad`` / ``squad_v2`` (span QA,
+        ``docs/guides/squad.md``) or ``custom``.
     data_dir
         GLUE-layout root (``SST-2/``, ``RTE/``, ...) or a task folder; empty: ``$EFFBERT_DATA_DIR``, else the datasets hub.
     max_seq_length
@@ -227,12 +239,22 @@ class TaskConfig(_Checked):
     # fraction of the train rows (give one); capped at half the train rows; 0 = no search split.
     search_rows: Optional[int] = _checked(_non_negative, 1000)
     search_fraction: Optional[float] = _checked(_optional_fraction, None)
+    # Span QA (name: squad / squad_v2; docs/guides/squad.md): contexts longer than max_seq_length
+    # (default 384 for QA) are cut into windows that overlap by doc_stride tokens, as run_qa does;
+    # answers are the best of n_best_size start and end logits, at most max_answer_length tokens.
+    # train_file / dev_file name SQuAD-format JSON files; the search split is held out by article.
+    doc_stride: int = _checked(_positive, 128)
+    max_answer_length: int = _checked(_positive, 30)  # span QA: longest answer, in tokens
+    n_best_size: int = _checked(_positive, 20)  # span QA: start and end candidates per window
 
     @classmethod
     def _prepare(cls, data: Dict[str, Any]) -> Dict[str, Any]:
         # Giving only search_fraction switches from the default search_rows to the fraction.
         if data.get("search_fraction") is not None and "search_rows" not in data:
             data = {**data, "search_rows": None}
+        # QA reads question + context windows: 384 tokens by default (run_qa's default), not 128.
+        if "max_seq_length" not in data and _is_qa_name(data.get("name")):
+            data = {**data, "max_seq_length": QA_MAX_SEQ_LENGTH}
         return data
 
     def __post_init__(self) -> None:
@@ -247,6 +269,17 @@ class TaskConfig(_Checked):
                 raise ValueError(
                     f"a custom task needs one or two text_columns, got {self.text_columns}"
                 )
+        elif self.name in QA_TASKS:
+            given = [k for k in ("train_file", "dev_file") if getattr(self, k)]
+            if len(given) == 1:
+                raise ValueError(f"task {self.name!r}: give both train_file and dev_file (SQuAD-format JSON) "
+                                 f"or neither (data_dir or the hub); only {given[0]} is set")
+            if self.text_columns or self.regression or self.metric is not None:
+                raise ValueError(f"text_columns, regression and metric are not used by the QA task {self.name!r} "
+                                 "(it reports exact match and F1); leave them out")
+            if self.doc_stride >= self.max_seq_length:
+                raise ValueError(f"doc_stride ({self.doc_stride}) must be smaller than max_seq_length "
+                                 f"({self.max_seq_length}): windows overlap by doc_stride tokens")
         else:
             stray = [k for k in ("train_file", "dev_file") if getattr(self, k)]
             if stray or self.text_columns or self.regression:

@@ -38,6 +38,9 @@ import torch.nn.functional as F
 from .ops import NO_BINARY, UNARY_OPS, apply_binary
 
 SLOTS = ("pre", "mid", "post")
+#: Output heads: ``sequence`` (pooler + classifier over [CLS]: classification / regression) or
+#: ``span`` (start / end logits per token: extractive question answering, as BERT's ``qa_outputs``).
+HEADS = ("sequence", "span")
 ORDERS = ("act_first", "binary_first")
 OPERANDS = ("x", "input")
 
@@ -103,7 +106,9 @@ class StudentOutput:
     Attributes
     ----------
     logits : Tensor
-        ``[batch, num_labels]`` (``num_labels == 1`` for regression).
+        ``[batch, num_labels]`` (``num_labels == 1`` for regression); with the ``span`` head
+        ``[batch, seq, 2]``: start and end logits of every token (:attr:`start_logits`,
+        :attr:`end_logits`).
     hidden_states : tuple of Tensor or None
         ``num_layers + 1`` tensors ``[batch, seq, fit_size]``: the embedding output first, then
         every layer's output, each projected by ``fit_dense`` to the teacher's hidden size.
@@ -114,6 +119,16 @@ class StudentOutput:
     logits: torch.Tensor
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     attentions: Optional[Tuple[torch.Tensor, ...]] = None
+
+    @property
+    def start_logits(self) -> torch.Tensor:
+        """``[batch, seq]`` answer-start logits (``span`` head only)."""
+        return self.logits[..., 0]
+
+    @property
+    def end_logits(self) -> torch.Tensor:
+        """``[batch, seq]`` answer-end logits (``span`` head only)."""
+        return self.logits[..., 1]
 
 
 class Embeddings(nn.Module):
@@ -212,7 +227,8 @@ class EfficientBertModel(nn.Module):
     Parameters
     ----------
     config
-        Any object with the fields of ``EfficientBertConfig`` (a dataclass or an HF config).
+        Any object with the fields of ``EfficientBertConfig`` (a dataclass or an HF config);
+        ``head`` (default ``sequence``) picks the output head, see :data:`HEADS`.
     arch : dict
         Flat ``label -> value`` architecture; modules are built at its widths and stack numbers.
     """
@@ -227,9 +243,15 @@ class EfficientBertModel(nn.Module):
             StudentLayer(config, la.width, la.stack) for la in self.layer_archs
         )
         self.fit_dense = nn.Linear(config.hidden_size, config.fit_size)
-        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
-        self.classifier_dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.head = getattr(config, "head", None) or "sequence"
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
+        if self.head == "span":
+            self.qa_outputs = nn.Linear(config.hidden_size, 2)  # start, end
+        else:
+            self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+            self.classifier_dropout = nn.Dropout(config.hidden_dropout_prob)
+            self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -269,8 +291,10 @@ class EfficientBertModel(nn.Module):
             h, probs = layer(h, mask_bias, la)
             hidden.append(h)
             attentions.append(probs)
-        pooled = torch.tanh(self.pooler(h[:, 0]))
-        logits = self.classifier(self.classifier_dropout(pooled))
+        if self.head == "span":
+            logits = self.qa_outputs(h)  # [b, t, 2]
+        else:
+            logits = self.classifier(self.classifier_dropout(torch.tanh(self.pooler(h[:, 0]))))
         if not return_kd:
             return StudentOutput(logits=logits)
         return StudentOutput(

@@ -29,6 +29,7 @@ class EfficientBertConfig:
     fit_size: int = 768  # the teacher's hidden size: fit_dense projects student states to it
     num_labels: int = 2  # 1 = regression head
     pad_token_id: int = 0
+    head: str = "sequence"  # "span": start/end logits per token (SQuAD) instead of pooler + classifier
     # Search ranges.
     width_ratios: Tuple[float, ...] = (1.0, 1 / 2, 1 / 3, 1 / 4)
     max_stack: int = 4
@@ -43,6 +44,8 @@ class EfficientBertConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"EfficientBertConfig.hidden_size ({self.hidden_size}) must be a multiple of "
                              f"num_attention_heads ({self.num_attention_heads})")
+        if self.head not in ("sequence", "span"):
+            raise ValueError(f"EfficientBertConfig.head must be 'sequence' or 'span', got {self.head!r}")
         if not self.width_ratios or any(not 0 < r <= 1 for r in self.width_ratios):
             raise ValueError(f"EfficientBertConfig.width_ratios must be fractions in (0, 1], got {self.width_ratios!r}")
         unknown = [op for op in self.unary_ops if op not in UNARY_OPS]
@@ -64,6 +67,10 @@ class EfficientBertConfig:
         d = asdict(self)
         for k in ("width_ratios", "unary_ops", "binary_ops"):
             d[k] = list(d[k])
+        if d["head"] == "sequence":
+            # Written only when it is not the default, so that configs saved before span heads
+            # existed (supernet checkpoints, exports) still compare equal to today's.
+            del d["head"]
         return d
 
     @classmethod

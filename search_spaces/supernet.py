@@ -225,8 +225,11 @@ class EfficientBertSupernet(nn.Module):
             mlp = h * la.width + la.width + la.linear2_in(h) * h + h + 2 * h
             total += la.stack * mlp
         total += h * c.fit_size + c.fit_size  # fit_dense
-        total += h * h + h  # pooler
-        total += h * c.num_labels + c.num_labels  # classifier
+        if c.head == "span":
+            total += h * 2 + 2  # qa_outputs (start, end)
+        else:
+            total += h * h + h  # pooler
+            total += h * c.num_labels + c.num_labels  # classifier
         return total
 
     def param_range(self) -> tuple:

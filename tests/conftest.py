@@ -80,6 +80,58 @@ def base_teacher(tmp_path_factory, tiny_vocab_file) -> Path:
     return folder
 
 
+def _squad_dir() -> Path:
+    root = Path(os.environ.get("EFFBERT_TEST_SQUAD") or REPO.parent / "shared" / "data" / "squad" / "v1.1")
+    assert (root / "dev-part-a.json").is_file() and (root / "dev-part-b.json").is_file(), (
+        f"SQuAD test data not found under {root}; set EFFBERT_TEST_SQUAD to a folder holding dev-part-a.json "
+        "and dev-part-b.json"
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def squad_dir() -> Path:
+    """Folder of the official SQuAD v1.1 dev set split by article (``dev-part-a.json``, ``dev-part-b.json``)."""
+    return _squad_dir()
+
+
+@pytest.fixture(scope="session")
+def qa_tokenizer(tmp_path_factory, squad_dir):
+    """A fast lower-casing BERT tokenizer: 1,500 most frequent words of SQuAD part b + characters."""
+    import json
+
+    from transformers import BertTokenizer
+
+    counts: Counter = Counter()
+    for art in json.loads((squad_dir / "dev-part-b.json").read_text(encoding="utf-8"))["data"]:
+        for p in art["paragraphs"]:
+            counts.update(re.findall(r"[a-z]+", p["context"].lower()))
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = SPECIAL_TOKENS + chars + [f"##{c}" for c in chars] + [w for w, _ in counts.most_common(1500) if w not in chars]
+    path = tmp_path_factory.mktemp("qa_tokenizer") / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tok = BertTokenizer(vocab=str(path), do_lower_case=True)
+    assert tok.is_fast
+    return tok
+
+
+@pytest.fixture(scope="session")
+def squad_small(tmp_path_factory, squad_dir):
+    """``(train, dev)`` SQuAD files: 6 articles of part b (3 paragraphs x 4 questions), 2 of part a."""
+    import json
+
+    def cut(name, n_articles):
+        doc = json.loads((squad_dir / name).read_text(encoding="utf-8"))
+        data = [{"title": a["title"], "paragraphs": [{"context": p["context"], "qas": p["qas"][:4]}
+                                                     for p in a["paragraphs"][:3]]} for a in doc["data"][:n_articles]]
+        return {"version": doc.get("version"), "data": data}
+
+    folder = tmp_path_factory.mktemp("squad_small")
+    (folder / "train.json").write_text(json.dumps(cut("dev-part-b.json", 6)), encoding="utf-8")
+    (folder / "dev.json").write_text(json.dumps(cut("dev-part-a.json", 2)), encoding="utf-8")
+    return folder / "train.json", folder / "dev.json"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module's tests (two OpenMP threads on a loaded 2-core box are

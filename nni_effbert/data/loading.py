@@ -607,6 +607,9 @@ def _load_raw(task_cfg: TaskConfig, cache_dir: Optional[str]) -> Tuple[datasets.
         source = {split: _sha256(p) for split, p in files.items()}
     else:
         spec = get_task_spec(task_cfg.name)
+        if spec.is_span:
+            raise DataError(f"task {spec.name!r} is span question answering: load it with "
+                            "nni_effbert.data.qa.load_qa_task (question + context windows), not load_task")
         if task_cfg.metric is not None and task_cfg.metric != spec.metric:
             spec = TaskSpec(**{**spec.__dict__, "metric": task_cfg.metric})
         data_dir = resolve_data_dir(task_cfg)
@@ -950,7 +953,9 @@ def collate(
     -------
     dict of str to torch.Tensor
         ``input_ids, token_type_ids, attention_mask`` as ``[B, T]`` long tensors; ``labels``
-        (long, or float for regression) and ``idx`` as ``[B]`` tensors when present.
+        (long, or float for regression), ``start_positions`` / ``end_positions`` (span QA) and
+        ``idx`` as ``[B]`` tensors when present. Other columns (QA's ``example_id``,
+        ``offset_mapping``) are left out.
     """
     cols = _as_rows(features)
     lengths = [len(ids) for ids in cols["input_ids"]]
@@ -973,6 +978,9 @@ def collate(
         labels = cols["labels"]
         is_float = any(isinstance(v, float) for v in labels)
         batch["labels"] = torch.tensor(labels, dtype=torch.float32 if is_float else torch.long)
+    for name in ("start_positions", "end_positions"):  # span QA targets (nni_effbert.data.qa)
+        if name in cols:
+            batch[name] = torch.tensor(cols[name], dtype=torch.long)
     if "idx" in cols:
         batch["idx"] = torch.tensor(cols["idx"], dtype=torch.long)
     return batch

@@ -1,4 +1,4 @@
-"""GLUE metrics on top of scikit-learn and scipy.
+"""GLUE metrics on top of scikit-learn and scipy; SQuAD's exact match and F1.
 
 :func:`compute_metrics` returns a dict whose ``default`` entry is the task's primary score
 (what NNI ranks trials by) plus each component, e.g. MRPC's
@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict
+import re
+import string
+from collections import Counter
+from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -16,7 +19,8 @@ from sklearn import metrics as skm
 
 from .tasks import METRICS
 
-__all__ = ["METRICS", "compute_metrics", "REGRESSION_METRICS"]
+__all__ = ["METRICS", "compute_metrics", "REGRESSION_METRICS", "normalize_answer", "squad_metrics",
+           "squad_f1_per_question"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,4 +111,118 @@ def compute_metrics(metric: str, predictions, labels) -> Dict[str, float]:
     if metric == "pearson_spearman":
         out["pearson_spearman"] = (out["pearson"] + out["spearman"]) / 2
     out["default"] = out[metric]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SQuAD (the official evaluation scripts' rules, written out: evaluate.load("squad") needs the hub)
+# ---------------------------------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """The official SQuAD answer normalization: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _em(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def _f1_v1(prediction: str, gold: str) -> float:
+    return _f1(prediction, gold, empty_matches=False)
+
+
+def _f1_v2(prediction: str, gold: str) -> float:
+    return _f1(prediction, gold, empty_matches=True)
+
+
+def _f1(prediction: str, gold: str, empty_matches: bool) -> float:
+    pred_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(gold).split()
+    if empty_matches and (not pred_tokens or not gold_tokens):
+        # v2.0: "" against an unanswerable question is right. v1.1 scores every no-overlap case 0,
+        # even a gold answer that normalizes to nothing ("the") against an empty prediction.
+        return float(pred_tokens == gold_tokens)
+    same = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _golds(answers: Sequence[str], version: str) -> List[str]:
+    if version == "squad_v2":
+        # v2.0 drops gold answers that normalize to nothing; none left means "no answer".
+        kept = [a for a in answers if normalize_answer(a)]
+        return kept or [""]
+    if not answers:
+        raise ValueError("a SQuAD v1.1 question needs at least one gold answer")
+    return list(answers)
+
+
+def _per_question(predictions: Mapping[str, str], gold: Mapping[str, Sequence[str]], version: str,
+                  fn) -> Dict[str, float]:
+    if version not in ("squad", "squad_v2"):
+        raise ValueError(f"version must be 'squad' or 'squad_v2', got {version!r}")
+    missing = [q for q in gold if q not in predictions]
+    if missing:
+        raise ValueError(f"{len(missing)} question(s) have no prediction, e.g. {missing[0]!r}")
+    return {q: max(fn(predictions[q], g) for g in _golds(answers, version)) for q, answers in gold.items()}
+
+
+def squad_f1_per_question(predictions: Mapping[str, str], gold: Mapping[str, Sequence[str]],
+                          version: str = "squad") -> Dict[str, float]:
+    """F1 of each question: the maximum over its gold answers (a fraction)."""
+    return _per_question(predictions, gold, version, _f1_v2 if version == "squad_v2" else _f1_v1)
+
+
+def squad_metrics(predictions: Mapping[str, str], gold: Mapping[str, Sequence[str]],
+                  version: str = "squad") -> Dict[str, float]:
+    """Exact match and F1 as the official SQuAD v1.1 / v2.0 evaluation scripts compute them.
+
+    Parameters
+    ----------
+    predictions : dict
+        Question id -> predicted answer text (``""`` = no answer, v2.0).
+    gold : dict
+        Question id -> gold answer texts (every question of the split; an empty list is an
+        unanswerable v2.0 question). Each question scores the maximum over its gold answers.
+    version : str
+        ``squad`` (v1.1 rules) or ``squad_v2`` (v2.0: gold answers that normalize to nothing
+        are dropped, an empty prediction matches an unanswerable question).
+
+    Returns
+    -------
+    dict of str to float
+        ``exact``, ``f1`` and ``default`` (= ``f1``) as fractions (the official scripts print
+        them x100), ``total``; for v2.0 also ``HasAns_exact / HasAns_f1 / HasAns_total`` and
+        ``NoAns_*`` when the split has such questions.
+
+    Raises
+    ------
+    ValueError
+        A question without a prediction, no questions, or a v1.1 question without gold answers.
+    """
+    if not gold:
+        raise ValueError("squad_metrics: no questions to score")
+    em = _per_question(predictions, gold, version, _em)
+    f1 = squad_f1_per_question(predictions, gold, version)
+
+    def summary(qids: List[str], prefix: str = "") -> Dict[str, float]:
+        return {f"{prefix}exact": float(np.mean([em[q] for q in qids])),
+                f"{prefix}f1": float(np.mean([f1[q] for q in qids])), f"{prefix}total": float(len(qids))}
+
+    out = summary(list(gold))
+    if version == "squad_v2":
+        has = [q for q, answers in gold.items() if any(normalize_answer(a) for a in answers)]
+        no = [q for q in gold if q not in set(has)]
+        if has:
+            out.update(summary(has, "HasAns_"))
+        if no:
+            out.update(summary(no, "NoAns_"))
+    out["default"] = out["f1"]
     return out

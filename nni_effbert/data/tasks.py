@@ -1,4 +1,4 @@
-"""The nine GLUE tasks as data: input columns, labels and metric of each.
+"""The nine GLUE tasks and the two SQuAD tasks as data: input columns, labels and metric of each.
 
 Two spellings of every column exist: the one of the GLUE TSV files (``#1 String``,
 ``gold_label``, ...) and the one of the ``datasets`` hub (``sentence1``, ``label``, ...).
@@ -17,6 +17,7 @@ __all__ = [
     "TASK_NAMES",
     "CUSTOM_TASK",
     "DATA_DIR_ENV",
+    "QA_TASKS",
     "METRICS",
     "canonical_task_name",
     "get_task_spec",
@@ -71,6 +72,10 @@ class TaskSpec:
         Split (``train``/``dev``) to TSV file stem (MNLI's dev set is ``dev_matched``).
     hub_splits : dict
         Split (``train``/``dev``) to the hub's split name.
+    kind : str
+        ``sequence`` (classification / regression: GLUE, custom) or ``span`` (extractive
+        question answering: SQuAD; ``metric`` is then ``f1``, the official SQuAD F1, with exact
+        match beside it; ``name`` says which version's rules apply).
     """
 
     name: str
@@ -85,11 +90,22 @@ class TaskSpec:
     tsv_column_names: Optional[List[str]] = None
     tsv_splits: Dict[str, str] = field(default_factory=lambda: {"train": "train", "dev": "dev"})
     hub_splits: Dict[str, str] = field(default_factory=lambda: {"train": "train", "dev": "validation"})
+    kind: str = "sequence"
 
     @property
     def is_pair(self) -> bool:
         """True for sentence-pair tasks."""
         return len(self.text_columns) == 2
+
+    @property
+    def is_span(self) -> bool:
+        """True for span question answering (SQuAD): start/end logits instead of class logits."""
+        return self.kind == "span"
+
+    @property
+    def allows_no_answer(self) -> bool:
+        """True for SQuAD v2.0, whose questions may have no answer in the context."""
+        return self.is_span and self.name == "squad_v2"
 
 
 # Label lists follow the hub's class order so that TSV string labels and hub integer labels
@@ -137,8 +153,18 @@ GLUE_TASKS: Dict[str, TaskSpec] = {
     ),
 }
 
+#: Span question answering (:mod:`nni_effbert.data.qa`). ``glue_dir`` is unused; the hub names
+#: are those of ``datasets.load_dataset``; ``tsv_splits`` holds the official file names.
+QA_TASKS: Dict[str, TaskSpec] = {
+    name: TaskSpec(
+        name, None, ["question", "context"], None, 2, "f1", kind="span",
+        tsv_splits={"train": f"train-v{version}.json", "dev": f"dev-v{version}.json"},
+    )
+    for name, version in (("squad", "1.1"), ("squad_v2", "2.0"))
+}
+
 #: Every accepted canonical task name.
-TASK_NAMES: Tuple[str, ...] = tuple(GLUE_TASKS) + (CUSTOM_TASK,)
+TASK_NAMES: Tuple[str, ...] = tuple(GLUE_TASKS) + tuple(QA_TASKS) + (CUSTOM_TASK,)
 
 
 def _squash(name: str) -> str:
@@ -156,12 +182,12 @@ def canonical_task_name(name: str) -> str:
     Parameters
     ----------
     name : str
-        ``sst2``, ``SST-2``, ``sts-b``, ``custom`` ...
+        ``sst2``, ``SST-2``, ``sts-b``, ``squad``, ``squad_v2``, ``custom`` ...
 
     Raises
     ------
     ConfigError
-        For a name that is no GLUE task nor ``custom``; the message lists the valid names.
+        For a name that is no GLUE or SQuAD task nor ``custom``; the message lists the valid names.
     """
     if not isinstance(name, str) or _squash(name) not in _ALIASES:
         raise ConfigError(
@@ -172,11 +198,11 @@ def canonical_task_name(name: str) -> str:
 
 
 def get_task_spec(name: str) -> TaskSpec:
-    """Return the :class:`TaskSpec` of a GLUE task (any accepted spelling)."""
+    """Return the :class:`TaskSpec` of a GLUE or SQuAD task (any accepted spelling)."""
     canonical = canonical_task_name(name)
     if canonical == CUSTOM_TASK:
         raise ConfigError("the 'custom' task has no fixed spec; build it with custom_task_spec()")
-    return GLUE_TASKS[canonical]
+    return QA_TASKS[canonical] if canonical in QA_TASKS else GLUE_TASKS[canonical]
 
 
 def custom_task_spec(

@@ -45,6 +45,9 @@ class EfficientBertHFConfig(PretrainedConfig):
     arch : dict
         Flat ``label -> value`` architecture (``layer{i}_width``, ``layer{i}_stack``,
         ``layer{i}_{pre,mid,post}_{act,binary,order,operand}``).
+    head : str
+        ``sequence`` (pooler + classifier: ``EfficientBertForSequenceClassification``) or
+        ``span`` (start / end logits per token: ``EfficientBertForQuestionAnswering``).
     **kwargs
         Passed to ``PretrainedConfig`` (``id2label``, ``label2id``, ``problem_type``, ...).
     """
@@ -68,6 +71,7 @@ class EfficientBertHFConfig(PretrainedConfig):
         fit_size: int = 768,
         pad_token_id: int = 0,
         arch: Optional[Dict[str, Any]] = None,
+        head: str = "sequence",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -86,3 +90,4 @@ class EfficientBertHFConfig(PretrainedConfig):
         self.fit_size = fit_size
         self.pad_token_id = pad_token_id
         self.arch = dict(arch) if arch is not None else None
+        self.head = head

@@ -17,7 +17,10 @@ Layout (ragged: examples are stored un-padded, so no space goes to padding)
     into the flat attention array.
 ``logits.npy``
     ``[N, C]`` float32 (a few bytes per example; soft targets at low temperature are
-    sensitive to rounding, so these are not stored in half precision).
+    sensitive to rounding, so these are not stored in half precision). For a question-answering
+    teacher (``meta.json`` ``span_logits: true``) the start / end logits of every token,
+    ``[total_tokens, 2]`` float32, token-major like ``hidden.npy``: one row per feature (window)
+    of the QA data, whose ``idx`` keys the cache.
 ``hidden.npy``
     ``[total_tokens, n_hidden_layers, H]`` (fp16 by default), token-major: example ``e``
     owns rows ``tok_offsets[e]:tok_offsets[e + 1]``.
@@ -61,7 +64,7 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError, ConfigError, DataError, DiskFullError, EffBertError
 from ..io import atomic_replace_dir, atomic_write_json, disk_full_guard, load_json, make_tmp_dir
 from .losses import TeacherBatch
-from .teacher import load_teacher, prepare_teacher, teacher_fingerprint, teacher_outputs
+from .teacher import is_span_teacher, load_teacher, prepare_teacher, teacher_fingerprint, teacher_outputs
 
 __all__ = ["CACHE_FORMAT", "CacheKey", "TeacherCache", "TeacherBatch", "dataset_token_hash"]
 
@@ -161,6 +164,7 @@ class TeacherCache:
         self.hidden_layers = tuple(self.meta["key"]["hidden_layers"])
         self.attention_layers = tuple(self.meta["key"]["attention_layers"])
         self.num_heads = int(self.meta["num_heads"])
+        self.span_logits = bool(self.meta.get("span_logits", False))  # absent in caches of classification teachers
         self.hidden_size = int(self.meta["hidden_size"])
         try:
             with np.load(self.folder / "index.npz") as index:
@@ -175,7 +179,7 @@ class TeacherCache:
             raise CheckpointError(f"teacher-output cache {self.folder} is damaged ({exc}); {hint}") from exc
         n = len(self.ids)
         expected = {
-            "logits": (n, int(self.meta["num_labels"])),
+            "logits": (int(self.tok_offsets[-1]), 2) if self.span_logits else (n, int(self.meta["num_labels"])),
             "hidden": (int(self.tok_offsets[-1]), len(self.hidden_layers), self.hidden_size) if self.hidden_layers else None,
             "attentions": (int(self.att_offsets[-1]),) if self.attention_layers else None,
         }
@@ -234,7 +238,8 @@ class TeacherCache:
         Returns
         -------
         TeacherBatch
-            ``logits [B, C]`` (float32); ``hidden_states``: one ``[B, T, H]`` per stored
+            ``logits [B, C]`` (float32; ``[B, T, 2]`` start / end logits of a QA teacher, 0 at
+            padded positions); ``hidden_states``: one ``[B, T, H]`` per stored
             layer; ``attentions``: one ``[B, heads, T, T]`` per stored layer, both in the
             storage dtype (fp16 by default; the KD losses compute in float32). Padded
             positions are 0.
@@ -246,7 +251,14 @@ class TeacherCache:
         if T < longest:
             raise ValueError(f"max_len={T} is shorter than the longest example of the batch ({longest} tokens)")
         B = len(pos)
-        logits = torch.from_numpy(np.ascontiguousarray(self.logits[pos], dtype=np.float32))
+        if self.span_logits:
+            buf = np.zeros((B, T, 2), dtype=np.float32)
+            for b, p in enumerate(pos):
+                t, off = int(lens[b]), int(self.tok_offsets[p])
+                buf[b, :t] = self.logits[off : off + t]
+            logits = torch.from_numpy(buf)
+        else:
+            logits = torch.from_numpy(np.ascontiguousarray(self.logits[pos], dtype=np.float32))
         hidden = []
         if self.hidden is not None:
             buf = np.zeros((len(self.hidden_layers), B, T, self.hidden_size), dtype=self.hidden.dtype)
@@ -490,12 +502,15 @@ def _build(tmp: Path, key: CacheKey, teacher_path, dataset, model, pad_token_id:
             "teacher's; tokenize it with the teacher's tokenizer"
         )
     heads, hidden_size, num_labels = int(cfg.num_attention_heads), int(cfg.hidden_size), int(cfg.num_labels)
+    span = is_span_teacher(cfg) or hasattr(model, "qa_outputs")  # start / end logits per token
     n_h, n_a = len(key.hidden_layers), len(key.attention_layers)
 
     tok_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     att_offsets = np.concatenate([[0], np.cumsum(n_a * heads * lengths**2)]).astype(np.int64)
     itemsize = np.dtype(key.dtype).itemsize
-    need = (int(tok_offsets[-1]) * n_h * hidden_size + int(att_offsets[-1])) * itemsize + n * num_labels * 4
+    logit_rows = int(tok_offsets[-1]) if span else n
+    logit_cols = 2 if span else num_labels
+    need = (int(tok_offsets[-1]) * n_h * hidden_size + int(att_offsets[-1])) * itemsize + logit_rows * logit_cols * 4
     free = shutil.disk_usage(tmp).free
     logger.info(
         "building teacher-output cache %s: %d examples, %d tokens, %.1f MB",
@@ -509,7 +524,7 @@ def _build(tmp: Path, key: CacheKey, teacher_path, dataset, model, pad_token_id:
             "train rows (task.train_fraction / max_train_rows), or fewer distilled layers"
         )
 
-    logits = open_memmap(tmp / "logits.npy", mode="w+", dtype=np.float32, shape=(n, num_labels))
+    logits = open_memmap(tmp / "logits.npy", mode="w+", dtype=np.float32, shape=(logit_rows, logit_cols))
     hidden = open_memmap(tmp / "hidden.npy", mode="w+", dtype=key.dtype, shape=(int(tok_offsets[-1]), n_h, hidden_size)) if n_h else None
     atts = open_memmap(tmp / "attentions.npy", mode="w+", dtype=key.dtype, shape=(int(att_offsets[-1]),)) if n_a else None
     for name in ("logits.npy", "hidden.npy", "attentions.npy"):
@@ -538,7 +553,16 @@ def _build(tmp: Path, key: CacheKey, teacher_path, dataset, model, pad_token_id:
             ids_t, mask_t = ids_t.to(run_on), mask_t.to(run_on)
             type_t = type_t.to(run_on) if type_t is not None else None
         out = teacher_outputs(model, ids_t, mask_t, type_t, key.hidden_layers, key.attention_layers)
-        logits[rows] = out.logits.float().cpu().numpy()
+        if span:
+            if out.logits.dim() != 3:
+                raise EffBertError("the teacher looked like a question-answering model but returned "
+                                   f"logits of shape {tuple(out.logits.shape)}, not [B, T, 2]")
+            lg = out.logits.float().cpu().numpy()
+            for b, r in enumerate(rows):
+                t, off = int(lengths[r]), int(tok_offsets[r])
+                logits[off : off + t] = lg[b, :t]
+        else:
+            logits[rows] = out.logits.float().cpu().numpy()
         if n_h:
             hs = torch.stack(out.hidden_states, dim=2).float().cpu().numpy()  # [B, T, n_h, H]
             if np.abs(hs).max() > limit:
@@ -570,10 +594,11 @@ def _build(tmp: Path, key: CacheKey, teacher_path, dataset, model, pad_token_id:
         "num_examples": n,
         "total_tokens": int(tok_offsets[-1]),
         "num_labels": num_labels,
+        "span_logits": span,
         "num_heads": heads,
         "hidden_size": hidden_size,
         "shapes": {
-            "logits": [n, num_labels],
+            "logits": [logit_rows, logit_cols],
             "hidden": [int(tok_offsets[-1]), n_h, hidden_size] if n_h else None,
             "attentions": [int(att_offsets[-1])] if n_a else None,
         },

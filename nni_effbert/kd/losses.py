@@ -42,6 +42,7 @@ __all__ = [
     "mse_hidden_loss",
     "correlation_hidden_loss",
     "prediction_loss",
+    "span_prediction_loss",
     "TeacherBatch",
     "KDLossOutput",
     "KDLoss",
@@ -317,6 +318,45 @@ def prediction_loss(
     return -(target * F.log_softmax(s / temperature, dim=-1)).sum(-1).mean()
 
 
+def span_prediction_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor,
+                         temperature: float = 1.0) -> Tensor:
+    r"""Soft cross-entropy of span QA: over token positions, for the start and the end logits.
+
+    With :math:`P = \{i: m_{bi} = 1\}` the valid positions of row :math:`b`,
+
+    .. math:: \ell = \frac{1}{2} \sum_{k \in \{start, end\}} -\frac{1}{B} \sum_b \sum_{i \in P}
+              \operatorname{softmax}_P(t^k_b/\tau)_i \log \operatorname{softmax}_P(s^k_b/\tau)_i
+
+    (the mean of the start and end terms, as BERT's QA loss averages its two cross-entropies).
+    Padded positions take part in neither softmax.
+
+    Parameters
+    ----------
+    student_logits, teacher_logits : Tensor ``[B, T, 2]``
+        Start (``[..., 0]``) and end (``[..., 1]``) logits per token.
+    mask : Tensor ``[B, T]``
+        Attention mask; 0 marks padding.
+    temperature : float
+        Positive softmax temperature.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 3 or student_logits.shape[-1] != 2:
+        raise ValueError(
+            f"span_prediction_loss: student logits {tuple(student_logits.shape)} vs teacher "
+            f"{tuple(teacher_logits.shape)}; both must be [B, T, 2] (start, end) over the same padded batch"
+        )
+    if not temperature > 0:
+        raise ConfigError(f"kd.temperature must be positive, got {temperature}")
+    s = student_logits.float() / temperature
+    t = teacher_logits.to(device=s.device, dtype=torch.float32) / temperature
+    valid = mask.to(device=s.device).bool()[..., None].expand_as(s)  # [B, T, 2]
+    low = torch.finfo(torch.float32).min
+    target = F.softmax(t.masked_fill(~valid, low), dim=1)
+    logp = F.log_softmax(s.masked_fill(~valid, low), dim=1)
+    # torch.where, not a product: 0 * log(~0) at padded positions must not turn into NaN.
+    per_row = -torch.where(valid, target * logp, torch.zeros_like(logp)).sum(1)  # [B, 2]
+    return per_row.mean()
+
+
 # ---------------------------------------------------------------------------------------
 # Combined loss
 # ---------------------------------------------------------------------------------------
@@ -328,7 +368,7 @@ class TeacherBatch:
 
     Attributes
     ----------
-    logits : Tensor ``[B, C]``
+    logits : Tensor ``[B, C]`` (``[B, T, 2]`` start / end logits for span QA)
     hidden_states : list of Tensor ``[B, T, D]``
         One per student hidden state (embedding output first): ``L + 1`` tensors, or empty
         when hidden distillation is off.
@@ -455,7 +495,8 @@ class KDLoss(nn.Module):
         Parameters
         ----------
         student_out : StudentOutput
-            ``logits [B, C]``, ``hidden_states`` (L+1 tensors ``[B, T, fit]``),
+            ``logits [B, C]`` (span QA: ``[B, T, 2]``, scored by :func:`span_prediction_loss`),
+            ``hidden_states`` (L+1 tensors ``[B, T, fit]``),
             ``attentions`` (L tensors ``[B, H, T, T]``).
         teacher : TeacherBatch
             Teacher outputs aligned with the student (see :class:`TeacherBatch`).
@@ -478,7 +519,10 @@ class KDLoss(nn.Module):
             hid = hidden_loss(student_out.hidden_states, teacher.hidden_states, attention_mask, self.hidden_kind)
             total = total + self.hidden_weight * hid
         if self.prediction_weight > 0:
-            regression = self.regression if self.regression is not None else student_out.logits.shape[-1] == 1
-            pred = prediction_loss(student_out.logits, teacher.logits, self.temperature, regression)
+            if student_out.logits.dim() == 3:  # span QA: [B, T, 2] start / end logits per token
+                pred = span_prediction_loss(student_out.logits, teacher.logits, attention_mask, self.temperature)
+            else:
+                regression = self.regression if self.regression is not None else student_out.logits.shape[-1] == 1
+                pred = prediction_loss(student_out.logits, teacher.logits, self.temperature, regression)
             total = total + self.prediction_weight * pred
         return KDLossOutput(total=total, attention=att, hidden=hid, prediction=pred)

@@ -23,11 +23,14 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer,
+                          get_linear_schedule_with_warmup)
 
 from ..config import MINILM_ALIAS, resolve_teacher_model
+from ..data.tasks import QA_TASKS
 from ..data.loading import load_task, make_loader
 from ..data.metrics import compute_metrics
+from ..data.qa import load_qa_task, score_span_model
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..io import atomic_replace_dir, atomic_write_json, load_json, make_tmp_dir
 from ..runtime import Runtime, resolve_runtime
@@ -46,6 +49,8 @@ __all__ = [
     "read_teacher_marker",
     "finetune_teacher",
     "evaluate_teacher",
+    "evaluate_span_teacher",
+    "is_span_teacher",
 ]
 
 logger = logging.getLogger(__name__)
@@ -122,10 +127,16 @@ def prepare_teacher(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def is_span_teacher(config: Any) -> bool:
+    """True when a HF config is that of a question-answering model (``...ForQuestionAnswering``)."""
+    return any(str(a).endswith("ForQuestionAnswering") for a in (getattr(config, "architectures", None) or []))
+
+
 def load_teacher(
-    path_or_id: str, num_labels: Optional[int] = None, problem_type: Optional[str] = None
+    path_or_id: str, num_labels: Optional[int] = None, problem_type: Optional[str] = None,
+    span: Optional[bool] = None,
 ) -> Tuple[torch.nn.Module, Any]:
-    """Load a sequence-classification teacher and its tokenizer.
+    """Load a sequence-classification (or question-answering) teacher and its tokenizer.
 
     Parameters
     ----------
@@ -135,6 +146,10 @@ def load_teacher(
         Classifier width; None keeps the folder's own (fine-tuned teachers).
     problem_type : str, optional
         ``"regression"``, ``"single_label_classification"``, ... (HF semantics).
+    span : bool, optional
+        Load as ``AutoModelForQuestionAnswering`` (start / end logits; a base encoder gets a
+        new ``qa_outputs`` head). None: True when the folder's config names a
+        ``...ForQuestionAnswering`` architecture (a fine-tuned QA teacher).
 
     Returns
     -------
@@ -157,6 +172,16 @@ def load_teacher(
             f"cannot load the teacher config from {path_or_id!r}: {exc}. Without network access, "
             "use teacher.model: minilm or a local model folder."
         ) from exc
+    if span is None:
+        span = is_span_teacher(config)
+    if span:
+        try:
+            model = AutoModelForQuestionAnswering.from_pretrained(
+                path_or_id, attn_implementation="eager", output_hidden_states=True, output_attentions=True)
+            tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load the question-answering teacher from {path_or_id!r}: {exc}") from exc
+        return model, tokenizer
     if num_labels is not None:
         finetuned = (Path(path_or_id) / MARKER_FILE).is_file()
         if finetuned and config.num_labels != num_labels:
@@ -208,7 +233,8 @@ def teacher_outputs(
     Returns
     -------
     TeacherBatch
-        Logits and the selected layers, in the order asked for.
+        Logits (``[B, C]``; a QA teacher's start and end logits as ``[B, T, 2]``) and the
+        selected layers, in the order asked for.
     """
     n_layers = model.config.num_hidden_layers
     bad = [h for h in hidden_layers if not 0 <= h <= n_layers] + [a for a in attention_layers if not 1 <= a <= n_layers]
@@ -231,7 +257,15 @@ def teacher_outputs(
         )
     hidden = [out.hidden_states[h] for h in hidden_layers]
     atts = [out.attentions[a - 1] for a in attention_layers]
-    return TeacherBatch(logits=out.logits, hidden_states=hidden, attentions=atts)
+    logits = _head_logits(out)
+    return TeacherBatch(logits=logits, hidden_states=hidden, attentions=atts)
+
+
+def _head_logits(out: Any) -> torch.Tensor:
+    """``out.logits``, or a QA model's start / end logits stacked as ``[B, T, 2]``."""
+    if getattr(out, "start_logits", None) is not None:
+        return torch.stack([out.start_logits, out.end_logits], dim=-1)
+    return out.logits
 
 
 # ---------------------------------------------------------------------------------------
@@ -460,7 +494,10 @@ def finetune_from_config(cfg, progress: bool = True) -> TeacherResult:
         tokenizer = AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"teacher.model: cannot load the tokenizer of {base!r} ({exc})") from None
-    task = load_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache))
+    if cfg.task.name in QA_TASKS:
+        task = load_qa_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache), store_dir=wd.datasets_cache / "tasks")
+    else:
+        task = load_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache))
     return finetune_teacher(cfg, task, tokenizer, wd.teacher_dir, progress=progress)
 
 
@@ -518,13 +555,17 @@ def _check_embedding_covers(model, tokenizer, name: str) -> None:
 def _train_and_save(cfg, task_data, spec, tok_fp: str, out: Path, progress: bool) -> TeacherResult:
 
     ft = cfg.teacher.finetune
+    span = spec.is_span
     regression = bool(spec.is_regression)
     num_labels = 1 if regression else int(spec.num_labels)
-    problem_type = "regression" if regression else "single_label_classification"
+    problem_type = "question_answering" if span else "regression" if regression else "single_label_classification"
     resolved = resolve_teacher(cfg.teacher.model)
     with torch.random.fork_rng(devices=[]):  # seed our run without disturbing the caller's RNG
         torch.manual_seed(cfg.seed)
-        model, base_tok = load_teacher(resolved, num_labels=num_labels, problem_type=problem_type)
+        if span:
+            model, base_tok = load_teacher(resolved, span=True)
+        else:
+            model, base_tok = load_teacher(resolved, num_labels=num_labels, problem_type=problem_type, span=False)
         base_fp = vocab_fingerprint(base_tok)
         if base_fp != tok_fp:
             raise ConfigError(
@@ -565,10 +606,13 @@ def _train_and_save(cfg, task_data, spec, tok_fp: str, out: Path, progress: bool
         while step < total:
             loader = make_loader(task_data.train, ft.batch_size, True, cfg.seed + epoch, pad_id, **workers)
             for batch in loader:
-                labels = batch["labels"].to(device)
-                labels = labels.float() if regression else labels.long()
+                if span:  # HF's QA loss: mean of the start and end cross-entropies
+                    targets = {k: batch[k].to(device) for k in ("start_positions", "end_positions")}
+                else:
+                    labels = batch["labels"].to(device)
+                    targets = {"labels": labels.float() if regression else labels.long()}
                 with rt.autocast():
-                    out_ = model(**_to_model_inputs(batch, device), labels=labels,
+                    out_ = model(**_to_model_inputs(batch, device), **targets,
                                  output_hidden_states=False, output_attentions=False)
                 loss = out_.loss.float()
                 pending.append((step, loss.detach()))
@@ -595,9 +639,14 @@ def _train_and_save(cfg, task_data, spec, tok_fp: str, out: Path, progress: bool
                     break
             epoch += 1
         bar.close()
-        dev_loader = make_loader(task_data.dev, ft.batch_size, False, cfg.seed, pad_id, **workers)
-        dev_metric = evaluate_teacher(model, dev_loader, spec.metric, regression, device, progress, runtime=rt)
-    logger.info("teacher dev %s = %.4f", spec.metric, dev_metric)
+        if span:
+            scores = evaluate_span_teacher(model, task_data, cfg.task, ft.batch_size, pad_id, runtime=rt)
+            dev_metric = scores["dev"]["f1"]
+        else:
+            dev_loader = make_loader(task_data.dev, ft.batch_size, False, cfg.seed, pad_id, **workers)
+            dev_metric = evaluate_teacher(model, dev_loader, spec.metric, regression, device, progress, runtime=rt)
+    metric_name = "f1" if span else spec.metric
+    logger.info("teacher dev %s = %.4f", metric_name, dev_metric)
 
     tmp = make_tmp_dir(out)
     try:
@@ -609,8 +658,9 @@ def _train_and_save(cfg, task_data, spec, tok_fp: str, out: Path, progress: bool
             "base_model": cfg.teacher.model,
             "num_labels": num_labels,
             "problem_type": problem_type,
-            "metric": spec.metric,
+            "metric": metric_name,
             "dev_metric": dev_metric,
+            **({"dev_scores": scores} if span else {}),
             "vocab_fingerprint": base_fp,
             "teacher_fingerprint": teacher_fingerprint(tmp),
             "train_steps": step,
@@ -625,4 +675,26 @@ def _train_and_save(cfg, task_data, spec, tok_fp: str, out: Path, progress: bool
 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return TeacherResult(out, dev_metric, False, spec.metric)
+    return TeacherResult(out, dev_metric, False, metric_name)
+
+
+def evaluate_span_teacher(model, task_data, task_cfg, batch_size: int, pad_token_id: int,
+                          runtime: Optional[Runtime] = None, splits: Sequence[str] = ("search", "dev")) -> Dict[str, Dict[str, float]]:
+    """EM / F1 of a question-answering teacher (``AutoModelForQuestionAnswering``) on a QA task's splits.
+
+    See :func:`nni_effbert.data.qa.score_span_model` (the v2.0 null threshold is tuned on the
+    search split). Returns split -> ``{exact, f1, default, ...}`` (fractions).
+    """
+    rt = runtime if runtime is not None else Runtime(torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+
+    def forward(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        with rt.autocast():
+            out = model(**_to_model_inputs(batch, rt.device), output_hidden_states=False, output_attentions=False)
+        return _head_logits(out)
+
+    try:
+        return score_span_model(forward, task_data, task_cfg, batch_size, pad_token_id, splits=splits)
+    finally:
+        model.train(was_training)

@@ -619,7 +619,16 @@ def start_from_teacher(setup, *, progress: bool = True) -> Dict[str, Any]:
     -------
     dict
         :func:`init_from_teacher`'s summary.
+
+    Raises
+    ------
+    ConfigError
+        For span QA (SQuAD): the teacher's ``qa_outputs`` head and its importance scores are not
+        mapped yet; use ``warmup.init_embeddings: teacher`` there.
     """
+    if getattr(setup.task.spec, "is_span", False):
+        raise ConfigError("warmup.init: teacher is not supported for question answering (task "
+                          f"{setup.task.spec.name!r}) yet; leave warmup.init empty and use warmup.init_embeddings: teacher")
     imp = experiment_importance(setup, progress=progress)
     return init_from_teacher(setup.space.supernet, setup.teacher_model(), imp, layer_map=setup.cfg.kd.layer_map)
 

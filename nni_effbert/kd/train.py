@@ -51,11 +51,14 @@ from nni_effbert.search_spaces.supernet import EfficientBertSupernet
 from ..data.loading import collate, length_sorted_batches, make_loader
 from ..data.metrics import compute_metrics
 from ..data.prepared import load_prepared_task
+from ..data.qa import (apply_null_threshold, best_null_threshold, evaluate_predictions, load_qa_task,
+                       postprocess_predictions, score_span_model)
+from ..data.tasks import QA_TASKS
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..runtime import Runtime, resolve_runtime
 from ..workdir import WorkDir
 from .cache import TeacherCache
-from .losses import KDLoss, TeacherBatch, prediction_loss
+from .losses import KDLoss, TeacherBatch, prediction_loss, span_prediction_loss
 from .teacher import FINGERPRINT_MEMO, MARKER_FILE, load_teacher, prepare_teacher, read_teacher_marker, teacher_outputs
 from .teacher_init import student_preset
 
@@ -72,6 +75,7 @@ __all__ = [
     "evaluate",
     "predict",
     "score_split",
+    "score_span_split",
     "build_space",
     "KDSetup",
 ]
@@ -715,12 +719,94 @@ def score_split(model: nn.Module, dataset, spec, teacher: TeacherSource, loss_fn
     return out
 
 
+@torch.no_grad()
+def score_span_split(model: nn.Module, data, split: str, task_cfg, teacher: TeacherSource, loss_fn: KDLoss, *,
+                     batch_size: int, pad_token_id: int, arch: Optional[Arch] = None,
+                     device: Any = "cpu") -> Dict[str, Any]:
+    """:func:`score_split` of span QA: EM / F1 and KD losses of ``model`` on a QA split, in one pass.
+
+    Features (windows) are scored against the teacher's cached start / end logits; their logits
+    are post-processed into one answer per question (:func:`nni_effbert.data.qa.postprocess_predictions`)
+    and scored with the official rules. For SQuAD v2.0 the null threshold is the best one on
+    this split (the search split is where it is tuned).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A student with the span head (or the supernet with ``arch``).
+    data : QAData
+    split : str
+        ``search`` (candidates) or another split of ``data``.
+    task_cfg : TaskConfig
+        ``n_best_size`` and ``max_answer_length``.
+    teacher, loss_fn, batch_size, pad_token_id, arch, device
+        As :func:`score_split`.
+
+    Returns
+    -------
+    dict
+        ``metrics`` (``default`` = F1, ``exact``, ``f1``, ...), ``kd_loss``, ``kd_pred_loss`` (the
+        start / end soft CE), ``kd_attention_loss`` / ``kd_hidden_loss`` when on, ``rows`` (features)
+        and ``questions``.
+    """
+    features, examples = getattr(data, split), data.examples[split]
+    if len(features) == 0:
+        raise ConfigError(f"cannot score on the empty {split} split")
+    was_training = model.training
+    model.eval()
+    sums: Dict[str, float] = {}
+    starts: List[np.ndarray] = []
+    ends: List[np.ndarray] = []
+    n = 0
+    inputs = features.select_columns([c for c in features.column_names if c not in ("example_id", "offset_mapping")])
+    try:
+        for batch in make_loader(inputs, batch_size, False, 0, pad_token_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            t_out = teacher(batch)
+            out = _forward(model, batch, arch, return_kd=True)
+            terms = loss_fn(out, t_out, batch["attention_mask"]).as_dict()
+            terms["pred_soft_ce"] = float(span_prediction_loss(out.logits, t_out.logits, batch["attention_mask"],
+                                                               loss_fn.temperature))
+            b = int(batch["input_ids"].shape[0])
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * b
+            n += b
+            logits = out.logits.float().cpu().numpy()
+            for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+                starts.append(logits[row, :length, 0])
+                ends.append(logits[row, :length, 1])
+    finally:
+        model.train(was_training)
+    means = {k: v / n for k, v in sums.items()}
+    if not all(math.isfinite(v) for v in means.values()):
+        raise TrialFailure(f"the model's KD loss on the {split} split is not finite ({means}): it diverged")
+    if not all(np.isfinite(x).all() for x in starts + ends):
+        raise TrialFailure(f"the model's {split} start/end logits are NaN or infinite: it diverged")
+    preds, diffs = postprocess_predictions(examples, features, starts, ends, task_cfg.n_best_size,
+                                           task_cfg.max_answer_length)
+    version = data.spec.name
+    threshold = None
+    if version == "squad_v2":
+        gold = {ex["id"]: list(ex["answers"]["text"]) for ex in examples}
+        threshold, _ = best_null_threshold(preds, diffs, gold)
+        preds = apply_null_threshold(preds, diffs, threshold)
+    metrics = {k: float(v) for k, v in evaluate_predictions(preds, examples, version).items()}
+    if threshold is not None:
+        metrics["null_threshold"] = float(threshold)
+    out_: Dict[str, Any] = {"metrics": metrics, "kd_loss": means["total"], "kd_pred_loss": means["pred_soft_ce"],
+                            "rows": n, "questions": len(examples)}
+    for term in ("attention", "hidden"):
+        if term in means:
+            out_[f"kd_{term}_loss"] = means[term]
+    return out_
+
+
 # ---------------------------------------------------------------------------------------------
 # Experiment setup
 # ---------------------------------------------------------------------------------------------
 
 # Student fields that must agree with the teacher and the task (set automatically).
-_DERIVED = ("vocab_size", "fit_size", "num_labels", "pad_token_id", "type_vocab_size")
+_DERIVED = ("vocab_size", "fit_size", "num_labels", "pad_token_id", "type_vocab_size", "head")
 
 
 def build_space(cfg, teacher_config, spec):
@@ -757,6 +843,8 @@ def build_space(cfg, teacher_config, spec):
         "pad_token_id": int(getattr(teacher_config, "pad_token_id", 0) or 0),
         "fit_size": int(teacher_config.hidden_size),
         "num_labels": 1 if spec.is_regression else int(spec.num_labels),
+        # Span QA: start / end logits over the last hidden states instead of pooler + classifier.
+        "head": "span" if getattr(spec, "is_span", False) else "sequence",
     }
     preset, overrides = student_preset(cfg, teacher_config)  # student.preset: teacher -> the teacher's sizes
     for key in _DERIVED:
@@ -862,8 +950,12 @@ class KDSetup:
         # Tokenized once per work directory; later processes (every trial) read it from disk.
         identity = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(teacher_dir.iterdir())
                     if p.is_file() and p.name != FINGERPRINT_MEMO]
-        task = load_prepared_task(cfg.task, tokenizer, store_dir=wd.datasets_cache / "tasks", identity=identity,
-                                  cache_dir=str(wd.datasets_cache))
+        if cfg.task.name in QA_TASKS:  # windows saved once per work directory (a snapshot per fingerprint)
+            task = load_qa_task(cfg.task, tokenizer, cache_dir=str(wd.datasets_cache),
+                                store_dir=wd.datasets_cache / "tasks")
+        else:
+            task = load_prepared_task(cfg.task, tokenizer, store_dir=wd.datasets_cache / "tasks", identity=identity,
+                                      cache_dir=str(wd.datasets_cache))
         if marker.get("task_fingerprint") != task.fingerprint:
             raise CheckpointError(
                 f"the teacher in {teacher_dir} was fine-tuned for other task data (fingerprint "
@@ -940,7 +1032,10 @@ class KDSetup:
     def evaluate(self, model: nn.Module, arch: Optional[Arch] = None) -> Dict[str, float]:
         """Dev metric of ``model`` (see :func:`evaluate`), in batches of ``evaluator.eval_batch_size``
         rows sorted by length (built once per setup). For the final report only: the search
-        scores on the search split (:meth:`score_search`)."""
+        scores on the search split (:meth:`score_search`). Span QA: EM / F1 on dev questions
+        (``default`` = F1), the v2.0 null threshold tuned on the search split."""
+        if self.task.spec.is_span:
+            return self._evaluate_span(model, arch)
         return evaluate(model, self.task.dev, self.task.spec, batch_size=int(self.cfg.evaluator.batch_size),
                         pad_token_id=self.pad_token_id, arch=arch, device=self.device, batches=self._dev_batches_once(),
                         runtime=self.runtime)
@@ -977,8 +1072,33 @@ class KDSetup:
             self._search_cache = self.open_cache(self.search_split(), self.task.fingerprint, "search")
         return self._search_cache
 
+    def _evaluate_span(self, model: nn.Module, arch: Optional[Arch]) -> Dict[str, float]:
+        rt = self.runtime
+        was_training = model.training
+        model.eval()
+
+        def forward(batch: Batch) -> Tensor:
+            batch = {k: v.to(rt.device) for k, v in batch.items()}
+            with rt.autocast():
+                return _forward(model, batch, arch, return_kd=False).logits
+
+        try:
+            size = int(self.cfg.evaluator.eval_batch_size or self.cfg.evaluator.batch_size)
+            scores = score_span_model(forward, self.task, self.cfg.task, size, self.pad_token_id, splits=("dev",))
+        finally:
+            model.train(was_training)
+        if "dev" not in scores:
+            raise ConfigError("cannot evaluate on an empty split")
+        return scores["dev"]
+
     def score_search(self, model: nn.Module, arch: Optional[Arch] = None) -> Dict[str, Any]:
-        """Task metric and KD losses of ``model`` on the search split (see :func:`score_split`)."""
+        """Task metric and KD losses of ``model`` on the search split (see :func:`score_split`;
+        :func:`score_span_split` for span QA)."""
+        if self.task.spec.is_span:
+            return score_span_split(model, self.task, "search", self.cfg.task,
+                                    CachedTeacher(self.search_cache(), self.device), self.loss_fn,
+                                    batch_size=int(self.cfg.evaluator.batch_size), pad_token_id=self.pad_token_id,
+                                    arch=arch, device=self.device)
         return score_split(model, self.search_split(), self.task.spec, CachedTeacher(self.search_cache(), self.device),
                            self.loss_fn, batch_size=int(self.cfg.evaluator.batch_size),
                            pad_token_id=self.pad_token_id, arch=arch, device=self.device, split="search")

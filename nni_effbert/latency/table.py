@@ -230,9 +230,10 @@ def _space_key(config: EfficientBertConfig) -> Dict[str, Any]:
     # Dropout and init do not change inference cost; the fields an experiment derives from its
     # teacher and task (vocabulary, fit_size, labels) change it by a table lookup or a head of a
     # few units at most, and leaving them out lets processes that never load the teacher (the
-    # nnictl tuner) find the table the trials use.
+    # nnictl tuner) find the table the trials use. ``head`` (span QA's start / end layer instead of
+    # pooler + classifier) is derived from the task the same way; the table times the classifier.
     for k in ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps",
-              "vocab_size", "fit_size", "num_labels", "pad_token_id", "type_vocab_size"):
+              "vocab_size", "fit_size", "num_labels", "pad_token_id", "type_vocab_size", "head"):
         d.pop(k, None)
     return d
 

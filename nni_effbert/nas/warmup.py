@@ -453,6 +453,8 @@ def _unlabeled_source(setup: KDSetup, cfg, plan: WarmupPlan, steps: Optional[int
         return texts, CachedTeacher(cache, setup.device), f"corpus {files} ({len(texts)} lines, cached teacher)"
     if plan.max_seq_length == cfg.task.max_seq_length:
         return setup.task.train, setup.cached_teacher(), "task train sentences (cached teacher)"
+    if setup.task.spec.is_span:  # QA: the question + context windows at task.max_seq_length
+        return setup.task.train, setup.cached_teacher(), "task train windows at task.max_seq_length (cached teacher)"
 
     texts = unlabeled_texts(cfg, setup.tokenizer, cache_dir=str(setup.workdir.datasets_cache))
     cache = setup.open_cache(texts, texts._fingerprint, f"unlabeled{plan.max_seq_length}")

@@ -288,12 +288,14 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
     _check_compatible(exported, setup)
     model = exported.model.to(setup.device)
     spec = setup.task.spec
+    metric_name = "f1" if spec.is_span else spec.metric  # span QA: F1 (EM is in dev_scores)
     before = setup.evaluate(model)["default"]
-    logger.info("%s: dev %s before distillation = %.4f", folder.name, spec.metric, before)
+    logger.info("%s: dev %s before distillation = %.4f", folder.name, metric_name, before)
 
     n_student = exported.config.num_hidden_layers
     n_teacher = int(setup.teacher_config.num_hidden_layers)
     curve: List[Tuple[int, float]] = []
+    last_scores: Dict[str, Any] = {}  # the latest full dev metric dict (QA: exact and f1)
     phases = []
     if plan.general_steps:
         general_kd = dataclasses.replace(cfg.kd, prediction_weight=0.0)
@@ -319,6 +321,8 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
         def evaluate_fn(step: int) -> Dict[str, float]:
             metrics = setup.evaluate(model)
             curve.append((step, metrics["default"]))
+            last_scores.clear()
+            last_scores.update(metrics, step=step)
             return metrics
 
         out = kd_train(model, teacher, dataset, loss_fn, settings, pad_token_id=setup.pad_token_id,
@@ -328,15 +332,19 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
     model.eval()
     # The reported score is the final model's (no dev-based checkpoint picking: dev is what
     # the report compares on).
-    final = curve[-1][1] if curve and curve[-1][0] == plan.task_steps else setup.evaluate(model)["default"]
-    if not curve or curve[-1][0] != plan.task_steps:
-        curve.append((plan.task_steps, final))
+    if not (curve and curve[-1][0] == plan.task_steps):
+        last_scores.clear()
+        last_scores.update(setup.evaluate(model), step=plan.task_steps)
+        curve.append((plan.task_steps, float(last_scores["default"])))
+    final = curve[-1][1]
+    dev_scores = {k: float(v) for k, v in last_scores.items() if k != "step"}
     seq = int(cfg.evaluator.latency_seq_length)
     model = model.cpu()
     latency = measure_latency(model, seq_length=seq, repeats=int(cfg.evaluator.latency_repeats)).median_ms
     seconds = time.perf_counter() - started
     record = {
-        "plan": plan.to_dict(), "metric": spec.metric, "dev_metric": float(final), "before": float(before),
+        "plan": plan.to_dict(), "metric": metric_name, "dev_metric": float(final), "before": float(before),
+        "dev_scores": dev_scores,  # every component of the dev metric (QA: exact, f1, HasAns/NoAns)
         "latency_ms": float(latency), "latency_seq_length": seq, "latency_batch_size": 1,
         "kd_loss": losses, "curve": [list(c) for c in curve], "seconds": round(seconds, 1),
         "teacher_fingerprint": setup.teacher_fingerprint, "task_fingerprint": setup.task.fingerprint,
@@ -344,12 +352,12 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
     }
     extra = dict(exported.meta.get("extra") or {})
     extra[DISTILL_KEY] = record
-    labels = [exported.id2label[i] for i in range(len(exported.id2label))]
+    labels = None if exported.config.head == "span" else [exported.id2label[i] for i in range(len(exported.id2label))]
     export_student(exported.config, exported.arch, model, folder, tokenizer=setup.tokenizer, label_names=labels,
                    task=spec, extra_meta=extra)
-    logger.info("%s distilled in %.0fs: dev %s %.4f -> %.4f, latency %.2f ms", folder.name, seconds, spec.metric,
+    logger.info("%s distilled in %.0fs: dev %s %.4f -> %.4f, latency %.2f ms", folder.name, seconds, metric_name,
                 before, final, latency)
-    return DistillResult(path=folder, metric=spec.metric, dev_metric=float(final), before=float(before),
+    return DistillResult(path=folder, metric=metric_name, dev_metric=float(final), before=float(before),
                          latency_ms=float(latency), seq_length=seq, params=int(exported.meta["params"]),
                          non_embedding_params=int(exported.meta["non_embedding_params"]), plan=plan,
                          seconds=seconds, curve=curve)

@@ -225,7 +225,13 @@ def export_student(
     expected = space.count_params(arch)
     if n_params != expected:  # the space's contract; a mismatch means a bug, not bad input
         raise EffBertError(f"student has {n_params} parameters but count_params(arch) says {expected}")
-    id2label = _id2label(config.num_labels, label_names, task)
+    if config.head == "span":  # start / end logits: no classes to name
+        if config.num_labels != 2:
+            raise ConfigError(f"a question-answering student (head: span) has num_labels=2 (start, end), "
+                              f"got {config.num_labels}")
+        id2label = {0: "start", 1: "end"}
+    else:
+        id2label = _id2label(config.num_labels, label_names, task)
     tok = _load_tokenizer(tokenizer, config)
     if extra_meta is not None:
         try:
@@ -571,16 +577,18 @@ def architecture_markdown(space: Any, arch: Mapping[str, Any], student: Any = No
     for i, (layer, info) in enumerate(zip(student.layers, space.describe(arch))):
         lines.append(f"| {i} | `{info['expression']}` | {info['width']} | {info['stack']} | {numel(layer):,} |")
     emb = numel(student.embeddings)
-    head = numel(student.pooler) + numel(student.classifier)
+    span = c.head == "span"
+    head = numel(student.qa_outputs) if span else numel(student.pooler) + numel(student.classifier)
     labels = ""
-    if id2label:
+    if id2label and not span:
         labels = " (labels: " + ", ".join(f"{i}={id2label[i]}" for i in sorted(id2label)) + ")"
     lines += [
         "",
         f"- Embeddings (token tables, up-projection, LayerNorm): {emb:,}",
         f"- fit_dense (projection to the teacher's hidden size {c.fit_size}, used by distillation only): "
         f"{numel(student.fit_dense):,}",
-        f"- Pooler and classifier, {c.num_labels} output(s){labels}: {head:,}",
+        (f"- Span head (start and end logits per token): {head:,}" if span
+         else f"- Pooler and classifier, {c.num_labels} output(s){labels}: {head:,}"),
         "",
         f"**Total parameters: {total:,}**",
         "",
@@ -763,18 +771,19 @@ def _write_config(folder: Path, config, arch: Dict[str, Any], id2label: Dict[int
     fields = ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
               "intermediate_size", "max_position_embeddings", "type_vocab_size", "hidden_dropout_prob",
               "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range", "fit_size",
-              "pad_token_id")
+              "pad_token_id", "head")
+    span = config.head == "span"
     hf_config = EfficientBertHFConfig(
         arch=arch,
         id2label=id2label,
         label2id={name: i for i, name in id2label.items()},
-        problem_type="regression" if config.num_labels == 1 else "single_label_classification",
+        problem_type=None if span else "regression" if config.num_labels == 1 else "single_label_classification",
         **{f: getattr(config, f) for f in fields},
     )
     data = hf_config.to_dict()
     data["model_type"] = hf_templates.MODEL_TYPE
-    data["auto_map"] = dict(hf_templates.AUTO_MAP)
-    data["architectures"] = ["EfficientBertForSequenceClassification"]
+    data["auto_map"] = dict(hf_templates.QA_AUTO_MAP if span else hf_templates.AUTO_MAP)
+    data["architectures"] = [hf_templates.MODEL_CLASSES[config.head]]
     atomic_write_json(data, folder / CONFIG_FILE)
 
 
@@ -800,15 +809,18 @@ def _write_tokenizer(folder: Path, tokenizer: Any, max_positions: int) -> None:
 
 
 def _model_card(meta: Mapping[str, Any], id2label: Mapping[int, str], has_tokenizer: bool) -> str:
-    kind = "regression (one score)" if len(id2label) == 1 else \
-        "classification into " + ", ".join(f"`{id2label[i]}`" for i in sorted(id2label))
+    span = (meta.get("space_config") or {}).get("head") == "span"
+    kind = "Sequence regression (one score)" if len(id2label) == 1 else \
+        "Sequence classification into " + ", ".join(f"`{id2label[i]}`" for i in sorted(id2label))
+    if span:
+        kind = "Extractive question answering (start and end logits per token)"
     task = f" on `{meta['task']}`" if meta.get("task") else ""
     lines = [
         "# EfficientBERT student",
         "",
         f"A compact BERT-style encoder{task} whose feed-forward MLPs were found by EfficientBERT's "
         "architecture search (Dong et al., Findings of EMNLP 2021) with "
-        f"nni-effbert {meta['nni_effbert_version']} (a Microsoft NNI plugin). Sequence "
+        f"nni-effbert {meta['nni_effbert_version']} (a Microsoft NNI plugin). "
         f"{kind}. {meta['params']:,} parameters ({meta['non_embedding_params']:,} without the embedding "
         "tables); see `architecture.md` for each layer and `arch.json` for the architecture.",
         "",
@@ -817,12 +829,19 @@ def _model_card(meta: Mapping[str, Any], id2label: Mapping[int, str], has_tokeni
         "`trust_remote_code=True` to every loader:",
         "",
         "```python",
-        "from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline",
-        "",
-        'model = AutoModelForSequenceClassification.from_pretrained("PATH", trust_remote_code=True)',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)',
-        'classify = pipeline("text-classification", model="PATH", trust_remote_code=True)',
-        'classify("a gripping, beautifully acted film", truncation=True)',
+        *(["from transformers import AutoModelForQuestionAnswering, AutoTokenizer, pipeline",
+           "",
+           'model = AutoModelForQuestionAnswering.from_pretrained("PATH", trust_remote_code=True)',
+           'tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)',
+           'answer = pipeline("question-answering", model="PATH", trust_remote_code=True)',
+           'answer(question="Who wrote it?", context="The book was written by Jane Austen.")']
+          if span else
+          ["from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline",
+           "",
+           'model = AutoModelForSequenceClassification.from_pretrained("PATH", trust_remote_code=True)',
+           'tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)',
+           'classify = pipeline("text-classification", model="PATH", trust_remote_code=True)',
+           'classify("a gripping, beautifully acted film", truncation=True)']),
         "```",
         "",
         "**What `trust_remote_code=True` runs.** It makes `transformers` import this folder's Python files "
@@ -855,7 +874,7 @@ def _verify_folder(folder: Path, student: torch.nn.Module, config) -> None:
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a "Loading weights" bar would only clutter export logs
         try:
-            model = modeling.EfficientBertForSequenceClassification.from_pretrained(str(folder))
+            model = getattr(modeling, hf_templates.MODEL_CLASSES[config.head]).from_pretrained(str(folder))
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
@@ -869,7 +888,8 @@ def _verify_folder(folder: Path, student: torch.nn.Module, config) -> None:
         # The student may sit on a GPU (runtime.device); the check compares in fp32 on the CPU side.
         on = next(student.parameters()).device
         with torch.no_grad():
-            got = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+            out = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+            got = torch.stack([out.start_logits, out.end_logits], -1) if config.head == "span" else out.logits
             want = student(ids.to(on), mask.to(on), types.to(on), return_kd=False).logits.float().cpu()
         diff = (got - want).abs().max().item()
         if not math.isfinite(diff) or diff > _VERIFY_ATOL:

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: Keys a table row may have.
-TABLE_KEYS = ("name", "dev_metric", "params", "non_embedding_params", "latency_ms", "role", "note")
+TABLE_KEYS = ("name", "dev_metric", "params", "non_embedding_params", "latency_ms", "role", "note", "dev_exact")
 
 #: File of ``<workdir>/reports`` recording what :func:`build_report` measured (:class:`LatencyRecord`).
 MEASUREMENTS_FILE = "measurements.json"
@@ -203,7 +203,7 @@ def _check_rows(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
         if not row.get("name"):
             raise ConfigError(f"table row {i} has no name")
         clean = {k: row.get(k) for k in TABLE_KEYS}
-        for key in ("dev_metric", "params", "non_embedding_params", "latency_ms"):
+        for key in ("dev_metric", "params", "non_embedding_params", "latency_ms", "dev_exact"):
             value = clean[key]
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ConfigError(f"table row {clean['name']!r}: {key} must be a number or None, got {value!r}")
@@ -225,8 +225,9 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, metric_name: str = "dev m
     ----------
     rows : sequence of dict
         ``name``, ``dev_metric``, ``params``, ``non_embedding_params``, ``latency_ms`` (CPU,
-        batch 1, sequence 128, median ms), optional ``role`` and ``note``. Unknown values may be
-        None and print as ``n/a``.
+        batch 1, sequence 128, median ms), optional ``role``, ``note`` and ``dev_exact`` (span
+        QA: exact match beside F1 in ``dev_metric``; a ``dev EM`` column appears when a row has
+        one). Unknown values may be None and print as ``n/a``.
     metric_name : str
         Header of the metric column (e.g. ``dev accuracy``).
 
@@ -243,7 +244,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, metric_name: str = "dev m
     """
     rows = _check_rows(rows)
     teacher = next((r for r in rows if r["_teacher"]), None)
-    header = ["model", metric_name, "vs teacher", "params", "non-emb. params",
+    with_em = any(r["dev_exact"] is not None for r in rows)
+    header = ["model", *(["dev EM"] if with_em else []), metric_name, "vs teacher", "params", "non-emb. params",
               "CPU latency b1/s128 (ms, median)", "speed-up"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for r in rows:
@@ -255,7 +257,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], *, metric_name: str = "dev m
             if r["latency_ms"] and tl:
                 speed = f"{tl / r['latency_ms']:.2f}x"
         name = str(r["name"]) + (f" ({r['note']})" if r["note"] else "")
-        cells = [name, _fmt(r["dev_metric"], ".4f"), rel, _fmt_count(r["params"]),
+        cells = [name, *([_fmt(r["dev_exact"], ".4f")] if with_em else []), _fmt(r["dev_metric"], ".4f"), rel,
+                 _fmt_count(r["params"]),
                  _fmt_count(r["non_embedding_params"]), _fmt(r["latency_ms"], ".2f"), speed]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
@@ -478,8 +481,12 @@ def teacher_row(setup, *, seq_length: int, repeats: int, record: Optional[Latenc
         return measure_latency(model, seq_length=seq_length, repeats=repeats).median_ms
 
     latency = record.latency("teacher", _teacher_id(setup), measure) if record is not None else measure()
-    return {"name": "teacher", "role": "teacher", "dev_metric": float(setup.teacher_marker["dev_metric"]),
-            "params": int(total), "non_embedding_params": int(total - emb), "latency_ms": float(latency)}
+    row = {"name": "teacher", "role": "teacher", "dev_metric": float(setup.teacher_marker["dev_metric"]),
+           "params": int(total), "non_embedding_params": int(total - emb), "latency_ms": float(latency)}
+    exact = ((setup.teacher_marker.get("dev_scores") or {}).get("dev") or {}).get("exact")  # QA teachers
+    if exact is not None:
+        row["dev_exact"] = float(exact)
+    return row
 
 
 def student_row(folder, name: str, role: str, *, seq_length: int, repeats: int, note: Optional[str] = None,
@@ -498,9 +505,13 @@ def student_row(folder, name: str, role: str, *, seq_length: int, repeats: int, 
 
     ident = (exported.meta.get(HASHES_KEY) or {}).get(WEIGHTS_FILE)
     latency = latencies.latency(_row_key(folder), ident, measure) if latencies is not None else measure()
-    return {"name": name, "role": role, "dev_metric": float(metric if metric is not None else record["dev_metric"]),
-            "params": int(exported.meta["params"]), "non_embedding_params": int(exported.meta["non_embedding_params"]),
-            "latency_ms": float(latency), "note": note}
+    row = {"name": name, "role": role, "dev_metric": float(metric if metric is not None else record["dev_metric"]),
+           "params": int(exported.meta["params"]), "non_embedding_params": int(exported.meta["non_embedding_params"]),
+           "latency_ms": float(latency), "note": note}
+    exact = (record.get("dev_scores") or {}).get("exact")  # span QA: EM beside F1
+    if exact is not None and metric is None:
+        row["dev_exact"] = float(exact)
+    return row
 
 
 def reference_note(meta: Mapping[str, Any]) -> Optional[str]:
@@ -655,23 +666,32 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
         models["baseline (latency)"] = lat_result.path
     models["searched"] = searched_dir
     pairs = [("searched", name) for name in models if name.startswith("baseline")] + [("teacher", "searched")]
-    comparisons, paired = comparisons_markdown(setup, models, pairs, seed=int(cfg.seed))
+    if setup.task.spec.is_span:  # per-question paired tests of span QA are the bench's (bench/squad.py)
+        comparisons, paired = None, []
+    else:
+        comparisons, paired = comparisons_markdown(setup, models, pairs, seed=int(cfg.seed))
     chosen = (searched.meta.get("extra") or {}).get("trial_id")
     origin = (searched.meta.get("extra") or {}).get("origin") or student_origin(cfg)
     objective = cfg.evaluator.objective
     search_rows = len(setup.task.search) if getattr(setup.task, "search", None) is not None else 0
-    note = (f"Splits: the search scored candidates on the **search split** ({search_rows} rows held out of train, "
+    held, dev_rows = f"{search_rows} rows held out of train", f"{len(setup.task.dev)} rows"
+    if setup.task.spec.is_span:  # QA: count questions (each may be several windows); whole articles are held out
+        held = f"{len(setup.task.examples['search'])} questions, whole articles held out of train"
+        dev_rows = f"{len(setup.task.examples['dev'])} questions"
+    note = (f"Splits: the search scored candidates on the **search split** ({held}, "
             f"never trained on); each trial's score is its `default`, the `{objective}` objective "
-            f"(evaluator.objective). The table's dev {metric} comes from the **dev split** ({len(setup.task.dev)} "
-            "rows), which the search never read.")
-    result = write_report(wd.root, trials, rows, experiment=experiment, metric_name=f"dev {metric}",
+            f"(evaluator.objective). The table's dev {metric} comes from the **dev split** ({dev_rows}"
+            "), which the search never read.")
+    metric_name = "dev F1" if setup.task.spec.is_span else f"dev {metric}"  # span QA: EM in its own column
+    result = write_report(wd.root, trials, rows, experiment=experiment, metric_name=metric_name,
                           chosen=str(chosen) if chosen is not None else None, origin=origin,
                           search_metric_name=f"search score ({objective})", splits_note=note,
                           comparisons=comparisons)
     folders = [wd.teacher_dir, base_result.path] + ([lat_result.path] if lat_result is not None else []) + [searched_dir]
-    _add_runtime_section(cfg, setup, rows, folders, result.report, metric_name=f"dev {metric}", seq_length=seq,
-                         repeats=repeats, remeasure=remeasure)
-    table = format_table(rows, metric_name=f"dev {metric}")
+    if not setup.task.spec.is_span:  # ONNX export covers classification and regression heads
+        _add_runtime_section(cfg, setup, rows, folders, result.report, metric_name=metric_name, seq_length=seq,
+                             repeats=repeats, remeasure=remeasure)
+    table = format_table(rows, metric_name=metric_name)
     return ReportOutcome(result=result, rows=rows, table=table, experiment=experiment,
                          baseline_difference=choice.difference, comparisons=paired)
 

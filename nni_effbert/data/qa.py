@@ -1,0 +1,754 @@
+"""Span question answering (SQuAD v1.1 / v2.0): loading, run_qa-style features, post-processing.
+
+The data flow follows Hugging Face's ``examples/pytorch/question-answering/run_qa.py``:
+
+* :func:`load_raw_qa` -> ``DatasetDict(train, search, dev)`` of *examples* (one row per
+  question: ``id, title, context, question, answers{text, answer_start}``), from the hub
+  (``squad`` / ``squad_v2``), a data folder with the official file names, or
+  ``task.train_file`` / ``task.dev_file``. Files are read with plain :mod:`json` and checked
+  question by question (:func:`read_squad_file`), so a bad file fails with one line naming the
+  file and the question id. The search split is held out **by article**, seeded
+  (:func:`article_search_split`): no context of the search split is in any training row.
+* :func:`prepare_features` -> *features*: the fast tokenizer cuts ``question + context`` into
+  windows of ``max_seq_length`` tokens that overlap by ``doc_stride``
+  (``return_overflowing_tokens``, ``return_offsets_mapping``); each feature knows its example
+  (``example_id``), the character offsets of its context tokens (``offset_mapping``, None
+  elsewhere) and the gold span (``start_positions`` / ``end_positions``, the CLS position when
+  the answer is not inside the window or the question has none).
+* :func:`postprocess_predictions` -> answer strings: the ``n_best_size`` best start and end
+  logits of every feature of an example, spans of at most ``max_answer_length`` tokens inside
+  the context, scored by ``start + end``; for v2.0 the null (CLS) score against the best span
+  gives ``score_diff`` and a threshold tuned on the search split (:func:`best_null_threshold`).
+* :func:`evaluate_predictions` -> EM / F1 (:mod:`nni_effbert.data.metrics`);
+  :func:`score_span_model` runs a model (any callable from a padded batch to ``[B, T, 2]``
+  logits) over splits and scores it, the v2.0 threshold tuned on the search split.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import datasets
+import numpy as np
+import torch
+
+from ..errors import DataError
+from ..io import atomic_replace_dir, atomic_write_json, make_tmp_dir
+from .loading import (MODEL_INPUTS, _digest, _sha256, _subset, length_sorted_batches, resolve_data_dir,
+                      search_split_rows, tokenizer_fingerprint)
+from .metrics import squad_f1_per_question, squad_metrics
+from .tasks import QA_TASKS, TaskSpec, get_task_spec
+
+if TYPE_CHECKING:  # annotations only: config assembles the sections and imports data.tasks
+    from ..config import TaskConfig
+
+__all__ = [
+    "QAData",
+    "QA_FEATURE_COLUMNS",
+    "HUB_DATASETS",
+    "read_squad_file",
+    "load_raw_qa",
+    "article_search_split",
+    "prepare_features",
+    "load_qa_task",
+    "postprocess_predictions",
+    "apply_null_threshold",
+    "best_null_threshold",
+    "evaluate_predictions",
+    "span_logits",
+    "score_span_model",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``datasets`` hub names of the two tasks.
+HUB_DATASETS = {"squad": "rajpurkar/squad", "squad_v2": "rajpurkar/squad_v2"}
+#: Columns of a feature besides the model inputs.
+QA_FEATURE_COLUMNS = ("start_positions", "end_positions", "example_id", "offset_mapping", "idx")
+# Bump when reading, splitting or tokenization changes, so older caches are not reused.
+_FORMAT_VERSION = "effbert-qa-1"
+
+_EXAMPLE_FEATURES = datasets.Features({
+    "id": datasets.Value("string"),
+    "title": datasets.Value("string"),
+    "context": datasets.Value("string"),
+    "question": datasets.Value("string"),
+    "answers": datasets.Sequence({"text": datasets.Value("string"), "answer_start": datasets.Value("int32")}),
+})
+
+
+@dataclass
+class QAData:
+    """A tokenized span-QA task.
+
+    Attributes
+    ----------
+    train, search, dev : datasets.Dataset
+        Features (windows): ``input_ids, token_type_ids, attention_mask`` (unpadded int lists),
+        ``start_positions, end_positions`` (token positions; CLS when the window holds no answer),
+        ``example_id`` (the question id), ``offset_mapping`` (``[start, end)`` characters of each
+        context token in the example's context, None for question and special tokens) and
+        ``idx`` (the feature's position in its split: the teacher-output cache key).
+    examples : datasets.DatasetDict
+        The questions of each split (``id, title, context, question, answers``); the gold
+        answers for scoring. ``train`` holds no article of ``search``.
+    spec : TaskSpec
+    fingerprint : str
+        Digest of data content, tokenizer, window settings, subset and search split.
+    """
+
+    train: datasets.Dataset
+    search: datasets.Dataset
+    dev: datasets.Dataset
+    examples: datasets.DatasetDict
+    spec: TaskSpec
+    fingerprint: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading SQuAD JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def _shape_error(path: str, where: str, what: str) -> DataError:
+    return DataError(f"{path}: not SQuAD-shaped JSON: {where} {what} (expected "
+                     "data[].paragraphs[].{context, qas[].{id, question, answers[].{text, answer_start}}})")
+
+
+def read_squad_file(path: str, version: str = "squad") -> Dict[str, List[Any]]:
+    """Read and check a SQuAD-format JSON file.
+
+    Parameters
+    ----------
+    path : str
+        ``{"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question", "answers":
+        [{"text", "answer_start"}], "is_impossible"}]}]}]}`` (the official layout).
+    version : str
+        ``squad`` (v1.1: every question has an answer; a v2.0 question is an error) or
+        ``squad_v2`` (questions with ``is_impossible: true`` have no answers).
+
+    Returns
+    -------
+    dict of str to list
+        Columns ``id, title, context, question, answers`` (``answers`` as ``{"text": [...],
+        "answer_start": [...]}``, the ``datasets`` hub layout), one row per question, in file order.
+        A title-less article is named by its position (``article-<i>``).
+
+    Raises
+    ------
+    DataError
+        One line naming the file (and the question id where there is one): a missing or
+        unreadable file, invalid JSON, a JSON that is not SQuAD-shaped, an empty context or
+        question, a duplicate id, an ``answer_start`` whose text does not match the context, a
+        v1.1 question without answers, a v2.0 question (``is_impossible: true`` or
+        ``plausible_answers``) given to ``squad``, or an unanswerable question with answers.
+    """
+    if version not in QA_TASKS:
+        raise ValueError(f"version must be one of {sorted(QA_TASKS)}, got {version!r}")
+    if not os.path.isfile(path):
+        raise DataError(f"SQuAD file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read the file: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise _shape_error(path, "the top level", "has no 'data' list")
+    cols: Dict[str, List[Any]] = {k: [] for k in _EXAMPLE_FEATURES}
+    seen = set()
+    for a, article in enumerate(doc["data"]):
+        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+            raise _shape_error(path, f"data[{a}]", "has no 'paragraphs' list")
+        title = article.get("title")
+        title = title if isinstance(title, str) and title.strip() else f"article-{a}"
+        for p, para in enumerate(article["paragraphs"]):
+            where = f"data[{a}].paragraphs[{p}]"
+            if not isinstance(para, dict) or not isinstance(para.get("qas"), list) or "context" not in para:
+                raise _shape_error(path, where, "needs 'context' and a 'qas' list")
+            context = para["context"]
+            if not isinstance(context, str):
+                raise _shape_error(path, where, f"has a context that is no string ({type(context).__name__})")
+            for q, qa in enumerate(para["qas"]):
+                if not isinstance(qa, dict) or "id" not in qa:
+                    raise _shape_error(path, f"{where}.qas[{q}]", "has no 'id'")
+                qid = str(qa["id"])
+                at = f"{path}: question {qid}"
+                if qid in seen:
+                    raise DataError(f"{at}: duplicate question id")
+                seen.add(qid)
+                if not context.strip():
+                    raise DataError(f"{at}: empty context (data[{a}].paragraphs[{p}])")
+                question = qa.get("question")
+                if not isinstance(question, str) or not question.strip():
+                    raise DataError(f"{at}: empty or missing question")
+                answers = qa.get("answers", [])
+                if not isinstance(answers, list):
+                    raise DataError(f"{at}: 'answers' must be a list of {{text, answer_start}}")
+                impossible = qa.get("is_impossible", False)
+                if version == "squad" and (impossible is True or "plausible_answers" in qa):
+                    raise DataError(f"{at}: a SQuAD v2.0 question (is_impossible / plausible_answers) in a "
+                                    "v1.1 task; use task.name: squad_v2 for this file")
+                if impossible is True and answers:
+                    raise DataError(f"{at}: is_impossible is true but the question has answers")
+                if not answers and version == "squad":
+                    raise DataError(f"{at}: no answers (every SQuAD v1.1 question has one; "
+                                    "use task.name: squad_v2 for unanswerable questions)")
+                if not answers and version == "squad_v2" and impossible is not True:
+                    raise DataError(f"{at}: no answers but is_impossible is not true")
+                texts, starts = [], []
+                for ans in answers:
+                    if not isinstance(ans, dict) or not isinstance(ans.get("text"), str) \
+                            or not isinstance(ans.get("answer_start"), int) or isinstance(ans["answer_start"], bool):
+                        raise DataError(f"{at}: each answer needs a string 'text' and an integer 'answer_start'")
+                    text, start = ans["text"], ans["answer_start"]
+                    if not text.strip():
+                        raise DataError(f"{at}: empty answer text")
+                    if start < 0 or context[start:start + len(text)] != text:
+                        found = context[max(start, 0):max(start, 0) + len(text)]
+                        raise DataError(f"{at}: answer_start {start} does not match the context: "
+                                        f"answer {text!r} but the context has {found!r} there")
+                    texts.append(text)
+                    starts.append(start)
+                cols["id"].append(qid)
+                cols["title"].append(title)
+                cols["context"].append(context)
+                cols["question"].append(question)
+                cols["answers"].append({"text": texts, "answer_start": starts})
+    if not cols["id"]:
+        raise DataError(f"{path}: the file holds no questions")
+    return cols
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw splits
+# ---------------------------------------------------------------------------------------------
+
+
+def _qa_files(task_cfg: TaskConfig, spec: TaskSpec) -> Optional[Dict[str, str]]:
+    """``{train, dev}`` file paths, or None for the hub."""
+    if task_cfg.train_file or task_cfg.dev_file:
+        return {"train": str(task_cfg.train_file), "dev": str(task_cfg.dev_file)}
+    data_dir = resolve_data_dir(task_cfg)
+    if not data_dir:
+        return None
+    root = Path(data_dir)
+    for folder in (root, root / spec.name, root / spec.name.upper(), root / "SQuAD"):
+        files = {s: folder / name for s, name in spec.tsv_splits.items()}
+        if all(p.is_file() for p in files.values()):
+            return {s: str(p) for s, p in files.items()}
+    names = " and ".join(spec.tsv_splits.values())
+    raise DataError(f"no {names} in {root} (nor in {root / spec.name}); put the official SQuAD files "
+                    "there or give task.train_file and task.dev_file")
+
+
+def _load_hub(spec: TaskSpec, cache_dir: Optional[str]) -> datasets.DatasetDict:
+    try:
+        raw = datasets.load_dataset(HUB_DATASETS[spec.name], cache_dir=cache_dir)
+    except Exception as err:  # offline machines fail in many ways (DNS, offline mode, 404...)
+        raise DataError(
+            f"cannot load {spec.name!r} from the datasets hub ({type(err).__name__}: {err}); on a machine "
+            f"without hub access set task.data_dir to a folder holding {' and '.join(spec.tsv_splits.values())}, "
+            "or give task.train_file and task.dev_file"
+        ) from err
+    return datasets.DatasetDict({
+        split: raw[hub].select_columns(list(_EXAMPLE_FEATURES)).cast(_EXAMPLE_FEATURES)
+        for split, hub in spec.hub_splits.items()
+    })
+
+
+def article_search_split(titles: Sequence[str], task_cfg: TaskConfig) -> Tuple[np.ndarray, np.ndarray]:
+    """Positions (sorted) of the train questions and of the search questions, split by article.
+
+    Articles are taken in a permutation seeded with ``task.seed`` until the search split holds
+    ``task.search_rows`` questions (or ``task.search_fraction`` of them; at most half, see
+    :func:`nni_effbert.data.loading.search_split_rows`). Whole articles go to one side, so no
+    context of the search split appears in a training row. At least one article stays for
+    training.
+
+    Parameters
+    ----------
+    titles : sequence of str
+        The article of each question.
+    task_cfg : TaskConfig
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        ``(train_positions, search_positions)``, disjoint, together ``0..len(titles)-1``.
+    """
+    n = len(titles)
+    # The question count the row-based rule would give (same fraction/cap semantics and warning).
+    want = len(search_split_rows(n, task_cfg)[1])
+    articles = list(dict.fromkeys(titles))
+    if want == 0 or len(articles) < 2:
+        if want and len(articles) < 2:
+            logger.warning("the QA train data has a single article: no search split can be held out by article")
+        return np.arange(n), np.arange(0)
+    sizes = collections.Counter(titles)
+    order = np.random.default_rng([int(task_cfg.seed or 0), 0xA271C1E]).permutation(len(articles))
+    chosen, count = set(), 0
+    for i in order[:-1]:  # at least one article trains
+        if count >= want:
+            break
+        chosen.add(articles[i])
+        count += sizes[articles[i]]
+    is_search = np.fromiter((t in chosen for t in titles), dtype=bool, count=n)
+    return np.flatnonzero(~is_search), np.flatnonzero(is_search)
+
+
+def _source_fingerprint(task_cfg: TaskConfig, spec: TaskSpec, source: Dict[str, Any]) -> Dict[str, Any]:
+    """What the questions of the three splits depend on: the data, the subset and the search split."""
+    return {
+        "version": _FORMAT_VERSION, "task": spec.name, "source": source, "seed": int(task_cfg.seed or 0),
+        "train_fraction": task_cfg.train_fraction, "dev_fraction": task_cfg.dev_fraction,
+        "max_train_rows": task_cfg.max_train_rows, "max_dev_rows": task_cfg.max_dev_rows,
+        "search_rows": task_cfg.search_rows, "search_fraction": task_cfg.search_fraction,
+    }
+
+
+def _task_fingerprint(src: Dict[str, Any], tokenizer: Any, task_cfg: TaskConfig) -> str:
+    return _digest({**src, "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_length": task_cfg.max_seq_length,
+                    "doc_stride": task_cfg.doc_stride, "padding_side": tokenizer.padding_side})
+
+
+def _qa_spec(task_cfg: TaskConfig) -> TaskSpec:
+    spec = get_task_spec(task_cfg.name)
+    if not spec.is_span:
+        raise DataError(f"task {spec.name!r} is not a QA task; load it with nni_effbert.data.loading.load_task")
+    return spec
+
+
+def _load_raw(task_cfg: TaskConfig, cache_dir: Optional[str]) -> Tuple[datasets.DatasetDict, TaskSpec, Dict[str, Any]]:
+    spec = _qa_spec(task_cfg)
+    files = _qa_files(task_cfg, spec)
+    if files is None:
+        logger.info("no data_dir nor train_file: loading %s from the datasets hub", spec.name)
+        dd = _load_hub(spec, cache_dir)
+        source: Dict[str, Any] = {split: ds._fingerprint for split, ds in dd.items()}
+    else:
+        dd = datasets.DatasetDict({
+            split: datasets.Dataset.from_dict(read_squad_file(path, spec.name), features=_EXAMPLE_FEATURES)
+            for split, path in files.items()
+        })
+        source = {split: _sha256(path) for split, path in files.items()}
+    seed = int(task_cfg.seed or 0)
+    train = _subset(dd["train"], task_cfg.train_fraction, task_cfg.max_train_rows, seed)
+    train_rows, search_rows = article_search_split(train["title"], task_cfg)
+    out = datasets.DatasetDict(
+        train=train.select(train_rows.tolist()),
+        search=train.select(search_rows.tolist()),
+        dev=_subset(dd["dev"], task_cfg.dev_fraction, task_cfg.max_dev_rows, seed),
+    )
+    return out, spec, _source_fingerprint(task_cfg, spec, source)
+
+
+def load_raw_qa(task_cfg: TaskConfig, cache_dir: Optional[str] = None) -> Tuple[datasets.DatasetDict, TaskSpec]:
+    """Load the questions of a QA task: ``DatasetDict(train, search, dev)`` and its spec.
+
+    Parameters
+    ----------
+    task_cfg : TaskConfig
+        ``name`` is ``squad`` or ``squad_v2``. Data comes from ``train_file`` / ``dev_file``
+        (SQuAD-format JSON), else a ``data_dir`` (or ``$EFFBERT_DATA_DIR``) holding the official
+        file names (``train-v1.1.json``, ``dev-v1.1.json`` / ``train-v2.0.json``,
+        ``dev-v2.0.json``), else the ``datasets`` hub. The seeded subset (``*_fraction``,
+        ``max_*_rows``) counts questions; the search split is held out by article
+        (:func:`article_search_split`).
+    cache_dir : str, optional
+        ``datasets`` cache folder (hub only).
+
+    Raises
+    ------
+    DataError
+        See :func:`read_squad_file`; missing files; no hub access.
+    """
+    dd, spec, _ = _load_raw(task_cfg, cache_dir)
+    return dd, spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Features (run_qa's prepare_train_features + prepare_validation_features in one)
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_features(examples: Mapping[str, List[Any]], tokenizer: Any, max_length: int,
+                     doc_stride: int) -> Dict[str, List[Any]]:
+    """Tokenize a batch of questions into overlapping windows of their contexts.
+
+    As Hugging Face's ``run_qa.py``: the question (left-stripped) and the context form one pair,
+    only the context is truncated, windows overlap by ``doc_stride`` tokens. Every position the
+    tokenizer returns is used as is; nothing is re-tokenized by hand. Training targets use the
+    first gold answer (as run_qa); a window that does not contain it whole, and an unanswerable
+    question, target the CLS position. No padding here (batches are padded by
+    :func:`nni_effbert.data.loading.collate`).
+
+    Parameters
+    ----------
+    examples : dict of lists
+        Columns ``id, context, question, answers`` (a ``datasets`` batch).
+    tokenizer : transformers fast tokenizer (offset mappings need one)
+    max_length : int
+        Tokens per window (question + context + special tokens).
+    doc_stride : int
+        Tokens shared by consecutive windows.
+
+    Returns
+    -------
+    dict of lists
+        ``input_ids, token_type_ids, attention_mask, start_positions, end_positions, example_id,
+        offset_mapping`` per feature (see :class:`QAData`).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"QA needs a fast tokenizer (offset mappings); {type(tokenizer).__name__} is not one")
+    pad_on_right = tokenizer.padding_side == "right"
+    questions = [q.lstrip() for q in examples["question"]]  # some SQuAD questions start with blanks
+    first, second = (questions, examples["context"]) if pad_on_right else (examples["context"], questions)
+    # A question that leaves no more than doc_stride context tokens per window makes the Rust
+    # tokenizer panic (an uncatchable-looking PanicException): say which question instead.
+    special = tokenizer.num_special_tokens_to_add(pair=True)
+    q_lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    for qid, n in zip(examples["id"], q_lengths):
+        if max_length - special - n <= doc_stride:
+            raise DataError(f"question {qid}: its {n} tokens leave {max_length - special - n} context tokens per "
+                            f"window, not more than task.doc_stride ({doc_stride}); raise task.max_seq_length "
+                            "or lower task.doc_stride")
+    enc = tokenizer(
+        first, second, truncation="only_second" if pad_on_right else "only_first",
+        max_length=max_length, stride=doc_stride, return_overflowing_tokens=True,
+        return_offsets_mapping=True, return_token_type_ids=True, return_attention_mask=True, padding=False,
+    )
+    context_id = 1 if pad_on_right else 0
+    out: Dict[str, List[Any]] = {k: enc[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    out.update(start_positions=[], end_positions=[], example_id=[], offset_mapping=[])
+    for i, offsets in enumerate(enc["offset_mapping"]):
+        ex = enc["overflow_to_sample_mapping"][i]
+        seq_ids = enc.sequence_ids(i)
+        ids = enc["input_ids"][i]
+        cls_index = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
+        start_pos = end_pos = cls_index
+        answers = examples["answers"][ex]
+        if answers["answer_start"]:
+            start_char = answers["answer_start"][0]
+            end_char = start_char + len(answers["text"][0])
+            ctx = [t for t, s in enumerate(seq_ids) if s == context_id]
+            first_tok, last_tok = ctx[0], ctx[-1]
+            if offsets[first_tok][0] <= start_char and offsets[last_tok][1] >= end_char:
+                # The first context token whose span ends after start_char, the last that starts before end_char.
+                start_pos = next(t for t in ctx if offsets[t][1] > start_char)
+                end_pos = next(t for t in reversed(ctx) if offsets[t][0] < end_char)
+        out["start_positions"].append(start_pos)
+        out["end_positions"].append(end_pos)
+        out["example_id"].append(examples["id"][ex])
+        out["offset_mapping"].append([list(o) if s == context_id else None for o, s in zip(offsets, seq_ids)])
+    return out
+
+
+def _features(ds: datasets.Dataset, tokenizer: Any, task_cfg: TaskConfig, fingerprint: str, desc: str) -> datasets.Dataset:
+    fn = lambda batch: prepare_features(batch, tokenizer, task_cfg.max_seq_length, task_cfg.doc_stride)  # noqa: E731
+    feats = ds.map(fn, batched=True, remove_columns=ds.column_names, new_fingerprint=fingerprint, desc=desc)
+    # idx = the feature's position in its split: the key of the teacher-output cache.
+    return feats.add_column("idx", list(range(len(feats))), new_fingerprint=_digest([fingerprint, "idx"]))
+
+
+def load_qa_task(task_cfg: TaskConfig, tokenizer: Any, cache_dir: Optional[str] = None,
+                 store_dir: Optional[os.PathLike] = None) -> QAData:
+    """Load a QA task and cut it into windows with the (teacher's) fast tokenizer.
+
+    Parameters
+    ----------
+    task_cfg : TaskConfig
+        See :func:`load_raw_qa`; ``max_seq_length`` (384 by default for QA) and ``doc_stride``
+        (128) shape the windows.
+    tokenizer : transformers fast tokenizer
+    cache_dir : str, optional
+        ``datasets`` cache folder (hub downloads).
+    store_dir : path, optional
+        Folder of snapshots (``qa-<fingerprint>/``, ``datasets.save_to_disk``): a task read from
+        files is read, checked and cut into windows once per work directory, and every later
+        process (each trial) loads the snapshot. The fingerprint hashes the files' contents, so
+        an edited file gives a new snapshot.
+
+    Returns
+    -------
+    QAData
+    """
+    spec = _qa_spec(task_cfg)
+    snapshot: Optional[Path] = None
+    if store_dir is not None:
+        files = _qa_files(task_cfg, spec)
+        if files is not None and all(os.path.isfile(p) for p in files.values()):
+            src = _source_fingerprint(task_cfg, spec, {split: _sha256(p) for split, p in files.items()})
+            snapshot = Path(store_dir) / f"qa-{_task_fingerprint(src, tokenizer, task_cfg)}"
+            if (snapshot / _SNAPSHOT_DONE).is_file():
+                try:
+                    return _read_snapshot(snapshot, spec)
+                except (OSError, ValueError, KeyError, FileNotFoundError) as err:
+                    logger.warning("QA snapshot %s is unreadable (%s); rebuilding it", snapshot, err)
+    dd, spec, source = _load_raw(task_cfg, cache_dir)
+    fingerprint = _task_fingerprint(source, tokenizer, task_cfg)
+    feats = {split: _features(dd[split], tokenizer, task_cfg, _digest([fingerprint, split]),
+                              f"windows {spec.name} {split}") for split in dd}
+    logger.info("task %s: %d/%d/%d train/search/dev questions -> %d/%d/%d windows, fingerprint %s", spec.name,
+                len(dd["train"]), len(dd["search"]), len(dd["dev"]), len(feats["train"]), len(feats["search"]),
+                len(feats["dev"]), fingerprint)
+    data = QAData(train=feats["train"], search=feats["search"], dev=feats["dev"], examples=dd, spec=spec,
+                  fingerprint=fingerprint)
+    if snapshot is not None:
+        _write_snapshot(data, snapshot)
+    return data
+
+
+_SNAPSHOT_DONE = "complete.json"
+
+
+def _write_snapshot(data: QAData, folder: Path) -> None:
+    """Save ``data`` into ``folder`` atomically (a temporary folder renamed into place)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_tmp_dir(folder)
+    try:
+        datasets.DatasetDict(train=data.train, search=data.search, dev=data.dev).save_to_disk(str(tmp / "features"))
+        data.examples.save_to_disk(str(tmp / "examples"))
+        atomic_write_json({"fingerprint": data.fingerprint, "task": data.spec.name}, tmp / _SNAPSHOT_DONE)
+        atomic_replace_dir(tmp, folder)
+    except OSError as err:  # a snapshot is an optimisation: the data in memory is still right
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.warning("could not save the QA snapshot %s (%s); later processes will read the files again",
+                       folder, err)
+
+
+def _read_snapshot(folder: Path, spec: TaskSpec) -> QAData:
+    meta = json.loads((folder / _SNAPSHOT_DONE).read_text(encoding="utf-8"))
+    feats = datasets.load_from_disk(str(folder / "features"))
+    examples = datasets.load_from_disk(str(folder / "examples"))
+    return QAData(train=feats["train"], search=feats["search"], dev=feats["dev"], examples=examples, spec=spec,
+                  fingerprint=str(meta["fingerprint"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-processing (run_qa's utils_qa.postprocess_qa_predictions)
+# ---------------------------------------------------------------------------------------------
+
+
+def postprocess_predictions(
+    examples: datasets.Dataset,
+    features: datasets.Dataset,
+    start_logits: Sequence[np.ndarray],
+    end_logits: Sequence[np.ndarray],
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+) -> Tuple[Dict[str, str], Dict[str, float]]:
+    """Turn start/end logits of every feature into one answer string per question.
+
+    Parameters
+    ----------
+    examples : datasets.Dataset
+        Questions (``id, context``).
+    features : datasets.Dataset
+        Their features (``example_id, offset_mapping``), in the order of the logits.
+    start_logits, end_logits : sequence of numpy arrays
+        One 1-D array per feature (its unpadded length, or longer: positions beyond the
+        feature's offsets are ignored).
+    n_best_size : int
+        Best start and best end positions tried per feature.
+    max_answer_length : int
+        Longest answer in tokens.
+
+    Returns
+    -------
+    (dict, dict)
+        ``predictions``: question id -> best non-null answer text (``""`` when no valid span
+        exists); ``score_diff``: question id -> null score minus best span score (v2.0: answer
+        ``""`` where it exceeds the tuned threshold, :func:`apply_null_threshold`).
+    """
+    if len(start_logits) != len(features) or len(end_logits) != len(features):
+        raise ValueError(f"{len(features)} features but {len(start_logits)} start / {len(end_logits)} end logits")
+    by_example: Dict[str, List[int]] = collections.defaultdict(list)
+    for i, eid in enumerate(features["example_id"]):
+        by_example[eid].append(i)
+    offsets_all = features["offset_mapping"]
+    predictions: Dict[str, str] = {}
+    score_diff: Dict[str, float] = {}
+    for ex in examples:
+        qid, context = ex["id"], ex["context"]
+        best_text, best_score, null_score = "", -np.inf, np.inf
+        for fi in by_example.get(qid, []):
+            offsets = offsets_all[fi]
+            start = np.asarray(start_logits[fi], dtype=np.float64)[: len(offsets)]
+            end = np.asarray(end_logits[fi], dtype=np.float64)[: len(offsets)]
+            # The null answer scores at CLS (position 0 for BERT-style inputs); the minimum over windows.
+            null_score = min(null_score, float(start[0] + end[0]))
+            for s in np.argsort(start)[::-1][:n_best_size]:
+                if offsets[s] is None:
+                    continue
+                for e in np.argsort(end)[::-1][:n_best_size]:
+                    if offsets[e] is None or e < s or e - s + 1 > max_answer_length:
+                        continue
+                    score = float(start[s] + end[e])
+                    if score > best_score:
+                        best_score, best_text = score, context[offsets[s][0]:offsets[e][1]]
+        predictions[qid] = best_text
+        score_diff[qid] = float(null_score - best_score) if np.isfinite(best_score) else np.inf
+    return predictions, score_diff
+
+
+def apply_null_threshold(predictions: Mapping[str, str], score_diff: Mapping[str, float],
+                         threshold: float) -> Dict[str, str]:
+    """v2.0 answers: ``""`` where ``score_diff > threshold`` (run_qa's ``null_score_diff_threshold``)."""
+    return {q: ("" if score_diff[q] > threshold else text) for q, text in predictions.items()}
+
+
+def best_null_threshold(predictions: Mapping[str, str], score_diff: Mapping[str, float],
+                        gold: Mapping[str, Sequence[str]]) -> Tuple[float, float]:
+    """The ``null_score_diff_threshold`` with the best F1, as the official v2.0 script's ``find_best_thresh``.
+
+    Tune it on the search split and apply it to dev: tuning on dev would report an optimistic score.
+
+    Parameters
+    ----------
+    predictions : dict
+        Question id -> best non-null answer (:func:`postprocess_predictions`).
+    score_diff : dict
+        Question id -> null score minus best span score.
+    gold : dict
+        Question id -> gold answer texts (empty for an unanswerable question).
+
+    Returns
+    -------
+    (float, float)
+        ``(threshold, f1)``: answering ``""`` where ``score_diff > threshold`` gives F1 ``f1``
+        (a fraction) on these questions. Ties keep the lowest threshold, as the official script.
+    """
+    qids = list(predictions)
+    if not qids:
+        raise ValueError("best_null_threshold: no questions")
+    answer_f1 = squad_f1_per_question(predictions, gold, "squad_v2")
+    null_f1 = {q: 1.0 if not [g for g in gold[q] if g.strip()] else 0.0 for q in qids}
+    # Start with every question answered "" (threshold below every diff), then move questions to their
+    # span answer in increasing score_diff order; the best prefix gives the threshold.
+    order = sorted(qids, key=lambda q: score_diff[q])
+    total = sum(null_f1.values())
+    best, best_thresh = total, -np.inf
+    for q in order:
+        total += answer_f1[q] - null_f1[q]
+        if total > best and np.isfinite(score_diff[q]):
+            best, best_thresh = total, score_diff[q]
+    if not np.isfinite(best_thresh):
+        # Every question is best answered "": any threshold below the smallest diff does that.
+        finite = [d for d in score_diff.values() if np.isfinite(d)]
+        best_thresh = (min(finite) - 1.0) if finite else 0.0
+    return float(best_thresh), best / len(qids)
+
+
+def evaluate_predictions(predictions: Mapping[str, str], examples: datasets.Dataset, version: str = "squad",
+                         ) -> Dict[str, float]:
+    """EM / F1 of answers against a split's gold answers (:func:`nni_effbert.data.metrics.squad_metrics`)."""
+    gold = {ex["id"]: list(ex["answers"]["text"]) for ex in examples}
+    return squad_metrics(predictions, gold, version)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a model over features and scoring it
+# ---------------------------------------------------------------------------------------------
+
+
+def span_logits(forward: Callable[[Dict[str, torch.Tensor]], torch.Tensor], features: datasets.Dataset,
+                batch_size: int, pad_token_id: int) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """Start and end logits of every feature, unpadded, in the features' order.
+
+    Parameters
+    ----------
+    forward : callable
+        Takes a padded batch (:func:`nni_effbert.data.loading.collate`'s dict) and returns its
+        ``[B, T, 2]`` start / end logits (a student's ``logits``, or a HF QA model's
+        ``start_logits`` and ``end_logits`` stacked). Called under ``torch.inference_mode``.
+    features : datasets.Dataset
+        A split of :class:`QAData`.
+    batch_size, pad_token_id : int
+
+    Returns
+    -------
+    (list of numpy.ndarray, list of numpy.ndarray)
+        Per feature, its start and its end logits (float32, one per token).
+    """
+    batches, order = length_sorted_batches(features.select_columns(list(MODEL_INPUTS)), batch_size, pad_token_id)
+    starts: List[Optional[np.ndarray]] = [None] * len(features)
+    ends: List[Optional[np.ndarray]] = [None] * len(features)
+    row = 0
+    with torch.inference_mode():
+        for batch in batches:
+            logits = forward(batch).float().cpu().numpy()
+            lengths = batch["attention_mask"].sum(1).tolist()
+            for b, n in enumerate(lengths):
+                starts[order[row]] = logits[b, :n, 0]
+                ends[order[row]] = logits[b, :n, 1]
+                row += 1
+    return starts, ends  # type: ignore[return-value]
+
+
+def score_span_model(forward: Callable[[Dict[str, torch.Tensor]], torch.Tensor], data: QAData, task_cfg: TaskConfig,
+                     batch_size: int, pad_token_id: int, splits: Sequence[str] = ("search", "dev"),
+                     null_threshold: Optional[float] = None) -> Dict[str, Dict[str, float]]:
+    """EM / F1 of a span model on splits of a QA task (the search split first).
+
+    For SQuAD v2.0 the ``null_score_diff_threshold`` is tuned on the search split
+    (:func:`best_null_threshold`) and applied to every split, dev included: it is never tuned on
+    dev. Without a search split (``task.search_rows: 0``) or with ``null_threshold`` given,
+    that threshold (default 0.0, run_qa's) is used.
+
+    Parameters
+    ----------
+    forward : callable
+        See :func:`span_logits`.
+    data : QAData
+    task_cfg : TaskConfig
+        ``n_best_size`` and ``max_answer_length``.
+    batch_size, pad_token_id : int
+    splits : sequence of str
+        Among ``train``, ``search``, ``dev``.
+    null_threshold : float, optional
+        A fixed v2.0 threshold instead of the tuned one.
+
+    Returns
+    -------
+    dict
+        Split -> :func:`nni_effbert.data.metrics.squad_metrics` (``exact``, ``f1``, ``default`` =
+        ``f1``, ...); v2.0 adds ``null_threshold`` (the threshold used) to each.
+    """
+    version = data.spec.name
+    raw: Dict[str, Tuple[Dict[str, str], Dict[str, float]]] = {}
+    wanted = list(splits)
+    if version == "squad_v2" and null_threshold is None and len(data.search) and "search" not in wanted:
+        wanted.insert(0, "search")  # needed to tune the threshold
+    for split in wanted:
+        feats = getattr(data, split)
+        if len(feats) == 0:
+            continue
+        starts, ends = span_logits(forward, feats, batch_size, pad_token_id)
+        raw[split] = postprocess_predictions(data.examples[split], feats, starts, ends,
+                                             task_cfg.n_best_size, task_cfg.max_answer_length)
+    threshold = null_threshold
+    if version == "squad_v2" and threshold is None:
+        if "search" in raw:
+            gold = {ex["id"]: list(ex["answers"]["text"]) for ex in data.examples["search"]}
+            threshold, _ = best_null_threshold(raw["search"][0], raw["search"][1], gold)
+        else:
+            threshold = 0.0
+    out: Dict[str, Dict[str, float]] = {}
+    for split in splits:
+        if split not in raw:
+            continue
+        preds, diffs = raw[split]
+        if version == "squad_v2":
+            preds = apply_null_threshold(preds, diffs, float(threshold))
+        out[split] = evaluate_predictions(preds, data.examples[split], version)
+        if version == "squad_v2":
+            out[split]["null_threshold"] = float(threshold)
+    return out
