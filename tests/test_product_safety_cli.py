@@ -174,7 +174,7 @@ def _fake_nnictl(monkeypatch, ids):
 
     todo = list(ids)
 
-    def fake(args):
+    def fake(args, **kwargs):
         exp = todo.pop(0) if args[0] == "create" else args[1]
         text = f'Successfully started experiment!\nExperiment id: {exp}\nYou can use "nnictl stop {exp}"\n'
         return subprocess.CompletedProcess(["nnictl", *args], 0, text, "")
