@@ -434,3 +434,19 @@ def test_search_points_trials_at_its_worker_unless_turned_off(tmp_path, monkeypa
         else:
             assert started == [(work / "warm-worker", "trial")]
             assert stopped == [(work / "warm-worker", "trial")]  # nnictl failed: the worker goes too
+
+
+def test_safe_path_trial_command_forks_without_the_working_directory_on_sys_path(worker, probe_dir):
+    """The trial command runs ``python -P -m nni_effbert.trial`` (the code directory cannot shadow an
+    installed package): the worker forks it, and the child's sys.path holds no working directory."""
+    directory, pid = worker
+    code = ("import json, os, sys; print('SAFE ' + json.dumps({'ppid': os.getppid(), "
+            "'cwd_on_path': any(p in ('', os.getcwd()) for p in sys.path)}), flush=True)")
+    driver = ("import sys; from pathlib import Path; from nni_effbert.nas import warm_worker; "
+              f"child = warm_worker.request_child(Path({str(directory)!r}), 'trial', ['-P', '-c', {code!r}]); "
+              "sys.exit(child.wait())")
+    p = subprocess.run([sys.executable, "-c", driver], env=_env(directory), cwd=probe_dir, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    (line,) = [json.loads(x.split(" ", 1)[1]) for x in p.stdout.splitlines() if x.startswith("SAFE ")]
+    assert line == {"ppid": pid, "cwd_on_path": False}

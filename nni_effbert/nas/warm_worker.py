@@ -81,6 +81,10 @@ DISABLED = ("off", "0", "false", "no")
 #: (``python -m nni.nas.execution.training_service trial``, which unpickles a model of our space
 #: and runs our evaluator). The module a child runs itself is executed fresh (``runpy``), as
 #: ``python -m`` would.
+#: Interpreter options of a trial command a forked child honours: ``-P`` (Python 3.11+, no unsafe
+#: path on ``sys.path``, what the trial command uses so the code directory cannot shadow packages).
+SAFE_PATH_OPTIONS = ("-P",)
+
 KINDS: Dict[str, Tuple[str, ...]] = {
     "trial": ("nni", "nni.trial", "nni.runtime.trial_command_channel.v3", "nni_effbert.nas.trial_runner"),
     "nas": ("nni", "nni.trial", "nni.runtime.trial_command_channel.v3", "nni.nas.execution", "nni.nas.space",
@@ -302,6 +306,9 @@ def request_child(directory: Path, kind: str, command: Sequence[str], *,
         ``command`` has interpreter options a forked child cannot take.
     """
     command = list(command)
+    safe_path = bool(command) and command[0] in SAFE_PATH_OPTIONS  # python -P: no cwd on sys.path
+    if safe_path:
+        command = command[1:]
     if not command or (command[0].startswith("-") and command[0] not in ("-m", "-c")) \
             or (command[0] in ("-m", "-c") and len(command) < 2):
         raise WorkerUnavailable(f"the trial command has interpreter options ({' '.join(command[:2])})")
@@ -311,7 +318,7 @@ def request_child(directory: Path, kind: str, command: Sequence[str], *,
     os.set_inheritable(write_end, False)
     try:
         fds = [_valid_fd(0), 1, 2, read_end]
-        request = {"op": "run", "argv": command, "cwd": cwd or os.getcwd(), "env": env,
+        request = {"op": "run", "argv": command, "safe_path": safe_path, "cwd": cwd or os.getcwd(), "env": env,
                    "fingerprint": fingerprint(env)}
         socket.send_fds(sock, [json.dumps(request).encode()], fds)
         os.close(read_end)
@@ -743,10 +750,19 @@ def _child(request: Mapping[str, Any], fds: Sequence[int], worker_pid: int, clos
     os.chdir(request["cwd"])
     os.write(2, f"warm worker {worker_pid}: trial process {os.getpid()} forked (parent {os.getppid()})\n".encode())
     refresh_nni()
-    return _run_command(request["argv"])
+    return _run_command(request["argv"], safe_path=bool(request.get("safe_path")))
 
 
-def _run_command(argv: Sequence[str]) -> int:
+def _first_path_entry(entry: str, safe_path: bool) -> None:
+    """Replace the worker's own script entry of ``sys.path`` (the interpreter's first one) as a
+    fresh ``python`` would set it, or drop it under ``-P``."""
+    if safe_path:
+        del sys.path[0]
+    else:
+        sys.path[0] = entry
+
+
+def _run_command(argv: Sequence[str], safe_path: bool = False) -> int:
     """``python *argv`` (``-m module ...``, ``-c code ...`` or ``script ...``) in this process;
     its exit status, as the interpreter would set it."""
     import atexit  # local: forked child only
@@ -756,18 +772,19 @@ def _run_command(argv: Sequence[str]) -> int:
 
     code = 0
     try:
-        # sys.argv and sys.path[0] as the interpreter sets them for each form.
+        # sys.argv and sys.path[0] as the interpreter sets them for each form; with -P (safe
+        # path) no entry is prepended, so the worker's own first entry (its start directory) goes.
         if argv[0] == "-m":
             sys.argv = [argv[1], *argv[2:]]
-            sys.path[0] = os.getcwd()
+            _first_path_entry(os.getcwd(), safe_path)
             runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         elif argv[0] == "-c":
             sys.argv = ["-c", *argv[2:]]
-            sys.path[0] = ""
+            _first_path_entry("", safe_path)
             exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": builtins})  # noqa: S102 - the trial's own -c command
         else:
             sys.argv = list(argv)
-            sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
+            _first_path_entry(os.path.dirname(os.path.abspath(argv[0])), safe_path)
             runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as exc:
         if exc.code is None:
