@@ -450,3 +450,13 @@ def test_safe_path_trial_command_forks_without_the_working_directory_on_sys_path
     assert p.returncode == 0, p.stderr
     (line,) = [json.loads(x.split(" ", 1)[1]) for x in p.stdout.splitlines() if x.startswith("SAFE ")]
     assert line == {"ppid": pid, "cwd_on_path": False}
+
+
+def test_a_lazily_started_worker_lives_in_the_experiment_folder(tmp_path):
+    """NNI 3.0's local service runs a trial in ``<exp>/environments/local-env/trials/<id>``; the
+    worker a trial starts (or finds) is ``<exp>/warm-worker``, one per experiment."""
+    exp = tmp_path / "nni-experiments" / "abcd1234"
+    local = {"NNI_OUTPUT_DIR": str(exp / "environments" / "local-env" / "trials" / "T1")}
+    assert warm_worker.worker_dir(local) == exp / "warm-worker"
+    assert warm_worker.worker_dir({"NNI_OUTPUT_DIR": str(exp / "trials" / "T1")}) == exp / "warm-worker"
+    assert warm_worker.worker_dir({warm_worker.ENV: str(tmp_path / "w")}) == tmp_path / "w"

@@ -181,7 +181,10 @@ def worker_dir(env: Optional[Mapping[str, str]] = None) -> Path:
         return Path(value).absolute()
     out = env.get("NNI_OUTPUT_DIR")
     if out and Path(out).parent.name == "trials":
-        return Path(out).parent.parent / "warm-worker"  # <experiment dir>/trials/<trial id>
+        base = Path(out).parent.parent  # <experiment dir>/trials/<trial id>
+        if base.parent.name == "environments":  # NNI 3.0 local: <experiment dir>/environments/<env>/trials/<id>
+            base = base.parent.parent
+        return base / "warm-worker"
     raise WorkerUnavailable(f"no directory for it (neither {ENV} nor NNI's trial folder is set)")
 
 
