@@ -226,15 +226,11 @@ def test_nnictl_create_on_the_tiny_example_runs_teacher_warmups_and_candidates(t
         # (``done`` is set on the advisor's next ask; NNI asks no more once maxTrialNumber trials ran)
         assert state["search"]["teacher"] == "done"
         assert [r["status"] for r in state["search"]["records"]] == ["succeeded"] * len(jobs)
-        # The warm worker, lazily: a plain nnictl config starts none, so the first trial runs
-        # fresh and starts one in the experiment's folder; the last trial is forked by it.
+        # A plain nnictl config gets no warm worker (`nni-effbert search` starts one): trials run fresh.
         def stderr_of(job):  # NNI 3.0 local: <exp>/environments/local-env/trials/<id>/trial.stderr
             return next(exp_dir.rglob(f"trials/{job['trialJobId']}/trial.stderr")).read_text()
 
-        assert "this trial starts a fresh process" in stderr_of(teacher), stderr_of(teacher)[-2000:]
-        worker_log = (exp_dir / "warm-worker" / "trial.log").read_text()
-        worker = re.search(r"warm worker (\d+) \(trial\) serving", worker_log).group(1)
-        assert f"forked (parent {worker})" in stderr_of(jobs[-1]), stderr_of(jobs[-1])[-2000:]
+        assert "this trial starts a fresh process" in stderr_of(jobs[-1]), stderr_of(jobs[-1])[-2000:]
     finally:
         from nni_effbert.nas import warm_worker
 

@@ -164,9 +164,7 @@ def test_worker_directory_from_the_environment(tmp_path):
     with pytest.raises(warm_worker.WorkerUnavailable, match="turned off"):
         warm_worker.worker_dir({warm_worker.ENV: "off"})
     assert warm_worker.worker_dir({warm_worker.ENV: str(tmp_path)}) == tmp_path
-    exp = tmp_path / "nni-experiments" / "abc"
-    assert warm_worker.worker_dir({"NNI_OUTPUT_DIR": str(exp / "trials" / "T1")}) == exp / "warm-worker"
-    with pytest.raises(warm_worker.WorkerUnavailable, match="no directory"):
+    with pytest.raises(warm_worker.WorkerUnavailable, match="not started for this experiment"):
         warm_worker.worker_dir({})
 
 
@@ -436,27 +434,10 @@ def test_search_points_trials_at_its_worker_unless_turned_off(tmp_path, monkeypa
             assert stopped == [(work / "warm-worker", "trial")]  # nnictl failed: the worker goes too
 
 
-def test_safe_path_trial_command_forks_without_the_working_directory_on_sys_path(worker, probe_dir):
-    """The trial command runs ``python -P -m nni_effbert.trial`` (the code directory cannot shadow an
-    installed package): the worker forks it, and the child's sys.path holds no working directory."""
-    directory, pid = worker
-    code = ("import json, os, sys; print('SAFE ' + json.dumps({'ppid': os.getppid(), "
-            "'cwd_on_path': any(p in ('', os.getcwd()) for p in sys.path)}), flush=True)")
-    driver = ("import sys; from pathlib import Path; from nni_effbert.nas import warm_worker; "
-              f"child = warm_worker.request_child(Path({str(directory)!r}), 'trial', ['-P', '-c', {code!r}]); "
-              "sys.exit(child.wait())")
-    p = subprocess.run([sys.executable, "-c", driver], env=_env(directory), cwd=probe_dir, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    (line,) = [json.loads(x.split(" ", 1)[1]) for x in p.stdout.splitlines() if x.startswith("SAFE ")]
-    assert line == {"ppid": pid, "cwd_on_path": False}
-
-
-def test_a_lazily_started_worker_lives_in_the_experiment_folder(tmp_path):
-    """NNI 3.0's local service runs a trial in ``<exp>/environments/local-env/trials/<id>``; the
-    worker a trial starts (or finds) is ``<exp>/warm-worker``, one per experiment."""
-    exp = tmp_path / "nni-experiments" / "abcd1234"
-    local = {"NNI_OUTPUT_DIR": str(exp / "environments" / "local-env" / "trials" / "T1")}
-    assert warm_worker.worker_dir(local) == exp / "warm-worker"
-    assert warm_worker.worker_dir({"NNI_OUTPUT_DIR": str(exp / "trials" / "T1")}) == exp / "warm-worker"
+def test_only_a_search_s_worker_is_used(tmp_path):
+    """Trials of a plain nnictl config (no ``$NNI_EFFBERT_WARM_WORKER``) run fresh: no worker is
+    started lazily from NNI's trial folder."""
+    local = {"NNI_OUTPUT_DIR": str(tmp_path / "exp" / "environments" / "local-env" / "trials" / "T1")}
+    with pytest.raises(warm_worker.WorkerUnavailable, match="not started for this experiment"):
+        warm_worker.worker_dir(local)
     assert warm_worker.worker_dir({warm_worker.ENV: str(tmp_path / "w")}) == tmp_path / "w"

@@ -179,13 +179,10 @@ def worker_dir(env: Optional[Mapping[str, str]] = None) -> Path:
         raise WorkerUnavailable(f"turned off ({ENV}={value})")
     if value:
         return Path(value).absolute()
-    out = env.get("NNI_OUTPUT_DIR")
-    if out and Path(out).parent.name == "trials":
-        base = Path(out).parent.parent  # <experiment dir>/trials/<trial id>
-        if base.parent.name == "environments":  # NNI 3.0 local: <experiment dir>/environments/<env>/trials/<id>
-            base = base.parent.parent
-        return base / "warm-worker"
-    raise WorkerUnavailable(f"no directory for it (neither {ENV} nor NNI's trial folder is set)")
+    # No lazy start from NNI's trial folder: a trial of a plain nnictl config runs fresh. A forked
+    # child inherits the worker's address space, so a trial's RLIMIT_AS (evaluator.memory_limit_mb)
+    # could hang it; `nni-effbert search` starts the worker and sets the variable.
+    raise WorkerUnavailable(f"not started for this experiment ({ENV} is not set; `nni-effbert search` sets it)")
 
 
 def socket_path(directory: Path, kind: str) -> Path:
