@@ -163,6 +163,10 @@ def _env():
     return env
 
 
+def meta_margin(folder):
+    return json.loads((folder / "export_meta.json").read_text())["extra"]["tie_margin"]
+
+
 def _run_example(sets, cwd, *args):
     from nni_effbert.nas.experiments import free_port
 
@@ -231,7 +235,12 @@ def test_nni_strategy_scores_trials_with_the_workdir_warmup(warm, strategy, tmp_
             assert cli.main(["export", "-q", "-c", str(CONFIG), *[f"--set={s}" for s in sets],
                              "--experiment", exp_id]) == 0
             folder = WorkDir.of(cfg).export_dir("searched")
-            best = max(scored, key=lambda t: (t["metric"], -t["params"]))
+            # the search's tie rule (search.tie_margin): the cheapest trial within the margin of the top score
+            from nni_effbert.nas.ranking import best_trial
+            margin = float(cfg.search.tie_margin or 0.0)
+            best = best_trial(scored, tie_margin=margin)
+            assert best["metric"] >= max(t["metric"] for t in scored) - margin - 1e-12
+            assert meta_margin(folder) == margin
             assert json.loads((folder / "arch.json").read_text()) == best["arch"]
             meta = json.loads((folder / "export_meta.json").read_text())["extra"]
             assert meta["experiment"] == exp_id and meta["supernet_experiment"] is None

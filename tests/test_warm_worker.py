@@ -418,7 +418,7 @@ def test_search_points_trials_at_its_worker_unless_turned_off(tmp_path, monkeypa
     monkeypatch.setattr(nnictl_search, "_nnictl", lambda args, timeout=180, **kw: (
         handed.append(kw.get("env")), sp.CompletedProcess(args, 1, "", "nnictl replaced by the test"))[1])
     monkeypatch.setattr(nnictl_search, "register_tuner", lambda: {})
-    monkeypatch.setattr(warm_worker, "start", lambda d, k, timeout: started.append((d, k)) or {"pid": 1})
+    monkeypatch.setattr(warm_worker, "start", lambda d, k, timeout, env=None: started.append((d, k, env)) or {"pid": 1})
     monkeypatch.setattr(warm_worker, "stop", lambda d, k: stopped.append((d, k)) or True)
 
     for extra, expected in (([], str(work / "warm-worker")), (["--no-warm-worker"], "off"),
@@ -430,7 +430,9 @@ def test_search_points_trials_at_its_worker_unless_turned_off(tmp_path, monkeypa
         if expected == "off":
             assert not started and not stopped
         else:
-            assert started == [(work / "warm-worker", "trial")]
+            # started with the trials' environment (python -P's PYTHONSAFEPATH): else it refuses them
+            assert [(d, k) for d, k, _ in started] == [(work / "warm-worker", "trial")]
+            assert started[0][2]["PYTHONSAFEPATH"] == "1"
             assert stopped == [(work / "warm-worker", "trial")]  # nnictl failed: the worker goes too
 
 

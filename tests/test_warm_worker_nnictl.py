@@ -6,7 +6,7 @@
 * a running candidate cancelled through NNI's REST API ends ``USER_CANCELED`` and its forked
   process is gone;
 * the worker, SIGKILLed mid-search: the next trials fall back to fresh processes (one line
-  each says why) and succeed, and a new worker serves the ones after;
+  each says why) and succeed;
 * every scored trial reports the ``parameter_id`` it ran (two concurrent forked trials' NNI
   channels do not cross), and the search succeeds.
 """
@@ -50,7 +50,7 @@ def _alive(pid):
     return not (stat.exists() and stat.read_text().split()[2] == "Z")
 
 
-def _until(what, check, port=None, timeout=1200.0, period=0.5):
+def _until(what, check, port=None, timeout=float(os.environ.get("WW_TEST_TIMEOUT", 1200)), period=0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:  # polling the manager's REST API and the trial folders
         got = check()
@@ -136,16 +136,23 @@ def test_search_trials_fork_from_the_warm_worker_survive_a_cancel_and_the_worker
 
     later = [j for j in jobs if j["trialJobId"] not in before_kill]
     assert later, "no trial started after the worker was killed"
-    # Trials before the kill: forked by the search's worker (the cancelled one included).
+    def fell_back(err):  # the one line a trial without a usable worker writes
+        return re.search(r"^warm worker: .*; this trial starts a fresh process$", err, re.M)
+
+    # Trials listed before the kill: forked by the search's worker (the cancelled one included),
+    # or, when one asked just as the worker died, a fresh process that says why.
     for job in jobs:
         if job["trialJobId"] in before_kill:
-            assert f"forked (parent {first_worker})" in stderr_of(job["trialJobId"]), stderr_of(job["trialJobId"])
-    # The first trial after the kill: a fresh process, one line saying why; it succeeds. A new
-    # worker (started by that trial) serves later ones.
-    fallback = [j for j in later if re.search(r"^warm worker: none", stderr_of(j["trialJobId"]), re.M)]
+            err = stderr_of(job["trialJobId"])
+            assert f"forked (parent {first_worker})" in err or fell_back(err), err
+    # The trials after the kill: never forked by the dead worker; the first ones are fresh
+    # processes, one line saying why; every one succeeds.
+    assert all(f"forked (parent {first_worker})" not in stderr_of(j["trialJobId"]) for j in later)
+    fallback = [j for j in jobs if fell_back(stderr_of(j["trialJobId"]))]
     assert fallback, [stderr_of(j["trialJobId"])[-500:] for j in later]
     assert all("forked (parent" not in stderr_of(j["trialJobId"]) for j in fallback)
-    assert all(j["status"] == "SUCCEEDED" for j in later), [(j["trialJobId"], j["status"]) for j in later]
+    assert all(j["status"] == "SUCCEEDED" for j in later + fallback), \
+        [(j["trialJobId"], j["status"]) for j in later + fallback]
     # Channels do not cross: each scored trial reports the parameter id it was given.
     scored = [j for j in jobs if j.get("finalMetricData")]
     assert len(scored) >= 4

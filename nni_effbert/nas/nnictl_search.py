@@ -242,7 +242,10 @@ def run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[in
         else:
             args = ["resume", resume, "--port", str(port)]
         # The NNI manager passes its environment on to every trial: where the warm worker is.
-        warm_env = warm_worker.for_search(wd.root, "trial", bool(cfg.search.warm_worker))
+        # The worker gets the trials' environment (PYTHONSAFEPATH included, see _nnictl): a worker
+        # whose import-time variables differ from its trials' would refuse them.
+        warm_env = warm_worker.for_search(wd.root, "trial", bool(cfg.search.warm_worker),
+                                          env=dict(os.environ, **SAFE_PATH_ENV))
         env = dict(os.environ, **warm_env)
         created = _nnictl(args, env=env)
         for _ in range(2):

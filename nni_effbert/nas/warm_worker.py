@@ -374,8 +374,11 @@ def spawn(directory: Path, kind: str, env: Optional[Mapping[str, str]] = None) -
                                 stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, close_fds=True)
 
 
-def start(directory: Path, kind: str, *, timeout: float = 180.0) -> Dict[str, Any]:
+def start(directory: Path, kind: str, *, timeout: float = 180.0,
+          env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """Start a worker (unless one answers) and wait until it serves; returns its ping answer.
+    ``env``: the environment its trials will have (default: this process's); the worker serves
+    only trials whose import-time variables match it.
 
     Raises
     ------
@@ -386,7 +389,7 @@ def start(directory: Path, kind: str, *, timeout: float = 180.0) -> Dict[str, An
         return ping(directory, kind)
     except WorkerUnavailable:
         pass
-    proc = spawn(directory, kind)
+    proc = spawn(directory, kind, env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -419,16 +422,18 @@ def stop(directory: Path, kind: str) -> bool:
         sock.close()
 
 
-def for_search(root: Path, kind: str, enabled: bool, *, timeout: float = 300.0) -> Dict[str, str]:
+def for_search(root: Path, kind: str, enabled: bool, *, timeout: float = 300.0,
+               env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """Start the warm worker of a search's trials (work directory ``root``) and wait until it
     serves; returns the environment variables that point the trials at it (``{ENV: "off"}`` when
-    not ``enabled``). A worker that does not come up is logged; the trials then start fresh
-    processes (or start a worker themselves), as without one."""
+    not ``enabled``). ``env``: the environment the trials inherit (default: this process's), e.g.
+    with ``PYTHONSAFEPATH`` set. A worker that does not come up is logged; the trials then start
+    fresh processes, as without one."""
     if not enabled:
         return {ENV: "off"}
     directory = Path(root).absolute() / "warm-worker"
     try:
-        info = start(directory, kind, timeout=timeout)
+        info = start(directory, kind, timeout=timeout, env=env)
         logger.info("warm worker %s serves the %s trials (%s)", info.get("pid"), kind, socket_path(directory, kind))
     except WorkerUnavailable as exc:
         logger.warning("warm worker not started (%s): trials start fresh processes", exc)
