@@ -12,7 +12,7 @@
     nni-effbert distill        -c exp.yml [--export DIR] final KD of an exported student (default exports/searched)
     nni-effbert report         -c exp.yml [--experiment ID]
     nni-effbert quickstart     [--data-dir DIR]         all of it on the embedded SST-2 default
-    nni-effbert fidelity       -c exp.yml --experiment ID [--sample K] [--steps N] [--repeat R]
+    nni-effbert fidelity       -c exp.yml --experiment ID [--sample K] [--steps N] [--repeat R] [--distill-seeds D]
     nni-effbert verify-export  PATH                     check an export folder's files against its recorded sha256
 
 Every command takes ``-c/--config`` and repeatable ``--set dotted.key=value`` overrides, and
@@ -468,6 +468,9 @@ def _configure_fidelity(parser: argparse.ArgumentParser) -> None:
                         help="also re-score the K archs with R other evaluator seeds (test-retest ceiling)")
     parser.add_argument("--stage", type=int, metavar="N",
                         help="stage to sample from (default: the stage with the most scored candidates)")
+    parser.add_argument("--distill-seeds", type=int, default=1, metavar="D",
+                        help="distil each arch with D distill seeds; the final score is their mean and the final's "
+                             "own seed-to-seed Kendall tau is reported (default 1)")
     parser.add_argument("--seed", type=int, metavar="S", help="seed of the sample (default: the config's seed)")
     parser.add_argument("--experiments-dir", metavar="DIR",
                         help="NNI experiments folder, when the experiment is not in NNI's manifest")
@@ -479,7 +482,7 @@ def _run_fidelity(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args, args.experiment)
     out = run_fidelity(cfg, args.experiment, sample=args.sample, steps=args.steps, repeat=args.repeat,
                        stage=args.stage, seed=args.seed, experiments_dir=args.experiments_dir,
-                       progress=not args.quiet)
+                       progress=not args.quiet, distill_seeds=args.distill_seeds)
     print(out.summary)
     print(f"distilled {out.distilled} arch(s), reused {out.reused} recorded; re-scored {out.rescored}")
     for path in (out.json_path, out.md_path, out.png_path):

@@ -212,6 +212,8 @@ def test_fidelity_matches_scipy_writes_files_and_resumes(cfg, setup, monkeypatch
     assert rep["repeats"] == 1 and len(rep["rescores"]) == 3 and rep["per_seed"][0]["evaluator_seed"] == cfg.seed + 1
 
     # Resume: nothing is distilled or re-scored again.
+    real_distill, real_evaluate = fidelity_mod.run_distill, fidelity_mod.KDEvaluator.evaluate
+
     def boom(*a, **k):
         raise AssertionError("redone")
 
@@ -221,6 +223,28 @@ def test_fidelity_matches_scipy_writes_files_and_resumes(cfg, setup, monkeypatch
                                       setup=setup)
     assert again.distilled == 0 and again.reused == 3 and again.rescored == 0
     assert again.data["pairs"] == data["pairs"] and again.data["kendall_tau"] == data["kendall_tau"]
+
+    # --distill-seeds 2: the base seed's records are reused, one more distillation per arch; the
+    # final score is the mean of the two seeds' and the final's own seed-to-seed tau is scipy's.
+    monkeypatch.setattr(fidelity_mod, "run_distill", real_distill)
+    monkeypatch.setattr(fidelity_mod.KDEvaluator, "evaluate", real_evaluate)
+    two = fidelity_mod.run_fidelity(cfg, "tinyexp", trials=trials, sample=3, steps=3, progress=False, setup=setup,
+                                    distill_seeds=2)
+    assert two.distilled == 3 and two.reused == 3
+    base = data["distill_plan"]["seed"]
+    for p in two.data["pairs"]:
+        by_seed = p["final_by_seed"]
+        assert set(by_seed) == {str(base), str(base + 1)}
+        assert by_seed[str(base)] == {q["trial"]: q for q in pairs}[p["trial"]]["final_score"]
+        assert p["final_score"] == pytest.approx((by_seed[str(base)] + by_seed[str(base + 1)]) / 2)
+    sts = two.data["final_seed_to_seed"]
+    assert sts["distill_seeds"] == [base, base + 1] and len(sts["pairs"]) == 1
+    _same(sts["kendall_tau_mean"], stats.kendalltau([p["final_by_seed"][str(base)] for p in two.data["pairs"]],
+                                                    [p["final_by_seed"][str(base + 1)] for p in two.data["pairs"]]).statistic)
+    assert "seed-to-seed" in two.summary and "distill seeds" in two.md_path.read_text()
+    with pytest.raises(ConfigError, match="--distill-seeds"):
+        fidelity_mod.run_fidelity(cfg, "tinyexp", trials=trials, sample=3, steps=3, progress=False, setup=setup,
+                                  distill_seeds=0)
 
     # The report includes the fidelity section when fidelity.json exists.
     res = write_report(WorkDir.of(cfg).root, trials, [], search_metric_name="search score (kd)")
@@ -249,5 +273,5 @@ def test_select_candidates_spans_the_range():
 def test_fidelity_is_the_last_command():
     assert COMMANDS[-1].name == "fidelity"
     args = build_parser().parse_args(["fidelity", "-c", "x.yml", "--experiment", "abc", "--sample", "5",
-                                      "--steps", "9", "--repeat", "2"])
-    assert (args.experiment, args.sample, args.steps, args.repeat) == ("abc", 5, 9, 2)
+                                      "--steps", "9", "--repeat", "2", "--distill-seeds", "3"])
+    assert (args.experiment, args.sample, args.steps, args.repeat, args.distill_seeds) == ("abc", 5, 9, 2, 3)

@@ -3,6 +3,7 @@
 ::
 
     nni-effbert fidelity -c exp.yml --experiment ID [--sample K] [--steps N] [--repeat R] [--stage S]
+                         [--distill-seeds D]
 
 1. **Sample.** From the scored candidates of one stage (default: the stage with the most scored
    candidates; scores of different stages come from different supernets and budgets and are
@@ -11,7 +12,11 @@
 2. **Distil.** Each is exported with its stage's supernet weights and distilled as
    ``nni-effbert distill`` would (the config's ``distill`` budget; ``--steps N`` gives a shorter
    total budget split between general and task KD in the config's proportion), then scored on
-   **dev**. The search never read dev; this is its only use here.
+   **dev**. The search never read dev; this is its only use here. With ``--distill-seeds D``
+   each arch is distilled D times (``distill.seed`` = base + 0..D-1) and its final score is the
+   mean over those seeds; the final's own seed-to-seed Kendall tau (every pair of seeds, over
+   the K archs) is reported beside the search score's: no search score can rank the archs
+   better than the final agrees with itself.
 3. **Compare.** Kendall's tau-b and Spearman's rho (with ``scipy.stats`` p-values) between the
    search score and the final dev score, and the top-1 / top-3 hit rates, for the search's own
    ``default`` and for every other objective in the candidates' metric dicts
@@ -50,8 +55,8 @@ from .distill import plan_distill, run_distill
 from .plots import plot_scatter
 from .students import experiments_dir_of, export_trial_arch
 
-__all__ = ["FIDELITY_FORMAT", "FidelityResult", "select_candidates", "rank_agreement", "run_fidelity",
-           "fidelity_markdown"]
+__all__ = ["FIDELITY_FORMAT", "FidelityResult", "select_candidates", "rank_agreement", "seed_agreement",
+           "run_fidelity", "fidelity_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +204,7 @@ def _record_ok(path: Path, key: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
 def run_fidelity(cfg, experiment: Optional[str] = None, *, trials: Optional[Sequence[Mapping[str, Any]]] = None,
                  sample: int = 12, steps: Optional[int] = None, repeat: int = 0, stage: Optional[int] = None,
                  seed: Optional[int] = None, experiments_dir: Optional[str] = None, progress: bool = True,
-                 setup: Optional[KDSetup] = None) -> FidelityResult:
+                 setup: Optional[KDSetup] = None, distill_seeds: int = 1) -> FidelityResult:
     """Measure how well the experiment's search scores predict the final distilled dev scores.
 
     Parameters
@@ -224,6 +229,8 @@ def run_fidelity(cfg, experiment: Optional[str] = None, *, trials: Optional[Sequ
     progress : bool
     setup : KDSetup, optional
         A loaded experiment to share.
+    distill_seeds : int
+        D, distill seeds per arch (default 1); the final score is their mean.
 
     Returns
     -------
@@ -234,8 +241,10 @@ def run_fidelity(cfg, experiment: Optional[str] = None, *, trials: Optional[Sequ
     FidelityError
         Fewer than 2 scored candidates in the stage.
     ConfigError
-        Bad ``sample`` / ``steps`` / ``repeat``.
+        Bad ``sample`` / ``steps`` / ``repeat`` / ``distill_seeds``.
     """
+    if isinstance(distill_seeds, bool) or not isinstance(distill_seeds, int) or distill_seeds < 1:
+        raise ConfigError(f"--distill-seeds must be an integer >= 1, got {distill_seeds!r}")
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 0:
         raise ConfigError(f"--repeat must be an integer >= 0, got {repeat!r}")
     if trials is None:
@@ -252,6 +261,8 @@ def run_fidelity(cfg, experiment: Optional[str] = None, *, trials: Optional[Sequ
     chosen = select_candidates(pool, int(sample), seed)
     dcfg = _scaled_cfg(cfg, steps)
     plan = plan_distill(dcfg).to_dict()
+    seeds = [int(plan["seed"]) + i for i in range(distill_seeds)]
+    seed_cfgs = {s: dataclasses.replace(dcfg, distill=dataclasses.replace(dcfg.distill, seed=s)) for s in seeds}
     wd = WorkDir.of(cfg).ensure()
     root = wd.root / "fidelity"
     setup = setup or KDSetup.from_config(cfg, progress=progress)
@@ -264,26 +275,36 @@ def run_fidelity(cfg, experiment: Optional[str] = None, *, trials: Optional[Sequ
     distilled = reused = 0
     for t in tqdm(chosen, desc="fidelity: distil", disable=not progress):
         tid = str(t["trial_id"])
-        key = {"format": FIDELITY_FORMAT, "experiment": experiment, "trial": tid, "arch": t["arch"], "stage": stage,
-               "plan": plan, "task_fingerprint": setup.task.fingerprint}
-        path = root / "distilled" / f"{_safe(tid)}.json"
-        record = _record_ok(path, key)
-        if record is None:
-            name = f"fidelity-{_safe(tid)}"
-            # force: fidelity-<trial> folders are this command's scratch copies, redone when unrecorded
-            export_trial_arch(cfg, t["arch"], stage, name, evaluator=evaluator, force=True,
-                              extra={"source": "fidelity", "experiment": experiment, "trial_id": tid,
-                                     "trial_metric": t["metric"], "stage": stage})
-            result = run_distill(dcfg, wd.export_dir(name), force=True, progress=progress, setup=setup)
-            record = {"key": key, "final_score": result.dev_metric, "before": result.before,
-                      "seconds": round(result.seconds, 1)}
-            atomic_write_json(record, path)
-            distilled += 1
-        else:
-            reused += 1
+        per_seed: Dict[int, Dict[str, Any]] = {}
+        for dseed in seeds:
+            scfg = seed_cfgs[dseed]
+            key = {"format": FIDELITY_FORMAT, "experiment": experiment, "trial": tid, "arch": t["arch"], "stage": stage,
+                   "plan": plan_distill(scfg).to_dict(), "task_fingerprint": setup.task.fingerprint}
+            # the base seed's record keeps its name (records of runs before --distill-seeds stay valid)
+            suffix = "" if dseed == seeds[0] else f"-dseed{dseed}"
+            path = root / "distilled" / f"{_safe(tid)}{suffix}.json"
+            record = _record_ok(path, key)
+            if record is None:
+                name = f"fidelity-{_safe(tid)}"
+                # force: fidelity-<trial> folders are this command's scratch copies, exported again
+                # from the supernet for every seed (a distilled folder is not a start)
+                export_trial_arch(cfg, t["arch"], stage, name, evaluator=evaluator, force=True,
+                                  extra={"source": "fidelity", "experiment": experiment, "trial_id": tid,
+                                         "trial_metric": t["metric"], "stage": stage})
+                result = run_distill(scfg, wd.export_dir(name), force=True, progress=progress, setup=setup)
+                record = {"key": key, "final_score": result.dev_metric, "before": result.before,
+                          "seconds": round(result.seconds, 1)}
+                atomic_write_json(record, path)
+                distilled += 1
+            else:
+                reused += 1
+            per_seed[dseed] = record
         final = dict(t["final"])
-        pairs.append({"trial": tid, "search_score": float(t["metric"]), "final_score": float(record["final_score"]),
-                      "dev_before_distill": record.get("before"), "params": t["params"],
+        first = per_seed[seeds[0]]
+        pairs.append({"trial": tid, "search_score": float(t["metric"]),
+                      "final_score": float(np.mean([float(r["final_score"]) for r in per_seed.values()])),
+                      "final_by_seed": {str(k): float(r["final_score"]) for k, r in per_seed.items()},
+                      "dev_before_distill": first.get("before"), "params": t["params"],
                       "objectives": objective_scores(final)})
 
     # -- test-retest: the same archs re-scored with other evaluator seeds ------------------------
@@ -312,7 +333,8 @@ def run_fidelity(cfg, experiment: Optional[str] = None, *, trials: Optional[Sequ
             rescores.append({"trial": tid, "evaluator_seed": eseed, "search_score": float(record["default"]),
                              "objectives": record["objectives"]})
 
-    data = _summarise(cfg, setup, experiment, stage, len(pool), plan, steps, sample, seed, pairs, rescores, repeat)
+    data = _summarise(cfg, setup, experiment, stage, len(pool), plan, steps, sample, seed, pairs, rescores, repeat,
+                      seeds)
     out = wd.reports_dir
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = out / "fidelity.json", out / "fidelity.md", out / "fidelity.png"
@@ -329,8 +351,22 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name)) or "trial"
 
 
+def seed_agreement(pairs: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> Dict[str, Any]:
+    """The final score's agreement with itself: Kendall tau between the K archs' finals of every
+    pair of distill seeds, and their mean (None with fewer than 2 seeds)."""
+    per_pair = []
+    for i, a in enumerate(seeds):
+        for b in seeds[i + 1:]:
+            agree = rank_agreement([p["final_by_seed"][str(a)] for p in pairs], [p["final_by_seed"][str(b)] for p in pairs])
+            per_pair.append({"seeds": [int(a), int(b)], "kendall_tau": agree["kendall_tau"]})
+    taus = [x["kendall_tau"] for x in per_pair if x["kendall_tau"] is not None]
+    return {"distill_seeds": [int(s) for s in seeds], "pairs": per_pair,
+            "kendall_tau_mean": float(np.mean(taus)) if taus else None,
+            "kendall_tau_std": float(np.std(taus)) if taus else None}
+
+
 def _summarise(cfg, setup, experiment, stage, pool_size, plan, steps, sample, seed, pairs, rescores,
-               repeat) -> Dict[str, Any]:
+               repeat, seeds: Sequence[int] = ()) -> Dict[str, Any]:
     finals = [p["final_score"] for p in pairs]
     default = rank_agreement([p["search_score"] for p in pairs], finals)
     objectives = sorted({name for p in pairs for name in p["objectives"]}, key=lambda n: OBJECTIVES.index(n)
@@ -381,6 +417,7 @@ def _summarise(cfg, setup, experiment, stage, pool_size, plan, steps, sample, se
                                        "top1_hit", "top3_hit_rate", "n")},
         "by_objective": by_objective,
         "repeat": repeat_block,
+        "final_seed_to_seed": seed_agreement(pairs, list(seeds) or [int(plan["seed"])]),
     }
 
 
@@ -400,6 +437,13 @@ def _f(v: Any, spec: str = ".3f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def _seeds_text(data: Mapping[str, Any], plan: Mapping[str, Any]) -> str:
+    seeds = (data.get("final_seed_to_seed") or {}).get("distill_seeds") or [plan["seed"]]
+    if len(seeds) == 1:
+        return f"distill seed {seeds[0]}"
+    return f"distill seeds {', '.join(map(str, seeds))}; final score = their mean"
+
+
 def _summary_lines(data: Mapping[str, Any]) -> str:
     lines = [f"fidelity of stage {data['stage']} ({len(data['pairs'])} archs, distilled "
              f"{data['distill_plan']['general_steps']}+{data['distill_plan']['task_steps']} steps, dev {data['metric']}):",
@@ -409,6 +453,10 @@ def _summary_lines(data: Mapping[str, Any]) -> str:
     for name, agree in data["by_objective"].items():
         lines.append(f"  objective {name}: Kendall tau {_f(agree['kendall_tau'])}, Spearman rho "
                      f"{_f(agree['spearman_rho'])}")
+    sts = data.get("final_seed_to_seed") or {}
+    if len(sts.get("distill_seeds") or []) > 1:
+        lines.append(f"  final score: mean over distill seeds {sts['distill_seeds']}; its own seed-to-seed Kendall "
+                     f"tau {_f(sts['kendall_tau_mean'])} +- {_f(sts['kendall_tau_std'])}")
     rep = data["repeat"]
     if rep.get("per_seed"):
         lines.append(f"  test-retest over {rep['repeats']} evaluator seed(s): Kendall tau "
@@ -422,7 +470,7 @@ def fidelity_markdown(data: Mapping[str, Any], png_name: Optional[str] = "fideli
     lines = [f"{heading} Search fidelity: does the search score predict the final result?", "",
              f"- Stage {data['stage']}: {len(data['pairs'])} of its {data['candidates_in_stage']} scored candidates "
              f"(best, worst and seeded random between), each distilled with {plan['general_steps']} general + "
-             f"{plan['task_steps']} task KD steps (distill seed {plan['seed']}).",
+             f"{plan['task_steps']} task KD steps ({_seeds_text(data, plan)}).",
              f"- **Search score**: {data['splits']['search_score']}; {data['search_split_rows']} rows.",
              f"- **Final score**: {data['splits']['final_score']}; {data['dev_rows']} rows.",
              "",
@@ -436,6 +484,14 @@ def fidelity_markdown(data: Mapping[str, Any], png_name: Optional[str] = "fideli
                      f"{_f(a['spearman_rho'])} ({_f(a['spearman_rho_pvalue'], '.3g')}) | {_f(a.get('top1_hit'), '.0f')} | "
                      f"{_f(a.get('top3_hit_rate'), '.2f')} |")
     lines.append("")
+    sts = data.get("final_seed_to_seed") or {}
+    if len(sts.get("distill_seeds") or []) > 1:
+        lines += [f"The final score's own agreement across distill seeds (the ceiling of any search score): "
+                  f"Kendall tau {_f(sts['kendall_tau_mean'])} ± {_f(sts['kendall_tau_std'])} over "
+                  f"{len(sts['pairs'])} seed pair(s).", "",
+                  "| distill seeds | Kendall tau of their finals |", "|---|---:|"]
+        lines += [f"| {a}, {b} | {_f(x['kendall_tau'])} |" for x in sts["pairs"] for a, b in [x["seeds"]]]
+        lines.append("")
     rep = data["repeat"]
     if rep.get("per_seed"):
         lines += [f"Test-retest (the same archs scored again with other evaluator seeds; the ceiling of any "
