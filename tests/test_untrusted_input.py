@@ -268,7 +268,8 @@ def test_random_bytes_checkpoint_is_reported_as_corrupt(tmp_path):
     with pytest.raises(CheckpointError) as err:
         io.load_torch(path, "supernet checkpoint of stage 0")
     msg = str(err.value)
-    assert re.search(r"supernet checkpoint of stage 0 at .*stage0\.pt is corrupt", msg)
+    # whichever way the bytes fail to parse (not a zip / pickle, or a pickle that breaks off)
+    assert re.search(r"supernet checkpoint of stage 0 at .*stage0\.pt is (truncated or )?corrupt", msg), msg
     assert "weights_only" not in msg and "\n" not in msg
 
 

@@ -126,7 +126,7 @@ def _gone(pid, timeout=30.0):
             os.kill(pid, 0)
             if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
                 return True  # a zombie: dead, its parent has not reaped it yet
-        except ProcessLookupError:
+        except (ProcessLookupError, FileNotFoundError):  # gone between the two checks: reaped
             return True
         time.sleep(0.1)
     return False
