@@ -50,7 +50,7 @@ def _alive(pid):
     return not (stat.exists() and stat.read_text().split()[2] == "Z")
 
 
-def _until(what, check, port=None, timeout=float(os.environ.get("WW_TEST_TIMEOUT", 1200)), period=0.5):
+def _until(what, check, port=None, timeout=1200.0, period=0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:  # polling the manager's REST API and the trial folders
         got = check()

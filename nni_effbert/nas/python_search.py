@@ -353,12 +353,10 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
     conf = NasExperimentConfig("ts", "simplified", "local")
     # Trials start as `{envs} {python} -m nni.nas.execution.training_service trial`: through the
     # supervisor, which has them forked by the warm worker (kind "nas") when it serves.
-    # The manager and its trials (run in this working directory) inherit PYTHONSAFEPATH, so a module
-    # file here cannot shadow an installed package in them; the warm worker is started with it too
-    # (its environment must match its trials').
-    saved_env = {key: os.environ.get(key) for key in SAFE_PATH_ENV}
-    os.environ.update(SAFE_PATH_ENV)
-    warm_env = warm_worker.for_search(wd.root, "nas", bool(cfg.search.warm_worker))
+    # The worker gets the trials' environment (PYTHONSAFEPATH included, set below for the manager):
+    # a worker whose import-time variables differ from its trials' would refuse them.
+    warm_env = warm_worker.for_search(wd.root, "nas", bool(cfg.search.warm_worker),
+                                      env=dict(os.environ, **SAFE_PATH_ENV))
     conf._trial_command_params = {  # NNI's own hook for this template
         "envs": " ".join(f"{k}={shlex.quote(v)}" for k, v in warm_env.items()),
         "python": f"{shlex.quote(sys.executable)} -m nni_effbert.nas.supervisor"}
@@ -385,6 +383,7 @@ def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, r
     def on_sigterm(signum, frame):
         raise _Interrupted()
 
+    saved_env = {key: os.environ.get(key) for key in SAFE_PATH_ENV}
     previous = signal.signal(signal.SIGTERM, on_sigterm) \
         if threading.current_thread() is threading.main_thread() else None
     try:

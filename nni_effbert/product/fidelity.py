@@ -263,6 +263,7 @@ def run_fidelity(cfg, experiment: Optional[str] = None, *, trials: Optional[Sequ
     plan = plan_distill(dcfg).to_dict()
     seeds = [int(plan["seed"]) + i for i in range(distill_seeds)]
     seed_cfgs = {s: dataclasses.replace(dcfg, distill=dataclasses.replace(dcfg.distill, seed=s)) for s in seeds}
+    seed_plans = {s: plan_distill(c).to_dict() for s, c in seed_cfgs.items()}
     wd = WorkDir.of(cfg).ensure()
     root = wd.root / "fidelity"
     setup = setup or KDSetup.from_config(cfg, progress=progress)
@@ -277,9 +278,8 @@ def run_fidelity(cfg, experiment: Optional[str] = None, *, trials: Optional[Sequ
         tid = str(t["trial_id"])
         per_seed: Dict[int, Dict[str, Any]] = {}
         for dseed in seeds:
-            scfg = seed_cfgs[dseed]
             key = {"format": FIDELITY_FORMAT, "experiment": experiment, "trial": tid, "arch": t["arch"], "stage": stage,
-                   "plan": plan_distill(scfg).to_dict(), "task_fingerprint": setup.task.fingerprint}
+                   "plan": seed_plans[dseed], "task_fingerprint": setup.task.fingerprint}
             # the base seed's record keeps its name (records of runs before --distill-seeds stay valid)
             suffix = "" if dseed == seeds[0] else f"-dseed{dseed}"
             path = root / "distilled" / f"{_safe(tid)}{suffix}.json"
@@ -291,7 +291,7 @@ def run_fidelity(cfg, experiment: Optional[str] = None, *, trials: Optional[Sequ
                 export_trial_arch(cfg, t["arch"], stage, name, evaluator=evaluator, force=True,
                                   extra={"source": "fidelity", "experiment": experiment, "trial_id": tid,
                                          "trial_metric": t["metric"], "stage": stage})
-                result = run_distill(scfg, wd.export_dir(name), force=True, progress=progress, setup=setup)
+                result = run_distill(seed_cfgs[dseed], wd.export_dir(name), force=True, progress=progress, setup=setup)
                 record = {"key": key, "final_score": result.dev_metric, "before": result.before,
                           "seconds": round(result.seconds, 1)}
                 atomic_write_json(record, path)
@@ -366,7 +366,7 @@ def seed_agreement(pairs: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> 
 
 
 def _summarise(cfg, setup, experiment, stage, pool_size, plan, steps, sample, seed, pairs, rescores,
-               repeat, seeds: Sequence[int] = ()) -> Dict[str, Any]:
+               repeat, seeds: Sequence[int]) -> Dict[str, Any]:
     finals = [p["final_score"] for p in pairs]
     default = rank_agreement([p["search_score"] for p in pairs], finals)
     objectives = sorted({name for p in pairs for name in p["objectives"]}, key=lambda n: OBJECTIVES.index(n)
@@ -417,7 +417,7 @@ def _summarise(cfg, setup, experiment, stage, pool_size, plan, steps, sample, se
                                        "top1_hit", "top3_hit_rate", "n")},
         "by_objective": by_objective,
         "repeat": repeat_block,
-        "final_seed_to_seed": seed_agreement(pairs, list(seeds) or [int(plan["seed"])]),
+        "final_seed_to_seed": seed_agreement(pairs, seeds),
     }
 
 
