@@ -163,7 +163,7 @@ def main() -> int:
     from nni_effbert.latency import table as lt
     from nni_effbert.latency.runtimes import LogitsModule
     from nni_effbert.kd.teacher import load_teacher, prepare_teacher
-    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.kd.setup import KDSetup
     from nni_effbert.product import onnx as deploy
     from nni_effbert.product.latency_exports import ensure_latency_baseline, export_best_objective
     from nni_effbert.product.distill import distill_record

@@ -144,7 +144,7 @@ def main():
 
     from nni_effbert.config import apply_overrides, load_config
     from nni_effbert.kd.teacher import finetune_from_config
-    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.kd.setup import KDSetup
     from nni_effbert.product.fidelity import run_fidelity
 
     info = machine_info()

@@ -102,7 +102,7 @@ def main() -> int:
     args = p.parse_args()
 
     from nni_effbert.config import load_config
-    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.kd.setup import KDSetup
     from nni_effbert.nas.kd_evaluator import KDEvaluator
     from nni_effbert.nas.warmup import run_warmup
 

@@ -81,7 +81,7 @@ def main() -> int:
 
     from nni_effbert.config import apply_overrides, load_config
     from nni_effbert.latency import table as lt
-    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.kd.setup import KDSetup
     from nni_effbert.nas.kd_evaluator import KDEvaluator
     from nni_effbert.product.latency_exports import ensure_latency_baseline
     from nni_effbert.product.distill import run_distill

@@ -215,7 +215,7 @@ def main():
     total = time.perf_counter() - started
     rows = out.report.rows
     command = "python bench/pipeline.py " + " ".join(sys.argv[1:])
-    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.kd.setup import KDSetup
     setup = KDSetup.from_config(cfg, progress=False)
     from nni_effbert.product.students import BASELINE
     seeds = [seed_entry(cfg.distill.seed, out.distilled.path, setup.workdir.export_dir(BASELINE))]

@@ -121,7 +121,7 @@ def main() -> int:
     from nni_effbert.kd import latency_table as lt
     from nni_effbert.latency.measure import measure_latency
     from nni_effbert.kd.teacher import load_teacher, prepare_teacher
-    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.kd.setup import KDSetup
     from nni_effbert.nas.kd_evaluator import KDEvaluator
     from nni_effbert.product.latency_exports import ensure_latency_baseline
     from nni_effbert.product.distill import run_distill

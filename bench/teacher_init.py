@@ -59,7 +59,8 @@ from nni_effbert.latency.measure import measure_latency  # noqa: E402
 from nni_effbert.latency.table import latency_settings, table_for_config, teacher_latency_ms  # noqa: E402
 from nni_effbert.kd.teacher import finetune_from_config, load_teacher, prepare_teacher  # noqa: E402
 from nni_effbert.kd.teacher_init import student_origin  # noqa: E402
-from nni_effbert.kd.train import KDSetup, evaluate  # noqa: E402
+from nni_effbert.kd.scoring import evaluate  # noqa: E402
+from nni_effbert.kd.setup import KDSetup  # noqa: E402
 from nni_effbert.nas.warmup import run_warmup  # noqa: E402
 from nni_effbert.product.latency_exports import latency_baseline_arch  # noqa: E402
 from nni_effbert.product.distill import baseline_arch, run_distill  # noqa: E402

@@ -107,7 +107,7 @@ def _mark(marks: Dict[str, float], name: str) -> None:
 
 def _instrument(marks: Dict[str, float]) -> None:
     """Wrap the evaluator's functions to time the first batch and the end of the work."""
-    from nni_effbert.kd import train  # local: after the source mapping, in the worker process only
+    from nni_effbert.kd import setup as train  # local: after the source mapping, in the worker process only
     from nni_effbert.nas import kd_evaluator as evaluator
 
     kd_train, setup_evaluate, evaluate = evaluator.kd_train, train.KDSetup.evaluate, evaluator.KDEvaluator.evaluate

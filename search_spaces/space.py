@@ -136,7 +136,7 @@ class EfficientBertSpace(EfficientBertSupernet, ModelSpace):
         """The NNI model space of ``supernet``'s config, sharing its weights (no copy).
 
         What ``NasExperiment`` needs when the experiment's space was built without NNI
-        (:func:`nni_effbert.kd.train.build_space`); the global torch RNG is left untouched.
+        (:func:`nni_effbert.kd.setup.build_space`); the global torch RNG is left untouched.
         """
         if isinstance(supernet, cls):
             return supernet

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nni_effbert.config import load_config
-from nni_effbert.kd.train import KDSetup, predict
+from nni_effbert.kd.scoring import predict
+from nni_effbert.kd.setup import KDSetup
 from nni_effbert.product.compare import compare_predictions, teacher_logits
 from conftest import finetune_teacher_into
 

@@ -189,7 +189,7 @@ def _delete_experiments(work):
 @pytest.mark.parametrize("strategy", ["random", "evolution"])
 def test_nni_strategy_scores_trials_with_the_workdir_warmup(warm, strategy, tmp_path):
     from nni_effbert import cli
-    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.kd.setup import KDSetup
     from nni_effbert.nas.objectives import objective_value
     from nni_effbert.nas.records import is_scored, read_nni_trials
 

@@ -117,7 +117,7 @@ def trial_cfg(tmp_path_factory, squad_small, base_qa_teacher):
 
 
 def test_tiny_qa_trial_end_to_end(trial_cfg, tmp_path):
-    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.kd.setup import KDSetup
     from nni_effbert.nas.kd_evaluator import KDEvaluator
     from nni_effbert.nas.warmup import run_warmup
 

@@ -65,7 +65,7 @@ def _logits(folder_or_space, arch=None):
 
 def test_two_experiments_in_one_workdir_keep_their_supernets(prepared, tmp_path, capsys):
     from nni_effbert.config import load_config
-    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.kd.setup import KDSetup
     from nni_effbert.nas.supernets import load_supernet_checkpoint
 
     exp, work = str(prepared["exp"]), prepared["work"]

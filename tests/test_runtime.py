@@ -18,7 +18,9 @@ from nni_effbert.data.loading import load_task
 from nni_effbert.errors import ConfigError
 from nni_effbert.kd.losses import KDLoss
 from nni_effbert.kd.teacher import prepare_teacher
-from nni_effbert.kd.train import LiveTeacher, TrainSettings, TrialFailure, build_space, iterate_batches, kd_train
+from nni_effbert.kd.setup import build_space
+from nni_effbert.kd.sources import LiveTeacher
+from nni_effbert.kd.train import TrainSettings, TrialFailure, iterate_batches, kd_train
 from nni_effbert.nas import trial_runner as trial_mod
 from nni_effbert.nas.nnictl_search import nnictl_config, write_nnictl_config
 from nni_effbert.runtime import Runtime, RuntimeConfigError, configure_threads, gpu_oom_reason, resolve_runtime

@@ -112,7 +112,7 @@ def test_search_cli_runs_real_trials_through_nnictl(search_run, capsys):
     assert len(jobs) == N_TRIALS
     assert all(j["status"] == "SUCCEEDED" for j in jobs), [(j["trialJobId"], j["status"]) for j in jobs]
 
-    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.kd.setup import KDSetup
 
     space = KDSetup.from_config(cfg, progress=False).space
     warmups, cands = [], []

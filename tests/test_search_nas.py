@@ -33,7 +33,7 @@ def test_search_python_runs_nas_experiment(tmp_path, base_teacher, glue_dir, cap
     from nni_effbert import cli
     from nni_effbert.config import load_config
     from nni_effbert.nas.records import is_scored, normalize_trial, read_nni_trials
-    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.kd.setup import KDSetup
 
     work = tmp_path / "work"
     sets = [f"--set={s}" for s in (f"workdir={work}", f"teacher.model={base_teacher}", f"task.data_dir={glue_dir}",

@@ -21,7 +21,7 @@ from nni_effbert.config import load_config
 from nni_effbert.data.loading import search_split_rows
 from nni_effbert.errors import ConfigError
 from nni_effbert.kd.teacher import teacher_outputs
-from nni_effbert.kd.train import KDSetup
+from nni_effbert.kd.setup import KDSetup
 from nni_effbert.nas.kd_evaluator import KDEvaluator
 from nni_effbert.nas.objectives import objective_value
 from nni_effbert.nas.warmup import run_warmup

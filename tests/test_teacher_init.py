@@ -19,7 +19,7 @@ from nni_effbert.kd.teacher import teacher_outputs
 from nni_effbert.kd.teacher_init import (init_from_teacher, magnitude_importance, origin_line, start_from_teacher,
                                          student_origin, student_preset, taylor_importance, teacher_parts,
                                          teacher_student_fields)
-from nni_effbert.kd.train import KDSetup
+from nni_effbert.kd.setup import KDSetup
 from nni_effbert.nas.warmup import run_warmup
 from nni_effbert.product.export import architecture_markdown
 from nni_effbert.search_spaces import EfficientBertSpace

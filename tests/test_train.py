@@ -16,8 +16,10 @@ from nni_effbert.latency.measure import measure_latency
 from nni_effbert.kd.losses import KDLoss, TeacherBatch
 from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.kd.teacher import prepare_teacher
-from nni_effbert.kd.train import (LiveTeacher, TrainSettings, TrialFailure, build_space, evaluate, iterate_batches,
-                               kd_train)
+from nni_effbert.kd.scoring import evaluate
+from nni_effbert.kd.setup import build_space
+from nni_effbert.kd.sources import LiveTeacher
+from nni_effbert.kd.train import TrainSettings, TrialFailure, iterate_batches, kd_train
 from nni_effbert.workdir import WorkDir
 
 

@@ -10,7 +10,7 @@ import pytest
 import nni_effbert.kd.cache as cache_mod
 import nni_effbert.kd.train as kd_train_mod
 from nni_effbert.config import ConfigError, load_config
-from nni_effbert.kd.train import KDSetup
+from nni_effbert.kd.setup import KDSetup
 from nni_effbert.nas.kd_evaluator import KDEvaluator
 from nni_effbert.nas.warmup import run_warmup
 from nni_effbert.product.distill import _transfer_source, plan_distill, run_distill

@@ -75,7 +75,7 @@ def test_teacher_warmup_and_trials_end_to_end(tmp_path, base_teacher, glue_dir, 
     import torch
 
     from nni_effbert.config import load_config
-    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.kd.setup import KDSetup
 
     space = KDSetup.from_config(load_config(TINY, [s.split("=", 1)[1] for s in sets]), progress=False).space
     torch.manual_seed(0)

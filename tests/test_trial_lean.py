@@ -61,7 +61,7 @@ def test_trial_processes_do_not_import_nni_nas(tmp_path, base_teacher, glue_dir)
 
     # A candidate under an NNI trial channel (parameters from nni.get_next_parameter). Inside NNI
     # the trial runs in a supervised child: both processes print their modules.
-    from nni_effbert.kd.train import KDSetup
+    from nni_effbert.kd.setup import KDSetup
     from nni_effbert.config import load_config
 
     space = KDSetup.from_config(load_config(TINY, [s.split("=", 1)[1] for s in sets]), progress=False).space

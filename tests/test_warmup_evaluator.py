@@ -19,7 +19,7 @@ from nni_effbert.nas.kd_evaluator import ArchError, KDEvaluator
 from nni_effbert.nas.nni_evaluator import StageAwareEvaluator
 from nni_effbert.io import load_torch
 from nni_effbert.search_spaces import EfficientBertModel
-from nni_effbert.kd.train import KDSetup
+from nni_effbert.kd.setup import KDSetup
 from nni_effbert.nas.warmup import _ArchSampler, run_warmup
 from nni_effbert.workdir import WorkDir
 from conftest import finetune_teacher_into

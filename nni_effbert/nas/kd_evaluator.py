@@ -40,7 +40,8 @@ from ..errors import CheckpointError, ConfigError, DiskFullError, EffBertError
 from ..io import atomic_write_json
 from ..latency.measure import measure_latency
 from ..latency.table import latency_settings, load_table, table_path, torch_device
-from ..kd.train import KDSetup, TrainSettings, TrialFailure, kd_train
+from ..kd.setup import KDSetup
+from ..kd.train import TrainSettings, TrialFailure, kd_train
 from ..workdir import WorkDir
 from .objectives import objective_value, search_metric_dict
 from ..params import is_warmup

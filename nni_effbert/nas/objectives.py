@@ -62,7 +62,7 @@ def objective_value(final: Mapping[str, Any], objective: str) -> float:
 
 
 def search_metric_dict(scored: Mapping[str, Any], metric_name: str) -> Dict[str, Any]:
-    """The ``search_*`` keys of a final metric dict from :func:`~nni_effbert.kd.train.score_split`'s output."""
+    """The ``search_*`` keys of a final metric dict from :func:`~nni_effbert.kd.scoring.score_split`'s output."""
     metrics = scored["metrics"]
     out: Dict[str, Any] = {"search_metric": float(metrics["default"])}
     for k, v in metrics.items():

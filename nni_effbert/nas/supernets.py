@@ -59,7 +59,7 @@ from ..io import atomic_save_torch, load_torch
 from ..workdir import EXPERIMENT_ID, WorkDir, check_experiment_id
 
 if TYPE_CHECKING:
-    from ..kd.train import KDSetup
+    from ..kd.setup import KDSetup
     from .warmup import WarmupPlan
 
 __all__ = ["EXPERIMENT_ENV", "SUPERNET_FORMAT", "SUPERNET_SOURCES", "experiment_key", "owner", "resolve_checkpoint",

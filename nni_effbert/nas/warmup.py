@@ -67,7 +67,9 @@ from ..errors import CheckpointError, ConfigError
 from ..io import atomic_save_torch, load_torch, read_json_object
 from ..kd.losses import KDLoss
 from ..kd.teacher_init import start_from_teacher, warmup_init_mode
-from ..kd.train import CachedTeacher, KDSetup, TrainSettings, TrainState, kd_train
+from ..kd.setup import KDSetup
+from ..kd.sources import CachedTeacher
+from ..kd.train import TrainSettings, TrainState, kd_train
 from ..workdir import WorkDir
 from ..params import (GENERAL_WARMUP_STEPS_KEY, WARMUP_KEY, WARMUP_STEPS_KEY, arch_part, echoed_ids, int_meta,
                       split_arch, stage_name)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..data.metrics import compute_metrics
-from ..kd.train import KDSetup
+from ..kd.setup import KDSetup
 from ..stats import PairedResult, format_paired_table, paired_metric, paired_scores
 from .export import load_exported
 

@@ -43,7 +43,9 @@ from ..data.loading import corpus_files, unlabeled_texts
 from ..errors import CheckpointError, ConfigError
 from ..latency.measure import measure_latency
 from ..kd.losses import KDLoss
-from ..kd.train import CachedTeacher, KDSetup, TrainSettings, kd_train
+from ..kd.setup import KDSetup
+from ..kd.sources import CachedTeacher
+from ..kd.train import TrainSettings, kd_train
 from .export import export_student, load_exported
 
 __all__ = [

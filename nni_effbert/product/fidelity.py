@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, EffBertError
 from ..io import atomic_write_json, atomic_write_text, load_json
-from ..kd.train import KDSetup
+from ..kd.setup import KDSetup
 from ..nas.kd_evaluator import KDEvaluator
 from ..nas.objectives import OBJECTIVES, objective_scores
 from ..nas.records import is_scored, normalize_trial, read_nni_trials

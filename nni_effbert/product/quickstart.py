@@ -36,7 +36,7 @@ from ..config import apply_overrides
 from ..errors import ConfigError, EffBertError
 from ..io import atomic_write_text
 from ..kd.teacher import finetune_from_config
-from ..kd.train import KDSetup
+from ..kd.setup import KDSetup
 from ..nas.kd_evaluator import KDEvaluator
 from ..nas.launcher import run_search
 from .distill import run_distill

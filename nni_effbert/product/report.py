@@ -33,7 +33,7 @@ from ..latency.runtimes import require_deploy
 from ..latency.table import latency_settings
 from ..kd.teacher import load_teacher, prepare_teacher
 from ..kd.teacher_init import origin_line, student_origin
-from ..kd.train import KDSetup
+from ..kd.setup import KDSetup
 from ..nas.ranking import best_trial
 from ..nas.records import is_failed, is_scored, normalize_trial, read_nni_trials
 from ..nas.supernets import describe_key
