@@ -224,7 +224,7 @@ def main() -> int:
     torch_dev = {"teacher": float(setup.teacher_marker["dev_metric"]), "baseline": float(base.dev_metric),
                  "searched": float(distill_record(searched.meta)["dev_metric"])}
     ev = cfg.evaluator
-    from nni_effbert.data.loading import length_sorted_batches
+    from nni_effbert.data.batches import length_sorted_batches
 
     batches, _ = length_sorted_batches(setup.task.dev, int(ev.eval_batch_size or ev.batch_size), setup.pad_token_id)
     entries = {}

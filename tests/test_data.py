@@ -8,6 +8,8 @@ import datasets
 import pytest
 import torch
 
+from nni_effbert.data import batches as B
+from nni_effbert.data import corpus as C
 from nni_effbert.data import loading as D
 from nni_effbert.config import DATA_DIR_ENV, ExperimentConfig, TaskConfig
 from nni_effbert.errors import ConfigError, DataError
@@ -96,9 +98,9 @@ def test_fractions_are_seeded(glue_dir, cache_dir):
 
 def test_subset_keeps_file_order():
     ds = datasets.Dataset.from_dict({"i": list(range(100))})
-    kept = D._subset(ds, 0.3, None, seed=5)["i"]
+    kept = D.seeded_subset(ds, 0.3, None, seed=5)["i"]
     assert len(kept) == 30 and kept == sorted(kept) and kept != list(range(30))
-    assert D._subset(ds, 1.0, 10, seed=5)["i"] == D._subset(ds, 0.5, 10, seed=5)["i"]
+    assert D.seeded_subset(ds, 1.0, 10, seed=5)["i"] == D.seeded_subset(ds, 0.5, 10, seed=5)["i"]
 
 
 def test_load_task_tokenizes_and_fingerprints(glue_dir, cache_dir, tiny_tokenizer):
@@ -253,12 +255,12 @@ def test_collate_pads_and_types():
         {"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 1], "attention_mask": [1, 1, 1], "labels": 1, "idx": 4},
         {"input_ids": [5], "token_type_ids": [0], "attention_mask": [1], "labels": 0, "idx": 9},
     ]
-    batch = D.collate(feats, pad_token_id=3)
+    batch = B.collate(feats, pad_token_id=3)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 3, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["token_type_ids"].tolist() == [[0, 0, 1], [0, 0, 0]]
     assert batch["labels"].dtype == torch.long and batch["idx"].tolist() == [4, 9]
-    reg = D.collate({"input_ids": [[1], [1, 2]], "labels": [0.5, 2.0]}, pad_token_id=0)
+    reg = B.collate({"input_ids": [[1], [1, 2]], "labels": [0.5, 2.0]}, pad_token_id=0)
     assert reg["labels"].dtype == torch.float32 and reg["token_type_ids"].tolist() == [[0, 0], [0, 0]]
     assert reg["attention_mask"].tolist() == [[1, 0], [1, 1]]
 
@@ -266,9 +268,9 @@ def test_collate_pads_and_types():
 def test_make_loader_seeded(glue_dir, cache_dir, tiny_tokenizer):
     td = D.load_task(TaskConfig(search_rows=0, name="sst2", data_dir=str(glue_dir), max_train_rows=50, max_seq_length=16),
                      tiny_tokenizer, cache_dir)
-    order = lambda seed: torch.cat([b["idx"] for b in D.make_loader(td.train, 8, True, seed, 0)]).tolist()
+    order = lambda seed: torch.cat([b["idx"] for b in B.make_loader(td.train, 8, True, seed, 0)]).tolist()
     assert order(3) == order(3) != order(4) and sorted(order(3)) == list(range(50))
-    batches = list(D.make_loader(td.dev, 16, False, 0, tiny_tokenizer.pad_token_id))
+    batches = list(B.make_loader(td.dev, 16, False, 0, tiny_tokenizer.pad_token_id))
     assert torch.cat([b["idx"] for b in batches]).tolist() == list(range(len(td.dev)))
     assert len({len(x) for x in td.dev["input_ids"]}) > 1  # stored unpadded
     b = batches[0]
@@ -281,17 +283,17 @@ def test_unlabeled_texts(tmp_path, glue_dir, cache_dir, tiny_tokenizer):
     cfg = ExperimentConfig(workdir=str(tmp_path))
     cfg.warmup.corpus_file = corpus
     cfg.warmup.max_seq_length = 5
-    ds = D.unlabeled_texts(cfg, tiny_tokenizer, cache_dir)
+    ds = C.unlabeled_texts(cfg, tiny_tokenizer, cache_dir)
     assert len(ds) == 2 and ds.column_names == ["input_ids", "token_type_ids", "attention_mask", "idx"]
     assert max(len(x) for x in ds["input_ids"]) == 5
-    assert D.unlabeled_texts(cfg, tiny_tokenizer, cache_dir)._fingerprint == ds._fingerprint
+    assert C.unlabeled_texts(cfg, tiny_tokenizer, cache_dir)._fingerprint == ds._fingerprint
     cfg.warmup.corpus_file = write(tmp_path / "empty.txt", "\n \n")
     with pytest.raises(DataError, match="corpus file is empty"):
-        D.unlabeled_texts(cfg, tiny_tokenizer, cache_dir)
+        C.unlabeled_texts(cfg, tiny_tokenizer, cache_dir)
 
     cfg = ExperimentConfig(workdir=str(tmp_path))
     cfg.task = TaskConfig(search_rows=0, name="rte", data_dir=str(glue_dir), max_train_rows=12, max_seq_length=20)
-    ds = D.unlabeled_texts(cfg, tiny_tokenizer, cache_dir)
+    ds = C.unlabeled_texts(cfg, tiny_tokenizer, cache_dir)
     assert len(ds) == 12 and "labels" not in ds.column_names
     assert all(1 in t for t in ds["token_type_ids"])  # pairs stay pairs
 

@@ -10,7 +10,7 @@ import torch
 from transformers import BertConfig, BertForQuestionAnswering
 
 from nni_effbert.config import load_config
-from nni_effbert.data.loading import collate
+from nni_effbert.data.batches import collate
 from nni_effbert.data.qa import load_qa_task, score_span_model
 from nni_effbert.kd.cache import TeacherCache
 from nni_effbert.kd.teacher import finetune_teacher, load_teacher, read_teacher_marker, teacher_outputs

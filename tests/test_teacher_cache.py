@@ -9,7 +9,8 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from nni_effbert.kd.cache import TeacherCache
 from nni_effbert.config import load_config
-from nni_effbert.data.loading import collate, load_task, make_loader
+from nni_effbert.data.batches import collate, make_loader
+from nni_effbert.data.loading import load_task
 from nni_effbert.errors import CheckpointError, ConfigError, DataError
 from nni_effbert.kd.teacher import (
     evaluate_teacher,

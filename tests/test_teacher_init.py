@@ -12,7 +12,9 @@ from transformers import BertConfig, BertForSequenceClassification, RobertaConfi
     RobertaForSequenceClassification
 
 from nni_effbert.config import load_config
-from nni_effbert.data.loading import load_task, make_loader, unlabeled_texts
+from nni_effbert.data.batches import make_loader
+from nni_effbert.data.corpus import unlabeled_texts
+from nni_effbert.data.loading import load_task
 from nni_effbert.errors import CheckpointError, ConfigError, DataError
 from nni_effbert.kd.losses import KDLoss, uniform_layer_map
 from nni_effbert.kd.teacher import teacher_outputs

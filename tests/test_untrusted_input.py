@@ -21,6 +21,8 @@ import yaml
 
 from nni_effbert import io
 from nni_effbert.config import DATA_DIR_ENV, ExperimentConfig, TaskConfig, load_config
+from nni_effbert.data import corpus as C
+from nni_effbert.data import files as F
 from nni_effbert.data import loading as D
 from nni_effbert.errors import CheckpointError, ConfigError, DataError, one_line
 from nni_effbert.workdir import WorkDir
@@ -85,13 +87,13 @@ def test_one_class_glue_train_file_is_refused(tmp_path):
 def test_label_key_rule():
     """Fix: ``label_key`` (was ``_label_key``: text ``1.0`` stayed ``1.0`` while JSON 1.0 became ``1``)."""
     for same in ("1", "1.0", " 1 ", "+1", "01", "1e0", "1.", 1, 1.0):
-        assert D.label_key(same) == "1", same
-    assert D.label_key("0.50") == D.label_key(0.5) == "0.5"
-    assert D.label_key("-0") == D.label_key(-0.0) == "0"
-    assert D.label_key("12345678901234567890") == "12345678901234567890"  # no float rounding
-    assert D.label_key("Pos") != D.label_key("pos")  # text labels compare exactly
-    assert D.label_key("1_000") == "1_000" and D.label_key("nan") == "nan" and D.label_key("0x1") == "0x1"
-    assert D.label_key(True) == "true"
+        assert F.label_key(same) == "1", same
+    assert F.label_key("0.50") == F.label_key(0.5) == "0.5"
+    assert F.label_key("-0") == F.label_key(-0.0) == "0"
+    assert F.label_key("12345678901234567890") == "12345678901234567890"  # no float rounding
+    assert F.label_key("Pos") != F.label_key("pos")  # text labels compare exactly
+    assert F.label_key("1_000") == "1_000" and F.label_key("nan") == "nan" and F.label_key("0x1") == "0x1"
+    assert F.label_key(True) == "true"
 
 
 @pytest.mark.parametrize("suffix", [".tsv", ".csv", ".json", ".jsonl"])
@@ -158,7 +160,7 @@ def test_corpus_file_checked_past_its_first_64k(tmp_path):
     body = b"a plain sentence .\n" * 5000  # ~95 KiB
     path = write(tmp_path / "corpus.txt", body + b"caf\xe9\n")
     with pytest.raises(DataError, match=r"warmup\.corpus_file: .*corpus\.txt:5001: not UTF-8 text"):
-        D.check_corpus_file(path)
+        C.check_corpus_file(path)
 
 
 def test_symlinked_export_name_is_a_one_line_error(tmp_path):
@@ -185,12 +187,12 @@ def test_symlinked_export_name_is_a_one_line_error(tmp_path):
 def test_overlong_field_refused_with_file_and_row_before_caching(tmp_path, monkeypatch):
     """Fix: ``MAX_FIELD_CHARS`` checked per field (was: the tokenizer aborted on a 200 MB field,
     leaving the builder's copies in the cache)."""
-    monkeypatch.setattr(D, "MAX_FIELD_CHARS", 50)
+    monkeypatch.setattr(F, "MAX_FIELD_CHARS", 50)
     tr = write(tmp_path / "train.tsv", "text\tlabel\ngood\t1\n" + "x" * 60 + "\t0\n")
     dv = write(tmp_path / "dev.tsv", "text\tlabel\nok\t1\n")
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match=r"train\.tsv:3: column 'text' holds 60 characters, above the limit of 50 "
-                                        r"per field \(nni_effbert\.data\.loading\.MAX_FIELD_CHARS\)"):
+                                        r"per field \(nni_effbert\.data\.files\.MAX_FIELD_CHARS\)"):
         D.load_raw_task(custom(tr, dv), str(cache))
     assert tree(cache) == set()
     # a label field is held to the limit too, and the message stays short
@@ -201,12 +203,12 @@ def test_overlong_field_refused_with_file_and_row_before_caching(tmp_path, monke
 
 
 def test_overlong_corpus_line_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "MAX_FIELD_CHARS", 50)
+    monkeypatch.setattr(F, "MAX_FIELD_CHARS", 50)
     path = write(tmp_path / "corpus.txt", "short line .\n" + "z" * 51 + "\nend .\n")
     with pytest.raises(DataError, match=r"distill\.corpus_file: .*corpus\.txt:2: line longer than 50 characters"):
-        D.check_corpus_file(path, "distill.corpus_file")
+        C.check_corpus_file(path, "distill.corpus_file")
     write(tmp_path / "ok.txt", "short line .\n" + "z" * 50 + "\n")
-    D.check_corpus_file(str(tmp_path / "ok.txt"))
+    C.check_corpus_file(str(tmp_path / "ok.txt"))
 
 
 def test_failed_load_removes_only_its_own_partial_cache(tmp_path, monkeypatch, tiny_tokenizer):

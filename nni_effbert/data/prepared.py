@@ -28,7 +28,8 @@ import datasets
 
 from ..errors import DataError
 from ..io import atomic_replace_dir, atomic_write_json, make_tmp_dir
-from .loading import TaskData, _digest, _task_folder, load_task, resolve_data_dir
+from .files import resolve_data_dir, task_folder
+from .loading import TaskData, digest, load_task
 from .tasks import CUSTOM_TASK, TaskSpec, get_task_spec
 
 if TYPE_CHECKING:  # annotations only: config assembles the sections and imports data.tasks
@@ -56,7 +57,7 @@ def task_files(task_cfg: TaskConfig) -> Optional[Dict[str, str]]:
     if not data_dir:
         return None
     spec = get_task_spec(task_cfg.name)
-    folder = _task_folder(data_dir, spec)
+    folder = task_folder(data_dir, spec)
     return {split: str(folder / f"{stem}.tsv") for split, stem in spec.tsv_splits.items()}
 
 
@@ -75,7 +76,7 @@ def prepared_key(task_cfg: TaskConfig, identity: Sequence[Any] = ()) -> Optional
         stamps = {split: _stat(path) for split, path in files.items()}
     except (DataError, OSError):
         return None
-    return _digest([PREPARED_FORMAT, dataclasses.asdict(task_cfg), resolve_data_dir(task_cfg), stamps,
+    return digest([PREPARED_FORMAT, dataclasses.asdict(task_cfg), resolve_data_dir(task_cfg), stamps,
                     list(identity)])
 
 

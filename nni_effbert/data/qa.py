@@ -40,8 +40,9 @@ import torch
 
 from ..errors import DataError
 from ..io import atomic_replace_dir, atomic_write_json, make_tmp_dir
-from .loading import (MODEL_INPUTS, _digest, _sha256, _subset, length_sorted_batches, resolve_data_dir,
-                      search_split_rows, tokenizer_fingerprint)
+from .batches import length_sorted_batches
+from .files import file_sha256, resolve_data_dir
+from .loading import MODEL_INPUTS, digest, search_split_rows, seeded_subset, tokenizer_fingerprint
 from .metrics import squad_f1_per_question, squad_metrics
 from .tasks import QA_TASKS, TaskSpec, get_task_spec
 
@@ -315,7 +316,7 @@ def _source_fingerprint(task_cfg: TaskConfig, spec: TaskSpec, source: Dict[str, 
 
 
 def _task_fingerprint(src: Dict[str, Any], tokenizer: Any, task_cfg: TaskConfig) -> str:
-    return _digest({**src, "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_length": task_cfg.max_seq_length,
+    return digest({**src, "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_length": task_cfg.max_seq_length,
                     "doc_stride": task_cfg.doc_stride, "padding_side": tokenizer.padding_side})
 
 
@@ -338,14 +339,14 @@ def _load_raw(task_cfg: TaskConfig, cache_dir: Optional[str]) -> Tuple[datasets.
             split: datasets.Dataset.from_dict(read_squad_file(path, spec.name), features=_EXAMPLE_FEATURES)
             for split, path in files.items()
         })
-        source = {split: _sha256(path) for split, path in files.items()}
+        source = {split: file_sha256(path) for split, path in files.items()}
     seed = int(task_cfg.seed or 0)
-    train = _subset(dd["train"], task_cfg.train_fraction, task_cfg.max_train_rows, seed)
+    train = seeded_subset(dd["train"], task_cfg.train_fraction, task_cfg.max_train_rows, seed)
     train_rows, search_rows = article_search_split(train["title"], task_cfg)
     out = datasets.DatasetDict(
         train=train.select(train_rows.tolist()),
         search=train.select(search_rows.tolist()),
-        dev=_subset(dd["dev"], task_cfg.dev_fraction, task_cfg.max_dev_rows, seed),
+        dev=seeded_subset(dd["dev"], task_cfg.dev_fraction, task_cfg.max_dev_rows, seed),
     )
     return out, spec, _source_fingerprint(task_cfg, spec, source)
 
@@ -388,7 +389,7 @@ def prepare_features(examples: Mapping[str, List[Any]], tokenizer: Any, max_leng
     tokenizer returns is used as is; nothing is re-tokenized by hand. Training targets use the
     first gold answer (as run_qa); a window that does not contain it whole, and an unanswerable
     question, target the CLS position. No padding here (batches are padded by
-    :func:`nni_effbert.data.loading.collate`).
+    :func:`nni_effbert.data.batches.collate`).
 
     Parameters
     ----------
@@ -455,7 +456,7 @@ def _features(ds: datasets.Dataset, tokenizer: Any, task_cfg: TaskConfig, finger
     fn = lambda batch: prepare_features(batch, tokenizer, task_cfg.max_seq_length, task_cfg.doc_stride)  # noqa: E731
     feats = ds.map(fn, batched=True, remove_columns=ds.column_names, new_fingerprint=fingerprint, desc=desc)
     # idx = the feature's position in its split: the key of the teacher-output cache.
-    return feats.add_column("idx", list(range(len(feats))), new_fingerprint=_digest([fingerprint, "idx"]))
+    return feats.add_column("idx", list(range(len(feats))), new_fingerprint=digest([fingerprint, "idx"]))
 
 
 def load_qa_task(task_cfg: TaskConfig, tokenizer: Any, cache_dir: Optional[str] = None,
@@ -485,7 +486,7 @@ def load_qa_task(task_cfg: TaskConfig, tokenizer: Any, cache_dir: Optional[str] 
     if store_dir is not None:
         files = _qa_files(task_cfg, spec)
         if files is not None and all(os.path.isfile(p) for p in files.values()):
-            src = _source_fingerprint(task_cfg, spec, {split: _sha256(p) for split, p in files.items()})
+            src = _source_fingerprint(task_cfg, spec, {split: file_sha256(p) for split, p in files.items()})
             snapshot = Path(store_dir) / f"qa-{_task_fingerprint(src, tokenizer, task_cfg)}"
             if (snapshot / _SNAPSHOT_DONE).is_file():
                 try:
@@ -494,7 +495,7 @@ def load_qa_task(task_cfg: TaskConfig, tokenizer: Any, cache_dir: Optional[str] 
                     logger.warning("QA snapshot %s is unreadable (%s); rebuilding it", snapshot, err)
     dd, spec, source = _load_raw(task_cfg, cache_dir)
     fingerprint = _task_fingerprint(source, tokenizer, task_cfg)
-    feats = {split: _features(dd[split], tokenizer, task_cfg, _digest([fingerprint, split]),
+    feats = {split: _features(dd[split], tokenizer, task_cfg, digest([fingerprint, split]),
                               f"windows {spec.name} {split}") for split in dd}
     logger.info("task %s: %d/%d/%d train/search/dev questions -> %d/%d/%d windows, fingerprint %s", spec.name,
                 len(dd["train"]), len(dd["search"]), len(dd["dev"]), len(feats["train"]), len(feats["search"]),
@@ -666,7 +667,7 @@ def span_logits(forward: Callable[[Dict[str, torch.Tensor]], torch.Tensor], feat
     Parameters
     ----------
     forward : callable
-        Takes a padded batch (:func:`nni_effbert.data.loading.collate`'s dict) and returns its
+        Takes a padded batch (:func:`nni_effbert.data.batches.collate`'s dict) and returns its
         ``[B, T, 2]`` start / end logits (a student's ``logits``, or a HF QA model's
         ``start_logits`` and ``end_logits`` stacked). Called under ``torch.inference_mode``.
     features : datasets.Dataset

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data.loading import length_sorted_batches, make_loader
+from ..data.batches import length_sorted_batches, make_loader
 from ..data.metrics import compute_metrics
 from ..data.qa import apply_null_threshold, best_null_threshold, evaluate_predictions, postprocess_predictions
 from ..errors import ConfigError
@@ -38,7 +38,7 @@ def evaluate(model: nn.Module, dataset, spec, *, batch_size: int, pad_token_id: 
     """Task metric of ``model`` on a labelled split (usually dev).
 
     Runs under :func:`torch.inference_mode` on batches of rows sorted by length
-    (:func:`~nni_effbert.data.loading.length_sorted_batches`), so little compute goes to padding.
+    (:func:`~nni_effbert.data.batches.length_sorted_batches`), so little compute goes to padding.
 
     Parameters
     ----------

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from nni_effbert.search_spaces.supernet import EfficientBertSupernet
 
-from ..data.loading import length_sorted_batches
+from ..data.batches import length_sorted_batches
 from ..data.prepared import load_prepared_task
 from ..data.qa import load_qa_task, score_span_model
 from ..data.tasks import QA_TASKS

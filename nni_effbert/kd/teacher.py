@@ -28,7 +28,8 @@ from transformers import (AutoConfig, AutoModelForQuestionAnswering, AutoModelFo
 
 from ..config import MINILM_ALIAS, resolve_teacher_model
 from ..data.tasks import QA_TASKS
-from ..data.loading import load_task, make_loader
+from ..data.batches import make_loader
+from ..data.loading import load_task
 from ..data.metrics import compute_metrics
 from ..data.qa import load_qa_task, score_span_model
 from ..errors import CheckpointError, ConfigError, EffBertError

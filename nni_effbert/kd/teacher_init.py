@@ -79,7 +79,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from ..data.loading import make_loader
+from ..data.batches import make_loader
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_save_torch, load_torch
 from ..workdir import WorkDir

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data.loading import collate
+from ..data.batches import collate
 from ..errors import ConfigError, EffBertError
 from ..runtime import Runtime
 from .losses import KDLoss
@@ -197,7 +197,7 @@ def iterate_batches(dataset, batch_size: int, seed: int, pad_token_id: int, star
 
     Epoch ``e`` is a permutation drawn from ``seed`` and ``e``; its last partial batch is
     kept. Starting at ``start_step`` skips earlier batches without reading them. Each batch is
-    padded to its own longest sequence (:func:`~nni_effbert.data.loading.collate`). With
+    padded to its own longest sequence (:func:`~nni_effbert.data.batches.collate`). With
     ``workers`` > 0 the batches are built by that many DataLoader worker processes (the same
     batches); ``pin_memory`` pins them so the copy to a GPU does not block.
     """

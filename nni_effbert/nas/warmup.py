@@ -62,7 +62,7 @@ from filelock import FileLock
 
 from nni_effbert.strategies.sampler import balanced_arch, in_budget, random_arch_in_budget
 
-from ..data.loading import corpus_files, unlabeled_texts
+from ..data.corpus import corpus_files, unlabeled_texts
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_save_torch, load_torch, read_json_object
 from ..kd.losses import KDLoss

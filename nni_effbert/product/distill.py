@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from nni_effbert.search_spaces.space_config import config_differences
 
-from ..data.loading import corpus_files, unlabeled_texts
+from ..data.corpus import corpus_files, unlabeled_texts
 from ..errors import CheckpointError, ConfigError
 from ..latency.measure import measure_latency
 from ..kd.losses import KDLoss

@@ -26,7 +26,7 @@ import torch
 from nni_effbert.search_spaces.supernet import REFERENCE_EXPRESSION
 
 from ..errors import CheckpointError, ConfigError, EffBertError
-from ..data.loading import length_sorted_batches
+from ..data.batches import length_sorted_batches
 from ..io import atomic_write_json, atomic_write_text, load_json
 from ..latency.measure import measure_latency
 from ..latency.runtimes import require_deploy
