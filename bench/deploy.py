@@ -167,7 +167,7 @@ def main() -> int:
     from nni_effbert.product import onnx as deploy
     from nni_effbert.product.latency_exports import ensure_latency_baseline, export_best_objective
     from nni_effbert.product.distill import distill_record
-    from nni_effbert.product.export import load_exported
+    from nni_effbert.product.loader import load_exported
     from nni_effbert.product.quickstart import _search, run_pipeline
     from nni_effbert.workdir import WorkDir
 

@@ -48,7 +48,7 @@ REDUCED = ["task.max_train_rows=2000", "teacher.finetune.max_steps=60", "warmup.
 def interleaved_latency(folders, settings, rounds=5, repeats=8):
     """Median latency (ms) of each exported student, measured round-robin."""
     from nni_effbert.latency.measure import measure_latency
-    from nni_effbert.product.export import load_exported
+    from nni_effbert.product.loader import load_exported
 
     models = [load_exported(f).model for f in folders]
     times = [[] for _ in models]

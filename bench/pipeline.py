@@ -133,7 +133,7 @@ def seed_entry(seed, searched_dir, baseline_dir):
     """Dev metric, task-KD curve and folder of both students distilled with ``distill.seed = seed``,
     read from the folders' distillation records."""
     from nni_effbert.product.distill import distill_record
-    from nni_effbert.product.export import load_exported
+    from nni_effbert.product.loader import load_exported
 
     entry = {"seed": int(seed)}
     for role, folder in (("searched", searched_dir), ("baseline", baseline_dir)):

@@ -56,7 +56,7 @@ def per_question_f1(folder, setup):
 
     from nni_effbert.data.metrics import squad_f1_per_question
     from nni_effbert.data.qa import apply_null_threshold, best_null_threshold, postprocess_predictions, span_logits
-    from nni_effbert.product.export import load_exported
+    from nni_effbert.product.loader import load_exported
 
     model = load_exported(folder).model.eval()
     task, tcfg = setup.task, setup.cfg.task
@@ -125,7 +125,7 @@ def main() -> int:
     from nni_effbert.nas.kd_evaluator import KDEvaluator
     from nni_effbert.product.latency_exports import ensure_latency_baseline
     from nni_effbert.product.distill import run_distill
-    from nni_effbert.product.export import load_exported
+    from nni_effbert.product.loader import load_exported
     from nni_effbert.product.quickstart import run_pipeline
     from nni_effbert.product.students import export_best, export_trial_arch
     from nni_effbert.search_spaces.supernet import EfficientBertSupernet
@@ -257,7 +257,7 @@ def main() -> int:
 
 def _em(folder) -> float:
     from nni_effbert.product.distill import distill_record
-    from nni_effbert.product.export import load_exported
+    from nni_effbert.product.loader import load_exported
 
     record = distill_record(load_exported(folder).meta) or {}
     return float((record.get("dev_scores") or {}).get("exact", float("nan")))

@@ -65,7 +65,8 @@ from nni_effbert.nas.warmup import run_warmup  # noqa: E402
 from nni_effbert.product.latency_exports import latency_baseline_arch  # noqa: E402
 from nni_effbert.product.distill import baseline_arch, run_distill  # noqa: E402
 from nni_effbert.strategies.sampler import latency_in_budget  # noqa: E402
-from nni_effbert.product.export import export_student, load_exported  # noqa: E402
+from nni_effbert.product.export import export_student  # noqa: E402
+from nni_effbert.product.loader import load_exported  # noqa: E402
 from nni_effbert.workdir import WorkDir  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

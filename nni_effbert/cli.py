@@ -500,7 +500,7 @@ def _configure_verify_export(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_verify_export(args: argparse.Namespace) -> int:
-    from .product.export import load_exported, verify_export
+    from .product.loader import load_exported, verify_export
 
     hashes = verify_export(args.path)
     load_exported(args.path, verify=False)  # config.json / arch.json / weights agree with each other

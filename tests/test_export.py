@@ -16,8 +16,8 @@ import torch
 import nni_effbert.search_spaces
 from nni_effbert.product import export as export_mod
 from nni_effbert.errors import CheckpointError, ConfigError, EffBertError
-from nni_effbert.product.export import (ARCH_FILE, ARCHITECTURE_FILE, META_FILE, WEIGHTS_FILE, export_student,
-                                load_exported)
+from nni_effbert.product.export import export_student
+from nni_effbert.product.loader import ARCHITECTURE_FILE, ARCH_FILE, META_FILE, WEIGHTS_FILE, load_exported
 from nni_effbert.search_spaces import EfficientBertSpace
 
 TEXTS = ["the movie is good", "a bad , bad film", "it was not what i expected at all !"]

@@ -16,8 +16,8 @@ import torch
 
 from nni_effbert import cli
 from nni_effbert.errors import CheckpointError
-from nni_effbert.product.export import (ARCH_FILE, CONFIG_FILE, HASHES_KEY, META_FILE, README_FILE, WEIGHTS_FILE,
-                                        ExportIntegrityError, export_student, load_exported, verify_export)
+from nni_effbert.product.export import export_student
+from nni_effbert.product.loader import (ARCH_FILE, CONFIG_FILE, ExportIntegrityError, HASHES_KEY, META_FILE, README_FILE, WEIGHTS_FILE, load_exported, verify_export)
 from nni_effbert.search_spaces import EfficientBertSpace
 
 CODE = ("configuration_effbert.py", "modeling_effbert_hf.py", "modeling.py", "ops.py")

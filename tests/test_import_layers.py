@@ -40,7 +40,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("KD and latency", ["kd", "kd.*", "latency", "latency.*"]),
     ("NAS library", ["nas", "nas.records", "nas.ranking", "nas.warmup", "nas.kd_evaluator",
                      "nas.nni_evaluator", "nas.supernets", "nas.latency_ranking", "nas.objectives"]),
-    ("product library", ["product", "product.export", "product.distill", "product.students", "product.plots",
+    ("product library", ["product", "product.loader", "product.export", "product.distill", "product.students", "product.plots",
                          "product.compare", "product.latency_exports", "product.report", "product.fidelity",
                          "product.onnx"]),
     ("NNI-facing", ["nas.*", "strategies.*"]),

@@ -82,7 +82,7 @@ def test_student_onnx_matches_pytorch_and_int8_agrees(student_folder, dev_rows):
     out = onnx_mod.export_onnx(student_folder, int8=True, rows=texts, labels=labels, rows_source="sst2 dev rows")
     assert out.onnx_path == student_folder / "model.onnx" and out.int8_path == student_folder / "model.int8.onnx"
     assert not [p for p in student_folder.iterdir() if p.name.endswith(".tmp")]
-    from nni_effbert.product.export import load_exported
+    from nni_effbert.product.loader import load_exported
 
     model = latency_onnx.LogitsModule(load_exported(student_folder).model).eval()
     _assert_matches_pytorch(student_folder, out, model, 400)

@@ -87,7 +87,7 @@ def test_baseline_arch_matches_size():
 def test_export_distill_report_cli(tmp_path, base_teacher, glue_dir, capsys, monkeypatch):
     from nni_effbert import cli
     from nni_effbert.nas import records as records_mod
-    from nni_effbert.product.export import load_exported
+    from nni_effbert.product.loader import load_exported
     from nni_effbert.search_spaces import EfficientBertSpace
 
     monkeypatch.setattr(records_mod, "_MANIFEST", tmp_path / "no-manifest")
@@ -237,7 +237,7 @@ def test_both_baselines_are_distilled_once_and_reused_for_the_same_budget(tmp_pa
     from nni_effbert.product import students
     from nni_effbert.product.latency_exports import LATENCY_BASELINE, ensure_latency_baseline
     from nni_effbert.product.distill import plan_distill
-    from nni_effbert.product.export import load_exported
+    from nni_effbert.product.loader import load_exported
     from nni_effbert.product.students import BASELINE, ensure_baseline
     from nni_effbert.search_spaces import EfficientBertSpace
 
@@ -294,7 +294,7 @@ def test_whole_cli_chain_with_nnictl(tmp_path, base_teacher, glue_dir, capsys):
     import time
 
     from nni_effbert import cli
-    from nni_effbert.product.export import load_exported
+    from nni_effbert.product.loader import load_exported
 
     work = tmp_path / "work"
     stages = ("[{name: coarse, kind: joint, trials: 2, warmup_steps: 4}, "

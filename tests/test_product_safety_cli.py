@@ -93,7 +93,7 @@ def _tree_sha(folder: Path) -> dict:
 
 
 def test_export_refuses_to_replace_a_distilled_student_without_force(work, capsys, caplog):
-    from nni_effbert.product.export import load_exported
+    from nni_effbert.product.loader import load_exported
 
     work, sets, arch_file = work
     folder = work / "exports" / "kept"
@@ -131,7 +131,7 @@ def test_export_refuses_to_replace_a_distilled_student_without_force(work, capsy
 def test_pipeline_rerun_keeps_the_previous_distilled_student(work):
     """quickstart/pipeline re-export under exports/searched: the previous student is moved aside."""
     from nni_effbert.config import load_config
-    from nni_effbert.product.export import load_exported
+    from nni_effbert.product.loader import load_exported
     from nni_effbert.product.students import keep_previous_export
 
     work, sets, _ = work

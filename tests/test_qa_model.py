@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from nni_effbert.product.export import export_student, load_exported
+from nni_effbert.product.export import export_student
+
+from nni_effbert.product.loader import load_exported
 from nni_effbert.search_spaces.space_config import EfficientBertConfig, preset_config
 from nni_effbert.search_spaces.supernet import EfficientBertSupernet
 

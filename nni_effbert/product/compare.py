@@ -18,7 +18,7 @@ import torch
 from ..data.metrics import compute_metrics
 from ..kd.setup import KDSetup
 from ..stats import PairedResult, format_paired_table, paired_metric, paired_scores
-from .export import load_exported
+from .loader import load_exported
 
 __all__ = ["teacher_logits", "dev_predictions", "compare_predictions", "comparisons_markdown"]
 

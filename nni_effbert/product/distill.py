@@ -46,7 +46,8 @@ from ..kd.losses import KDLoss
 from ..kd.setup import KDSetup
 from ..kd.sources import CachedTeacher
 from ..kd.train import TrainSettings, kd_train
-from .export import export_student, load_exported
+from .export import export_student
+from .loader import load_exported
 
 __all__ = [
     "DISTILL_KEY",

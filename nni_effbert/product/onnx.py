@@ -57,7 +57,8 @@ from ..latency.runtimes import (INPUT_NAMES, OPSET, OUTPUT_NAME, LogitsModule, e
                                require_deploy, session)
 from ..kd.teacher import load_teacher, prepare_teacher
 from ..workdir import WorkDir
-from .export import CONFIG_FILE, README_FILE, WEIGHTS_FILE, load_exported, record_added_files
+from .export import record_added_files
+from .loader import CONFIG_FILE, README_FILE, WEIGHTS_FILE, load_exported
 
 __all__ = [
     "ONNX_FILE",

@@ -39,7 +39,7 @@ from ..nas.records import is_failed, is_scored, normalize_trial, read_nni_trials
 from ..nas.supernets import describe_key
 from ..workdir import WorkDir
 from .distill import distill_record
-from .export import HASHES_KEY, WEIGHTS_FILE, load_exported
+from .loader import HASHES_KEY, WEIGHTS_FILE, load_exported
 from .fidelity import fidelity_markdown
 from .onnx import TEACHER_EXPORT, export_onnx, export_teacher_onnx, onnx_files, runtime_markdown, runtime_rows, task_rows
 from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label

@@ -21,7 +21,8 @@ from ..nas.ranking import best_trial
 from ..nas.records import read_nni_trials
 from ..workdir import WorkDir
 from .distill import baseline_arch, distill_record, plan_distill, run_distill
-from .export import check_replaceable, export_student, load_exported
+from .export import check_replaceable, export_student
+from .loader import load_exported
 
 __all__ = [
     "SEARCHED",
