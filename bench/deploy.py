@@ -160,6 +160,9 @@ def main() -> int:
     import yaml
 
     from nni_effbert.config import apply_overrides, load_config
+    from nni_effbert.latency import check as ltk
+    from nni_effbert.latency import components as ltc
+    from nni_effbert.latency import settings as lts
     from nni_effbert.latency import table as lt
     from nni_effbert.latency.runtimes import LogitsModule
     from nni_effbert.kd.teacher import load_teacher, prepare_teacher
@@ -263,13 +266,13 @@ def main() -> int:
         table = lt.table_for_config(c, space_config=space_config, progress=False)
         for name, arch in archs.items():
             predicted[f"{name}@{runtime}"] = table.predict(arch)
-    measured = _measure_arch_in_runtimes(space_config, archs, lt.latency_settings(cfg),
+    measured = _measure_arch_in_runtimes(space_config, archs, lts.latency_settings(cfg),
                                          ("torch", "onnxruntime-int8"))
     # How well each runtime's per-component table predicts whole models (same random archs).
     table_checks = {}
     for runtime, c in (("torch", cfg), ("onnxruntime-int8", cfg8)):
         table = lt.table_for_config(c, space_config=space_config, progress=False)
-        res = lt.check_table(table, lt.random_archs(space_config, args.check, seed=0), lt.latency_settings(c),
+        res = ltk.check_table(table, ltc.random_archs(space_config, args.check, seed=0), lts.latency_settings(c),
                              repeats=10, progress=False, keep_archs=False)
         table_checks[runtime] = {"mape": res.mape, "kendall_tau": res.kendall_tau, "kendall_p": res.kendall_p,
                                  "n": len(res.pairs), "pairs": res.pairs}

@@ -80,6 +80,7 @@ def main() -> int:
     from scipy import stats
 
     from nni_effbert.config import apply_overrides, load_config
+    from nni_effbert.latency import settings as lts
     from nni_effbert.latency import table as lt
     from nni_effbert.kd.setup import KDSetup
     from nni_effbert.nas.kd_evaluator import KDEvaluator
@@ -94,7 +95,7 @@ def main() -> int:
     workdir = args.workdir or (base_cfg.workdir + "_latency" + ("_reduced" if args.reduced else ""))
     overrides.append(f"workdir={workdir}")
     cfg = load_config(args.config, overrides)
-    settings = lt.latency_settings(cfg)
+    settings = lts.latency_settings(cfg)
     table = lt.table_for_config(cfg)
     space = EfficientBertSpace.preset(cfg.student.preset, **dict(cfg.student.overrides))
     b_ms = table.predict(space.bert_arch(width=max(space.config.widths), stack=1))

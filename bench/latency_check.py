@@ -43,25 +43,28 @@ def main() -> int:
 
     from nni_effbert.config import load_config
     from nni_effbert.io import atomic_write_json
+    from nni_effbert.latency import check as ltk
+    from nni_effbert.latency import components as ltc
+    from nni_effbert.latency import settings as lts
     from nni_effbert.latency import table as lt
     from nni_effbert.runtime import configure_runtime
 
     configure_runtime()
     cfg = load_config(args.config, [f"workdir={args.workdir}", *args.set])
-    settings = lt.latency_settings(cfg)
+    settings = lts.latency_settings(cfg)
     load_before = load_now()
     started = time.perf_counter()
     if args.rebuild:
-        path = lt.table_path(cfg.workdir, lt._student_config(cfg), settings)
+        path = lts.table_path(cfg.workdir, lt._student_config(cfg), settings)
         path.unlink(missing_ok=True)
     table = lt.table_for_config(cfg)
     built = time.perf_counter() - started
-    result = lt.check_table(table, lt.random_archs(table.config, args.n, seed=args.seed), settings,
+    result = ltk.check_table(table, ltc.random_archs(table.config, args.n, seed=args.seed), settings,
                             repeats=args.repeats)
-    archs = lt.random_archs(table.config, args.n, seed=args.seed)
+    archs = ltc.random_archs(table.config, args.n, seed=args.seed)
     rounds = [result]
     for _ in range(max(0, args.rounds - 1)):
-        rounds.append(lt.check_table(table, archs, settings, repeats=args.repeats))
+        rounds.append(ltk.check_table(table, archs, settings, repeats=args.repeats))
     measured = [[q["measured_ms"] for q in r.pairs] for r in rounds]
     retest = [sum(abs(a - b) / b for a, b in zip(measured[i], measured[i - 1])) / len(archs) * 100
               for i in range(1, len(rounds))]
@@ -74,7 +77,7 @@ def main() -> int:
             "rounds": [{"mape": r.mape, "kendall_tau": r.kendall_tau, "measured_ms": m}
                        for r, m in zip(rounds, measured)],
             "round_mapes": [r.mape for r in rounds], "measurement_retest_mape": retest}
-    workdir_check = Path(cfg.workdir) / lt.LATENCY_DIR / "check.json"
+    workdir_check = Path(cfg.workdir) / lts.LATENCY_DIR / "check.json"
     atomic_write_json(data, workdir_check)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,9 @@ from _common import link_shared, load_now, machine_info  # noqa: E402
 from nni_effbert.config import TaskConfig, load_config  # noqa: E402
 from nni_effbert.data.loading import load_raw_task, load_task  # noqa: E402
 from nni_effbert.latency.measure import measure_latency  # noqa: E402
-from nni_effbert.latency.table import latency_settings, table_for_config, teacher_latency_ms  # noqa: E402
+from nni_effbert.latency.settings import latency_settings  # noqa: E402
+from nni_effbert.latency.table import table_for_config  # noqa: E402
+from nni_effbert.latency.targets import teacher_latency_ms  # noqa: E402
 from nni_effbert.kd.teacher import finetune_from_config, load_teacher, prepare_teacher  # noqa: E402
 from nni_effbert.kd.teacher_init import student_origin  # noqa: E402
 from nni_effbert.kd.scoring import evaluate  # noqa: E402

@@ -599,8 +599,11 @@ def _configure_latency(parser: argparse.ArgumentParser) -> None:
 
 def _run_latency(args: argparse.Namespace) -> int:
     from .io import atomic_write_json
-    from .latency.table import (LATENCY_DIR, check_table, latency_settings, random_archs, table_for_config,
-                                   teacher_latency_ms)
+    from .latency.check import check_table
+    from .latency.components import random_archs
+    from .latency.settings import LATENCY_DIR, latency_settings
+    from .latency.table import table_for_config
+    from .latency.targets import teacher_latency_ms
     from .workdir import WorkDir
 
     cfg = _load_cfg(args)

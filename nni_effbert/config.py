@@ -430,7 +430,7 @@ class EvaluatorConfig(_Checked):
     # (train_steps 0: the size stage); such a trial is short, and latency_repeats would be a
     # large part of it. None: latency_repeats.
     inherited_latency_repeats: Optional[int] = _checked(_positive, 5)
-    # Where and how latency is measured and predicted (latency/table.py): a search can target
+    # Where and how latency is measured and predicted (latency/): a search can target
     # a CPU deployment (one thread by default, comparable across machines) while training elsewhere.
     latency_device: str = "cpu"
     latency_threads: int = _checked(_positive, 1)

@@ -13,6 +13,9 @@ import pytest
 
 from nni_effbert import cli
 from nni_effbert.config import load_config
+from nni_effbert.latency import check as ltk
+from nni_effbert.latency import components as ltc
+from nni_effbert.latency import settings as lts
 from nni_effbert.latency import table as lt
 from nni_effbert.nas.latency_ranking import best_within_latency, latency_front, trial_latency
 from nni_effbert.search_spaces import EfficientBertSpace
@@ -26,21 +29,21 @@ TINY = str(REPO / "examples" / "tiny" / "effbert.yml")
 #: A small space where sizes differ clearly in cost (a stack of 4 MLPs of width 128 vs one of 32).
 SMALL = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, max_stack=4,
              vocab_size=512, embedding_size=32, fit_size=128, max_position_embeddings=64, width_ratios=(1.0, 0.25))
-SETTINGS = lt.LatencySettings(threads=1, seq_length=32)
+SETTINGS = lts.LatencySettings(threads=1, seq_length=32)
 
 
 @pytest.fixture(autouse=True)
 def quick_timing(monkeypatch):
-    monkeypatch.setattr(lt, "ROUNDS", 5)
-    monkeypatch.setattr(lt, "ROUND_MS", 1.0)
+    monkeypatch.setattr(ltc, "ROUNDS", 5)
+    monkeypatch.setattr(ltc, "ROUND_MS", 1.0)
 
 
 @pytest.fixture(scope="module")
 def small_table(tmp_path_factory):
-    # Rounds long enough to see the machine's load as a forward does (see lt.ROUND_MS).
+    # Rounds long enough to see the machine's load as a forward does (see ltc.ROUND_MS).
     mp = pytest.MonkeyPatch()
-    mp.setattr(lt, "ROUNDS", 5)
-    mp.setattr(lt, "ROUND_MS", 10.0)
+    mp.setattr(ltc, "ROUNDS", 5)
+    mp.setattr(ltc, "ROUND_MS", 10.0)
     try:
         config = preset_config("tiny", **SMALL)
         path = tmp_path_factory.mktemp("latency") / "table.json"
@@ -50,7 +53,7 @@ def small_table(tmp_path_factory):
 
 
 def _bert(config, width, stack, act="gelu"):
-    space_arch = lt.reference_arch(config, stack=stack)
+    space_arch = ltc.reference_arch(config, stack=stack)
     for i in range(config.num_hidden_layers):
         space_arch[f"layer{i}_width"] = width
         space_arch[f"layer{i}_mid_act"] = act
@@ -71,13 +74,13 @@ def test_table_sum_tracks_end_to_end_measurement(small_table, tmp_path, monkeypa
     w = config.widths
     archs = [_bert(config, w[-1], 1, "relu"), _bert(config, w[-1], 2), _bert(config, w[0], 3),
              _bert(config, w[0], 4, "tanh")]
-    result = lt.check_table(small_table, archs, SETTINGS, repeats=15, progress=False)
+    result = ltk.check_table(small_table, archs, SETTINGS, repeats=15, progress=False)
     if not (_within(result) and result.kendall_tau > 0):
         # A burst of load on the shared machine between building the table and measuring moves
         # every figure: build afresh and measure once more; the second attempt decides.
-        monkeypatch.setattr(lt, "ROUND_MS", 10.0)
+        monkeypatch.setattr(ltc, "ROUND_MS", 10.0)
         fresh = lt.build_table(config, SETTINGS, tmp_path / "again.json", progress=False)
-        result = lt.check_table(fresh, archs, SETTINGS, repeats=15, progress=False)
+        result = ltk.check_table(fresh, archs, SETTINGS, repeats=15, progress=False)
     predicted = [p["predicted_ms"] for p in result.pairs]
     assert predicted == sorted(predicted)  # the table itself orders clearly different sizes
     assert _within(result), result.pairs
@@ -87,12 +90,12 @@ def test_table_sum_tracks_end_to_end_measurement(small_table, tmp_path, monkeypa
 
 def test_prediction_is_a_sum_without_building_a_model(small_table, monkeypatch):
     config = small_table.config
-    arch = lt.random_archs(config, 1, seed=3)[0]
+    arch = ltc.random_archs(config, 1, seed=3)[0]
 
     def no_model(*a, **k):
         raise AssertionError("predicted_latency_ms must not build a model")
 
-    monkeypatch.setattr(lt, "EfficientBertModel", no_model)
+    monkeypatch.setattr(ltc, "EfficientBertModel", no_model)
     parts = small_table.breakdown(arch)
     assert lt.predicted_latency_ms(arch, small_table) == pytest.approx(sum(parts.values()))
     assert set(parts) >= {"embeddings", "head", "overhead", "layer0_attention", "layer0_mlp", "layer1_mlp"}
@@ -100,7 +103,7 @@ def test_prediction_is_a_sum_without_building_a_model(small_table, monkeypatch):
     one, two = _bert(config, config.widths[0], 1), _bert(config, config.widths[0], 2)
     assert small_table.breakdown(two)["layer0_mlp"] == pytest.approx(2 * small_table.breakdown(one)["layer0_mlp"])
     lo, hi = small_table.latency_range()
-    assert all(lo - 1e-9 <= small_table.predict(a) <= hi + 1e-9 for a in lt.random_archs(config, 20, seed=1))
+    assert all(lo - 1e-9 <= small_table.predict(a) <= hi + 1e-9 for a in ltc.random_archs(config, 20, seed=1))
 
 
 def test_entries_ignore_order_and_binary_kind():
@@ -126,26 +129,26 @@ def test_calibration_scales_the_sum_to_end_to_end_measurements(tmp_path, monkeyp
     import types
 
     config = preset_config("tiny")
-    real = lt._Bench.measure
+    real = ltc.ComponentTimer.measure
 
     def measure(self, kind, spec, table):
         if kind == "calibration":
             return real(self, kind, spec, table)
         return {"embeddings": 1.0, "attention": 2.0, "head": 0.5, "mlp": 1.5}.get(kind, 0.25)
 
-    monkeypatch.setattr(lt._Bench, "measure", measure)
-    monkeypatch.setattr(lt, "measure_latency", lambda model, **kw: types.SimpleNamespace(times_ms=[5.0, 5.0]))
-    table = lt.build_table(config, lt.LatencySettings(threads=1, seq_length=16), tmp_path / "t.json", progress=False)
-    archs = lt.random_archs(config, lt.CALIBRATION_ARCHS, seed=lt.CALIBRATION_SEED)
-    assert archs != lt.random_archs(config, lt.CALIBRATION_ARCHS, seed=0)
+    monkeypatch.setattr(ltc.ComponentTimer, "measure", measure)
+    monkeypatch.setattr(ltc, "measure_latency", lambda model, **kw: types.SimpleNamespace(times_ms=[5.0, 5.0]))
+    table = lt.build_table(config, lts.LatencySettings(threads=1, seq_length=16), tmp_path / "t.json", progress=False)
+    archs = ltc.random_archs(config, ltc.CALIBRATION_ARCHS, seed=ltc.CALIBRATION_SEED)
+    assert archs != ltc.random_archs(config, ltc.CALIBRATION_ARCHS, seed=0)
     raw = [table.predict(a, calibrated=False) for a in archs]
     assert len(set(raw)) > 1 and table.scale == pytest.approx(statistics.median(5.0 / r for r in raw), abs=1e-6)
-    for arch in lt.random_archs(config, 5, seed=3):
+    for arch in ltc.random_archs(config, 5, seed=3):
         expected = table.predict(arch, calibrated=False) * table.scale
         assert table.predict(arch) == pytest.approx(expected)
         assert sum(table.breakdown(arch).values()) == pytest.approx(expected)
     lo, hi = table.latency_range()
-    assert all(lo - 1e-9 <= table.predict(a) <= hi + 1e-9 for a in lt.random_archs(config, 20, seed=1))
+    assert all(lo - 1e-9 <= table.predict(a) <= hi + 1e-9 for a in ltc.random_archs(config, 20, seed=1))
 
 
 def test_table_reused_when_keyed_the_same_and_rebuilt_for_other_threads(tmp_path, monkeypatch):
@@ -156,9 +159,9 @@ def test_table_reused_when_keyed_the_same_and_rebuilt_for_other_threads(tmp_path
         calls.append(kind)
         return 0.01
 
-    monkeypatch.setattr(lt._Bench, "measure", counting)
-    one = lt.LatencySettings(threads=1, seq_length=16)
-    path1 = lt.table_path(tmp_path, config, one)
+    monkeypatch.setattr(ltc.ComponentTimer, "measure", counting)
+    one = lts.LatencySettings(threads=1, seq_length=16)
+    path1 = lts.table_path(tmp_path, config, one)
     t1 = lt.build_table(config, one, path1, progress=False)
     assert t1.complete and path1.is_file() and calls
     n_first = len(calls)
@@ -176,8 +179,8 @@ def test_table_reused_when_keyed_the_same_and_rebuilt_for_other_threads(tmp_path
     assert len(calls) == 5
 
     calls.clear()
-    two = lt.LatencySettings(threads=2, seq_length=16)
-    path2 = lt.table_path(tmp_path, config, two)
+    two = lts.LatencySettings(threads=2, seq_length=16)
+    path2 = lts.table_path(tmp_path, config, two)
     assert path2 != path1 and lt.load_table(path1, config, two) is None  # other key: not reused
     lt.build_table(config, two, path2, progress=False)
     assert len(calls) == n_first and path1.is_file()  # rebuilt in full; the 1-thread table is kept
@@ -187,9 +190,9 @@ def test_bad_latency_device_is_one_line_config_error():
     from nni_effbert.errors import ConfigError
 
     with pytest.raises(ConfigError, match="latency_device"):
-        lt.LatencySettings(device="tpu")
+        lts.LatencySettings(device="tpu")
     with pytest.raises(ConfigError, match="threads"):
-        lt.LatencySettings(threads=0)
+        lts.LatencySettings(threads=0)
 
 
 def test_cli_latency_check_writes_pairs_mape_and_tau(tmp_path, capsys):
@@ -212,7 +215,7 @@ def test_config_keys():
                              "search.objective.kind=mnas", "search.objective.target_ms=2.0"])
     assert cfg.evaluator.latency_threads == 3 and cfg.search.latency_budget_ms == [1.0, 2.5]
     assert cfg.search.objective.kind == "mnas" and cfg.search.objective.weight == -0.07
-    assert lt.latency_settings(cfg).threads == 3
+    assert lts.latency_settings(cfg).threads == 3
     assert cfg.search.latency_budget(teacher_latency_ms=8.0) == (1.0, 2.0)
     with pytest.raises(SearchConfigError, match="teacher"):
         cfg.search.latency_budget(None)
@@ -374,7 +377,7 @@ def test_cli_export_pareto_lists_the_front_and_refuses_an_unmeetable_limit(tmp_p
     from test_product_cli import _make_experiment
 
     exps = tmp_path / "exps"
-    arch = lt.reference_arch(preset_config("tiny"))
+    arch = ltc.reference_arch(preset_config("tiny"))
     p = {**arch, "_stage": 0}
     _make_experiment(exps / "expL" / "db" / "nni.sqlite", [
         ("A", p, "SUCCEEDED", {"default": 0.70, "latency_ms": 3.0, "predicted_latency_ms": 2.0}),
@@ -402,7 +405,7 @@ def test_evaluator_finds_the_table_of_its_settings(tmp_path, monkeypatch):
 
     from nni_effbert.nas.kd_evaluator import KDEvaluator
 
-    monkeypatch.setattr(lt._Bench, "measure", lambda self, kind, spec, table: 0.01)
+    monkeypatch.setattr(ltc.ComponentTimer, "measure", lambda self, kind, spec, table: 0.01)
     cfg = load_config(TINY, [f"workdir={tmp_path}", "teacher.model=bert-base-uncased"])
     teacher_sized = preset_config("tiny", vocab_size=777, fit_size=48, num_labels=3)
     setup = SimpleNamespace(space=SimpleNamespace(config=teacher_sized))
@@ -420,7 +423,7 @@ def test_nnictl_factory_and_search_command_use_the_table(tmp_path, monkeypatch):
     from nni_effbert.nas.launcher import check_latency_search
     from nni_effbert.strategies.nni.factory import build_broker
 
-    monkeypatch.setattr(lt._Bench, "measure", lambda self, kind, spec, table: 0.5 if kind == "attention" else 0.05)
+    monkeypatch.setattr(ltc.ComponentTimer, "measure", lambda self, kind, spec, table: 0.5 if kind == "attention" else 0.05)
     base = [f"workdir={tmp_path / 'work'}", "teacher.model=bert-base-uncased"]
     cfg = load_config(TINY, [*base, "search.latency_budget_ms=[0.0, 100.0]"])
     path = tmp_path / "effbert.yml"

@@ -22,6 +22,9 @@ import torch
 from nni_effbert import cli
 from nni_effbert.errors import EffBertError
 from nni_effbert.latency import runtimes as latency_onnx
+from nni_effbert.latency import check as ltk
+from nni_effbert.latency import components as ltc
+from nni_effbert.latency import settings as lts
 from nni_effbert.latency import table as lt
 from nni_effbert.product import onnx as onnx_mod
 from nni_effbert.product.export import export_student
@@ -182,30 +185,30 @@ def test_bad_latency_runtime_is_one_line(tmp_path, capsys, base_teacher):
     assert rc == 2 and len(err.splitlines()) == 1
     assert "evaluator.latency_runtime" in err and "onnxruntime-int8" in err
     with pytest.raises(EffBertError, match="latency_runtime"):
-        lt.LatencySettings(runtime="tvm")
+        lts.LatencySettings(runtime="tvm")
 
 
 def test_onnxruntime_table_is_keyed_by_runtime_and_predicts_any_arch(tmp_path, monkeypatch):
-    monkeypatch.setattr(lt, "ROUNDS", 3)
-    monkeypatch.setattr(lt, "ROUND_MS", 1.0)
-    monkeypatch.setattr(lt, "CALIBRATION_ARCHS", 2)
+    monkeypatch.setattr(ltc, "ROUNDS", 3)
+    monkeypatch.setattr(ltc, "ROUND_MS", 1.0)
+    monkeypatch.setattr(ltc, "CALIBRATION_ARCHS", 2)
     config = preset_config("tiny", max_position_embeddings=32)
-    ort_settings = lt.LatencySettings(threads=1, seq_length=16, runtime="onnxruntime")
-    torch_settings = lt.LatencySettings(threads=1, seq_length=16)
-    path = lt.table_path(tmp_path, config, ort_settings)
-    assert path != lt.table_path(tmp_path, config, torch_settings)
-    assert "runtime" not in lt.table_key(config, torch_settings)  # torch tables keep their old key
+    ort_settings = lts.LatencySettings(threads=1, seq_length=16, runtime="onnxruntime")
+    torch_settings = lts.LatencySettings(threads=1, seq_length=16)
+    path = lts.table_path(tmp_path, config, ort_settings)
+    assert path != lts.table_path(tmp_path, config, torch_settings)
+    assert "runtime" not in lts.table_key(config, torch_settings)  # torch tables keep their old key
     table = lt.build_table(config, ort_settings, path, progress=False)
     assert table.complete and table.key["runtime"] == "onnxruntime" and table.key["onnxruntime"]
     assert json.loads(path.read_text())["key"]["runtime"] == "onnxruntime"
     assert lt.load_table(path, config, torch_settings) is None  # another runtime's table is not read
     lo, hi = table.latency_range()
     assert 0 < lo < hi and math.isfinite(hi)
-    for arch in lt.random_archs(config, 20, seed=3):
+    for arch in ltc.random_archs(config, 20, seed=3):
         ms = table.predict(arch)
         assert math.isfinite(ms) and lo - 1e-9 <= ms <= hi + 1e-9
     # The check measures whole models in the same runtime.
-    result = lt.check_table(table, lt.random_archs(config, 2, seed=5), ort_settings, repeats=3, progress=False)
+    result = ltk.check_table(table, ltc.random_archs(config, 2, seed=5), ort_settings, repeats=3, progress=False)
     assert result.settings["runtime"] == "onnxruntime" and all(p["measured_ms"] > 0 for p in result.pairs)
 
 

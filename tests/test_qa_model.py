@@ -171,7 +171,7 @@ def test_span_kd_loss_by_hand():
 
 def test_latency_table_key_ignores_the_head():
     """The nnictl tuner builds the space without the task's head: it must find the trials' table."""
-    from nni_effbert.latency.table import LatencySettings, table_key
+    from nni_effbert.latency.settings import LatencySettings, table_key
 
     settings = LatencySettings(device="cpu", threads=1, batch_size=1, seq_length=96)
     assert table_key(preset_config("tiny"), settings) == table_key(preset_config("tiny", head="span"), settings)

@@ -39,7 +39,8 @@ from ..config import ExperimentConfig, from_dict, load_config
 from ..errors import CheckpointError, ConfigError, DiskFullError, EffBertError
 from ..io import atomic_write_json
 from ..latency.measure import measure_latency
-from ..latency.table import latency_settings, load_table, table_path, torch_device
+from ..latency.settings import latency_settings, table_path, torch_device
+from ..latency.table import load_table
 from ..kd.setup import KDSetup
 from ..kd.train import TrainSettings, TrialFailure, kd_train
 from ..workdir import WorkDir

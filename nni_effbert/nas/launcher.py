@@ -35,7 +35,7 @@ from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.strategies.core import ProgressiveSearch
 
 from ..errors import ConfigError
-from ..latency.table import search_latency
+from ..latency.targets import search_latency
 from .experiments import (
     EXPERIMENTS_DIR,
     NNICTL_DIR,

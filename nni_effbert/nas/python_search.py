@@ -26,7 +26,7 @@ from nni_effbert.params import STAGE_KEY, split_parameters
 from ..config import save_experiment_config
 from ..errors import CheckpointError, EffBertError
 from ..io import atomic_write_json, load_torch
-from ..latency.table import search_latency
+from ..latency.targets import search_latency
 from ..runtime import resolve_runtime
 from ..workdir import WorkDir
 from .. import search_lock

@@ -20,7 +20,9 @@ from nni_effbert.search_spaces.modeling import EfficientBertModel
 
 from ..errors import ConfigError
 from ..latency.measure import measure_latency
-from ..latency.table import latency_settings, table_for_config, teacher_latency_ms, torch_device
+from ..latency.settings import latency_settings, torch_device
+from ..latency.table import table_for_config
+from ..latency.targets import teacher_latency_ms
 from ..nas.latency_ranking import best_by_objective, best_within_latency
 from ..nas.kd_evaluator import KDEvaluator
 from ..nas.records import read_nni_trials

@@ -30,7 +30,7 @@ from ..data.batches import length_sorted_batches
 from ..io import atomic_write_json, atomic_write_text, load_json
 from ..latency.measure import measure_latency
 from ..latency.runtimes import require_deploy
-from ..latency.table import latency_settings
+from ..latency.settings import latency_settings
 from ..kd.teacher import load_teacher, prepare_teacher
 from ..kd.teacher_init import origin_line, student_origin
 from ..kd.setup import KDSetup

@@ -203,7 +203,7 @@ def build_broker(config: Optional[str] = None, preset: Optional[str] = None,
                                     "YAML, whose work directory holds the latency table)")
         # local: the latency table pulls in transformers and scipy; NNI gives its dispatcher 10 s to
         # connect, so searches without a latency budget or objective must not pay for the import.
-        from nni_effbert.latency.table import search_latency
+        from nni_effbert.latency.targets import search_latency
 
         cfg = load_config(config, check_paths=False)
         cfg.search = settings
