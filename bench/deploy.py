@@ -7,7 +7,7 @@
    distill, report) with the MnasNet objective (``search.objective: {kind: mnas, target_speedup:
    --speedup}``) under ``evaluator.latency_runtime: torch``
    (or takes a finished one: ``--experiment ID``), and distils the latency-matched BERT-MLP
-   baseline (:func:`nni_effbert.product.latency_exports.ensure_latency_baseline`).
+   baseline (:func:`nni_effbert.product.baselines.ensure_latency_baseline`).
 2. Exports the teacher, the baseline and the searched student to ONNX and int8 ONNX
    (:mod:`nni_effbert.product.onnx`), each checked against PyTorch on dev rows.
 3. For each: dev metric in PyTorch eager (fp32), ONNX Runtime fp32 and ONNX Runtime int8; latency
@@ -168,7 +168,8 @@ def main() -> int:
     from nni_effbert.kd.teacher import load_teacher, prepare_teacher
     from nni_effbert.kd.setup import KDSetup
     from nni_effbert.product import onnx as deploy
-    from nni_effbert.product.latency_exports import ensure_latency_baseline, export_best_objective
+    from nni_effbert.product.baselines import ensure_latency_baseline
+    from nni_effbert.product.latency_exports import export_best_objective
     from nni_effbert.product.distill import distill_record
     from nni_effbert.product.loader import load_exported
     from nni_effbert.product.quickstart import _search, run_pipeline

@@ -11,7 +11,7 @@ BERT-MLP baseline.
    ``search.latency_budget_ms = [0.95 b, 1.05 b]`` (equal latency, +-5%), or with
    ``--speedup X`` as ``search.speedup`` instead.
 3. Distils the searched trial and the latency-matched baseline
-   (:func:`nni_effbert.product.latency_exports.ensure_latency_baseline`) with ``--distill-seeds`` seeds of
+   (:func:`nni_effbert.product.baselines.ensure_latency_baseline`) with ``--distill-seeds`` seeds of
    ``distill.seed`` (fresh exports of the same two archs each time) and measures both students'
    latency interleaved, in this process.
 
@@ -84,7 +84,7 @@ def main() -> int:
     from nni_effbert.latency import table as lt
     from nni_effbert.kd.setup import KDSetup
     from nni_effbert.nas.kd_evaluator import KDEvaluator
-    from nni_effbert.product.latency_exports import ensure_latency_baseline
+    from nni_effbert.product.baselines import ensure_latency_baseline
     from nni_effbert.product.distill import run_distill
     from nni_effbert.product.quickstart import run_pipeline
     from nni_effbert.product.students import export_best

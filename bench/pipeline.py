@@ -147,7 +147,8 @@ def distil_again(config_path, overrides, experiment, seed, setup):
     from nni_effbert.config import load_config
     from nni_effbert.product.distill import run_distill
     from nni_effbert.nas.kd_evaluator import KDEvaluator
-    from nni_effbert.product.students import ensure_baseline, export_best
+    from nni_effbert.product.baselines import ensure_baseline
+    from nni_effbert.product.students import export_best
 
     cfg = load_config(config_path, [*overrides, f"distill.seed={seed}"])
     info = export_best(cfg, experiment, name=f"searched-seed{seed}", evaluator=KDEvaluator(cfg, setup=setup),
@@ -217,7 +218,7 @@ def main():
     command = "python bench/pipeline.py " + " ".join(sys.argv[1:])
     from nni_effbert.kd.setup import KDSetup
     setup = KDSetup.from_config(cfg, progress=False)
-    from nni_effbert.product.students import BASELINE
+    from nni_effbert.product.baselines import BASELINE
     seeds = [seed_entry(cfg.distill.seed, out.distilled.path, setup.workdir.export_dir(BASELINE))]
     seed_started = time.perf_counter()
     for k in range(1, args.distill_seeds):

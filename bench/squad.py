@@ -123,7 +123,7 @@ def main() -> int:
     from nni_effbert.kd.teacher import load_teacher, prepare_teacher
     from nni_effbert.kd.setup import KDSetup
     from nni_effbert.nas.kd_evaluator import KDEvaluator
-    from nni_effbert.product.latency_exports import ensure_latency_baseline
+    from nni_effbert.product.baselines import ensure_latency_baseline
     from nni_effbert.product.distill import run_distill
     from nni_effbert.product.loader import load_exported
     from nni_effbert.product.quickstart import run_pipeline

@@ -12,14 +12,14 @@ C     ``warmup.init: teacher``, ``student.preset: teacher`` with ``{num_hidden_l
 D     as C, but every candidate (and the BERT candidate's width) must be predicted >= 3x faster
       than the teacher: the product's latency table of the space and the teacher's measured
       latency (issue 14's ``search.speedup``); its baseline is BERT's MLP of the nearest latency
-      (:func:`nni_effbert.product.latency_exports.latency_baseline_arch`)
+      (:func:`nni_effbert.product.baselines.latency_baseline_arch`)
 ====  =================================================================================
 
 Per variant: warm up stage 0 of the supernet (general KD on the shared real corpus, then task
 KD), run a *tiny* search (``--candidates`` random archs of the space scored with inherited
 weights on a held-out split of SST-2 train that the training subset does not contain), take
 the best as the "searched" student and the BERT-MLP baseline of the nearest parameter count
-(:func:`nni_effbert.product.distill.baseline_arch`; of the nearest latency for D), export both
+(:func:`nni_effbert.product.baselines.baseline_arch`; of the nearest latency for D), export both
 from the same supernet and distil both with the same ``distill`` budget for each of ``--seeds``
 distill seeds. The 872-row GLUE dev set is used only for the final scores. CPU latency (batch 1,
 sequence 128) of the teacher and of every variant's seed-0 students is measured at the end,
@@ -64,8 +64,8 @@ from nni_effbert.kd.teacher_init import student_origin  # noqa: E402
 from nni_effbert.kd.scoring import evaluate  # noqa: E402
 from nni_effbert.kd.setup import KDSetup  # noqa: E402
 from nni_effbert.nas.warmup import run_warmup  # noqa: E402
-from nni_effbert.product.latency_exports import latency_baseline_arch  # noqa: E402
-from nni_effbert.product.distill import baseline_arch, run_distill  # noqa: E402
+from nni_effbert.product.baselines import baseline_arch, latency_baseline_arch  # noqa: E402
+from nni_effbert.product.distill import run_distill  # noqa: E402
 from nni_effbert.strategies.sampler import latency_in_budget  # noqa: E402
 from nni_effbert.product.export import export_student  # noqa: E402
 from nni_effbert.product.loader import load_exported  # noqa: E402

@@ -68,7 +68,7 @@ def test_distill_seed_is_its_own():
 
 
 def test_baseline_arch_matches_size():
-    from nni_effbert.product.distill import baseline_arch
+    from nni_effbert.product.baselines import baseline_arch
     from nni_effbert.search_spaces import EfficientBertSpace
 
     space = EfficientBertSpace.preset("tiny")
@@ -234,11 +234,10 @@ def test_both_baselines_are_distilled_once_and_reused_for_the_same_budget(tmp_pa
     and export it again for another distill budget."""
     from nni_effbert import cli
     from nni_effbert.config import load_config
-    from nni_effbert.product import students
-    from nni_effbert.product.latency_exports import LATENCY_BASELINE, ensure_latency_baseline
+    from nni_effbert.product import baselines
     from nni_effbert.product.distill import plan_distill
     from nni_effbert.product.loader import load_exported
-    from nni_effbert.product.students import BASELINE, ensure_baseline
+    from nni_effbert.product.baselines import BASELINE, LATENCY_BASELINE, ensure_baseline, ensure_latency_baseline
     from nni_effbert.search_spaces import EfficientBertSpace
 
     work = tmp_path / "work"
@@ -257,8 +256,8 @@ def test_both_baselines_are_distilled_once_and_reused_for_the_same_budget(tmp_pa
     cfg = load_config(TINY, sets)
 
     exports = []
-    real_export = students._export
-    monkeypatch.setattr(students, "_export", lambda ev, a, stage, name, extra, **kw: exports.append(name) or
+    real_export = baselines.export_from_supernet
+    monkeypatch.setattr(baselines, "export_from_supernet", lambda ev, a, stage, name, extra, **kw: exports.append(name) or
                         real_export(ev, a, stage, name, extra, **kw))
     base, choice = ensure_baseline(cfg, searched, progress=False)
     lat, lat_choice = ensure_latency_baseline(cfg, searched, progress=False)

@@ -1,4 +1,4 @@
-"""Final distillation of an exported student, and the hand-designed baseline it is compared with.
+"""Final distillation of an exported student.
 
 ``nni-effbert distill -c exp.yml --export DIR`` runs EfficientBERT's final two-step KD (Dong et
 al., 2021, Sec. 3.4, after TinyBERT) on the student exported into ``DIR``:
@@ -23,10 +23,8 @@ Departure from the paper: the paper's general KD runs on Wikipedia for many epoc
 from the supernet; here it starts from the exported weights (the supernet slice of the
 architecture) and runs on whatever text the config gives, for the configured steps.
 
-:func:`baseline_arch` / :func:`export_baseline` build the report's hand-designed baseline: BERT's
-MLP ``linear2(gelu(linear1(x)))``, stack 1, at the width of the space whose parameter count is
-nearest the searched student's, exported from the same supernet checkpoint so that both
-students start from the same kind of weights and get the same distill budget.
+The hand-designed baselines the report compares with are built in :mod:`.baselines` and
+distilled here with the same budget.
 """
 from __future__ import annotations
 
@@ -56,8 +54,6 @@ __all__ = [
     "plan_distill",
     "run_distill",
     "distill_record",
-    "baseline_arch",
-    "BaselineChoice",
 ]
 
 logger = logging.getLogger(__name__)
@@ -371,51 +367,3 @@ def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, 
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class BaselineChoice:
-    """The baseline's architecture and how close its size is to the target.
-
-    Attributes
-    ----------
-    arch : dict
-        BERT's MLP expression, stack 1, one width for every layer.
-    width : int
-    params : int
-        Its parameter count.
-    target : int
-        The searched student's parameter count.
-    """
-
-    arch: Dict[str, Any]
-    width: int
-    params: int
-    target: int
-
-    @property
-    def difference(self) -> int:
-        """``params - target`` (signed)."""
-        return self.params - self.target
-
-    @property
-    def relative_difference(self) -> float:
-        """``difference / target``."""
-        return self.difference / self.target if self.target else 0.0
-
-
-def baseline_arch(space, target_params: int) -> BaselineChoice:
-    """BERT's MLP (``linear2(gelu(linear1(x)))``), stack 1, at the space width nearest in size.
-
-    The width is one of ``space.config.widths``, the same for every layer, chosen to minimise
-    ``|count_params(arch) - target_params|`` (ties: the smaller model). With stack 1 and only the
-    space's widths, an exact match is generally impossible: :attr:`BaselineChoice.difference`
-    says by how much it misses.
-    """
-    best: Optional[BaselineChoice] = None
-    for width in space.config.widths:
-        arch = space.bert_arch(width=width, stack=1)
-        n = int(space.count_params(arch))
-        cand = BaselineChoice(arch=arch, width=int(width), params=n, target=int(target_params))
-        if best is None or (abs(cand.difference), cand.params) < (abs(best.difference), best.params):
-            best = cand
-    assert best is not None  # a space always has at least one width
-    return best

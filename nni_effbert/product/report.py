@@ -44,8 +44,8 @@ from .fidelity import fidelity_markdown
 from .onnx import TEACHER_EXPORT, export_onnx, export_teacher_onnx, onnx_files, runtime_markdown, runtime_rows, task_rows
 from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label
 from .compare import comparisons_markdown
-from .latency_exports import LatencyBaselineChoice, choose_latency_baseline, ensure_latency_baseline
-from .students import SEARCHED, ensure_baseline, experiments_dir_of, supernet_experiment
+from .baselines import LatencyBaselineChoice, choose_latency_baseline, ensure_baseline, ensure_latency_baseline
+from .students import SEARCHED, experiments_dir_of, supernet_experiment
 
 __all__ = ["TABLE_KEYS", "MEASUREMENTS_FILE", "LatencyRecord", "ReportResult", "ReportOutcome", "format_table",
            "write_report", "teacher_row", "student_row", "build_report"]

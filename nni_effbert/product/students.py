@@ -1,8 +1,8 @@
 """The students a search produces: the best trial (or a known arch) exported with supernet
-weights, and the hand-designed baseline it is compared with.
+weights.
 
-:func:`export_best` and :func:`export_arch` are ``nni-effbert export``; :func:`ensure_baseline`
-exports and distils the BERT-MLP baseline for ``nni-effbert report``.
+:func:`export_best` and :func:`export_arch` are ``nni-effbert export``; :func:`export_trial_arch`
+exports any trial's arch (``fidelity``, the baselines of :mod:`.baselines`).
 """
 from __future__ import annotations
 
@@ -20,20 +20,17 @@ from ..params import arch_part, read_arch_file
 from ..nas.ranking import best_trial
 from ..nas.records import read_nni_trials
 from ..workdir import WorkDir
-from .distill import baseline_arch, distill_record, plan_distill, run_distill
 from .export import check_replaceable, export_student
-from .loader import load_exported
 
 __all__ = [
     "SEARCHED",
-    "BASELINE",
     "ExportInfo",
     "export_best",
     "export_arch",
-    "ensure_baseline",
-    "distil_baseline",
-    "reusable_export",
     "export_trial_arch",
+    "export_from_supernet",
+    "experiments_dir_of",
+    "supernet_experiment",
     "keep_previous_export",
 ]
 
@@ -41,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 #: Default export names inside ``<workdir>/exports``.
 SEARCHED = "searched"
-BASELINE = "baseline"
 
 
 @dataclass
@@ -73,7 +69,7 @@ class ExportInfo:
 # ---------------------------------------------------------------------------------------------
 
 
-def _export(evaluator, arch: Dict[str, Any], stage: Optional[int], name: str, extra: Dict[str, Any], *,
+def export_from_supernet(evaluator, arch: Dict[str, Any], stage: Optional[int], name: str, extra: Dict[str, Any], *,
             force: bool) -> ExportInfo:
     """Export ``arch`` with the supernet weights of ``stage`` into ``exports/<name>``.
 
@@ -173,7 +169,7 @@ def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: 
     extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
              "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
              "tie_margin": float(cfg.search.tie_margin or 0.0)}
-    info = _export(evaluator, dict(best["arch"] or {}), best["stage"], name, extra, force=force)
+    info = export_from_supernet(evaluator, dict(best["arch"] or {}), best["stage"], name, extra, force=force)
     info.trial = best
     return info
 
@@ -194,7 +190,7 @@ def export_arch(cfg, arch_file: str, *, name: str = SEARCHED, stage: Optional[in
     extra = {"source": "arch file", "arch_file": str(Path(arch_file).absolute())}
     if experiment:
         extra["experiment"] = experiment
-    return _export(evaluator, arch, stage, name, extra, force=force)
+    return export_from_supernet(evaluator, arch, stage, name, extra, force=force)
 
 
 def supernet_experiment(meta) -> Optional[str]:
@@ -206,82 +202,6 @@ def supernet_experiment(meta) -> Optional[str]:
     return extra.get("experiment")
 
 
-def baseline_evaluator(cfg, searched_dir, *, progress: bool = True, setup=None):
-    """``(searched export, KDEvaluator)`` for slicing a baseline of a searched export: from the
-    supernets the searched student came from (its experiment's), in the same student space.
-
-    Raises
-    ------
-    CheckpointError
-        The export belongs to another student space than ``cfg``'s.
-    """
-    searched = load_exported(searched_dir)
-    ev = KDEvaluator(cfg, progress=progress, setup=setup, experiment=supernet_experiment(searched.meta))
-    if ev.setup.space.config.to_dict() != searched.config.to_dict():
-        raise CheckpointError(f"the student in {searched.path} belongs to another student space than this "
-                              "config's; build the report with the config it was exported with")
-    return searched, ev
-
-
-def ensure_baseline(cfg, searched_dir, *, name: str = BASELINE, progress: bool = True, setup=None):
-    """Export (if needed) and distil the hand-designed baseline for a searched export.
-
-    The baseline is :func:`~nni_effbert.product.distill.baseline_arch` for the searched student's
-    parameter count, sliced from the same supernet stage and distilled with the same
-    ``distill`` budget. An existing baseline export made for the same searched student, space
-    and budget is reused.
-
-    Returns
-    -------
-    (DistillResult, BaselineChoice)
-    """
-
-    searched, ev = baseline_evaluator(cfg, searched_dir, progress=progress, setup=setup)
-    choice = baseline_arch(ev.setup.space, int(searched.meta["params"]))
-    wanted = {"baseline_for": searched.meta.get("fingerprint"), "target_params": choice.target,
-              "supernet_experiment": ev.experiment}
-    about = (f"baseline: BERT MLP, stack 1, width {choice.width} ({choice.params} params vs {choice.target} "
-             f"searched, {choice.difference:+d})")
-    result = distil_baseline(cfg, ev, searched, choice.arch, name, wanted, about=about, progress=progress,
-                             extra={"width": choice.width, "param_difference": choice.difference})
-    return result, choice
-
-
-def reusable_export(cfg, ev, name: str, wanted: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The metadata of ``exports/<name>`` if it can stand as it is: its ``extra`` has every
-    ``wanted`` key, it is in the evaluator's student space and it was distilled with today's
-    ``distill`` plan; else None."""
-    out = ev.setup.workdir.export_dir(name)
-    if not (out / "export_meta.json").is_file():
-        return None
-    meta = load_json(out / "export_meta.json", "baseline export metadata")
-    record = distill_record(meta)
-    if (all((meta.get("extra") or {}).get(k) == v for k, v in wanted.items()) and record is not None
-            and record.get("plan") == plan_distill(cfg).to_dict()
-            and meta.get("space_config") == ev.setup.space.config.to_dict()):
-        return meta
-    return None
-
-
-def distil_baseline(cfg, ev, searched, arch: Dict[str, Any], name: str, wanted: Dict[str, Any], *, about: str,
-                    extra: Optional[Dict[str, Any]] = None, progress: bool = True):
-    """Export ``arch`` as the baseline ``exports/<name>`` of the ``searched`` export and distil it.
-
-    ``arch`` is sliced from the searched student's supernet stage (evaluator ``ev``). An export
-    that :func:`reusable_export` accepts for ``wanted`` is kept as it is; otherwise it is
-    exported again with ``wanted`` + ``extra`` in its metadata (``about`` is logged). Returns the
-    :class:`~nni_effbert.product.distill.DistillResult`.
-    """
-    if reusable_export(cfg, ev, name, wanted) is None:
-        stage = (searched.meta.get("extra") or {}).get("supernet_stage")
-        logger.info("%s", about)
-        # force: a baseline that no longer fits (another searched student, width or budget) is the
-        # report's own to redo; export_student logs it when a distilled one is replaced.
-        _export(ev, dict(arch), stage, name,
-                {"source": "baseline", **wanted, **(extra or {}), "searched_export": str(searched.path)}, force=True)
-    return run_distill(cfg, ev.setup.workdir.export_dir(name), progress=progress, setup=ev.setup)
-
-
 def export_trial_arch(cfg, arch: Dict[str, Any], stage: Optional[int], name: str, *, extra: Optional[Dict[str, Any]] = None,
                       progress: bool = True, evaluator=None, force: bool = False) -> ExportInfo:
     """Export a trial's ``arch`` with the supernet weights of its ``stage`` into ``exports/<name>``
@@ -289,4 +209,4 @@ def export_trial_arch(cfg, arch: Dict[str, Any], stage: Optional[int], name: str
     does it for each sampled candidate). An existing ``exports/<name>`` is replaced only with ``force``."""
 
     evaluator = evaluator or KDEvaluator(cfg, progress=progress)
-    return _export(evaluator, dict(arch), stage, name, dict(extra or {}), force=force)
+    return export_from_supernet(evaluator, dict(arch), stage, name, dict(extra or {}), force=force)
