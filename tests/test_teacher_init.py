@@ -18,8 +18,8 @@ from nni_effbert.data.loading import load_task
 from nni_effbert.errors import CheckpointError, ConfigError, DataError
 from nni_effbert.kd.losses import KDLoss, uniform_layer_map
 from nni_effbert.kd.teacher import teacher_outputs
-from nni_effbert.kd.teacher_init import (init_from_teacher, magnitude_importance, origin_line, start_from_teacher,
-                                         student_origin, student_preset, taylor_importance, teacher_parts,
+from nni_effbert.kd.student_start import origin_line, start_from_teacher, student_origin, student_preset
+from nni_effbert.kd.teacher_init import (init_from_teacher, magnitude_importance, taylor_importance, teacher_parts,
                                          teacher_student_fields)
 from nni_effbert.kd.setup import KDSetup
 from nni_effbert.nas.warmup import run_warmup

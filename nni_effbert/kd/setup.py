@@ -31,7 +31,7 @@ from .losses import KDLoss
 from .scoring import evaluate, predict, score_span_split, score_split
 from .sources import Arch, Batch, CachedTeacher, LiveTeacher
 from .teacher import FINGERPRINT_MEMO, MARKER_FILE, load_teacher, prepare_teacher, read_teacher_marker
-from .teacher_init import student_preset
+from .student_start import student_preset
 from .train import student_forward
 
 __all__ = ["build_space", "KDSetup"]

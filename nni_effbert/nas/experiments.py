@@ -15,7 +15,7 @@ from nni_effbert.search_spaces import EfficientBertSpace
 
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..kd.teacher import read_teacher_marker
-from ..kd.teacher_init import student_preset
+from ..kd.student_start import student_preset
 from ..workdir import WorkDir, check_experiment_id
 from .records import is_scored
 

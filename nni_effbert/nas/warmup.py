@@ -66,7 +66,7 @@ from ..data.corpus import corpus_files, unlabeled_texts
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_save_torch, load_torch, read_json_object
 from ..kd.losses import KDLoss
-from ..kd.teacher_init import start_from_teacher, warmup_init_mode
+from ..kd.student_start import start_from_teacher, warmup_init_mode
 from ..kd.setup import KDSetup
 from ..kd.sources import CachedTeacher
 from ..kd.train import TrainSettings, TrainState, kd_train

@@ -73,7 +73,7 @@ from ..errors import CheckpointError, ConfigError, EffBertError
 from ..hf.configuration_effbert import EfficientBertHFConfig
 from ..io import (atomic_replace_dir, atomic_write_json, atomic_write_text, disk_full_guard, load_json,
                   make_tmp_dir)
-from ..kd.teacher_init import origin_line
+from ..kd.student_start import origin_line
 from .loader import (ARCH_FILE, ARCHITECTURE_FILE, CONFIG_FILE, FORMAT_VERSION, HASHES_KEY, META_FILE, README_FILE,
                      WEIGHTS_FILE, PathLike, folder_hashes, space_of, student_from_weights, verify_export)
 
@@ -310,7 +310,7 @@ def architecture_markdown(space: Any, arch: Mapping[str, Any], student: Any = No
     id2label : dict, optional
         Class names, listed under the head.
     origin : dict, optional
-        :func:`~nni_effbert.kd.teacher_init.student_origin` (student preset and supernet init),
+        :func:`~nni_effbert.kd.student_start.student_origin` (student preset and supernet init),
         named under the title.
 
     Returns

@@ -32,7 +32,7 @@ from ..latency.measure import measure_latency
 from ..latency.runtimes import require_deploy
 from ..latency.settings import latency_settings
 from ..kd.teacher import load_teacher, prepare_teacher
-from ..kd.teacher_init import origin_line, student_origin
+from ..kd.student_start import origin_line, student_origin
 from ..kd.setup import KDSetup
 from ..nas.ranking import best_trial
 from ..nas.records import is_failed, is_scored, normalize_trial, read_nni_trials
@@ -297,7 +297,7 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
         Trial id of the exported student (e.g. the best trial under ``--max-latency``), marked as
         the selected point on the plots; default the best trial.
     origin : dict, optional
-        :func:`~nni_effbert.kd.teacher_init.student_origin`: the student preset and supernet init,
+        :func:`~nni_effbert.kd.student_start.student_origin`: the student preset and supernet init,
         named at the top.
     search_metric_name : str, optional
         Name of the trials' ``default`` in the search section and plots (default ``metric_name``;

@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from ..errors import CheckpointError
 from ..io import load_json
-from ..kd.teacher_init import student_origin
+from ..kd.student_start import student_origin
 from ..nas.kd_evaluator import KDEvaluator
 from ..params import arch_part, read_arch_file
 from ..nas.ranking import best_trial

@@ -137,7 +137,7 @@ def build_space_and_search(config: Optional[str] = None, preset: Optional[str] =
         preset, overrides = cfg.student.preset, dict(cfg.student.overrides)
         if preset == "teacher":
             # local: kd imports transformers and datasets (seconds); the nnictl tuner must connect in 10 s
-            from nni_effbert.kd.teacher_init import student_preset
+            from nni_effbert.kd.student_start import student_preset
 
             preset, overrides = student_preset(cfg)  # the teacher's sizes, then the overrides
         space = EfficientBertSpace.preset(preset, **overrides)
