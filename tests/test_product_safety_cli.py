@@ -279,7 +279,7 @@ def test_each_experiment_reads_its_own_config(work, capsys, monkeypatch, caplog)
 def test_second_report_reuses_measurements_and_distils_nothing(work, capsys, monkeypatch):
     from nni_effbert.latency import measure as latency_mod
     from nni_effbert.product import distill, report
-    from nni_effbert.product import latency_exports as cost
+    from nni_effbert.product import baselines
 
     work, sets, _ = work
     code, first, err = _run(capsys, "report", "-q", "-c", TINY, *sets)
@@ -295,10 +295,10 @@ def test_second_report_reuses_measurements_and_distils_nothing(work, capsys, mon
             return real(*a, **kw)
         return wrapper
 
-    for mod in (report, cost, distill):
+    for mod in (report, baselines, distill):
         monkeypatch.setattr(mod, "measure_latency", spy(f"{mod.__name__}.measure_latency", latency_mod.measure_latency))
     monkeypatch.setattr(distill, "kd_train", spy("kd_train", distill.kd_train))
-    monkeypatch.setattr(cost, "latency_baseline_arch", spy("latency_baseline_arch", cost.latency_baseline_arch))
+    monkeypatch.setattr(baselines, "latency_baseline_arch", spy("latency_baseline_arch", baselines.latency_baseline_arch))
     code, second, err = _run(capsys, "report", "-q", "-c", TINY, *sets)
     assert code == 0, err
     assert [line for line in second.splitlines() if line.startswith("|")] == table1
