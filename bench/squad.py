@@ -55,7 +55,7 @@ def per_question_f1(folder, setup):
     import torch
 
     from nni_effbert.data.metrics import squad_f1_per_question
-    from nni_effbert.data.qa import apply_null_threshold, best_null_threshold, postprocess_predictions, span_logits
+    from nni_effbert.data.qa_answers import (apply_null_threshold, best_null_threshold, postprocess_predictions, span_logits)
     from nni_effbert.product.loader import load_exported
 
     model = load_exported(folder).model.eval()

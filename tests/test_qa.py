@@ -13,14 +13,8 @@ import pytest
 
 from nni_effbert.config import TaskConfig
 from nni_effbert.data.metrics import normalize_answer, squad_metrics
-from nni_effbert.data.qa import (
-    apply_null_threshold,
-    best_null_threshold,
-    load_qa_task,
-    load_raw_qa,
-    postprocess_predictions,
-    read_squad_file,
-)
+from nni_effbert.data.qa_answers import apply_null_threshold, best_null_threshold, postprocess_predictions
+from nni_effbert.data.qa import load_qa_task, load_raw_qa, read_squad_file
 from nni_effbert.errors import DataError
 from nni_effbert.typed_yaml import from_dict
 

@@ -11,7 +11,8 @@ from transformers import BertConfig, BertForQuestionAnswering
 
 from nni_effbert.config import load_config
 from nni_effbert.data.batches import collate
-from nni_effbert.data.qa import load_qa_task, score_span_model
+from nni_effbert.data.qa_answers import score_span_model
+from nni_effbert.data.qa import load_qa_task
 from nni_effbert.kd.cache import TeacherCache
 from nni_effbert.kd.teacher import finetune_teacher, load_teacher, read_teacher_marker, teacher_outputs
 
@@ -190,7 +191,7 @@ def test_v2_threshold_is_tuned_on_the_search_split(tmp_path, squad_small, qa_tok
     dev = score_span_model(oracle, data, task, batch_size=8, pad_token_id=0, splits=("dev",))["dev"]
     assert dev["NoAns_total"] == 12 and dev["NoAns_exact"] == 1.0 and dev["HasAns_f1"] > 0.9
     # The threshold used on dev is the search split's best one, not dev's own.
-    from nni_effbert.data.qa import best_null_threshold, postprocess_predictions, span_logits
+    from nni_effbert.data.qa_answers import best_null_threshold, postprocess_predictions, span_logits
 
     starts, ends = span_logits(oracle, data.search, 8, 0)
     preds, diffs = postprocess_predictions(data.examples["search"], data.search, starts, ends)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..data.batches import length_sorted_batches, make_loader
 from ..data.metrics import compute_metrics
-from ..data.qa import apply_null_threshold, best_null_threshold, evaluate_predictions, postprocess_predictions
+from ..data.qa_answers import apply_null_threshold, best_null_threshold, evaluate_predictions, postprocess_predictions
 from ..errors import ConfigError
 from ..runtime import Runtime
 from .losses import KDLoss, prediction_loss, span_prediction_loss
@@ -229,7 +229,7 @@ def score_span_split(model: nn.Module, data, split: str, task_cfg, teacher: Teac
     """:func:`score_split` of span QA: EM / F1 and KD losses of ``model`` on a QA split, in one pass.
 
     Features (windows) are scored against the teacher's cached start / end logits; their logits
-    are post-processed into one answer per question (:func:`nni_effbert.data.qa.postprocess_predictions`)
+    are post-processed into one answer per question (:func:`nni_effbert.data.qa_answers.postprocess_predictions`)
     and scored with the official rules. For SQuAD v2.0 the null threshold is the best one on
     this split (the search split is where it is tuned).
 

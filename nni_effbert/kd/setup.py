@@ -21,7 +21,8 @@ from nni_effbert.search_spaces.supernet import EfficientBertSupernet
 
 from ..data.batches import length_sorted_batches
 from ..data.prepared import load_prepared_task
-from ..data.qa import load_qa_task, score_span_model
+from ..data.qa_answers import score_span_model
+from ..data.qa import load_qa_task
 from ..data.tasks import QA_TASKS
 from ..errors import CheckpointError, ConfigError
 from ..runtime import Runtime, resolve_runtime

@@ -31,7 +31,8 @@ from ..data.tasks import QA_TASKS
 from ..data.batches import make_loader
 from ..data.loading import load_task
 from ..data.metrics import compute_metrics
-from ..data.qa import load_qa_task, score_span_model
+from ..data.qa_answers import score_span_model
+from ..data.qa import load_qa_task
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..io import atomic_replace_dir, atomic_write_json, load_json, make_tmp_dir
 from ..runtime import Runtime, resolve_runtime
@@ -683,7 +684,7 @@ def evaluate_span_teacher(model, task_data, task_cfg, batch_size: int, pad_token
                           runtime: Optional[Runtime] = None, splits: Sequence[str] = ("search", "dev")) -> Dict[str, Dict[str, float]]:
     """EM / F1 of a question-answering teacher (``AutoModelForQuestionAnswering``) on a QA task's splits.
 
-    See :func:`nni_effbert.data.qa.score_span_model` (the v2.0 null threshold is tuned on the
+    See :func:`nni_effbert.data.qa_answers.score_span_model` (the v2.0 null threshold is tuned on the
     search split). Returns split -> ``{exact, f1, default, ...}`` (fractions).
     """
     rt = runtime if runtime is not None else Runtime(torch.device("cpu"))
