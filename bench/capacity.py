@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_now, machine_info  # noqa: E402
 
 from nni_effbert.config import load_config  # noqa: E402
-from nni_effbert.kd.teacher import finetune_from_config  # noqa: E402
+from nni_effbert.kd.teacher_finetune import finetune_from_config  # noqa: E402
 from nni_effbert.kd.setup import KDSetup  # noqa: E402
 from nni_effbert.nas.kd_evaluator import KDEvaluator  # noqa: E402
 from nni_effbert.nas.warmup import run_warmup  # noqa: E402

@@ -143,7 +143,7 @@ def main():
     import yaml
 
     from nni_effbert.config import apply_overrides, load_config
-    from nni_effbert.kd.teacher import finetune_from_config
+    from nni_effbert.kd.teacher_finetune import finetune_from_config
     from nni_effbert.kd.setup import KDSetup
     from nni_effbert.product.fidelity import run_fidelity
 

@@ -29,7 +29,7 @@ from _common import load_now, machine_info  # noqa: E402
 
 from nni_effbert.config import load_config  # noqa: E402
 from nni_effbert.errors import EffBertError  # noqa: E402
-from nni_effbert.kd.teacher import finetune_from_config  # noqa: E402
+from nni_effbert.kd.teacher_finetune import finetune_from_config  # noqa: E402
 from nni_effbert.kd.setup import KDSetup  # noqa: E402
 from nni_effbert.kd.sources import CachedTeacher  # noqa: E402
 from nni_effbert.kd.train import TrainSettings, kd_train  # noqa: E402

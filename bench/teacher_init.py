@@ -59,7 +59,8 @@ from nni_effbert.latency.measure import measure_latency  # noqa: E402
 from nni_effbert.latency.settings import latency_settings  # noqa: E402
 from nni_effbert.latency.table import table_for_config  # noqa: E402
 from nni_effbert.latency.targets import teacher_latency_ms  # noqa: E402
-from nni_effbert.kd.teacher import finetune_from_config, load_teacher, prepare_teacher  # noqa: E402
+from nni_effbert.kd.teacher_finetune import finetune_from_config  # noqa: E402
+from nni_effbert.kd.teacher import load_teacher, prepare_teacher  # noqa: E402
 from nni_effbert.kd.student_start import student_origin  # noqa: E402
 from nni_effbert.kd.scoring import evaluate  # noqa: E402
 from nni_effbert.kd.setup import KDSetup  # noqa: E402

@@ -101,7 +101,7 @@ def _load_cfg(args: argparse.Namespace, experiment: Optional[str] = None, *, res
 
 
 def _run_teacher(args: argparse.Namespace) -> int:
-    from .kd.teacher import finetune_from_config
+    from .kd.teacher_finetune import finetune_from_config
 
     result = finetune_from_config(_load_cfg(args), progress=not args.quiet)
     how = "reused" if result.reused else "fine-tuned"

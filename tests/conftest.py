@@ -150,7 +150,7 @@ def finetune_teacher_into(cfg) -> None:
     from transformers import AutoTokenizer
 
     from nni_effbert.data.loading import load_task
-    from nni_effbert.kd.teacher import finetune_teacher
+    from nni_effbert.kd.teacher_finetune import finetune_teacher
     from nni_effbert.workdir import WorkDir
 
     wd = WorkDir.of(cfg).ensure()

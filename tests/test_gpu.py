@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from nni_effbert.config import load_config
-from nni_effbert.kd.teacher import finetune_from_config
+from nni_effbert.kd.teacher_finetune import finetune_from_config
 from nni_effbert.kd.setup import KDSetup
 from nni_effbert.nas.kd_evaluator import KDEvaluator
 from nni_effbert.nas.warmup import run_warmup

@@ -14,7 +14,8 @@ from nni_effbert.data.batches import collate
 from nni_effbert.data.qa_answers import score_span_model
 from nni_effbert.data.qa import load_qa_task
 from nni_effbert.kd.cache import TeacherCache
-from nni_effbert.kd.teacher import finetune_teacher, load_teacher, read_teacher_marker, teacher_outputs
+from nni_effbert.kd.teacher_finetune import finetune_teacher
+from nni_effbert.kd.teacher import load_teacher, read_teacher_marker, teacher_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,7 +105,7 @@ def test_score_span_model_with_an_oracle(cfg, qa_data):
 
 @pytest.fixture(scope="module")
 def trial_cfg(tmp_path_factory, squad_small, base_qa_teacher):
-    from nni_effbert.kd.teacher import finetune_from_config
+    from nni_effbert.kd.teacher_finetune import finetune_from_config
 
     train, dev = squad_small
     cfg = load_config(REPO / "examples" / "tiny" / "effbert.yml", [

@@ -12,17 +12,9 @@ from nni_effbert.config import load_config
 from nni_effbert.data.batches import collate, make_loader
 from nni_effbert.data.loading import load_task
 from nni_effbert.errors import CheckpointError, ConfigError, DataError
-from nni_effbert.kd.teacher import (
-    evaluate_teacher,
-    finetune_teacher,
-    load_teacher,
-    prepare_teacher,
-    read_teacher_marker,
-    resolve_teacher,
-    teacher_fingerprint,
-    teacher_outputs,
-    vocab_fingerprint,
-)
+from nni_effbert.kd.teacher_finetune import evaluate_teacher, finetune_teacher
+from nni_effbert.kd.teacher import (load_teacher, prepare_teacher, read_teacher_marker, resolve_teacher, teacher_fingerprint,
+                                    teacher_outputs, vocab_fingerprint)
 
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN = [0, 1, 2]  # embedding output + both layers of the tiny teacher

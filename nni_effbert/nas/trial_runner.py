@@ -53,7 +53,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from ..config import experiment_config, load_config
 from ..errors import ConfigError, DiskFullError, EffBertError, one_line
-from ..kd.teacher import finetune_from_config
+from ..kd.teacher_finetune import finetune_from_config
 from ..kd.train import TrialFailure
 from ..runtime import apply_gpu_memory_limit, configure_runtime, configure_threads, gpu_oom_reason, resolve_runtime
 from ..params import (STAGE_KEY, TRAIN_STEPS_KEY, add_arguments, echoed_ids, int_meta, is_placeholder, is_teacher,

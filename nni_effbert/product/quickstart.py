@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..config import apply_overrides
 from ..errors import ConfigError, EffBertError
 from ..io import atomic_write_text
-from ..kd.teacher import finetune_from_config
+from ..kd.teacher_finetune import finetune_from_config
 from ..kd.setup import KDSetup
 from ..nas.kd_evaluator import KDEvaluator
 from ..nas.launcher import run_search
