@@ -145,7 +145,8 @@ def test_tiny_qa_trial_end_to_end(trial_cfg, tmp_path):
     # Export, final distillation, report rows with EM and F1.
     from nni_effbert.product.distill import run_distill
     from nni_effbert.product.export import export_student
-    from nni_effbert.product.report import format_table, student_row, teacher_row
+    from nni_effbert.product.report_page import format_table
+    from nni_effbert.product.report import student_row, teacher_row
 
     folder = export_student(setup.space, arch, setup.space, tmp_path / "searched", tokenizer=setup.tokenizer,
                             task=setup.task.spec)

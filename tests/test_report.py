@@ -13,7 +13,7 @@ from nni_effbert.nas import records as records_mod
 from nni_effbert.errors import ConfigError
 from nni_effbert.nas.ranking import NoSucceededTrialError, best_trial, pareto_front
 from nni_effbert.nas.records import ExperimentNotFoundError, read_nni_trials
-from nni_effbert.product.report import format_table, write_report
+from nni_effbert.product.report_page import format_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -27,7 +27,7 @@ from nni_effbert.nas.objectives import objective_value
 from nni_effbert.nas.warmup import run_warmup
 from nni_effbert.product import fidelity as fidelity_mod
 from nni_effbert.product.distill import run_distill
-from nni_effbert.product.report import write_report
+from nni_effbert.product.report_page import write_report
 from nni_effbert.product.students import export_trial_arch
 from nni_effbert.workdir import WorkDir
 from conftest import finetune_teacher_into

@@ -133,7 +133,8 @@ def test_tie_margin_defaults_to_the_objective_s_repeatability(tmp_path):
 
 
 def test_report_marks_a_student_that_kept_the_reference_expression(space):
-    from nni_effbert.product.report import format_table, reference_note
+    from nni_effbert.product.report_page import format_table
+    from nni_effbert.product.report import reference_note
 
     layers = [{"expression": REFERENCE_EXPRESSION, "width": 64, "stack": 2}] * 2
     note = reference_note({"layers": layers})

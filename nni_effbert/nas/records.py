@@ -2,7 +2,7 @@
 database of a stopped one.
 
 Trials travel as plain dicts (JSON-friendly, what :func:`read_nni_trials` returns and
-:func:`~nni_effbert.product.report.write_report` takes) with these keys; only ``trial_id`` is required:
+:func:`~nni_effbert.product.report_page.write_report` takes) with these keys; only ``trial_id`` is required:
 
 ``trial_id`` (str)
     NNI's trial job id.
