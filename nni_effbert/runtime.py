@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .errors import EffBertError
+from .typed_yaml import Checked, checked_field, non_negative, one_of, positive
 
-__all__ = ["configure_runtime", "silence_import_warnings", "configure_threads", "Runtime", "RuntimeConfigError",
+__all__ = ["RuntimeConfig", "configure_runtime", "silence_import_warnings", "configure_threads", "Runtime", "RuntimeConfigError",
            "resolve_runtime", "apply_gpu_memory_limit", "gpu_oom_reason", "SYNC_INTERVAL"]
 
 logger = logging.getLogger(__name__)
@@ -309,3 +310,40 @@ def gpu_oom_reason(exc: BaseException, runtime: Runtime) -> Optional[str]:
     amount = f"{mib} MiB on {where}" if mib else where
     detail = " ".join(str(found).split())[:300]
     return f"out of GPU memory ({amount}): {detail}" if detail else f"out of GPU memory ({amount})"
+
+
+
+def _device_name(value: str) -> str:
+    text = str(value).strip()
+    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", text):
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N (N = a CUDA device index); got {value!r}")
+    return text
+
+
+@dataclass
+class RuntimeConfig(Checked):
+    """Where and how every training and inference path runs (``runtime``).
+
+    ``device: auto`` is CUDA when torch sees a GPU (inside an NNI trial: one NNI assigned it,
+    see ``search.gpus_per_trial``), else the CPU. ``precision: auto`` is bf16 on a GPU that
+    supports it, else fp32; bf16 / fp16 run through ``torch.autocast`` (fp16 with a
+    ``GradScaler``; fp16 needs CUDA). Whether the machine can do it is checked when a command
+    starts (:func:`nni_effbert.runtime.resolve_runtime`). Latency is measured on the CPU
+    whatever the device: it is the deployment latency the search optimises.
+
+    Attributes
+    ----------
+    device
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N``: where every training and inference path runs (teacher fine-tune, cache building, warm-up, candidate fine-tune, distillation, export check); ``auto`` is CUDA when torch sees a GPU (inside NNI: the one NNI assigned), else the CPU.
+    precision
+        ``auto``, ``fp32``, ``bf16`` or ``fp16`` through ``torch.autocast`` (fp16 with a ``GradScaler``, CUDA only); ``auto`` is bf16 on a GPU that supports it, else fp32. Weights stay fp32.
+    dataloader_workers
+        Worker processes building batches (0: in the training process).
+    """
+
+    device: str = checked_field(_device_name, "auto")
+    precision: str = checked_field(one_of("auto", "fp32", "bf16", "fp16"), "auto")
+    threads: Optional[int] = checked_field(positive, None)  # None: cpu_count // search.trial_concurrency in trials
+    dataloader_workers: int = checked_field(non_negative, 0)
+    compile: bool = False  # torch.compile fixed students (candidate fine-tune, distill)
+    gpu_memory_mb: Optional[int] = checked_field(positive, None)  # per-process CUDA memory cap

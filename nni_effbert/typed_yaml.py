@@ -18,13 +18,14 @@ import math
 import os
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
 from .errors import ConfigError
 
-__all__ = ["from_dict", "to_dict", "read_yaml", "apply_overrides", "field_default"]
+__all__ = ["from_dict", "to_dict", "read_yaml", "apply_overrides", "field_default", "path_field", "checked_field",
+           "Checked", "positive", "non_negative", "fraction", "optional_fraction", "unit_interval", "one_of"]
 
 
 def _join(key: str, sub: Union[str, int]) -> str:
@@ -402,3 +403,74 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str], cls: type) -
                 parent = parent[int(part)] if isinstance(parent, list) else parent[part]
             parent[parts[-1]] = [os.path.abspath(os.path.expanduser(v)) if isinstance(v, str) else v for v in value]
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Field helpers: the metadata :func:`from_dict` reads, and common checks
+# ---------------------------------------------------------------------------------------------
+# ``path``: a filesystem path, resolved to an absolute one at load time.
+# ``check``: callable(value) -> value, raising ValueError with a message on bad values.
+
+
+def path_field(default: Any = None, **kw: Any) -> Any:
+    """A dataclass field holding a filesystem path (resolved to an absolute one at load time)."""
+    return dataclasses.field(default=default, metadata={"path": True, **kw})
+
+
+def checked_field(check: Callable[[Any], Any], default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field whose value ``check(value)`` validates (ValueError with a message) at load time
+    and, in a :class:`Checked` dataclass, on construction."""
+    if "default_factory" in kw:
+        return dataclasses.field(default_factory=kw.pop("default_factory"), metadata={"check": check, **kw})
+    return dataclasses.field(default=default, metadata={"check": check, **kw})
+
+
+def positive(value: Any) -> Any:
+    if value is not None and value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+    return value
+
+
+def non_negative(value: Any) -> Any:
+    if value is not None and value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
+def fraction(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def optional_fraction(value: Optional[float]) -> Optional[float]:
+    return None if value is None else fraction(value)
+
+
+def unit_interval(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def one_of(*allowed: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value is not None and value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}; got {value!r}")
+        return value
+
+    return check
+
+
+class Checked:
+    """Runs the fields' ``check`` metadata on construction, so direct use validates too."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            if check is None:
+                continue
+            try:
+                setattr(self, f.name, check(getattr(self, f.name)))
+            except ValueError as err:
+                raise ConfigError(f"{type(self).__name__}.{f.name}: {err}") from None

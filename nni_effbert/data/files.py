@@ -20,15 +20,13 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..errors import DataError
-from .tasks import CUSTOM_TASK, DATA_DIR_ENV, TaskSpec
+from .tasks import CUSTOM_TASK, DATA_DIR_ENV, TaskConfig, TaskSpec
 
-if TYPE_CHECKING:  # annotations only: config assembles the sections and imports data.tasks
-    from ..config import TaskConfig
 
 __all__ = [
     "MAX_FIELD_CHARS",

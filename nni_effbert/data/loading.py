@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import datasets
 import numpy as np
@@ -31,10 +31,8 @@ import numpy as np
 from ..errors import DataError
 from .files import (check_labels, check_text, drop_new_cache_on_failure, file_format, file_sha256, label_key,
                     label_mapper, read_records, require_columns, resolve_data_dir, sort_labels, task_folder)
-from .tasks import CUSTOM_TASK, DATA_DIR_ENV, TaskSpec, custom_task_spec, get_task_spec
+from .tasks import CUSTOM_TASK, DATA_DIR_ENV, TaskConfig, TaskSpec, custom_task_spec, get_task_spec
 
-if TYPE_CHECKING:  # annotations only: config assembles the sections and imports data.tasks
-    from ..config import TaskConfig
 
 __all__ = [
     "TaskData",

@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import datasets
 
@@ -30,10 +30,8 @@ from ..errors import DataError
 from ..io import atomic_replace_dir, atomic_write_json, make_tmp_dir
 from .files import resolve_data_dir, task_folder
 from .loading import TaskData, digest, load_task
-from .tasks import CUSTOM_TASK, TaskSpec, get_task_spec
+from .tasks import CUSTOM_TASK, TaskConfig, TaskSpec, get_task_spec
 
-if TYPE_CHECKING:  # annotations only: config assembles the sections and imports data.tasks
-    from ..config import TaskConfig
 
 __all__ = ["PREPARED_FORMAT", "task_files", "prepared_key", "load_prepared_task"]
 

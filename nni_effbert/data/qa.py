@@ -34,7 +34,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import datasets
 import numpy as np
@@ -43,10 +43,8 @@ from ..errors import DataError
 from ..io import atomic_replace_dir, atomic_write_json, make_tmp_dir
 from .files import file_sha256, resolve_data_dir
 from .loading import digest, search_split_rows, seeded_subset, tokenizer_fingerprint
-from .tasks import QA_TASKS, TaskSpec, get_task_spec
+from .tasks import QA_TASKS, TaskConfig, TaskSpec, get_task_spec
 
-if TYPE_CHECKING:  # annotations only: config assembles the sections and imports data.tasks
-    from ..config import TaskConfig
 
 __all__ = [
     "QAData",

@@ -14,7 +14,7 @@ and the official SQuAD v1.1 / v2.0 evaluation).
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import datasets
 import numpy as np
@@ -24,9 +24,8 @@ from .batches import length_sorted_batches
 from .loading import MODEL_INPUTS
 from .metrics import squad_f1_per_question, squad_metrics
 from .qa import QAData
+from .tasks import TaskConfig
 
-if TYPE_CHECKING:  # annotations only: config assembles the sections and imports data.tasks
-    from ..config import TaskConfig
 
 __all__ = ["postprocess_predictions", "apply_null_threshold", "best_null_threshold", "evaluate_predictions",
            "span_logits", "score_span_model"]

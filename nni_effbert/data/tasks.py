@@ -7,11 +7,15 @@ Loaded data always uses the hub spelling, so code downstream sees one layout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import ConfigError
+from ..typed_yaml import (Checked, checked_field, fraction, non_negative, one_of, optional_fraction, path_field,
+                          positive)
 
 __all__ = [
+    "TaskConfig",
+    "QA_MAX_SEQ_LENGTH",
     "TaskSpec",
     "GLUE_TASKS",
     "TASK_NAMES",
@@ -242,3 +246,128 @@ def custom_task_spec(
         is_regression=regression,
         tsv_text_columns=list(text_columns),
     )
+
+
+
+#: ``task.max_seq_length`` of a QA task when the config leaves it out.
+QA_MAX_SEQ_LENGTH = 384
+
+
+def _is_qa_name(value: Any) -> bool:
+    try:
+        return canonical_task_name(value) in QA_TASKS
+    except ConfigError:
+        return False
+
+
+def _task_name(value: str) -> str:
+    try:
+        return canonical_task_name(value)
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+
+
+@dataclass
+class TaskConfig(Checked):
+    """The task and its data (``task``).
+
+    ``data_dir`` is a GLUE-layout root (holding ``SST-2/``, ``RTE/`` ...) or a task folder
+    itself. Left empty, ``$EFFBERT_DATA_DIR`` is used, and without it the ``datasets`` hub.
+    ``seed`` picks the row subset for fractions / max rows; empty means the top-level seed.
+
+    Attributes
+    ----------
+    name
+        A GLUE task (``cola sst2 mrpc qqp stsb mnli qnli rte wnli``), ``squad`` / ``squad_v2`` (span QA,
+        ``docs/guides/squad.md``) or ``custom``.
+    data_dir
+        GLUE-layout root (``SST-2/``, ``RTE/``, ...) or a task folder; empty: ``$EFFBERT_DATA_DIR``, else the datasets hub.
+    max_seq_length
+        Tokenizer truncation length.
+    train_fraction, dev_fraction
+        Seeded subsets of the train and dev rows.
+    max_train_rows, max_dev_rows
+        Caps on the subsets.
+    seed
+        Seeds the row subsets and the search split; empty: the top-level ``seed``.
+    dev_file, text_columns, label_column
+        Custom tasks (``name: custom``): the dev file (CSV, TSV or JSON lines), one or two text columns, and the
+        label column (at least 2 classes; label rules, encoding and size limits: ``docs/guides/data.md``).
+    metric
+        Custom tasks: the primary metric (default: accuracy, or Pearson for regression).
+    regression
+        Custom tasks: float labels, one output.
+    search_fraction
+        The search split as a fraction of the train rows, instead of ``search_rows``.
+    """
+
+    name: str = checked_field(_task_name, "sst2")
+    data_dir: Optional[str] = path_field(None)
+    max_seq_length: int = checked_field(positive, 128)
+    train_fraction: float = checked_field(fraction, 1.0)
+    dev_fraction: float = checked_field(fraction, 1.0)
+    max_train_rows: Optional[int] = checked_field(positive, None)
+    max_dev_rows: Optional[int] = checked_field(positive, None)
+    seed: Optional[int] = None
+    # custom tasks (name: custom)
+    train_file: Optional[str] = path_field(None)
+    dev_file: Optional[str] = path_field(None)
+    text_columns: List[str] = field(default_factory=list)
+    label_column: str = "label"
+    metric: Optional[str] = checked_field(one_of(*METRICS), None)
+    regression: bool = False
+    # Held-out search split, carved (seeded) from the train rows after the subset: candidates are
+    # scored on it and no student ever trains on it; dev stays for the final report. Rows, or a
+    # fraction of the train rows (give one); capped at half the train rows; 0 = no search split.
+    search_rows: Optional[int] = checked_field(non_negative, 1000)
+    search_fraction: Optional[float] = checked_field(optional_fraction, None)
+    # Span QA (name: squad / squad_v2; docs/guides/squad.md): contexts longer than max_seq_length
+    # (default 384 for QA) are cut into windows that overlap by doc_stride tokens, as run_qa does;
+    # answers are the best of n_best_size start and end logits, at most max_answer_length tokens.
+    # train_file / dev_file name SQuAD-format JSON files; the search split is held out by article.
+    doc_stride: int = checked_field(positive, 128)
+    max_answer_length: int = checked_field(positive, 30)  # span QA: longest answer, in tokens
+    n_best_size: int = checked_field(positive, 20)  # span QA: start and end candidates per window
+
+    @classmethod
+    def _prepare(cls, data: Dict[str, Any]) -> Dict[str, Any]:
+        # Giving only search_fraction switches from the default search_rows to the fraction.
+        if data.get("search_fraction") is not None and "search_rows" not in data:
+            data = {**data, "search_rows": None}
+        # QA reads question + context windows: 384 tokens by default (run_qa's default), not 128.
+        if "max_seq_length" not in data and _is_qa_name(data.get("name")):
+            data = {**data, "max_seq_length": QA_MAX_SEQ_LENGTH}
+        return data
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.search_rows is not None and self.search_fraction is not None:
+            raise ValueError("set either search_rows or search_fraction, not both (empty the other)")
+        if self.name == CUSTOM_TASK:
+            missing = [k for k in ("train_file", "dev_file") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"a custom task needs {' and '.join(missing)} (CSV, TSV or JSON lines)")
+            if len(self.text_columns) not in (1, 2):
+                raise ValueError(
+                    f"a custom task needs one or two text_columns, got {self.text_columns}"
+                )
+        elif self.name in QA_TASKS:
+            given = [k for k in ("train_file", "dev_file") if getattr(self, k)]
+            if len(given) == 1:
+                raise ValueError(f"task {self.name!r}: give both train_file and dev_file (SQuAD-format JSON) "
+                                 f"or neither (data_dir or the hub); only {given[0]} is set")
+            if self.text_columns or self.regression or self.metric is not None:
+                raise ValueError(f"text_columns, regression and metric are not used by the QA task {self.name!r} "
+                                 "(it reports exact match and F1); leave them out")
+            if self.doc_stride >= self.max_seq_length:
+                raise ValueError(f"doc_stride ({self.doc_stride}) must be smaller than max_seq_length "
+                                 f"({self.max_seq_length}): windows overlap by doc_stride tokens")
+        else:
+            stray = [k for k in ("train_file", "dev_file") if getattr(self, k)]
+            if stray or self.text_columns or self.regression:
+                given = stray + (["text_columns"] if self.text_columns else [])
+                given += ["regression"] if self.regression else []
+                raise ValueError(
+                    f"{', '.join(given)} are only used with 'name: custom'; GLUE task {self.name!r} "
+                    "reads its files from data_dir"
+                )
