@@ -36,12 +36,15 @@ import argparse
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 from . import __version__
 from .errors import ConfigError, EffBertError, one_line
 from .runtime import configure_runtime, configure_threads, resolve_runtime
 from .workdir import WorkDir, check_experiment_id
+
+if TYPE_CHECKING:  # annotations only: the CLI imports config lazily (fast --help)
+    from .config import ExperimentConfig
 
 __all__ = ["Command", "COMMANDS", "build_parser", "main"]
 
@@ -273,7 +276,7 @@ def _configure_onnx(parser: argparse.ArgumentParser, help_onnx: str) -> None:
                         help="also write model.int8.onnx (onnxruntime dynamic int8 quantization); implies --onnx")
 
 
-def _export_onnx(cfg, folder, args: argparse.Namespace, teacher: bool = False) -> None:
+def _export_onnx(cfg: ExperimentConfig, folder, args: argparse.Namespace, teacher: bool = False) -> None:
     from .product.onnx import CHECK_FILE, check_model_folder, export_onnx, export_teacher_onnx, task_rows, teacher_folder
 
     teacher_folder(cfg) if teacher else check_model_folder(folder)  # before reading the task's rows
@@ -354,7 +357,7 @@ def _run_export_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_pareto(cfg, args: argparse.Namespace) -> None:
+def _print_pareto(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     from .nas.latency_ranking import latency_front
     from .nas.records import read_nni_trials
     from .product.students import experiments_dir_of

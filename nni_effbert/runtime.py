@@ -17,10 +17,13 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import EffBertError
 from .typed_yaml import Checked, checked_field, non_negative, one_of, positive
+
+if TYPE_CHECKING:  # annotations only: config is a layer above
+    from .config import ExperimentConfig
 
 __all__ = ["RuntimeConfig", "configure_runtime", "silence_import_warnings", "configure_threads", "Runtime", "RuntimeConfigError",
            "resolve_runtime", "apply_gpu_memory_limit", "gpu_oom_reason", "SYNC_INTERVAL"]
@@ -65,7 +68,7 @@ def silence_import_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*is found to be not a nn\.Module")
 
 
-def configure_threads(cfg, concurrent: bool = True) -> Optional[int]:
+def configure_threads(cfg: ExperimentConfig, concurrent: bool = True) -> Optional[int]:
     """Set torch's CPU threads of this process from ``runtime.threads``.
 
     ``runtime.threads`` set: exactly that many. Unset, a trial (``concurrent=True``) gets its
@@ -206,7 +209,7 @@ def _cpu_autocast_works(dtype) -> bool:
         return False
 
 
-def resolve_runtime(cfg) -> Runtime:
+def resolve_runtime(cfg: ExperimentConfig) -> Runtime:
     """Turn ``cfg.runtime`` into a :class:`Runtime`, checking the machine can run it.
 
     ``device: auto`` is CUDA when ``torch.cuda.is_available()`` (inside an NNI trial that means

@@ -397,3 +397,17 @@ def test_folder_of():
 @pytest.mark.parametrize("name", ["nni_effbert.cli", "nni_effbert.nas.trial_runner", "nni_effbert.kd.teacher"])
 def test_known_modules_are_found(name):
     assert name in module_files()
+
+
+def test_every_cfg_parameter_is_typed():
+    """A function that takes the experiment config says so (``cfg: ExperimentConfig``), so readers
+    and type checkers know what ``cfg.task`` / ``cfg.kd`` are."""
+    untyped = []
+    for name, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for arg in node.args.posonlyargs + node.args.args + node.args.kwonlyargs:
+                    if arg.arg == "cfg" and arg.annotation is None:
+                        untyped.append(f"{name}:{node.lineno} {node.name}")
+    assert not untyped, "untyped cfg parameters (annotate them as ExperimentConfig):\n" + "\n".join(untyped)
+

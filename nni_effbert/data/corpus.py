@@ -105,7 +105,8 @@ def unlabeled_texts(cfg: ExperimentConfig, tokenizer: Any, cache_dir: Optional[s
         return _unlabeled(cfg, tokenizer, cache_dir, files, key, max_rows, seed, max_length, tok_fp)
 
 
-def _unlabeled(cfg, tokenizer, cache_dir, files, key, max_rows, seed, max_length, tok_fp) -> datasets.Dataset:
+def _unlabeled(cfg: ExperimentConfig, tokenizer, cache_dir, files, key, max_rows, seed, max_length,
+               tok_fp) -> datasets.Dataset:
     if files:
         raw = datasets.load_dataset("text", data_files={"train": files}, cache_dir=cache_dir)["train"]
         corpus_sha = [file_sha256(path) for path in files]

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from nni_effbert.search_spaces.supernet import EfficientBertSupernet
 
+from ..config import ExperimentConfig
 from ..data.batches import length_sorted_batches
 from ..data.prepared import load_prepared_task
 from ..data.qa_answers import score_span_model
@@ -41,7 +42,7 @@ __all__ = ["build_space", "KDSetup"]
 _DERIVED = ("vocab_size", "fit_size", "num_labels", "pad_token_id", "type_vocab_size", "head")
 
 
-def build_space(cfg, teacher_config, spec):
+def build_space(cfg: ExperimentConfig, teacher_config, spec):
     """The student space of an experiment, sized for its teacher and task.
 
     ``student.preset`` plus ``student.overrides``, with ``vocab_size``, ``type_vocab_size``
@@ -130,7 +131,7 @@ class KDSetup:
         (:func:`nni_effbert.runtime.resolve_runtime` of ``cfg``).
     """
 
-    cfg: Any
+    cfg: ExperimentConfig
     workdir: WorkDir
     teacher_dir: Path
     teacher_marker: Dict[str, Any]
@@ -153,7 +154,7 @@ class KDSetup:
             self.runtime = Runtime(self.device)
 
     @classmethod
-    def from_config(cls, cfg, *, progress: bool = True) -> "KDSetup":
+    def from_config(cls, cfg: ExperimentConfig, *, progress: bool = True) -> "KDSetup":
         """Load the teacher's config and tokenizer, the task data and the student space.
 
         Raises

@@ -19,6 +19,7 @@ from typing import Any, Dict, Mapping, Tuple
 from transformers import AutoConfig
 from tqdm.auto import tqdm
 
+from ..config import ExperimentConfig
 from ..data.batches import make_loader
 from ..errors import ConfigError
 from ..io import atomic_save_torch, load_torch
@@ -101,7 +102,7 @@ def start_from_teacher(setup, *, progress: bool = True) -> Dict[str, Any]:
     return init_from_teacher(setup.space.supernet, setup.teacher_model(), imp, layer_map=setup.cfg.kd.layer_map)
 
 
-def _teacher_config(cfg):
+def _teacher_config(cfg: ExperimentConfig):
     """The HF config of the experiment's teacher: the fine-tuned one if there is one, else the base model."""
     teacher_dir = WorkDir.of(cfg).teacher_dir
     source = str(teacher_dir) if read_teacher_marker(teacher_dir) is not None else resolve_teacher(cfg.teacher.model)
@@ -111,7 +112,7 @@ def _teacher_config(cfg):
         raise ConfigError(f"student.preset: teacher: cannot read the teacher's config from {source!r} ({exc})") from None
 
 
-def student_preset(cfg, teacher_config=None) -> Tuple[str, Dict[str, Any]]:
+def student_preset(cfg: ExperimentConfig, teacher_config=None) -> Tuple[str, Dict[str, Any]]:
     """``(preset, overrides)`` for :meth:`EfficientBertSpace.preset` from ``cfg.student``.
 
     ``student.preset: teacher`` becomes the ``paper`` preset (the dataclass defaults) overridden
@@ -125,7 +126,7 @@ def student_preset(cfg, teacher_config=None) -> Tuple[str, Dict[str, Any]]:
     return "paper", {**teacher_student_fields(config), **overrides}
 
 
-def student_origin(cfg) -> Dict[str, Any]:
+def student_origin(cfg: ExperimentConfig) -> Dict[str, Any]:
     """How an experiment's students are shaped and started (recorded in exports and reports)."""
     mode = warmup_init_mode(cfg.warmup)
     origin: Dict[str, Any] = {"student_preset": cfg.student.preset, "student_overrides": dict(cfg.student.overrides),

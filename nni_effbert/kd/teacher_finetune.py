@@ -22,6 +22,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
+from ..config import ExperimentConfig
 from ..data.batches import make_loader
 from ..data.loading import load_task
 from ..data.metrics import compute_metrics
@@ -92,7 +93,8 @@ def evaluate_teacher(model, loader, metric: str, regression: bool, device="cpu",
     return float(compute_metrics(metric, logits, labels)["default"])
 
 
-def finetune_teacher(cfg, task_data, tokenizer, out_dir: Union[str, os.PathLike], progress: bool = True) -> TeacherResult:
+def finetune_teacher(cfg: ExperimentConfig, task_data, tokenizer, out_dir: Union[str, os.PathLike],
+                     progress: bool = True) -> TeacherResult:
     """Fine-tune ``cfg.teacher.model`` on the task, or reuse a teacher already in ``out_dir``.
 
     Parameters
@@ -141,7 +143,7 @@ def finetune_teacher(cfg, task_data, tokenizer, out_dir: Union[str, os.PathLike]
         ) from exc
 
 
-def finetune_from_config(cfg, progress: bool = True) -> TeacherResult:
+def finetune_from_config(cfg: ExperimentConfig, progress: bool = True) -> TeacherResult:
     """Load the task with the teacher's tokenizer and fine-tune (or reuse) the teacher.
 
     What ``nni-effbert teacher`` and the quickstart run: the teacher goes to the work
@@ -166,7 +168,8 @@ def finetune_from_config(cfg, progress: bool = True) -> TeacherResult:
     return finetune_teacher(cfg, task, tokenizer, wd.teacher_dir, progress=progress)
 
 
-def _finetune_locked(cfg, task_data, spec, base: str, tok_fp: str, out: Path, progress: bool) -> TeacherResult:
+def _finetune_locked(cfg: ExperimentConfig, task_data, spec, base: str, tok_fp: str, out: Path,
+                     progress: bool) -> TeacherResult:
     with FileLock(str(out) + ".lock"):
         marker = read_teacher_marker(out)
         if marker is not None:
@@ -217,7 +220,7 @@ def _check_embedding_covers(model, tokenizer, name: str) -> None:
         )
 
 
-def _train_and_save(cfg, task_data, spec, tok_fp: str, out: Path, progress: bool) -> TeacherResult:
+def _train_and_save(cfg: ExperimentConfig, task_data, spec, tok_fp: str, out: Path, progress: bool) -> TeacherResult:
 
     ft = cfg.teacher.finetune
     span = spec.is_span

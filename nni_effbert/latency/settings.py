@@ -19,6 +19,7 @@ import torch
 
 from nni_effbert.search_spaces.space_config import EfficientBertConfig
 
+from ..config import ExperimentConfig
 from ..errors import ConfigError, EffBertError
 from ..workdir import WorkDir
 from .runtimes import DEFAULT_RUNTIME, check_runtime, runtime_version
@@ -107,7 +108,7 @@ def device_description(name: str) -> str:
     return f"cpu:{model or platform.processor() or platform.machine()}"
 
 
-def latency_settings(cfg) -> LatencySettings:
+def latency_settings(cfg: ExperimentConfig) -> LatencySettings:
     """The :class:`LatencySettings` of an experiment config (``evaluator.latency_*``)."""
     ev = cfg.evaluator
     return LatencySettings(device=str(getattr(ev, "latency_device", "cpu") or "cpu"),

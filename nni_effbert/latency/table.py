@@ -86,6 +86,7 @@ from nni_effbert.search_spaces.space_config import EfficientBertConfig, preset_c
 from nni_effbert.search_spaces.modeling import LayerArch, SlotSpec
 from nni_effbert.search_spaces.ops import NO_BINARY
 
+from ..config import ExperimentConfig
 from ..errors import ConfigError
 from ..io import atomic_write_json, load_json
 from .components import ComponentTimer
@@ -335,7 +336,7 @@ def build_table(config: EfficientBertConfig, settings: LatencySettings, path=Non
     return table
 
 
-def _student_config(cfg) -> EfficientBertConfig:
+def _student_config(cfg: ExperimentConfig) -> EfficientBertConfig:
     """The student space of an experiment config, without loading the teacher or data (the
     fields derived from the teacher are not part of a table's key)."""
     try:
@@ -344,7 +345,7 @@ def _student_config(cfg) -> EfficientBertConfig:
         raise ConfigError(f"student: {exc}") from None
 
 
-def table_for_config(cfg, *, space_config: Optional[EfficientBertConfig] = None, build: bool = True,
+def table_for_config(cfg: ExperimentConfig, *, space_config: Optional[EfficientBertConfig] = None, build: bool = True,
                      progress: bool = True) -> LatencyTable:
     """The work directory's table for an experiment config: loaded, or built when ``build``.
 

@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..config import ExperimentConfig
 from ..io import atomic_write_json, load_json
 from ..kd.teacher import load_teacher, prepare_teacher, teacher_fingerprint
 from ..workdir import WorkDir
@@ -20,13 +21,13 @@ from .table import LatencyTable, table_for_config
 __all__ = ["teacher_latency_path", "teacher_latency_ms", "search_latency"]
 
 
-def teacher_latency_path(cfg, settings: LatencySettings) -> Path:
+def teacher_latency_path(cfg: ExperimentConfig, settings: LatencySettings) -> Path:
     key = {"device": device_description(settings.device), "torch": torch.__version__, "threads": settings.threads,
            "batch_size": settings.batch_size, "seq_length": settings.seq_length, **runtime_key(settings)}
     return WorkDir.of(cfg).root / LATENCY_DIR / f"teacher-{key_digest(key)}.json"
 
 
-def teacher_latency_ms(cfg, *, measure: bool = True, repeats: int = 30) -> Optional[float]:
+def teacher_latency_ms(cfg: ExperimentConfig, *, measure: bool = True, repeats: int = 30) -> Optional[float]:
     """The fine-tuned teacher's end-to-end latency (ms) at the config's latency settings.
 
     Stored beside the tables (``<workdir>/latency/teacher-<digest>.json``, with the teacher's
@@ -57,7 +58,8 @@ def teacher_latency_ms(cfg, *, measure: bool = True, repeats: int = 30) -> Optio
     return float(ms)
 
 
-def search_latency(cfg, *, build: bool = True, progress: bool = True) -> Tuple[Optional[LatencyTable], Optional[float]]:
+def search_latency(cfg: ExperimentConfig, *, build: bool = True,
+                   progress: bool = True) -> Tuple[Optional[LatencyTable], Optional[float]]:
     """The latency predictor and teacher latency a search of ``cfg`` needs, or ``(None, None)``.
 
     The table is built when missing and ``build`` is true; the teacher's latency is measured

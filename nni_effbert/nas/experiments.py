@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from nni_effbert.search_spaces import EfficientBertSpace
 
+from ..config import ExperimentConfig
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..kd.teacher import read_teacher_marker
 from ..kd.student_start import student_preset
@@ -114,7 +115,7 @@ def web_ui_warning(port: int) -> str:
             f"SSH tunnel, `ssh -L {port}:localhost:{port} HOST`, then http://localhost:{port}")
 
 
-def student_space(cfg):
+def student_space(cfg: ExperimentConfig):
     """The student space as the advisor builds it from ``classArgs.config`` (same preset and
     overrides), so the ``searchSpace`` written here matches the advisor's check."""
 
@@ -125,7 +126,7 @@ def student_space(cfg):
         raise ConfigError(f"student: cannot build the {cfg.student.preset!r} space ({exc})") from None
 
 
-def prepare_workdir(cfg, config_path: Optional[str]) -> Tuple[WorkDir, Path]:
+def prepare_workdir(cfg: ExperimentConfig, config_path: Optional[str]) -> Tuple[WorkDir, Path]:
     """Check the teacher is there and save the resolved config into the work directory."""
 
     wd = WorkDir.of(cfg).ensure()

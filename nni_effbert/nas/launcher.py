@@ -34,6 +34,7 @@ from typing import Optional
 from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.strategies.core import ProgressiveSearch
 
+from ..config import ExperimentConfig
 from ..errors import ConfigError
 from ..latency.targets import search_latency
 from .experiments import (
@@ -63,7 +64,7 @@ __all__ = [
     "format_trials",
 ]
 
-def check_latency_search(cfg, *, progress: bool = True) -> None:
+def check_latency_search(cfg: ExperimentConfig, *, progress: bool = True) -> None:
     """Build the latency table a latency budget or objective needs, and refuse a budget no arch can
     meet, before NNI starts (the tuner in NNI's dispatcher then finds the table).
 
@@ -78,7 +79,8 @@ def check_latency_search(cfg, *, progress: bool = True) -> None:
     ProgressiveSearch(space, cfg.search, latency_fn=table, teacher_latency_ms=teacher_ms)  # raises BudgetError
 
 
-def run_search(cfg, *, config_path: Optional[str], wait: bool, python: bool = False, port: Optional[int] = None,
+def run_search(cfg: ExperimentConfig, *, config_path: Optional[str], wait: bool, python: bool = False,
+               port: Optional[int] = None,
                progress: bool = True, timeout: Optional[float] = None, resume: Optional[str] = None) -> SearchResult:
     """Run the progressive search of an experiment through NNI (see the module docstring).
 

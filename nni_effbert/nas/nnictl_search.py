@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from nni_effbert.strategies.nni.registration import not_registered_hint, register_tuner
 
-from ..config import save_experiment_config
+from ..config import ExperimentConfig, save_experiment_config
 from ..errors import EffBertError
 from ..io import atomic_write_json, atomic_write_text
 from ..workdir import WorkDir
@@ -50,7 +50,7 @@ __all__ = ["trial_command", "nnictl_config", "local_training_service", "write_nn
 
 logger = logging.getLogger(__name__)
 
-def nnictl_config(cfg, config_file: Path, *, search_space_file: Optional[Path] = None,
+def nnictl_config(cfg: ExperimentConfig, config_file: Path, *, search_space_file: Optional[Path] = None,
                   code_dir: Optional[Path] = None, experiments_dir: Optional[Path] = None) -> Dict[str, Any]:
     """The ``nnictl create`` config (v2 field names) of an experiment.
 
@@ -103,7 +103,7 @@ def local_training_service(search) -> Dict[str, Any]:
     return ts
 
 
-def write_nnictl_config(cfg, config_file: Path) -> Path:
+def write_nnictl_config(cfg: ExperimentConfig, config_file: Path) -> Path:
     """Write ``<workdir>/nnictl/{nnictl.yml,search_space.json}``; returns the YAML's path."""
     wd = WorkDir.of(cfg)
     folder = wd.root / NNICTL_DIR
@@ -217,7 +217,7 @@ def _wait(port: int, total: int, progress: bool, timeout: Optional[float]) -> st
         bar.close()
 
 
-def run_nnictl(cfg, config_path: Optional[str], *, wait: bool, port: Optional[int], progress: bool,
+def run_nnictl(cfg: ExperimentConfig, config_path: Optional[str], *, wait: bool, port: Optional[int], progress: bool,
                 timeout: Optional[float], resume: Optional[str] = None) -> SearchResult:
 
     port = free_port() if port is None else int(port)

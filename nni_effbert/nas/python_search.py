@@ -23,7 +23,7 @@ import torch
 from nni_effbert.strategies import ProgressiveStrategy
 from nni_effbert.params import STAGE_KEY, split_parameters
 
-from ..config import save_experiment_config
+from ..config import ExperimentConfig, save_experiment_config
 from ..errors import CheckpointError, EffBertError
 from ..io import atomic_write_json, load_torch
 from ..latency.targets import search_latency
@@ -292,7 +292,7 @@ def _nas_experiment_class():
     return EffBertNasExperiment
 
 
-def _schedule_gpus(conf, cfg) -> None:
+def _schedule_gpus(conf, cfg: ExperimentConfig) -> None:
     """Pass ``search``'s GPU scheduling to NNI (``trialGpuNumber``, local ``gpuIndices`` /
     ``useActiveGpu`` / ``maxTrialNumberPerGpu``), as the nnictl config does.
 
@@ -314,7 +314,7 @@ def _schedule_gpus(conf, cfg) -> None:
         conf.training_service.use_active_gpu = True
 
 
-def run_python(cfg, config_path: Optional[str], *, port: Optional[int], progress: bool,
+def run_python(cfg: ExperimentConfig, config_path: Optional[str], *, port: Optional[int], progress: bool,
                 resume: Optional[str] = None) -> SearchResult:
     port = free_port() if port is None else int(port)
     # One live search per work directory, checked before config.yml is rewritten.
@@ -326,7 +326,7 @@ def run_python(cfg, config_path: Optional[str], *, port: Optional[int], progress
         search_lock.release(WorkDir.of(cfg), lock)
 
 
-def _run_python(cfg, config_path: Optional[str], *, port: int, progress: bool, resume: Optional[str],
+def _run_python(cfg: ExperimentConfig, config_path: Optional[str], *, port: int, progress: bool, resume: Optional[str],
                 lock) -> SearchResult:
     from nni.nas.experiment import NasExperimentConfig  # local: nni.nas pulls in pytorch_lightning (~6 s); --python only
 

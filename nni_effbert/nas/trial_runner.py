@@ -51,7 +51,7 @@ import resource
 import sys
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from ..config import experiment_config, load_config
+from ..config import ExperimentConfig, experiment_config, load_config
 from ..errors import ConfigError, DiskFullError, EffBertError, one_line
 from ..kd.teacher_finetune import finetune_from_config
 from ..kd.train import TrialFailure
@@ -83,7 +83,7 @@ EXIT_OK = 0
 #: Bad input: config, data, arch, missing checkpoint.
 EXIT_BAD_INPUT = 2
 
-def run_teacher_parameters(cfg, *, report: bool = True, progress: bool = True,
+def run_teacher_parameters(cfg: ExperimentConfig, *, report: bool = True, progress: bool = True,
                            echo: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run the teacher trial: fine-tune (or reuse) the teacher into the work directory.
 
@@ -103,7 +103,7 @@ def run_teacher_parameters(cfg, *, report: bool = True, progress: bool = True,
     return metrics
 
 
-def run_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int] = None,
+def run_parameters(cfg: ExperimentConfig, params: Mapping[str, Any], *, stage: Optional[int] = None,
                    train_steps: Optional[int] = None, report: bool = True, progress: bool = True,
                    setup=None, experiment: Optional[str] = None) -> Dict[str, Any]:
     """Run one trial's parameters: a stage warm-up or a candidate evaluation.

@@ -62,6 +62,7 @@ from filelock import FileLock
 
 from nni_effbert.strategies.sampler import balanced_arch, in_budget, random_arch_in_budget
 
+from ..config import ExperimentConfig
 from ..data.corpus import corpus_files, unlabeled_texts
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_save_torch, load_torch, read_json_object
@@ -150,13 +151,13 @@ class WarmupPlan:
         return d
 
 
-def warmup_required(cfg, stage: int) -> bool:
+def warmup_required(cfg: ExperimentConfig, stage: int) -> bool:
     """True if the search's stage ``stage`` warms up its supernet before scoring candidates."""
     stages = cfg.search.stages
     return 0 <= stage < len(stages) and bool(stages[stage].warmup)
 
 
-def _check_stage(cfg, stage: int) -> None:
+def _check_stage(cfg: ExperimentConfig, stage: int) -> None:
     n = len(cfg.search.stages)
     if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < n:
         raise ConfigError(
@@ -165,7 +166,8 @@ def _check_stage(cfg, stage: int) -> None:
         )
 
 
-def plan_warmup(cfg, stage: int, *, fixed: Optional[Mapping[str, Any]] = None, steps: Optional[int] = None,
+def plan_warmup(cfg: ExperimentConfig, stage: int, *, fixed: Optional[Mapping[str, Any]] = None,
+                steps: Optional[int] = None,
                 general_steps: Optional[int] = None) -> WarmupPlan:
     """The warm-up plan of ``stage`` from the config and explicit overrides.
 
@@ -194,7 +196,7 @@ def plan_warmup(cfg, stage: int, *, fixed: Optional[Mapping[str, Any]] = None, s
     )
 
 
-def _teacher_init_fields(cfg) -> Dict[str, Any]:
+def _teacher_init_fields(cfg: ExperimentConfig) -> Dict[str, Any]:
     if warmup_init_mode(cfg.warmup) != "teacher":
         return {}
     batches = int(cfg.warmup.importance_batches) if cfg.warmup.importance == "taylor" else None
@@ -332,7 +334,8 @@ class _ArchSampler:
         return arch
 
 
-def _reference_arch(space, fixed: Mapping[str, Any], budget: Optional[List[float]], sampler: _ArchSampler) -> Dict[str, Any]:
+def _reference_arch(space, fixed: Mapping[str, Any], budget: Optional[List[float]],
+                    sampler: _ArchSampler) -> Dict[str, Any]:
     """BERT's expression at full width, stack 1, with the fixed labels held; a sampled arch if
     that is outside the budget."""
 
@@ -344,7 +347,8 @@ def _reference_arch(space, fixed: Mapping[str, Any], budget: Optional[List[float
     return sampler(0)
 
 
-def _init_weights(setup: KDSetup, cfg, stage: int, experiment: Optional[str] = None, old_layout: bool = False) -> str:
+def _init_weights(setup: KDSetup, cfg: ExperimentConfig, stage: int, experiment: Optional[str] = None,
+                  old_layout: bool = False) -> str:
     """Load the starting weights of a fresh warm-up; returns where they came from."""
     wd, space = setup.workdir, setup.space
     key = None if old_layout else experiment  # where the earlier stages of this experiment are
@@ -442,7 +446,7 @@ def init_embeddings_from_teacher(student: torch.nn.Module, teacher: torch.nn.Mod
         fit.bias.zero_()
 
 
-def _unlabeled_source(setup: KDSetup, cfg, plan: WarmupPlan, steps: Optional[int] = None):
+def _unlabeled_source(setup: KDSetup, cfg: ExperimentConfig, plan: WarmupPlan, steps: Optional[int] = None):
     """(dataset, teacher source, description) of the warm-up's unlabeled text."""
     if plan.corpus:
         # The corpus lines a phase of `steps` batches can see (a seeded subset), with the teacher's
@@ -463,7 +467,7 @@ def _unlabeled_source(setup: KDSetup, cfg, plan: WarmupPlan, steps: Optional[int
     return texts, CachedTeacher(cache, setup.device), "task train sentences at warmup.max_seq_length (cached teacher)"
 
 
-def _phases(setup: KDSetup, cfg, plan: WarmupPlan):
+def _phases(setup: KDSetup, cfg: ExperimentConfig, plan: WarmupPlan):
     """List of (name, steps, dataset, teacher, loss_fn, description)."""
     phases = []
     n_student = setup.space.config.num_hidden_layers
@@ -500,7 +504,7 @@ def _read_state(path: Path, plan: WarmupPlan) -> Optional[Dict[str, Any]]:
 
 
 def run_warmup(
-    cfg,
+    cfg: ExperimentConfig,
     stage: int,
     *,
     fixed: Optional[Mapping[str, Any]] = None,
@@ -631,7 +635,8 @@ def run_warmup(
                    resumed_at=resumed_at)
 
 
-def run_warmup_parameters(cfg, params: Mapping[str, Any], *, stage: Optional[int] = None, report: bool = True,
+def run_warmup_parameters(cfg: ExperimentConfig, params: Mapping[str, Any], *, stage: Optional[int] = None,
+                          report: bool = True,
                           progress: bool = True, setup: Optional[KDSetup] = None,
                           experiment: Optional[str] = None) -> Dict[str, Any]:
     """Run a warm-up trial's parameters (``{"_warmup_stage": N, ...}``) and return its metric dict.

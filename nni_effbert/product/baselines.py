@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from nni_effbert.search_spaces.modeling import EfficientBertModel
 
+from ..config import ExperimentConfig
 from ..errors import CheckpointError
 from ..io import load_json
 from ..latency.measure import measure_latency
@@ -92,7 +93,7 @@ def baseline_arch(space, target_params: int) -> BaselineChoice:
     assert best is not None  # a space always has at least one width
     return best
 
-def baseline_evaluator(cfg, searched_dir, *, progress: bool = True, setup=None):
+def baseline_evaluator(cfg: ExperimentConfig, searched_dir, *, progress: bool = True, setup=None):
     """``(searched export, KDEvaluator)`` for slicing a baseline of a searched export: from the
     supernets the searched student came from (its experiment's), in the same student space.
 
@@ -109,7 +110,7 @@ def baseline_evaluator(cfg, searched_dir, *, progress: bool = True, setup=None):
     return searched, ev
 
 
-def ensure_baseline(cfg, searched_dir, *, name: str = BASELINE, progress: bool = True, setup=None):
+def ensure_baseline(cfg: ExperimentConfig, searched_dir, *, name: str = BASELINE, progress: bool = True, setup=None):
     """Export (if needed) and distil the hand-designed baseline for a searched export.
 
     The baseline is :func:`~nni_effbert.product.distill.baseline_arch` for the searched student's
@@ -133,7 +134,7 @@ def ensure_baseline(cfg, searched_dir, *, name: str = BASELINE, progress: bool =
     return result, choice
 
 
-def reusable_export(cfg, ev, name: str, wanted: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def reusable_export(cfg: ExperimentConfig, ev, name: str, wanted: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The metadata of ``exports/<name>`` if it can stand as it is: its ``extra`` has every
     ``wanted`` key, it is in the evaluator's student space and it was distilled with today's
     ``distill`` plan; else None."""
@@ -149,7 +150,8 @@ def reusable_export(cfg, ev, name: str, wanted: Dict[str, Any]) -> Optional[Dict
     return None
 
 
-def distil_baseline(cfg, ev, searched, arch: Dict[str, Any], name: str, wanted: Dict[str, Any], *, about: str,
+def distil_baseline(cfg: ExperimentConfig, ev, searched, arch: Dict[str, Any], name: str, wanted: Dict[str, Any], *,
+                    about: str,
                     extra: Optional[Dict[str, Any]] = None, progress: bool = True):
     """Export ``arch`` as the baseline ``exports/<name>`` of the ``searched`` export and distil it.
 
@@ -253,7 +255,8 @@ def latency_baseline_arch(space, table, target_arch: Dict[str, Any], *, settings
                                  candidates=[{k: c[k] for k in ("width", "predicted_ms", "measured_ms")} for c in cands])
 
 
-def recorded_latency_baseline(cfg, ev, searched, name: str = LATENCY_BASELINE) -> Optional[LatencyBaselineChoice]:
+def recorded_latency_baseline(cfg: ExperimentConfig, ev, searched,
+                              name: str = LATENCY_BASELINE) -> Optional[LatencyBaselineChoice]:
     """The choice recorded by an ``exports/<name>`` that can be reused for ``searched`` (same
     student, supernets, space and distill plan), without measuring again; else None."""
     meta = reusable_export(cfg, ev, name, _latency_key(searched, ev))
@@ -267,7 +270,7 @@ def _latency_key(searched, ev) -> Dict[str, Any]:
             "supernet_experiment": ev.experiment}
 
 
-def choose_latency_baseline(cfg, searched_dir, *, name: str = LATENCY_BASELINE, progress: bool = True,
+def choose_latency_baseline(cfg: ExperimentConfig, searched_dir, *, name: str = LATENCY_BASELINE, progress: bool = True,
                             setup=None, remeasure: bool = False) -> LatencyBaselineChoice:
     """The latency-matched baseline for a searched export: the one an existing reusable export
     records, else :func:`latency_baseline_arch` (predicted, then measured). A report asks this
@@ -277,7 +280,7 @@ def choose_latency_baseline(cfg, searched_dir, *, name: str = LATENCY_BASELINE, 
     return _choose_latency_baseline(cfg, ev, searched, name, progress, remeasure=remeasure)
 
 
-def _choose_latency_baseline(cfg, ev, searched, name: str, progress: bool, *,
+def _choose_latency_baseline(cfg: ExperimentConfig, ev, searched, name: str, progress: bool, *,
                              remeasure: bool = False) -> LatencyBaselineChoice:
     recorded = None if remeasure else recorded_latency_baseline(cfg, ev, searched, name)
     if recorded is not None:
@@ -286,7 +289,8 @@ def _choose_latency_baseline(cfg, ev, searched, name: str, progress: bool, *,
     return latency_baseline_arch(ev.setup.space, table, dict(searched.arch), settings=latency_settings(cfg))
 
 
-def ensure_latency_baseline(cfg, searched_dir, *, name: str = LATENCY_BASELINE, progress: bool = True, setup=None,
+def ensure_latency_baseline(cfg: ExperimentConfig, searched_dir, *, name: str = LATENCY_BASELINE,
+                            progress: bool = True, setup=None,
                             choice: Optional[LatencyBaselineChoice] = None):
     """Export (if needed) and distil the latency-matched baseline for a searched export.
 

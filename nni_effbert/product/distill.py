@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from nni_effbert.search_spaces.space_config import config_differences
 
+from ..config import ExperimentConfig
 from ..data.corpus import corpus_files, unlabeled_texts
 from ..errors import CheckpointError, ConfigError
 from ..latency.measure import measure_latency
@@ -147,7 +148,7 @@ def distill_record(meta: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     return dict(record) if isinstance(record, Mapping) else None
 
 
-def plan_distill(cfg) -> DistillPlan:
+def plan_distill(cfg: ExperimentConfig) -> DistillPlan:
     """The plan of ``cfg.distill`` (plus the seed and the general-KD corpus)."""
     d = cfg.distill
     if d.general_steps + d.task_steps == 0:
@@ -165,7 +166,7 @@ def plan_distill(cfg) -> DistillPlan:
                        transfer=getattr(d, "transfer_file", None) if transfer_steps else None)
 
 
-def _corpus(cfg):
+def _corpus(cfg: ExperimentConfig):
     """The general-KD corpus: ``distill.corpus_file``, else ``warmup.corpus_file`` (None: task sentences)."""
     return getattr(cfg.distill, "corpus_file", None) or cfg.warmup.corpus_file
 
@@ -181,7 +182,7 @@ def _check_compatible(exported, setup) -> None:
         )
 
 
-def _general_source(setup, cfg, plan: Optional[DistillPlan] = None):
+def _general_source(setup, cfg: ExperimentConfig, plan: Optional[DistillPlan] = None):
     """(dataset, teacher source, description) of the general-KD text."""
     plan = plan or plan_distill(cfg)
     if plan.corpus:
@@ -199,7 +200,7 @@ def _general_source(setup, cfg, plan: Optional[DistillPlan] = None):
     return setup.task.train, setup.cached_teacher(), "task train sentences (cached teacher)"
 
 
-def _transfer_source(setup, cfg, plan: DistillPlan):
+def _transfer_source(setup, cfg: ExperimentConfig, plan: DistillPlan):
     """(dataset, teacher source, description) of the transfer set.
 
     The seeded subset of ``transfer_steps x batch_size`` lines, without any line whose tokens equal
@@ -236,7 +237,8 @@ def _transfer_source(setup, cfg, plan: DistillPlan):
     return kept, CachedTeacher(cache, setup.device), f"transfer set {files} ({len(kept)} lines, cached teacher)"
 
 
-def run_distill(cfg, export_dir, *, force: bool = False, progress: bool = True, setup=None) -> DistillResult:
+def run_distill(cfg: ExperimentConfig, export_dir, *, force: bool = False, progress: bool = True,
+                setup=None) -> DistillResult:
     """Distil the student of an export folder (general KD, then task KD) and re-export it.
 
     Parameters

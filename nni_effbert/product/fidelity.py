@@ -44,6 +44,7 @@ import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
+from ..config import ExperimentConfig
 from ..errors import ConfigError, EffBertError
 from ..io import atomic_write_json, atomic_write_text, load_json
 from ..kd.setup import KDSetup
@@ -160,7 +161,7 @@ def rank_agreement(search: Sequence[float], final: Sequence[float]) -> Dict[str,
 # The measurement
 # ============================================================================================
 
-def _scaled_cfg(cfg, steps: Optional[int]):
+def _scaled_cfg(cfg: ExperimentConfig, steps: Optional[int]):
     """The config with a total distill budget of ``steps`` (same general:task proportion)."""
     if steps is None:
         return cfg
@@ -201,7 +202,8 @@ def _record_ok(path: Path, key: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     return data
 
 
-def run_fidelity(cfg, experiment: Optional[str] = None, *, trials: Optional[Sequence[Mapping[str, Any]]] = None,
+def run_fidelity(cfg: ExperimentConfig, experiment: Optional[str] = None, *, trials: Optional[Sequence[Mapping[str,
+                 Any]]] = None,
                  sample: int = 12, steps: Optional[int] = None, repeat: int = 0, stage: Optional[int] = None,
                  seed: Optional[int] = None, experiments_dir: Optional[str] = None, progress: bool = True,
                  setup: Optional[KDSetup] = None, distill_seeds: int = 1) -> FidelityResult:
@@ -365,7 +367,7 @@ def seed_agreement(pairs: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> 
             "kendall_tau_std": float(np.std(taus)) if taus else None}
 
 
-def _summarise(cfg, setup, experiment, stage, pool_size, plan, steps, sample, seed, pairs, rescores,
+def _summarise(cfg: ExperimentConfig, setup, experiment, stage, pool_size, plan, steps, sample, seed, pairs, rescores,
                repeat, seeds: Sequence[int]) -> Dict[str, Any]:
     finals = [p["final_score"] for p in pairs]
     default = rank_agreement([p["search_score"] for p in pairs], finals)

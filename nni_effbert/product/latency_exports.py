@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from ..config import ExperimentConfig
 from ..errors import ConfigError
 from ..latency.targets import teacher_latency_ms
 from ..nas.latency_ranking import best_by_objective, best_within_latency
@@ -25,7 +26,8 @@ __all__ = ["export_within_latency", "export_best_objective", "latency_limit"]
 logger = logging.getLogger(__name__)
 
 
-def latency_limit(cfg, *, max_latency_ms: Optional[float] = None, min_speedup: Optional[float] = None) -> float:
+def latency_limit(cfg: ExperimentConfig, *, max_latency_ms: Optional[float] = None,
+                  min_speedup: Optional[float] = None) -> float:
     """The latency limit in ms from ``--max-latency`` and/or ``--min-speedup`` (the tighter one).
 
     Raises
@@ -53,7 +55,7 @@ def latency_limit(cfg, *, max_latency_ms: Optional[float] = None, min_speedup: O
     return min(limits)
 
 
-def export_within_latency(cfg, experiment: str, max_latency_ms: float, *, name: str = SEARCHED,
+def export_within_latency(cfg: ExperimentConfig, experiment: str, max_latency_ms: float, *, name: str = SEARCHED,
                           experiments_dir: Optional[str] = None, progress: bool = True,
                           force: bool = False) -> ExportInfo:
     """Export the best trial of ``experiment`` (last stage) whose latency is at most ``max_latency_ms``.
@@ -77,7 +79,8 @@ def export_within_latency(cfg, experiment: str, max_latency_ms: float, *, name: 
     return info
 
 
-def export_best_objective(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: Optional[str] = None,
+def export_best_objective(cfg: ExperimentConfig, experiment: str, *, name: str = SEARCHED,
+                          experiments_dir: Optional[str] = None,
                           progress: bool = True, force: bool = False) -> ExportInfo:
     """Export the trial of the last stage that is best by ``search.objective`` (score and latency),
     the ranking the search itself used; ``nni-effbert export --experiment ID`` does this when the

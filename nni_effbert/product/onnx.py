@@ -49,6 +49,7 @@ import torch
 from transformers import AutoTokenizer
 
 from .. import __version__
+from ..config import ExperimentConfig
 from ..data.metrics import compute_metrics
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..hf.configuration_effbert import EfficientBertHFConfig
@@ -268,7 +269,7 @@ def export_onnx(folder: PathLike, *, int8: bool = False, rows: Optional[Sequence
     return result
 
 
-def export_teacher_onnx(cfg, *, int8: bool = True, rows: Optional[Sequence[Row]] = None,
+def export_teacher_onnx(cfg: ExperimentConfig, *, int8: bool = True, rows: Optional[Sequence[Row]] = None,
                         labels: Optional[Sequence[Any]] = None, rows_source: str = "given rows",
                         name: str = TEACHER_EXPORT, threads: int = 1) -> OnnxExport:
     """Export the work directory's fine-tuned teacher to ``<workdir>/exports/<name>`` as ONNX.
@@ -293,7 +294,7 @@ def export_teacher_onnx(cfg, *, int8: bool = True, rows: Optional[Sequence[Row]]
                        threads=threads)
 
 
-def teacher_folder(cfg) -> Path:
+def teacher_folder(cfg: ExperimentConfig) -> Path:
     """The work directory's fine-tuned teacher folder, or a one-line :class:`CheckpointError`."""
     teacher = WorkDir.of(cfg).teacher_dir
     if not (teacher / CONFIG_FILE).is_file():
@@ -310,7 +311,7 @@ def check_model_folder(folder: PathLike) -> Path:
     return folder
 
 
-def task_rows(cfg, n: int = CHECK_ROWS) -> Tuple[List[Row], List[Any], str]:
+def task_rows(cfg: ExperimentConfig, n: int = CHECK_ROWS) -> Tuple[List[Row], List[Any], str]:
     """The first ``n`` dev rows of the config's task: ``(rows, labels, description)``."""
     from ..data.loading import load_raw_task  # local: datasets builders cost seconds; only the CLI path reads rows
 

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 from tqdm.auto import tqdm
 
-from ..config import apply_overrides
+from ..config import ExperimentConfig, apply_overrides
 from ..errors import ConfigError, EffBertError
 from ..io import atomic_write_text
 from ..kd.teacher_finetune import finetune_from_config
@@ -129,7 +129,7 @@ def write_config(workdir: Path, budget: str, data_dir: str = None) -> Path:
     return path
 
 
-def _search(cfg, config_path: Path, port, progress: bool):
+def _search(cfg: ExperimentConfig, config_path: Path, port, progress: bool):
     kwargs: Dict[str, Any] = {"config_path": str(config_path), "wait": True, "progress": progress}
     if port is not None:
         kwargs["port"] = port
@@ -164,7 +164,8 @@ class PipelineResult:
     timings: Dict[str, float] = field(default_factory=dict)
 
 
-def run_pipeline(cfg, config_path: Path, *, port: Optional[int] = None, progress: bool = True) -> PipelineResult:
+def run_pipeline(cfg: ExperimentConfig, config_path: Path, *, port: Optional[int] = None,
+                 progress: bool = True) -> PipelineResult:
     """teacher -> search (nnictl, waited for) -> export -> distill -> baseline + report, for ``cfg``.
 
     ``config_path`` is the file ``cfg`` was loaded from (every nnictl trial reads it). The

@@ -20,6 +20,7 @@ import torch
 
 from nni_effbert.search_spaces.supernet import REFERENCE_EXPRESSION
 
+from ..config import ExperimentConfig
 from ..errors import CheckpointError, EffBertError
 from ..data.batches import length_sorted_batches
 from ..io import atomic_write_json, atomic_write_text, load_json
@@ -247,7 +248,8 @@ class ReportOutcome:
     comparisons: List[Any] = field(default_factory=list)
 
 
-def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, experiments_dir: Optional[str] = None,
+def build_report(cfg: ExperimentConfig, *, experiment: Optional[str] = None, searched_dir=None,
+                 experiments_dir: Optional[str] = None,
                  progress: bool = True, setup=None, remeasure: bool = False) -> ReportOutcome:
     """Read the experiment's trials, distil the baseline if needed, and write the report.
 
@@ -373,7 +375,8 @@ def build_report(cfg, *, experiment: Optional[str] = None, searched_dir=None, ex
                          baseline_difference=choice.difference, comparisons=paired)
 
 
-def _add_runtime_section(cfg, setup, rows, folders, report: Path, *, metric_name: str, seq_length: int,
+def _add_runtime_section(cfg: ExperimentConfig, setup, rows, folders, report: Path, *, metric_name: str,
+                         seq_length: int,
                          repeats: int, remeasure: bool = False) -> None:
     """Insert the deployment-runtime section (:mod:`nni_effbert.product.onnx`) into ``report``
     before its search section, and write ``reports/runtimes.json``. ONNX files missing from a
@@ -391,7 +394,7 @@ def _add_runtime_section(cfg, setup, rows, folders, report: Path, *, metric_name
     atomic_write_text(text, report)
 
 
-def _runtime_section(cfg, setup, rows, folders, report: Path, *, metric_name: str, seq_length: int,
+def _runtime_section(cfg: ExperimentConfig, setup, rows, folders, report: Path, *, metric_name: str, seq_length: int,
                      repeats: int, remeasure: bool = False) -> str:
     """The section's Markdown (and ``runtimes.json``); raises :class:`EffBertError` subclasses.
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
+from ..config import ExperimentConfig
 from ..errors import CheckpointError
 from ..io import load_json
 from ..kd.student_start import student_origin
@@ -101,7 +102,7 @@ def export_from_supernet(evaluator, arch: Dict[str, Any], stage: Optional[int], 
                       non_embedding_params=int(space.count_params(arch, exclude_embeddings=True)), source=source)
 
 
-def keep_previous_export(cfg, name: str) -> Optional[Path]:
+def keep_previous_export(cfg: ExperimentConfig, name: str) -> Optional[Path]:
     """Move an existing ``exports/<name>`` aside, to ``exports/<name>-<its experiment>`` (or
     ``-previous``, numbered when taken), so that a pipeline rerun exports its new student under the
     usual name without destroying the previous (perhaps distilled) one. Returns the new place,
@@ -124,7 +125,7 @@ def keep_previous_export(cfg, name: str) -> Optional[Path]:
     return target
 
 
-def experiments_dir_of(cfg, given: Optional[str]) -> Optional[str]:
+def experiments_dir_of(cfg: ExperimentConfig, given: Optional[str]) -> Optional[str]:
     """``given``, else ``<workdir>/nni-experiments`` where ``nni-effbert search`` keeps NNI's
     experiment folders (found even when NNI's manifest in the home folder does not list them)."""
     if given:
@@ -134,7 +135,7 @@ def experiments_dir_of(cfg, given: Optional[str]) -> Optional[str]:
     return str(folder) if folder.is_dir() else None
 
 
-def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: Optional[str] = None,
+def export_best(cfg: ExperimentConfig, experiment: str, *, name: str = SEARCHED, experiments_dir: Optional[str] = None,
                 progress: bool = True, evaluator=None, force: bool = False) -> ExportInfo:
     """Export the best succeeded trial of an NNI experiment.
 
@@ -174,7 +175,7 @@ def export_best(cfg, experiment: str, *, name: str = SEARCHED, experiments_dir: 
     return info
 
 
-def export_arch(cfg, arch_file: str, *, name: str = SEARCHED, stage: Optional[int] = None,
+def export_arch(cfg: ExperimentConfig, arch_file: str, *, name: str = SEARCHED, stage: Optional[int] = None,
                 progress: bool = True, evaluator=None, experiment: Optional[str] = None,
                 force: bool = False) -> ExportInfo:
     """Export the architecture of a JSON file (``label -> value``) with supernet weights.
@@ -202,7 +203,8 @@ def supernet_experiment(meta) -> Optional[str]:
     return extra.get("experiment")
 
 
-def export_trial_arch(cfg, arch: Dict[str, Any], stage: Optional[int], name: str, *, extra: Optional[Dict[str, Any]] = None,
+def export_trial_arch(cfg: ExperimentConfig, arch: Dict[str, Any], stage: Optional[int], name: str, *,
+                      extra: Optional[Dict[str, Any]] = None,
                       progress: bool = True, evaluator=None, force: bool = False) -> ExportInfo:
     """Export a trial's ``arch`` with the supernet weights of its ``stage`` into ``exports/<name>``
     (what ``nni-effbert export --experiment`` does for the best trial; ``nni-effbert fidelity``
