@@ -6,7 +6,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from nni_effbert.errors import CheckpointError
 from nni_effbert.search_spaces import EfficientBertSpace
-from nni_effbert.nas.warmup import init_embeddings_from_teacher
+from nni_effbert.kd.teacher_init import init_embeddings_from_teacher
 
 
 def _teacher(vocab=1024, hidden=32):

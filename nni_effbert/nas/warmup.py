@@ -33,7 +33,7 @@ stage-3 two-step warm-up (general KD on unlabeled text, then task KD).
 A supernet with no earlier checkpoint starts as ``warmup.init`` says: ``teacher`` (every
 weight from the teacher, most important heads and neurons first:
 :mod:`nni_effbert.kd.teacher_init`), ``teacher_embeddings`` (random, embedding tables from the
-teacher: :func:`init_embeddings_from_teacher`) or ``random``.
+teacher: :func:`~nni_effbert.kd.teacher_init.init_embeddings_from_teacher`) or ``random``.
 
 Start, resume, skip
 -------------------
@@ -57,7 +57,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
-import torch
 from filelock import FileLock
 
 from nni_effbert.strategies.sampler import balanced_arch, in_budget, random_arch_in_budget
@@ -68,6 +67,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io import atomic_save_torch, load_torch, read_json_object
 from ..kd.losses import KDLoss
 from ..kd.student_start import start_from_teacher, warmup_init_mode
+from ..kd.teacher_init import init_embeddings_from_teacher
 from ..kd.setup import KDSetup
 from ..kd.sources import CachedTeacher
 from ..kd.train import TrainSettings, TrainState, kd_train
@@ -384,66 +384,6 @@ def _init_weights(setup: KDSetup, cfg: ExperimentConfig, stage: int, experiment:
     logger.warning("stage %d warm-up starts from random weights (no earlier stage checkpoint, no warmup.checkpoint)",
                    stage)
     return "random"
-
-
-@torch.no_grad()
-def init_embeddings_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
-    """Start the student's embedding tables from the teacher's, in place.
-
-    A student trained on CPU budgets sees a few thousand sentences, far too few to learn a
-    30k-token table from random; the teacher's table already holds what the tokens mean. With
-    the SVD of the teacher's word table ``W = U S V^T`` (rows: tokens, columns: the teacher's
-    hidden size ``H_t``) and ``Q`` = the top ``H_s`` right singular vectors (``H_s`` x ``H_t``,
-    zero rows where ``H_s > H_t``):
-
-    * ``word_embeddings`` (factorised, width ``E``) = ``U_E S_E``, the best rank-``E`` fit of ``W``;
-    * ``embedding_transformation`` = ``Q V_E``, which writes those coordinates in the student's
-      hidden basis (``[I; 0]`` when ``E <= H_s``), with zero bias;
-    * position and token-type tables = the teacher's, projected onto ``Q``;
-    * ``fit_dense`` (student hidden -> teacher hidden, used by the hidden-state loss) = ``Q^T``,
-      so the embedding output already matches the teacher's up to the projection.
-
-    The attention and MLP weights stay random: the searched MLPs have no teacher counterpart.
-
-    Raises
-    ------
-    CheckpointError
-        If the teacher has no BERT-style embeddings or its vocabulary differs from the student's.
-    """
-    emb = student.embeddings
-    t_emb = getattr(getattr(teacher, "base_model", teacher), "embeddings", None)
-    words = teacher.get_input_embeddings().weight.detach().float().cpu()
-    if t_emb is None or not hasattr(t_emb, "position_embeddings"):
-        raise CheckpointError("warmup.init_embeddings: teacher: the teacher has no BERT-style embeddings "
-                              "(position_embeddings); set warmup.init_embeddings: random")
-    if words.shape[0] != emb.word_embeddings.num_embeddings:
-        raise CheckpointError(
-            f"warmup.init_embeddings: teacher: the teacher's vocabulary has {words.shape[0]} tokens, the "
-            f"student's {emb.word_embeddings.num_embeddings}; set warmup.init_embeddings: random"
-        )
-    e, h_s, h_t = emb.word_embeddings.embedding_dim, emb.embedding_transformation.out_features, words.shape[1]
-    u, s, vt = torch.linalg.svd(words, full_matrices=False)  # vt: (min(V, H_t), H_t)
-    q = torch.zeros(h_s, h_t)
-    k = min(h_s, vt.shape[0])
-    q[:k] = vt[:k]
-    r = min(e, vt.shape[0])
-    word = torch.zeros(words.shape[0], e)
-    word[:, :r] = u[:, :r] * s[:r]
-    emb.word_embeddings.weight.copy_(word)
-    transform = torch.zeros(h_s, e)
-    transform[:, :r] = q @ vt[:r].T
-    emb.embedding_transformation.weight.copy_(transform)
-    emb.embedding_transformation.bias.zero_()
-    for name in ("position_embeddings", "token_type_embeddings"):
-        ours, theirs = getattr(emb, name), getattr(t_emb, name, None)
-        if theirs is None:
-            continue
-        n = min(ours.num_embeddings, theirs.num_embeddings)
-        ours.weight[:n].copy_(theirs.weight[:n].detach().float().cpu() @ q.T)
-    fit = getattr(student, "fit_dense", None)
-    if fit is not None and fit.out_features == h_t:
-        fit.weight.copy_(q.T)
-        fit.bias.zero_()
 
 
 def _unlabeled_source(setup: KDSetup, cfg: ExperimentConfig, plan: WarmupPlan, steps: Optional[int] = None):
