@@ -193,6 +193,26 @@ def rank_of(values: List[float], index: int) -> int:
     return 1 + sum(v > values[index] for v in values)
 
 
+def rank_interval(correct, index: int = 0, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95):
+    """95% percentile-bootstrap interval of arch ``index``'s rank (1 = best) under the final score.
+
+    ``correct`` is ``[archs, seeds, rows]`` (1 where a distilled student got the dev row right); rows
+    are resampled (the same rows for every arch, so the archs stay paired), each arch's score is
+    its mean over seeds and resampled rows.
+    """
+    import numpy as np
+
+    per_row = np.asarray(correct, dtype=float).mean(axis=1)  # [archs, rows]
+    rng = np.random.default_rng(seed)
+    n = per_row.shape[1]
+    ranks = []
+    for _ in range(n_resamples):
+        scores = per_row[:, rng.integers(0, n, n)].mean(axis=1)
+        ranks.append(1 + int(np.sum(scores > scores[index])))
+    lo, hi = np.percentile(ranks, [100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2])
+    return int(np.floor(lo)), int(np.ceil(hi))
+
+
 def analyse(search: Dict[str, List[float]], final: List[float]) -> Dict[str, Dict[str, Any]]:
     from scipy.stats import kendalltau
 
@@ -223,6 +243,7 @@ def markdown(data: Dict[str, Any]) -> str:
              "## Search score against final score, one factor changed at a time", "",
              "Rank 1 = best of the 12. `BERT - best other` is the search-score gap between BERT's expression and "
              "the best other one (positive: the search prefers BERT's).", "",
+             f"BERT's final rank, 95% bootstrap interval over dev rows: {data['bert_final_rank_ci'][0]}-{data['bert_final_rank_ci'][1]}.", "",
              "| variant | changes | Kendall tau (p) | BERT rank, search | BERT rank, final | BERT - best other (search) | search's top pick |",
              "|---|---|---:|---:|---:|---:|---|"]
     for name, a in data["analysis"].items():
@@ -286,7 +307,54 @@ def verdict(data: Dict[str, Any]) -> str:
     else:
         parts.append("Final score: no expression beats BERT's with a 95% interval excluding 0 at this budget "
                      f"({len(worse)} of {len(data['paired'])} are significantly worse).")
+    lo, hi = data["bert_final_rank_ci"]
+    met_tau = a["kendall_tau"] >= 0.5
+    met_rank = lo <= a["bert_rank_search"] <= hi
+    parts.append(f"Targets under the defaults: Kendall tau >= 0.5: {a['kendall_tau']:.3f}, "
+                 f"{'met' if met_tau else 'NOT met'}; BERT's search rank within its final-rank 95% interval "
+                 f"({lo}-{hi}): {a['bert_rank_search']}, {'met' if met_rank else 'NOT met'}.")
     return " ".join(parts)
+
+
+def finish(data: Dict[str, Any], preds, labels, metric: str, out: str) -> None:
+    """Paired tests, rank interval, analysis and verdict of a run; writes ``<out>.{json,md,png}``."""
+    import numpy as np
+
+    from nni_effbert.product.compare import compare_predictions
+
+    exprs = data["expressions"]
+    named = {exprs[i]: preds[i] for i in range(len(exprs))}
+    paired = compare_predictions(named, labels, metric, [(exprs[0], exprs[i]) for i in range(1, len(exprs))])
+    data["paired"] = [dict(r.to_dict(), summary=r.summary()) for r in paired]
+    data["bert_final_rank_ci"] = list(rank_interval([np.asarray(p) == labels for p in preds]))
+    data["analysis"] = analyse(data["search"], data["final"])
+    data["verdict"] = verdict(data)
+    dest = Path(out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    png = dest.parent / f"{dest.name}.png"
+    plot(data, png)
+    data["png"] = str(png)
+    dest.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
+    dest.with_suffix(".md").write_text(markdown(data))
+    print(markdown(data))
+
+
+def reanalyse(path: str, out: str) -> None:
+    """Redo the analysis of an earlier result JSON from the distilled records in its work directory."""
+    import numpy as np
+
+    from nni_effbert.config import load_config
+    from nni_effbert.io import load_json
+    from nni_effbert.kd.setup import KDSetup
+
+    data = json.loads(Path(path).read_text())
+    cfg = load_config(data.get("config", str(HERE / "configs" / "pipeline_sst2.yml")), data["overrides"])
+    setup = KDSetup.from_config(cfg, progress=False)
+    root = setup.workdir.root / "bias"
+    preds = [np.asarray([load_json(root / f"arch{i:02d}-seed{s}.json", "bias record")["predictions"]
+                         for s in data["seeds"]]) for i in range(len(data["expressions"]))]
+    data["reanalysed"] = "python bench/reference_bias.py " + " ".join(sys.argv[1:])
+    finish(data, preds, np.asarray(setup.task.dev["labels"]), setup.task.spec.metric, out)
 
 
 def main() -> None:
@@ -298,14 +366,17 @@ def main() -> None:
     p.add_argument("--width", type=int, default=None, help="MLP width of every arch (default: the space's 2nd widest)")
     p.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
     p.add_argument("--out", default=str(HERE / "results" / "reference_bias"))
+    p.add_argument("--reanalyse", metavar="JSON", help="redo the analysis of an earlier result JSON from its "
+                   "distilled records (no training)")
     args = p.parse_args()
+    if args.reanalyse:
+        reanalyse(args.reanalyse, args.out)
+        return
 
     import numpy as np
 
     from nni_effbert.config import load_config
     from nni_effbert.kd.teacher_finetune import finetune_from_config
-    from nni_effbert.product.compare import compare_predictions
-
     info = machine_info()
     sets = (SMOKE if args.smoke else BUDGET) + args.set
     cfg = load_config(args.config, sets)
@@ -342,14 +413,11 @@ def main() -> None:
     final = [float(np.mean(v)) for v in by_seed]
     setup = runs["default"]["setup"]
     labels = np.asarray(setup.task.dev["labels"])
-    named = {EXPRESSIONS[i]: preds[i] for i in range(len(archs))}
-    paired = compare_predictions(named, labels, setup.task.spec.metric,
-                                 [(EXPRESSIONS[0], EXPRESSIONS[i]) for i in range(1, len(archs))])
     search = {name: [r["default"] for r in run["scores"]] for name, run in runs.items()}
     data = {
         "machine": info, "load_end": load_now(), "smoke": bool(args.smoke),
-        "command": "python bench/reference_bias.py " + " ".join(sys.argv[1:]), "overrides": sets,
-        "teacher_dev": float(teacher.dev_metric), "train_rows": len(setup.task.train),
+        "command": "python bench/reference_bias.py " + " ".join(sys.argv[1:]), "config": args.config,
+        "overrides": sets, "teacher_dev": float(teacher.dev_metric), "train_rows": len(setup.task.train),
         "search_rows": len(setup.task.search), "dev_rows": len(setup.task.dev), "width": width,
         "expressions": EXPRESSIONS, "archs": archs, "seeds": seeds,
         "budgets": {"warmup_steps": cfg.search.stages[0].warmup_steps, "train_steps": cfg.evaluator.train_steps,
@@ -357,19 +425,9 @@ def main() -> None:
                                 "batch_size": cfg.distill.batch_size, "learning_rate": cfg.distill.learning_rate}},
         "variants": chosen, "search": search,
         "search_detail": {name: run["scores"] for name, run in runs.items()},
-        "final": final, "final_by_seed": by_seed, "final_seconds": seconds,
-        "paired": [dict(r.to_dict(), summary=r.summary()) for r in paired],
-        "analysis": analyse(search, final), "timings": timings,
+        "final": final, "final_by_seed": by_seed, "final_seconds": seconds, "timings": timings,
     }
-    data["verdict"] = verdict(data)
-    dest = Path(args.out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    png = dest.parent / f"{dest.name}.png"
-    plot(data, png)
-    data["png"] = str(png)
-    dest.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
-    dest.with_suffix(".md").write_text(markdown(data))
-    print(markdown(data))
+    finish(data, preds, labels, setup.task.spec.metric, args.out)
 
 
 if __name__ == "__main__":
