@@ -214,17 +214,22 @@ def rank_interval(correct, index: int = 0, n_resamples: int = 2000, seed: int = 
 
 
 def analyse(search: Dict[str, List[float]], final: List[float]) -> Dict[str, Dict[str, Any]]:
-    from scipy.stats import kendalltau
+    from nni_effbert.product.fidelity import rank_agreement
 
     out = {}
     for name, scores in search.items():
-        tau = kendalltau(scores, final)
+        agree = rank_agreement(scores, final)  # None where a side is constant (tau undefined)
         best_other = max(scores[1:])
-        out[name] = {"kendall_tau": float(tau.statistic), "kendall_p": float(tau.pvalue),
+        out[name] = {"kendall_tau": agree["kendall_tau"], "kendall_p": agree["kendall_tau_pvalue"],
                      "bert_rank_search": rank_of(scores, 0), "bert_rank_final": rank_of(final, 0),
                      "bert_minus_best_other_search": float(scores[0] - best_other),
                      "top_search": int(max(range(len(scores)), key=lambda i: scores[i]))}
     return out
+
+
+def _num(value, spec: str = ".3f") -> str:
+    """A figure, or ``undefined`` where it is None (a rank correlation of constant scores)."""
+    return "undefined" if value is None else format(value, spec)
 
 
 def markdown(data: Dict[str, Any]) -> str:
@@ -247,7 +252,7 @@ def markdown(data: Dict[str, Any]) -> str:
              "| variant | changes | Kendall tau (p) | BERT rank, search | BERT rank, final | BERT - best other (search) | search's top pick |",
              "|---|---|---:|---:|---:|---:|---|"]
     for name, a in data["analysis"].items():
-        lines.append(f"| {name} | `{json.dumps(data['variants'][name])}` | {a['kendall_tau']:.3f} ({a['kendall_p']:.3f}) | "
+        lines.append(f"| {name} | `{json.dumps(data['variants'][name])}` | {_num(a['kendall_tau'])} ({_num(a['kendall_p'])}) | "
                      f"{a['bert_rank_search']} | {a['bert_rank_final']} | {a['bert_minus_best_other_search']:+.4f} | "
                      f"`{data['expressions'][a['top_search']]}` |")
     lines += ["", "## Final scores (default supernet, distilled) and BERT's expression against each other one", "",
@@ -280,7 +285,7 @@ def plot(data: Dict[str, Any], path: Path) -> None:
         s = data["search"][name]
         ax.scatter(s[1:], final[1:], c="tab:blue", s=18, label="other expressions")
         ax.scatter([s[0]], [final[0]], c="tab:red", marker="*", s=120, label="BERT's expression")
-        ax.set_title(f"{name} (tau {data['analysis'][name]['kendall_tau']:.2f})", fontsize=9)
+        ax.set_title(f"{name} (tau {_num(data['analysis'][name]['kendall_tau'], '.2f')})", fontsize=9)
         ax.set_xlabel("search score (default)", fontsize=8)
         ax.set_ylabel("final dev accuracy", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -308,9 +313,9 @@ def verdict(data: Dict[str, Any]) -> str:
         parts.append("Final score: no expression beats BERT's with a 95% interval excluding 0 at this budget "
                      f"({len(worse)} of {len(data['paired'])} are significantly worse).")
     lo, hi = data["bert_final_rank_ci"]
-    met_tau = a["kendall_tau"] >= 0.5
+    met_tau = a["kendall_tau"] is not None and a["kendall_tau"] >= 0.5
     met_rank = lo <= a["bert_rank_search"] <= hi
-    parts.append(f"Targets under the defaults: Kendall tau >= 0.5: {a['kendall_tau']:.3f}, "
+    parts.append(f"Targets under the defaults: Kendall tau >= 0.5: {_num(a['kendall_tau'])}, "
                  f"{'met' if met_tau else 'NOT met'}; BERT's search rank within its final-rank 95% interval "
                  f"({lo}-{hi}): {a['bert_rank_search']}, {'met' if met_rank else 'NOT met'}.")
     return " ".join(parts)
