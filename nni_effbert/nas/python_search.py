@@ -92,19 +92,21 @@ def _records_to_trials(strategy, wd: WorkDir) -> List[Dict[str, Any]]:
 
 
 def _finished_after_stop(wd: WorkDir, exp_id: str):
-    """``finished_fn`` of a resumed ``--python`` search: parameters -> score of a candidate that
-    SUCCEEDED in experiment ``exp_id`` (NNI's records) with a result its trial process recorded
-    (``trials/<id>/result.json``); None for any other. Read before the experiment resumes."""
+    """``finished_fn`` of a resumed ``--python`` search: parameters -> score of a candidate that a
+    trial of experiment ``exp_id`` (NNI's records) scored and recorded as succeeded
+    (``trials/<id>/result.json``); None for any other. Read before the experiment resumes.
+
+    NNI's status of the trial does not matter: the stop may cancel a trial after its process
+    wrote the record (the score is complete) and before NNI saw its final metric."""
 
     try:
-        succeeded = {t["trial_id"] for t in read_nni_trials(exp_id, experiments_dir=wd.root / EXPERIMENTS_DIR)
-                     if t.get("status") == "SUCCEEDED"}
+        ours = {t["trial_id"] for t in read_nni_trials(exp_id, experiments_dir=wd.root / EXPERIMENTS_DIR)}
     except EffBertError as exc:  # then trials running at the stop are simply proposed again
         logger.warning("resume: could not read experiment %s's trials (%s); candidates left running at the stop "
                        "run again", exp_id, exc)
-        succeeded = set()
+        ours = set()
     scores: Dict[Tuple[str, Any], float] = {}
-    for key, (_, final) in _trial_results(wd, succeeded).items():  # this experiment's trials only
+    for key, (_, final) in _trial_results(wd, ours).items():  # this experiment's trials only
         value = final.get("default")
         if isinstance(value, (int, float)) and math.isfinite(value):
             scores[key] = float(value)
