@@ -218,7 +218,10 @@ def rank_interval(correct, index: int = 0, n_resamples: int = 2000, seed: int = 
     return int(np.floor(lo)), int(np.ceil(hi))
 
 
-def analyse(search: Dict[str, List[float]], final: List[float]) -> Dict[str, Dict[str, Any]]:
+def analyse(search: Dict[str, List[float]], final: List[float], margin: float = 0.0) -> Dict[str, Dict[str, Any]]:
+    """Per variant: Kendall tau against the final, BERT's and the final's best expression's search
+    ranks, and how many expressions tie with the best search score within ``margin`` (the search's
+    ``search.tie_margin``: within it the search picks the cheapest, not the best-scored)."""
     from nni_effbert.product.fidelity import rank_agreement
 
     out = {}
@@ -230,7 +233,8 @@ def analyse(search: Dict[str, List[float]], final: List[float]) -> Dict[str, Dic
                      "bert_rank_search": rank_of(scores, 0), "bert_rank_final": rank_of(final, 0),
                      "bert_minus_best_other_search": float(scores[0] - best_other),
                      "top_search": int(max(range(len(scores)), key=lambda i: scores[i])),
-                     "final_best": final_best, "final_best_rank_search": rank_of(scores, final_best)}
+                     "final_best": final_best, "final_best_rank_search": rank_of(scores, final_best),
+                     "tied_with_best": int(sum(v >= max(scores) - margin for v in scores))}
     return out
 
 
@@ -268,12 +272,13 @@ def markdown(data: Dict[str, Any]) -> str:
              f"BERT's final rank, 95% bootstrap interval over dev rows: {data['bert_final_rank_ci'][0]}-{data['bert_final_rank_ci'][1]}.", "",
              _self_agreement_text(data), "",
              "| variant | changes | Kendall tau (p) | BERT rank, search | BERT rank, final | BERT - best other (search) "
-             "| final's best, search rank | search's top pick |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             f"| final's best, search rank | tied with the best (margin {data.get('tie_margin', 0):g}) | search's top pick |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, a in data["analysis"].items():
         lines.append(f"| {name} | `{json.dumps(data['variants'][name])}` | {_num(a['kendall_tau'])} ({_num(a['kendall_p'])}) | "
                      f"{a['bert_rank_search']} | {a['bert_rank_final']} | {a['bert_minus_best_other_search']:+.4f} | "
-                     f"{a.get('final_best_rank_search', '?')} | `{data['expressions'][a['top_search']]}` |")
+                     f"{a.get('final_best_rank_search', '?')} | {a.get('tied_with_best', '?')} | "
+                     f"`{data['expressions'][a['top_search']]}` |")
     lines += ["", "## Final scores (default supernet, distilled) and BERT's expression against each other one", "",
               "Paired over dev rows x distill seeds: A = BERT's expression, B = the other; 95% percentile bootstrap "
               "interval of A - B and two-sided permutation p-value.", "",
@@ -351,6 +356,13 @@ def verdict(data: Dict[str, Any]) -> str:
         best = data["expressions"][a["final_best"]]
         parts.append(f"The final's best expression (`{best}`) ranks {min(ranks.values())}-{max(ranks.values())} of "
                      f"{len(data['expressions'])} under the search scores of the variants.")
+    tied = a.get("tied_with_best")
+    if tied is not None:
+        parts.append(f"Under the defaults {tied} of {len(data['expressions'])} expressions score within the search's "
+                     f"tie margin ({data['tie_margin']:g}, twice the score's re-scoring noise) of the best, BERT's "
+                     f"{'among them' if a['bert_minus_best_other_search'] >= -data['tie_margin'] else 'not among them'}: "
+                     "the search takes the cheapest of a tie, so BERT's first place by score alone does not "
+                     "decide what it returns.")
     lo, hi = data["bert_final_rank_ci"]
     met_tau = a["kendall_tau"] is not None and a["kendall_tau"] >= 0.5
     met_rank = lo <= a["bert_rank_search"] <= hi
@@ -371,7 +383,11 @@ def finish(data: Dict[str, Any], preds, labels, metric: str, out: str) -> None:
     paired = compare_predictions(named, labels, metric, [(exprs[0], exprs[i]) for i in range(1, len(exprs))])
     data["paired"] = [dict(r.to_dict(), summary=r.summary()) for r in paired]
     data["bert_final_rank_ci"] = list(rank_interval([np.asarray(p) == labels for p in preds]))
-    data["analysis"] = analyse(data["search"], data["final"])
+    if "tie_margin" not in data:
+        from nni_effbert.strategies.ties import default_tie_margin
+
+        data["tie_margin"] = default_tie_margin("kd")  # the bench's objective (evaluator.objective default)
+    data["analysis"] = analyse(data["search"], data["final"], data["tie_margin"])
     data["final_self_agreement"] = final_self_agreement(data["final_by_seed"], data["seeds"])
     data["verdict"] = verdict(data)
     dest = Path(out)
