@@ -194,17 +194,29 @@ def test_nnictl_create_on_the_tiny_example_runs_teacher_warmups_and_candidates(t
         context = f"status {_get(port, 'check-status')}; logs: {logs}; trials: {jobs}"
         assert status == "DONE", context
 
+        listed = {j["trialJobId"]: json.loads(j["hyperParameters"][0])["parameters"] for j in jobs}
+        by_pid = {p["_parameter_id"]: p for p in listed.values()}
+
         def params(job):
-            return json.loads(job["hyperParameters"][0])["parameters"]
+            # What the job ran: NNI 3.0 hands queued parameters to whichever trial asks first, so a
+            # job may have run those listed under a sibling; its final metric echoes which.
+            final = job.get("finalMetricData")
+            if final:
+                return by_pid[int(final[0]["parameterId"])]
+            return listed[job["trialJobId"]]
 
         jobs.sort(key=lambda j: j["startTime"])
         assert all(j["status"] == "SUCCEEDED" for j in jobs), context
         teacher, rest = jobs[0], jobs[1:]
         assert params(teacher) == {"_teacher": True, "_parameter_id": 0}, context
-        # Every trial echoes the parameter id it ran in its final metric (the search's pairing check).
+        # Every trial echoes the parameter id it ran in its final metric (the search's pairing check),
+        # on its own channel, and no two trials ran the same parameters.
+        ran = []
         for job in jobs:
             final = json.loads(json.loads(job["finalMetricData"][0]["data"]))
-            assert final["parameter_id"] == params(job)["_parameter_id"] == int(job["finalMetricData"][0]["parameterId"])
+            assert final["parameter_id"] == int(job["finalMetricData"][0]["parameterId"]), job
+            ran.append(final["parameter_id"])
+        assert len(ran) == len(set(ran)), ran
         assert not any(params(j).get("_teacher") for j in rest)
         assert all(j["startTime"] >= teacher["endTime"] for j in rest)  # nothing before it succeeded
         final = json.loads(json.loads(teacher["finalMetricData"][0]["data"]))
