@@ -333,7 +333,7 @@ def build_report(cfg: ExperimentConfig, *, experiment: Optional[str] = None, sea
         rows.append(student_row(lat_result.path, "baseline (BERT MLP), matched by latency", "baseline_latency",
                                 seq_length=seq, repeats=repeats, latencies=record,
                                 note=f"width {lat_choice.width}, stack 1, {100 * lat_choice.relative_difference:+.1f}% "
-                                     "latency vs searched"))
+                                     "latency vs searched when chosen"))
     rows.append(student_row(searched_dir, "searched student", "searched", seq_length=seq, repeats=repeats,
                             latencies=record, note=reference_note(searched.meta)))
     record.save()
