@@ -218,14 +218,15 @@ def rank_interval(correct, index: int = 0, n_resamples: int = 2000, seed: int = 
     return int(np.floor(lo)), int(np.ceil(hi))
 
 
-def analyse(search: Dict[str, List[float]], final: List[float], margin: float = 0.0) -> Dict[str, Dict[str, Any]]:
-    """Per variant: Kendall tau against the final, BERT's and the final's best expression's search
-    ranks, and how many expressions tie with the best search score within ``margin`` (the search's
-    ``search.tie_margin``: within it the search picks the cheapest, not the best-scored)."""
+def analyse(search: Dict[str, List[float]], final: List[float], final_best: int,
+            margin: float = 0.0) -> Dict[str, Dict[str, Any]]:
+    """Per variant: Kendall tau against the final, BERT's and the final's best expression's
+    (``final_best``) search ranks, and how many expressions tie with the best search score within
+    ``margin`` (the search's ``search.tie_margin``: within it the search picks the cheapest, not the
+    best-scored)."""
     from nni_effbert.product.fidelity import rank_agreement
 
     out = {}
-    final_best = int(max(range(len(final)), key=lambda i: final[i]))
     for name, scores in search.items():
         agree = rank_agreement(scores, final)  # None where a side is constant (tau undefined)
         best_other = max(scores[1:])
@@ -233,7 +234,7 @@ def analyse(search: Dict[str, List[float]], final: List[float], margin: float = 
                      "bert_rank_search": rank_of(scores, 0), "bert_rank_final": rank_of(final, 0),
                      "bert_minus_best_other_search": float(scores[0] - best_other),
                      "top_search": int(max(range(len(scores)), key=lambda i: scores[i])),
-                     "final_best": final_best, "final_best_rank_search": rank_of(scores, final_best),
+                     "final_best_rank_search": rank_of(scores, final_best),
                      "tied_with_best": int(sum(v >= max(scores) - margin for v in scores))}
     return out
 
@@ -272,12 +273,12 @@ def markdown(data: Dict[str, Any]) -> str:
              f"BERT's final rank, 95% bootstrap interval over dev rows: {data['bert_final_rank_ci'][0]}-{data['bert_final_rank_ci'][1]}.", "",
              _self_agreement_text(data), "",
              "| variant | changes | Kendall tau (p) | BERT rank, search | BERT rank, final | BERT - best other (search) "
-             f"| final's best, search rank | tied with the best (margin {data.get('tie_margin', 0):g}) | search's top pick |",
+             f"| final's best, search rank | tied with the best (margin {data['tie_margin']:g}) | search's top pick |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, a in data["analysis"].items():
         lines.append(f"| {name} | `{json.dumps(data['variants'][name])}` | {_num(a['kendall_tau'])} ({_num(a['kendall_p'])}) | "
                      f"{a['bert_rank_search']} | {a['bert_rank_final']} | {a['bert_minus_best_other_search']:+.4f} | "
-                     f"{a.get('final_best_rank_search', '?')} | {a.get('tied_with_best', '?')} | "
+                     f"{a['final_best_rank_search']} | {a['tied_with_best']} | "
                      f"`{data['expressions'][a['top_search']]}` |")
     lines += ["", "## Final scores (default supernet, distilled) and BERT's expression against each other one", "",
               "Paired over dev rows x distill seeds: A = BERT's expression, B = the other; 95% percentile bootstrap "
@@ -298,7 +299,7 @@ def markdown(data: Dict[str, Any]) -> str:
 def _self_agreement_text(data: Dict[str, Any]) -> str:
     sa = data.get("final_self_agreement") or {}
     pairs = ", ".join(f"seeds {p['seeds'][0]}-{p['seeds'][1]}: {_num(p['kendall_tau'])}" for p in sa.get("pairs", []))
-    best = data["expressions"][int(max(range(len(data["final"])), key=lambda i: data["final"][i]))]
+    best = data["expressions"][data["final_best"]]
     return (f"The final score against itself (Kendall tau between distill seeds over the {len(data['expressions'])} "
             f"archs; {pairs or 'one seed'}): mean {_num(sa.get('kendall_tau_mean'))}. `final's best, search rank` is "
             f"where each search score puts the expression with the best mean final score (`{best}`).")
@@ -351,18 +352,14 @@ def verdict(data: Dict[str, Any]) -> str:
                      f"seeds at Kendall tau {sa['kendall_tau_mean']:.2f} (mean over seed pairs): a search score "
                      "cannot rank them against the final's mean much better than that, so tau >= 0.5 is out of reach "
                      "on this task at this budget whatever the search does.")
-    ranks = {n: x.get("final_best_rank_search") for n, x in data["analysis"].items()}
-    if all(r is not None for r in ranks.values()):
-        best = data["expressions"][a["final_best"]]
-        parts.append(f"The final's best expression (`{best}`) ranks {min(ranks.values())}-{max(ranks.values())} of "
-                     f"{len(data['expressions'])} under the search scores of the variants.")
-    tied = a.get("tied_with_best")
-    if tied is not None:
-        parts.append(f"Under the defaults {tied} of {len(data['expressions'])} expressions score within the search's "
-                     f"tie margin ({data['tie_margin']:g}, twice the score's re-scoring noise) of the best, BERT's "
-                     f"{'among them' if a['bert_minus_best_other_search'] >= -data['tie_margin'] else 'not among them'}: "
-                     "the search takes the cheapest of a tie, so BERT's first place by score alone does not "
-                     "decide what it returns.")
+    ranks = [x["final_best_rank_search"] for x in data["analysis"].values()]
+    parts.append(f"The final's best expression (`{data['expressions'][data['final_best']]}`) ranks "
+                 f"{min(ranks)}-{max(ranks)} of {len(data['expressions'])} under the search scores of the variants.")
+    parts.append(f"Under the defaults {a['tied_with_best']} of {len(data['expressions'])} expressions score within "
+                 f"the search's tie margin ({data['tie_margin']:g}, twice the score's re-scoring noise) of the best, "
+                 f"BERT's {'among them' if a['bert_minus_best_other_search'] >= -data['tie_margin'] else 'not among them'}: "
+                 "the search takes the cheapest of a tie, so BERT's first place by score alone does not "
+                 "decide what it returns.")
     lo, hi = data["bert_final_rank_ci"]
     met_tau = a["kendall_tau"] is not None and a["kendall_tau"] >= 0.5
     met_rank = lo <= a["bert_rank_search"] <= hi
@@ -383,11 +380,8 @@ def finish(data: Dict[str, Any], preds, labels, metric: str, out: str) -> None:
     paired = compare_predictions(named, labels, metric, [(exprs[0], exprs[i]) for i in range(1, len(exprs))])
     data["paired"] = [dict(r.to_dict(), summary=r.summary()) for r in paired]
     data["bert_final_rank_ci"] = list(rank_interval([np.asarray(p) == labels for p in preds]))
-    if "tie_margin" not in data:
-        from nni_effbert.strategies.ties import default_tie_margin
-
-        data["tie_margin"] = default_tie_margin("kd")  # the bench's objective (evaluator.objective default)
-    data["analysis"] = analyse(data["search"], data["final"], data["tie_margin"])
+    data["final_best"] = int(max(range(len(data["final"])), key=lambda i: data["final"][i]))
+    data["analysis"] = analyse(data["search"], data["final"], data["final_best"], data["tie_margin"])
     data["final_self_agreement"] = final_self_agreement(data["final_by_seed"], data["seeds"])
     data["verdict"] = verdict(data)
     dest = Path(out)
@@ -415,6 +409,7 @@ def reanalyse(path: str, out: str) -> None:
     preds = [np.asarray([load_json(root / f"arch{i:02d}-seed{s}.json", "bias record")["predictions"]
                          for s in data["seeds"]]) for i in range(len(data["expressions"]))]
     data["reanalysed"] = "python bench/reference_bias.py " + " ".join(sys.argv[1:])
+    data["tie_margin"] = float(cfg.search.tie_margin)
     finish(data, preds, np.asarray(setup.task.dev["labels"]), setup.task.spec.metric, out)
 
 
@@ -484,7 +479,7 @@ def main() -> None:
         "budgets": {"warmup_steps": cfg.search.stages[0].warmup_steps, "train_steps": cfg.evaluator.train_steps,
                     "distill": {"general_steps": cfg.distill.general_steps, "task_steps": cfg.distill.task_steps,
                                 "batch_size": cfg.distill.batch_size, "learning_rate": cfg.distill.learning_rate}},
-        "variants": chosen, "search": search,
+        "variants": chosen, "search": search, "tie_margin": float(cfg.search.tie_margin),
         "search_detail": {name: run["scores"] for name, run in runs.items()},
         "final": final, "final_by_seed": by_seed, "final_seconds": seconds, "timings": timings,
     }
