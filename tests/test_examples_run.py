@@ -194,16 +194,12 @@ def test_nnictl_create_on_the_tiny_example_runs_teacher_warmups_and_candidates(t
         context = f"status {_get(port, 'check-status')}; logs: {logs}; trials: {jobs}"
         assert status == "DONE", context
 
-        listed = {j["trialJobId"]: json.loads(j["hyperParameters"][0])["parameters"] for j in jobs}
-        by_pid = {p["_parameter_id"]: p for p in listed.values()}
+        from support.reliability import parameters_ran
+
+        ran_by_job = parameters_ran(jobs)
 
         def params(job):
-            # What the job ran: NNI 3.0 hands queued parameters to whichever trial asks first, so a
-            # job may have run those listed under a sibling; its final metric echoes which.
-            final = job.get("finalMetricData")
-            if final:
-                return by_pid[int(final[0]["parameterId"])]
-            return listed[job["trialJobId"]]
+            return ran_by_job[job["trialJobId"]]
 
         jobs.sort(key=lambda j: j["startTime"])
         assert all(j["status"] == "SUCCEEDED" for j in jobs), context

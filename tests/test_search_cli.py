@@ -115,18 +115,15 @@ def test_search_cli_runs_real_trials_through_nnictl(search_run, capsys):
     from nni_effbert.kd.setup import KDSetup
 
     space = KDSetup.from_config(cfg, progress=False).space
-    # What a job ran: NNI 3.0 hands queued parameters to whichever trial asks first, so a job may
-    # have run the parameters NNI lists under its sibling; its final metric says which (the echoed id).
-    by_pid = {}
-    for j in jobs:
-        listed = json.loads(j["hyperParameters"][0])["parameters"]
-        by_pid[listed["_parameter_id"]] = listed
+    from support.reliability import parameters_ran
+
+    ran = parameters_ran(jobs)  # NNI may list a job with a sibling's parameters
     warmups, cands = [], []
     for j in jobs:
         assert j.get("finalMetricData"), j
         metric = json.loads(json.loads(j["finalMetricData"][0]["data"]))
         assert metric["parameter_id"] == int(j["finalMetricData"][0]["parameterId"]), j
-        params = by_pid[metric["parameter_id"]]
+        params = ran[j["trialJobId"]]
         (warmups if "_warmup_stage" in params else cands).append((params, metric))
     assert sorted(p["_warmup_stage"] for p, _ in warmups) == [0, 1]
     assert sorted(p["_stage"] for p, _ in cands) == [0, 0, 1]

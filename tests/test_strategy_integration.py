@@ -139,15 +139,12 @@ def test_nnictl_progressive_waits_for_warmups_with_concurrency_2(experiment):
     for job in jobs:
         assert job["status"] == "SUCCEEDED", (job, context)
 
-    listed = {j["trialJobId"]: json.loads(j["hyperParameters"][0]) for j in jobs}
-    by_pid = {hp["parameter_id"]: hp["parameters"] for hp in listed.values()}
+    from support.reliability import parameters_ran
+
+    ran = parameters_ran(jobs)  # NNI may list a job with parameters queued for another (strategies.nni.broker)
 
     def params(job):
-        # What the job ran: NNI may list a job with parameters queued for another (strategies.nni.broker).
-        final = job.get("finalMetricData")
-        if final:
-            return by_pid[int(final[0]["parameterId"])]
-        return listed[job["trialJobId"]]["parameters"]
+        return ran[job["trialJobId"]]
 
     warmups = sorted((j for j in jobs if "_warmup_stage" in params(j)), key=lambda j: j["startTime"])
     cands = sorted((j for j in jobs if "_warmup_stage" not in params(j)), key=lambda j: j["startTime"])

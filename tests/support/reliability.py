@@ -91,6 +91,16 @@ def params_of(job: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(job["hyperParameters"][0])["parameters"]
 
 
+def parameters_ran(jobs: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Job id -> the parameters the job ran. NNI 3.0 hands queued parameters to whichever trial
+    asks first, so a job may have run those NNI lists under a sibling; its final metric's
+    ``parameterId`` (the id the trial echoes) says which. A job without a final metric keeps its
+    listed parameters."""
+    by_pid = {json.loads(j["hyperParameters"][0])["parameter_id"]: params_of(j) for j in jobs}
+    return {j["trialJobId"]: by_pid[int(j["finalMetricData"][0]["parameterId"])] if j.get("finalMetricData")
+            else params_of(j) for j in jobs}
+
+
 def arch_key(params: Dict[str, Any]) -> str:
     """Fingerprint of a trial's parameters (meta keys included: a warm-up is its own kind; the
     parameter id the search adds is not part of what the trial runs)."""
