@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from nni.nas.execution import SequentialExecutionEngine
 
+from nni_effbert.latency.settings import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # tests.support: the helpers the benches share with the tests
@@ -21,16 +23,7 @@ from tests.support.spaces import FrozenArch, LightNasSpace  # noqa: E402,F401  (
 
 
 def machine_info() -> Dict[str, Any]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu_model": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu_model": cpu_model() or "unknown", "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "loadavg": list(os.getloadavg()), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "python": platform.python_version(), "torch": torch.__version__}
 

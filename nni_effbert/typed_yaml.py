@@ -453,6 +453,14 @@ def unit_interval(value: float) -> float:
     return value
 
 
+def check_known_keys(mapping: Any, allowed: Sequence[str], where: str) -> None:
+    """Raise :class:`ConfigError` naming ``where`` if ``mapping`` has a key outside ``allowed``
+    (records and tables read back from files, checked the way config sections are)."""
+    unknown = sorted(set(mapping) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {list(allowed)}")
+
+
 def one_of(*allowed: str) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         if value is not None and value not in allowed:

@@ -97,7 +97,7 @@ def test_format_table():
     assert cells[1] == ["baseline student", "0.8100", "90.0%", "6.10M", "2.10M", "4.00", "3.00x"]
     assert cells[2] == ["searched student (trial Xy)", "0.8820", "98.0%", "6.05M", "2.05M", "3.00", "4.00x"]
     assert cells[3] == ["not distilled yet", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a"]
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match=r"^table row 0 \('x'\): unknown key\(s\) \['accuracy'\]; allowed: \['name'"):
         format_table([dict(name="x", accuracy=0.5)])
     with pytest.raises(ConfigError, match="2 teacher rows"):
         format_table([dict(name="a", role="teacher"), dict(name="b", role="teacher")])
@@ -144,7 +144,7 @@ def test_write_report_without_successes(tmp_path):
 
 
 def test_write_report_rejects_bad_trials(tmp_path):
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match=r"^trial 'a': unknown key\(s\) \['acc'\]; allowed: \["):
         write_report(tmp_path, [dict(trial_id="a", acc=0.5)], [])
     with pytest.raises(ConfigError, match="metric must be a number"):
         write_report(tmp_path, [dict(trial_id="a", metric="high")], [])

@@ -182,30 +182,16 @@ def score_split(model: nn.Module, dataset, spec, teacher: TeacherSource, loss_fn
     """
     if len(dataset) == 0:
         raise ConfigError(f"cannot score on the empty {split} split")
-    was_training = model.training
-    model.eval()
     logits, labels = [], []
-    sums: Dict[str, float] = {}
-    n = 0
     regression = bool(spec.is_regression)
-    try:
-        for batch in make_loader(dataset, batch_size, False, 0, pad_token_id):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            t_out = teacher(batch)
-            out = student_forward(model, batch, arch, return_kd=True)
-            terms = loss_fn(out, t_out, batch["attention_mask"]).as_dict()
-            terms["pred_soft_ce"] = float(prediction_loss(out.logits, t_out.logits, loss_fn.temperature, regression))
-            b = int(batch["input_ids"].shape[0])
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v * b
-            n += b
-            logits.append(out.logits.float().cpu())
-            labels.append(batch["labels"].cpu())
-    finally:
-        model.train(was_training)
-    means = {k: v / n for k, v in sums.items()}
-    if not all(math.isfinite(v) for v in means.values()):
-        raise TrialFailure(f"the model's KD loss on the {split} split is not finite ({means}): it diverged")
+
+    def keep(batch: Batch, out: Any) -> None:
+        logits.append(out.logits.float().cpu())
+        labels.append(batch["labels"].cpu())
+
+    kd = _kd_pass(model, make_loader(dataset, batch_size, False, 0, pad_token_id), teacher, loss_fn, arch=arch,
+                  device=device, split=split, keep=keep,
+                  pred_loss=lambda s, t, batch: prediction_loss(s, t, loss_fn.temperature, regression))
     all_logits = torch.cat(logits)
     if not torch.isfinite(all_logits).all():
         raise TrialFailure(f"the model's {split} logits are NaN or infinite: it diverged")
@@ -214,12 +200,7 @@ def score_split(model: nn.Module, dataset, spec, teacher: TeacherSource, loss_fn
     if not math.isfinite(metrics["default"]):
         raise TrialFailure(f"{split} {spec.metric} is undefined ({metrics['default']}): the model's predictions "
                            "are constant")
-    out: Dict[str, Any] = {"metrics": metrics, "kd_loss": means["total"], "kd_pred_loss": means["pred_soft_ce"],
-                           "rows": n}
-    for term in ("attention", "hidden"):
-        if term in means:
-            out[f"kd_{term}_loss"] = means[term]
-    return out
+    return {"metrics": metrics, **kd}
 
 
 @torch.no_grad()
@@ -255,34 +236,19 @@ def score_span_split(model: nn.Module, data, split: str, task_cfg, teacher: Teac
     features, examples = getattr(data, split), data.examples[split]
     if len(features) == 0:
         raise ConfigError(f"cannot score on the empty {split} split")
-    was_training = model.training
-    model.eval()
-    sums: Dict[str, float] = {}
     starts: List[np.ndarray] = []
     ends: List[np.ndarray] = []
-    n = 0
     inputs = features.select_columns([c for c in features.column_names if c not in ("example_id", "offset_mapping")])
-    try:
-        for batch in make_loader(inputs, batch_size, False, 0, pad_token_id):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            t_out = teacher(batch)
-            out = student_forward(model, batch, arch, return_kd=True)
-            terms = loss_fn(out, t_out, batch["attention_mask"]).as_dict()
-            terms["pred_soft_ce"] = float(span_prediction_loss(out.logits, t_out.logits, batch["attention_mask"],
-                                                               loss_fn.temperature))
-            b = int(batch["input_ids"].shape[0])
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v * b
-            n += b
-            logits = out.logits.float().cpu().numpy()
-            for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
-                starts.append(logits[row, :length, 0])
-                ends.append(logits[row, :length, 1])
-    finally:
-        model.train(was_training)
-    means = {k: v / n for k, v in sums.items()}
-    if not all(math.isfinite(v) for v in means.values()):
-        raise TrialFailure(f"the model's KD loss on the {split} split is not finite ({means}): it diverged")
+
+    def keep(batch: Batch, out: Any) -> None:
+        logits = out.logits.float().cpu().numpy()
+        for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+            starts.append(logits[row, :length, 0])
+            ends.append(logits[row, :length, 1])
+
+    kd = _kd_pass(model, make_loader(inputs, batch_size, False, 0, pad_token_id), teacher, loss_fn, arch=arch,
+                  device=device, split=split, keep=keep,
+                  pred_loss=lambda s, t, batch: span_prediction_loss(s, t, batch["attention_mask"], loss_fn.temperature))
     if not all(np.isfinite(x).all() for x in starts + ends):
         raise TrialFailure(f"the model's {split} start/end logits are NaN or infinite: it diverged")
     preds, diffs = postprocess_predictions(examples, features, starts, ends, task_cfg.n_best_size,
@@ -296,9 +262,39 @@ def score_span_split(model: nn.Module, data, split: str, task_cfg, teacher: Teac
     metrics = {k: float(v) for k, v in evaluate_predictions(preds, examples, version).items()}
     if threshold is not None:
         metrics["null_threshold"] = float(threshold)
-    out_: Dict[str, Any] = {"metrics": metrics, "kd_loss": means["total"], "kd_pred_loss": means["pred_soft_ce"],
-                            "rows": n, "questions": len(examples)}
-    for term in ("attention", "hidden"):
-        if term in means:
-            out_[f"kd_{term}_loss"] = means[term]
-    return out_
+    return {"metrics": metrics, **kd, "questions": len(examples)}
+
+
+def _kd_pass(model: nn.Module, batches, teacher: TeacherSource, loss_fn: KDLoss, *, arch: Optional[Arch],
+             device: Any, split: str, pred_loss: Callable[[Tensor, Tensor, Batch], Tensor],
+             keep: Callable[[Batch, Any], None]) -> Dict[str, Any]:
+    """One eval-mode pass of :func:`score_split` / :func:`score_span_split`: the KD loss terms
+    against ``teacher`` (means over rows) plus the prediction loss ``pred_loss(student logits,
+    teacher logits, batch)`` alone; ``keep(batch, student output)`` collects what the caller scores.
+
+    Returns ``kd_loss``, ``kd_pred_loss``, ``kd_attention_loss`` / ``kd_hidden_loss`` when those
+    terms are on, and ``rows``; raises :class:`TrialFailure` on a non-finite loss."""
+    was_training = model.training
+    model.eval()
+    sums: Dict[str, float] = {}
+    n = 0
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            t_out = teacher(batch)
+            out = student_forward(model, batch, arch, return_kd=True)
+            terms = loss_fn(out, t_out, batch["attention_mask"]).as_dict()
+            terms["pred_soft_ce"] = float(pred_loss(out.logits, t_out.logits, batch))
+            b = int(batch["input_ids"].shape[0])
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * b
+            n += b
+            keep(batch, out)
+    finally:
+        model.train(was_training)
+    means = {k: v / n for k, v in sums.items()}
+    if not all(math.isfinite(v) for v in means.values()):
+        raise TrialFailure(f"the model's KD loss on the {split} split is not finite ({means}): it diverged")
+    out = {"kd_loss": means["total"], "kd_pred_loss": means["pred_soft_ce"], "rows": n}
+    out.update({f"kd_{term}_loss": means[term] for term in ("attention", "hidden") if term in means})
+    return out

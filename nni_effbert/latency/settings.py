@@ -25,7 +25,7 @@ from ..workdir import WorkDir
 from .runtimes import DEFAULT_RUNTIME, check_runtime, runtime_version
 
 __all__ = ["PROTOCOL", "LATENCY_DIR", "LatencyTableError", "LatencySettings", "torch_device", "device_description",
-           "latency_settings", "space_key", "table_key", "runtime_key", "key_digest", "table_path"]
+           "cpu_model", "latency_settings", "space_key", "table_key", "runtime_key", "key_digest", "table_path"]
 
 
 #: Bumped when what an entry means changes (old tables are then rebuilt, not misread).
@@ -96,16 +96,19 @@ def device_description(name: str) -> str:
     dev = torch_device(name)
     if dev.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(dev)}"
-    model = ""
+    return f"cpu:{cpu_model()}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor or machine elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"cpu:{model or platform.processor() or platform.machine()}"
+    return platform.processor() or platform.machine()
 
 
 def latency_settings(cfg: ExperimentConfig) -> LatencySettings:

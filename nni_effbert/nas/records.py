@@ -51,6 +51,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from ..errors import ConfigError, EffBertError
 from ..params import NOOP_KEY, STAGE_KEY, WARMUP_KEY, arch_part, is_teacher, stage_name
 from ..workdir import check_experiment_id
+from ..typed_yaml import check_known_keys
 
 __all__ = ["ExperimentNotFoundError", "normalize_trial", "is_scored", "is_failed", "read_nni_trials"]
 
@@ -89,10 +90,7 @@ def normalize_trial(trial: Mapping[str, Any]) -> Dict[str, Any]:
     """
     if not isinstance(trial, Mapping):
         raise ConfigError(f"a trial must be a dict, got {type(trial).__name__}")
-    unknown = sorted(set(trial) - set(_TRIAL_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"trial {trial.get('trial_id')!r}: unknown key(s) {unknown}; "
-                          f"allowed: {sorted(_TRIAL_DEFAULTS)}")
+    check_known_keys(trial, sorted(_TRIAL_DEFAULTS), f"trial {trial.get('trial_id')!r}")
     out = {**_TRIAL_DEFAULTS, **dict(trial)}
     if out["trial_id"] is None:
         raise ConfigError(f"trial without a trial_id: {dict(trial)}")

@@ -20,6 +20,7 @@ from ..io import atomic_write_text, load_json
 from ..kd.student_start import origin_line
 from ..nas.ranking import best_trial
 from ..nas.records import is_failed, is_scored, normalize_trial
+from ..typed_yaml import check_known_keys
 from ..workdir import WorkDir
 from .fidelity import fidelity_markdown
 from .plots import params_axis, plot_best_so_far, plot_front, stage_colors, stage_label
@@ -88,10 +89,7 @@ def _check_rows(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise ConfigError(f"table row {i} must be a dict, got {type(row).__name__}")
-        unknown = sorted(set(row) - set(TABLE_KEYS))
-        if unknown:
-            raise ConfigError(f"table row {i} ({row.get('name')!r}): unknown key(s) {unknown}; "
-                              f"allowed: {list(TABLE_KEYS)}")
+        check_known_keys(row, TABLE_KEYS, f"table row {i} ({row.get('name')!r})")
         if not row.get("name"):
             raise ConfigError(f"table row {i} has no name")
         clean = {k: row.get(k) for k in TABLE_KEYS}
