@@ -124,7 +124,7 @@ def run_task(task: str, args) -> Dict[str, Any]:
 def markdown(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     lines = ["# Capacity bench: does the BERT MLP's size move the final score?", "",
              f"Command: `{meta['command']}`; {meta['seeds']} distill seed(s) per arch; budgets: "
-             f"`{json.dumps(meta['budgets'])}`; machine: {meta['machine'].get('cpu')}, load before "
+             f"`{json.dumps(meta['budgets'])}`; machine: {meta['machine']['cpu_model']}, {meta['machine']['cores']} cores, load before "
              f"{meta['load_before']}, after {meta['load_after']}.", ""]
     for r in results:
         lines += [f"## {r['task']} ({r['metric']}, {r['dev_rows']} held-out rows; {r['train_rows']} train rows)", "",
@@ -175,8 +175,16 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=str(REPO / "bench" / "work" / "capacity"),
                    help="work directories (one per task; the SST-2 variants share one)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--render", metavar="JSON", help="write the markdown and plot of a finished run's JSON again, then stop")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        out = Path(args.render).with_suffix("")
+        out.with_suffix(".md").write_text(markdown(data["tasks"], data["meta"]))
+        plot(data["tasks"], out.with_suffix(".png"))
+        print(out.with_suffix(".md").read_text())
+        return 0
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or args.seeds < 1:
