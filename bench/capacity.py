@@ -2,6 +2,8 @@
 
     python bench/capacity.py --tasks sst2,sst2+transfer,mnli,qnli --seeds 3 --out bench/results/capacity
 
+(``--resume`` after a stop keeps every student already distilled with the same plan.)
+
 For each task: the MiniLM teacher fine-tuned on the task's train rows, one stage-0 warm-up of the
 supernet (started from the teacher), then BERT's own MLP (``linear2(gelu(linear1(x)))``) at widths
 1/4, 1/2 and 1 of the space's ffn hidden size with stack 1, and width 1/2 with stack 2, each
@@ -42,8 +44,10 @@ from nni_effbert.kd.setup import KDSetup  # noqa: E402
 from nni_effbert.nas.kd_evaluator import KDEvaluator  # noqa: E402
 from nni_effbert.nas.warmup import run_warmup  # noqa: E402
 from nni_effbert.product.compare import compare_predictions, dev_predictions  # noqa: E402
-from nni_effbert.product.distill import run_distill  # noqa: E402
+from nni_effbert.product.distill import distill_record, plan_distill, run_distill  # noqa: E402
+from nni_effbert.product.loader import META_FILE, load_exported  # noqa: E402
 from nni_effbert.product.students import export_trial_arch  # noqa: E402
+from nni_effbert.workdir import WorkDir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bench" / "configs" / "capacity.yml"
@@ -73,6 +77,14 @@ def _width(space, fraction: float) -> int:
     return min(widths, key=lambda w: abs(w - fraction * max(widths)))
 
 
+def _distilled(path: Path, cfg) -> bool:
+    """Whether ``path`` holds a student of this arch distilled with ``cfg``'s distill plan."""
+    if not (path / META_FILE).is_file():
+        return False
+    record = distill_record(load_exported(path).meta)
+    return record is not None and record.get("plan") == plan_distill(cfg).to_dict()
+
+
 def run_task(task: str, args) -> Dict[str, Any]:
     # Both SST-2 variants share one work directory: the same teacher, caches and supernet.
     work = Path(args.work) / task.split("+")[0]
@@ -100,10 +112,13 @@ def run_task(task: str, args) -> Dict[str, Any]:
         for seed in range(args.seeds):
             seeded = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, seed=seed))
             folder = f"capacity-{task.replace('+', '-')}-{name}-seed{seed}"
-            info = export_trial_arch(seeded, arch, 0, folder, evaluator=evaluator,
-                                     extra={"source": "capacity bench", "task": task})
-            result = run_distill(seeded, info.path, force=True, progress=not args.quiet, setup=setup)
-            per_seed.append(dev_predictions(setup, info.path))
+            path = WorkDir.of(seeded).export_dir(folder)
+            if not (args.resume and _distilled(path, seeded)):
+                path = export_trial_arch(seeded, arch, 0, folder, evaluator=evaluator,
+                                         extra={"source": "capacity bench", "task": task}).path
+            # With --resume, a student already distilled with this plan is read back, not distilled again.
+            result = run_distill(seeded, path, force=not args.resume, progress=not args.quiet, setup=setup)
+            per_seed.append(dev_predictions(setup, path))
             scores.append(result.dev_metric)
             log.info("%s %s seed %d: dev %s %.4f", task, name, seed, metric, result.dev_metric)
         predictions[name] = np.stack(per_seed)
@@ -123,12 +138,14 @@ def run_task(task: str, args) -> Dict[str, Any]:
 
 def markdown(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     lines = ["# Capacity bench: does the BERT MLP's size move the final score?", "",
-             f"Command: `{meta['command']}`; {meta['seeds']} distill seed(s) per arch; budgets: "
+             f"Command: `{meta['command']}`; {meta['seeds']} distill seed(s) per arch; budgets (config "
+             f"`bench/configs/capacity.yml`, before each task's overrides below): "
              f"`{json.dumps(meta['budgets'])}`; machine: {meta['machine']['cpu_model']}, {meta['machine']['cores']} cores, load before "
              f"{meta['load_before']}, after {meta['load_after']}.", ""]
     for r in results:
         lines += [f"## {r['task']} ({r['metric']}, {r['dev_rows']} held-out rows; {r['train_rows']} train rows)", "",
-                  f"Teacher: {r['teacher_dev']:.4f}.", "",
+                  f"Teacher: {r['teacher_dev']:.4f}. This task's overrides of the config: "
+                  f"`{' '.join(r['overrides']) or 'none'}`; timings (s): `{json.dumps(r['timings'])}`.", "",
                   "| arch | non-emb. params | scores per seed | mean ± std |", "|---|---:|---|---:|"]
         for name, a in r["archs"].items():
             lines.append(f"| {name} | {a['non_embedding_params']:,} | {', '.join(f'{s:.4f}' for s in a['scores'])} | "
@@ -175,6 +192,10 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=str(REPO / "bench" / "work" / "capacity"),
                    help="work directories (one per task; the SST-2 variants share one)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="keep students an earlier run of the same work directories already distilled with the same "
+                        "distill plan (the teacher and warm-up are reused whenever their plans match); after changing "
+                        "the teacher or warm-up budget, use a fresh --work instead")
     p.add_argument("--render", metavar="JSON", help="write the markdown and plot of a finished run's JSON again, then stop")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
