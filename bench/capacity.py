@@ -44,10 +44,9 @@ from nni_effbert.kd.setup import KDSetup  # noqa: E402
 from nni_effbert.nas.kd_evaluator import KDEvaluator  # noqa: E402
 from nni_effbert.nas.warmup import run_warmup  # noqa: E402
 from nni_effbert.product.compare import compare_predictions, dev_predictions  # noqa: E402
-from nni_effbert.product.distill import distill_record, plan_distill, run_distill  # noqa: E402
-from nni_effbert.product.loader import META_FILE, load_exported  # noqa: E402
+from nni_effbert.product.baselines import reusable_export  # noqa: E402
+from nni_effbert.product.distill import run_distill  # noqa: E402
 from nni_effbert.product.students import export_trial_arch  # noqa: E402
-from nni_effbert.workdir import WorkDir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "bench" / "configs" / "capacity.yml"
@@ -77,14 +76,6 @@ def _width(space, fraction: float) -> int:
     return min(widths, key=lambda w: abs(w - fraction * max(widths)))
 
 
-def _distilled(path: Path, cfg) -> bool:
-    """Whether ``path`` holds a student of this arch distilled with ``cfg``'s distill plan."""
-    if not (path / META_FILE).is_file():
-        return False
-    record = distill_record(load_exported(path).meta)
-    return record is not None and record.get("plan") == plan_distill(cfg).to_dict()
-
-
 def run_task(task: str, args) -> Dict[str, Any]:
     # Both SST-2 variants share one work directory: the same teacher, caches and supernet.
     work = Path(args.work) / task.split("+")[0]
@@ -112,10 +103,10 @@ def run_task(task: str, args) -> Dict[str, Any]:
         for seed in range(args.seeds):
             seeded = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, seed=seed))
             folder = f"capacity-{task.replace('+', '-')}-{name}-seed{seed}"
-            path = WorkDir.of(seeded).export_dir(folder)
-            if not (args.resume and _distilled(path, seeded)):
-                path = export_trial_arch(seeded, arch, 0, folder, evaluator=evaluator,
-                                         extra={"source": "capacity bench", "task": task}).path
+            extra = {"source": "capacity bench", "task": task}
+            path = setup.workdir.export_dir(folder)
+            if not (args.resume and reusable_export(seeded, evaluator, folder, extra)):
+                path = export_trial_arch(seeded, arch, 0, folder, evaluator=evaluator, extra=extra).path
             # With --resume, a student already distilled with this plan is read back, not distilled again.
             result = run_distill(seeded, path, force=not args.resume, progress=not args.quiet, setup=setup)
             per_seed.append(dev_predictions(setup, path))
@@ -194,7 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--resume", action="store_true",
                    help="keep students an earlier run of the same work directories already distilled with the same "
-                        "distill plan (the teacher and warm-up are reused whenever their plans match); after changing "
+                        "distill plan in the same student space (product.baselines.reusable_export; the teacher and "
+                        "warm-up are reused whenever their plans match); after changing "
                         "the teacher or warm-up budget, use a fresh --work instead")
     p.add_argument("--render", metavar="JSON", help="write the markdown and plot of a finished run's JSON again, then stop")
     args = p.parse_args(argv)
