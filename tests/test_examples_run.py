@@ -28,6 +28,7 @@ import yaml
 from nni_effbert.config import load_config
 from nni_effbert.nas.experiments import free_port, student_space
 from nni_effbert.strategies.nni.factory import check_search_space, resolve_config_path
+from support.reliability import parameters_ran
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.parent for p in (REPO / "examples").glob("*/nnictl.yml"))
@@ -193,8 +194,6 @@ def test_nnictl_create_on_the_tiny_example_runs_teacher_warmups_and_candidates(t
                 for name in ("dispatcher.log", "nnimanager.log")}
         context = f"status {_get(port, 'check-status')}; logs: {logs}; trials: {jobs}"
         assert status == "DONE", context
-
-        from support.reliability import parameters_ran
 
         ran_by_job = parameters_ran(jobs)
 

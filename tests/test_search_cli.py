@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from nni_effbert.nas.launcher import format_trials, free_port, nnictl_config
+from support.reliability import parameters_ran
 
 pytestmark = pytest.mark.integration
 
@@ -115,8 +116,6 @@ def test_search_cli_runs_real_trials_through_nnictl(search_run, capsys):
     from nni_effbert.kd.setup import KDSetup
 
     space = KDSetup.from_config(cfg, progress=False).space
-    from support.reliability import parameters_ran
-
     ran = parameters_ran(jobs)  # NNI may list a job with a sibling's parameters
     warmups, cands = [], []
     for j in jobs:

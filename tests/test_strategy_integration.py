@@ -21,6 +21,7 @@ import urllib.request
 import pytest
 
 from nni_effbert.search_spaces import EfficientBertSpace
+from support.reliability import parameters_ran
 
 pytestmark = pytest.mark.integration
 
@@ -138,8 +139,6 @@ def test_nnictl_progressive_waits_for_warmups_with_concurrency_2(experiment):
     assert len(jobs) == MAX_TRIALS, context
     for job in jobs:
         assert job["status"] == "SUCCEEDED", (job, context)
-
-    from support.reliability import parameters_ran
 
     ran = parameters_ran(jobs)  # NNI may list a job with parameters queued for another (strategies.nni.broker)
 

@@ -50,8 +50,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError, EffBertError
 from ..params import NOOP_KEY, STAGE_KEY, WARMUP_KEY, arch_part, is_teacher, stage_name
-from ..workdir import check_experiment_id
 from ..typed_yaml import check_known_keys
+from ..workdir import check_experiment_id
 
 __all__ = ["ExperimentNotFoundError", "normalize_trial", "is_scored", "is_failed", "read_nni_trials"]
 
