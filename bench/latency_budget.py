@@ -15,11 +15,16 @@ BERT-MLP baseline.
    ``distill.seed`` (fresh exports of the same two archs each time) and measures both students'
    latency interleaved, in this process.
 
+The pipeline stops after the search (``run_pipeline(search_only=True)``): its own distillation
+and report would only repeat step 3 with one seed.
+
 Writes ``<out>.json`` with ``searched_dev`` and ``baseline_dev`` (lists over the same distill
-seeds), ``searched_latency_ms``, ``baseline_latency_ms`` (medians), ``p_value`` (paired t-test,
-scipy, searched > baseline) and the verdicts, and ``<out>.md``. **Targets:** at equal latency
-(+-5%) the searched student is ahead with p < 0.05, or it matches the baseline's accuracy at
->= 1.25x lower latency.
+seeds), ``searched_latency_ms``, ``baseline_latency_ms`` (medians), ``comparisons`` (searched vs
+baseline and the teacher vs each: paired over the held-out rows x the distill seeds, 95% bootstrap
+interval and two-sided permutation p, :mod:`nni_effbert.product.compare`), ``p_value`` (that of
+searched - baseline) and the verdicts, and ``<out>.md``. **Targets:** at equal latency (+-5%) the
+searched student is ahead with p < 0.05, or it matches the baseline's accuracy (the interval's
+lower end above -0.5 points) at >= 1.25x lower latency.
 
 ``--reduced`` shrinks the run to minutes (2,000 train rows, 3 + 2 + 3 trials, short warm-ups and
 distillation) and says so in every output: its figures do not measure the target.
@@ -76,15 +81,16 @@ def main() -> int:
     if args.distill_seeds < 1:
         p.error("--distill-seeds must be >= 1")
 
-    import yaml
-    from scipy import stats
+    import numpy as np
 
-    from nni_effbert.config import apply_overrides, load_config
+    from nni_effbert.config import load_config
     from nni_effbert.latency import settings as lts
     from nni_effbert.latency import table as lt
     from nni_effbert.kd.setup import KDSetup
     from nni_effbert.nas.kd_evaluator import KDEvaluator
     from nni_effbert.product.baselines import ensure_latency_baseline
+    from nni_effbert.product.compare import compare_predictions, dev_predictions
+    from nni_effbert.stats import format_paired_table
     from nni_effbert.product.distill import run_distill
     from nni_effbert.product.quickstart import run_pipeline
     from nni_effbert.product.students import export_best
@@ -107,11 +113,10 @@ def main() -> int:
     print(f"baseline (BERT MLP, width {max(space.config.widths)}, stack 1) predicted {b_ms:.3f} ms; {budget[0]}",
           flush=True)
 
-    raw = yaml.safe_load(Path(args.config).read_text())
-    apply_overrides(raw, overrides)
+    # Saved with absolute paths: the config's relative ones would resolve against the work directory.
     Path(workdir).mkdir(parents=True, exist_ok=True)
     effective = Path(workdir) / "bench_latency_budget.yml"
-    effective.write_text(yaml.safe_dump(raw, sort_keys=False))
+    load_config(args.config, overrides).save(effective)
     cfg = load_config(effective)
 
     info = machine_info()
@@ -119,9 +124,10 @@ def main() -> int:
     if args.experiment:
         experiment = args.experiment
     else:
-        experiment = run_pipeline(cfg, effective, port=args.port).experiment_id
+        experiment = run_pipeline(cfg, effective, port=args.port, search_only=True).experiment_id
     setup = KDSetup.from_config(cfg, progress=False)
     seeds, matched = [], None
+    predictions = {"teacher": dev_predictions(setup, "teacher"), "searched": [], "baseline": []}
     for k in range(args.distill_seeds):
         seed = int(cfg.distill.seed if cfg.distill.seed is not None else cfg.seed) + k
         scfg = load_config(effective, [f"distill.seed={seed}"])
@@ -135,22 +141,27 @@ def main() -> int:
                       "searched_dir": str(exp.path), "baseline_dir": str(base.path), "baseline_width": matched.width})
         print(f"distill seed {seed}: searched {searched.dev_metric:.4f}, latency-matched baseline "
               f"(width {matched.width}) {base.dev_metric:.4f}", flush=True)
+        predictions["searched"].append(dev_predictions(setup, exp.path))
+        predictions["baseline"].append(dev_predictions(setup, base.path))
     s_ms, b_meas = interleaved_latency([seeds[0]["searched_dir"], seeds[0]["baseline_dir"]], settings)
     s_dev = [r["searched"] for r in seeds]
     b_dev = [r["baseline"] for r in seeds]
     diff = [a - b for a, b in zip(s_dev, b_dev)]
-    p_value = None
-    if len(seeds) > 1 and len(set(diff)) > 1:
-        p_value = float(stats.ttest_rel(s_dev, b_dev, alternative="greater").pvalue)
+    for name in ("searched", "baseline"):
+        predictions[name] = np.stack(predictions[name])
+    comparisons = compare_predictions(predictions, np.asarray(setup.task.dev["labels"]), setup.task.spec.metric,
+                                      [("searched", "baseline"), ("teacher", "searched"), ("teacher", "baseline")])
+    versus = comparisons[0]
+    p_value = float(versus.p_value)
     ratio = b_meas / s_ms
     equal = abs(s_ms - b_meas) <= 0.05 * b_meas
-    ahead = equal and p_value is not None and p_value < 0.05
-    faster = ratio >= 1.25 and statistics.mean(s_dev) >= statistics.mean(b_dev) - 0.005
+    ahead = equal and versus.diff > 0 and p_value < 0.05
+    faster = ratio >= 1.25 and versus.ci_low >= -0.005
     data = {"reduced": bool(args.reduced), "machine": info, "load_end": load_now(), "command":
             "python bench/latency_budget.py " + " ".join(sys.argv[1:]), "budget": budget[0],
             "baseline_predicted_ms": b_ms, "experiment": experiment, "seeds": seeds,
             "searched_dev": s_dev, "baseline_dev": b_dev, "searched_latency_ms": s_ms, "baseline_latency_ms": b_meas,
-            "p_value": p_value, "total_s": time.perf_counter() - started,
+            "comparisons": [c.to_dict() for c in comparisons], "p_value": p_value, "total_s": time.perf_counter() - started,
             "targets": {"ahead_at_equal_latency_p<0.05": ahead, "matches_at_1.25x_lower_latency": faster,
                         "met": bool(ahead or faster)}}
     dest = Path(args.out)
@@ -171,8 +182,9 @@ def main() -> int:
     md += [f"| mean ± std | {statistics.mean(b_dev):.4f} ± {sd(b_dev):.4f} | {statistics.mean(s_dev):.4f} ± "
            f"{sd(s_dev):.4f} | {statistics.mean(diff):+.4f} |", "",
            f"Latency (median, interleaved): searched {s_ms:.3f} ms, baseline {b_meas:.3f} ms ({ratio:.2f}x); "
-           f"paired t-test p = {p_value if p_value is None else round(p_value, 3)}; target "
-           f"{'met' if data['targets']['met'] else 'missed'}."]
+           f"target {'met' if data['targets']['met'] else 'missed'}.", "",
+           "Paired over the held-out rows x the distill seeds (95% bootstrap interval, two-sided permutation p):", "",
+           format_paired_table(comparisons, setup.task.spec.metric)]
     dest.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -353,3 +353,33 @@ def test_quickstart_bad_input(tmp_path, capsys):
     assert cli.main(["quickstart", "--data-dir", str(tmp_path / "none"), "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--data-dir: folder not found" in err
+
+
+def test_pipeline_search_only_stops_after_the_search(tmp_path, monkeypatch):
+    """``run_pipeline(search_only=True)`` (the latency-budget bench's path) fine-tunes the teacher and
+    searches, then returns: no export, distillation or report runs."""
+    from types import SimpleNamespace
+
+    from nni_effbert.config import load_config
+    from nni_effbert.product import quickstart
+
+    ran = []
+    monkeypatch.setattr(quickstart, "finetune_from_config",
+                        lambda cfg, progress: ran.append("teacher") or SimpleNamespace(metric="accuracy", dev_metric=0.5,
+                                                                                      path="t"))
+    monkeypatch.setattr(quickstart, "_search", lambda *a: ran.append("search") or SimpleNamespace(
+        ok=True, experiment_id="abc123", status="DONE", error=None, workdir=str(tmp_path)))
+
+    def later(*a, **k):
+        raise AssertionError("a step after the search ran")
+
+    for name in ("export_best", "run_distill", "build_report", "keep_previous_export"):
+        monkeypatch.setattr(quickstart, name, later)
+    monkeypatch.setattr(quickstart.KDSetup, "from_config", later)
+    cfg = load_config(TINY, [f"workdir={tmp_path / 'w'}"], check_paths=False)
+    out = quickstart.run_pipeline(cfg, Path(TINY), progress=False, search_only=True)
+    assert ran == ["teacher", "search"]
+    assert out.experiment_id == "abc123" and out.export is None and out.distilled is None and out.report is None
+    assert set(out.timings) == {"teacher", "search"}
+    with pytest.raises(AssertionError, match="after the search"):
+        quickstart.run_pipeline(cfg, Path(TINY), progress=False)

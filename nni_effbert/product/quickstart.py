@@ -165,14 +165,16 @@ class PipelineResult:
 
 
 def run_pipeline(cfg: ExperimentConfig, config_path: Path, *, port: Optional[int] = None,
-                 progress: bool = True) -> PipelineResult:
+                 progress: bool = True, search_only: bool = False) -> PipelineResult:
     """teacher -> search (nnictl, waited for) -> export -> distill -> baseline + report, for ``cfg``.
 
     ``config_path`` is the file ``cfg`` was loaded from (every nnictl trial reads it). The
     quickstart runs this on its embedded config; ``bench/pipeline.py`` on a larger one.
+    ``search_only`` stops after the search (``export``, ``distilled`` and ``report`` are then
+    ``None``): for a caller that distils the searched arch its own way, as the latency-budget bench.
     """
 
-    steps = ["teacher", "search", "export", "distill", "baseline + report"]
+    steps = ["teacher", "search"] + ([] if search_only else ["export", "distill", "baseline + report"])
     bar = tqdm(total=len(steps), desc="pipeline", disable=not progress, position=0, dynamic_ncols=True)
     timings: Dict[str, float] = {}
 
@@ -199,6 +201,9 @@ def run_pipeline(cfg: ExperimentConfig, config_path: Path, *, port: Optional[int
             raise EffBertError(f"the search (experiment {result.experiment_id}) ended {result.status} without a "
                                f"scored trial{why}; see its logs under {result.workdir}")
         done("search")
+        if search_only:
+            return PipelineResult(teacher=teacher, experiment_id=result.experiment_id, export=None, distilled=None,
+                                  report=None, timings=timings)
 
         step("export")
         setup = KDSetup.from_config(cfg, progress=progress)
