@@ -37,7 +37,7 @@ from .search_errors import SearchConfigError, SearchFailedError, SearchStateErro
 from .sampler import (PartitionSampler, bert_seed_archs, check_budget, check_latency_budget, in_budget,
                       latency_in_budget, random_arch_in_budget)
 from .stages import SearchConfig, Stage
-from .ties import order_with_ties
+from .ties import order_with_ties, stage_margin
 
 __all__ = [
     "Proposal",
@@ -155,6 +155,7 @@ class TrialRecord:
     metric: Optional[float] = None  # the trial's own score when ``score`` is an objective of score and latency
     latency_ms: Optional[float] = None  # predicted latency (with a latency predictor)
     teacher: bool = False  # the teacher fine-tuning trial (also ``warmup``: never a candidate)
+    train_steps: Optional[int] = None  # KD fine-tune steps the trial reported (0: a one-shot score)
 
     @property
     def arch(self) -> Arch:
@@ -294,9 +295,13 @@ class ProgressiveSearch:
             stage = max(stages)
         ok = [r for r in self._records.values() if r.stage == stage and not r.warmup and r.status == "succeeded"]
         # Candidates within search.tie_margin of the best tie; the cheapest of them leads (.ties).
+        # One-shot scores (0 fine-tune steps) do not move with the evaluator seed: no margin.
+        planned = self.config.stages[stage].train_steps if stage < len(self.config.stages) else None
+        margin = stage_margin(float(self.config.tie_margin or 0.0),
+                              [r.train_steps if r.train_steps is not None else planned for r in ok])
         ranked = order_with_ties(ok, score=lambda r: r.score,
                                  cost=lambda r: r.latency_ms if r.latency_ms is not None else r.params_count,
-                                 margin=float(self.config.tie_margin or 0.0), tiebreak=lambda r: r.trial_id)
+                                 margin=margin, tiebreak=lambda r: r.trial_id)
         return [TrialRecord(**asdict(r)) for r in ranked]
 
     def best(self) -> Optional[TrialRecord]:
@@ -532,6 +537,8 @@ class ProgressiveSearch:
             return
         failure = result if isinstance(result, Failure) else None
         score: Optional[float] = None
+        if failure is None and isinstance(result, Mapping) and isinstance(result.get("train_steps"), int):
+            record.train_steps = int(result["train_steps"])
         if failure is None:
             value = result.get("default") if isinstance(result, Mapping) else result
             if value is None:

@@ -335,6 +335,8 @@ class SearchConfig:
         exported student (:mod:`.ties`). Empty: the default of ``evaluator.objective``
         (:data:`~nni_effbert.strategies.ties.TIE_MARGINS`, about twice the score's own
         seed-to-seed spread), filled in when the experiment config is loaded; 0: strict ranking.
+        A stage scored with ``train_steps: 0`` is always ranked strictly (its scores do not
+        move with the evaluator seed; :func:`~nni_effbert.strategies.ties.stage_margin`).
     warm_worker : bool
         Fork trial processes from a warm worker whose imports are done (default; see
         ``nni_effbert.nas.warm_worker``); false: every trial starts a fresh interpreter.

@@ -9,13 +9,16 @@ latency, else fewest parameters) is chosen; outside any tie the best score wins 
 :data:`TIE_MARGINS` gives each ``evaluator.objective`` its default margin: about twice the standard
 deviation of the difference between two scorings of the same arch with different evaluator seeds,
 as ``nni-effbert fidelity --repeat`` measures it (the figures are on the docs' results page).
+Candidates scored without any fine-tuning (``train_steps: 0``, the one-shot size stage) have no
+such noise: their score is the inherited weights' loss on fixed rows, the same for every
+evaluator seed, so their margin is 0 (:func:`stage_margin`).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, TypeVar
+from typing import Callable, Iterable, List, Optional, Sequence, TypeVar
 
-__all__ = ["TIE_MARGINS", "default_tie_margin", "order_with_ties"]
+__all__ = ["TIE_MARGINS", "default_tie_margin", "stage_margin", "order_with_ties"]
 
 T = TypeVar("T")
 
@@ -26,6 +29,22 @@ TIE_MARGINS = {"kd": 0.022, "kd_pred": 0.014, "metric": 0.012}
 def default_tie_margin(objective: str) -> float:
     """The default margin of an ``evaluator.objective`` (0 for an unknown one: strict ranking)."""
     return float(TIE_MARGINS.get(objective, 0.0))
+
+
+def stage_margin(margin: float, train_steps: Iterable[Optional[int]]) -> float:
+    """The tie margin for candidates scored with these ``train_steps`` (one per candidate).
+
+    ``margin`` is the score's seed-to-seed repeatability after a KD fine-tune. When every
+    candidate was scored with 0 fine-tune steps, re-scoring with another evaluator seed gives the
+    same value, and the margin is 0: the ranking is strict. (On MNLI-m the 8 one-shot candidates
+    of a size stage spread over 0.016, all inside the 0.022 ``kd`` margin, and the tie handed the
+    stage to its lowest-scoring, smallest candidate: ``docs/guides/selection-bias.md``.) An
+    unknown step count (None) keeps ``margin``.
+    """
+    steps = list(train_steps)
+    if steps and all(s is not None and int(s) == 0 for s in steps):
+        return 0.0
+    return float(margin)
 
 
 def order_with_ties(items: Sequence[T], score: Callable[[T], float], cost: Callable[[T], Optional[float]],

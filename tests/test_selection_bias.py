@@ -13,7 +13,7 @@ from nni_effbert.search_spaces.supernet import REFERENCE_EXPRESSION
 from nni_effbert.strategies.core import ProgressiveSearch, Proposal
 from nni_effbert.strategies.sampler import balanced_arch
 from nni_effbert.strategies.stages import SearchConfig, Stage
-from nni_effbert.strategies.ties import TIE_MARGINS, order_with_ties
+from nni_effbert.strategies.ties import TIE_MARGINS, order_with_ties, stage_margin
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,33 @@ def test_the_search_hands_the_cheaper_of_two_tied_archs_to_the_next_stage(space)
     assert chosen == dear
 
 
+def test_one_shot_scores_are_ranked_strictly():
+    """0 fine-tune steps: the score does not move with the evaluator seed, so nothing ties."""
+    assert stage_margin(0.022, [0, 0, 0]) == 0.0
+    assert stage_margin(0.022, [0, 60]) == 0.022
+    assert stage_margin(0.022, [0, None]) == 0.022 and stage_margin(0.022, []) == 0.022
+
+
+def test_a_one_shot_stage_hands_on_its_best_score_not_its_cheapest(space):
+    """A stage scored with train_steps 0 (one-shot, as the size stage): the dearer candidate scored 0.015 higher wins even
+    within a 0.02 margin, whether the trials report their steps or only the stage plans them."""
+
+    def run(report_steps):
+        cfg = SearchConfig(stages=[Stage("coarse", "joint", trials=2, train_steps=0)], tie_margin=0.02)
+        search = ProgressiveSearch(space, cfg, latency_fn=lambda arch: space.count_params(arch) / 1e5)
+        search.tell(search.ask().trial_id, None)  # the warm-up
+        a, b = search.ask(), search.ask()
+        cheap, dear = sorted((a, b), key=lambda p: space.count_params(p.arch))
+        extra = {"train_steps": 0} if report_steps else {}
+        search.tell(dear.trial_id, {"default": -1.000, "params": space.count_params(dear.arch), **extra})
+        search.tell(cheap.trial_id, {"default": -1.015, "params": space.count_params(cheap.arch), **extra})
+        return search.ranking(0)[0].trial_id, dear.trial_id
+
+    for report_steps in (True, False):
+        chosen, dear = run(report_steps)
+        assert chosen == dear
+
+
 def test_best_trial_prefers_the_lower_latency_trial_within_the_margin():
     trials = [
         {"trial_id": "slow", "status": "SUCCEEDED", "metric": -1.00, "params": 5_000_000, "latency_ms": 18.0,
@@ -115,6 +142,10 @@ def test_best_trial_prefers_the_lower_latency_trial_within_the_margin():
     assert best_trial(trials)["trial_id"] == "slow"
     assert best_trial(trials, tie_margin=0.02)["trial_id"] == "fast"
     assert best_trial(trials, tie_margin=0.005)["trial_id"] == "slow"
+    one_shot = [{**t, "final": {"train_steps": 0}} for t in trials]
+    assert best_trial(one_shot, tie_margin=0.02)["trial_id"] == "slow"
+    tuned = [{**t, "final": {"train_steps": 60}} for t in trials]
+    assert best_trial(tuned, tie_margin=0.02)["trial_id"] == "fast"
 
 
 def test_tie_margin_defaults_to_the_objective_s_repeatability(tmp_path):

@@ -184,6 +184,16 @@ def test_evaluator_scores_inherited_weights(cfg, setup, stage0):
     assert trained["train_steps"] == 4 and math.isfinite(trained["kd_loss"])
 
 
+def test_a_one_shot_score_does_not_move_with_the_evaluator_seed(cfg, setup, stage0):
+    """Why a one-shot stage has no tie margin (strategies.ties.stage_margin): with 0 fine-tune
+    steps the same arch scores the same under every evaluator seed; after a fine-tune it need not."""
+    arch = setup.space.random_arch(np.random.default_rng(7))
+    scores = [KDEvaluator(dataclasses.replace(cfg, evaluator=dataclasses.replace(cfg.evaluator, seed=seed)), stage=0,
+                          report=False, progress=False, setup=setup).evaluate(arch, train_steps=0)["default"]
+              for seed in (1, 2)]
+    assert scores[0] == scores[1]
+
+
 def test_nni_functional_evaluator_inherits_from_checkpoint(cfg, setup, stage0, monkeypatch):
     evaluator = KDEvaluator(cfg, stage=0, report=False, progress=False, setup=setup)
     scored = []

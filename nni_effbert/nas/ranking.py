@@ -11,7 +11,7 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 from ..errors import ConfigError, EffBertError
-from nni_effbert.strategies.ties import order_with_ties
+from nni_effbert.strategies.ties import order_with_ties, stage_margin
 
 from .records import is_failed, is_scored, normalize_trial
 
@@ -38,6 +38,13 @@ def trial_latency(trial: Mapping[str, Any]) -> Optional[float]:
     return float(measured) if isinstance(measured, (int, float)) and math.isfinite(measured) else None
 
 
+def _train_steps(trial: Mapping[str, Any]) -> Optional[int]:
+    """The KD fine-tune steps a trial reported in its final metric, else None."""
+    final = trial.get("final") or {}
+    steps = final.get("train_steps") if isinstance(final, Mapping) else None
+    return int(steps) if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
 def best_trial(trials: Iterable[Mapping[str, Any]], *, stage: Union[int, str, None] = "last",
                experiment: Optional[str] = None, tie_margin: float = 0.0) -> Dict[str, Any]:
     """The best scored trial: highest metric, then fewest parameters, then earliest.
@@ -45,6 +52,8 @@ def best_trial(trials: Iterable[Mapping[str, Any]], *, stage: Union[int, str, No
     With ``tie_margin`` (``search.tie_margin``), the trials within that margin of the highest
     metric tie, and the cheapest of them wins: lowest latency (predicted when the trial reported
     it, else measured), else fewest parameters (:func:`nni_effbert.strategies.ties.order_with_ties`).
+    When every trial of the pool reported 0 fine-tune steps (``final["train_steps"]``), the margin
+    is 0 (:func:`~nni_effbert.strategies.ties.stage_margin`).
 
     Parameters
     ----------
@@ -91,6 +100,9 @@ def best_trial(trials: Iterable[Mapping[str, Any]], *, stage: Union[int, str, No
         return (-t["metric"], t["params"] if t["params"] is not None else math.inf,
                 t["sequence"] if t["sequence"] is not None else math.inf, t["trial_id"])
 
+    # One-shot scores (every candidate reported 0 fine-tune steps) do not move with the evaluator
+    # seed: they are ranked strictly (strategies.ties.stage_margin).
+    tie_margin = stage_margin(tie_margin, [_train_steps(t) for t in pool])
     if tie_margin:
         def cost(t):
             latency = trial_latency(t)
