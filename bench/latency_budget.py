@@ -72,6 +72,10 @@ def main() -> int:
     p.add_argument("--workdir", default=None, help="default: the config's, + '_latency' (+ '_reduced')")
     p.add_argument("--speedup", type=float, default=None, help="use search.speedup=X instead of the baseline's latency")
     p.add_argument("--distill-seeds", type=int, default=3)
+    p.add_argument("--baseline", choices=["matched", "reference"], default="matched",
+                   help="matched: BERT's MLP at the width of the searched student's latency (default; when that is "
+                   "the searched arch itself, the reference is taken instead); reference: the arch whose latency "
+                   "set the budget (BERT's MLP, stack 1, full width)")
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--reduced", action="store_true", help="a short run (labelled REDUCED); not the bench's figures")
     p.add_argument("--experiment", metavar="ID", help="take the search of this finished experiment in the work "
@@ -88,7 +92,7 @@ def main() -> int:
     from nni_effbert.latency import table as lt
     from nni_effbert.kd.setup import KDSetup
     from nni_effbert.nas.kd_evaluator import KDEvaluator
-    from nni_effbert.product.baselines import ensure_latency_baseline
+    from nni_effbert.product.baselines import LatencyBaselineChoice, choose_latency_baseline, ensure_latency_baseline
     from nni_effbert.product.compare import compare_predictions, dev_predictions
     from nni_effbert.stats import format_paired_table
     from nni_effbert.product.distill import run_distill
@@ -104,7 +108,8 @@ def main() -> int:
     settings = lts.latency_settings(cfg)
     table = lt.table_for_config(cfg)
     space = EfficientBertSpace.preset(cfg.student.preset, **dict(cfg.student.overrides))
-    b_ms = table.predict(space.bert_arch(width=max(space.config.widths), stack=1))
+    reference_arch = space.bert_arch(width=max(space.config.widths), stack=1)
+    b_ms = table.predict(reference_arch)
     if args.speedup is not None:
         budget = [f"search.speedup={args.speedup}"]
     else:
@@ -126,7 +131,7 @@ def main() -> int:
     else:
         experiment = run_pipeline(cfg, effective, port=args.port, search_only=True).experiment_id
     setup = KDSetup.from_config(cfg, progress=False)
-    seeds, matched = [], None
+    seeds, matched, baseline_note = [], None, None
     predictions = {"teacher": dev_predictions(setup, "teacher"), "searched": [], "baseline": []}
     for k in range(args.distill_seeds):
         seed = int(cfg.distill.seed if cfg.distill.seed is not None else cfg.seed) + k
@@ -134,15 +139,26 @@ def main() -> int:
         exp = export_best(scfg, experiment, name=f"searched-lat-seed{seed}",
                           evaluator=KDEvaluator(scfg, setup=setup), force=True)  # afresh on purpose
         searched = run_distill(scfg, exp.path, setup=setup)
-        # One latency match for all seeds (chosen on the first): the seeds then pair the same two archs.
+        if matched is None:  # one baseline for all seeds (chosen on the first): the seeds pair the same two archs
+            matched = choose_latency_baseline(scfg, exp.path, name=f"baseline-lat-seed{seed}", setup=setup)
+            if args.baseline == "reference" or matched.arch == dict(exp.arch):
+                if args.baseline == "matched":
+                    baseline_note = (f"the latency-matched BERT MLP (width {matched.width}, stack 1) is the searched "
+                                     "arch itself; compared with the budget's reference instead")
+                    print(baseline_note, flush=True)
+                matched = LatencyBaselineChoice(arch=reference_arch, width=max(space.config.widths),
+                                                predicted_ms=float(b_ms),
+                                                target_predicted_ms=float(table.predict(dict(exp.arch))))
         base, matched = ensure_latency_baseline(scfg, exp.path, name=f"baseline-lat-seed{seed}", setup=setup,
                                                 choice=matched)
         seeds.append({"seed": seed, "searched": searched.dev_metric, "baseline": base.dev_metric,
                       "searched_dir": str(exp.path), "baseline_dir": str(base.path), "baseline_width": matched.width})
-        print(f"distill seed {seed}: searched {searched.dev_metric:.4f}, latency-matched baseline "
+        print(f"distill seed {seed}: searched {searched.dev_metric:.4f}, baseline "
               f"(width {matched.width}) {base.dev_metric:.4f}", flush=True)
         predictions["searched"].append(dev_predictions(setup, exp.path))
         predictions["baseline"].append(dev_predictions(setup, base.path))
+    from nni_effbert.product.loader import load_exported
+    seeds_arch = dict(load_exported(seeds[0]["searched_dir"]).arch)
     s_ms, b_meas = interleaved_latency([seeds[0]["searched_dir"], seeds[0]["baseline_dir"]], settings)
     s_dev = [r["searched"] for r in seeds]
     b_dev = [r["baseline"] for r in seeds]
@@ -161,6 +177,10 @@ def main() -> int:
             "python bench/latency_budget.py " + " ".join(sys.argv[1:]), "budget": budget[0],
             "baseline_predicted_ms": b_ms, "experiment": experiment, "seeds": seeds,
             "searched_dev": s_dev, "baseline_dev": b_dev, "searched_latency_ms": s_ms, "baseline_latency_ms": b_meas,
+            "baseline": {"kind": "reference" if args.baseline == "reference" or baseline_note else "matched",
+                         "width": matched.width,
+                         "predicted_ms": matched.predicted_ms, "note": baseline_note},
+            "searched_arch": seeds_arch, "searched_layers": space.describe(seeds_arch),
             "comparisons": [c.to_dict() for c in comparisons], "p_value": p_value, "total_s": time.perf_counter() - started,
             "targets": {"ahead_at_equal_latency_p<0.05": ahead, "matches_at_1.25x_lower_latency": faster,
                         "met": bool(ahead or faster)}}
@@ -169,7 +189,12 @@ def main() -> int:
     dest.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
     label = "REDUCED RUN (not the bench's figures): " if args.reduced else ""
     md = [f"# {label}Search under a latency budget vs the latency-matched BERT-MLP baseline", "",
-          f"- {budget[0]}; baseline predicted {b_ms:.3f} ms; experiment {experiment}",
+          f"- {budget[0]}; the budget's reference (BERT MLP, width {max(space.config.widths)}, stack 1) predicted "
+          f"{b_ms:.3f} ms; experiment {experiment}",
+          "- searched: " + "; ".join(f"{la['expression']} w{la['width']} s{la['stack']}" for la in space.describe(seeds_arch))
+          + f", predicted {table.predict(seeds_arch):.3f} ms",
+          f"- baseline: BERT MLP, width {matched.width}, stack 1, predicted {matched.predicted_ms:.3f} ms"
+          + (f" ({baseline_note})" if baseline_note else ""),
           f"- distillation per student and seed: {cfg.distill.general_steps} general + {cfg.distill.task_steps} task "
           f"KD steps (batch {cfg.distill.batch_size}); the search "
           + (f"ran in an earlier call (`--experiment {experiment}`); this call's wall time covers the distillations"
