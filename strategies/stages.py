@@ -334,7 +334,9 @@ class SearchConfig:
         them (lowest predicted latency, else fewest parameters) is the stage's answer and the
         exported student (:mod:`.ties`). Empty: the default of ``evaluator.objective``
         (:data:`~nni_effbert.strategies.ties.TIE_MARGINS`, about twice the score's own
-        seed-to-seed spread), filled in when the experiment config is loaded; 0: strict ranking.
+        seed-to-seed spread, measured on SST-2), filled in when the experiment config is loaded; 0:
+        strict ranking. The spread depends on the task (MNLI-m's ``kd`` margin is 0.0045):
+        ``nni-effbert fidelity --repeat 2`` prints the margin that fits a task.
         A stage scored with ``train_steps: 0`` is always ranked strictly (its scores do not
         move with the evaluator seed; :func:`~nni_effbert.strategies.ties.stage_margin`).
     warm_worker : bool

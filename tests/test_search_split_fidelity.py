@@ -210,6 +210,8 @@ def test_fidelity_matches_scipy_writes_files_and_resumes(cfg, setup, monkeypatch
     assert pairs[0]["trial"] == ranked[0]["trial_id"] and pairs[-1]["trial"] == ranked[-1]["trial_id"]
     rep = data["repeat"]
     assert rep["repeats"] == 1 and len(rep["rescores"]) == 3 and rep["per_seed"][0]["evaluator_seed"] == cfg.seed + 1
+    assert rep["tie_margin_suggested"] == pytest.approx(2 * rep["score_noise_sd"])
+    assert rep["tie_margin_in_use"] == cfg.search.tie_margin and "search.tie_margin of about" in out.summary
 
     # Resume: nothing is distilled or re-scored again.
     real_distill, real_evaluate = fidelity_mod.run_distill, fidelity_mod.KDEvaluator.evaluate
@@ -268,6 +270,20 @@ def test_select_candidates_spans_the_range():
     tied = fidelity_mod.rank_agreement([1, 2, 3, 4], [0.5, 0.5, 0.5, 0.5])  # every final score ties
     assert tied["kendall_tau"] is None and tied["top1_hit"] is None and tied["top3_hit_rate"] is None
     assert fidelity_mod.rank_agreement([4, 3, 2, 1], [1, 2, 3, 4])["top3_hit_rate"] == pytest.approx(2 / 3)
+
+
+def test_score_noise_removes_the_shift_every_arch_shares():
+    pairs = [{"trial": t, "search_score": v} for t, v in zip("abcd", [-1.60, -1.62, -1.65, -1.70])]
+    # Seed 1 moves every arch by +0.01 (no noise between archs); seed 2 adds +-0.003 around a -0.02 shift.
+    rescores = ([{"trial": p["trial"], "evaluator_seed": 1, "search_score": p["search_score"] + 0.01} for p in pairs]
+                + [{"trial": p["trial"], "evaluator_seed": 2, "search_score": p["search_score"] - 0.02 + e}
+                   for p, e in zip(pairs, [0.003, -0.003, 0.003, -0.003])])
+    noise = fidelity_mod.score_noise(pairs, rescores)
+    expected = float(np.std([0.003, -0.003, 0.003, -0.003], ddof=1))
+    assert noise["score_noise_sd_by_seed"] == pytest.approx([0.0, expected], abs=1e-12)
+    assert noise["score_noise_sd"] == pytest.approx(expected / 2)
+    assert noise["tie_margin_suggested"] == pytest.approx(expected)
+    assert fidelity_mod.score_noise(pairs[:1], rescores[:1])["tie_margin_suggested"] is None
 
 
 def test_fidelity_is_the_last_command():

@@ -57,7 +57,7 @@ from .plots import plot_scatter
 from .students import experiments_dir_of, export_trial_arch
 
 __all__ = ["FIDELITY_FORMAT", "FidelityResult", "select_candidates", "rank_agreement", "seed_agreement",
-           "run_fidelity", "fidelity_markdown"]
+           "run_fidelity", "fidelity_markdown", "score_noise"]
 
 logger = logging.getLogger(__name__)
 
@@ -367,6 +367,27 @@ def seed_agreement(pairs: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> 
             "kendall_tau_std": float(np.std(taus)) if taus else None}
 
 
+def score_noise(pairs: Sequence[Mapping[str, Any]], rescores: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """How much the search score moves with the evaluator seed, in score units.
+
+    For each re-score seed, the standard deviation over the archs of (re-score - original score):
+    a shift every arch shares (which cannot change a ranking) is removed, what is left is the noise
+    in one arch's score relative to another's. ``score_noise_sd`` is its mean over the seeds and
+    ``tie_margin_suggested`` twice that, the definition of ``search.tie_margin``'s defaults
+    (:mod:`nni_effbert.strategies.ties`). None with fewer than 2 archs re-scored.
+    """
+    original = {p["trial"]: float(p["search_score"]) for p in pairs}
+    sds = []
+    for eseed in sorted({r["evaluator_seed"] for r in rescores}):
+        diffs = [float(r["search_score"]) - original[r["trial"]] for r in rescores
+                 if r["evaluator_seed"] == eseed and r["trial"] in original]
+        if len(diffs) >= 2:
+            sds.append(float(np.std(diffs, ddof=1)))
+    sd = float(np.mean(sds)) if sds else None
+    return {"score_noise_sd_by_seed": sds, "score_noise_sd": sd,
+            "tie_margin_suggested": None if sd is None else 2.0 * sd}
+
+
 def _summarise(cfg: ExperimentConfig, setup, experiment, stage, pool_size, plan, steps, sample, seed, pairs, rescores,
                repeat, seeds: Sequence[int]) -> Dict[str, Any]:
     finals = [p["final_score"] for p in pairs]
@@ -397,7 +418,8 @@ def _summarise(cfg: ExperimentConfig, setup, experiment, stage, pool_size, plan,
                              "kendall_tau_vs_final": vs_final["kendall_tau"], "test_retest_by_objective": per_obj})
         taus = [s["test_retest"]["kendall_tau"] for s in per_seed if s["test_retest"]["kendall_tau"] is not None]
         repeat_block.update(per_seed=per_seed, test_retest_kendall_tau_mean=float(np.mean(taus)) if taus else None,
-                            test_retest_kendall_tau_std=float(np.std(taus)) if taus else None)
+                            test_retest_kendall_tau_std=float(np.std(taus)) if taus else None,
+                            **score_noise(pairs, rescores), tie_margin_in_use=cfg.search.tie_margin)
     return {
         "format": FIDELITY_FORMAT,
         "experiment": experiment,
@@ -463,6 +485,10 @@ def _summary_lines(data: Mapping[str, Any]) -> str:
     if rep.get("per_seed"):
         lines.append(f"  test-retest over {rep['repeats']} evaluator seed(s): Kendall tau "
                      f"{_f(rep['test_retest_kendall_tau_mean'])} +- {_f(rep['test_retest_kendall_tau_std'])}")
+        if rep.get("tie_margin_suggested") is not None:
+            lines.append(f"  score noise: {_f(rep['score_noise_sd'], '.4f')} (sd of re-score - score over the archs); "
+                         f"search.tie_margin of about {_f(rep['tie_margin_suggested'], '.4f')} fits this task "
+                         f"(in use: {_f(rep.get('tie_margin_in_use'), '.4f')})")
     return "\n".join(lines)
 
 
@@ -498,8 +524,13 @@ def fidelity_markdown(data: Mapping[str, Any], png_name: Optional[str] = "fideli
     if rep.get("per_seed"):
         lines += [f"Test-retest (the same archs scored again with other evaluator seeds; the ceiling of any "
                   f"strategy on this proxy): Kendall tau {_f(rep['test_retest_kendall_tau_mean'])} ± "
-                  f"{_f(rep['test_retest_kendall_tau_std'])} over {rep['repeats']} seed(s).", "",
-                  "| evaluator seed | tau vs original score | tau of the re-score vs final | per objective |",
+                  f"{_f(rep['test_retest_kendall_tau_std'])} over {rep['repeats']} seed(s).", ""]
+        if rep.get("tie_margin_suggested") is not None:
+            lines += [f"Score noise: the re-score minus the original score varies over the archs with standard "
+                      f"deviation {_f(rep['score_noise_sd'], '.4f')} (a shift shared by every arch removed). Twice "
+                      f"that, {_f(rep['tie_margin_suggested'], '.4f')}, is the `search.tie_margin` that fits this task "
+                      f"and proxy (in use: {_f(rep.get('tie_margin_in_use'), '.4f')}).", ""]
+        lines += ["| evaluator seed | tau vs original score | tau of the re-score vs final | per objective |",
                   "|---:|---:|---:|---|"]
         for s in rep["per_seed"]:
             per = ", ".join(f"{k} {_f(v)}" for k, v in s["test_retest_by_objective"].items())
