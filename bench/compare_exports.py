@@ -60,6 +60,7 @@ def main() -> int:
     import numpy as np
 
     from nni_effbert.config import load_config
+    from nni_effbert.data.metrics import compute_metrics
     from nni_effbert.kd.setup import KDSetup
     from nni_effbert.product.compare import compare_predictions, dev_predictions
     from nni_effbert.stats import format_paired_table
@@ -72,7 +73,7 @@ def main() -> int:
     predictions, per_seed = {}, {}
     for name, dirs in models.items():
         predictions[name] = np.stack([dev_predictions(setup, d) for d in dirs])
-        per_seed[name] = [float(np.mean(row == labels)) for row in predictions[name]] if metric == "accuracy" else None
+        per_seed[name] = [compute_metrics(metric, row, labels)["default"] for row in predictions[name]]
     if any(n == "teacher" for pair in pairs for n in pair):
         predictions["teacher"] = dev_predictions(setup, "teacher")
     comparisons = compare_predictions(predictions, labels, metric, pairs)
@@ -89,8 +90,7 @@ def main() -> int:
           "| model | export folders (one per distill seed) | " + metric + " per seed |", "|---|---|---|"]
     for name, dirs in models.items():
         scores = per_seed[name]
-        md.append(f"| {name} | {', '.join(f'`{d}`' for d in dirs)} | "
-                  + (" / ".join(f"{s:.4f}" for s in scores) if scores else "") + " |")
+        md.append(f"| {name} | {', '.join(f'`{d}`' for d in dirs)} | " + " / ".join(f"{s:.4f}" for s in scores) + " |")
     md += ["", "Paired over the dev rows x the distill seeds (95% bootstrap interval, two-sided permutation p):", "",
            table, ""]
     dest.with_suffix(".md").write_text("\n".join(md))
