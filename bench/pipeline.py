@@ -18,7 +18,9 @@ One dev score on 872 sentences moves by about a point from one distillation to t
 ``--distill-seeds N`` (default 3) distils both students again with ``distill.seed`` = 1 .. N-1
 (fresh exports of the same two architectures from the same supernet, the same budget; the data,
 teacher and search are untouched) and judges the accuracy targets on the mean over seeds, with
-the paired differences, their standard deviation and a paired t-test (scipy).
+the paired differences and their standard deviation. Searched vs baseline (and the teacher vs
+each) is compared paired over the dev rows x the distill seeds: 95% bootstrap interval and
+two-sided permutation p (:mod:`nni_effbert.product.compare`).
 
 Writes ``<out>.json`` (machine, config, rows, per-seed scores and curves, timings, targets),
 ``<out>.md`` (the tables and the verdicts), ``<out>_distill_curves.png`` (dev accuracy during task
@@ -48,10 +50,10 @@ TARGETS = {
 }
 
 
-def seed_summary(seeds):
-    """Mean / std of each student's dev metric over distill seeds and the paired comparison."""
+def seed_summary(seeds, comparison=None):
+    """Mean / std of each student's dev metric over distill seeds; ``comparison`` (the paired
+    searched - baseline :class:`~nni_effbert.stats.PairedResult` over rows x seeds) gives the p-value."""
     import numpy as np
-    from scipy import stats
 
     base = np.array([r["baseline"] for r in seeds], dtype=float)
     searched = np.array([r["searched"] for r in seeds], dtype=float)
@@ -59,12 +61,12 @@ def seed_summary(seeds):
     n = len(seeds)
     out = {"n": n, "baseline_mean": float(base.mean()), "searched_mean": float(searched.mean()),
            "diff_mean": float(diff.mean()), "wins": int((diff > 0).sum()), "ties": int((diff == 0).sum()),
-           "baseline_std": None, "searched_std": None, "diff_std": None, "p_value": None}
+           "baseline_std": None, "searched_std": None, "diff_std": None, "p_value": None, "ci": None}
     if n > 1:
         out.update(baseline_std=float(base.std(ddof=1)), searched_std=float(searched.std(ddof=1)),
                    diff_std=float(diff.std(ddof=1)))
-        if np.any(diff != diff[0]):  # a t-test needs some spread in the differences
-            out["p_value"] = float(stats.ttest_rel(searched, base, alternative="greater").pvalue)
+    if comparison is not None:
+        out.update(p_value=float(comparison.p_value), ci=[float(comparison.ci_low), float(comparison.ci_high)])
     return out
 
 
@@ -115,12 +117,14 @@ def markdown(data) -> str:
         for r in data["seeds"]:
             lines.append(f"| {r['seed']} | {r['baseline']:.4f} | {r['searched']:.4f} | "
                          f"{r['searched'] - r['baseline']:+.4f} |")
-        p = summary["p_value"]
         lines += [f"| mean ± std | {summary['baseline_mean']:.4f} ± {summary['baseline_std']:.4f} | "
                   f"{summary['searched_mean']:.4f} ± {summary['searched_std']:.4f} | "
                   f"{summary['diff_mean']:+.4f} ± {summary['diff_std']:.4f} |", "",
-                  f"Searched ahead on {summary['wins']} of {summary['n']} seeds; paired t-test (searched > "
-                  f"baseline): p = {'n/a' if p is None else f'{p:.3f}'}. The accuracy targets below use the means.", ""]
+                  f"Searched ahead on {summary['wins']} of {summary['n']} seeds. The accuracy targets below use the "
+                  "means.", ""]
+    if data.get("comparisons_md"):
+        lines += ["Paired over the dev rows x the distill seeds (95% bootstrap interval, two-sided permutation p):", "",
+                  data["comparisons_md"], ""]
     lines += ["| target | measured | met |", "|---|---:|:---:|"]
     for name, v in data["targets"].items():
         lines.append(f"| {v['target']} | {v['value']:.4f} | {'yes' if v['met'] else 'no'} |")
@@ -198,17 +202,12 @@ def main():
 
     info = machine_info()
     cfg = load_config(args.config, args.set)
-    # every nnictl trial must read the same settings: write the effective config into the work dir
-    import yaml
-
-    from nni_effbert.config import apply_overrides
-    raw = yaml.safe_load(Path(args.config).read_text())
-    apply_overrides(raw, args.set)
-    raw["workdir"] = cfg.workdir
+    # Every nnictl trial must read the same settings: the effective config goes into the work dir,
+    # saved with absolute paths (the config's relative ones would resolve against the work dir).
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     effective = workdir / "bench_pipeline.yml"
-    effective.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg.save(effective)
     cfg = load_config(effective)
 
     started = time.perf_counter()
@@ -226,7 +225,17 @@ def main():
     if args.distill_seeds > 1:
         out.timings["more distill seeds"] = time.perf_counter() - seed_started
         total = time.perf_counter() - started
-    summary = seed_summary(seeds)
+    import numpy as np
+
+    from nni_effbert.product.compare import compare_predictions, dev_predictions
+    from nni_effbert.stats import format_paired_table
+
+    predictions = {"teacher": dev_predictions(setup, "teacher")}
+    for role in ("searched", "baseline"):
+        predictions[role] = np.stack([dev_predictions(setup, r[f"{role}_dir"]) for r in seeds])
+    comparisons = compare_predictions(predictions, np.asarray(setup.task.dev["labels"]), setup.task.spec.metric,
+                                      [("searched", "baseline"), ("teacher", "searched"), ("teacher", "baseline")])
+    summary = seed_summary(seeds, comparisons[0])
     data = {
         "machine": info, "load_end": load_now(), "config": args.config, "overrides": args.set,
         "command": command.strip(), "experiment": out.experiment_id,
@@ -236,7 +245,8 @@ def main():
         "rows": rows, "baseline_difference": out.report.baseline_difference,
         "searched_trial": out.export.trial, "report": str(out.report.result.report),
         "counts": out.report.result.counts, "timings": out.timings, "total_s": total,
-        "seeds": seeds, "seed_summary": summary,
+        "seeds": seeds, "seed_summary": summary, "comparisons": [c.to_dict() for c in comparisons],
+        "comparisons_md": format_paired_table(comparisons, setup.task.spec.metric),
         "targets": verdicts(rows, summary if len(seeds) > 1 else None),
     }
     dest = Path(args.out)
