@@ -131,7 +131,7 @@ def main() -> int:
     else:
         experiment = run_pipeline(cfg, effective, port=args.port, search_only=True).experiment_id
     setup = KDSetup.from_config(cfg, progress=False)
-    seeds, matched, baseline_note = [], None, None
+    seeds, matched, baseline_note, searched_arch = [], None, None, None
     predictions = {"teacher": dev_predictions(setup, "teacher"), "searched": [], "baseline": []}
     for k in range(args.distill_seeds):
         seed = int(cfg.distill.seed if cfg.distill.seed is not None else cfg.seed) + k
@@ -140,15 +140,17 @@ def main() -> int:
                           evaluator=KDEvaluator(scfg, setup=setup), force=True)  # afresh on purpose
         searched = run_distill(scfg, exp.path, setup=setup)
         if matched is None:  # one baseline for all seeds (chosen on the first): the seeds pair the same two archs
-            matched = choose_latency_baseline(scfg, exp.path, name=f"baseline-lat-seed{seed}", setup=setup)
-            if args.baseline == "reference" or matched.arch == dict(exp.arch):
-                if args.baseline == "matched":
+            searched_arch = dict(exp.arch)
+            if args.baseline == "matched":
+                matched = choose_latency_baseline(scfg, exp.path, name=f"baseline-lat-seed{seed}", setup=setup)
+                if matched.arch == searched_arch:
                     baseline_note = (f"the latency-matched BERT MLP (width {matched.width}, stack 1) is the searched "
                                      "arch itself; compared with the budget's reference instead")
                     print(baseline_note, flush=True)
+            if args.baseline == "reference" or baseline_note:
                 matched = LatencyBaselineChoice(arch=reference_arch, width=max(space.config.widths),
                                                 predicted_ms=float(b_ms),
-                                                target_predicted_ms=float(table.predict(dict(exp.arch))))
+                                                target_predicted_ms=float(table.predict(searched_arch)))
         base, matched = ensure_latency_baseline(scfg, exp.path, name=f"baseline-lat-seed{seed}", setup=setup,
                                                 choice=matched)
         seeds.append({"seed": seed, "searched": searched.dev_metric, "baseline": base.dev_metric,
@@ -157,8 +159,7 @@ def main() -> int:
               f"(width {matched.width}) {base.dev_metric:.4f}", flush=True)
         predictions["searched"].append(dev_predictions(setup, exp.path))
         predictions["baseline"].append(dev_predictions(setup, base.path))
-    from nni_effbert.product.loader import load_exported
-    seeds_arch = dict(load_exported(seeds[0]["searched_dir"]).arch)
+    searched_layers = space.describe(searched_arch)
     s_ms, b_meas = interleaved_latency([seeds[0]["searched_dir"], seeds[0]["baseline_dir"]], settings)
     s_dev = [r["searched"] for r in seeds]
     b_dev = [r["baseline"] for r in seeds]
@@ -180,7 +181,7 @@ def main() -> int:
             "baseline": {"kind": "reference" if args.baseline == "reference" or baseline_note else "matched",
                          "width": matched.width,
                          "predicted_ms": matched.predicted_ms, "note": baseline_note},
-            "searched_arch": seeds_arch, "searched_layers": space.describe(seeds_arch),
+            "searched_arch": searched_arch, "searched_layers": searched_layers,
             "comparisons": [c.to_dict() for c in comparisons], "p_value": p_value, "total_s": time.perf_counter() - started,
             "targets": {"ahead_at_equal_latency_p<0.05": ahead, "matches_at_1.25x_lower_latency": faster,
                         "met": bool(ahead or faster)}}
@@ -191,8 +192,8 @@ def main() -> int:
     md = [f"# {label}Search under a latency budget vs the latency-matched BERT-MLP baseline", "",
           f"- {budget[0]}; the budget's reference (BERT MLP, width {max(space.config.widths)}, stack 1) predicted "
           f"{b_ms:.3f} ms; experiment {experiment}",
-          "- searched: " + "; ".join(f"{la['expression']} w{la['width']} s{la['stack']}" for la in space.describe(seeds_arch))
-          + f", predicted {table.predict(seeds_arch):.3f} ms",
+          "- searched: " + "; ".join(f"{la['expression']} w{la['width']} s{la['stack']}" for la in searched_layers)
+          + f", predicted {table.predict(searched_arch):.3f} ms",
           f"- baseline: BERT MLP, width {matched.width}, stack 1, predicted {matched.predicted_ms:.3f} ms"
           + (f" ({baseline_note})" if baseline_note else ""),
           f"- distillation per student and seed: {cfg.distill.general_steps} general + {cfg.distill.task_steps} task "
