@@ -6,7 +6,9 @@ no other module spells a key (``tests/test_params.py`` greps the package for str
 A dict of ``label -> value`` choices plus ``_``-prefixed meta keys written by the progressive
 search (:mod:`nni_effbert.strategies.core`): ``_warmup_stage`` (with ``_warmup_steps`` and
 ``_general_warmup_steps``) marks a stage's warm-up trial; ``_stage``, ``_stage_name``,
-``_stage_kind`` and ``_train_steps`` go with a candidate; ``{"_teacher": true}`` is the trial
+``_stage_kind`` and ``_train_steps`` go with a candidate; ``_rescore_of`` (the search's id of
+the trial whose arch it scores again) marks a re-score with the next evaluator seed, which
+measures the score's own noise (``search.noise_rescores``); ``{"_teacher": true}`` is the trial
 that fine-tunes the teacher before the search (when the work directory has none);
 ``{"_noop": ...}`` is a placeholder (``strategies.nni.broker``); ``_parameter_id`` is in every
 dict the broker serves.
@@ -21,7 +23,7 @@ from .errors import ConfigError
 from .io import read_json_object
 
 __all__ = ["META_PREFIX", "WARMUP_KEY", "WARMUP_STEPS_KEY", "GENERAL_WARMUP_STEPS_KEY", "STAGE_KEY", "STAGE_NAME_KEY",
-           "STAGE_KIND_KEY", "TRAIN_STEPS_KEY", "TEACHER_KEY", "NOOP_KEY", "PARAMETER_ID_KEY", "KNOWN_META",
+           "STAGE_KIND_KEY", "TRAIN_STEPS_KEY", "RESCORE_OF_KEY", "TEACHER_KEY", "NOOP_KEY", "PARAMETER_ID_KEY", "KNOWN_META",
            "teacher_parameters", "warmup_parameters", "candidate_parameters", "placeholder_parameters",
            "with_parameter_id", "without_parameter_id", "is_meta", "arch_part", "split_parameters", "stage_of",
            "stage_name", "placeholder_reason", "is_warmup", "is_teacher", "is_placeholder", "echoed_ids",
@@ -44,6 +46,9 @@ STAGE_NAME_KEY = "_stage_name"
 STAGE_KIND_KEY = "_stage_kind"
 #: KD steps of a candidate (only when the stage sets ``train_steps``).
 TRAIN_STEPS_KEY = "_train_steps"
+#: Present in a re-score's parameters: the search's id of the candidate it scores again, with
+#: evaluator seed + 1 (``search.noise_rescores``); never a new candidate.
+RESCORE_OF_KEY = "_rescore_of"
 #: Present (true) in the parameters of the teacher fine-tuning trial.
 TEACHER_KEY = "_teacher"
 #: Present in a placeholder's parameters: the trial exits at once (``strategies.nni.broker`` serves
@@ -53,7 +58,7 @@ NOOP_KEY = "_noop"
 PARAMETER_ID_KEY = "_parameter_id"
 #: Meta keys the trial understands; other ``_`` keys are ignored (logged at debug level).
 KNOWN_META = frozenset({WARMUP_KEY, WARMUP_STEPS_KEY, GENERAL_WARMUP_STEPS_KEY, STAGE_KEY, STAGE_NAME_KEY,
-                        STAGE_KIND_KEY, TRAIN_STEPS_KEY, TEACHER_KEY, NOOP_KEY, PARAMETER_ID_KEY})
+                        STAGE_KIND_KEY, TRAIN_STEPS_KEY, RESCORE_OF_KEY, TEACHER_KEY, NOOP_KEY, PARAMETER_ID_KEY})
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -79,12 +84,16 @@ def warmup_parameters(stage: int, name: str, kind: str, general_warmup_steps: An
     return params
 
 
-def candidate_parameters(arch: Mapping[str, Any], stage: int, train_steps: Optional[int] = None) -> Dict[str, Any]:
-    """A candidate's parameters: its arch labels, its stage and (when set) its KD steps."""
+def candidate_parameters(arch: Mapping[str, Any], stage: int, train_steps: Optional[int] = None,
+                         rescore_of: Optional[int] = None) -> Dict[str, Any]:
+    """A candidate's parameters: its arch labels, its stage, (when set) its KD steps and, for a
+    re-score, the id of the trial it scores again."""
     params = dict(arch)
     params[STAGE_KEY] = stage
     if train_steps is not None:
         params[TRAIN_STEPS_KEY] = train_steps
+    if rescore_of is not None:
+        params[RESCORE_OF_KEY] = int(rescore_of)
     return params
 
 

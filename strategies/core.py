@@ -15,6 +15,10 @@ Trial parameters (what a trial receives, what the NNI web UI shows) are flat JSO
   ``"_warmup_steps": n`` when the stage sets ``warmup_steps``;
 * candidate: ``{<every arch label>: <value>, "_stage": i}`` plus ``"_train_steps": n`` when the
   stage sets ``train_steps``;
+* re-score (only with ``search.noise_rescores``, after a stage's candidates): a candidate's
+  parameters plus ``"_rescore_of": <trial id>``; the trial scores that arch again with the next
+  evaluator seed. Re-scores measure the stage's tie margin
+  (:func:`~.ties.measured_margin`) and are never ranked, counted against ``trials`` or learned from;
 * teacher (only with ``teacher_trial=True``, before everything else): ``{"_teacher": true}``.
   It fine-tunes the teacher every other trial distils from; nothing else is proposed until it
   succeeded, its metric is never ranked, and its failure ends the search.
@@ -31,13 +35,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 # The wire format (keys, split_parameters) lives in nni_effbert.params; re-exported here.
-from ..params import (STAGE_KEY, TEACHER_KEY, TRAIN_STEPS_KEY, WARMUP_KEY, candidate_parameters, split_parameters,
+from ..params import (RESCORE_OF_KEY, STAGE_KEY, TEACHER_KEY, TRAIN_STEPS_KEY, WARMUP_KEY, candidate_parameters,
+                      split_parameters,
                       teacher_parameters, warmup_parameters)
 from .search_errors import SearchConfigError, SearchFailedError, SearchStateError, WarmupFailedError
 from .sampler import (PartitionSampler, bert_seed_archs, check_budget, check_latency_budget, in_budget,
                       latency_in_budget, random_arch_in_budget)
 from .stages import SearchConfig, Stage
-from .ties import order_with_ties, stage_margin
+from .ties import measured_margin, order_with_ties, stage_margin
 
 __all__ = [
     "Proposal",
@@ -50,6 +55,7 @@ __all__ = [
     "STAGE_KEY",
     "TRAIN_STEPS_KEY",
     "TEACHER_KEY",
+    "RESCORE_OF_KEY",
     "split_parameters",
     "NO_METRIC",
     "UNREPORTED",
@@ -156,6 +162,12 @@ class TrialRecord:
     latency_ms: Optional[float] = None  # predicted latency (with a latency predictor)
     teacher: bool = False  # the teacher fine-tuning trial (also ``warmup``: never a candidate)
     train_steps: Optional[int] = None  # KD fine-tune steps the trial reported (0: a one-shot score)
+    rescore_of: Optional[int] = None  # a re-score of this trial's arch (search.noise_rescores), not a candidate
+
+    @property
+    def candidate(self) -> bool:
+        """A scored candidate of its stage (not a warm-up, the teacher or a re-score)."""
+        return not self.warmup and self.rescore_of is None
 
     @property
     def arch(self) -> Arch:
@@ -293,16 +305,36 @@ class ProgressiveSearch:
             if not stages:
                 return []
             stage = max(stages)
-        ok = [r for r in self._records.values() if r.stage == stage and not r.warmup and r.status == "succeeded"]
-        # Candidates within search.tie_margin of the best tie; the cheapest of them leads (.ties).
-        # One-shot scores (0 fine-tune steps) do not move with the evaluator seed: no margin.
-        planned = self.config.stages[stage].train_steps if stage < len(self.config.stages) else None
-        margin = stage_margin(float(self.config.tie_margin or 0.0),
-                              [r.train_steps if r.train_steps is not None else planned for r in ok])
+        ok = self._succeeded(stage)
+        # Candidates within the stage's tie margin of the best tie; the cheapest of them leads (.ties).
+        margin = self.tie_margin(stage)
         ranked = order_with_ties(ok, score=lambda r: r.score,
                                  cost=lambda r: r.latency_ms if r.latency_ms is not None else r.params_count,
                                  margin=margin, tiebreak=lambda r: r.trial_id)
         return [TrialRecord(**asdict(r)) for r in ranked]
+
+    def _succeeded(self, stage: int) -> List[TrialRecord]:
+        return [r for r in self._records.values() if r.stage == stage and r.candidate and r.status == "succeeded"]
+
+    def _one_shot(self, stage: int, records: Sequence[TrialRecord]) -> bool:
+        """Every candidate was scored without fine-tuning (0 steps): scores without seed noise."""
+        planned = self.config.stages[stage].train_steps if stage < len(self.config.stages) else None
+        return stage_margin(1.0, [r.train_steps if r.train_steps is not None else planned for r in records]) == 0.0
+
+    def rescore_pairs(self, stage: int) -> List[Tuple[float, float]]:
+        """``(score, re-score)`` of the stage's candidates scored again (``search.noise_rescores``)."""
+        scores = {r.trial_id: r.score for r in self._succeeded(stage)}
+        return [(float(scores[r.rescore_of]), float(r.score)) for r in self._records.values()
+                if r.stage == stage and r.rescore_of in scores and r.status == "succeeded"]
+
+    def tie_margin(self, stage: int) -> float:
+        """The tie margin ranking ``stage`` uses: 0 for a one-shot stage (its scores do not move
+        with the evaluator seed); with ``search.noise_rescores``, the one its re-scores measured
+        (:func:`~.ties.measured_margin`, once at least 2 succeeded); else ``search.tie_margin``."""
+        if self._one_shot(stage, self._succeeded(stage)):
+            return 0.0
+        measured = measured_margin(self.rescore_pairs(stage)) if self.config.noise_rescores else None
+        return float(self.config.tie_margin or 0.0) if measured is None else float(measured)
 
     def best(self) -> Optional[TrialRecord]:
         """Best candidate of the latest stage that has results, or None."""
@@ -340,7 +372,10 @@ class ProgressiveSearch:
             running = [r for r in self._records.values() if r.status == "running"]
             if running:
                 return Wait(f"stage {self._stage} ({stage.name}): waiting for {len(running)} running "
-                            f"candidate(s) before the hand-off")
+                            f"trial(s) before the hand-off")
+            target = self._next_rescore()
+            if target is not None:
+                return self._propose_rescore(target)
             self._finish_stage()
         return self._done
 
@@ -358,12 +393,26 @@ class ProgressiveSearch:
             return None
         if any(r.status == "running" for r in self._records.values()):
             return None
+        if self._next_rescore() is not None:
+            return None
         self._finish_stage()
         return self._done
 
     def _issued(self) -> int:
         return sum(1 for r in self._records.values()
-                   if r.stage == self._stage and not r.warmup and r.status != "lost")
+                   if r.stage == self._stage and r.candidate and r.status != "lost")
+
+    def _next_rescore(self) -> Optional[TrialRecord]:
+        """The next candidate of the current stage to score again (``search.noise_rescores``): the
+        best K by score (strictly), each once; None when there is none left (or none planned)."""
+        k = self.config.rescores_of(self.stage)
+        ok = self._succeeded(self._stage)
+        if not k or len(ok) < 2 or self._one_shot(self._stage, ok):
+            return None
+        done = {r.rescore_of for r in self._records.values()
+                if r.stage == self._stage and r.rescore_of is not None and r.status != "lost"}
+        leaders = sorted(ok, key=lambda r: (-r.score, r.trial_id))[:k]
+        return next((r for r in leaders if r.trial_id not in done), None)
 
     def _new_record(self, warmup: bool, parameters: Dict[str, Any], arch: Optional[Arch] = None) -> TrialRecord:
         record = TrialRecord(trial_id=self._next_id, stage=self._stage, warmup=warmup, parameters=parameters)
@@ -392,6 +441,16 @@ class ProgressiveSearch:
         self._warmup[self._stage] = "running"
         logger.info("stage %d (%s): warm-up trial %d proposed", self._stage, stage.name, record.trial_id)
         return Proposal(record.trial_id, self._stage, True, dict(params))
+
+    def _propose_rescore(self, target: TrialRecord) -> Proposal:
+        stage = self.stage
+        params = candidate_parameters(target.arch, self._stage, stage.train_steps, rescore_of=target.trial_id)
+        record = self._new_record(False, params, target.arch)
+        record.rescore_of = target.trial_id
+        logger.info("stage %d (%s): trial %d (score %.6g) re-scored with the next evaluator seed as trial %d, "
+                    "to measure the stage's tie margin", self._stage, stage.name, target.trial_id, target.score,
+                    record.trial_id)
+        return Proposal(record.trial_id, self._stage, False, dict(params))
 
     def _propose_candidate(self, arch: Arch) -> Proposal:
         stage = self.stage
@@ -460,8 +519,7 @@ class ProgressiveSearch:
         return self._fits(arch)
 
     def _results(self) -> Tuple[List[Arch], List[float]]:
-        done = [r for r in self._records.values()
-                if r.stage == self._stage and not r.warmup and r.status == "succeeded"]
+        done = self._succeeded(self._stage)
         done.sort(key=lambda r: r.finish_seq)
         return [r.arch for r in done], [float(r.score) for r in done]
 
@@ -493,8 +551,9 @@ class ProgressiveSearch:
             return
         best = ranked[0]
         self._incumbents.append(best.arch)
-        logger.info("stage %d (%s) done: best trial %d, score %.6g, %d params", self._stage, stage.name,
-                    best.trial_id, best.score, best.params_count)
+        logger.info("stage %d (%s) done: best trial %d, score %.6g, %d params (tie margin %.4g%s)", self._stage,
+                    stage.name, best.trial_id, best.score, best.params_count, self.tie_margin(self._stage),
+                    ", measured" if len(self.rescore_pairs(self._stage)) >= 2 and self.config.noise_rescores else "")
         if self._stage + 1 == len(self.config.stages):
             self._done = Done(f"search finished: best arch of the last stage is trial {best.trial_id} "
                               f"(score {best.score:.6g})")
@@ -620,6 +679,8 @@ class ProgressiveSearch:
                 self._teacher = "pending"
             elif record.warmup:
                 self._warmup[record.stage] = "pending"
+            elif record.rescore_of is not None:
+                pass  # proposed again by _next_rescore
             else:
                 self._seen.discard((record.stage, record.fingerprint))
                 if record.stage == self._stage:

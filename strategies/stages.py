@@ -339,6 +339,16 @@ class SearchConfig:
         ``nni-effbert fidelity --repeat 2`` prints the margin that fits a task.
         A stage scored with ``train_steps: 0`` is always ranked strictly (its scores do not
         move with the evaluator seed; :func:`~nni_effbert.strategies.ties.stage_margin`).
+    noise_rescores : int
+        0 (default): the margin above. K >= 2: the search measures the margin on the task it
+        searches. When a stage's candidates have been scored, its K best (strict ranking) are
+        scored again with the next evaluator seed (K more trials per stage, marked ``_rescore_of``
+        in their parameters, never ranked as candidates), and that stage's margin is twice the
+        standard deviation of (re-score - score) over them
+        (:func:`~nni_effbert.strategies.ties.measured_margin`); ``tie_margin`` stays the fallback
+        when fewer than 2 re-scores succeed. One-shot stages (``train_steps: 0``) are not
+        re-scored. ``export`` reads the same re-scores back from the experiment and picks the
+        same arch.
     warm_worker : bool
         Fork trial processes from a warm worker whose imports are done (default; see
         ``nni_effbert.nas.warm_worker``); false: every trial starts a fresh interpreter.
@@ -358,6 +368,7 @@ class SearchConfig:
     use_active_gpu: bool = False
     max_trials_per_gpu: int = 1
     tie_margin: Optional[float] = None
+    noise_rescores: int = 0
     warm_worker: bool = True
 
     def __post_init__(self) -> None:
@@ -396,6 +407,9 @@ class SearchConfig:
         _need(self.tie_margin is None or (_number(self.tie_margin) and math.isfinite(self.tie_margin)
                                           and self.tie_margin >= 0),
               f"tie_margin must be a number >= 0 (score units) or empty, got {self.tie_margin!r}")
+        _need(_is_int(self.noise_rescores) and (self.noise_rescores == 0 or self.noise_rescores >= 2),
+              f"noise_rescores must be 0 (off) or an int >= 2 (candidates re-scored per stage), got "
+              f"{self.noise_rescores!r}")
 
         self._check_gpus()
 
@@ -448,8 +462,15 @@ class SearchConfig:
         return tuple(self.param_budget) if self.param_budget is not None else None
 
     def total_trials(self) -> int:
-        """Trials of the whole search, warm-ups included (see :meth:`max_trial_jobs` for NNI)."""
-        return sum(s.trials + (1 if s.warmup else 0) for s in self.stages)
+        """Trials of the whole search, warm-ups and re-scores included (at most: a stage with fewer
+        successful candidates re-scores fewer; see :meth:`max_trial_jobs` for NNI)."""
+        return sum(s.trials + (1 if s.warmup else 0) + self.rescores_of(s) for s in self.stages)
+
+    def rescores_of(self, stage: Stage) -> int:
+        """Re-scores planned for ``stage`` (``noise_rescores``; none for a one-shot stage)."""
+        if not self.noise_rescores or stage.train_steps == 0:
+            return 0
+        return min(int(self.noise_rescores), int(stage.trials))
 
     def max_trial_jobs(self, extra: int = 0) -> int:
         """NNI's ``maxTrialNumber`` for this search (plus ``extra`` trials, e.g. the teacher's):

@@ -15,18 +15,26 @@ the task it ran on (``tie_margin_suggested``), to set as ``search.tie_margin``.
 Candidates scored without any fine-tuning (``train_steps: 0``, the one-shot size stage) have no
 such noise: their score is the inherited weights' loss on fixed rows, the same for every
 evaluator seed, so their margin is 0 (:func:`stage_margin`).
+
+A search can also measure the margin itself (``search.noise_rescores: K``): the strategy re-scores
+the K best candidates of each fine-tuned stage with another evaluator seed, and the stage's margin
+is twice the spread of their score differences (:func:`noise_sd`, :func:`measured_margin`), the
+same definition as the defaults and as ``fidelity --repeat``, on the task being searched.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, List, Optional, Sequence, TypeVar
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
-__all__ = ["TIE_MARGINS", "default_tie_margin", "stage_margin", "order_with_ties"]
+__all__ = ["TIE_MARGINS", "NOISE_FACTOR", "default_tie_margin", "stage_margin", "noise_sd", "measured_margin",
+           "order_with_ties"]
 
 T = TypeVar("T")
 
 #: Default ``search.tie_margin`` per ``evaluator.objective`` (score units of that objective).
 TIE_MARGINS = {"kd": 0.022, "kd_pred": 0.014, "metric": 0.012}
+#: A margin is this many standard deviations of (re-score - score), the shared shift removed.
+NOISE_FACTOR = 2.0
 
 
 def default_tie_margin(objective: str) -> float:
@@ -48,6 +56,27 @@ def stage_margin(margin: float, train_steps: Iterable[Optional[int]]) -> float:
     if steps and all(s is not None and int(s) == 0 for s in steps):
         return 0.0
     return float(margin)
+
+
+def noise_sd(differences: Sequence[float]) -> Optional[float]:
+    """The spread of one arch's score relative to another's, from re-scores.
+
+    ``differences`` are (re-score - score) of several archs, each re-scored with the same other
+    evaluator seed. A shift all of them share cannot change a ranking and is removed: the result
+    is their sample standard deviation (``ddof=1``). None with fewer than 2 differences.
+    """
+    values = [float(d) for d in differences]
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def measured_margin(pairs: Iterable[Tuple[float, float]]) -> Optional[float]:
+    """The tie margin measured from ``(score, re-score)`` pairs: :data:`NOISE_FACTOR` times
+    :func:`noise_sd` of their differences; None with fewer than 2 pairs."""
+    sd = noise_sd([rescore - score for score, rescore in pairs])
+    return None if sd is None else NOISE_FACTOR * sd
 
 
 def order_with_ties(items: Sequence[T], score: Callable[[T], float], cost: Callable[[T], Optional[float]],

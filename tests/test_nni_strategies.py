@@ -239,7 +239,10 @@ def test_nni_strategy_scores_trials_with_the_workdir_warmup(warm, strategy, tmp_
             assert json.loads((folder / "arch.json").read_text()) == best["arch"]
             meta = json.loads((folder / "export_meta.json").read_text())["extra"]
             assert meta["experiment"] == exp_id and meta["supernet_experiment"] is None
-            assert meta["tie_margin"] == margin
+            # the margin that ranked the stage: search.tie_margin, 0 for one-shot scores (no re-scores here)
+            from nni_effbert.nas.ranking import stage_tie_margin
+            assert meta["tie_margin"] == stage_tie_margin(scored, best["stage"], margin)
+            assert meta["tie_margin_rescores"] == 0
             md = (folder / "architecture.md").read_text()
             assert all(d["expression"] in md for d in space.describe(best["arch"]))
     finally:

@@ -84,6 +84,9 @@ def test_written_parameters_read_back():
     assert arch == {"layer0_width": 3} and meta == {wire.STAGE_KEY: 2, wire.TRAIN_STEPS_KEY: 5}
     assert stage_of(cand) == 2 and not is_warmup(cand)
     assert wire.TRAIN_STEPS_KEY not in candidate_parameters({}, 0)
+    again = candidate_parameters({"layer0_width": 3}, 2, train_steps=5, rescore_of=4)
+    assert split_parameters(again)[0] == arch and int_meta(again, wire.RESCORE_OF_KEY) == 4
+    assert wire.RESCORE_OF_KEY not in cand
 
     served = with_parameter_id(cand, 7)
     assert echoed_ids(served) == {"parameter_id": 7} and without_parameter_id(served) == cand
@@ -91,7 +94,7 @@ def test_written_parameters_read_back():
     assert is_teacher(teacher_parameters()) and echoed_ids(teacher_parameters()) == {}
     noop = placeholder_parameters(9, "drain")
     assert is_placeholder(noop) and placeholder_reason(noop) == "drain" and echoed_ids(noop) == {"parameter_id": 9}
-    every = {**warm, **served, **teacher_parameters(), **noop, wire.STAGE_KIND_KEY: "x"}
+    every = {**warm, **served, **again, **teacher_parameters(), **noop, wire.STAGE_KIND_KEY: "x"}
     assert set(split_parameters(every)[1]) == KNOWN_META
 
 

@@ -87,3 +87,48 @@ def test_search_python_runs_nas_experiment(tmp_path, base_teacher, glue_dir, cap
             subprocess.run([sys.executable, "-m", "nni.tools.nnictl.nnictl", "experiment", "delete", found.group(1)],
                            env=env, input="y\n", capture_output=True, text=True, timeout=120)
         shutil.rmtree(work / "nni-experiments", ignore_errors=True)
+
+
+def test_search_python_measures_its_tie_margin_with_noise_rescores(tmp_path, base_teacher, glue_dir):  # noqa: F811
+    """``search.noise_rescores: 2`` through the real NNI manager: after 3 candidates the 2 best are
+    scored again with evaluator seed + 1 (their metric says ``rescore_of``), trials.json keeps them
+    apart from the candidates, and ``export --experiment`` ranks with the margin they measured."""
+    from nni_effbert import cli
+    from nni_effbert.nas.ranking import best_trial, rescore_pairs
+    from nni_effbert.nas.records import is_rescore, is_scored, normalize_trial
+    from nni_effbert.strategies.ties import measured_margin
+
+    work = tmp_path / "work"
+    sets = [f"--set={s}" for s in (f"workdir={work}", f"teacher.model={base_teacher}", f"task.data_dir={glue_dir}",
+                                   "evaluator.latency_repeats=1", "evaluator.train_steps=3", "search.noise_rescores=2",
+                                   "search.stages=[{name: coarse, kind: joint, trials: 3, warmup_steps: 2}]")]
+    assert cli.main(["teacher", "-q", "-c", TINY, *sets]) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NNI_")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "nni_effbert.cli", "search", "-q", "-c", TINY, *sets, "--python",
+                           "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    found = re.search(r"NAS experiment (\w+)", proc.stdout)
+    try:
+        assert proc.returncode == 0 and found, proc.stdout[-3000:] + proc.stderr[-3000:]
+        trials = [normalize_trial(t) for t in json.loads((work / "trials.json").read_text())["trials"]]
+        cands = [t for t in trials if is_scored(t)]
+        again = [t for t in trials if is_rescore(t)]
+        assert len(cands) == 3 and len(again) == 2, [(t["status"], t["rescore_of"]) for t in trials]
+        leaders = sorted(cands, key=lambda t: -t["metric"])[:2]
+        assert sorted(json.dumps(t["arch"], sort_keys=True) for t in again) == sorted(
+            json.dumps(t["arch"], sort_keys=True) for t in leaders)
+        base = {t["final"]["evaluator_seed"] for t in cands}
+        assert len(base) == 1 and {t["final"]["evaluator_seed"] for t in again} == {base.pop() + 1}
+        pairs = rescore_pairs(trials, 0)
+        assert len(pairs) == 2
+        assert cli.main(["export", "-q", "-c", str(work / "config.yml"), "--experiment", found.group(1)]) == 0
+        folder = work / "exports" / "searched"
+        meta = json.loads((folder / "export_meta.json").read_text())["extra"]
+        assert meta["tie_margin_rescores"] == 2 and meta["tie_margin"] == pytest.approx(measured_margin(pairs))
+        assert json.loads((folder / "arch.json").read_text()) == best_trial(trials, tie_margin=0.5)["arch"]
+    finally:
+        if found:
+            subprocess.run([sys.executable, "-m", "nni.tools.nnictl.nnictl", "experiment", "delete", found.group(1)],
+                           env=env, input="y\n", capture_output=True, text=True, timeout=120)
+        shutil.rmtree(work / "nni-experiments", ignore_errors=True)

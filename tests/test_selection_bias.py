@@ -13,7 +13,9 @@ from nni_effbert.search_spaces.supernet import REFERENCE_EXPRESSION
 from nni_effbert.strategies.core import ProgressiveSearch, Proposal
 from nni_effbert.strategies.sampler import balanced_arch
 from nni_effbert.strategies.stages import SearchConfig, Stage
-from nni_effbert.strategies.ties import TIE_MARGINS, order_with_ties, stage_margin
+from nni_effbert.strategies.core import Done
+from nni_effbert.strategies.search_errors import SearchConfigError
+from nni_effbert.strategies.ties import TIE_MARGINS, measured_margin, noise_sd, order_with_ties, stage_margin
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +162,79 @@ def test_tie_margin_defaults_to_the_objective_s_repeatability(tmp_path):
         load_config(cfg_file, ["search.tie_margin=-0.1"])
 
 
+# -- the margin the search measures itself (search.noise_rescores) -------------------------------
+
+
+def test_measured_margin_is_twice_the_spread_of_the_score_differences():
+    assert noise_sd([0.01]) is None and measured_margin([(1.0, 1.1)]) is None
+    assert noise_sd([0.01, 0.03]) == pytest.approx(np.std([0.01, 0.03], ddof=1))
+    # A shift every re-score shares cannot change a ranking: no margin from it.
+    assert measured_margin([(-1.0, -0.5), (-2.0, -1.5), (-3.0, -2.5)]) == pytest.approx(0.0)
+    assert measured_margin([(-1.0, -1.02), (-1.01, -1.0)]) == pytest.approx(2 * np.std([-0.02, 0.01], ddof=1))
+
+
+def _rescored_stage(space, rescores):
+    """One fine-tuned stage of 4 candidates with noise_rescores=2 and a fallback margin of 0: the
+    dearer of the two leaders scored 0.010 above the cheaper; ``rescores`` maps "dear" / "cheap" to
+    their re-scores. Returns the search, the proposals by name and the re-score proposals."""
+    cfg = SearchConfig(stages=[Stage("coarse", "joint", trials=4, train_steps=60)], tie_margin=0.0, noise_rescores=2)
+    search = ProgressiveSearch(space, cfg, latency_fn=lambda arch: space.count_params(arch) / 1e5)
+    search.tell(search.ask().trial_id, None)  # the warm-up
+    cands = [search.ask() for _ in range(4)]
+    assert all(isinstance(c, Proposal) and "_rescore_of" not in c.parameters for c in cands)
+    cands.sort(key=lambda p: space.count_params(p.arch))
+    named = {"cheap": cands[0], "dear": cands[3], "low1": cands[1], "low2": cands[2]}
+    scores = {"dear": -1.000, "cheap": -1.010, "low1": -1.2, "low2": -1.3}
+    for name, prop in named.items():
+        search.tell(prop.trial_id, {"default": scores[name], "train_steps": 60})
+    again = []
+    while isinstance(action := search.ask(), Proposal):
+        again.append(action)
+        of = action.parameters["_rescore_of"]
+        name = next(n for n, p in named.items() if p.trial_id == of)
+        search.tell(action.trial_id, {"default": rescores[name], "train_steps": 60, "rescore_of": of})
+    assert isinstance(action, Done) and not action.failed
+    return search, named, again
+
+
+def test_the_search_rescores_its_two_leaders_and_ties_within_the_margin_they_measure(space):
+    # The two leaders' scores move in opposite directions on the next seed (by -0.020 and +0.010):
+    # the measured margin (0.042) covers their 0.010 gap, and the cheaper one is chosen.
+    search, named, again = _rescored_stage(space, {"dear": -1.020, "cheap": -1.000})
+    assert sorted(p.parameters["_rescore_of"] for p in again) == sorted(
+        [named["dear"].trial_id, named["cheap"].trial_id])
+    assert all(p.arch == next(n for n in named.values() if n.trial_id == p.parameters["_rescore_of"]).arch
+               for p in again)
+    assert search.tie_margin(0) == pytest.approx(2 * np.std([-0.020, 0.010], ddof=1))
+    assert [r.trial_id for r in search.ranking(0)][0] == named["cheap"].trial_id
+    assert len(search.ranking(0)) == 4  # re-scores are never ranked as candidates
+    # Both shift by the same +0.010: no noise between them, a margin of 0, the best score wins.
+    search, named, _ = _rescored_stage(space, {"dear": -0.990, "cheap": -1.000})
+    assert search.tie_margin(0) == pytest.approx(0.0)
+    assert search.ranking(0)[0].trial_id == named["dear"].trial_id
+
+
+def test_export_ranks_with_the_margin_the_re_scores_measured(space):
+    """nas.ranking.best_trial (export's pick, from NNI's records) pairs each re-score with the
+    candidate of the same arch and picks what the search picked."""
+    for rescores, winner in (({"dear": -1.020, "cheap": -1.000}, "cheap"), ({"dear": -0.990, "cheap": -1.000}, "dear")):
+        search, named, _ = _rescored_stage(space, rescores)
+        trials = [{"trial_id": f"t{r.trial_id}", "status": "SUCCEEDED", "metric": r.score, "stage": 0,
+                   "arch": r.arch, "latency_ms": r.latency_ms, "rescore_of": r.rescore_of,
+                   "final": {"train_steps": 60}} for r in search.records if not r.warmup]
+        assert len(trials) == 6
+        assert best_trial(trials, tie_margin=0.0)["trial_id"] == f"t{named[winner].trial_id}"
+        assert best_trial(trials, tie_margin=0.0)["trial_id"] == f"t{search.ranking(0)[0].trial_id}"
+
+
+def test_no_rescores_for_a_one_shot_stage_and_a_one_line_error_for_one(space):
+    cfg = SearchConfig(stages=[Stage("coarse", "joint", trials=3), Stage("size", "size", trials=5, train_steps=0)],
+                       noise_rescores=2)
+    assert cfg.total_trials() == (3 + 1 + 2) + (5 + 1)
+    with pytest.raises(SearchConfigError, match="noise_rescores"):
+        SearchConfig(noise_rescores=1)
+
+
 # -- the report's mark -------------------------------------------------------------------------
 
 
@@ -176,3 +251,18 @@ def test_report_marks_a_student_that_kept_the_reference_expression(space):
     teacher = {"name": "teacher", "role": "teacher", "dev_metric": 0.9, "params": 2, "non_embedding_params": 2,
                "latency_ms": 2.0}
     assert "reference expression" in format_table([teacher, row])
+
+
+def test_a_re_score_read_back_from_nni_is_neither_a_candidate_nor_a_failure():
+    from nni_effbert.nas.records import _trial_from_nni, is_failed, is_rescore, is_scored
+
+    # nnictl: the parameters carry _rescore_of; NasExperiment: only the final metric does.
+    for params, final in (({"w": 1, "_stage": 0, "_rescore_of": 3}, {"default": -1.0, "rescore_of": 3}),
+                          ({"w": 1}, {"default": -1.0, "stage": 0, "rescore_of": 3})):
+        trial = _trial_from_nni("ab", "SUCCEEDED", 5, params, final, None)
+        assert trial["rescore_of"] == 3 and trial["stage"] == 0 and trial["status"] == "SUCCEEDED"
+        assert is_rescore(trial) and not is_scored(trial) and not is_failed(trial)
+    plain = _trial_from_nni("cd", "SUCCEEDED", 6, {"w": 1, "_stage": 0}, {"default": -1.0}, None)
+    assert is_scored(plain) and not is_rescore(plain)
+    broken = _trial_from_nni("ef", "SUCCEEDED", 7, {"w": 1, "_stage": 0, "_rescore_of": 3}, {"default": None}, None)
+    assert is_failed(broken) and not is_rescore(broken)

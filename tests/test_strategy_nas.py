@@ -128,6 +128,22 @@ def test_strategy_state_dict_resume_continues_without_repeating():
     assert len(engine.list_models()) + len(engine2.list_models()) == 44
 
 
+def test_noise_rescores_reach_the_evaluator_through_model_sample():
+    """search.noise_rescores under NasExperiment's engine: the re-scores are models like any other,
+    their sample carries ``_rescore_of``, and they are neither ranked nor counted as candidates."""
+    seen = []
+    strategy = ProgressiveStrategy(search=SearchConfig(param_budget=BUDGET, stages=STAGES, seed=1, noise_rescores=3))
+    engine, _ = run_strategy(strategy, seen)
+    assert strategy.search.done is not None and not strategy.search.done.failed
+    again = [m for m in seen if "_rescore_of" in m]
+    assert sorted(m["_stage"] for m in again) == [0, 0, 0, 1, 1, 1]  # the one-shot stage 2: none
+    assert len(list(engine.list_models())) == 44 + 6
+    records = strategy.search.records
+    ranked = {r.trial_id for s in range(3) for r in strategy.search.ranking(s)}
+    assert not ranked & {r.trial_id for r in records if r.rescore_of is not None}
+    assert all(strategy.search.tie_margin(s) >= 0 for s in (0, 1)) and strategy.search.tie_margin(2) == 0
+
+
 def test_checkpoint_fn_sees_every_recorded_result():
     """What ``search --python`` saves after each result: the state then holds that result, so a
     search killed outright resumes from its last finished trial."""

@@ -177,6 +177,28 @@ def test_search_ends_when_its_last_results_arrive_after_nni_stopped_asking(tmp_p
     assert state["search"]["done"]["cause"] == "finished"
 
 
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_noise_rescores_run_as_jobs_within_max_trial_number(tmp_path, concurrency):
+    """search.noise_rescores: 2 re-scores per fine-tuned stage are served as trial jobs with
+    ``_rescore_of``, inside maxTrialNumber = total_trials(), and the search still ends."""
+    search = {**SEARCH, "noise_rescores": 2}
+    total = SearchConfig.from_dict(search).total_trials()
+    assert total == TOTAL + 4  # stages 0 and 1; the one-shot size stage is not re-scored
+    adv = make_advisor(tmp_path, search=search)
+    manager = FakeManager(adv, concurrency, TableObjective(adv.broker.search.space), max_trials=total)
+    manager.run()
+    assert len(manager.started) == total and not manager.running
+    assert adv.broker.done is not None and not adv.broker.done.failed
+    params = [arch_of(t) for t in manager.started]
+    again = [p for p in params if "_rescore_of" in p]
+    assert sorted(p["_stage"] for p in again) == [0, 0, 1, 1]
+    records = {r.trial_id: r for r in adv.broker.search.records}
+    for p in again:  # the arch of a stage-leading candidate of the same stage
+        target = records[p["_rescore_of"]]
+        assert target.rescore_of is None and target.stage == p["_stage"]
+        assert {k: v for k, v in p.items() if not k.startswith("_")} == target.arch
+
+
 def test_advisor_failed_warmup_stops_the_experiment_with_the_reason(tmp_path):
     adv = make_advisor(tmp_path)
     manager = FakeManager(adv, 2, TableObjective(adv.broker.search.space),

@@ -194,6 +194,23 @@ def test_a_one_shot_score_does_not_move_with_the_evaluator_seed(cfg, setup, stag
     assert scores[0] == scores[1]
 
 
+def test_a_rescore_fine_tunes_with_the_next_evaluator_seed(cfg, setup, stage0):
+    """A re-score (``_rescore_of``, search.noise_rescores) is the same arch scored as if
+    evaluator.seed were one higher, and its metric says which trial it scores again."""
+    from nni_effbert.nas.trial_runner import run_parameters
+
+    arch = setup.space.random_arch(np.random.default_rng(9))
+    base = cfg.seed if cfg.evaluator.seed is None else cfg.evaluator.seed
+    params = {**arch, "_stage": 0, "_train_steps": 4}
+    first = run_parameters(cfg, params, report=False, progress=False, setup=setup)
+    again = run_parameters(cfg, {**params, "_rescore_of": 3}, report=False, progress=False, setup=setup)
+    shifted = KDEvaluator(dataclasses.replace(cfg, evaluator=dataclasses.replace(cfg.evaluator, seed=base + 1)),
+                          stage=0, report=False, progress=False, setup=setup).evaluate(arch, train_steps=4)
+    assert first["evaluator_seed"] == base and "rescore_of" not in first
+    assert again["evaluator_seed"] == base + 1 and again["rescore_of"] == 3 and again["train_steps"] == 4
+    assert again["default"] == pytest.approx(shifted["default"], abs=1e-6)
+
+
 def test_nni_functional_evaluator_inherits_from_checkpoint(cfg, setup, stage0, monkeypatch):
     evaluator = KDEvaluator(cfg, stage=0, report=False, progress=False, setup=setup)
     scored = []
@@ -230,7 +247,10 @@ def test_nni_functional_evaluator_inherits_from_checkpoint(cfg, setup, stage0, m
     probe = StageAwareEvaluator(lambda model, **kw: seen.update(kw, arch=model.arch) or 1.0, config={}, stage=None,
                                 train_steps=None)
     probe._execute(Frozen())
-    assert seen["stage"] == 0 and seen["train_steps"] == 0 and seen["arch"] == arch
+    assert seen["stage"] == 0 and seen["train_steps"] == 0 and seen["arch"] == arch and "rescore_of" not in seen
+    Frozen.sample = {**arch, "_stage": 0, "_train_steps": 0, "_rescore_of": 5}
+    probe._execute(Frozen())
+    assert seen["rescore_of"] == 5
 
 
 def test_evaluator_stage_checkpoint_rules(cfg, setup, stage0, caplog):

@@ -352,7 +352,7 @@ class KDEvaluator:
             raise ArchError(f"invalid architecture: {exc}") from None
 
     def evaluate(self, arch: Mapping[str, Any], *, stage: Optional[int] = None, train_steps: Optional[int] = None,
-                 trial_id: Optional[str] = None) -> Dict[str, Any]:
+                 trial_id: Optional[str] = None, rescore_of: Optional[int] = None) -> Dict[str, Any]:
         """Score ``arch`` and report it to NNI.
 
         Parameters
@@ -365,6 +365,10 @@ class KDEvaluator:
             Overrides the KD budget (``0``: score inherited weights).
         trial_id : str, optional
             Name of the record folder ``trials/<id>/``; default the NNI trial id.
+        rescore_of : int, optional
+            This evaluation scores again the arch of the search's trial ``rescore_of``
+            (``_rescore_of``, ``search.noise_rescores``): its KD fine-tune uses the next evaluator
+            seed, and the result says so (``rescore_of``).
 
         Returns
         -------
@@ -372,7 +376,8 @@ class KDEvaluator:
             The final metric dict: ``default`` (the ``evaluator.objective`` on the search split),
             ``objective``, ``search_metric`` (+ ``search_<component>``), ``search_kd_loss``,
             ``search_kd_pred_loss`` (+ attention / hidden terms), ``search_rows``, ``params``, ``non_embedding_params``, ``latency_ms``, ``expressions``, ``widths``,
-            ``stacks``, ``stage``, ``train_steps``, ``inherited_from``, ``seconds``.
+            ``stacks``, ``stage``, ``train_steps``, ``evaluator_seed``, ``inherited_from``, ``seconds``
+            (and ``rescore_of`` for a re-score).
 
         Raises
         ------
@@ -392,7 +397,9 @@ class KDEvaluator:
         try:
             inherited = self.load_stage(stage)
             stage = self._loaded_stage
-            result = self._score(arch, stage, steps, inherited)
+            result = self._score(arch, stage, steps, inherited, seed_offset=0 if rescore_of is None else 1)
+            if rescore_of is not None:
+                result["rescore_of"] = int(rescore_of)
         except TrialFailure as exc:
             _write_record(record, {"status": "failed", "reason": str(exc), "arch": arch, "stage": stage})
             raise
@@ -415,9 +422,11 @@ class KDEvaluator:
             raise ArchError(f"expected an EfficientBertModel with an .arch dict, got {type(model).__name__}")
         return self.evaluate(arch, **kwargs)
 
-    def _score(self, arch: Dict[str, Any], stage: int, steps: int, inherited: str) -> Dict[str, Any]:
+    def _score(self, arch: Dict[str, Any], stage: int, steps: int, inherited: str,
+               seed_offset: int = 0) -> Dict[str, Any]:
         setup, cfg = self.setup, self.cfg
         ev = cfg.evaluator
+        seed = (cfg.seed if ev.seed is None else ev.seed) + int(seed_offset)
         space = setup.space
         try:
             student = space.subnet(arch)
@@ -443,7 +452,6 @@ class KDEvaluator:
 
         loss = None
         if steps > 0:
-            seed = cfg.seed if ev.seed is None else ev.seed
             settings = TrainSettings(
                 steps=steps, learning_rate=ev.learning_rate, batch_size=ev.batch_size, seed=seed,
                 eval_interval=ev.eval_interval, desc=f"KD stage {stage}", progress=self.progress,
@@ -478,6 +486,7 @@ class KDEvaluator:
         result["stacks"] = [int(layer["stack"]) for layer in described]
         result["stage"] = stage
         result["train_steps"] = steps
+        result["evaluator_seed"] = seed
         if loss is not None:
             result["kd_loss"] = loss
         result["inherited_from"] = inherited
@@ -604,7 +613,8 @@ _EVALUATORS: Dict[str, KDEvaluator] = {}
 
 
 def evaluate_nni_model(model, config: Mapping[str, Any], stage: Optional[int] = None,
-                       train_steps: Optional[int] = None, supernet: Any = None) -> Dict[str, Any]:
+                       train_steps: Optional[int] = None, supernet: Any = None,
+                       rescore_of: Optional[int] = None) -> Dict[str, Any]:
     """Evaluation function of :meth:`KDEvaluator.as_nni_evaluator` (module level, so NNI can
     serialise it): scores ``model.arch`` with the supernet the evaluator was told
     (``supernet``, see :func:`~.supernets.supernet_source`) and reports it to NNI, with the arch
@@ -615,4 +625,4 @@ def evaluate_nni_model(model, config: Mapping[str, Any], stage: Optional[int] = 
         evaluator = _EVALUATORS[key] = KDEvaluator(config, stage, supernet=supernet)
     arch = getattr(model, "arch", None)
     evaluator.reported_extra["arch"] = dict(arch) if isinstance(arch, Mapping) else None
-    return evaluator.evaluate_model(model, train_steps=train_steps)
+    return evaluator.evaluate_model(model, train_steps=train_steps, rescore_of=rescore_of)

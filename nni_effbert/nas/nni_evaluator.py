@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 from nni.nas.evaluator import FunctionalEvaluator
 
-from ..params import STAGE_KEY, TRAIN_STEPS_KEY
+from ..params import RESCORE_OF_KEY, STAGE_KEY, TRAIN_STEPS_KEY
 
 __all__ = ["StageAwareEvaluator", "PROGRESSIVE_SAMPLE_KEY"]
 
@@ -19,7 +19,7 @@ PROGRESSIVE_SAMPLE_KEY = STAGE_KEY
 
 
 class StageAwareEvaluator(FunctionalEvaluator):
-    """``FunctionalEvaluator`` that passes a sample's ``_stage`` and ``_train_steps`` on, and
+    """``FunctionalEvaluator`` that passes a sample's ``_stage``, ``_train_steps`` and ``_rescore_of`` on, and
     tells every trial which supernet it inherits from.
 
     NNI hands a functional evaluator only the instantiated model; the progressive strategy
@@ -62,4 +62,6 @@ class StageAwareEvaluator(FunctionalEvaluator):
             kwargs["stage"] = int(sample[STAGE_KEY])
         if sample.get(TRAIN_STEPS_KEY) is not None:
             kwargs["train_steps"] = int(sample[TRAIN_STEPS_KEY])
+        if sample.get(RESCORE_OF_KEY) is not None:
+            kwargs["rescore_of"] = int(sample[RESCORE_OF_KEY])
         return self.function(model.executable_model(), **kwargs)

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from nni_effbert.strategies import ProgressiveStrategy
-from nni_effbert.params import STAGE_KEY, split_parameters
+from nni_effbert.params import RESCORE_OF_KEY, STAGE_KEY, split_parameters
 
 from ..config import ExperimentConfig, save_experiment_config
 from ..errors import CheckpointError, EffBertError
@@ -41,8 +41,9 @@ __all__ = ["run_python"]
 logger = logging.getLogger(__name__)
 
 def _trial_results(wd: WorkDir, trial_ids: Optional[set] = None) -> Dict[Tuple[str, Any], Tuple[str, Dict[str, Any]]]:
-    """``(arch JSON, stage) -> (NNI trial id, metric dict)`` from the evaluator's records
-    (``trials/<id>/result.json``; only those of ``trial_ids`` when given), newest last so that it wins."""
+    """``(arch JSON, stage, rescore_of) -> (NNI trial id, metric dict)`` from the evaluator's records
+    (``trials/<id>/result.json``; only those of ``trial_ids`` when given), newest last so that it wins.
+    ``rescore_of`` is None for a candidate and the search's trial id for a re-score of it."""
     found: Dict[Tuple[str, Any], Tuple[str, Dict[str, Any]]] = {}
     paths = sorted(wd.trials_dir.glob("*/result.json"), key=lambda p: p.stat().st_mtime) \
         if wd.trials_dir.is_dir() else []
@@ -55,7 +56,8 @@ def _trial_results(wd: WorkDir, trial_ids: Optional[set] = None) -> Dict[Tuple[s
             continue
         result = rec.get("result") if isinstance(rec, dict) else None
         if rec.get("status") == "succeeded" and isinstance(result, dict) and isinstance(rec.get("arch"), dict):
-            found[(json.dumps(rec["arch"], sort_keys=True), result.get("stage"))] = (path.parent.name, result)
+            key = (json.dumps(rec["arch"], sort_keys=True), result.get("stage"), result.get("rescore_of"))
+            found[key] = (path.parent.name, result)
     return found
 
 
@@ -70,13 +72,13 @@ def _records_to_trials(strategy, wd: WorkDir) -> List[Dict[str, Any]]:
     for seq, rec in enumerate(strategy.search.records):
         arch, _ = split_parameters(rec.parameters)
         # Only a success of this search takes a record (an older run may have scored the same arch).
-        nni_id, final = results.get((json.dumps(arch, sort_keys=True), rec.stage), (None, None)) \
+        nni_id, final = results.get((json.dumps(arch, sort_keys=True), rec.stage, rec.rescore_of), (None, None)) \
             if not rec.warmup and rec.status == "succeeded" else (None, None)
         status = {"succeeded": "SUCCEEDED", "failed": "FAILED"}.get(rec.status, str(rec.status).upper())
         trial: Dict[str, Any] = {
             "trial_id": nni_id or f"{'warmup' if rec.warmup else 'strategy'}-{rec.trial_id}", "sequence": seq,
             "stage": rec.stage, "stage_name": names.get(rec.stage), "warmup": bool(rec.warmup), "status": status,
-            "arch": arch, "message": rec.reason, "params": rec.params_count,
+            "arch": arch, "message": rec.reason, "params": rec.params_count, "rescore_of": rec.rescore_of,
         }
         if isinstance(final, Mapping):
             trial["final"] = dict(final)
@@ -113,7 +115,7 @@ def _finished_after_stop(wd: WorkDir, exp_id: str):
 
     def finished(parameters: Mapping[str, Any]) -> Optional[float]:
         arch, meta = split_parameters(parameters)
-        return scores.get((json.dumps(arch, sort_keys=True), meta.get(STAGE_KEY)))
+        return scores.get((json.dumps(arch, sort_keys=True), meta.get(STAGE_KEY), meta.get(RESCORE_OF_KEY)))
 
     return finished
 

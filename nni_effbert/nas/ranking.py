@@ -5,17 +5,18 @@ trials are ranked, plotted and put on Pareto fronts. Every other trial is counte
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 from ..errors import ConfigError, EffBertError
-from nni_effbert.strategies.ties import order_with_ties, stage_margin
+from nni_effbert.strategies.ties import measured_margin, order_with_ties, stage_margin
 
-from .records import is_failed, is_scored, normalize_trial
+from .records import is_failed, is_rescore, is_scored, normalize_trial
 
-__all__ = ["NoSucceededTrialError", "best_trial", "pareto_front", "trial_latency"]
+__all__ = ["NoSucceededTrialError", "best_trial", "rescore_pairs", "stage_tie_margin", "pareto_front", "trial_latency"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,31 @@ def _train_steps(trial: Mapping[str, Any]) -> Optional[int]:
     return int(steps) if isinstance(steps, int) and not isinstance(steps, bool) else None
 
 
+def rescore_pairs(trials: Iterable[Mapping[str, Any]], stage: int) -> List[tuple]:
+    """``(score, re-score)`` of the candidates of ``stage`` that were scored again
+    (``search.noise_rescores``), each re-score paired with the scored candidate of the same arch."""
+    trials = [normalize_trial(t) for t in trials]
+    by_arch = {_arch_key(t): t["metric"] for t in trials if is_scored(t) and t["stage"] == stage}
+    return [(by_arch[_arch_key(t)], t["metric"]) for t in trials
+            if is_rescore(t) and t["stage"] == stage and _arch_key(t) in by_arch]
+
+
+def stage_tie_margin(trials: Iterable[Mapping[str, Any]], stage: Optional[int], tie_margin: float) -> float:
+    """The tie margin that ranks ``stage``'s candidates: 0 when every one of them reported 0
+    fine-tune steps; the margin the stage's re-scores measured when it has at least 2
+    (:func:`rescore_pairs`); else ``tie_margin``."""
+    trials = [normalize_trial(t) for t in trials]
+    pool = [t for t in trials if is_scored(t) and (stage is None or t["stage"] == stage)]
+    if stage_margin(1.0, [_train_steps(t) for t in pool]) == 0.0:
+        return 0.0
+    measured = measured_margin(rescore_pairs(trials, stage)) if stage is not None else None
+    return float(tie_margin) if measured is None else float(measured)
+
+
+def _arch_key(trial: Mapping[str, Any]) -> str:
+    return json.dumps(trial.get("arch") or {}, sort_keys=True, default=str)
+
+
 def best_trial(trials: Iterable[Mapping[str, Any]], *, stage: Union[int, str, None] = "last",
                experiment: Optional[str] = None, tie_margin: float = 0.0) -> Dict[str, Any]:
     """The best scored trial: highest metric, then fewest parameters, then earliest.
@@ -53,7 +79,10 @@ def best_trial(trials: Iterable[Mapping[str, Any]], *, stage: Union[int, str, No
     metric tie, and the cheapest of them wins: lowest latency (predicted when the trial reported
     it, else measured), else fewest parameters (:func:`nni_effbert.strategies.ties.order_with_ties`).
     When every trial of the pool reported 0 fine-tune steps (``final["train_steps"]``), the margin
-    is 0 (:func:`~nni_effbert.strategies.ties.stage_margin`).
+    is 0 (:func:`~nni_effbert.strategies.ties.stage_margin`). When the stage holds at least 2
+    re-scores (``search.noise_rescores``: trials with ``rescore_of``, paired with the candidate of
+    the same arch), the margin they measure replaces ``tie_margin``, as in the search itself
+    (:meth:`nni_effbert.strategies.core.ProgressiveSearch.tie_margin`).
 
     Parameters
     ----------
@@ -102,7 +131,7 @@ def best_trial(trials: Iterable[Mapping[str, Any]], *, stage: Union[int, str, No
 
     # One-shot scores (every candidate reported 0 fine-tune steps) do not move with the evaluator
     # seed: they are ranked strictly (strategies.ties.stage_margin).
-    tie_margin = stage_margin(tie_margin, [_train_steps(t) for t in pool])
+    tie_margin = stage_tie_margin(trials, stage, tie_margin)
     if tie_margin:
         def cost(t):
             latency = trial_latency(t)

@@ -13,6 +13,10 @@ Trials travel as plain dicts (JSON-friendly, what :func:`read_nni_trials` return
 ``warmup`` (bool)
     A trial that prepares the search instead of scoring an architecture: a stage's warm-up
     (it trains the supernet) or the teacher trial. Never ranked or plotted as a score.
+``rescore_of`` (int or None)
+    Set on a re-score (``search.noise_rescores``): the progressive search's id of the candidate
+    whose arch this trial scored again with the next evaluator seed. A re-score measures the
+    score's noise; it is never ranked, plotted or counted as a candidate.
 ``teacher`` (bool)
     The teacher fine-tuning trial (``{"_teacher": true}``; also ``warmup``); its metric is the
     teacher's dev metric.
@@ -49,11 +53,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError, EffBertError
-from ..params import NOOP_KEY, STAGE_KEY, WARMUP_KEY, arch_part, is_teacher, stage_name
+from ..params import NOOP_KEY, RESCORE_OF_KEY, STAGE_KEY, WARMUP_KEY, arch_part, is_teacher, stage_name
 from ..typed_yaml import check_known_keys
 from ..workdir import check_experiment_id
 
-__all__ = ["ExperimentNotFoundError", "normalize_trial", "is_scored", "is_failed", "read_nni_trials"]
+__all__ = ["ExperimentNotFoundError", "normalize_trial", "is_scored", "is_rescore", "is_failed", "read_nni_trials"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ _TRIAL_DEFAULTS: Dict[str, Any] = {
     "trial_id": None, "sequence": None, "stage": None, "stage_name": None, "warmup": False,
     "status": "UNKNOWN", "metric": None, "params": None, "non_embedding_params": None,
     "latency_ms": None, "expressions": None, "arch": None, "message": None, "final": None,
-    "teacher": False,
+    "teacher": False, "rescore_of": None,
 }
 
 
@@ -99,7 +103,7 @@ def normalize_trial(trial: Mapping[str, Any]) -> Dict[str, Any]:
     out["teacher"] = bool(out["teacher"])
     out["warmup"] = bool(out["warmup"]) or out["teacher"]
     for key, kind in (("metric", float), ("latency_ms", float), ("params", int),
-                      ("non_embedding_params", int), ("sequence", int), ("stage", int)):
+                      ("non_embedding_params", int), ("sequence", int), ("stage", int), ("rescore_of", int)):
         value = out[key]
         if value is None:
             continue
@@ -110,16 +114,25 @@ def normalize_trial(trial: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def is_scored(trial: Mapping[str, Any]) -> bool:
-    """True for a SUCCEEDED, non-warm-up trial with a finite metric."""
+def _has_score(trial: Mapping[str, Any]) -> bool:
     metric = trial.get("metric")
     return (str(trial.get("status", "")).upper() == "SUCCEEDED" and not trial.get("warmup")
-            and isinstance(metric, (int, float)) and math.isfinite(metric))
+            and isinstance(metric, (int, float)) and not isinstance(metric, bool) and math.isfinite(metric))
+
+
+def is_scored(trial: Mapping[str, Any]) -> bool:
+    """True for a SUCCEEDED candidate (not a warm-up or a re-score) with a finite metric."""
+    return _has_score(trial) and trial.get("rescore_of") is None
+
+
+def is_rescore(trial: Mapping[str, Any]) -> bool:
+    """True for a SUCCEEDED re-score (``rescore_of``) with a finite metric."""
+    return _has_score(trial) and trial.get("rescore_of") is not None
 
 
 def is_failed(trial: Mapping[str, Any]) -> bool:
     status = str(trial.get("status", "")).upper()
-    return status == "FAILED" or (status == "SUCCEEDED" and not trial.get("warmup") and not is_scored(trial))
+    return status == "FAILED" or (status == "SUCCEEDED" and not trial.get("warmup") and not _has_score(trial))
 
 
 # ============================================================================================
@@ -346,7 +359,7 @@ def _trial_from_nni(tid: str, status: Any, sequence: Any, params: Mapping[str, A
     stage = params.get(WARMUP_KEY if warmup else STAGE_KEY)
     trial = dict(_TRIAL_DEFAULTS, trial_id=str(tid), status=str(status or "UNKNOWN").upper(),
                  sequence=int(sequence) if sequence is not None else None, warmup=warmup, teacher=teacher,
-                 arch=arch_part(params),
+                 arch=arch_part(params), rescore_of=params.get(RESCORE_OF_KEY),
                  stage_name=stage_name(params), message=message or None)
     metric = None
     if isinstance(final, Mapping):
@@ -364,6 +377,8 @@ def _trial_from_nni(tid: str, status: Any, sequence: Any, params: Mapping[str, A
             trial["expressions"] = [str(e) for e in exprs]
         if stage is None and not teacher and isinstance(final.get("stage"), int):
             stage = final["stage"]
+        if isinstance(final.get("rescore_of"), int) and not isinstance(final.get("rescore_of"), bool):
+            trial["rescore_of"] = final["rescore_of"]  # a NasExperiment trial's parameters do not carry it
         if final.get("failed") or final.get("error"):
             trial["message"] = str(final.get("reason") or final.get("error") or "reported as failed")
             metric = None
@@ -373,7 +388,7 @@ def _trial_from_nni(tid: str, status: Any, sequence: Any, params: Mapping[str, A
     if isinstance(metric, (int, float)) and not isinstance(metric, bool):
         trial["metric"] = float(metric)
     trial["stage"] = int(stage) if isinstance(stage, (int, float)) and not isinstance(stage, bool) else None
-    if trial["status"] == "SUCCEEDED" and not warmup and not is_scored(trial):
+    if trial["status"] == "SUCCEEDED" and not warmup and not _has_score(trial):
         # Never let a success without a usable score look like a score.
         trial["status"] = "FAILED"
         if trial["message"] is None:

@@ -56,7 +56,7 @@ from ..errors import ConfigError, DiskFullError, EffBertError, one_line
 from ..kd.teacher_finetune import finetune_from_config
 from ..kd.train import TrialFailure
 from ..runtime import apply_gpu_memory_limit, configure_runtime, configure_threads, gpu_oom_reason, resolve_runtime
-from ..params import (STAGE_KEY, TRAIN_STEPS_KEY, add_arguments, echoed_ids, int_meta, is_placeholder, is_teacher,
+from ..params import (RESCORE_OF_KEY, STAGE_KEY, TRAIN_STEPS_KEY, add_arguments, echoed_ids, int_meta, is_placeholder, is_teacher,
                       is_warmup, placeholder_reason, read_arch_file, split_arch)
 from .kd_evaluator import KDEvaluator
 from .supernets import experiment_key
@@ -139,7 +139,7 @@ def run_parameters(cfg: ExperimentConfig, params: Mapping[str, Any], *, stage: O
                             report=report, progress=progress, setup=setup, experiment=experiment)
     evaluator.reported_extra = echoed_ids(params)
     steps = train_steps if train_steps is not None else int_meta(params, TRAIN_STEPS_KEY)
-    return evaluator.evaluate(arch, train_steps=steps)
+    return evaluator.evaluate(arch, train_steps=steps, rescore_of=int_meta(params, RESCORE_OF_KEY))
 
 
 def apply_memory_limit(limit_mb: Optional[int]):

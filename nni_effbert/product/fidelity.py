@@ -51,6 +51,7 @@ from ..kd.setup import KDSetup
 from ..nas.kd_evaluator import KDEvaluator
 from ..nas.objectives import OBJECTIVES, objective_scores
 from ..nas.records import is_scored, normalize_trial, read_nni_trials
+from ..strategies.ties import NOISE_FACTOR, noise_sd
 from ..workdir import WorkDir
 from .distill import plan_distill, run_distill
 from .plots import plot_scatter
@@ -382,10 +383,10 @@ def score_noise(pairs: Sequence[Mapping[str, Any]], rescores: Sequence[Mapping[s
         diffs = [float(r["search_score"]) - original[r["trial"]] for r in rescores
                  if r["evaluator_seed"] == eseed and r["trial"] in original]
         if len(diffs) >= 2:
-            sds.append(float(np.std(diffs, ddof=1)))
+            sds.append(noise_sd(diffs))
     sd = float(np.mean(sds)) if sds else None
     return {"score_noise_sd_by_seed": sds, "score_noise_sd": sd,
-            "tie_margin_suggested": None if sd is None else 2.0 * sd}
+            "tie_margin_suggested": None if sd is None else NOISE_FACTOR * sd}
 
 
 def _summarise(cfg: ExperimentConfig, setup, experiment, stage, pool_size, plan, steps, sample, seed, pairs, rescores,

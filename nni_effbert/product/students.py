@@ -18,7 +18,7 @@ from ..io import load_json
 from ..kd.student_start import student_origin
 from ..nas.kd_evaluator import KDEvaluator
 from ..params import arch_part, read_arch_file
-from ..nas.ranking import best_trial
+from ..nas.ranking import best_trial, rescore_pairs, stage_tie_margin
 from ..nas.records import read_nni_trials
 from ..workdir import WorkDir
 from .export import check_replaceable, export_student
@@ -142,8 +142,10 @@ def export_best(cfg: ExperimentConfig, experiment: str, *, name: str = SEARCHED,
     An existing ``exports/<name>`` (a distilled student, say) is replaced only with ``force``.
 
     The trial is :func:`~nni_effbert.nas.ranking.best_trial` (last stage with results, highest search
-    score, then fewest parameters; among trials within ``search.tie_margin`` of the highest score,
-    the cheapest); its weights are sliced from that stage's supernet.
+    score, then fewest parameters; among trials within the stage's tie margin of the highest score,
+    the cheapest: ``search.tie_margin``, or the margin the stage's re-scores measured under
+    ``search.noise_rescores``); its weights are sliced from that stage's supernet. The export's
+    record says which margin (``tie_margin``) and from how many re-scores (``tie_margin_rescores``).
 
     Raises
     ------
@@ -169,7 +171,8 @@ def export_best(cfg: ExperimentConfig, experiment: str, *, name: str = SEARCHED,
         evaluator.experiment = experiment
     extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
              "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
-             "tie_margin": float(cfg.search.tie_margin or 0.0)}
+             "tie_margin": stage_tie_margin(trials, best["stage"], float(cfg.search.tie_margin or 0.0)),
+             "tie_margin_rescores": len(rescore_pairs(trials, best["stage"])) if best["stage"] is not None else 0}
     info = export_from_supernet(evaluator, dict(best["arch"] or {}), best["stage"], name, extra, force=force)
     info.trial = best
     return info
