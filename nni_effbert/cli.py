@@ -76,13 +76,18 @@ class Command:
     needs_config: bool = True
 
 
-def _load_cfg(args: argparse.Namespace, experiment: Optional[str] = None, *, resume: bool = False):
+def _load_cfg(args: argparse.Namespace, experiment: Optional[str] = None, *, resume: bool = False,
+              every_task: bool = False):
     """The command's config; with ``experiment``, that experiment's own config snapshot (plus the
     command's ``--set``; for a ``resume``, exactly the snapshot), see
-    :func:`~nni_effbert.config.experiment_config`."""
-    from .config import experiment_config, load_config
+    :func:`~nni_effbert.config.experiment_config`. For a multi-task config, the single-task config
+    of ``--task`` (:func:`~nni_effbert.config.task_config`; an error without it), unless
+    ``every_task`` and no ``--task``: then the multi-task config itself."""
+    from .config import experiment_config, load_config, task_config
 
     cfg = load_config(args.config, list(args.set or []))
+    if not (every_task and cfg.tasks and getattr(args, "task", None) is None):
+        cfg = task_config(cfg, getattr(args, "task", None))
     if resume:
         # A resumed experiment goes on with its own config, exactly (other stages or budgets
         # would not fit the history it resumes); without a snapshot, the config given.
@@ -104,12 +109,16 @@ def _load_cfg(args: argparse.Namespace, experiment: Optional[str] = None, *, res
 
 
 def _run_teacher(args: argparse.Namespace) -> int:
+    from .config import task_config
     from .kd.teacher_finetune import finetune_from_config
 
-    result = finetune_from_config(_load_cfg(args), progress=not args.quiet)
-    how = "reused" if result.reused else "fine-tuned"
-    print(f"teacher ({how}): {result.path}")
-    print(f"dev {result.metric} = {result.dev_metric:.4f}")
+    cfg = _load_cfg(args, every_task=True)
+    # A multi-task config without --task: every task's teacher, one after the other.
+    for name, one in ([(k, task_config(cfg, k)) for k in cfg.task_keys] if cfg.tasks else [(None, cfg)]):
+        result = finetune_from_config(one, progress=not args.quiet)
+        how = "reused" if result.reused else "fine-tuned"
+        print(f"{'' if name is None else f'[{name}] '}teacher ({how}): {result.path}")
+        print(f"{'' if name is None else f'[{name}] '}dev {result.metric} = {result.dev_metric:.4f}")
     return 0
 
 
@@ -648,6 +657,9 @@ def build_parser(commands: Sequence[Command] = None) -> argparse.ArgumentParser:
     with_config.add_argument("-c", "--config", required=True, metavar="EXP.yml", help="experiment config (YAML)")
     with_config.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                              help="override a config value, e.g. --set evaluator.train_steps=50 (repeatable)")
+    with_config.add_argument("--task", metavar="NAME", default=None,
+                             help="a multi-task config (tasks:): run on this task, in its own work directory "
+                                  "<workdir>/tasks/NAME (teacher: without --task, every task's)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in commands:
         parents = [common, with_config] if cmd.needs_config else [common]

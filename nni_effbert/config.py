@@ -51,6 +51,9 @@ __all__ = [
     "DistillConfig",
     "RuntimeConfig",
     "ExperimentConfig",
+    "TaskEntry",
+    "task_config",
+    "single_task",
     "from_dict",
     "to_dict",
     "load_config",
@@ -323,6 +326,41 @@ class DistillConfig(Checked):
             raise ValueError("transfer_file is set but transfer_steps is 0: give the transfer phase steps")
 
 
+#: A task's key in a multi-task config: a folder name and a metric prefix.
+_TASK_KEY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+@dataclass
+class TaskEntry:
+    """One task of a multi-task experiment (``tasks[]``, issue 27).
+
+    Attributes
+    ----------
+    task
+        The task and its data, as the single-task ``task`` section.
+    name
+        The task's key: its folder under ``<workdir>/tasks/``, the prefix of its values in a
+        candidate's metric dict and its row in the suite report (lowercase letters, digits, ``_``;
+        at most 32 characters). Empty: ``task.name`` (required for ``custom`` tasks).
+    weight
+        The task's weight in the combined search score and in the suite average (> 0).
+    teacher
+        This task's teacher instead of the shared ``teacher`` section (e.g. a model already
+        fine-tuned on the task). Every task's teacher must share the tokenizer, vocabulary and
+        hidden size: the student encoder is one for all tasks.
+    """
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    name: Optional[str] = None
+    weight: float = checked_field(positive, 1.0)
+    teacher: Optional[TeacherConfig] = None
+
+    @property
+    def key(self) -> str:
+        """``name``, else ``task.name``."""
+        return self.name or self.task.name
+
+
 @dataclass
 class ExperimentConfig:
     """A whole experiment; see ``examples/*/effbert.yml`` for an annotated file.
@@ -333,6 +371,12 @@ class ExperimentConfig:
         Required. The work directory that holds every artifact: teacher, teacher-output cache, supernet checkpoints (one folder per experiment), trials, exports, reports.
     seed
         Seeds data subsets, training and the search (``task.seed``, ``distill.seed`` and ``evaluator.seed`` default to it).
+    tasks
+        Several tasks in one experiment, instead of ``task`` (issue 27; ``docs/guides/multitask.md``): each a
+        ``task`` section with a ``name``, a ``weight`` and optionally its own ``teacher``. Each task keeps a
+        single-task work directory of its own under ``<workdir>/tasks/<name>/`` (teacher fine-tuned on it,
+        teacher-output caches, search split); every command takes ``--task NAME`` to run on one of them
+        (:func:`task_config`).
     """
 
     workdir: str = path_field(dataclasses.MISSING)
@@ -346,6 +390,12 @@ class ExperimentConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tasks: Optional[List[TaskEntry]] = None
+
+    @property
+    def task_keys(self) -> List[str]:
+        """The keys of ``tasks`` in order (empty for a single-task config)."""
+        return [t.key for t in self.tasks or []]
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain dict of YAML types (tuples become lists) that :func:`from_dict` reads back."""
@@ -442,6 +492,8 @@ def load_config(
     data = read_yaml(path)
     apply_overrides(data, overrides)
     where = str(path)
+    if data.get("tasks") is not None and "task" in data:
+        raise ConfigError(f"{where}:task: give either task (one task) or tasks (several), not both")
     cfg = from_dict(ExperimentConfig, data, where, base_dir=path.parent)
     if not cfg.workdir:
         raise ConfigError(f"{where}:workdir: must name a folder")
@@ -449,29 +501,95 @@ def load_config(
         check_workdir_root(cfg.workdir)  # never /, /usr, $HOME itself...: a search writes and runs there
     except ConfigError as exc:
         raise ConfigError(f"{where}:{exc}") from None
-    if cfg.task.data_dir is None and cfg.task.name != CUSTOM_TASK:
-        env = os.environ.get(DATA_DIR_ENV, "").strip()
-        if env:
-            cfg.task.data_dir = os.path.abspath(os.path.expanduser(env))
-            logger.info("task.data_dir taken from $%s: %s", DATA_DIR_ENV, cfg.task.data_dir)
-            if check_paths and not os.path.isdir(cfg.task.data_dir):
-                raise ConfigError(f"${DATA_DIR_ENV}: folder not found: {cfg.task.data_dir}")
-    if cfg.task.seed is None:
-        cfg.task.seed = cfg.seed
     if cfg.distill.seed is None:
         cfg.distill.seed = cfg.seed
     if cfg.search.tie_margin is None:
         cfg.search.tie_margin = default_tie_margin(cfg.evaluator.objective)
-    if cfg.distill.transfer_steps:
-        columns = cfg.task.text_columns if cfg.task.name == CUSTOM_TASK else get_task_spec(cfg.task.name).text_columns
-        if len(columns) != 1:
-            raise ConfigError(
-                f"{where}:distill.transfer_file: task {cfg.task.name!r} has sentence pairs ({', '.join(columns)}) but "
-                "a transfer file holds single sentences; transfer sets work for single-sentence tasks only "
-                "(set distill.transfer_steps=0)")
+    if cfg.tasks is not None:
+        _check_tasks(cfg, where)
+        for i, entry in enumerate(cfg.tasks):
+            _fill_task(cfg, entry.task, where, check_paths, f"tasks.{i}.task", entry.key)
+        if check_paths:
+            for entry in cfg.tasks:
+                _check_paths(task_config(cfg, entry.key), where)
+        return cfg
+    _fill_task(cfg, cfg.task, where, check_paths)
     if check_paths:
         _check_paths(cfg, where)
     return cfg
+
+
+def _fill_task(cfg: ExperimentConfig, task: TaskConfig, where: str, check_paths: bool, key: str = "task",
+               name: Optional[str] = None) -> None:
+    """The task-dependent defaults and checks of :func:`load_config`, for one task section."""
+    if task.data_dir is None and task.name != CUSTOM_TASK:
+        env = os.environ.get(DATA_DIR_ENV, "").strip()
+        if env:
+            task.data_dir = os.path.abspath(os.path.expanduser(env))
+            logger.info("%s.data_dir taken from $%s: %s", key, DATA_DIR_ENV, task.data_dir)
+            if check_paths and not os.path.isdir(task.data_dir):
+                raise ConfigError(f"${DATA_DIR_ENV}: folder not found: {task.data_dir}")
+    if task.seed is None:
+        task.seed = cfg.seed
+    if cfg.distill.transfer_steps:
+        columns = task.text_columns if task.name == CUSTOM_TASK else get_task_spec(task.name).text_columns
+        if len(columns) != 1:
+            which = f"task {task.name!r}" if name is None else f"task {name!r} ({task.name})"
+            raise ConfigError(
+                f"{where}:distill.transfer_file: {which} has sentence pairs ({', '.join(columns)}) but "
+                "a transfer file holds single sentences; transfer sets work for single-sentence tasks only "
+                "(set distill.transfer_steps=0)")
+
+
+def _check_tasks(cfg: ExperimentConfig, where: str) -> None:
+    if not cfg.tasks:
+        raise ConfigError(f"{where}:tasks: name at least one task (or use task: for a single-task experiment)")
+    seen: Dict[str, int] = {}
+    for i, entry in enumerate(cfg.tasks):
+        if entry.name is None and entry.task.name == CUSTOM_TASK:
+            raise ConfigError(f"{where}:tasks.{i}.name: a custom task needs a name (e.g. name: mnli_m)")
+        if not _TASK_KEY.match(entry.key):
+            raise ConfigError(f"{where}:tasks.{i}.name: {entry.key!r} is not a task key: use lowercase letters, "
+                              "digits and _ (at most 32, starting with a letter)")
+        if entry.key in seen:
+            raise ConfigError(f"{where}:tasks.{i}.name: tasks {seen[entry.key]} and {i} are both named "
+                              f"{entry.key!r}; give each task its own name")
+        seen[entry.key] = i
+
+
+def single_task(cfg: ExperimentConfig, what: str) -> ExperimentConfig:
+    """``cfg`` itself when it names one task; a multi-task config raises the one-line error that
+    says how to pick one (``what`` names the caller)."""
+    if cfg.tasks:
+        raise ConfigError(f"{what} runs on one task and this config names several ({', '.join(cfg.task_keys)}); "
+                          "pick one with --task NAME (Python: nni_effbert.config.task_config(cfg, NAME))")
+    return cfg
+
+
+def task_config(cfg: ExperimentConfig, name: Optional[str]) -> ExperimentConfig:
+    """The single-task config of task ``name`` of a multi-task config: its ``task`` section (and
+    ``teacher``, when the entry has one), the work directory ``<workdir>/tasks/<name>``, no
+    ``tasks``. A single-task config is returned as it is when ``name`` is None or its task's name.
+
+    Raises
+    ------
+    ConfigError
+        ``name`` is not one of the config's tasks, or a multi-task config without ``name``.
+    """
+    if not cfg.tasks:
+        if name is None or name == cfg.task.name:
+            return cfg
+        raise ConfigError(f"--task {name}: this config has one task ({cfg.task.name}); leave --task out")
+    keys = cfg.task_keys
+    if name is None:
+        raise ConfigError(f"this config names several tasks ({', '.join(keys)}); choose one with --task NAME")
+    if name not in keys:
+        raise ConfigError(f"--task {name}: not a task of this config; its tasks are {', '.join(keys)}")
+    entry = cfg.tasks[keys.index(name)]
+    return dataclasses.replace(
+        cfg, task=dataclasses.replace(entry.task), tasks=None,
+        teacher=dataclasses.replace(entry.teacher or cfg.teacher),
+        workdir=str(Path(cfg.workdir) / "tasks" / name))
 
 
 # ---------------------------------------------------------------------------------------------

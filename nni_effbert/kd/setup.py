@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from nni_effbert.search_spaces.supernet import EfficientBertSupernet
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, single_task
 from ..data.batches import length_sorted_batches
 from ..data.prepared import load_prepared_task
 from ..data.qa_answers import score_span_model
@@ -168,6 +168,7 @@ class KDSetup:
             If ``runtime`` asks for a device or precision this machine lacks.
         """
 
+        single_task(cfg, "a KD setup")
         runtime = resolve_runtime(cfg)
         wd = WorkDir.of(cfg).ensure()
         teacher_dir = wd.teacher_dir

@@ -22,7 +22,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, single_task
 from ..data.batches import make_loader
 from ..data.loading import load_task
 from ..data.metrics import compute_metrics
@@ -155,6 +155,7 @@ def finetune_from_config(cfg: ExperimentConfig, progress: bool = True) -> Teache
         If the teacher's tokenizer cannot be loaded (and whatever :func:`finetune_teacher` raises).
     """
 
+    single_task(cfg, "teacher fine-tuning")
     wd = WorkDir.of(cfg).ensure()
     base = resolve_teacher(cfg.teacher.model)
     try:

@@ -1,0 +1,135 @@
+"""Several tasks in one experiment (issue 27): the ``tasks:`` config, ``--task``, every task's
+teacher, and the multi-task setup whose tasks share one student encoder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from nni_effbert import cli
+from nni_effbert.config import ConfigError, load_config, single_task, task_config
+from nni_effbert.kd.multitask import ENCODER_MODULES, MultiTaskSetup
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_multitask(tmp_path, glue_dir, teacher, **extra):
+    """A tiny two-task config (SST-2 weight 2, RTE weight 1) built on examples/tiny."""
+    data = yaml.safe_load((REPO / "examples" / "tiny" / "effbert.yml").read_text())
+    task = data.pop("task")
+    data.update(workdir=str(tmp_path / "work"), teacher={**data["teacher"], "model": str(teacher)})
+    data["tasks"] = [
+        {"name": "sst2", "weight": 2.0, "task": {**task, "data_dir": str(glue_dir)}},
+        {"name": "rte", "task": {**task, "name": "rte", "data_dir": str(glue_dir)}},
+    ]
+    data.update(extra)
+    path = tmp_path / "multi.yml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_a_tasks_list_gives_each_task_a_single_task_config(tmp_path, glue_dir, base_teacher):
+    cfg = load_config(write_multitask(tmp_path, glue_dir, base_teacher))
+    assert cfg.task_keys == ["sst2", "rte"] and [t.weight for t in cfg.tasks] == [2.0, 1.0]
+    rte = task_config(cfg, "rte")
+    assert rte.tasks is None and rte.task.name == "rte" and rte.task.seed == cfg.seed
+    assert Path(rte.workdir) == tmp_path / "work" / "tasks" / "rte"
+    assert rte.teacher.model == str(base_teacher) and rte.search == cfg.search
+    assert task_config(rte, None) is rte  # a single-task config stays as it is
+    with pytest.raises(ConfigError, match="several.*--task NAME"):
+        task_config(cfg, None)
+    with pytest.raises(ConfigError, match="--task qnli: not a task of this config; its tasks are sst2, rte"):
+        task_config(cfg, "qnli")
+    with pytest.raises(ConfigError, match="several"):
+        single_task(cfg, "a KD setup")
+
+
+@pytest.mark.parametrize("tasks, message", [
+    ([{"name": "a", "task": {"name": "sst2"}}, {"name": "a", "task": {"name": "rte"}}],
+     r"tasks.1.name: tasks 0 and 1 are both named 'a'"),
+    ([{"task": {"name": "custom", "train_file": "t.tsv", "dev_file": "d.tsv", "text_columns": ["s"],
+                "label_column": "y"}}], r"tasks.0.name: a custom task needs a name"),
+    ([{"name": "Bad Name", "task": {"name": "sst2"}}], r"tasks.0.name: 'Bad Name' is not a task key"),
+    ([{"name": "a", "weight": 0, "task": {"name": "sst2"}}], r"tasks.0.weight"),
+    ([], r"tasks: name at least one task"),
+])
+def test_bad_task_lists_get_one_line_errors(tmp_path, tasks, message):
+    path = tmp_path / "e.yml"
+    path.write_text(yaml.safe_dump({"workdir": "w", "teacher": {"model": "bert-base-uncased"}, "tasks": tasks}))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path, check_paths=False)
+    assert "\n" not in str(err.value)
+
+
+def test_task_and_tasks_together_are_refused(tmp_path):
+    path = tmp_path / "e.yml"
+    path.write_text(yaml.safe_dump({"workdir": "w", "task": {"name": "sst2"},
+                                    "tasks": [{"name": "rte", "task": {"name": "rte"}}]}))
+    with pytest.raises(ConfigError, match="either task .* or tasks"):
+        load_config(path, check_paths=False)
+
+
+def test_teacher_fine_tunes_every_task_and_the_tasks_share_one_encoder(tmp_path, glue_dir, base_teacher, capsys):
+    path = write_multitask(tmp_path, glue_dir, base_teacher)
+    assert cli.main(["teacher", "-q", "-c", str(path), "--task", "rte"]) == 0
+    assert "[" not in capsys.readouterr().out  # one task: printed as a single-task run
+    assert (tmp_path / "work" / "tasks" / "rte" / "teacher").is_dir()
+    assert not (tmp_path / "work" / "tasks" / "sst2").exists()
+    assert cli.main(["teacher", "-q", "-c", str(path)]) == 0  # every task; rte's is reused
+    out = capsys.readouterr().out
+    assert "[sst2] teacher (fine-tuned)" in out and "[rte] teacher (reused)" in out
+    # Any other command needs --task with a multi-task config, in one line.
+    assert cli.main(["export", "-q", "-c", str(path), "--arch", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err
+    assert "names several tasks (sst2, rte); choose one with --task NAME" in err and err.count("\n") == 1
+
+    multi = MultiTaskSetup.from_config(load_config(path), progress=False)
+    assert multi.names == ["sst2", "rte"] and multi.weights == pytest.approx({"sst2": 2 / 3, "rte": 1 / 3})
+    sst2, rte = (multi.task(n).setup.space.supernet for n in ("sst2", "rte"))
+    for name in ENCODER_MODULES:
+        assert getattr(sst2, name) is getattr(rte, name)
+    assert sst2.classifier is not rte.classifier
+    # A step on one task moves the shared encoder for both, and only that task's head.
+    before = {k: v.clone() for k, v in rte.state_dict().items()}
+    with torch.no_grad():
+        sst2.layers[0].attention.query.weight.add_(1.0)
+        sst2.classifier.weight.add_(1.0)
+    after = rte.state_dict()
+    assert not torch.equal(after["layers.0.attention.query.weight"], before["layers.0.attention.query.weight"])
+    assert torch.equal(after["classifier.weight"], before["classifier.weight"])
+    heads = sum(p.numel() for m in (sst2.pooler, sst2.classifier, rte.pooler, rte.classifier) for p in m.parameters())
+    assert sum(p.numel() for p in multi.parameters()) == sum(p.numel() for p in sst2.parameters()) + heads // 2
+    # Checkpoint: the encoder once, a head per task; it loads back into a fresh setup.
+    state = {k: {n: t.clone() for n, t in v.items()} if k == "encoder" else
+             {task: {n: t.clone() for n, t in h.items()} for task, h in v.items()} for k, v in multi.state_dict().items()}
+    assert set(state["heads"]) == {"sst2", "rte"}
+    assert all(n.split(".")[0] in ENCODER_MODULES for n in state["encoder"])
+    assert all(n.split(".")[0] not in ENCODER_MODULES for h in state["heads"].values() for n in h)
+    fresh = MultiTaskSetup.from_config(load_config(path), progress=False)
+    fresh.load_state_dict(state)
+    for n in ("sst2", "rte"):
+        for k, v in multi.task(n).setup.space.supernet.state_dict().items():
+            assert torch.equal(fresh.task(n).setup.space.supernet.state_dict()[k], v), (n, k)
+    with pytest.raises(ConfigError, match="no head for task.*rte"):
+        fresh.load_state_dict({"encoder": state["encoder"], "heads": {"sst2": state["heads"]["sst2"]}})
+
+
+def test_tasks_whose_teachers_differ_in_hidden_size_cannot_share_an_encoder(tmp_path, glue_dir, base_teacher,
+                                                                             tiny_vocab_file):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(str(tiny_vocab_file.parent), do_lower_case=True)
+    wider = tmp_path / "wider_teacher"
+    BertForSequenceClassification(BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=37, vocab_size=len(tok), max_position_embeddings=64,
+                                             num_labels=2)).save_pretrained(wider)
+    tok.save_pretrained(wider)
+    path = write_multitask(tmp_path, glue_dir, base_teacher)
+    data = yaml.safe_load(path.read_text())
+    data["tasks"][1]["teacher"] = {"model": str(wider), "finetune": dict(data["teacher"]["finetune"])}
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["teacher", "-q", "-c", str(path)]) == 0
+    with pytest.raises(ConfigError, match="tasks sst2 and rte need different student encoders \\(fit_size: 32 vs 48"):
+        MultiTaskSetup.from_config(load_config(path), progress=False)
