@@ -2,6 +2,7 @@
 teacher, and the multi-task setup whose tasks share one student encoder."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,66 @@ def test_tasks_whose_teachers_differ_in_hidden_size_cannot_share_an_encoder(tmp_
     assert cli.main(["teacher", "-q", "-c", str(path)]) == 0
     with pytest.raises(ConfigError, match="tasks sst2 and rte need different student encoders \\(fit_size: 32 vs 48"):
         MultiTaskSetup.from_config(load_config(path), progress=False)
+
+
+def _streams(multi, names=("sst2", "rte")):
+    from nni_effbert.kd.train import TaskStream
+
+    out = []
+    for name in names:
+        t = multi.task(name)
+        out.append(TaskStream(name, t.setup.space, t.setup.cached_teacher(), t.setup.task.train, t.setup.loss_fn,
+                              t.weight))
+    return out
+
+
+def test_multitask_kd_draws_tasks_by_weight_and_resumes_exactly(tmp_path, glue_dir, base_teacher):
+    """kd_train_tasks: each step trains the task task_of_step draws (weights 2:1), through that
+    task's supernet and loss; an interrupted run resumed from its state ends with the same weights."""
+    from torch import nn
+
+    from nni_effbert.kd.train import TrainSettings, kd_train_tasks, task_of_step
+
+    path = write_multitask(tmp_path, glue_dir, base_teacher)
+    assert cli.main(["teacher", "-q", "-c", str(path)]) == 0
+    cfg = load_config(path)
+
+    def fresh():
+        multi = MultiTaskSetup.from_config(cfg, progress=False)
+        return multi, nn.ModuleList([t.setup.space for t in multi.tasks])
+
+    arch_of = lambda step, space=fresh()[0].tasks[0].setup.space: space.bert_arch()  # noqa: E731
+    settings = dict(learning_rate=1e-3, batch_size=8, seed=3, progress=False)
+    drawn = [task_of_step([2.0, 1.0], 3, k) for k in range(40)]
+    assert drawn == [task_of_step([2.0, 1.0], 3, k) for k in range(40)]  # from (seed, step) alone
+    assert 15 <= drawn.count(0) <= 36 and drawn.count(1) >= 4
+
+    multi, container = fresh()
+    rte_head = multi.task("rte").setup.space.supernet.classifier.weight.detach().clone()
+    out = kd_train_tasks(container, _streams(multi), TrainSettings(steps=8, **settings), pad_token_id=0,
+                         arch_sampler=arch_of)
+    assert out.steps == 8 and sum(out.task_steps.values()) == 8
+    assert out.task_steps == {"sst2": drawn[:8].count(0), "rte": drawn[:8].count(1)}
+    assert math.isfinite(out.loss)
+    moved = not torch.equal(multi.task("rte").setup.space.supernet.classifier.weight, rte_head)
+    assert moved == (out.task_steps["rte"] > 0)
+    straight = {k: v.clone() for k, v in container.state_dict().items()}
+
+    multi2, container2 = fresh()
+    saved = {}
+
+    def on_checkpoint(state):
+        saved["state"] = state
+        saved["weights"] = {k: v.clone() for k, v in container2.state_dict().items()}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        kd_train_tasks(container2, _streams(multi2), TrainSettings(steps=8, checkpoint_interval=5, **settings),
+                       pad_token_id=0, arch_sampler=arch_of, on_checkpoint=on_checkpoint)
+    multi3, container3 = fresh()
+    container3.load_state_dict(saved["weights"])
+    out = kd_train_tasks(container3, _streams(multi3), TrainSettings(steps=8, **settings), pad_token_id=0,
+                         arch_sampler=arch_of, resume=saved["state"])
+    assert out.steps == 8 and sum(out.task_steps.values()) == 3
+    for name, value in container3.state_dict().items():
+        assert torch.allclose(value, straight[name], atol=1e-6), name

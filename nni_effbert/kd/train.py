@@ -54,7 +54,10 @@ __all__ = [
     "TrainState",
     "TrainResult",
     "iterate_batches",
+    "TaskStream",
+    "task_of_step",
     "kd_train",
+    "kd_train_tasks",
     "student_forward",
 ]
 
@@ -165,12 +168,15 @@ class TrainResult:
         Unweighted loss terms of the last step.
     evals : list of (int, dict)
         ``(step, metrics)`` of each periodic evaluation.
+    task_steps : dict
+        Steps of this run per task (:func:`kd_train_tasks`; ``{"task": n}`` for :func:`kd_train`).
     """
 
     steps: int
     loss: Optional[float]
     last_terms: Dict[str, float] = field(default_factory=dict)
     evals: List[Tuple[int, Dict[str, float]]] = field(default_factory=list)
+    task_steps: Dict[str, int] = field(default_factory=dict)
 
 
 class _StepRows(torch.utils.data.Sampler):
@@ -256,6 +262,30 @@ def student_forward(model: nn.Module, batch: Batch, arch: Optional[Arch], return
     if arch is not None:
         kwargs["arch"] = arch
     return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), **kwargs)
+
+
+@dataclass
+class TaskStream:
+    """One task of a multi-task KD run (:func:`kd_train_tasks`): the task's student (its
+    supernet, sharing the encoder with the other tasks'), teacher outputs, rows, loss and weight."""
+
+    name: str
+    model: nn.Module
+    teacher: TeacherSource
+    dataset: Any
+    loss_fn: KDLoss
+    weight: float = 1.0
+
+
+def task_of_step(weights, seed: int, step: int) -> int:
+    """The task (index into ``weights``) that step ``step`` trains: drawn with probabilities
+    proportional to ``weights``, from ``(seed, step)`` alone, so a resumed run draws the same."""
+    w = np.asarray(weights, dtype=float)
+    if w.size == 1:
+        return 0
+    if not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise ConfigError(f"task weights must be positive numbers, got {list(weights)}")
+    return int(np.random.default_rng([int(seed), int(step)]).choice(w.size, p=w / w.sum()))
 
 
 def _describe_terms(terms: Mapping[str, float]) -> str:
@@ -360,6 +390,38 @@ def kd_train(
         gradient is the ``GradScaler``'s business: that step is skipped, not failed.)
     """
 
+    stream = TaskStream("task", model, teacher, dataset, loss_fn)
+    return _train(model, [stream], settings, pad_token_id=pad_token_id, arch_sampler=arch_sampler,
+                  evaluate_fn=evaluate_fn, on_checkpoint=on_checkpoint, resume=resume, device=device, runtime=runtime)
+
+
+def kd_train_tasks(
+    model: nn.Module,
+    streams: List[TaskStream],
+    settings: TrainSettings,
+    *,
+    pad_token_id: int,
+    arch_sampler: Optional[Callable[[int], Arch]] = None,
+    evaluate_fn: Optional[Callable[[int], Dict[str, float]]] = None,
+    on_checkpoint: Optional[Callable[[TrainState], None]] = None,
+    resume: Optional[TrainState] = None,
+    device: Any = "cpu",
+    runtime: Optional[Runtime] = None,
+) -> TrainResult:
+    """:func:`kd_train` over several tasks: each step trains the task :func:`task_of_step` draws
+    (by the streams' weights), on that task's next batch, teacher outputs and loss, through that
+    task's model, with one optimizer over ``model`` (a module holding every stream's model, whose
+    shared tensors it counts once). Step ``k``'s task, architecture and batch depend only on the
+    seeds and ``k``, so a resumed run repeats an uninterrupted one. Parameters and errors as
+    :func:`kd_train`; ``result.task_steps`` counts the steps each task trained."""
+    if not streams:
+        raise ConfigError("kd_train_tasks needs at least one task stream")
+    return _train(model, list(streams), settings, pad_token_id=pad_token_id, arch_sampler=arch_sampler,
+                  evaluate_fn=evaluate_fn, on_checkpoint=on_checkpoint, resume=resume, device=device, runtime=runtime)
+
+
+def _train(model: nn.Module, streams: List[TaskStream], settings: TrainSettings, *, pad_token_id: int,
+           arch_sampler, evaluate_fn, on_checkpoint, resume, device, runtime) -> TrainResult:
     steps = int(settings.steps)
     start = int(resume.step) if resume is not None else 0
     result = TrainResult(steps=start, loss=None)
@@ -369,6 +431,9 @@ def kd_train(
     device = rt.device
     model.to(device)
     model.train()
+    for stream in streams:
+        stream.model.to(device)
+        stream.model.train()
     optimizer = _optimizer(model, settings)
     warmup_steps = int(settings.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup_steps, steps))
@@ -380,26 +445,39 @@ def kd_train(
         torch.manual_seed(int(settings.seed))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     scaler = rt.grad_scaler()
-    forward_model = model
-    if rt.compile and arch_sampler is None:
-        forward_model = torch.compile(model)
+    forward_models = [stream.model for stream in streams]
+    if rt.compile and arch_sampler is None and len(streams) == 1:
+        forward_models = [torch.compile(streams[0].model)]
     elif rt.compile:
         logger.info("runtime.compile: the supernet runs eagerly (each step's architecture would recompile it)")
     recent: List[float] = []
     window: List[Tuple[int, Dict[str, Tensor], Optional[Tensor]]] = []
-    batches = iterate_batches(dataset, settings.batch_size, settings.seed, pad_token_id, start, device,
-                              workers=rt.dataloader_workers, pin_memory=rt.pin_memory)
+    weights = [float(stream.weight) for stream in streams]
+    # One batch stream per task (the single task keeps settings.seed), each resumed after the
+    # batches the steps before `start` took from it.
+    before = [0] * len(streams)
+    for k in range(start if len(streams) > 1 else 0):
+        before[task_of_step(weights, settings.seed, k)] += 1
+    if len(streams) == 1:
+        before = [start]
+    batches = [iterate_batches(stream.dataset, settings.batch_size, settings.seed + 7919 * i, pad_token_id,
+                               before[i], device, workers=rt.dataloader_workers, pin_memory=rt.pin_memory)
+               for i, stream in enumerate(streams)]
+    result.task_steps = {stream.name: 0 for stream in streams}
     bar = tqdm(total=steps, initial=start, desc=settings.desc, disable=not settings.progress, dynamic_ncols=True)
     try:
         for step in range(start, steps):
             human = step + 1
-            batch = next(batches)
+            i = task_of_step(weights, settings.seed, step)
+            stream = streams[i]
+            batch = next(batches[i])
             arch = arch_sampler(step) if arch_sampler is not None else None
+            result.task_steps[stream.name] += 1
             try:
                 with rt.autocast():
-                    t_out = teacher(batch)
-                    s_out = student_forward(forward_model, batch, arch)
-                    out = loss_fn(s_out, t_out, batch["attention_mask"])
+                    t_out = stream.teacher(batch)
+                    s_out = student_forward(forward_models[i], batch, arch)
+                    out = stream.loss_fn(s_out, t_out, batch["attention_mask"])
             except EffBertError:
                 raise
             except (RuntimeError, ValueError, IndexError) as exc:
@@ -433,6 +511,7 @@ def kd_train(
                 on_checkpoint(TrainState(human, optimizer.state_dict(), scheduler.state_dict(), torch.get_rng_state()))
     finally:
         bar.close()
-        batches.close()  # stops DataLoader workers (runtime.dataloader_workers) at once
+        for it in batches:
+            it.close()  # stops DataLoader workers (runtime.dataloader_workers) at once
     result.loss = float(np.mean(recent)) if recent else None
     return result
