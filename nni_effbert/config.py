@@ -372,11 +372,12 @@ class ExperimentConfig:
     seed
         Seeds data subsets, training and the search (``task.seed``, ``distill.seed`` and ``evaluator.seed`` default to it).
     tasks
-        Several tasks in one experiment, instead of ``task`` (issue 27; ``docs/guides/multitask.md``): each a
-        ``task`` section with a ``name``, a ``weight`` and optionally its own ``teacher``. Each task keeps a
-        single-task work directory of its own under ``<workdir>/tasks/<name>/`` (teacher fine-tuned on it,
-        teacher-output caches, search split); every command takes ``--task NAME`` to run on one of them
-        (:func:`task_config`).
+        Several tasks in one config, instead of ``task``: each a ``task`` section with a ``name``, a
+        ``weight`` and optionally its own ``teacher``. Each task keeps a single-task work directory of its own
+        under ``<workdir>/tasks/<name>/`` (teacher fine-tuned on it, teacher-output caches, search split);
+        ``nni-effbert teacher`` fine-tunes every task's teacher, and every command runs on one task with
+        ``--task NAME`` (:func:`task_config`). One search over all the tasks at once (multi-task warm-up and
+        fitness, the paper's protocol) is being built and not available yet.
     """
 
     workdir: str = path_field(dataclasses.MISSING)
