@@ -117,7 +117,15 @@ def test_write_report(tmp_path, trials):
     assert set(res.plots) == {"best_so_far", "metric_vs_params", "metric_vs_latency"}
     for path in res.plots.values():
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
-    assert res.counts == {"total": 11, "scored": 6, "failed": 2, "warmup": 2, "other": 1}
+    assert res.counts == {"total": 11, "scored": 6, "failed": 2, "warmup": 2, "rescored": 0, "other": 1}
+    # A re-score (search.noise_rescores) with the best metric of all is counted apart, never selected.
+    top = max((t for t in trials if t.get("metric") is not None and t.get("status") == "SUCCEEDED"),
+              key=lambda t: t["metric"])
+    again = dict(top, trial_id="again", metric=top["metric"] + 1.0, rescore_of=0)
+    res2 = write_report(tmp_path / "with_rescore", [*trials, again], rows, experiment="abc123",
+                        metric_name="dev accuracy")
+    assert res2.counts == {**res.counts, "total": 12, "rescored": 1} and res2.best["trial_id"] == res.best["trial_id"]
+    assert "1 re-scored to measure the tie margin" in res2.report.read_text()
     # Failed trials never enter a front nor the selection, even with the best "metric".
     assert "fail_high" not in res.pareto_params + res.pareto_latency and "nan" not in res.pareto_params
     assert res.pareto_params == ["d", "a", "f", "b"]  # non-embedding params: same order as params

@@ -19,7 +19,7 @@ from ..errors import ConfigError, EffBertError
 from ..io import atomic_write_text, load_json
 from ..kd.student_start import origin_line
 from ..nas.ranking import best_trial
-from ..nas.records import is_failed, is_scored, normalize_trial
+from ..nas.records import is_failed, is_rescore, is_scored, normalize_trial
 from ..typed_yaml import check_known_keys
 from ..workdir import WorkDir
 from .fidelity import fidelity_markdown
@@ -212,7 +212,8 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
     out = Path(out_dir) if out_dir is not None else WorkDir.of(workdir).reports_dir
     out.mkdir(parents=True, exist_ok=True)
 
-    candidates = [t for t in trials if not t["warmup"]]
+    rescored = [t for t in trials if is_rescore(t)]  # search.noise_rescores: measure the tie margin
+    candidates = [t for t in trials if not t["warmup"] and not is_rescore(t)]
     scored = [t for t in candidates if is_scored(t)]
     failed = [t for t in trials if is_failed(t) or (t["warmup"] and t["status"] == "FAILED")]
     counts = {
@@ -220,6 +221,7 @@ def write_report(workdir: PathLike, trials: Sequence[Mapping[str, Any]], table_r
         "scored": len(scored),
         "failed": len(failed),
         "warmup": sum(t["warmup"] for t in trials),
+        "rescored": len(rescored),
         "other": len(candidates) - len(scored) - sum(is_failed(t) for t in candidates),
     }
     names = {t["stage"]: t["stage_name"] for t in trials if t["stage_name"]}
@@ -281,7 +283,9 @@ def _report_markdown(title, experiment, workdir, trials, counts, stages, names, 
     lines += [
         f"- Work directory: `{workdir}`",
         f"- Trials: {counts['total']} ({counts['scored']} scored, {counts['failed']} failed, "
-        f"{counts['warmup']} warm-up, {counts['other']} running or canceled)",
+        f"{counts['warmup']} warm-up, "
+        + (f"{counts['rescored']} re-scored to measure the tie margin, " if counts["rescored"] else "")
+        + f"{counts['other']} running or canceled)",
         "",
         "## Teacher, baseline and searched student",
         "",
