@@ -197,3 +197,36 @@ def test_multitask_kd_draws_tasks_by_weight_and_resumes_exactly(tmp_path, glue_d
     assert out.steps == 8 and sum(out.task_steps.values()) == 3
     for name, value in container3.state_dict().items():
         assert torch.allclose(value, straight[name], atol=1e-6), name
+
+
+def test_multitask_warmup_writes_one_encoder_and_a_head_per_task(tmp_path, glue_dir, base_teacher):
+    from nni_effbert.io import load_torch
+    from nni_effbert.nas.multitask_warmup import MULTITASK_KIND, run_multitask_warmup
+
+    path = write_multitask(tmp_path, glue_dir, base_teacher)
+    assert cli.main(["teacher", "-q", "-c", str(path)]) == 0
+    cfg = load_config(path)
+    multi = MultiTaskSetup.from_config(cfg, progress=False)
+    first = run_multitask_warmup(cfg, 0, steps=6, general_steps=2, progress=False, multi=multi)
+    assert not first.skipped and sum(first.task_steps.values()) == 6 and math.isfinite(first.loss)
+    data = load_torch(first.checkpoint, "checkpoint")
+    assert data["kind"] == MULTITASK_KIND and data["tasks"] == ["sst2", "rte"]
+    assert data["plan"]["tasks"] == [["sst2", 2.0], ["rte", 1.0]] and data["plan"]["general_steps"] == 2
+    assert set(data["state"]["heads"]) == {"sst2", "rte"}
+    assert first.checkpoint == tmp_path / "work" / "supernet" / "stage0.pt"
+    # The same plan again: nothing trained, the checkpoint's weights loaded into a fresh setup.
+    fresh = MultiTaskSetup.from_config(cfg, progress=False)
+    again = run_multitask_warmup(cfg, 0, steps=6, general_steps=2, progress=False, multi=fresh)
+    assert again.skipped
+    for n in ("sst2", "rte"):
+        want = multi.task(n).setup.space.supernet.state_dict()
+        for k, v in fresh.task(n).setup.space.supernet.state_dict().items():
+            assert torch.equal(v, want[k]), (n, k)
+    # Stage 1 starts from stage 0's multi-task supernet.
+    fixed = {k: v for k, v in fresh.tasks[0].setup.space.bert_arch().items() if k.endswith(("_width", "_stack"))}
+    second = run_multitask_warmup(cfg, 1, fixed=fixed, steps=3, general_steps=0, progress=False, multi=fresh)
+    assert second.init == "stage 0 checkpoint" and sum(second.task_steps.values()) == 3
+    # A single-task checkpoint where a multi-task one is expected: one line, no silent start.
+    torch.save({"kind": "something else"}, tmp_path / "work" / "supernet" / "stage2.pt")
+    with pytest.raises(Exception, match="not a multi-task supernet checkpoint"):
+        run_multitask_warmup(cfg, 2, steps=1, general_steps=0, progress=False, multi=fresh)
