@@ -31,6 +31,23 @@ def write_multitask(tmp_path, glue_dir, teacher, **extra):
     return path
 
 
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, glue_dir, base_teacher):
+    """Both tasks' teachers fine-tuned once for the module (``<workdir>/tasks``)."""
+    root = tmp_path_factory.mktemp("multitask_teachers")
+    assert cli.main(["teacher", "-q", "-c", str(write_multitask(root, glue_dir, base_teacher))]) == 0
+    return root / "work" / "tasks"
+
+
+def with_teachers(tmp_path, glue_dir, base_teacher, tuned):
+    """A fresh multi-task work directory holding the module's fine-tuned teachers; its config."""
+    import shutil
+
+    path = write_multitask(tmp_path, glue_dir, base_teacher)
+    shutil.copytree(tuned, tmp_path / "work" / "tasks")
+    return path
+
+
 def test_a_tasks_list_gives_each_task_a_single_task_config(tmp_path, glue_dir, base_teacher):
     cfg = load_config(write_multitask(tmp_path, glue_dir, base_teacher))
     assert cfg.task_keys == ["sst2", "rte"] and [t.weight for t in cfg.tasks] == [2.0, 1.0]
@@ -147,15 +164,14 @@ def _streams(multi, names=("sst2", "rte")):
     return out
 
 
-def test_multitask_kd_draws_tasks_by_weight_and_resumes_exactly(tmp_path, glue_dir, base_teacher):
+def test_multitask_kd_draws_tasks_by_weight_and_resumes_exactly(tmp_path, glue_dir, base_teacher, tuned):
     """kd_train_tasks: each step trains the task task_of_step draws (weights 2:1), through that
     task's supernet and loss; an interrupted run resumed from its state ends with the same weights."""
     from torch import nn
 
     from nni_effbert.kd.train import TrainSettings, kd_train_tasks, task_of_step
 
-    path = write_multitask(tmp_path, glue_dir, base_teacher)
-    assert cli.main(["teacher", "-q", "-c", str(path)]) == 0
+    path = with_teachers(tmp_path, glue_dir, base_teacher, tuned)
     cfg = load_config(path)
 
     def fresh():
@@ -199,12 +215,11 @@ def test_multitask_kd_draws_tasks_by_weight_and_resumes_exactly(tmp_path, glue_d
         assert torch.allclose(value, straight[name], atol=1e-6), name
 
 
-def test_multitask_warmup_writes_one_encoder_and_a_head_per_task(tmp_path, glue_dir, base_teacher):
+def test_multitask_warmup_writes_one_encoder_and_a_head_per_task(tmp_path, glue_dir, base_teacher, tuned):
     from nni_effbert.io import load_torch
     from nni_effbert.nas.multitask_warmup import MULTITASK_KIND, run_multitask_warmup
 
-    path = write_multitask(tmp_path, glue_dir, base_teacher)
-    assert cli.main(["teacher", "-q", "-c", str(path)]) == 0
+    path = with_teachers(tmp_path, glue_dir, base_teacher, tuned)
     cfg = load_config(path)
     multi = MultiTaskSetup.from_config(cfg, progress=False)
     first = run_multitask_warmup(cfg, 0, steps=6, general_steps=2, progress=False, multi=multi)
@@ -230,3 +245,43 @@ def test_multitask_warmup_writes_one_encoder_and_a_head_per_task(tmp_path, glue_
     torch.save({"kind": "something else"}, tmp_path / "work" / "supernet" / "stage2.pt")
     with pytest.raises(Exception, match="not a multi-task supernet checkpoint"):
         run_multitask_warmup(cfg, 2, steps=1, general_steps=0, progress=False, multi=fresh)
+
+
+def test_combined_score_is_the_weighted_relative_gain_over_the_reference():
+    from nni_effbert.nas.multitask_evaluator import combine
+
+    assert combine({"a": -0.9, "b": -1.8}, {"a": -1.0, "b": -2.0}, {"a": 2.0, "b": 1.0}) == pytest.approx(0.1)
+    assert combine({"a": 0.8, "b": 0.5}, {"a": 0.8, "b": 0.4}, {"a": 1.0, "b": 3.0}) == pytest.approx(0.75 * 0.25)
+    with pytest.raises(ConfigError, match="task b: no reference"):
+        combine({"a": 1.0, "b": 1.0}, {"a": 1.0}, {"a": 1.0, "b": 1.0})
+    with pytest.raises(ConfigError, match="cannot normalise"):
+        combine({"a": 1.0}, {"a": 0.0}, {"a": 1.0})
+
+
+def test_multitask_evaluator_scores_every_task_against_the_reference(tmp_path, glue_dir, base_teacher, tuned):
+    from nni_effbert.nas.multitask_evaluator import MultiTaskEvaluator, combine
+    from nni_effbert.nas.multitask_warmup import run_multitask_warmup
+
+    path = with_teachers(tmp_path, glue_dir, base_teacher, tuned)
+    cfg = load_config(path)
+    multi = MultiTaskSetup.from_config(cfg, progress=False)
+    with pytest.raises(Exception, match="no multi-task supernet of stage 0"):
+        MultiTaskEvaluator(cfg, 0, progress=False, multi=multi).evaluate(multi.tasks[0].setup.space.bert_arch())
+    run_multitask_warmup(cfg, 0, steps=4, general_steps=0, progress=False, multi=multi)
+    evaluator = MultiTaskEvaluator(cfg, 0, progress=False, multi=multi)
+    space = multi.tasks[0].setup.space
+    ref = evaluator.evaluate(space.bert_arch(), train_steps=2)
+    assert ref["default"] == pytest.approx(0.0, abs=1e-9)  # the reference against itself
+    stored = evaluator.checkpoint.with_suffix(".reference.json")
+    assert stored.is_file()
+    mtime = stored.stat().st_mtime_ns
+    other = space.bert_arch(width=min(space.config.widths), stack=2)
+    result = evaluator.evaluate(other, train_steps=2)
+    assert stored.stat().st_mtime_ns == mtime  # the reference is computed once
+    assert set(result["tasks"]) == {"sst2", "rte"} and result["weights"] == pytest.approx({"sst2": 2 / 3, "rte": 1 / 3})
+    assert result["default"] == pytest.approx(combine({t: r["default"] for t, r in result["tasks"].items()},
+                                                      result["reference"], {"sst2": 2.0, "rte": 1.0}))
+    assert result["sst2_default"] == result["tasks"]["sst2"]["default"] and "rte_search_metric" in result
+    assert result["params"] == space.count_params(other) and result["train_steps"] == 2
+    again = evaluator.evaluate(other, train_steps=2, rescore_of=7)
+    assert again["rescore_of"] == 7 and again["evaluator_seed"] == result["evaluator_seed"] + 1
