@@ -395,33 +395,23 @@ def kd_train(
                   evaluate_fn=evaluate_fn, on_checkpoint=on_checkpoint, resume=resume, device=device, runtime=runtime)
 
 
-def kd_train_tasks(
-    model: nn.Module,
-    streams: List[TaskStream],
-    settings: TrainSettings,
-    *,
-    pad_token_id: int,
-    arch_sampler: Optional[Callable[[int], Arch]] = None,
-    evaluate_fn: Optional[Callable[[int], Dict[str, float]]] = None,
-    on_checkpoint: Optional[Callable[[TrainState], None]] = None,
-    resume: Optional[TrainState] = None,
-    device: Any = "cpu",
-    runtime: Optional[Runtime] = None,
-) -> TrainResult:
+def kd_train_tasks(model: nn.Module, streams: List[TaskStream], settings: TrainSettings, *, pad_token_id: int,
+                   **options: Any) -> TrainResult:
     """:func:`kd_train` over several tasks: each step trains the task :func:`task_of_step` draws
     (by the streams' weights), on that task's next batch, teacher outputs and loss, through that
     task's model, with one optimizer over ``model`` (a module holding every stream's model, whose
     shared tensors it counts once). Step ``k``'s task, architecture and batch depend only on the
-    seeds and ``k``, so a resumed run repeats an uninterrupted one. Parameters and errors as
-    :func:`kd_train`; ``result.task_steps`` counts the steps each task trained."""
+    seeds and ``k``, so a resumed run repeats an uninterrupted one. ``options`` and errors are
+    :func:`kd_train`'s keyword arguments (``arch_sampler``, ``evaluate_fn``, ``on_checkpoint``,
+    ``resume``, ``device``, ``runtime``); ``result.task_steps`` counts the steps each task trained."""
     if not streams:
         raise ConfigError("kd_train_tasks needs at least one task stream")
-    return _train(model, list(streams), settings, pad_token_id=pad_token_id, arch_sampler=arch_sampler,
-                  evaluate_fn=evaluate_fn, on_checkpoint=on_checkpoint, resume=resume, device=device, runtime=runtime)
+    return _train(model, list(streams), settings, pad_token_id=pad_token_id, **options)
 
 
 def _train(model: nn.Module, streams: List[TaskStream], settings: TrainSettings, *, pad_token_id: int,
-           arch_sampler, evaluate_fn, on_checkpoint, resume, device, runtime) -> TrainResult:
+           arch_sampler=None, evaluate_fn=None, on_checkpoint=None, resume=None, device: Any = "cpu",
+           runtime: Optional[Runtime] = None) -> TrainResult:
     steps = int(settings.steps)
     start = int(resume.step) if resume is not None else 0
     result = TrainResult(steps=start, loss=None)
