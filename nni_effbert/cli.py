@@ -145,8 +145,16 @@ def _configure_warmup(parser: argparse.ArgumentParser) -> None:
 def _run_warmup(args: argparse.Namespace) -> int:
     from .nas.warmup import load_fixed_file, run_warmup
 
-    cfg = _load_cfg(args, args.experiment)
+    cfg = _load_cfg(args, args.experiment, every_task=True)
     fixed = load_fixed_file(args.fixed) if args.fixed else None
+    if cfg.tasks:  # a multi-task config without --task: one supernet for every task
+        from .nas.multitask_warmup import run_multitask_warmup
+
+        multi = run_multitask_warmup(cfg, args.stage, fixed=fixed, steps=args.steps, general_steps=args.general_steps,
+                                     force=args.force, progress=not args.quiet, experiment=args.experiment)
+        state = "already warmed up" if multi.skipped else f"steps per task {multi.task_steps}, from {multi.init}"
+        print(f"stage {multi.stage} multi-task supernet ({state}): {multi.checkpoint}")
+        return 0
     result = run_warmup(cfg, args.stage, fixed=fixed, steps=args.steps, general_steps=args.general_steps,
                         force=args.force, checkpoint_interval=args.checkpoint_every, progress=not args.quiet,
                         experiment=args.experiment)
@@ -659,7 +667,8 @@ def build_parser(commands: Sequence[Command] = None) -> argparse.ArgumentParser:
                              help="override a config value, e.g. --set evaluator.train_steps=50 (repeatable)")
     with_config.add_argument("--task", metavar="NAME", default=None,
                              help="a multi-task config (tasks:): run on this task, in its own work directory "
-                                  "<workdir>/tasks/NAME (teacher: without --task, every task's)")
+                                  "<workdir>/tasks/NAME (without --task: teacher fine-tunes every task's teacher, warmup "
+                                  "warms up one supernet for all the tasks)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in commands:
         parents = [common, with_config] if cmd.needs_config else [common]

@@ -285,3 +285,13 @@ def test_multitask_evaluator_scores_every_task_against_the_reference(tmp_path, g
     assert result["params"] == space.count_params(other) and result["train_steps"] == 2
     again = evaluator.evaluate(other, train_steps=2, rescore_of=7)
     assert again["rescore_of"] == 7 and again["evaluator_seed"] == result["evaluator_seed"] + 1
+
+
+def test_warmup_command_warms_one_supernet_for_every_task_or_one_task(tmp_path, glue_dir, base_teacher, tuned, capsys):
+    path = with_teachers(tmp_path, glue_dir, base_teacher, tuned)
+    common = ["-q", "-c", str(path), "--stage", "0", "--steps", "2", "--general-steps", "0"]
+    assert cli.main(["warmup", *common]) == 0
+    assert "stage 0 multi-task supernet (steps per task" in capsys.readouterr().out
+    assert (tmp_path / "work" / "supernet" / "stage0.pt").is_file()
+    assert cli.main(["warmup", *common, "--task", "rte"]) == 0  # the single-task warm-up of one task
+    assert (tmp_path / "work" / "tasks" / "rte" / "supernet" / "stage0.pt").is_file()
