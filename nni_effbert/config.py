@@ -375,9 +375,10 @@ class ExperimentConfig:
         Several tasks in one config, instead of ``task``: each a ``task`` section with a ``name``, a
         ``weight`` and optionally its own ``teacher``. Each task keeps a single-task work directory of its own
         under ``<workdir>/tasks/<name>/`` (teacher fine-tuned on it, teacher-output caches, search split);
-        ``nni-effbert teacher`` fine-tunes every task's teacher, and every command runs on one task with
-        ``--task NAME`` (:func:`task_config`). One search over all the tasks at once (multi-task warm-up and
-        fitness, the paper's protocol) is being built and not available yet.
+        ``nni-effbert teacher`` fine-tunes every task's teacher, ``nni-effbert warmup`` warms up one supernet
+        whose encoder every task shares (a head per task), and every command runs on one task with
+        ``--task NAME`` (:func:`task_config`). The search over all the tasks at once (candidates scored on
+        every task as NNI trials, the paper's protocol) is being built and not available yet.
     """
 
     workdir: str = path_field(dataclasses.MISSING)
