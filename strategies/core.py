@@ -42,7 +42,7 @@ from .search_errors import SearchConfigError, SearchFailedError, SearchStateErro
 from .sampler import (PartitionSampler, bert_seed_archs, check_budget, check_latency_budget, in_budget,
                       latency_in_budget, random_arch_in_budget)
 from .stages import SearchConfig, Stage
-from .ties import measured_margin, order_with_ties, stage_margin
+from .ties import is_one_shot, measured_margin, order_with_ties
 
 __all__ = [
     "Proposal",
@@ -319,7 +319,7 @@ class ProgressiveSearch:
     def _one_shot(self, stage: int, records: Sequence[TrialRecord]) -> bool:
         """Every candidate was scored without fine-tuning (0 steps): scores without seed noise."""
         planned = self.config.stages[stage].train_steps if stage < len(self.config.stages) else None
-        return stage_margin(1.0, [r.train_steps if r.train_steps is not None else planned for r in records]) == 0.0
+        return is_one_shot(r.train_steps if r.train_steps is not None else planned for r in records)
 
     def rescore_pairs(self, stage: int) -> List[Tuple[float, float]]:
         """``(score, re-score)`` of the stage's candidates scored again (``search.noise_rescores``)."""

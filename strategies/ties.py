@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
-__all__ = ["TIE_MARGINS", "NOISE_FACTOR", "default_tie_margin", "stage_margin", "noise_sd", "measured_margin",
+__all__ = ["TIE_MARGINS", "NOISE_FACTOR", "default_tie_margin", "is_one_shot", "stage_margin", "noise_sd", "measured_margin",
            "order_with_ties"]
 
 T = TypeVar("T")
@@ -42,6 +42,13 @@ def default_tie_margin(objective: str) -> float:
     return float(TIE_MARGINS.get(objective, 0.0))
 
 
+def is_one_shot(train_steps: Iterable[Optional[int]]) -> bool:
+    """True when every candidate was scored with 0 fine-tune steps (at least one candidate, every
+    step count known): scores that do not move with the evaluator seed."""
+    steps = list(train_steps)
+    return bool(steps) and all(s is not None and int(s) == 0 for s in steps)
+
+
 def stage_margin(margin: float, train_steps: Iterable[Optional[int]]) -> float:
     """The tie margin for candidates scored with these ``train_steps`` (one per candidate).
 
@@ -52,10 +59,7 @@ def stage_margin(margin: float, train_steps: Iterable[Optional[int]]) -> float:
     stage to its lowest-scoring, smallest candidate: ``docs/guides/selection-bias.md``.) An
     unknown step count (None) keeps ``margin``.
     """
-    steps = list(train_steps)
-    if steps and all(s is not None and int(s) == 0 for s in steps):
-        return 0.0
-    return float(margin)
+    return 0.0 if is_one_shot(train_steps) else float(margin)
 
 
 def noise_sd(differences: Sequence[float]) -> Optional[float]:

@@ -446,10 +446,8 @@ def _train(model: nn.Module, streams: List[TaskStream], settings: TrainSettings,
     # One batch stream per task (the single task keeps settings.seed), each resumed after the
     # batches the steps before `start` took from it.
     before = [0] * len(streams)
-    for k in range(start if len(streams) > 1 else 0):
+    for k in range(start):
         before[task_of_step(weights, settings.seed, k)] += 1
-    if len(streams) == 1:
-        before = [start]
     batches = [iterate_batches(stream.dataset, settings.batch_size, settings.seed + 7919 * i, pad_token_id,
                                before[i], device, workers=rt.dataloader_workers, pin_memory=rt.pin_memory)
                for i, stream in enumerate(streams)]

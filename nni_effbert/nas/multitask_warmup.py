@@ -69,9 +69,12 @@ def multitask_plan(cfg: ExperimentConfig, stage: int, *, fixed: Optional[Mapping
     """The stage's warm-up plan (:func:`~.warmup.plan_warmup` of the first task's config) plus the
     tasks and their weights: equal plans give interchangeable checkpoints."""
     first = task_config(cfg, cfg.task_keys[0])
-    plan = plan_warmup(first, stage, fixed=fixed, steps=steps, general_steps=general_steps).to_dict()
-    plan["tasks"] = [[entry.key, float(entry.weight)] for entry in cfg.tasks]
-    return plan
+    return _with_tasks(cfg, plan_warmup(first, stage, fixed=fixed, steps=steps, general_steps=general_steps))
+
+
+def _with_tasks(cfg: ExperimentConfig, first_plan) -> Dict[str, Any]:
+    """The first task's plan as a dict, plus every task with its weight."""
+    return {**first_plan.to_dict(), "tasks": [[entry.key, float(entry.weight)] for entry in cfg.tasks]}
 
 
 def _read_checkpoint(path: Path, stage: int) -> Dict[str, Any]:
@@ -136,8 +139,8 @@ def run_multitask_warmup(cfg: ExperimentConfig, stage: int, *, fixed: Optional[M
     first = multi.tasks[0].setup
     space = first.space
     fixed = _validate_fixed(space, fixed or {})
-    plan = multitask_plan(cfg, stage, fixed=fixed, steps=steps, general_steps=general_steps)
     first_plan = plan_warmup(first.cfg, stage, fixed=fixed, steps=steps, general_steps=general_steps)
+    plan = _with_tasks(cfg, first_plan)
     wd = WorkDir.of(cfg).ensure()
     experiment = experiment_key(experiment)
     ckpt = wd.supernet_checkpoint(stage, experiment)

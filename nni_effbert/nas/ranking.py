@@ -12,7 +12,7 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 from ..errors import ConfigError, EffBertError
-from nni_effbert.strategies.ties import measured_margin, order_with_ties, stage_margin
+from nni_effbert.strategies.ties import is_one_shot, measured_margin, order_with_ties
 
 from .records import is_failed, is_rescore, is_scored, normalize_trial
 
@@ -61,7 +61,7 @@ def stage_tie_margin(trials: Iterable[Mapping[str, Any]], stage: Optional[int], 
     (:func:`rescore_pairs`); else ``tie_margin``."""
     trials = [normalize_trial(t) for t in trials]
     pool = [t for t in trials if is_scored(t) and (stage is None or t["stage"] == stage)]
-    if stage_margin(1.0, [_train_steps(t) for t in pool]) == 0.0:
+    if is_one_shot(_train_steps(t) for t in pool):
         return 0.0
     measured = measured_margin(rescore_pairs(trials, stage)) if stage is not None else None
     return float(tie_margin) if measured is None else float(measured)
