@@ -12,7 +12,7 @@ latency-matched BERT-MLP baseline, plus an MLP capacity check.
 3. The searched student and the latency-matched baseline, each distilled with ``--distill-seeds``
    seeds and scored on part a; per-question F1 of every student and seed.
 4. A paired test over questions, seeds paired: per question, the mean over seeds of searched F1
-   minus baseline F1; ``scipy.stats.permutation_test`` (sign flips, one-sided) and a 95% bootstrap
+   minus baseline F1; ``scipy.stats.permutation_test`` (sign flips, two-sided) and a 95% bootstrap
    interval of the mean difference (``scipy.stats.bootstrap``).
 5. Capacity check: BERT's MLP at widths 1/4, 1/2 and 1 of the ffn hidden size (stack 1) and at
    width 1/2 with stack 2, exported from the same supernet stage and distilled the same way.
@@ -48,6 +48,17 @@ REDUCED = ["task.max_train_rows=240", "task.max_dev_rows=120", "task.search_rows
            "search.stages=[{name: coarse, kind: joint, trials: 2, warmup_steps: 10}, {name: expression, kind: "
            "expression, trials: 2, warmup_steps: 10}, {name: size, kind: size, trials: 2, warmup_steps: 10, "
            "general_warmup_steps: 4, train_steps: 0}]"]
+
+#: A run sized for one sitting on the 2-core machine (about 1 h 45 min): 2,800 questions of part b
+#: (about 300 of them, whole articles, held out for the search), 1,500 questions of part a for EM / F1,
+#: 24 candidates with 20-step KD fine-tunes and short warm-ups, 150 task-KD steps per distillation.
+#: Windows, stride and latency stay at 384 / 128 as run_qa. Labelled MEDIUM in the results.
+MEDIUM = ["task.max_train_rows=2800", "task.max_dev_rows=1500", "task.search_rows=300", "warmup.steps=100",
+          "evaluator.train_steps=20", "evaluator.eval_interval=20", "distill.general_steps=0",
+          "distill.task_steps=150", "distill.eval_interval=0",
+          "search.stages=[{name: coarse, kind: joint, trials: 10, warmup_steps: 100}, {name: expression, kind: "
+          "expression, trials: 6, warmup_steps: 50}, {name: size, kind: size, trials: 8, warmup_steps: 50, "
+          "general_warmup_steps: 25, train_steps: 0}]"]
 
 
 def per_question_f1(folder, setup):
@@ -92,7 +103,7 @@ def paired_test(searched, baseline):
     if not np.any(d):
         return {"mean_diff": 0.0, "ci95": [0.0, 0.0], "p_value": 1.0, "questions": len(qids)}
     perm = stats.permutation_test((s, b), lambda x, y: np.mean(x - y), permutation_type="samples",
-                                  alternative="greater", n_resamples=9999, random_state=0)
+                                  alternative="two-sided", n_resamples=9999, random_state=0)
     boot = stats.bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=9999, random_state=0)
     return {"mean_diff": float(d.mean()), "ci95": [float(boot.confidence_interval.low),
                                                   float(boot.confidence_interval.high)],
@@ -108,7 +119,9 @@ def main() -> int:
     p.add_argument("--speedup", type=float, default=None, help="search.speedup=X instead of the baseline's latency")
     p.add_argument("--distill-seeds", type=int, default=3)
     p.add_argument("--port", type=int, default=None)
-    p.add_argument("--reduced", action="store_true", help="a short run (labelled REDUCED); not the bench's figures")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--reduced", action="store_true", help="a short run (labelled REDUCED); not the bench's figures")
+    size.add_argument("--medium", action="store_true", help="a run that fits one sitting on 2 cores (labelled MEDIUM)")
     p.add_argument("--experiment", metavar="ID", help="reuse this finished search in the work directory")
     p.add_argument("--no-capacity", action="store_true", help="skip the capacity check")
     args = p.parse_args()
@@ -118,7 +131,8 @@ def main() -> int:
     import yaml
 
     from nni_effbert.config import apply_overrides, load_config
-    from nni_effbert.kd import latency_table as lt
+    from nni_effbert.latency.settings import latency_settings
+    from nni_effbert.latency.table import table_for_config
     from nni_effbert.latency.measure import measure_latency
     from nni_effbert.kd.teacher import load_teacher, prepare_teacher
     from nni_effbert.kd.setup import KDSetup
@@ -130,13 +144,13 @@ def main() -> int:
     from nni_effbert.product.students import export_best, export_trial_arch
     from nni_effbert.search_spaces.supernet import EfficientBertSupernet
 
-    overrides = [*(REDUCED if args.reduced else []), *args.set]
+    overrides = [*(REDUCED if args.reduced else MEDIUM if args.medium else []), *args.set]
     base_cfg = load_config(args.config, overrides)
-    workdir = args.workdir or (base_cfg.workdir + ("_reduced" if args.reduced else ""))
+    workdir = args.workdir or (base_cfg.workdir + ("_reduced" if args.reduced else "_medium" if args.medium else ""))
     overrides.append(f"workdir={workdir}")
     cfg = load_config(args.config, overrides)
-    settings = lt.latency_settings(cfg)
-    table = lt.table_for_config(cfg)
+    settings = latency_settings(cfg)
+    table = table_for_config(cfg)
     space = EfficientBertSupernet.preset(cfg.student.preset, **dict(cfg.student.overrides))
     full = max(space.config.widths)
     b_ms = table.predict(space.bert_arch(width=full, stack=1))
@@ -155,7 +169,12 @@ def main() -> int:
 
     info = machine_info()
     started = time.perf_counter()
-    experiment = args.experiment or run_pipeline(cfg, effective, port=args.port).experiment_id
+    pipeline_timings = {}
+    if args.experiment:
+        experiment = args.experiment
+    else:  # the bench distils per seed itself: the pipeline stops after the search
+        result = run_pipeline(cfg, effective, port=args.port, search_only=True)
+        experiment, pipeline_timings = result.experiment_id, dict(result.timings)
     setup = KDSetup.from_config(cfg, progress=False)
     teacher_scores = setup.teacher_marker.get("dev_scores", {}).get("dev", {})
     teacher_model = prepare_teacher(load_teacher(str(setup.teacher_dir))[0]).cpu()
@@ -213,7 +232,7 @@ def main() -> int:
     targets = {"keeps_90pct_teacher_f1": bool(keeps is not None and keeps >= 0.9),
                "speedup_3x_seq384": bool(speedup is not None and speedup >= 3 and settings.seq_length == 384),
                "beats_latency_baseline_p<0.05": bool(test["p_value"] < 0.05)}
-    data = {"reduced": bool(args.reduced), "machine": info, "load_end": load_now(),
+    data = {"reduced": bool(args.reduced), "medium": bool(args.medium), "timings_s": pipeline_timings, "machine": info, "load_end": load_now(),
             "command": "python bench/squad.py " + " ".join(sys.argv[1:]), "budget": budget[0],
             "baseline_predicted_ms": b_ms, "experiment": experiment, "teacher": {"dev": teacher_scores,
             "latency_ms": teacher_ms}, "seeds": seeds, "searched_latency_ms": s_ms, "paired_test": test,
@@ -226,11 +245,17 @@ def main() -> int:
     dest = Path(args.out)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
-    label = "REDUCED RUN (not the bench's figures): " if args.reduced else ""
+    label = ("REDUCED RUN (not the bench's figures): " if args.reduced
+             else "MEDIUM RUN (budgets cut to fit one sitting on 2 cores): " if args.medium else "")
     md = [f"# {label}SQuAD v1.1: searched student vs the latency-matched BERT-MLP baseline", "",
           f"- train on part b ({data['budgets']['train_questions']} questions; {data['budgets']['search_questions']} "
           f"held out by article for the search), EM / F1 on part a ({data['budgets']['dev_questions']} questions)",
-          f"- {budget[0]}; experiment {experiment}; load average at the end {data['load_end']}",
+          f"- {budget[0]}; experiment {experiment}; load average at the start {info.get('loadavg')}, at the end "
+          f"{data['load_end']}",
+          f"- budgets: teacher {cfg.teacher.finetune.epochs} epochs; search {len(cfg.search.stages)} stages, "
+          f"{sum(s.trials for s in cfg.search.stages)} candidates, {cfg.evaluator.train_steps}-step KD fine-tunes; distillation "
+          f"{cfg.distill.general_steps} general + {cfg.distill.task_steps} task KD steps of {cfg.distill.batch_size} "
+          f"windows per student and seed; total {data['total_s'] / 60:.0f} min",
           f"- teacher: EM {teacher_scores.get('exact', float('nan')):.4f} / F1 {t_f1:.4f}, {teacher_ms:.1f} ms "
           f"at seq {settings.seq_length}", "",
           "| distill seed | baseline EM / F1 | searched EM / F1 |", "|---:|---:|---:|"]
@@ -277,7 +302,7 @@ def _plot(data, path) -> None:
         ax.scatter([i] * len(vals), vals, s=18)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("dev F1 (part a)")
-    ax.set_title(("REDUCED: " if data["reduced"] else "") + "SQuAD v1.1 students, one dot per distill seed", fontsize=9)
+    ax.set_title(("REDUCED: " if data["reduced"] else "MEDIUM: " if data.get("medium") else "") + "SQuAD v1.1 students, one dot per distill seed", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
