@@ -109,12 +109,12 @@ def _load_cfg(args: argparse.Namespace, experiment: Optional[str] = None, *, res
 
 
 def _run_teacher(args: argparse.Namespace) -> int:
-    from .config import task_config
+    from .config import each_task
     from .kd.teacher_finetune import finetune_from_config
 
     cfg = _load_cfg(args, every_task=True)
     # A multi-task config without --task: every task's teacher, one after the other.
-    for name, one in ([(k, task_config(cfg, k)) for k in cfg.task_keys] if cfg.tasks else [(None, cfg)]):
+    for name, one in each_task(cfg):
         result = finetune_from_config(one, progress=not args.quiet)
         how = "reused" if result.reused else "fine-tuned"
         print(f"{'' if name is None else f'[{name}] '}teacher ({how}): {result.path}")
@@ -209,7 +209,7 @@ def _run_search(args: argparse.Namespace) -> int:
     from .nas.launcher import format_trials, run_search
     from .nas.records import is_failed
 
-    cfg = _load_cfg(args, args.resume, resume=True)
+    cfg = _load_cfg(args, args.resume, resume=True, every_task=True)  # tasks: without --task searches them all
     if args.no_warm_worker:
         cfg.search.warm_worker = False
     result = run_search(cfg, config_path=args.config, wait=args.wait, python=args.python, port=args.port,

@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -54,6 +54,7 @@ __all__ = [
     "TaskEntry",
     "task_config",
     "single_task",
+    "each_task",
     "from_dict",
     "to_dict",
     "load_config",
@@ -399,9 +400,18 @@ class ExperimentConfig:
         """The keys of ``tasks`` in order (empty for a single-task config)."""
         return [t.key for t in self.tasks or []]
 
+    @property
+    def task_label(self) -> str:
+        """The task's name, or the keys of ``tasks`` joined by ``+`` (experiment names)."""
+        return "+".join(self.task_keys) if self.tasks else self.task.name
+
     def to_dict(self) -> Dict[str, Any]:
-        """Plain dict of YAML types (tuples become lists) that :func:`from_dict` reads back."""
-        return to_dict(self)
+        """Plain dict of YAML types (tuples become lists) that :func:`from_dict` reads back
+        (a multi-task config without the placeholder ``task``: ``tasks`` says it all)."""
+        data = to_dict(self)
+        if self.tasks:
+            data.pop("task", None)
+        return data
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the config as YAML (paths are absolute, so it loads from anywhere)."""
@@ -592,6 +602,12 @@ def task_config(cfg: ExperimentConfig, name: Optional[str]) -> ExperimentConfig:
         cfg, task=dataclasses.replace(entry.task), tasks=None,
         teacher=dataclasses.replace(entry.teacher or cfg.teacher),
         workdir=str(Path(cfg.workdir) / "tasks" / name))
+
+
+def each_task(cfg: ExperimentConfig) -> List[Tuple[Optional[str], ExperimentConfig]]:
+    """``(task key, single-task config)`` of every task of a multi-task config (:func:`task_config`),
+    else ``[(None, cfg)]``."""
+    return [(name, task_config(cfg, name)) for name in cfg.task_keys] if cfg.tasks else [(None, cfg)]
 
 
 # ---------------------------------------------------------------------------------------------

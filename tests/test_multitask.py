@@ -3,6 +3,7 @@ teacher, and the multi-task setup whose tasks share one student encoder."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,8 @@ def test_a_tasks_list_gives_each_task_a_single_task_config(tmp_path, glue_dir, b
     assert Path(rte.workdir) == tmp_path / "work" / "tasks" / "rte"
     assert rte.teacher.model == str(base_teacher) and rte.search == cfg.search
     assert task_config(rte, None) is rte  # a single-task config stays as it is
+    cfg.save(tmp_path / "saved.yml")  # what a search snapshots and its tuner reads back
+    assert load_config(tmp_path / "saved.yml") == cfg
     with pytest.raises(ConfigError, match="several.*--task NAME"):
         task_config(cfg, None)
     with pytest.raises(ConfigError, match="--task qnli: not a task of this config; its tasks are sst2, rte"):
@@ -295,3 +298,64 @@ def test_warmup_command_warms_one_supernet_for_every_task_or_one_task(tmp_path, 
     assert (tmp_path / "work" / "supernet" / "stage0.pt").is_file()
     assert cli.main(["warmup", *common, "--task", "rte"]) == 0  # the single-task warm-up of one task
     assert (tmp_path / "work" / "tasks" / "rte" / "supernet" / "stage0.pt").is_file()
+
+
+STAGE = {"stages": [{"name": "coarse", "kind": "joint", "trials": 2, "warmup_steps": 2}], "trial_concurrency": 1,
+         "seed": 0}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("driver", ["nnictl", "python"])
+def test_search_scores_candidates_on_every_task(tmp_path, glue_dir, base_teacher, tuned, driver, capsys):
+    """``nni-effbert search`` (nnictl and ``--python``) with a ``tasks:`` config: a multi-task warm-up,
+    then candidates whose ``default`` combines both tasks' objectives against the reference arch."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from nni_effbert.nas.launcher import free_port
+    from nni_effbert.nas.multitask_evaluator import combine
+    from nni_effbert.nas.records import is_scored, normalize_trial, read_nni_trials
+
+    path = write_multitask(tmp_path, glue_dir, base_teacher, search=STAGE)
+    shutil.copytree(tuned, tmp_path / "work" / "tasks")
+    work = tmp_path / "work"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NNI_")}
+    if driver == "python":
+        proc = subprocess.run([sys.executable, "-m", "nni_effbert.cli", "search", "-q", "-c", str(path), "--python",
+                               "--port", str(free_port())], env={**env, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        found = re.search(r"NAS experiment (\w+)", proc.stdout)
+        ok, why = proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    else:
+        capsys.readouterr()
+        ok = cli.main(["search", "-q", "-c", str(path), "--wait", "--timeout", "600"]) == 0
+        captured = capsys.readouterr()
+        found = re.search(r"^experiment (\S+): (\S+)$", captured.out, re.M)
+        why = captured.out[-3000:] + captured.err[-3000:]
+    try:
+        assert ok and found, why
+        exp_id = found.group(1)
+        if driver == "python":
+            trials = [normalize_trial(t) for t in json.loads((work / "trials.json").read_text())["trials"]]
+        else:
+            trials = [normalize_trial(t) for t in read_nni_trials(exp_id, experiments_dir=work / "nni-experiments")]
+            assert "experimentName: effbert-sst2+rte-work" in (work / "nnictl" / "nnictl.yml").read_text()
+        warm = [t for t in trials if t["warmup"]]
+        cands = [t for t in trials if not t["warmup"] and not t.get("teacher")]
+        assert len(warm) == 1 and (work / "supernet" / exp_id / "stage0.pt").is_file()  # one shared supernet
+        assert len(cands) == 2 and all(is_scored(t) for t in cands), trials
+        for t in cands:
+            final = t["final"]
+            per_task = {task: final[f"{task}_default"] for task in ("sst2", "rte")}
+            assert final["default"] == pytest.approx(combine(per_task, final["reference"], {"sst2": 2.0, "rte": 1.0}))
+            assert final["objective"] == "multitask:kd" and "rte_search_metric" in final
+        for task in ("sst2", "rte"):  # each task's teacher outputs cached once, in its own work directory
+            assert len(list((work / "tasks" / task / "cache").glob("train-*[!k]"))) == 1
+    finally:
+        if found:
+            subprocess.run([sys.executable, "-m", "nni.tools.nnictl.nnictl", "experiment", "delete", found.group(1)],
+                           env=env, input="y\n", capture_output=True, text=True, timeout=120)
+        shutil.rmtree(work / "nni-experiments", ignore_errors=True)

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from nni_effbert.search_spaces import EfficientBertSpace
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, each_task
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..kd.teacher import read_teacher_marker
 from ..kd.student_start import student_preset
@@ -130,9 +130,12 @@ def prepare_workdir(cfg: ExperimentConfig, config_path: Optional[str]) -> Tuple[
     """Check the teacher is there and save the resolved config into the work directory."""
 
     wd = WorkDir.of(cfg).ensure()
-    if read_teacher_marker(wd.teacher_dir) is None:
-        raise CheckpointError(f"no fine-tuned teacher in {wd.teacher_dir}; run `nni-effbert teacher -c "
-                              f"{config_path or '<config>'}` before the search")
+    for key, one in each_task(cfg):  # a multi-task config: every task's own teacher
+        folder = WorkDir.of(one).teacher_dir
+        if read_teacher_marker(folder) is None:
+            whose = f" of task {key}" if key else ""
+            raise CheckpointError(f"no fine-tuned teacher{whose} in {folder}; run `nni-effbert teacher -c "
+                                  f"{config_path or '<config>'}` before the search")
     cfg.save(wd.config_file)
     return wd, wd.config_file
 

@@ -505,13 +505,18 @@ class KDEvaluator:
             return {"source": "experiment", "experiment": self.experiment}
         return {"source": "workdir"}
 
+    #: Whose work directory holds the latency table (default: this config's; a multi-task
+    #: search's tasks read the table of the multi-task work directory, which its tuner uses).
+    latency_root: Optional[str] = None
+
     def latency_table(self):
         """The work directory's complete latency table for this config, or None (never built here:
         ``nni-effbert latency`` and ``nni-effbert search`` build it)."""
         if not hasattr(self, "_latency_table"):
             settings = latency_settings(self.cfg)
             config = self.setup.space.config  # not self.space: that builds the NNI space (nni.nas)
-            table = load_table(table_path(self.cfg.workdir, config, settings), config, settings)
+            root = self.latency_root or self.cfg.workdir
+            table = load_table(table_path(root, config, settings), config, settings)
             self._latency_table = table if table is not None and table.complete else None
         return self._latency_table
 

@@ -14,7 +14,8 @@ task's values (``<task>_default``, ``<task>_search_metric``, ``<task>_search_kd_
 web UI shows them, and ``reference`` (the reference's objective per task; computed once per stage,
 fine-tune length and evaluator seed, and kept beside the stage checkpoint).
 
-Not yet: the NNI trial that runs it (the multi-task search).
+The multi-task search's candidate trials run it (:mod:`.trial_runner`, ``nni-effbert search`` with a
+``tasks:`` config).
 """
 from __future__ import annotations
 
@@ -31,12 +32,14 @@ from ..config import ExperimentConfig
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write_json, load_torch
 from ..kd.multitask import MultiTaskSetup
+from ..kd.train import TrialFailure
+from ..params import is_warmup, split_arch
 from ..workdir import WorkDir
-from .kd_evaluator import KDEvaluator
-from .multitask_warmup import MULTITASK_KIND
+from .kd_evaluator import KDEvaluator, _as_config, _trial_id, _write_record
+from .multitask_warmup import MULTITASK_KIND, run_multitask_warmup
 from .supernets import check_owner, experiment_key
 
-__all__ = ["combine", "MultiTaskEvaluator"]
+__all__ = ["combine", "MultiTaskEvaluator", "evaluate_multitask_nni_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,7 @@ class MultiTaskEvaluator:
 
     def __init__(self, cfg: ExperimentConfig, stage: int = 0, *, progress: bool = True,
                  multi: Optional[MultiTaskSetup] = None, experiment: Optional[str] = None):
+        cfg = _as_config(cfg, ())
         if not cfg.tasks:
             raise ConfigError("MultiTaskEvaluator needs a config with tasks:; use KDEvaluator for one task")
         self.cfg = cfg
@@ -97,6 +101,8 @@ class MultiTaskEvaluator:
         self.evaluators = {t.name: KDEvaluator(t.setup.cfg, self.stage, report=False, progress=progress,
                                                latency=i == 0, setup=t.setup)
                            for i, t in enumerate(self.multi.tasks)}
+        for ev in self.evaluators.values():  # the table the search built (and its tuner reads)
+            ev.latency_root = cfg.workdir
         self._loaded: Optional[str] = None
 
     @property
@@ -143,9 +149,47 @@ class MultiTaskEvaluator:
                 logger.info("stage %d: reference arch scored on every task: %s", self.stage, known[key])
         return dict(known[key])
 
+    # -- NNI: the --python search (NasExperiment) ----------------------------------------------
+
+    @property
+    def space(self):
+        """The shared student space as an NNI model space (the first task's supernet, its weights),
+        for ``NasExperiment``: only the arch of a sample matters, every task scores it."""
+        from nni_effbert.search_spaces.space import EfficientBertSpace  # local: nni.nas; never in a trial
+
+        setup = self.multi.tasks[0].setup
+        setup.space = EfficientBertSpace.from_supernet(setup.space)  # the same weights, one object
+        return setup.space
+
+    def warmup(self, parameters: Mapping[str, Any]) -> Dict[str, Any]:
+        """A warm-up trial's parameters run in this process (``warmup_fn`` of the progressive
+        strategy on the ``--python`` path); returns the warm-up's metric dict."""
+        from ..params import GENERAL_WARMUP_STEPS_KEY, WARMUP_KEY, WARMUP_STEPS_KEY, int_meta
+
+        if not is_warmup(parameters):
+            raise ConfigError(f"warm-up parameters need {WARMUP_KEY}, got keys {sorted(parameters)}")
+        self._loaded = None  # the warm-up overwrites the weights held in memory
+        result = run_multitask_warmup(self.cfg, int_meta(parameters, WARMUP_KEY), fixed=split_arch(parameters),
+                                      steps=int_meta(parameters, WARMUP_STEPS_KEY),
+                                      general_steps=int_meta(parameters, GENERAL_WARMUP_STEPS_KEY),
+                                      progress=self.progress, multi=self.multi, experiment=self.experiment)
+        return result.report()
+
+    def as_nni_evaluator(self):
+        """This evaluator as an NNI NAS evaluator for ``NasExperiment``: every trial rebuilds a
+        :class:`MultiTaskEvaluator` from the config and scores the sample's arch on the supernets
+        of its own experiment (``$NNI_EXP_ID``), which the in-process warm-ups wrote."""
+        from .nni_evaluator import StageAwareEvaluator  # local: pytorch_lightning, --python only
+
+        return StageAwareEvaluator(evaluate_multitask_nni_model, config=self.cfg.to_dict(), stage=self.stage,
+                                   train_steps=None, supernet={"source": "own"})
+
+    # -- scoring -------------------------------------------------------------------------------
+
     def evaluate(self, arch: Mapping[str, Any], *, train_steps: Optional[int] = None,
-                 rescore_of: Optional[int] = None) -> Dict[str, Any]:
-        """Score ``arch`` on every task and combine them (:func:`combine`).
+                 rescore_of: Optional[int] = None, trial_id: Optional[str] = None) -> Dict[str, Any]:
+        """Score ``arch`` on every task and combine them (:func:`combine`); the result is also
+        recorded in ``<workdir>/trials/<trial id>/result.json`` (what ``--python`` and a resume read).
 
         Returns
         -------
@@ -161,8 +205,13 @@ class MultiTaskEvaluator:
         steps = first.train_steps(train_steps)
         offset = 0 if rescore_of is None else 1
         arch = first.validate_arch(arch)
-        references = self.reference(steps, offset)
-        per_task = self._per_task(arch, steps, offset)
+        record = self.wd.trial_dir(trial_id or _trial_id()) / "result.json"
+        try:
+            references = self.reference(steps, offset)
+            per_task = self._per_task(arch, steps, offset)
+        except TrialFailure as exc:
+            _write_record(record, {"status": "failed", "reason": str(exc), "arch": arch, "stage": self.stage})
+            raise
         weights = self.multi.weights
         result: Dict[str, Any] = {key: per_task[self.multi.names[0]][key]
                                   for key in ("params", "non_embedding_params", "latency_ms", "expressions", "widths",
@@ -178,4 +227,30 @@ class MultiTaskEvaluator:
         if rescore_of is not None:
             result["rescore_of"] = int(rescore_of)
         result["seconds"] = round(time.perf_counter() - started, 3)
+        _write_record(record, {"status": "succeeded", "result": result, "arch": arch})
+        logger.info("stage %d: combined default %.4f over %s", self.stage, result["default"],
+                    {t: round(float(r["default"]), 4) for t, r in per_task.items()})
         return result
+
+
+# One evaluator per (config, stage) per process, as kd_evaluator's (data and teachers load once).
+_EVALUATORS: Dict[str, MultiTaskEvaluator] = {}
+
+
+def evaluate_multitask_nni_model(model, config: Mapping[str, Any], stage: Optional[int] = None,
+                                 train_steps: Optional[int] = None, supernet: Any = None,
+                                 rescore_of: Optional[int] = None) -> Dict[str, Any]:
+    """Evaluation function of :meth:`MultiTaskEvaluator.as_nni_evaluator` (module level, so NNI can
+    serialise it): scores ``model.arch`` on every task and reports the metric dict, arch included."""
+    import nni  # local: only a trial reports
+
+    key = json.dumps([config, stage], sort_keys=True, default=str)
+    evaluator = _EVALUATORS.get(key)
+    if evaluator is None:
+        evaluator = _EVALUATORS[key] = MultiTaskEvaluator(config, int(stage or 0), progress=False)
+    arch = getattr(model, "arch", None)
+    if not isinstance(arch, Mapping):
+        raise ConfigError(f"expected an EfficientBertModel with an .arch dict, got {type(model).__name__}")
+    result = evaluator.evaluate(dict(arch), train_steps=train_steps, rescore_of=rescore_of)
+    nni.report_final_result({**result, "arch": dict(arch)})
+    return result

@@ -16,8 +16,8 @@ the nearest earlier stage's multi-task checkpoint, else as ``warmup.init`` says:
 (every task's supernet from its own teacher, the first task's last, so the shared encoder is the
 first task's teacher's and each head its own task's), ``teacher_embeddings`` or ``random``.
 
-Not yet: resuming an interrupted multi-task warm-up (it starts over), and the NNI trial that
-runs it (the multi-task search).
+The multi-task search's warm-up trials run it (:mod:`.trial_runner`). Not yet: resuming an
+interrupted multi-task warm-up (it starts over).
 """
 from __future__ import annotations
 
@@ -62,6 +62,14 @@ class MultiTaskWarmupResult:
     task_steps: Dict[str, int] = field(default_factory=dict)
     loss: Optional[float] = None
     seconds: float = 0.0
+
+    def report(self) -> Dict[str, Any]:
+        """Final-metric dict of a multi-task warm-up trial, without ``default`` (a warm-up is not a
+        candidate; see :meth:`WarmupResult.report <nni_effbert.nas.warmup.WarmupResult.report>`)."""
+        return {"warmup": True, "stage": self.stage, "steps": int(self.plan.get("general_steps") or 0) + int(self.plan.get("steps") or 0),
+                "skipped": self.skipped, "init": self.init, "tasks": [t for t, _ in self.plan.get("tasks", [])],
+                **({"warmup_loss": float(self.loss)} if self.loss is not None else {}),
+                **{f"{task}_warmup_steps": int(n) for task, n in self.task_steps.items()}}
 
 
 def multitask_plan(cfg: ExperimentConfig, stage: int, *, fixed: Optional[Mapping[str, Any]] = None,

@@ -67,7 +67,7 @@ def nnictl_config(cfg: ExperimentConfig, config_file: Path, *, search_space_file
     """
     wd = WorkDir.of(cfg)
     config_file = Path(config_file).absolute()
-    conf: Dict[str, Any] = {"experimentName": f"effbert-{cfg.task.name}-{wd.root.name}"}
+    conf: Dict[str, Any] = {"experimentName": f"effbert-{cfg.task_label}-{wd.root.name}"}
     if search_space_file is not None:
         conf["searchSpaceFile"] = str(Path(search_space_file).absolute())
     conf.update({

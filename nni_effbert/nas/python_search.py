@@ -339,7 +339,12 @@ def _run_python(cfg: ExperimentConfig, config_path: Optional[str], *, port: int,
     if resume is not None:
         check_checkpoint_config(check_resumable(wd, resume, nas=True))
     # Its trials read the supernets this experiment's warm-ups write (NNI sets $NNI_EXP_ID in them).
-    evaluator = KDEvaluator(cfg, progress=progress, supernet="own")
+    if cfg.tasks:  # several tasks share one supernet: candidates are scored on every task
+        from .multitask_evaluator import MultiTaskEvaluator
+
+        evaluator = MultiTaskEvaluator(cfg, progress=progress)
+    else:
+        evaluator = KDEvaluator(cfg, progress=progress, supernet="own")
     space = evaluator.space  # the experiment's space (teacher-sized fit_dense, task labels)
     holder: Dict[str, Any] = {}
 
@@ -364,7 +369,7 @@ def _run_python(cfg: ExperimentConfig, config_path: Optional[str], *, port: int,
     conf._trial_command_params = {  # NNI's own hook for this template
         "envs": " ".join(f"{k}={shlex.quote(v)}" for k, v in warm_env.items()),
         "python": f"{shlex.quote(sys.executable)} -m nni_effbert.nas.supervisor"}
-    conf.experiment_name = f"effbert-{cfg.task.name}-{wd.root.name}-nas"
+    conf.experiment_name = f"effbert-{cfg.task_label}-{wd.root.name}-nas"
     conf.trial_concurrency = int(cfg.search.trial_concurrency)
     conf.experiment_working_directory = str(wd.root / EXPERIMENTS_DIR)
     _schedule_gpus(conf, cfg)

@@ -51,12 +51,12 @@ import resource
 import sys
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from ..config import ExperimentConfig, experiment_config, load_config
+from ..config import ExperimentConfig, each_task, experiment_config, load_config
 from ..errors import ConfigError, DiskFullError, EffBertError, one_line
 from ..kd.teacher_finetune import finetune_from_config
 from ..kd.train import TrialFailure
 from ..runtime import apply_gpu_memory_limit, configure_runtime, configure_threads, gpu_oom_reason, resolve_runtime
-from ..params import (RESCORE_OF_KEY, STAGE_KEY, TRAIN_STEPS_KEY, add_arguments, echoed_ids, int_meta, is_placeholder, is_teacher,
+from ..params import (GENERAL_WARMUP_STEPS_KEY, RESCORE_OF_KEY, STAGE_KEY, TRAIN_STEPS_KEY, WARMUP_KEY, WARMUP_STEPS_KEY, add_arguments, echoed_ids, int_meta, is_placeholder, is_teacher,
                       is_warmup, placeholder_reason, read_arch_file, split_arch)
 from .kd_evaluator import KDEvaluator
 from .supernets import experiment_key
@@ -91,11 +91,18 @@ def run_teacher_parameters(cfg: ExperimentConfig, *, report: bool = True, progre
     "reused": bool}``; with ``report`` it goes to ``nni.report_final_result`` (the search
     keeps it out of the candidate ranking).
     """
-    result = finetune_from_config(cfg, progress=progress)
-    metrics = {"default": float(result.dev_metric), "teacher": True, "metric": result.metric,
-               "reused": bool(result.reused), **(echo or {})}
-    logger.info("teacher %s: dev %s %.4f (%s)", "reused" if result.reused else "fine-tuned", result.metric,
-                result.dev_metric, result.path)
+    if cfg.tasks:  # every task's teacher; default = their mean dev metric, each task's under its key
+        results = {key: finetune_from_config(one, progress=progress) for key, one in each_task(cfg)}
+        metrics = {"default": float(sum(r.dev_metric for r in results.values()) / len(results)), "teacher": True,
+                   "metric": "mean over tasks", "reused": all(r.reused for r in results.values()),
+                   **{f"{key}_teacher": float(r.dev_metric) for key, r in results.items()}, **(echo or {})}
+        logger.info("teachers of %s: %s", ", ".join(results), {k: round(r.dev_metric, 4) for k, r in results.items()})
+    else:
+        result = finetune_from_config(cfg, progress=progress)
+        metrics = {"default": float(result.dev_metric), "teacher": True, "metric": result.metric,
+                   "reused": bool(result.reused), **(echo or {})}
+        logger.info("teacher %s: dev %s %.4f (%s)", "reused" if result.reused else "fine-tuned", result.metric,
+                    result.dev_metric, result.path)
     if report:
         import nni  # local: only a trial inside NNI reports
 
@@ -131,6 +138,9 @@ def run_parameters(cfg: ExperimentConfig, params: Mapping[str, Any], *, stage: O
     """
     if is_teacher(params):
         return run_teacher_parameters(cfg, report=report, progress=progress, echo=echoed_ids(params))
+    if cfg.tasks:  # a multi-task search (issue 27): the tasks share one supernet
+        return _run_multitask_parameters(cfg, params, stage=stage, train_steps=train_steps, report=report,
+                                         progress=progress, experiment=experiment)
     if is_warmup(params):
         return run_warmup_parameters(cfg, params, stage=stage, report=report, progress=progress, setup=setup,
                                      experiment=experiment)
@@ -140,6 +150,34 @@ def run_parameters(cfg: ExperimentConfig, params: Mapping[str, Any], *, stage: O
     evaluator.reported_extra = echoed_ids(params)
     steps = train_steps if train_steps is not None else int_meta(params, TRAIN_STEPS_KEY)
     return evaluator.evaluate(arch, train_steps=steps, rescore_of=int_meta(params, RESCORE_OF_KEY))
+
+
+def _run_multitask_parameters(cfg: ExperimentConfig, params: Mapping[str, Any], *, stage: Optional[int],
+                              train_steps: Optional[int], report: bool, progress: bool,
+                              experiment: Optional[str]) -> Dict[str, Any]:
+    """A warm-up or candidate trial of a ``tasks:`` config: :func:`~.multitask_warmup.run_multitask_warmup`
+    or :class:`~.multitask_evaluator.MultiTaskEvaluator` (combined ``default``, every task's values)."""
+    from .multitask_evaluator import MultiTaskEvaluator
+    from .multitask_warmup import run_multitask_warmup
+
+    if is_warmup(params):
+        warm_stage = int_meta(params, WARMUP_KEY) if stage is None else stage
+        result = run_multitask_warmup(cfg, warm_stage, fixed=split_arch(params),
+                                      steps=int_meta(params, WARMUP_STEPS_KEY),
+                                      general_steps=int_meta(params, GENERAL_WARMUP_STEPS_KEY), progress=progress,
+                                      experiment=experiment)
+        metrics = {**result.report(), **echoed_ids(params)}
+    else:
+        evaluator = MultiTaskEvaluator(cfg, int_meta(params, STAGE_KEY) if stage is None else stage,
+                                       progress=progress, experiment=experiment)
+        steps = train_steps if train_steps is not None else int_meta(params, TRAIN_STEPS_KEY)
+        metrics = {**evaluator.evaluate(split_arch(params), train_steps=steps,
+                                        rescore_of=int_meta(params, RESCORE_OF_KEY)), **echoed_ids(params)}
+    if report:
+        import nni  # local: only a trial inside NNI reports
+
+        nni.report_final_result(metrics)
+    return metrics
 
 
 def apply_memory_limit(limit_mb: Optional[int]):

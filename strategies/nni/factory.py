@@ -36,7 +36,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nni_effbert.config import load_config
+from nni_effbert.config import each_task, load_config
 from nni_effbert.search_spaces import EfficientBertSpace
 from nni_effbert.workdir import WorkDir
 
@@ -98,11 +98,12 @@ def resolve_config_path(config: Any, exp_params: Optional[Mapping[str, Any]] = N
 
 
 def needs_teacher_trial(config: Any) -> bool:
-    """True when ``classArgs.config`` names a work directory without a fine-tuned teacher."""
+    """True when ``classArgs.config`` names a work directory without a fine-tuned teacher (for a
+    multi-task config: a task without one)."""
     if config is None:
         return False
     cfg = load_config(config, check_paths=False)
-    return not WorkDir.of(cfg).teacher_marker.is_file()
+    return not all(WorkDir.of(one).teacher_marker.is_file() for _, one in each_task(cfg))
 
 
 def build_space_and_search(config: Optional[str] = None, preset: Optional[str] = None,
