@@ -322,8 +322,10 @@ def _run_export(args: argparse.Namespace) -> int:
         raise ConfigError("--stage goes with --arch; with --experiment the best trial's own stage is used")
     from .product.students import export_arch, export_best
 
-    cfg = _load_cfg(args, args.experiment)
+    cfg = _load_cfg(args, args.experiment, every_task=True)
     limited = args.max_latency is not None or args.min_speedup is not None
+    if cfg.tasks:  # a multi-task search without --task: its arch for every task
+        return _export_multitask(cfg, args, limited)
     if (args.pareto or limited) and (not args.experiment or args.arch):
         raise ConfigError("--pareto, --max-latency and --min-speedup go with --experiment ID (without --arch)")
     if args.pareto:
@@ -364,6 +366,22 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_multitask(cfg: ExperimentConfig, args: argparse.Namespace, limited: bool) -> int:
+    from .params import arch_part, read_arch_file
+    from .product.multitask import export_multitask
+
+    if args.experiment is None or args.pareto or limited or args.onnx:
+        raise ConfigError("a tasks: config exports with --experiment ID (its best candidate, or --arch with --stage) "
+                          "for every task; --pareto, --max-latency, --min-speedup and --onnx go with --task NAME")
+    arch = arch_part(read_arch_file(args.arch)) if args.arch else None
+    infos = export_multitask(cfg, args.experiment, name=args.name, arch=arch, stage=args.stage,
+                             experiments_dir=args.experiments_dir, force=args.force, progress=not args.quiet)
+    for task, info in infos.items():
+        print(f"[{task}] {info.params} params ({info.non_embedding_params} non-embedding), weights from "
+              f"{info.source}: {info.path}")
+    return 0
+
+
 def _configure_export_teacher(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx (the quantized-teacher baseline)")
 
@@ -401,7 +419,14 @@ def _configure_distill(parser: argparse.ArgumentParser) -> None:
 def _run_distill(args: argparse.Namespace) -> int:
     from .product.distill import run_distill
 
-    cfg = _load_cfg(args)
+    cfg = _load_cfg(args, every_task=args.export is None)
+    if cfg.tasks:  # general KD once, then every task's student from it
+        from .product.multitask import distill_multitask
+
+        for task, r in distill_multitask(cfg, force=args.force, progress=not args.quiet).items():
+            print(f"[{task}] {r.path}: dev {r.metric} = {r.dev_metric:.4f}; latency {r.latency_ms:.2f} ms; "
+                  f"{r.params} params")
+        return 0
     export = args.export or WorkDir.of(cfg).export_dir("searched")
     r = run_distill(cfg, export, force=args.force, progress=not args.quiet)
     state = "already distilled" if r.skipped else f"{r.plan.general_steps} general + {r.plan.task_steps} task KD steps"

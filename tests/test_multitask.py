@@ -319,7 +319,8 @@ def test_search_scores_candidates_on_every_task(tmp_path, glue_dir, base_teacher
     from nni_effbert.nas.multitask_evaluator import combine
     from nni_effbert.nas.records import is_scored, normalize_trial, read_nni_trials
 
-    path = write_multitask(tmp_path, glue_dir, base_teacher, search=STAGE)
+    path = write_multitask(tmp_path, glue_dir, base_teacher, search=STAGE,
+                           distill={"general_steps": 2, "task_steps": 2, "eval_interval": 0, "batch_size": 8})
     shutil.copytree(tuned, tmp_path / "work" / "tasks")
     work = tmp_path / "work"
     env = {k: v for k, v in os.environ.items() if not k.startswith("NNI_")}
@@ -354,8 +355,67 @@ def test_search_scores_candidates_on_every_task(tmp_path, glue_dir, base_teacher
             assert final["objective"] == "multitask:kd" and "rte_search_metric" in final
         for task in ("sst2", "rte"):  # each task's teacher outputs cached once, in its own work directory
             assert len(list((work / "tasks" / task / "cache").glob("train-*[!k]"))) == 1
+        if driver == "nnictl":
+            _export_and_distill_every_task(path, work, exp_id, cands, capsys)
     finally:
         if found:
             subprocess.run([sys.executable, "-m", "nni.tools.nnictl.nnictl", "experiment", "delete", found.group(1)],
                            env=env, input="y\n", capture_output=True, text=True, timeout=120)
         shutil.rmtree(work / "nni-experiments", ignore_errors=True)
+
+
+LOAD_WITHOUT_NNI = """
+import importlib.abc, json, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("nni", "nni_effbert"):
+            raise ImportError(name + " is blocked")
+
+sys.meta_path.insert(0, Block())
+from transformers import pipeline
+
+print(json.dumps({f: pipeline("text-classification", model=f, trust_remote_code=True, device="cpu")("fine")
+                  for f in sys.argv[1:]}))
+"""
+
+
+def _export_and_distill_every_task(path, work, exp_id, cands, capsys):
+    """The search's best arch exported for every task, distilled (general KD once), loaded without nni."""
+    import json
+    import subprocess
+    import sys
+
+    from nni_effbert.product.loader import load_exported
+    from nni_effbert.product.multitask import MULTITASK_GENERAL_KEY
+
+    assert cli.main(["export", "-q", "-c", str(path), "--experiment", exp_id]) == 0
+    folders = {t: work / "tasks" / t / "exports" / "searched" for t in ("sst2", "rte")}
+    exported = {t: load_exported(f) for t, f in folders.items()}
+    best = max(cands, key=lambda t: t["metric"])  # 2 candidates: the tie margin picks the best or a cheaper one
+    assert exported["sst2"].arch == exported["rte"].arch and exported["sst2"].arch in [c["arch"] for c in cands]
+    assert exported["sst2"].meta["extra"]["tasks"] == ["sst2", "rte"] and best["metric"] is not None
+    assert exported["rte"].config.num_labels == 2 and exported["rte"].meta["extra"]["task"] == "rte"
+    # Without --task, the single-task choices refuse in one line.
+    capsys.readouterr()
+    assert cli.main(["export", "-q", "-c", str(path), "--experiment", exp_id, "--onnx"]) == 2
+    assert "--onnx go with --task NAME" in capsys.readouterr().err
+    assert cli.main(["distill", "-q", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[sst2]" in out and "[rte]" in out
+    general = load_exported(work / "exports" / "searched")  # the task-agnostic general student
+    assert general.meta["extra"]["distill"]["plan"]["general_steps"] == 2
+    assert general.meta["extra"]["distill"]["plan"]["task_steps"] == 0
+    for task, folder in folders.items():
+        meta = load_exported(folder).meta["extra"]
+        assert meta[MULTITASK_GENERAL_KEY]["student"] == str(work / "exports" / "searched")
+        assert meta["distill"]["plan"]["general_steps"] == 0 and meta["distill"]["plan"]["task_steps"] == 2
+    # A second run finds everything done (no general KD again, no task KD again).
+    mtime = (work / "exports" / "searched" / "export_meta.json").stat().st_mtime_ns
+    assert cli.main(["distill", "-q", "-c", str(path)]) == 0
+    assert (work / "exports" / "searched" / "export_meta.json").stat().st_mtime_ns == mtime
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_NNI, *map(str, folders.values())], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(loaded) == {str(f) for f in folders.values()}

@@ -30,6 +30,7 @@ __all__ = [
     "export_arch",
     "export_trial_arch",
     "export_from_supernet",
+    "export_loaded",
     "experiments_dir_of",
     "supernet_experiment",
     "keep_previous_export",
@@ -90,13 +91,21 @@ def export_from_supernet(evaluator, arch: Dict[str, Any], stage: Optional[int], 
             "`nni-effbert warmup -c <config>`) first"
         )
     arch = evaluator.validate_arch(arch)
-    stage_used = evaluator._loaded_stage
-    space = setup.space
-    meta = {**extra, "supernet": source, "supernet_stage": stage_used, "supernet_experiment": evaluator.experiment,
-            "origin": student_origin(setup.cfg)}
+    meta = {**extra, "supernet": source, "supernet_stage": evaluator._loaded_stage,
+            "supernet_experiment": evaluator.experiment, "origin": student_origin(setup.cfg)}
     if evaluator.supernet is not None:
         meta["supernet_checkpoint"] = evaluator.supernet
+    return export_loaded(setup, arch, name, meta, source)
+
+
+def export_loaded(setup, arch: Dict[str, Any], name: str, meta: Dict[str, Any], source: str) -> ExportInfo:
+    """Slice ``arch`` from the weights ``setup.space`` holds now into ``<setup's workdir>/exports/<name>``
+    (``meta`` goes into the export record, with the student's origin). The caller loaded the weights
+    and checked that the folder may be replaced."""
+    space = setup.space
     out = setup.workdir.export_dir(name)
+    meta = dict(meta)
+    meta.setdefault("origin", student_origin(setup.cfg))
     export_student(space, arch, space, out, tokenizer=setup.tokenizer, task=setup.task.spec, extra_meta=meta)
     return ExportInfo(path=out, arch=arch, params=int(space.count_params(arch)),
                       non_embedding_params=int(space.count_params(arch, exclude_embeddings=True)), source=source)

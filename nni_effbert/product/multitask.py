@@ -1,0 +1,154 @@
+"""One searched student for every task of a ``tasks:`` config (issue 27): export and distillation.
+
+:func:`export_multitask` takes an arch of a multi-task search (by default its best candidate:
+combined ``default``, the stage's tie margin, as :func:`~nni_effbert.product.students.export_best`)
+and slices it from the shared multi-task supernet once per task, into each task's own work
+directory, ``<workdir>/tasks/<task>/exports/<name>``: the same encoder with that task's head, an
+export like any single-task one (it loads with ``transformers``, ``distill --task`` and ``report
+--task`` read it).
+
+:func:`distill_multitask` is the paper's protocol for one general student: general KD on the
+corpus **once** (``distill.general_steps``, the first task's teacher, into ``<workdir>/exports/<name>``:
+the task-agnostic general student), then every task's export starts from that general encoder (its
+own head kept) and is distilled on its task alone (``distill.task_steps``). Each export's record says
+where its encoder came from (``multitask_general``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from typing import Any, Dict, Mapping, Optional
+
+from ..config import ExperimentConfig, each_task
+from ..errors import ConfigError
+from ..kd.multitask import ENCODER_MODULES
+from ..kd.setup import KDSetup
+from ..nas.multitask_evaluator import MultiTaskEvaluator
+from ..nas.ranking import best_trial, rescore_pairs, stage_tie_margin
+from ..nas.records import read_nni_trials
+from ..workdir import WorkDir
+from .distill import DISTILL_KEY, DistillResult, distill_record, plan_distill, run_distill
+from .export import check_replaceable, export_student
+from .loader import load_exported
+from .students import SEARCHED, ExportInfo, experiments_dir_of, export_loaded
+
+__all__ = ["MULTITASK_GENERAL_KEY", "export_multitask", "distill_multitask"]
+
+logger = logging.getLogger(__name__)
+
+#: Export-record key of a task student whose encoder came from the shared general distillation.
+MULTITASK_GENERAL_KEY = "multitask_general"
+
+
+def _multi(cfg: ExperimentConfig, what: str) -> None:
+    if not cfg.tasks:
+        raise ConfigError(f"{what} needs a config with tasks:; for one task use the single-task command")
+
+
+def export_multitask(cfg: ExperimentConfig, experiment: str, *, name: str = SEARCHED,
+                     arch: Optional[Mapping[str, Any]] = None, stage: Optional[int] = None,
+                     experiments_dir: Optional[str] = None, force: bool = False,
+                     progress: bool = True) -> Dict[str, ExportInfo]:
+    """Export an arch of multi-task search ``experiment`` for every task; ``{task: ExportInfo}``.
+
+    ``arch`` (with ``stage``) exports that arch; without it, the search's best candidate (NNI's
+    records of the experiment). Existing exports are replaced only with ``force``; every task's
+    folder is checked before any is written.
+    """
+    _multi(cfg, "export_multitask")
+    extra: Dict[str, Any] = {"experiment": experiment, "tasks": list(cfg.task_keys)}
+    if arch is None:
+        trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
+        margin = float(cfg.search.tie_margin or 0.0)
+        best = best_trial(trials, experiment=experiment, tie_margin=margin)
+        arch, stage = dict(best["arch"] or {}), best["stage"]
+        extra.update(source="experiment", trial_id=best["trial_id"], trial_metric=best["metric"], stage=stage,
+                     stage_name=best["stage_name"], tie_margin=stage_tie_margin(trials, stage, margin),
+                     tie_margin_rescores=len(rescore_pairs(trials, stage)) if stage is not None else 0)
+    else:
+        extra.update(source="arch", stage=stage)
+    for _, one in each_task(cfg):
+        check_replaceable(WorkDir.of(one).export_dir(name), force=force)
+    evaluator = MultiTaskEvaluator(cfg, int(stage or 0), progress=progress, experiment=experiment)
+    source = evaluator.load_stage()  # every task's supernet: the shared encoder, its own head
+    first = next(iter(evaluator.evaluators.values()))
+    arch = first.validate_arch(dict(arch))
+    meta = {**extra, "supernet": source, "supernet_stage": evaluator.stage, "supernet_experiment": experiment}
+    out = {}
+    for task in evaluator.multi.tasks:
+        out[task.name] = export_loaded(task.setup, arch, name, {**meta, "task": task.name}, source)
+        logger.info("task %s: %s", task.name, out[task.name].path)
+    return out
+
+
+def _encoder_state(model) -> Dict[str, Any]:
+    return {k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] in ENCODER_MODULES}
+
+
+def distill_multitask(cfg: ExperimentConfig, *, name: str = SEARCHED, force: bool = False,
+                      progress: bool = True) -> Dict[str, DistillResult]:
+    """General KD once, then task KD per task from that general student; ``{task: DistillResult}``.
+
+    Every task's ``exports/<name>`` must exist (:func:`export_multitask`). The general student is
+    the first task's export, copied to the multi-task work directory's ``exports/<name>`` and
+    distilled there on the corpus (``distill.general_steps``; done once, kept for later runs and
+    new tasks). With ``distill.general_steps`` 0 each task is distilled from its export as it is.
+    """
+    _multi(cfg, "distill_multitask")
+    tasks = each_task(cfg)
+    folders = {key: WorkDir.of(one).export_dir(name) for key, one in tasks}
+    exported = {key: load_exported(folder) for key, folder in folders.items()}  # all present, before any work
+    first_key, first_cfg = tasks[0]
+    setups: Dict[str, KDSetup] = {}
+    general: Optional[Dict[str, Any]] = None
+    if int(cfg.distill.general_steps):
+        general_cfg = dataclasses.replace(first_cfg, distill=dataclasses.replace(first_cfg.distill, task_steps=0))
+        general_dir = WorkDir.of(cfg).export_dir(name)
+        plan = plan_distill(general_cfg).to_dict()
+        current = load_exported(general_dir) if (general_dir / "export_meta.json").is_file() else None
+        if force or current is None or current.arch != exported[first_key].arch \
+                or (distill_record(current.meta) or {}).get("plan") != plan:
+            _copy_export(folders[first_key], general_dir)
+            setups[first_key] = KDSetup.from_config(first_cfg, progress=progress)
+            logger.info("general KD once: %d steps through task %s's teacher into %s", plan["general_steps"],
+                        first_key, general_dir)
+            run_distill(general_cfg, general_dir, force=True, progress=progress, setup=setups[first_key])
+        general = {"plan": plan, "student": str(general_dir)}
+        encoder = _encoder_state(load_exported(general_dir).model)
+    results = {}
+    for key, one in tasks:
+        task_cfg = dataclasses.replace(one, distill=dataclasses.replace(one.distill, general_steps=0))
+        setup = setups.get(key) or KDSetup.from_config(one, progress=progress)
+        if general is not None:
+            record = dict(exported[key].meta.get("extra") or {})
+            if force or record.get(MULTITASK_GENERAL_KEY) != general:
+                _start_from(folders[key], encoder, setup, {**record, MULTITASK_GENERAL_KEY: general})
+        results[key] = run_distill(task_cfg, folders[key], force=force, progress=progress, setup=setup)
+        logger.info("task %s: dev %s %.4f", key, results[key].metric, results[key].dev_metric)
+    return results
+
+
+def _copy_export(source, dest) -> None:
+    """``dest`` becomes a copy of export ``source`` (written beside it, then swapped in)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.with_name(dest.name + ".copying")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    if dest.exists():
+        shutil.rmtree(dest)
+    staging.rename(dest)
+
+
+def _start_from(folder, encoder: Mapping[str, Any], setup: KDSetup, extra: Dict[str, Any]) -> None:
+    """Re-export ``folder`` with the general student's encoder and the folder's own head."""
+    exported = load_exported(folder)
+    model = exported.model
+    missing, unexpected = model.load_state_dict(dict(encoder), strict=False)
+    if unexpected or any(k.split(".", 1)[0] in ENCODER_MODULES for k in missing):
+        raise ConfigError(f"{folder}: the general student's encoder does not fit this export ({len(unexpected)} "
+                          f"unexpected, {len(missing)} missing tensors); export every task from one search")
+    extra = {k: v for k, v in extra.items() if k != DISTILL_KEY}  # its task distillation starts anew
+    labels = None if exported.config.head == "span" else [exported.id2label[i] for i in range(len(exported.id2label))]
+    export_student(exported.config, exported.arch, model, folder, tokenizer=setup.tokenizer, label_names=labels,
+                   task=setup.task.spec, extra_meta=extra)
