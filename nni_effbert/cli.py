@@ -451,7 +451,17 @@ def _configure_report(parser: argparse.ArgumentParser) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     from .product.report import build_report
 
-    cfg = _load_cfg(args, args.experiment)
+    cfg = _load_cfg(args, args.experiment, every_task=True)
+    if cfg.tasks:  # the suite report: every task, the latency-matched baseline through the same steps
+        from .product.multitask import ensure_multitask_baseline, suite_report
+
+        if args.export:
+            raise ConfigError("report --export goes with --task NAME; a tasks: config reports every task's "
+                              "exports/searched")
+        ensure_multitask_baseline(cfg, force=args.remeasure, progress=not args.quiet)
+        print(suite_report(cfg, progress=not args.quiet)["markdown"])
+        print(WorkDir.of(cfg).root / "reports" / "suite.md")
+        return 0
     out = build_report(cfg, experiment=args.experiment, searched_dir=args.export,
                        experiments_dir=args.experiments_dir, progress=not args.quiet, remeasure=args.remeasure)
     print(out.table)

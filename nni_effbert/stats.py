@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import stats
 
 from .errors import EffBertError
 
-__all__ = ["PairedResult", "StatsInputError", "paired_scores", "paired_metric", "format_paired_table"]
+__all__ = ["PairedResult", "StatsInputError", "paired_scores", "paired_suite", "paired_metric", "format_paired_table"]
 
 #: Confidence of every interval the tool prints.
 CONFIDENCE = 0.95
@@ -179,6 +179,61 @@ def paired_scores(scores_a: Any, scores_b: Any, *, name_a: str = "A", name_b: st
         ci_high=float(boot.confidence_interval.high), p_value=float(perm.pvalue),
         per_seed=tuple(float(v) for v in (a - b).mean(axis=1)), n_rows=int(a.shape[1]), n_seeds=int(a.shape[0]),
         confidence=confidence, n_resamples=n_resamples)
+
+
+def paired_suite(scores_a: Mapping[str, Any], scores_b: Mapping[str, Any], weights: Mapping[str, float], *,
+                 name_a: str = "A", name_b: str = "B", confidence: float = CONFIDENCE,
+                 n_resamples: int = N_RESAMPLES, seed: int = 0) -> PairedResult:
+    """Compare two models on the weighted average of several tasks' per-row metrics (a GLUE-style
+    suite average), each task's rows paired as in :func:`paired_scores`.
+
+    The statistic is ``sum_t w_t * (mean_s,r A_t - mean_s,r B_t)`` (weights normalised to 1). The
+    interval is a percentile bootstrap that resamples each task's rows within that task
+    (:func:`scipy.stats.bootstrap` over one sample per task: the tasks keep their sizes and weights);
+    the p-value a paired permutation test that swaps A and B row by row in every task, two-sided.
+
+    Parameters
+    ----------
+    scores_a, scores_b : mapping of task -> array-like ``[rows]`` or ``[seeds, rows]``
+        Per-row scores of each task (the same tasks in both).
+    weights : mapping of task -> float
+        Each task's weight in the average (> 0).
+    """
+    tasks = list(scores_a)
+    if not tasks or set(tasks) != set(scores_b) or not set(tasks) <= set(weights):
+        raise StatsInputError(f"{name_a} vs {name_b}: the suite needs the same tasks on both sides and a weight for "
+                              f"each (got {sorted(scores_a)}, {sorted(scores_b)}, weights {sorted(weights)})")
+    total = float(sum(float(weights[t]) for t in tasks))
+    if not math.isfinite(total) or total <= 0 or any(float(weights[t]) <= 0 for t in tasks):
+        raise StatsInputError(f"{name_a} vs {name_b}: task weights must be positive, got {dict(weights)}")
+    w = np.array([float(weights[t]) / total for t in tasks])
+    pairs = [_pair(scores_a[t], scores_b[t], f"{name_a}[{t}]", f"{name_b}[{t}]") for t in tasks]
+    pairs = [(a.astype(np.float64), b.astype(np.float64)) for a, b in pairs]
+    diffs = [(a - b).mean(axis=0) for a, b in pairs]  # each row's difference, averaged over the paired seeds
+    if any(d.size < 2 for d in diffs):
+        raise StatsInputError(f"{name_a} vs {name_b}: every task needs at least 2 rows for a paired comparison")
+
+    def weighted(*samples, axis=-1):
+        return sum(wt * np.mean(x, axis=axis) for wt, x in zip(w, samples))
+
+    boot = stats.bootstrap(tuple(diffs), weighted, confidence_level=confidence, n_resamples=n_resamples,
+                           method="percentile", vectorized=True, rng=_rng(seed))
+    # One long paired sample: row r of task t weighs w_t / n_t; swapping A and B on a row flips its term.
+    row_w = np.concatenate([np.full(d.size, wt / d.size) for wt, d in zip(w, diffs)])
+    a_all = np.concatenate([a.mean(axis=0) for a, _ in pairs])
+    b_all = np.concatenate([b.mean(axis=0) for _, b in pairs])
+    perm = stats.permutation_test((a_all, b_all), lambda x, y, axis: np.sum(row_w * (x - y), axis=axis),
+                                  permutation_type="samples", vectorized=True, n_resamples=n_resamples,
+                                  alternative="two-sided", rng=_rng(seed + 1))
+    seeds = {a.shape[0] for a, _ in pairs}
+    per_seed = tuple(float(sum(wt * (a[s] - b[s]).mean() for wt, (a, b) in zip(w, pairs))) for s in range(seeds.pop())) \
+        if len(seeds) == 1 else ()
+    return PairedResult(
+        name_a=name_a, name_b=name_b, score_a=float(sum(wt * a.mean() for wt, (a, _) in zip(w, pairs))),
+        score_b=float(sum(wt * b.mean() for wt, (_, b) in zip(w, pairs))), diff=float(weighted(*diffs)),
+        ci_low=float(boot.confidence_interval.low), ci_high=float(boot.confidence_interval.high),
+        p_value=float(perm.pvalue), per_seed=per_seed, n_rows=int(sum(d.size for d in diffs)),
+        n_seeds=int(max(a.shape[0] for a, _ in pairs)), confidence=confidence, n_resamples=n_resamples)
 
 
 def paired_metric(metric: Callable[[np.ndarray, np.ndarray], float], preds_a: Any, preds_b: Any, labels: Any, *,

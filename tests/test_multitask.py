@@ -102,7 +102,7 @@ def test_teacher_fine_tunes_every_task_and_the_tasks_share_one_encoder(tmp_path,
     out = capsys.readouterr().out
     assert "[sst2] teacher (fine-tuned)" in out and "[rte] teacher (reused)" in out
     # Any other command needs --task with a multi-task config, in one line.
-    assert cli.main(["export", "-q", "-c", str(path), "--arch", str(tmp_path / "none.json")]) == 2
+    assert cli.main(["fidelity", "-q", "-c", str(path), "--experiment", "abcdefgh"]) == 2
     err = capsys.readouterr().err
     assert "names several tasks (sst2, rte); choose one with --task NAME" in err and err.count("\n") == 1
 
@@ -414,6 +414,21 @@ def _export_and_distill_every_task(path, work, exp_id, cands, capsys):
     mtime = (work / "exports" / "searched" / "export_meta.json").stat().st_mtime_ns
     assert cli.main(["distill", "-q", "-c", str(path)]) == 0
     assert (work / "exports" / "searched" / "export_meta.json").stat().st_mtime_ns == mtime
+    # The suite report: the latency-matched baseline through the same steps, every task, the average.
+    capsys.readouterr()
+    assert cli.main(["report", "-q", "-c", str(path)]) == 0
+    suite = json.loads((work / "reports" / "suite.json").read_text())
+    assert set(suite["tasks"]) == {"sst2", "rte"}
+    assert suite["paired_average"]["n_rows"] == sum(suite["tasks"][t]["paired"]["n_rows"] for t in ("sst2", "rte"))
+    for label in ("teacher", "baseline", "searched"):
+        expected = (2 * suite["tasks"]["sst2"][label] + suite["tasks"]["rte"][label]) / 3
+        assert suite["average"][label] == pytest.approx(expected)
+    baselines = {t: load_exported(work / "tasks" / t / "exports" / "baseline-latency") for t in ("sst2", "rte")}
+    assert baselines["sst2"].arch == baselines["rte"].arch  # one baseline arch, through the same steps
+    for b in baselines.values():
+        assert b.meta["extra"][MULTITASK_GENERAL_KEY]["student"] == str(work / "exports" / "baseline-latency")
+        assert b.meta["extra"]["distill"]["plan"]["task_steps"] == 2
+    assert "| **weighted average** |" in capsys.readouterr().out
     proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_NNI, *map(str, folders.values())], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -88,3 +88,26 @@ def test_pairs_that_do_not_pair_are_refused_in_one_line():
         paired_scores(np.ones((2, 10)), np.ones((3, 10)))
     with pytest.raises(StatsInputError, match="labels"):
         paired_metric(accuracy_score, np.ones(10), np.ones(10), np.ones(9))
+
+
+def test_paired_suite_weights_tasks_and_reduces_to_paired_scores_for_one_task():
+    from nni_effbert.stats import paired_scores, paired_suite
+
+    rng = np.random.default_rng(3)
+    a = {"big": rng.integers(0, 2, (3, 400)), "small": rng.integers(0, 2, (3, 60))}
+    b = {"big": a["big"].copy(), "small": np.clip(a["small"] - (rng.random((3, 60)) < 0.3), 0, 1)}
+    one = paired_suite({"big": a["big"]}, {"big": b["small"][:, :1].repeat(400, 1)}, {"big": 1.0})
+    ref = paired_scores(a["big"], b["small"][:, :1].repeat(400, 1))
+    assert (one.diff, one.ci_low, one.ci_high, one.p_value) == pytest.approx((ref.diff, ref.ci_low, ref.ci_high,
+                                                                              ref.p_value))
+    suite = paired_suite(a, b, {"big": 1.0, "small": 3.0})
+    small = (a["small"] - b["small"]).mean()
+    assert suite.diff == pytest.approx(0.75 * small)  # 'big' is identical: only 'small' moves the average
+    assert suite.ci_low <= suite.diff <= suite.ci_high and suite.n_rows == 460 and len(suite.per_seed) == 3
+    assert suite.score_a == pytest.approx(0.25 * a["big"].mean() + 0.75 * a["small"].mean())
+    same = paired_suite(a, a, {"big": 1.0, "small": 1.0})
+    assert same.diff == 0 and same.p_value == 1.0
+    with pytest.raises(StatsInputError, match="same tasks"):
+        paired_suite(a, {"big": b["big"]}, {"big": 1.0, "small": 1.0})
+    with pytest.raises(StatsInputError, match="positive"):
+        paired_suite(a, b, {"big": 1.0, "small": 0.0})

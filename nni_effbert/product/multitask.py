@@ -12,6 +12,12 @@ corpus **once** (``distill.general_steps``, the first task's teacher, into ``<wo
 the task-agnostic general student), then every task's export starts from that general encoder (its
 own head kept) and is distilled on its task alone (``distill.task_steps``). Each export's record says
 where its encoder came from (``multitask_general``).
+
+:func:`ensure_multitask_baseline` takes the latency-matched BERT-MLP baseline through the same steps
+(sliced from the same multi-task supernet stage, general KD once, task KD per task), and
+:func:`suite_report` writes the GLUE-style table (``<workdir>/reports/suite.{md,json}``): every task's
+teacher, baseline and searched dev metric, the weighted average, paired intervals per task and of
+the average (:func:`~nni_effbert.stats.paired_suite`), params and latency once per model.
 """
 from __future__ import annotations
 
@@ -20,20 +26,27 @@ import logging
 import shutil
 from typing import Any, Dict, Mapping, Optional
 
+import numpy as np
+
 from ..config import ExperimentConfig, each_task
 from ..errors import ConfigError
+from ..io import atomic_write_json, atomic_write_text
+from ..latency.settings import latency_settings
+from ..latency.table import table_for_config
 from ..kd.multitask import ENCODER_MODULES
 from ..kd.setup import KDSetup
 from ..nas.multitask_evaluator import MultiTaskEvaluator
 from ..nas.ranking import best_trial, rescore_pairs, stage_tie_margin
 from ..nas.records import read_nni_trials
 from ..workdir import WorkDir
+from .baselines import LATENCY_BASELINE, latency_baseline_arch
 from .distill import DISTILL_KEY, DistillResult, distill_record, plan_distill, run_distill
 from .export import check_replaceable, export_student
 from .loader import load_exported
 from .students import SEARCHED, ExportInfo, experiments_dir_of, export_loaded
 
-__all__ = ["MULTITASK_GENERAL_KEY", "export_multitask", "distill_multitask"]
+__all__ = ["MULTITASK_GENERAL_KEY", "export_multitask", "distill_multitask", "ensure_multitask_baseline",
+           "suite_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,3 +165,108 @@ def _start_from(folder, encoder: Mapping[str, Any], setup: KDSetup, extra: Dict[
     labels = None if exported.config.head == "span" else [exported.id2label[i] for i in range(len(exported.id2label))]
     export_student(exported.config, exported.arch, model, folder, tokenizer=setup.tokenizer, label_names=labels,
                    task=setup.task.spec, extra_meta=extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# The latency-matched baseline and the suite report
+# ---------------------------------------------------------------------------------------------
+
+
+def ensure_multitask_baseline(cfg: ExperimentConfig, *, name: str = LATENCY_BASELINE, searched: str = SEARCHED,
+                              force: bool = False, progress: bool = True) -> Dict[str, DistillResult]:
+    """The latency-matched BERT-MLP baseline through the searched student's steps: BERT's MLP, stack
+    1, at the width nearest the searched arch's latency (:func:`~.baselines.latency_baseline_arch`,
+    the multi-task work directory's table), sliced from the same multi-task supernet stage for every
+    task, general KD once, task KD per task. ``{task: DistillResult}``."""
+    from nni_effbert.search_spaces.supernet import EfficientBertSupernet
+
+    _multi(cfg, "ensure_multitask_baseline")
+    first = load_exported(WorkDir.of(each_task(cfg)[0][1]).export_dir(searched))
+    extra = first.meta.get("extra") or {}
+    experiment, stage = extra.get("supernet_experiment") or extra.get("experiment"), extra.get("supernet_stage")
+    if not experiment:
+        raise ConfigError(f"{first.path} does not say which multi-task search it came from; export it with "
+                          "nni-effbert export -c CONFIG --experiment ID")
+    space = EfficientBertSupernet(first.config)
+    table = table_for_config(cfg, space_config=first.config, progress=progress)
+    choice = latency_baseline_arch(space, table, dict(first.arch), settings=latency_settings(cfg))
+    logger.info("latency-matched baseline: BERT MLP, stack 1, width %d (predicted %.3f ms vs %.3f searched)",
+                choice.width, choice.predicted_ms, choice.target_predicted_ms)
+    current = [load_exported(WorkDir.of(one).export_dir(name)) if (WorkDir.of(one).export_dir(name) /
+                                                                    "export_meta.json").is_file() else None
+               for _, one in each_task(cfg)]
+    if force or any(c is None or c.arch != choice.arch for c in current):
+        export_multitask(cfg, experiment, name=name, arch=choice.arch, stage=stage, force=True, progress=progress)
+    return distill_multitask(cfg, name=name, force=force, progress=progress)
+
+
+def _row_scores(setup: KDSetup, folder) -> Optional[np.ndarray]:
+    """Per-row dev scores of an export (1/0 correctness), or None for a metric that is not a row mean."""
+    from .compare import dev_predictions
+
+    if setup.task.spec.metric != "accuracy" or setup.task.spec.is_span:
+        return None
+    return (dev_predictions(setup, folder) == np.asarray(setup.task.dev["labels"])).astype(float)
+
+
+def suite_report(cfg: ExperimentConfig, *, searched: str = SEARCHED, baseline: str = LATENCY_BASELINE,
+                 progress: bool = True) -> Dict[str, Any]:
+    """The GLUE-style suite table of a multi-task config: every task's teacher, baseline and searched
+    dev metric, their weighted average, the paired comparisons (per task and of the average), and
+    latency / params once per model. Writes ``<workdir>/reports/suite.{md,json}``; returns the data."""
+    from ..stats import paired_scores, paired_suite
+
+    _multi(cfg, "suite_report")
+    weights = {t.key: float(t.weight) for t in cfg.tasks}
+    rows, scores = {}, {"searched": {}, "baseline": {}}
+    models: Dict[str, Dict[str, Any]] = {}
+    for key, one in each_task(cfg):
+        setup = KDSetup.from_config(one, progress=progress)
+        row = {"metric": setup.task.spec.metric, "teacher": float(setup.teacher_marker.get("dev_metric"))}
+        for label, name in (("searched", searched), ("baseline", baseline)):
+            folder = WorkDir.of(one).export_dir(name)
+            exported = load_exported(folder)
+            record = distill_record(exported.meta)
+            if record is None:
+                raise ConfigError(f"{folder} is not distilled; run nni-effbert distill -c CONFIG (and the baseline: "
+                                  "nni-effbert report -c CONFIG distils it)")
+            row[label] = float(record["dev_metric"])
+            models.setdefault(label, {"arch": exported.arch, "params": int(exported.meta["params"]),
+                                      "latency_ms": float(record["latency_ms"])})
+            per_row = _row_scores(setup, folder)
+            if per_row is not None:
+                scores[label][key] = per_row
+        if key in scores["searched"] and key in scores["baseline"]:
+            row["paired"] = paired_scores(scores["searched"][key], scores["baseline"][key], name_a="searched",
+                                          name_b="baseline").to_dict()
+        rows[key] = row
+    total = sum(weights.values())
+    average = {label: sum(weights[k] * rows[k][label] for k in rows) / total
+               for label in ("teacher", "baseline", "searched")}
+    suite = None
+    if len(scores["searched"]) == len(rows) and len(scores["baseline"]) == len(rows):
+        suite = paired_suite(scores["searched"], scores["baseline"], weights, name_a="searched",
+                             name_b="baseline").to_dict()
+    data = {"tasks": rows, "weights": weights, "average": average, "paired_average": suite, "models": models}
+    out = WorkDir.of(cfg).root / "reports"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(data, out / "suite.json")
+    lines = ["# Suite report", "", "| task (weight) | metric | teacher | baseline (latency-matched) | searched | "
+             "searched - baseline (95% CI, p) |", "|---|---|---:|---:|---:|---|"]
+    for key, row in rows.items():
+        p = row.get("paired")
+        cell = (f"{p['diff']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}], p {p['p_value']:.3g}" if p
+                else "(not a per-row metric)")
+        lines.append(f"| {key} ({weights[key]:g}) | {row['metric']} | {row['teacher']:.4f} | {row['baseline']:.4f} | "
+                     f"{row['searched']:.4f} | {cell} |")
+    cell = (f"{suite['diff']:+.4f} [{suite['ci_low']:+.4f}, {suite['ci_high']:+.4f}], p {suite['p_value']:.3g}"
+            if suite else "(needs per-row metrics on every task)")
+    lines.append(f"| **weighted average** | | {average['teacher']:.4f} | {average['baseline']:.4f} | "
+                 f"{average['searched']:.4f} | {cell} |")
+    lines += ["", "| model | params | latency (ms, batch 1) |", "|---|---:|---:|"]
+    lines += [f"| {label} | {m['params']:,} | {m['latency_ms']:.2f} |" for label, m in models.items()]
+    lines += ["", "Paired over each task's dev rows (bootstrap within tasks; permutation swapping the two models "
+              "row by row), two-sided; one distill seed per student."]
+    atomic_write_text("\n".join(lines) + "\n", out / "suite.md")
+    data["markdown"] = "\n".join(lines)
+    return data
