@@ -368,7 +368,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _export_multitask(cfg: ExperimentConfig, args: argparse.Namespace, limited: bool) -> int:
     from .params import arch_part, read_arch_file
-    from .product.multitask import export_multitask
+    from .product.suite import export_multitask
 
     if args.experiment is None or args.pareto or limited or args.onnx:
         raise ConfigError("a tasks: config exports with --experiment ID (its best candidate, or --arch with --stage) "
@@ -421,7 +421,7 @@ def _run_distill(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg(args, every_task=args.export is None)
     if cfg.tasks:  # general KD once, then every task's student from it
-        from .product.multitask import distill_multitask
+        from .product.suite import distill_multitask
 
         for task, r in distill_multitask(cfg, force=args.force, progress=not args.quiet).items():
             print(f"[{task}] {r.path}: dev {r.metric} = {r.dev_metric:.4f}; latency {r.latency_ms:.2f} ms; "
@@ -453,7 +453,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg(args, args.experiment, every_task=True)
     if cfg.tasks:  # the suite report: every task, the latency-matched baseline through the same steps
-        from .product.multitask import ensure_multitask_baseline, suite_report
+        from .product.suite import ensure_multitask_baseline, suite_report
 
         if args.export:
             raise ConfigError("report --export goes with --task NAME; a tasks: config reports every task's "

@@ -387,7 +387,7 @@ def _export_and_distill_every_task(path, work, exp_id, cands, capsys):
     import sys
 
     from nni_effbert.product.loader import load_exported
-    from nni_effbert.product.multitask import MULTITASK_GENERAL_KEY
+    from nni_effbert.product.suite import MULTITASK_GENERAL_KEY
 
     assert cli.main(["export", "-q", "-c", str(path), "--experiment", exp_id]) == 0
     folders = {t: work / "tasks" / t / "exports" / "searched" for t in ("sst2", "rte")}

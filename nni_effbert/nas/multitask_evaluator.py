@@ -33,7 +33,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write_json, load_torch
 from ..kd.multitask import MultiTaskSetup
 from ..kd.train import TrialFailure
-from ..params import is_warmup, split_arch
+from ..params import GENERAL_WARMUP_STEPS_KEY, WARMUP_KEY, WARMUP_STEPS_KEY, int_meta, is_warmup, split_arch
 from ..workdir import WorkDir
 from .kd_evaluator import KDEvaluator, _as_config, _trial_id, _write_record
 from .multitask_warmup import MULTITASK_KIND, run_multitask_warmup
@@ -164,8 +164,6 @@ class MultiTaskEvaluator:
     def warmup(self, parameters: Mapping[str, Any]) -> Dict[str, Any]:
         """A warm-up trial's parameters run in this process (``warmup_fn`` of the progressive
         strategy on the ``--python`` path); returns the warm-up's metric dict."""
-        from ..params import GENERAL_WARMUP_STEPS_KEY, WARMUP_KEY, WARMUP_STEPS_KEY, int_meta
-
         if not is_warmup(parameters):
             raise ConfigError(f"warm-up parameters need {WARMUP_KEY}, got keys {sorted(parameters)}")
         self._loaded = None  # the warm-up overwrites the weights held in memory

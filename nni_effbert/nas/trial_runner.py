@@ -62,6 +62,8 @@ from .kd_evaluator import KDEvaluator
 from .supernets import experiment_key
 from .supervisor import (CHILD_ENV, EXIT_FAILED, PARAMETER_ENV, _die_with_parent, in_nni, supervise,  # noqa: F401
                          supervise_trial)  # supervise: re-exported
+from .multitask_evaluator import MultiTaskEvaluator
+from .multitask_warmup import run_multitask_warmup
 from .warmup import run_warmup_parameters
 
 __all__ = [
@@ -157,9 +159,6 @@ def _run_multitask_parameters(cfg: ExperimentConfig, params: Mapping[str, Any], 
                               experiment: Optional[str]) -> Dict[str, Any]:
     """A warm-up or candidate trial of a ``tasks:`` config: :func:`~.multitask_warmup.run_multitask_warmup`
     or :class:`~.multitask_evaluator.MultiTaskEvaluator` (combined ``default``, every task's values)."""
-    from .multitask_evaluator import MultiTaskEvaluator
-    from .multitask_warmup import run_multitask_warmup
-
     if is_warmup(params):
         warm_stage = int_meta(params, WARMUP_KEY) if stage is None else stage
         result = run_multitask_warmup(cfg, warm_stage, fixed=split_arch(params),

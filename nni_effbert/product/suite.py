@@ -38,8 +38,11 @@ from ..kd.setup import KDSetup
 from ..nas.multitask_evaluator import MultiTaskEvaluator
 from ..nas.ranking import best_trial, rescore_pairs, stage_tie_margin
 from ..nas.records import read_nni_trials
+from nni_effbert.search_spaces.supernet import EfficientBertSupernet
+from ..stats import paired_scores, paired_suite
 from ..workdir import WorkDir
 from .baselines import LATENCY_BASELINE, latency_baseline_arch
+from .compare import dev_predictions
 from .distill import DISTILL_KEY, DistillResult, distill_record, plan_distill, run_distill
 from .export import check_replaceable, export_student
 from .loader import load_exported
@@ -178,8 +181,6 @@ def ensure_multitask_baseline(cfg: ExperimentConfig, *, name: str = LATENCY_BASE
     1, at the width nearest the searched arch's latency (:func:`~.baselines.latency_baseline_arch`,
     the multi-task work directory's table), sliced from the same multi-task supernet stage for every
     task, general KD once, task KD per task. ``{task: DistillResult}``."""
-    from nni_effbert.search_spaces.supernet import EfficientBertSupernet
-
     _multi(cfg, "ensure_multitask_baseline")
     first = load_exported(WorkDir.of(each_task(cfg)[0][1]).export_dir(searched))
     extra = first.meta.get("extra") or {}
@@ -202,8 +203,6 @@ def ensure_multitask_baseline(cfg: ExperimentConfig, *, name: str = LATENCY_BASE
 
 def _row_scores(setup: KDSetup, folder) -> Optional[np.ndarray]:
     """Per-row dev scores of an export (1/0 correctness), or None for a metric that is not a row mean."""
-    from .compare import dev_predictions
-
     if setup.task.spec.metric != "accuracy" or setup.task.spec.is_span:
         return None
     return (dev_predictions(setup, folder) == np.asarray(setup.task.dev["labels"])).astype(float)
@@ -214,8 +213,6 @@ def suite_report(cfg: ExperimentConfig, *, searched: str = SEARCHED, baseline: s
     """The GLUE-style suite table of a multi-task config: every task's teacher, baseline and searched
     dev metric, their weighted average, the paired comparisons (per task and of the average), and
     latency / params once per model. Writes ``<workdir>/reports/suite.{md,json}``; returns the data."""
-    from ..stats import paired_scores, paired_suite
-
     _multi(cfg, "suite_report")
     weights = {t.key: float(t.weight) for t in cfg.tasks}
     rows, scores = {}, {"searched": {}, "baseline": {}}
