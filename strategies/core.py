@@ -329,11 +329,12 @@ class ProgressiveSearch:
 
     def tie_margin(self, stage: int) -> float:
         """The tie margin ranking ``stage`` uses: 0 for a one-shot stage (its scores do not move
-        with the evaluator seed); with ``search.noise_rescores``, the one its re-scores measured
-        (:func:`~.ties.measured_margin`, once at least 2 succeeded); else ``search.tie_margin``."""
+        with the evaluator seed); the one the stage's re-scores measured (``search.noise_rescores``:
+        :func:`~.ties.measured_margin`, once at least 2 succeeded); else ``search.tie_margin``. The
+        same rule as :func:`nni_effbert.nas.ranking.stage_tie_margin`, which export reads."""
         if self._one_shot(stage, self._succeeded(stage)):
             return 0.0
-        measured = measured_margin(self.rescore_pairs(stage)) if self.config.noise_rescores else None
+        measured = measured_margin(self.rescore_pairs(stage))
         return float(self.config.tie_margin or 0.0) if measured is None else float(measured)
 
     def best(self) -> Optional[TrialRecord]:
@@ -553,7 +554,7 @@ class ProgressiveSearch:
         self._incumbents.append(best.arch)
         logger.info("stage %d (%s) done: best trial %d, score %.6g, %d params (tie margin %.4g%s)", self._stage,
                     stage.name, best.trial_id, best.score, best.params_count, self.tie_margin(self._stage),
-                    ", measured" if len(self.rescore_pairs(self._stage)) >= 2 and self.config.noise_rescores else "")
+                    ", measured" if len(self.rescore_pairs(self._stage)) >= 2 else "")
         if self._stage + 1 == len(self.config.stages):
             self._done = Done(f"search finished: best arch of the last stage is trial {best.trial_id} "
                               f"(score {best.score:.6g})")
