@@ -517,6 +517,12 @@ def load_config(
         cfg.distill.seed = cfg.seed
     if cfg.search.tie_margin is None:
         cfg.search.tie_margin = default_tie_margin(cfg.evaluator.objective)
+    for i, stage in enumerate(cfg.search.stages):
+        unknown = [t for t in stage.tasks or [] if t not in cfg.task_keys]
+        if unknown:
+            hint = f"its tasks are {', '.join(cfg.task_keys)}" if cfg.tasks else "it names one task (no tasks: list)"
+            raise ConfigError(f"{where}:search.stages.{i}.tasks: {', '.join(unknown)} not a task of this config; "
+                              f"{hint}")
     if cfg.tasks is not None:
         _check_tasks(cfg, where)
         for i, entry in enumerate(cfg.tasks):

@@ -81,6 +81,10 @@ class Stage:
         How many of the previous stage's best archs seed this stage's initial population,
         projected onto this stage's fixed choices (the best one first; it is re-scored
         because scores of different stages come from different supernets).
+    tasks : list of str or None
+        With a ``tasks:`` config, the keys of the tasks this stage warms up on and scores its
+        candidates on (the paper scores stages 1-2 on MNLI and warms stage 3 up on every task).
+        ``None``: every task.
     """
 
     name: str
@@ -92,6 +96,7 @@ class Stage:
     train_steps: Optional[int] = None
     init_trials: Optional[int] = None
     handoff_top_k: int = 3
+    tasks: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
         _need(isinstance(self.name, str) and bool(self.name.strip()),
@@ -110,6 +115,11 @@ class Stage:
         _need(self.train_steps is None or (_is_int(self.train_steps) and self.train_steps >= 0),
               f"stage {self.name!r}: train_steps must be empty (the evaluator's budget) or an int >= 0, "
               f"got {self.train_steps!r}")
+        _need(self.tasks is None or (isinstance(self.tasks, list) and bool(self.tasks)
+                                     and all(isinstance(t, str) and t for t in self.tasks)
+                                     and len(set(self.tasks)) == len(self.tasks)),
+              f"stage {self.name!r}: tasks must be empty (every task) or a list of distinct task keys, "
+              f"got {self.tasks!r}")
         _need(self.init_trials is None or (_is_int(self.init_trials) and 0 <= self.init_trials <= self.trials),
               f"stage {self.name!r}: init_trials must be empty or an int in [0, trials={self.trials}], "
               f"got {self.init_trials!r}")

@@ -434,3 +434,31 @@ def _export_and_distill_every_task(path, work, exp_id, cands, capsys):
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(loaded) == {str(f) for f in folders.values()}
+
+
+def test_a_stage_can_warm_up_and_score_on_some_tasks(tmp_path, glue_dir, base_teacher, tuned):
+    """The paper's protocol: early stages on one task, the last on every task (``stages[N].tasks``)."""
+    import shutil
+
+    from nni_effbert.nas.multitask_evaluator import MultiTaskEvaluator
+    from nni_effbert.nas.multitask_warmup import run_multitask_warmup, stage_tasks
+
+    stages = {"stages": [{"name": "one", "kind": "joint", "trials": 2, "warmup_steps": 2, "tasks": ["rte"]},
+                         {"name": "all", "kind": "size", "trials": 2, "warmup_steps": 2}]}
+    path = write_multitask(tmp_path, glue_dir, base_teacher, search=stages)
+    shutil.copytree(tuned, tmp_path / "work" / "tasks")
+    cfg = load_config(path)
+    assert stage_tasks(cfg, 0) == ["rte"] and stage_tasks(cfg, 1) == ["sst2", "rte"]
+    multi = MultiTaskSetup.from_config(cfg, progress=False)
+    warm = run_multitask_warmup(cfg, 0, general_steps=0, progress=False, multi=multi)
+    assert warm.task_steps == {"rte": 2} and warm.report()["tasks"] == ["rte"]
+    result = MultiTaskEvaluator(cfg, 0, progress=False, multi=multi).evaluate(
+        multi.tasks[0].setup.space.bert_arch(width=min(multi.tasks[0].setup.space.config.widths)), train_steps=1)
+    assert set(result["tasks"]) == {"rte"} and result["weights"] == {"rte": 1.0}
+    assert "latency_ms" in result and "sst2_default" not in result
+    (tmp_path / "bad").mkdir()
+    bad = write_multitask(tmp_path / "bad", glue_dir, base_teacher,
+                          search={"stages": [{"name": "x", "kind": "joint", "trials": 2, "tasks": ["qnli"]}]})
+    with pytest.raises(ConfigError, match=r"search.stages.0.tasks: qnli not a task of this config; its tasks are "
+                                          r"sst2, rte"):
+        load_config(bad, check_paths=False)

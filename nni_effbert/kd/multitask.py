@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from torch import nn
 
@@ -109,8 +109,13 @@ class MultiTaskSetup:
     @property
     def weights(self) -> Dict[str, float]:
         """Task weights, normalised to sum to 1."""
-        total = sum(t.weight for t in self.tasks)
-        return {t.name: t.weight / total for t in self.tasks}
+        return self.weights_of(None)
+
+    def weights_of(self, names: Optional[Sequence[str]]) -> Dict[str, float]:
+        """The weights of tasks ``names`` (None: every task), normalised to sum to 1 over them."""
+        chosen = [t for t in self.tasks if names is None or t.name in names]
+        total = sum(t.weight for t in chosen)
+        return {t.name: t.weight / total for t in chosen}
 
     def parameters(self) -> List[nn.Parameter]:
         """Every trainable tensor once: the shared encoder's and each task's head."""

@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from filelock import FileLock
 
@@ -36,7 +36,7 @@ from ..kd.train import TrialFailure
 from ..params import GENERAL_WARMUP_STEPS_KEY, WARMUP_KEY, WARMUP_STEPS_KEY, int_meta, is_warmup, split_arch
 from ..workdir import WorkDir
 from .kd_evaluator import KDEvaluator, _as_config, _trial_id, _write_record
-from .multitask_warmup import MULTITASK_KIND, run_multitask_warmup
+from .multitask_warmup import MULTITASK_KIND, run_multitask_warmup, stage_tasks
 from .supernets import check_owner, experiment_key
 
 __all__ = ["combine", "MultiTaskEvaluator", "evaluate_multitask_nni_model"]
@@ -126,10 +126,18 @@ class MultiTaskEvaluator:
             self._loaded = key
         return f"stage {self.stage} multi-task supernet"
 
+    @property
+    def task_names(self) -> List[str]:
+        """The tasks this stage scores on (``search.stages[N].tasks``, else every task)."""
+        return stage_tasks(self.cfg, self.stage)
+
     def _per_task(self, arch: Mapping[str, Any], steps: int, seed_offset: int) -> Dict[str, Dict[str, Any]]:
         inherited = self.load_stage()
-        return {name: ev._score(dict(arch), self.stage, steps, inherited, seed_offset=seed_offset)
-                for name, ev in self.evaluators.items()}
+        names = self.task_names
+        for name, ev in self.evaluators.items():  # the stage's first task measures latency
+            ev.latency = name == names[0]
+        return {name: self.evaluators[name]._score(dict(arch), self.stage, steps, inherited, seed_offset=seed_offset)
+                for name in names}
 
     def reference(self, steps: int, seed_offset: int = 0) -> Dict[str, float]:
         """Each task's objective for the reference arch (BERT's MLP, full width, stack 1) on this
@@ -138,7 +146,8 @@ class MultiTaskEvaluator:
         steps, the objective and the evaluator seed)."""
         self.load_stage()
         path = self.checkpoint.with_suffix(".reference.json")
-        key = f"{self._loaded}|steps={steps}|objective={self.cfg.evaluator.objective}|seed+{seed_offset}"
+        key = (f"{self._loaded}|steps={steps}|objective={self.cfg.evaluator.objective}|seed+{seed_offset}"
+               f"|tasks={','.join(self.task_names)}")
         with FileLock(str(path) + ".lock"):
             known: Dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
             if key not in known:
@@ -194,12 +203,14 @@ class MultiTaskEvaluator:
         dict
             ``default`` (the combined score), ``objective``, ``tasks`` (each task's metric dict),
             ``<task>_default`` / ``_search_metric`` / ``_search_kd_loss``, ``reference``, ``weights``,
-            and from the first task: ``params`` (with its head), ``latency_ms``, ``expressions``,
-            ``widths``, ``stacks``, ``stage``, ``train_steps``, ``evaluator_seed``; ``rescore_of``
-            for a re-score.
+            and from the stage's first task: ``params`` (with its head), ``latency_ms`` and
+            ``predicted_latency_ms``, ``expressions``, ``widths``, ``stacks``, ``stage``, ``train_steps``,
+            ``evaluator_seed``; ``rescore_of`` for a re-score. Only the stage's tasks are scored
+            (``search.stages[N].tasks``), their weights normalised over them.
         """
         started = time.perf_counter()
-        first = next(iter(self.evaluators.values()))
+        names = self.task_names
+        first = self.evaluators[names[0]]
         steps = first.train_steps(train_steps)
         offset = 0 if rescore_of is None else 1
         arch = first.validate_arch(arch)
@@ -210,11 +221,12 @@ class MultiTaskEvaluator:
         except TrialFailure as exc:
             _write_record(record, {"status": "failed", "reason": str(exc), "arch": arch, "stage": self.stage})
             raise
-        weights = self.multi.weights
-        result: Dict[str, Any] = {key: per_task[self.multi.names[0]][key]
-                                  for key in ("params", "non_embedding_params", "latency_ms", "expressions", "widths",
-                                              "stacks", "stage", "train_steps", "evaluator_seed")
-                                  if key in per_task[self.multi.names[0]]}
+        weights = self.multi.weights_of(names)
+        result: Dict[str, Any] = {key: per_task[names[0]][key]
+                                  for key in ("params", "non_embedding_params", "latency_ms", "latency_runtime",
+                                              "predicted_latency_ms", "expressions", "widths", "stacks", "stage",
+                                              "train_steps", "evaluator_seed")
+                                  if key in per_task[names[0]]}
         result.update(default=combine({t: r["default"] for t, r in per_task.items()}, references, weights),
                       objective=f"multitask:{self.cfg.evaluator.objective}", reference=references, weights=weights,
                       tasks=per_task)

@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from filelock import FileLock
 from torch import nn
@@ -41,7 +41,7 @@ from ..workdir import WorkDir
 from .supernets import check_owner, experiment_key, owner
 from .warmup import _PHASES, _ArchSampler, _check_stage, _phases, _validate_fixed, plan_warmup
 
-__all__ = ["MULTITASK_KIND", "MultiTaskWarmupResult", "multitask_plan", "run_multitask_warmup"]
+__all__ = ["MULTITASK_KIND", "MultiTaskWarmupResult", "multitask_plan", "run_multitask_warmup", "stage_tasks"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class MultiTaskWarmupResult:
         return {"warmup": True, "stage": self.stage, "steps": int(self.plan.get("general_steps") or 0) + int(self.plan.get("steps") or 0),
                 "skipped": self.skipped, "init": self.init, "tasks": [t for t, _ in self.plan.get("tasks", [])],
                 **({"warmup_loss": float(self.loss)} if self.loss is not None else {}),
-                **{f"{task}_warmup_steps": int(n) for task, n in self.task_steps.items()}}
+                **{f"warmup_steps.{task}": int(n) for task, n in self.task_steps.items()}}
 
 
 def multitask_plan(cfg: ExperimentConfig, stage: int, *, fixed: Optional[Mapping[str, Any]] = None,
@@ -80,9 +80,18 @@ def multitask_plan(cfg: ExperimentConfig, stage: int, *, fixed: Optional[Mapping
     return _with_tasks(cfg, plan_warmup(first, stage, fixed=fixed, steps=steps, general_steps=general_steps))
 
 
+def stage_tasks(cfg: ExperimentConfig, stage: int) -> List[str]:
+    """The keys of the tasks stage ``stage`` warms up on and scores on (``search.stages[N].tasks``,
+    else every task), in the config's order."""
+    chosen = cfg.search.stages[stage].tasks if 0 <= stage < len(cfg.search.stages) else None
+    return [key for key in cfg.task_keys if chosen is None or key in chosen]
+
+
 def _with_tasks(cfg: ExperimentConfig, first_plan) -> Dict[str, Any]:
-    """The first task's plan as a dict, plus every task with its weight."""
-    return {**first_plan.to_dict(), "tasks": [[entry.key, float(entry.weight)] for entry in cfg.tasks]}
+    """The first task's plan as a dict, plus the stage's tasks with their weights."""
+    keys = stage_tasks(cfg, first_plan.stage)
+    return {**first_plan.to_dict(), "tasks": [[entry.key, float(entry.weight)] for entry in cfg.tasks
+                                              if entry.key in keys]}
 
 
 def _read_checkpoint(path: Path, stage: int) -> Dict[str, Any]:
@@ -188,9 +197,10 @@ def run_multitask_warmup(cfg: ExperimentConfig, stage: int, *, fixed: Optional[M
                 out = kd_train(space, teacher, dataset, loss_fn, settings, pad_token_id=first.pad_token_id,
                                arch_sampler=samplers[name], device=first.device, runtime=first.runtime)
             else:
+                keys = stage_tasks(cfg, stage)
                 streams = [TaskStream(t.name, t.setup.space, t.setup.cached_teacher(), t.setup.task.train,
-                                      t.setup.loss_fn, t.weight) for t in multi.tasks]
-                logger.info("stage %d multi-task warm-up: %d steps over %s", stage, n_steps, ", ".join(multi.names))
+                                      t.setup.loss_fn, t.weight) for t in multi.tasks if t.name in keys]
+                logger.info("stage %d multi-task warm-up: %d steps over %s", stage, n_steps, ", ".join(keys))
                 out = kd_train_tasks(container, streams, settings, pad_token_id=first.pad_token_id,
                                      arch_sampler=samplers[name], device=first.device, runtime=first.runtime)
                 task_steps = dict(out.task_steps)

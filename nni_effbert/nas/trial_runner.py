@@ -97,7 +97,7 @@ def run_teacher_parameters(cfg: ExperimentConfig, *, report: bool = True, progre
         results = {key: finetune_from_config(one, progress=progress) for key, one in each_task(cfg)}
         metrics = {"default": float(sum(r.dev_metric for r in results.values()) / len(results)), "teacher": True,
                    "metric": "mean over tasks", "reused": all(r.reused for r in results.values()),
-                   **{f"{key}_teacher": float(r.dev_metric) for key, r in results.items()}, **(echo or {})}
+                   **{f"teacher.{key}": float(r.dev_metric) for key, r in results.items()}, **(echo or {})}
         logger.info("teachers of %s: %s", ", ".join(results), {k: round(r.dev_metric, 4) for k, r in results.items()})
     else:
         result = finetune_from_config(cfg, progress=progress)
