@@ -33,10 +33,9 @@ from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write_json, load_torch
 from ..kd.multitask import MultiTaskSetup
 from ..kd.train import TrialFailure
-from ..params import GENERAL_WARMUP_STEPS_KEY, WARMUP_KEY, WARMUP_STEPS_KEY, int_meta, is_warmup, split_arch
 from ..workdir import WorkDir
 from .kd_evaluator import KDEvaluator, _as_config, _trial_id, _write_record
-from .multitask_warmup import MULTITASK_KIND, run_multitask_warmup, stage_tasks
+from .multitask_warmup import MULTITASK_KIND, run_multitask_warmup_parameters, stage_tasks
 from .supernets import check_owner, experiment_key
 
 __all__ = ["combine", "MultiTaskEvaluator", "evaluate_multitask_nni_model"]
@@ -97,10 +96,10 @@ class MultiTaskEvaluator:
         self.multi = multi or MultiTaskSetup.from_config(cfg, progress=progress)
         self.experiment = experiment_key(experiment)
         self.wd = WorkDir.of(cfg)
-        # One single-task evaluator per task over the shared weights (the first measures latency).
+        # One single-task evaluator per task over the shared weights; _per_task says which measures latency.
         self.evaluators = {t.name: KDEvaluator(t.setup.cfg, self.stage, report=False, progress=progress,
-                                               latency=i == 0, setup=t.setup)
-                           for i, t in enumerate(self.multi.tasks)}
+                                               latency=False, setup=t.setup)
+                           for t in self.multi.tasks}
         for ev in self.evaluators.values():  # the table the search built (and its tuner reads)
             ev.latency_root = cfg.workdir
         self._loaded: Optional[str] = None
@@ -173,14 +172,9 @@ class MultiTaskEvaluator:
     def warmup(self, parameters: Mapping[str, Any]) -> Dict[str, Any]:
         """A warm-up trial's parameters run in this process (``warmup_fn`` of the progressive
         strategy on the ``--python`` path); returns the warm-up's metric dict."""
-        if not is_warmup(parameters):
-            raise ConfigError(f"warm-up parameters need {WARMUP_KEY}, got keys {sorted(parameters)}")
         self._loaded = None  # the warm-up overwrites the weights held in memory
-        result = run_multitask_warmup(self.cfg, int_meta(parameters, WARMUP_KEY), fixed=split_arch(parameters),
-                                      steps=int_meta(parameters, WARMUP_STEPS_KEY),
-                                      general_steps=int_meta(parameters, GENERAL_WARMUP_STEPS_KEY),
-                                      progress=self.progress, multi=self.multi, experiment=self.experiment)
-        return result.report()
+        return run_multitask_warmup_parameters(self.cfg, parameters, progress=self.progress, multi=self.multi,
+                                               experiment=self.experiment)
 
     def as_nni_evaluator(self):
         """This evaluator as an NNI NAS evaluator for ``NasExperiment``: every trial rebuilds a

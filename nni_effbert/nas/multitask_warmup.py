@@ -37,11 +37,13 @@ from ..kd.multitask import MultiTaskSetup
 from ..kd.student_start import start_from_teacher, warmup_init_mode
 from ..kd.teacher_init import init_embeddings_from_teacher
 from ..kd.train import TaskStream, TrainSettings, kd_train, kd_train_tasks
+from ..params import GENERAL_WARMUP_STEPS_KEY, WARMUP_KEY, WARMUP_STEPS_KEY, int_meta, is_warmup, split_arch
 from ..workdir import WorkDir
 from .supernets import check_owner, experiment_key, owner
 from .warmup import _PHASES, _ArchSampler, _check_stage, _phases, _validate_fixed, plan_warmup
 
-__all__ = ["MULTITASK_KIND", "MultiTaskWarmupResult", "multitask_plan", "run_multitask_warmup", "stage_tasks"]
+__all__ = ["MULTITASK_KIND", "MultiTaskWarmupResult", "multitask_plan", "run_multitask_warmup",
+           "run_multitask_warmup_parameters", "stage_tasks"]
 
 logger = logging.getLogger(__name__)
 
@@ -213,3 +215,19 @@ def run_multitask_warmup(cfg: ExperimentConfig, stage: int, *, fixed: Optional[M
     logger.info("stage %d multi-task warm-up done: %s (steps per task %s)", stage, ckpt, task_steps)
     return MultiTaskWarmupResult(stage, ckpt, plan, skipped=False, init=init, task_steps=task_steps, loss=loss,
                                  seconds=time.perf_counter() - started)
+
+
+def run_multitask_warmup_parameters(cfg: ExperimentConfig, params: Mapping[str, Any], *,
+                                    stage: Optional[int] = None, progress: bool = True,
+                                    multi: Optional[MultiTaskSetup] = None,
+                                    experiment: Optional[str] = None) -> Dict[str, Any]:
+    """A multi-task warm-up trial's parameters (``{"_warmup_stage": N, ...}``, as
+    :func:`~.warmup.run_warmup_parameters` reads them) run; returns its metric dict
+    (:meth:`MultiTaskWarmupResult.report`). ``stage`` overrides ``_warmup_stage``."""
+    if not is_warmup(params):
+        raise ConfigError(f"warm-up parameters need {WARMUP_KEY}, got keys {sorted(params)}")
+    result = run_multitask_warmup(cfg, int_meta(params, WARMUP_KEY) if stage is None else stage,
+                                  fixed=split_arch(params), steps=int_meta(params, WARMUP_STEPS_KEY),
+                                  general_steps=int_meta(params, GENERAL_WARMUP_STEPS_KEY), progress=progress,
+                                  multi=multi, experiment=experiment)
+    return result.report()

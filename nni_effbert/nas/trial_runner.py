@@ -56,14 +56,14 @@ from ..errors import ConfigError, DiskFullError, EffBertError, one_line
 from ..kd.teacher_finetune import finetune_from_config
 from ..kd.train import TrialFailure
 from ..runtime import apply_gpu_memory_limit, configure_runtime, configure_threads, gpu_oom_reason, resolve_runtime
-from ..params import (GENERAL_WARMUP_STEPS_KEY, RESCORE_OF_KEY, STAGE_KEY, TRAIN_STEPS_KEY, WARMUP_KEY, WARMUP_STEPS_KEY, add_arguments, echoed_ids, int_meta, is_placeholder, is_teacher,
+from ..params import (RESCORE_OF_KEY, STAGE_KEY, TRAIN_STEPS_KEY, add_arguments, echoed_ids, int_meta, is_placeholder, is_teacher,
                       is_warmup, placeholder_reason, read_arch_file, split_arch)
 from .kd_evaluator import KDEvaluator
 from .supernets import experiment_key
 from .supervisor import (CHILD_ENV, EXIT_FAILED, PARAMETER_ENV, _die_with_parent, in_nni, supervise,  # noqa: F401
                          supervise_trial)  # supervise: re-exported
 from .multitask_evaluator import MultiTaskEvaluator
-from .multitask_warmup import run_multitask_warmup
+from .multitask_warmup import run_multitask_warmup_parameters
 from .warmup import run_warmup_parameters
 
 __all__ = [
@@ -160,12 +160,8 @@ def _run_multitask_parameters(cfg: ExperimentConfig, params: Mapping[str, Any], 
     """A warm-up or candidate trial of a ``tasks:`` config: :func:`~.multitask_warmup.run_multitask_warmup`
     or :class:`~.multitask_evaluator.MultiTaskEvaluator` (combined ``default``, every task's values)."""
     if is_warmup(params):
-        warm_stage = int_meta(params, WARMUP_KEY) if stage is None else stage
-        result = run_multitask_warmup(cfg, warm_stage, fixed=split_arch(params),
-                                      steps=int_meta(params, WARMUP_STEPS_KEY),
-                                      general_steps=int_meta(params, GENERAL_WARMUP_STEPS_KEY), progress=progress,
-                                      experiment=experiment)
-        metrics = {**result.report(), **echoed_ids(params)}
+        metrics = {**run_multitask_warmup_parameters(cfg, params, stage=stage, progress=progress,
+                                                     experiment=experiment), **echoed_ids(params)}
     else:
         evaluator = MultiTaskEvaluator(cfg, int_meta(params, STAGE_KEY) if stage is None else stage,
                                        progress=progress, experiment=experiment)

@@ -353,8 +353,8 @@ def run_distill(cfg: ExperimentConfig, export_dir, *, force: bool = False, progr
     }
     extra = dict(exported.meta.get("extra") or {})
     extra[DISTILL_KEY] = record
-    labels = None if exported.config.head == "span" else [exported.id2label[i] for i in range(len(exported.id2label))]
-    export_student(exported.config, exported.arch, model, folder, tokenizer=setup.tokenizer, label_names=labels,
+    export_student(exported.config, exported.arch, model, folder, tokenizer=setup.tokenizer,
+                   label_names=exported.label_names,
                    task=spec, extra_meta=extra)
     logger.info("%s distilled in %.0fs: dev %s %.4f -> %.4f, latency %.2f ms", folder.name, seconds, metric_name,
                 before, final, latency)

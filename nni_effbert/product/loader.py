@@ -14,7 +14,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -95,6 +95,11 @@ class ExportedStudent:
     id2label: Dict[int, str]
     meta: Dict[str, Any] = field(default_factory=dict)
     path: Optional[Path] = None
+
+    @property
+    def label_names(self) -> Optional[List[str]]:
+        """The class names in label order, for re-exporting; None for a span-QA student."""
+        return None if self.config.head == "span" else [self.id2label[i] for i in range(len(self.id2label))]
 
 
 def load_exported(path: PathLike, *, verify: bool = True) -> ExportedStudent:

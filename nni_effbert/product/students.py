@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..config import ExperimentConfig
 from ..errors import CheckpointError
@@ -31,6 +31,7 @@ __all__ = [
     "export_trial_arch",
     "export_from_supernet",
     "export_loaded",
+    "best_of_experiment",
     "experiments_dir_of",
     "supernet_experiment",
     "keep_previous_export",
@@ -144,6 +145,21 @@ def experiments_dir_of(cfg: ExperimentConfig, given: Optional[str]) -> Optional[
     return str(folder) if folder.is_dir() else None
 
 
+def best_of_experiment(cfg: ExperimentConfig, experiment: str,
+                       experiments_dir: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The best succeeded trial of an NNI experiment (:func:`~nni_effbert.nas.ranking.best_trial` under
+    the stage's tie margin) and what its export records of the pick (trial, stage, the margin and
+    how many re-scores measured it)."""
+    trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
+    margin = float(cfg.search.tie_margin or 0.0)
+    best = best_trial(trials, experiment=experiment, tie_margin=margin)
+    stage = best["stage"]
+    return best, {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
+                  "trial_metric": best["metric"], "stage": stage, "stage_name": best["stage_name"],
+                  "tie_margin": stage_tie_margin(trials, stage, margin),
+                  "tie_margin_rescores": len(rescore_pairs(trials, stage)) if stage is not None else 0}
+
+
 def export_best(cfg: ExperimentConfig, experiment: str, *, name: str = SEARCHED, experiments_dir: Optional[str] = None,
                 progress: bool = True, evaluator=None, force: bool = False) -> ExportInfo:
     """Export the best succeeded trial of an NNI experiment.
@@ -167,8 +183,7 @@ def export_best(cfg: ExperimentConfig, experiment: str, *, name: str = SEARCHED,
         experiment's: :mod:`~nni_effbert.nas.supernets`).
     """
 
-    trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
-    best = best_trial(trials, experiment=experiment, tie_margin=float(cfg.search.tie_margin or 0.0))
+    best, extra = best_of_experiment(cfg, experiment, experiments_dir)
     # Where the trial's weights came from: a trial records it (supernet_source) since the
     # evaluator states it; NNI's strategies score on the work directory's (or a named) supernet.
     source = (best.get("final") or {}).get("supernet_source")
@@ -178,10 +193,6 @@ def export_best(cfg: ExperimentConfig, experiment: str, *, name: str = SEARCHED,
     else:  # older trials: the weights come from this experiment's supernets, whoever built it
         evaluator = evaluator or KDEvaluator(cfg, progress=progress, experiment=experiment)
         evaluator.experiment = experiment
-    extra = {"source": "experiment", "experiment": experiment, "trial_id": best["trial_id"],
-             "trial_metric": best["metric"], "stage": best["stage"], "stage_name": best["stage_name"],
-             "tie_margin": stage_tie_margin(trials, best["stage"], float(cfg.search.tie_margin or 0.0)),
-             "tie_margin_rescores": len(rescore_pairs(trials, best["stage"])) if best["stage"] is not None else 0}
     info = export_from_supernet(evaluator, dict(best["arch"] or {}), best["stage"], name, extra, force=force)
     info.trial = best
     return info

@@ -36,8 +36,6 @@ from ..latency.table import table_for_config
 from ..kd.multitask import ENCODER_MODULES
 from ..kd.setup import KDSetup
 from ..nas.multitask_evaluator import MultiTaskEvaluator
-from ..nas.ranking import best_trial, rescore_pairs, stage_tie_margin
-from ..nas.records import read_nni_trials
 from nni_effbert.search_spaces.supernet import EfficientBertSupernet
 from ..stats import paired_scores, paired_suite
 from ..workdir import WorkDir
@@ -46,7 +44,7 @@ from .compare import dev_predictions
 from .distill import DISTILL_KEY, DistillResult, distill_record, plan_distill, run_distill
 from .export import check_replaceable, export_student
 from .loader import load_exported
-from .students import SEARCHED, ExportInfo, experiments_dir_of, export_loaded
+from .students import SEARCHED, ExportInfo, best_of_experiment, export_loaded
 
 __all__ = ["MULTITASK_GENERAL_KEY", "export_multitask", "distill_multitask", "ensure_multitask_baseline",
            "suite_report"]
@@ -75,13 +73,9 @@ def export_multitask(cfg: ExperimentConfig, experiment: str, *, name: str = SEAR
     _multi(cfg, "export_multitask")
     extra: Dict[str, Any] = {"experiment": experiment, "tasks": list(cfg.task_keys)}
     if arch is None:
-        trials = read_nni_trials(experiment, experiments_dir=experiments_dir_of(cfg, experiments_dir))
-        margin = float(cfg.search.tie_margin or 0.0)
-        best = best_trial(trials, experiment=experiment, tie_margin=margin)
+        best, picked = best_of_experiment(cfg, experiment, experiments_dir)
         arch, stage = dict(best["arch"] or {}), best["stage"]
-        extra.update(source="experiment", trial_id=best["trial_id"], trial_metric=best["metric"], stage=stage,
-                     stage_name=best["stage_name"], tie_margin=stage_tie_margin(trials, stage, margin),
-                     tie_margin_rescores=len(rescore_pairs(trials, stage)) if stage is not None else 0)
+        extra.update(picked)
     else:
         extra.update(source="arch", stage=stage)
     for _, one in each_task(cfg):
@@ -139,7 +133,7 @@ def distill_multitask(cfg: ExperimentConfig, *, name: str = SEARCHED, force: boo
         if general is not None:
             record = dict(exported[key].meta.get("extra") or {})
             if force or record.get(MULTITASK_GENERAL_KEY) != general:
-                _start_from(folders[key], encoder, setup, {**record, MULTITASK_GENERAL_KEY: general})
+                _start_from(exported[key], encoder, setup, {**record, MULTITASK_GENERAL_KEY: general})
         results[key] = run_distill(task_cfg, folders[key], force=force, progress=progress, setup=setup)
         logger.info("task %s: dev %s %.4f", key, results[key].metric, results[key].dev_metric)
     return results
@@ -156,18 +150,16 @@ def _copy_export(source, dest) -> None:
     staging.rename(dest)
 
 
-def _start_from(folder, encoder: Mapping[str, Any], setup: KDSetup, extra: Dict[str, Any]) -> None:
-    """Re-export ``folder`` with the general student's encoder and the folder's own head."""
-    exported = load_exported(folder)
-    model = exported.model
+def _start_from(exported, encoder: Mapping[str, Any], setup: KDSetup, extra: Dict[str, Any]) -> None:
+    """Re-export a loaded export into its folder with the general student's encoder and its own head."""
+    folder, model = exported.path, exported.model
     missing, unexpected = model.load_state_dict(dict(encoder), strict=False)
     if unexpected or any(k.split(".", 1)[0] in ENCODER_MODULES for k in missing):
         raise ConfigError(f"{folder}: the general student's encoder does not fit this export ({len(unexpected)} "
                           f"unexpected, {len(missing)} missing tensors); export every task from one search")
     extra = {k: v for k, v in extra.items() if k != DISTILL_KEY}  # its task distillation starts anew
-    labels = None if exported.config.head == "span" else [exported.id2label[i] for i in range(len(exported.id2label))]
-    export_student(exported.config, exported.arch, model, folder, tokenizer=setup.tokenizer, label_names=labels,
-                   task=setup.task.spec, extra_meta=extra)
+    export_student(exported.config, exported.arch, model, folder, tokenizer=setup.tokenizer,
+                   label_names=exported.label_names, task=setup.task.spec, extra_meta=extra)
 
 
 # ---------------------------------------------------------------------------------------------
