@@ -152,6 +152,12 @@ def test_tiny_qa_trial_end_to_end(trial_cfg, tmp_path):
                             task=setup.task.spec)
     distilled = run_distill(trial_cfg, folder, progress=False, setup=setup)
     assert [step for step, _ in distilled.curve] == [2, 4] and 0.0 <= distilled.dev_metric <= 1.0
+    # Per-question F1 in dev order (the suite's and the SQuAD bench's paired tests): its mean is dev F1.
+    from nni_effbert.product.compare import dev_row_scores
+
+    per_question = dev_row_scores(setup, folder)
+    assert per_question.shape == (len(setup.task.examples["dev"]),) and ((0 <= per_question) & (per_question <= 1)).all()
+    assert per_question.mean() == pytest.approx(distilled.dev_metric, abs=1e-9)
     row = student_row(folder, "searched", "searched", seq_length=32, repeats=1)
     assert row["dev_metric"] == distilled.dev_metric and 0.0 <= row["dev_exact"] <= row["dev_metric"] + 1e-9
     teacher = teacher_row(setup, seq_length=32, repeats=1)

@@ -8,8 +8,8 @@ and the official SQuAD v1.1 / v2.0 evaluation).
 * :func:`best_null_threshold` / :func:`apply_null_threshold`: the v2.0 null-answer threshold,
   tuned on the search split, never on dev;
 * :func:`evaluate_predictions` -> EM / F1 (:mod:`nni_effbert.data.metrics`);
-* :func:`span_logits` / :func:`score_span_model` run a model (any callable from a padded batch to
-  ``[B, T, 2]`` logits) over a split's features and score it.
+* :func:`span_logits` / :func:`score_span_model` / :func:`span_answers` run a model (any callable from a padded batch to
+  ``[B, T, 2]`` logits) over a split's features and score it (or give its answers).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from .tasks import TaskConfig
 
 
 __all__ = ["postprocess_predictions", "apply_null_threshold", "best_null_threshold", "evaluate_predictions",
-           "span_logits", "score_span_model"]
+           "span_logits", "score_span_model", "span_answers"]
 
 
 
@@ -213,6 +213,22 @@ def score_span_model(forward: Callable[[Dict[str, torch.Tensor]], torch.Tensor],
         ``f1``, ...); v2.0 adds ``null_threshold`` (the threshold used) to each.
     """
     version = data.spec.name
+    answers, threshold = span_answers(forward, data, task_cfg, batch_size, pad_token_id, splits, null_threshold)
+    out: Dict[str, Dict[str, float]] = {}
+    for split, preds in answers.items():
+        out[split] = evaluate_predictions(preds, data.examples[split], version)
+        if version == "squad_v2":
+            out[split]["null_threshold"] = float(threshold)
+    return out
+
+
+def span_answers(forward: Callable[[Dict[str, torch.Tensor]], torch.Tensor], data: QAData, task_cfg: TaskConfig,
+                 batch_size: int, pad_token_id: int, splits: Sequence[str] = ("dev",),
+                 null_threshold: Optional[float] = None) -> Tuple[Dict[str, Dict[str, str]], Optional[float]]:
+    """The answer a span model gives to every question of ``splits`` (question id -> text, ``""`` =
+    no answer), as :func:`score_span_model` scores them, and the v2.0 null threshold it applied
+    (None for v1.1). Splits without rows are left out."""
+    version = data.spec.name
     raw: Dict[str, Tuple[Dict[str, str], Dict[str, float]]] = {}
     wanted = list(splits)
     if version == "squad_v2" and null_threshold is None and len(data.search) and "search" not in wanted:
@@ -231,14 +247,10 @@ def score_span_model(forward: Callable[[Dict[str, torch.Tensor]], torch.Tensor],
             threshold, _ = best_null_threshold(raw["search"][0], raw["search"][1], gold)
         else:
             threshold = 0.0
-    out: Dict[str, Dict[str, float]] = {}
+    answers: Dict[str, Dict[str, str]] = {}
     for split in splits:
         if split not in raw:
             continue
         preds, diffs = raw[split]
-        if version == "squad_v2":
-            preds = apply_null_threshold(preds, diffs, float(threshold))
-        out[split] = evaluate_predictions(preds, data.examples[split], version)
-        if version == "squad_v2":
-            out[split]["null_threshold"] = float(threshold)
-    return out
+        answers[split] = apply_null_threshold(preds, diffs, float(threshold)) if version == "squad_v2" else preds
+    return answers, (float(threshold) if version == "squad_v2" else None)

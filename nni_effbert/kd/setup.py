@@ -22,7 +22,7 @@ from nni_effbert.search_spaces.supernet import EfficientBertSupernet
 from ..config import ExperimentConfig, single_task
 from ..data.batches import length_sorted_batches
 from ..data.prepared import load_prepared_task
-from ..data.qa_answers import score_span_model
+from ..data.qa_answers import score_span_model, span_answers
 from ..data.qa import load_qa_task
 from ..data.tasks import QA_TASKS
 from ..errors import CheckpointError, ConfigError
@@ -306,7 +306,9 @@ class KDSetup:
             self._search_cache = self.open_cache(self.search_split(), self.task.fingerprint, "search")
         return self._search_cache
 
-    def _evaluate_span(self, model: nn.Module, arch: Optional[Arch]) -> Dict[str, float]:
+    def _run_span(self, score, model: nn.Module, arch: Optional[Arch]):
+        """``score(forward, data, task_cfg, batch_size, pad_token_id, splits=("dev",))`` with ``model``
+        (``arch`` on a supernet) in eval mode on the runtime's device; its dev entry."""
         rt = self.runtime
         was_training = model.training
         model.eval()
@@ -318,12 +320,21 @@ class KDSetup:
 
         try:
             size = int(self.cfg.evaluator.eval_batch_size or self.cfg.evaluator.batch_size)
-            scores = score_span_model(forward, self.task, self.cfg.task, size, self.pad_token_id, splits=("dev",))
+            out = score(forward, self.task, self.cfg.task, size, self.pad_token_id, splits=("dev",))
         finally:
             model.train(was_training)
-        if "dev" not in scores:
+        out = out[0] if isinstance(out, tuple) else out
+        if "dev" not in out:
             raise ConfigError("cannot evaluate on an empty split")
-        return scores["dev"]
+        return out["dev"]
+
+    def _evaluate_span(self, model: nn.Module, arch: Optional[Arch]) -> Dict[str, float]:
+        return self._run_span(score_span_model, model, arch)
+
+    def dev_span_answers(self, model: nn.Module, arch: Optional[Arch] = None) -> Dict[str, str]:
+        """Question id -> the answer a span-QA student gives on the dev split, exactly as its dev EM / F1
+        score it (the v2.0 null threshold tuned on the search split)."""
+        return self._run_span(span_answers, model, arch)
 
     def score_search(self, model: nn.Module, arch: Optional[Arch] = None) -> Dict[str, Any]:
         """Task metric and KD losses of ``model`` on the search split (see :func:`score_split`;

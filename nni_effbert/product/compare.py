@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from ..data.metrics import compute_metrics
+from ..data.metrics import compute_metrics, squad_f1_per_question
 from ..kd.setup import KDSetup
 from ..stats import PairedResult, format_paired_table, paired_metric, paired_scores
 from .loader import load_exported
 
-__all__ = ["teacher_logits", "dev_predictions", "compare_predictions", "comparisons_markdown"]
+__all__ = ["teacher_logits", "dev_predictions", "dev_row_scores", "compare_predictions", "comparisons_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,21 @@ def dev_predictions(setup: KDSetup, source: Union[PathLike, str]) -> np.ndarray:
         model = load_exported(source).model.to(setup.device)
         logits, _ = setup.predict_dev(model)
     return logits if setup.task.spec.is_regression else np.asarray(logits).argmax(axis=-1)
+
+
+def dev_row_scores(setup: KDSetup, source: Union[PathLike, str]) -> Optional[np.ndarray]:
+    """Per-row dev scores of an export folder whose mean is its dev metric, in dev row order: 1 / 0
+    correctness (accuracy) or each question's F1 (span QA, the official rules); None for a metric
+    that is not a mean over rows (Matthews, F1 of a class, correlations)."""
+    if setup.task.spec.is_span:
+        answers = setup.dev_span_answers(load_exported(source).model.to(setup.device))
+        examples = setup.task.examples["dev"]
+        f1 = squad_f1_per_question(answers, {ex["id"]: list(ex["answers"]["text"]) for ex in examples},
+                                   setup.task.spec.name)
+        return np.array([f1[ex["id"]] for ex in examples], dtype=float)
+    if setup.task.spec.metric != "accuracy":
+        return None
+    return (dev_predictions(setup, source) == np.asarray(setup.task.dev["labels"])).astype(float)
 
 
 def compare_predictions(predictions: Mapping[str, np.ndarray], labels: np.ndarray, metric: str,

@@ -26,7 +26,6 @@ import logging
 import shutil
 from typing import Any, Dict, Mapping, Optional
 
-import numpy as np
 
 from ..config import ExperimentConfig, each_task
 from ..errors import ConfigError
@@ -40,7 +39,7 @@ from nni_effbert.search_spaces.supernet import EfficientBertSupernet
 from ..stats import paired_scores, paired_suite
 from ..workdir import WorkDir
 from .baselines import LATENCY_BASELINE, latency_baseline_arch
-from .compare import dev_predictions
+from .compare import dev_row_scores
 from .distill import DISTILL_KEY, DistillResult, distill_record, plan_distill, run_distill
 from .export import check_replaceable, export_student
 from .loader import load_exported
@@ -193,13 +192,6 @@ def ensure_multitask_baseline(cfg: ExperimentConfig, *, name: str = LATENCY_BASE
     return distill_multitask(cfg, name=name, force=force, progress=progress)
 
 
-def _row_scores(setup: KDSetup, folder) -> Optional[np.ndarray]:
-    """Per-row dev scores of an export (1/0 correctness), or None for a metric that is not a row mean."""
-    if setup.task.spec.metric != "accuracy" or setup.task.spec.is_span:
-        return None
-    return (dev_predictions(setup, folder) == np.asarray(setup.task.dev["labels"])).astype(float)
-
-
 def suite_report(cfg: ExperimentConfig, *, searched: str = SEARCHED, baseline: str = LATENCY_BASELINE,
                  progress: bool = True) -> Dict[str, Any]:
     """The GLUE-style suite table of a multi-task config: every task's teacher, baseline and searched
@@ -222,7 +214,7 @@ def suite_report(cfg: ExperimentConfig, *, searched: str = SEARCHED, baseline: s
             row[label] = float(record["dev_metric"])
             models.setdefault(label, {"arch": exported.arch, "params": int(exported.meta["params"]),
                                       "latency_ms": float(record["latency_ms"])})
-            per_row = _row_scores(setup, folder)
+            per_row = dev_row_scores(setup, folder)
             if per_row is not None:
                 scores[label][key] = per_row
         if key in scores["searched"] and key in scores["baseline"]:
