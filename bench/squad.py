@@ -62,33 +62,12 @@ MEDIUM = ["task.max_train_rows=2800", "task.max_dev_rows=1500", "task.search_row
 
 
 def per_question_f1(folder, setup):
-    """``{question id: F1}`` of an exported (distilled) student on the dev questions, and its EM / F1."""
-    import torch
+    """``{question id: F1}`` of an exported (distilled) student on the dev questions (the v2.0 null
+    threshold tuned on the search split, never dev), as its dev F1 scores them."""
+    from nni_effbert.product.compare import dev_row_scores
 
-    from nni_effbert.data.metrics import squad_f1_per_question
-    from nni_effbert.data.qa_answers import (apply_null_threshold, best_null_threshold, postprocess_predictions, span_logits)
-    from nni_effbert.product.loader import load_exported
-
-    model = load_exported(folder).model.eval()
-    task, tcfg = setup.task, setup.cfg.task
-    size = int(setup.cfg.evaluator.eval_batch_size or setup.cfg.evaluator.batch_size)
-
-    def forward(batch):
-        return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], return_kd=False).logits
-
-    def answers(split):
-        s, e = span_logits(forward, getattr(task, split), size, setup.pad_token_id)
-        return postprocess_predictions(task.examples[split], getattr(task, split), s, e, tcfg.n_best_size,
-                                       tcfg.max_answer_length)
-
-    with torch.inference_mode():
-        preds, diffs = answers("dev")
-        if task.spec.name == "squad_v2":  # the null threshold comes from the search split, never dev
-            s_preds, s_diffs = answers("search")
-            gold_s = {ex["id"]: list(ex["answers"]["text"]) for ex in task.examples["search"]}
-            preds = apply_null_threshold(preds, diffs, best_null_threshold(s_preds, s_diffs, gold_s)[0])
-    gold = {ex["id"]: list(ex["answers"]["text"]) for ex in task.examples["dev"]}
-    return squad_f1_per_question(preds, gold, task.spec.name)
+    qids = [ex["id"] for ex in setup.task.examples["dev"]]
+    return dict(zip(qids, dev_row_scores(setup, folder).tolist()))
 
 
 def paired_test(searched, baseline):
@@ -187,15 +166,19 @@ def main() -> int:
     for k in range(args.distill_seeds):
         seed = int(cfg.distill.seed if cfg.distill.seed is not None else cfg.seed) + k
         scfg = load_config(effective, [f"distill.seed={seed}"])
-        exp = export_best(scfg, experiment, name=f"searched-seed{seed}", evaluator=KDEvaluator(scfg, setup=setup))
-        stage = exp.trial.get("stage", stage)
+        folder, stage = _searched_export(scfg, experiment, f"searched-seed{seed}", setup,
+                                         lambda: export_best(scfg, experiment, name=f"searched-seed{seed}",
+                                                             evaluator=KDEvaluator(scfg, setup=setup)))
+        exp = load_exported(folder)
         searched = run_distill(scfg, exp.path, setup=setup)
         base, matched = ensure_latency_baseline(scfg, exp.path, name=f"baseline-lat-seed{seed}", setup=setup,
                                                 choice=matched)
         per_q["searched"].append(per_question_f1(exp.path, setup))
         per_q["baseline"].append(per_question_f1(base.path, setup))
         seeds.append({"seed": seed, "searched_f1": searched.dev_metric, "baseline_f1": base.dev_metric,
-                      "searched_em": _em(exp.path), "baseline_em": _em(base.path), "searched_dir": str(exp.path),
+                      "searched_em": _em(exp.path), "baseline_em": _em(base.path),
+                      "searched_before_f1": _before(exp.path), "baseline_before_f1": _before(base.path),
+                      "searched_dir": str(exp.path),
                       "baseline_dir": str(base.path), "baseline_width": matched.width})
         print(f"distill seed {seed}: searched F1 {searched.dev_metric:.4f}, latency-matched baseline (width "
               f"{matched.width}) {base.dev_metric:.4f}", flush=True)
@@ -209,7 +192,14 @@ def main() -> int:
         for label, ratio, stack in variants:
             width = min(space.config.widths, key=lambda w: abs(w - ratio * space.config.intermediate_size))
             arch = space.bert_arch(width=width, stack=stack)
-            scores, runs = [], []
+            if stack == 1 and width == matched.width:
+                # The latency-matched baseline is this very student (same arch, supernet stage,
+                # distill seeds and budget): its runs are reused, not distilled a second time.
+                capacity.append({"variant": label, "width": width, "stack": stack, "same_as": "latency-matched baseline",
+                                 "f1": [r["baseline_f1"] for r in seeds], "before_f1": seeds[0]["baseline_before_f1"],
+                                 "params": int(space.count_params(arch)), "vs_latency_baseline": None})
+                continue
+            scores, runs, before = [], [], None
             for k in range(args.distill_seeds):
                 seed = int(cfg.distill.seed if cfg.distill.seed is not None else cfg.seed) + k
                 scfg = load_config(effective, [f"distill.seed={seed}"])
@@ -218,14 +208,14 @@ def main() -> int:
                 out = export_trial_arch(scfg, arch, stage, name, extra={"capacity_check": label},
                                         evaluator=KDEvaluator(scfg, setup=setup, experiment=experiment))
                 scores.append(run_distill(scfg, out.path, setup=setup).dev_metric)
+                before = _before(out.path) if before is None else before  # the same export for every seed
                 runs.append(per_question_f1(out.path, setup))
             vs_full = paired_test(runs, per_q["baseline"]) if runs else None
-            capacity.append({"variant": label, "width": width, "stack": stack, "f1": scores,
+            capacity.append({"variant": label, "width": width, "stack": stack, "f1": scores, "before_f1": before,
                              "params": int(space.count_params(arch)), "vs_latency_baseline": vs_full})
             print(f"capacity {label} (width {width}): F1 {scores}", flush=True)
 
     s_f1 = [r["searched_f1"] for r in seeds]
-    b_f1 = [r["baseline_f1"] for r in seeds]
     t_f1 = teacher_scores.get("f1", setup.teacher_marker.get("dev_metric"))
     keeps = statistics.mean(s_f1) / t_f1 if t_f1 else None
     speedup = teacher_ms / s_ms if s_ms else None
@@ -261,23 +251,56 @@ def main() -> int:
           "| distill seed | baseline EM / F1 | searched EM / F1 |", "|---:|---:|---:|"]
     md += [f"| {r['seed']} | {r['baseline_em']:.4f} / {r['baseline_f1']:.4f} | {r['searched_em']:.4f} / "
            f"{r['searched_f1']:.4f} |" for r in seeds]
+    md += ["", f"F1 before task KD (the students as sliced from the supernet): searched "
+           f"{_fmt(seeds[0]['searched_before_f1'])}, baseline {_fmt(seeds[0]['baseline_before_f1'])}."]
     md += ["", f"Searched keeps {keeps if keeps is None else f'{100 * keeps:.1f}%'} of the teacher's F1 at "
            f"{speedup if speedup is None else f'{speedup:.2f}x'} lower latency ({s_ms:.1f} ms). Paired over "
            f"{test['questions']} questions (seeds averaged): searched - baseline F1 {test['mean_diff']:+.4f}, 95% CI "
            f"[{test['ci95'][0]:+.4f}, {test['ci95'][1]:+.4f}], permutation p = {test['p_value']:.3g}.", ""]
     if capacity:
-        md += ["| capacity check (BERT MLP) | params | F1 per seed | vs latency-matched baseline (mean, 95% CI, p) |",
-               "|---|---:|---|---|"]
+        md += ["| capacity check (BERT MLP) | params | F1 before task KD | F1 per seed | mean ± std | vs latency-matched "
+               "baseline (mean, 95% CI, p) |", "|---|---:|---:|---|---:|---|"]
         for c in capacity:
             v = c["vs_latency_baseline"]
-            md.append(f"| {c['variant']} (width {c['width']}) | {c['params']:,} | "
-                      f"{', '.join(f'{x:.4f}' for x in c['f1'])} | {v['mean_diff']:+.4f} [{v['ci95'][0]:+.4f}, "
-                      f"{v['ci95'][1]:+.4f}], p {v['p_value']:.3g} |")
+            versus = ("is that baseline" if v is None else
+                      f"{v['mean_diff']:+.4f} [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}], p {v['p_value']:.3g}")
+            spread = f"{statistics.mean(c['f1']):.4f} ± {statistics.stdev(c['f1']) if len(c['f1']) > 1 else 0:.4f}"
+            md.append(f"| {c['variant']} (width {c['width']}) | {c['params']:,} | {_fmt(c.get('before_f1'))} | "
+                      f"{', '.join(f'{x:.4f}' for x in c['f1'])} | {spread} | {versus} |")
     md += ["", f"Targets: {', '.join(f'{k}: {v}' for k, v in targets.items())}."]
     dest.with_suffix(".md").write_text("\n".join(md) + "\n")
     _plot(data, dest.with_suffix(".png"))
     print("\n".join(md))
     return 0
+
+
+def _searched_export(cfg, experiment, name, setup, export):
+    """The folder and supernet stage of ``exports/<name>``: a rerun on the same search (``--experiment``)
+    reads back the export (and distillation) an earlier run of it left; otherwise ``export()``."""
+    from nni_effbert.product.loader import load_exported
+
+    folder = setup.workdir.export_dir(name)
+    if folder.is_dir():
+        extra = load_exported(folder).meta.get("extra") or {}
+        if extra.get("experiment") == experiment and extra.get("source") == "experiment":
+            print(f"reusing {folder} (exported from experiment {experiment}, stage {extra.get('supernet_stage')})",
+                  flush=True)
+            return folder, extra.get("supernet_stage")
+    exp = export()  # an export of another search is refused by export_best (ExportExistsError)
+    return exp.path, exp.trial.get("stage")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _before(folder):
+    """Dev F1 of an export before its distillation, as the distillation recorded it."""
+    from nni_effbert.product.distill import distill_record
+    from nni_effbert.product.loader import load_exported
+
+    before = (distill_record(load_exported(folder).meta) or {}).get("before")
+    return None if before is None else float(before)
 
 
 def _em(folder) -> float:
