@@ -653,6 +653,7 @@ def _configure_latency(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_latency(args: argparse.Namespace) -> int:
+    from .config import each_task
     from .io import atomic_write_json
     from .latency.check import check_table
     from .latency.components import random_archs
@@ -661,7 +662,9 @@ def _run_latency(args: argparse.Namespace) -> int:
     from .latency.targets import teacher_latency_ms
     from .workdir import WorkDir
 
-    cfg = _load_cfg(args)
+    # A multi-task config without --task: the one table its search reads (<workdir>/latency);
+    # latency depends on the student space and evaluator.latency_*, not on the task.
+    cfg = _load_cfg(args, every_task=True)
     if args.check < 0 or args.repeats < 1:
         raise ConfigError("--check must be >= 0 and --repeats >= 1")
     settings = latency_settings(cfg)
@@ -671,9 +674,11 @@ def _run_latency(args: argparse.Namespace) -> int:
           f"{settings.runtime}, torch {table.key['torch']}, {settings.threads} thread(s), batch {settings.batch_size}, "
           f"seq {settings.seq_length})")
     print(f"predicted latency of the space: {lo:.3f} .. {hi:.3f} ms")
-    teacher = teacher_latency_ms(cfg)
-    if teacher is not None:
-        print(f"teacher: {teacher:.3f} ms (speed-up of the space: {teacher / hi:.2f}x .. {teacher / lo:.2f}x)")
+    for key, one in each_task(cfg):
+        teacher = teacher_latency_ms(one)
+        if teacher is not None:
+            print(f"teacher{'' if key is None else f' of {key}'}: {teacher:.3f} ms (speed-up of the space: "
+                  f"{teacher / hi:.2f}x .. {teacher / lo:.2f}x)")
     if args.check:
         result = check_table(table, random_archs(table.config, args.check, seed=args.seed), settings,
                              repeats=args.repeats, progress=not args.quiet)
@@ -703,7 +708,8 @@ def build_parser(commands: Sequence[Command] = None) -> argparse.ArgumentParser:
     with_config.add_argument("--task", metavar="NAME", default=None,
                              help="a multi-task config (tasks:): run on this task, in its own work directory "
                                   "<workdir>/tasks/NAME (without --task: teacher fine-tunes every task's teacher, warmup "
-                                  "warms up one supernet for all the tasks)")
+                                  "warms up one supernet for all the tasks, latency builds the one table the "
+                                  "multi-task search reads)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in commands:
         parents = [common, with_config] if cmd.needs_config else [common]

@@ -250,6 +250,64 @@ def test_multitask_warmup_writes_one_encoder_and_a_head_per_task(tmp_path, glue_
         run_multitask_warmup(cfg, 2, steps=1, general_steps=0, progress=False, multi=fresh)
 
 
+def test_an_interrupted_multitask_warmup_resumes_as_if_never_stopped(tmp_path, glue_dir, base_teacher, tuned,
+                                                                    monkeypatch):
+    from nni_effbert.io import load_torch
+    from nni_effbert.nas import multitask_warmup as mw
+    from nni_effbert.workdir import WorkDir
+
+    cfg = load_config(with_teachers(tmp_path, glue_dir, base_teacher, tuned))
+    state_path = WorkDir.of(cfg).warmup_state(0)
+    real_save, calls = mw.atomic_save_torch, []
+
+    def dying_save(obj, path):
+        real_save(obj, path)
+        calls.append(Path(path).name)
+        if calls.count(state_path.name) == 2:
+            raise KeyboardInterrupt  # killed right after the second resumable state hit the disk
+
+    monkeypatch.setattr(mw, "atomic_save_torch", dying_save)
+    kw = dict(steps=6, general_steps=2, checkpoint_interval=2, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        mw.run_multitask_warmup(cfg, 0, multi=MultiTaskSetup.from_config(cfg, progress=False), **kw)
+    # The general phase (2 steps) ended, then the task phase saved its step 2 and died.
+    state = load_torch(state_path, "state")
+    assert state["kind"] == mw.STATE_KIND and state["train"]["step"] == 2
+    assert not WorkDir.of(cfg).supernet_checkpoint(0).exists()
+    monkeypatch.setattr(mw, "atomic_save_torch", real_save)
+
+    resumed = mw.run_multitask_warmup(cfg, 0, multi=MultiTaskSetup.from_config(cfg, progress=False), **kw)
+    assert resumed.resumed_at == 4 and resumed.report()["resumed_at"] == 4 and not state_path.exists()
+    resumed_data = load_torch(resumed.checkpoint, "checkpoint")
+    straight = mw.run_multitask_warmup(cfg, 0, force=True, multi=MultiTaskSetup.from_config(cfg, progress=False),
+                                       steps=6, general_steps=2, progress=False)
+    assert straight.resumed_at is None and straight.plan == resumed.plan
+    assert straight.task_steps == resumed.task_steps and sum(resumed.task_steps.values()) == 6
+    straight_state = load_torch(straight.checkpoint, "checkpoint")["state"]
+    flat = lambda d, pre="": {f"{pre}{k}": v for k, v in d.items() if torch.is_tensor(v)} | {  # noqa: E731
+        x: y for k, v in d.items() if isinstance(v, dict) for x, y in flat(v, f"{pre}{k}.").items()}
+    want, got = flat(straight_state), flat(resumed_data["state"])
+    assert want.keys() == got.keys() and want
+    for name, tensor in want.items():
+        assert torch.allclose(tensor, got[name], atol=1e-5), name
+
+
+def test_latency_of_a_multitask_config_builds_the_one_table_its_search_reads(tmp_path, glue_dir, base_teacher,
+                                                                            tuned, capsys):
+    from nni_effbert.latency.table import table_for_config
+
+    path = with_teachers(tmp_path, glue_dir, base_teacher, tuned)
+    assert cli.main(["latency", "-q", "-c", str(path), "--set=evaluator.latency_threads=1"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher of sst2:" in out and "teacher of rte:" in out
+    work = tmp_path / "work"
+    assert len(list((work / "latency").glob("table-*.json"))) == 1
+    assert not list((work / "tasks").glob("*/latency/table-*.json"))
+    # The search's evaluators find it without building one (build=False raises when missing).
+    cfg = load_config(path, ["evaluator.latency_threads=1"])
+    assert table_for_config(cfg, build=False).complete
+
+
 def test_combined_score_is_the_weighted_relative_gain_over_the_reference():
     from nni_effbert.nas.multitask_evaluator import combine
 

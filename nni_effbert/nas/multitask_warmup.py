@@ -16,12 +16,14 @@ the nearest earlier stage's multi-task checkpoint, else as ``warmup.init`` says:
 (every task's supernet from its own teacher, the first task's last, so the shared encoder is the
 first task's teacher's and each head its own task's), ``teacher_embeddings`` or ``random``.
 
-The multi-task search's warm-up trials run it (:mod:`.trial_runner`). Not yet: resuming an
-interrupted multi-task warm-up (it starts over).
+An interrupted warm-up resumes where its last resumable state (``stage{N}.resume.pt``, every
+tenth of the run) left it, as the single-task warm-up does. The multi-task search's warm-up
+trials run it (:mod:`.trial_runner`).
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +38,11 @@ from ..io import atomic_save_torch, load_torch
 from ..kd.multitask import MultiTaskSetup
 from ..kd.student_start import start_from_teacher, warmup_init_mode
 from ..kd.teacher_init import init_embeddings_from_teacher
-from ..kd.train import TaskStream, TrainSettings, kd_train, kd_train_tasks
+from ..kd.train import TaskStream, TrainSettings, TrainState, kd_train, kd_train_tasks, task_of_step
 from ..params import GENERAL_WARMUP_STEPS_KEY, WARMUP_KEY, WARMUP_STEPS_KEY, int_meta, is_warmup, split_arch
 from ..workdir import WorkDir
 from .supernets import check_owner, experiment_key, owner
-from .warmup import _PHASES, _ArchSampler, _check_stage, _phases, _validate_fixed, plan_warmup
+from .warmup import _PHASES, _ArchSampler, _check_stage, _phases, _read_state, _validate_fixed, plan_warmup
 
 __all__ = ["MULTITASK_KIND", "MultiTaskWarmupResult", "multitask_plan", "run_multitask_warmup",
            "run_multitask_warmup_parameters", "stage_tasks"]
@@ -49,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 #: ``kind`` of a multi-task stage checkpoint.
 MULTITASK_KIND = "nni-effbert-multitask-supernet"
+#: ``kind`` of a multi-task warm-up's resumable state.
+STATE_KIND = "nni-effbert-multitask-warmup-state"
 
 
 @dataclass
@@ -64,6 +68,7 @@ class MultiTaskWarmupResult:
     task_steps: Dict[str, int] = field(default_factory=dict)
     loss: Optional[float] = None
     seconds: float = 0.0
+    resumed_at: Optional[int] = None
 
     def report(self) -> Dict[str, Any]:
         """Final-metric dict of a multi-task warm-up trial, without ``default`` (a warm-up is not a
@@ -71,6 +76,7 @@ class MultiTaskWarmupResult:
         return {"warmup": True, "stage": self.stage, "steps": int(self.plan.get("general_steps") or 0) + int(self.plan.get("steps") or 0),
                 "skipped": self.skipped, "init": self.init, "tasks": [t for t, _ in self.plan.get("tasks", [])],
                 **({"warmup_loss": float(self.loss)} if self.loss is not None else {}),
+                **({"resumed_at": int(self.resumed_at)} if self.resumed_at is not None else {}),
                 **{f"warmup_steps.{task}": int(n) for task, n in self.task_steps.items()}}
 
 
@@ -134,11 +140,16 @@ def _init(multi: MultiTaskSetup, cfg: ExperimentConfig, wd: WorkDir, stage: int,
 def run_multitask_warmup(cfg: ExperimentConfig, stage: int, *, fixed: Optional[Mapping[str, Any]] = None,
                          steps: Optional[int] = None, general_steps: Optional[int] = None, force: bool = False,
                          progress: bool = True, multi: Optional[MultiTaskSetup] = None,
-                         experiment: Optional[str] = None) -> MultiTaskWarmupResult:
+                         experiment: Optional[str] = None,
+                         checkpoint_interval: Optional[int] = None) -> MultiTaskWarmupResult:
     """Warm up the multi-task supernet of ``stage`` and write its checkpoint.
 
     Parameters are those of :func:`~.warmup.run_warmup` (``multi``: an already loaded
-    :class:`MultiTaskSetup`, whose weights are overwritten).
+    :class:`MultiTaskSetup`, whose weights are overwritten). Every ``checkpoint_interval`` steps
+    (default a tenth of the run, at least 25) a resumable state goes to
+    ``supernet[/<experiment>]/stage{N}.resume.pt``; a run that finds one for the same plan
+    continues from it (the same steps, tasks and batches as an uninterrupted run) and deletes it
+    once the stage checkpoint is written.
 
     Raises
     ------
@@ -180,7 +191,20 @@ def run_multitask_warmup(cfg: ExperimentConfig, stage: int, *, fixed: Optional[M
                 return MultiTaskWarmupResult(stage, ckpt, plan, skipped=True, init=str(data.get("init")),
                                              loss=data.get("loss"), seconds=time.perf_counter() - started)
             logger.warning("stage %d multi-task checkpoint %s was made with other settings; warming up again", stage, ckpt)
-        init = _init(multi, cfg, wd, stage, experiment)
+        state_path = wd.warmup_state(stage, experiment)
+        state = None if force else _read_state(state_path, plan, STATE_KIND)
+        resumed_at: Optional[int] = None
+        if state is not None:
+            multi.load_state_dict(state["state"])
+            init = str(state["init"])
+            done_before = first_plan.general_steps if _PHASES[state["phase_index"]] == "task" else 0
+            resumed_at = done_before + (int(state["train"]["step"]) if state["train"] else 0)
+            logger.info("stage %d: resuming the multi-task warm-up after %d of %d steps", stage, resumed_at,
+                        first_plan.total_steps)
+        else:
+            init = _init(multi, cfg, wd, stage, experiment)
+        interval = (checkpoint_interval if checkpoint_interval is not None
+                    else max(25, math.ceil(first_plan.total_steps / 10)))
         loss: Optional[float] = None
         task_steps: Dict[str, int] = {}
         container = nn.ModuleList([t.setup.space for t in multi.tasks])
@@ -190,31 +214,51 @@ def run_multitask_warmup(cfg: ExperimentConfig, stage: int, *, fixed: Optional[M
         if first_plan.steps:
             phases.append(("task", first_plan.steps, None, None, None, ""))
         for name, n_steps, dataset, teacher, loss_fn, desc in phases:
+            phase_index = _PHASES.index(name)
+            resume = None
+            if state is not None:
+                if phase_index < state["phase_index"]:
+                    continue  # finished before the interruption
+                if phase_index == state["phase_index"] and state["train"]:
+                    resume = TrainState.from_dict(state["train"])
+
+            def save_state(ts: Optional[TrainState], _phase_index: int = phase_index) -> None:
+                atomic_save_torch({"kind": STATE_KIND, "plan": plan, "init": init, "phase_index": _phase_index,
+                                   "train": ts.to_dict() if ts else None, "state": multi.state_dict()}, state_path)
+
             settings = TrainSettings(steps=n_steps, learning_rate=first_plan.learning_rate,
                                      batch_size=first_plan.batch_size,
-                                     seed=first_plan.seed * 1_000_003 + stage * 1009 + _PHASES.index(name),
+                                     seed=first_plan.seed * 1_000_003 + stage * 1009 + phase_index,
+                                     checkpoint_interval=interval,
                                      desc=f"multi-task warm-up stage {stage} ({name})", progress=progress)
             if name == "general":
                 logger.info("stage %d general warm-up: %d steps on %s", stage, n_steps, desc)
                 out = kd_train(space, teacher, dataset, loss_fn, settings, pad_token_id=first.pad_token_id,
-                               arch_sampler=samplers[name], device=first.device, runtime=first.runtime)
+                               arch_sampler=samplers[name], on_checkpoint=save_state, resume=resume,
+                               device=first.device, runtime=first.runtime)
+                if first_plan.steps:  # the phase boundary: an interruption in the task phase must not redo it
+                    save_state(None, _PHASES.index("task"))
             else:
                 keys = stage_tasks(cfg, stage)
                 streams = [TaskStream(t.name, t.setup.space, t.setup.cached_teacher(), t.setup.task.train,
                                       t.setup.loss_fn, t.weight) for t in multi.tasks if t.name in keys]
                 logger.info("stage %d multi-task warm-up: %d steps over %s", stage, n_steps, ", ".join(keys))
                 out = kd_train_tasks(container, streams, settings, pad_token_id=first.pad_token_id,
-                                     arch_sampler=samplers[name], device=first.device, runtime=first.runtime)
-                task_steps = dict(out.task_steps)
+                                     arch_sampler=samplers[name], on_checkpoint=save_state, resume=resume,
+                                     device=first.device, runtime=first.runtime)
+                # Steps per task over the whole phase, those before a resume included.
+                drawn = [task_of_step([s.weight for s in streams], settings.seed, k) for k in range(n_steps)]
+                task_steps = {s.name: drawn.count(i) for i, s in enumerate(streams)}
             loss = out.loss if out.loss is not None else loss
         atomic_save_torch({"kind": MULTITASK_KIND, "owner": owner(experiment), "stage": stage, "plan": plan,
                            "init": init, "loss": loss, "tasks": multi.names, "task_steps": task_steps,
                            "teacher_fingerprints": {t.name: t.setup.teacher_fingerprint for t in multi.tasks},
                            "state": multi.state_dict(),
                            "space_configs": {t.name: t.setup.space.config.to_dict() for t in multi.tasks}}, ckpt)
+        state_path.unlink(missing_ok=True)
     logger.info("stage %d multi-task warm-up done: %s (steps per task %s)", stage, ckpt, task_steps)
     return MultiTaskWarmupResult(stage, ckpt, plan, skipped=False, init=init, task_steps=task_steps, loss=loss,
-                                 seconds=time.perf_counter() - started)
+                                 seconds=time.perf_counter() - started, resumed_at=resumed_at)
 
 
 def run_multitask_warmup_parameters(cfg: ExperimentConfig, params: Mapping[str, Any], *,

@@ -429,7 +429,8 @@ def _phases(setup: KDSetup, cfg: ExperimentConfig, plan: WarmupPlan):
     return phases
 
 
-def _read_state(path: Path, plan: WarmupPlan) -> Optional[Dict[str, Any]]:
+def _read_state(path: Path, plan: Mapping[str, Any], kind: str = _STATE_KIND) -> Optional[Dict[str, Any]]:
+    """The resumable state at ``path`` when it was written (as ``kind``) for ``plan`` (a dict), else None."""
     if not path.is_file():
         return None
     try:
@@ -437,7 +438,7 @@ def _read_state(path: Path, plan: WarmupPlan) -> Optional[Dict[str, Any]]:
     except CheckpointError as exc:
         logger.warning("ignoring unreadable warm-up state (%s); starting the stage over", exc)
         return None
-    if not isinstance(state, dict) or state.get("kind") != _STATE_KIND or state.get("plan") != plan.to_dict():
+    if not isinstance(state, dict) or state.get("kind") != kind or state.get("plan") != plan:
         logger.warning("ignoring warm-up state %s: it was written for another plan; starting the stage over", path)
         return None
     return state
@@ -527,7 +528,7 @@ def run_warmup(
             logger.warning("stage %d checkpoint %s was made with other settings; warming up again", stage, ckpt)
 
         state_path = wd.warmup_state(stage, experiment)
-        state = None if force else _read_state(state_path, plan)
+        state = None if force else _read_state(state_path, plan.to_dict())
         resumed_at: Optional[int] = None
         if state is not None:
             space.supernet.load_state_dict(state["state_dict"])
