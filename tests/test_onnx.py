@@ -285,3 +285,67 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, base_teacher, glue_dir):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, (argv, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Span QA: start / end logits over the sequence, for students and HF QA teachers
+# ---------------------------------------------------------------------------------------------
+
+#: Share of questions whose int8 graph picks PyTorch's best start and end token on a random tiny
+#: span model (a flip of either token counts as a miss; the logits of a random model are close).
+INT8_MIN_SPAN_AGREEMENT = 0.5
+
+
+@pytest.fixture(scope="module")
+def qa_rows(squad_small):
+    """(question, context) pairs of the first 24 questions of the small SQuAD dev file."""
+    doc = json.loads(Path(squad_small[1]).read_text(encoding="utf-8"))
+    rows = [(q["question"], p["context"]) for a in doc["data"] for p in a["paragraphs"] for q in p["qas"]]
+    return rows[:24]
+
+
+def _assert_span_matches(out, torch_model, vocab):
+    fp32 = onnx_mod.OnnxModel(out.onnx_path)
+    for batch, seq in ((1, 5), (3, 40)):
+        ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(batch + seq))
+        want, inputs = _logits(torch_model, ids)
+        got = fp32(*inputs)
+        assert got.shape == want.shape == (batch, seq, 2)  # the sequence axis is dynamic on the output too
+        assert np.max(np.abs(got - want)) < 1e-4, (batch, seq)
+
+
+def test_span_student_onnx_gives_start_end_logits_and_int8_agrees(tmp_path, qa_tokenizer, qa_rows):
+    from nni_effbert.product.loader import load_exported
+
+    torch.manual_seed(0)
+    space = EfficientBertSupernet(preset_config("tiny", head="span", vocab_size=len(qa_tokenizer)))
+    with torch.no_grad():
+        for p in space.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    folder = export_student(space, space.bert_arch(), space, tmp_path / "qa", tokenizer=qa_tokenizer)
+    out = onnx_mod.export_onnx(folder, int8=True, rows=qa_rows, rows_source="squad dev questions")
+    check = out.check
+    assert check["output"] == "span" and check["rows"] == len(qa_rows) and check["fp32"]["max_abs_diff"] < 1e-4
+    assert check["fp32"]["agreement"] == 1.0 and check["int8"]["agreement"] >= INT8_MIN_SPAN_AGREEMENT
+    assert "accuracy" not in check["int8"] and "answer span" in out.summary()
+    _assert_span_matches(out, latency_onnx.LogitsModule(load_exported(folder).model).eval(), len(qa_tokenizer))
+    readme = (folder / "README.md").read_text()
+    assert "ONNX Runtime" in readme and "enc.offsets[start]" in readme
+
+
+def test_qa_teacher_onnx_stacks_start_and_end_logits(tmp_path, qa_tokenizer, qa_rows):
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=37, vocab_size=len(qa_tokenizer),
+                                                max_position_embeddings=128))
+    teacher = tmp_path / "teacher"
+    model.save_pretrained(teacher)
+    qa_tokenizer.save_pretrained(teacher)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = onnx_mod.export_onnx(teacher, int8=False, rows=qa_rows[:8], out_dir=out_dir, rows_source="squad dev questions")
+    assert out.check["kind"] == "teacher" and out.check["output"] == "span"
+    reloaded = BertForQuestionAnswering.from_pretrained(str(teacher), attn_implementation="eager")
+    _assert_span_matches(out, latency_onnx.LogitsModule(reloaded).eval(), len(qa_tokenizer))

@@ -158,6 +158,27 @@ def test_tiny_qa_trial_end_to_end(trial_cfg, tmp_path):
     per_question = dev_row_scores(setup, folder)
     assert per_question.shape == (len(setup.task.examples["dev"]),) and ((0 <= per_question) & (per_question <= 1)).all()
     assert per_question.mean() == pytest.approx(distilled.dev_metric, abs=1e-9)
+    # Deploy: the export and the teacher as ONNX (fp32 + int8), checked on dev questions; the fp32
+    # graph's dev F1 in ONNX Runtime is the PyTorch student's.
+    from nni_effbert.product.onnx import (OnnxModel, evaluate_onnx_span, export_onnx, export_teacher_onnx,
+                                          runtime_rows, task_rows)
+
+    texts, labels, source = task_rows(trial_cfg, n=10)
+    assert labels is None and source == "squad dev questions" and len(texts) == 10 and len(texts[0]) == 2
+    onnx_out = export_onnx(folder, int8=True, rows=texts, rows_source=source)
+    assert onnx_out.check["output"] == "span" and onnx_out.check["fp32"]["max_abs_diff"] < 1e-3
+    assert evaluate_onnx_span(OnnxModel(onnx_out.onnx_path), setup) == pytest.approx(distilled.dev_metric, abs=1e-6)
+    teacher_onnx = export_teacher_onnx(trial_cfg, int8=True, rows=texts, rows_source=source)
+    rows = runtime_rows([{"name": "teacher", "role": "teacher", "folder": teacher_onnx.folder,
+                          "dev_metric": None, "latency_ms": None},
+                         {"name": "searched", "role": "searched", "folder": folder,
+                          "dev_metric": distilled.dev_metric, "latency_ms": None}],
+                        None, setup.task.spec, vocab_size=int(setup.space.config.vocab_size), seq_length=32,
+                        repeats=2, evaluate=lambda m: evaluate_onnx_span(m, setup))
+    assert [(r["name"], r["precision"]) for r in rows] == [("teacher", "fp32"), ("teacher", "int8"),
+                                                          ("searched", "fp32"), ("searched", "int8")]
+    assert rows[2]["dev_metric"] == pytest.approx(distilled.dev_metric, abs=1e-6)
+    assert all(0.0 <= r["dev_metric"] <= 1.0 and r["onnxruntime_ms"] > 0 for r in rows)
     row = student_row(folder, "searched", "searched", seq_length=32, repeats=1)
     assert row["dev_metric"] == distilled.dev_metric and 0.0 <= row["dev_exact"] <= row["dev_metric"] + 1e-9
     teacher = teacher_row(setup, seq_length=32, repeats=1)

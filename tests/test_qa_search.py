@@ -87,6 +87,11 @@ def test_qa_search_export_distill_report(tmp_path, qa_teacher, squad_small, driv
             assert cli.main([command[0], "-q", "-c", TINY, *sets, *command[1:]]) == 0, command
         report = next((work / "reports").rglob("report.md")).read_text()
         assert "| model | dev EM | dev F1 |" in report
+        # The deployment runtimes of span QA: every model in ONNX Runtime fp32 and int8, dev F1 each.
+        runtimes = json.loads(next((work / "reports").rglob("runtimes.json")).read_text())["rows"]
+        assert {("teacher", "int8"), ("searched", "fp32"), ("searched", "int8")} <= {
+            (r["role"], r["precision"]) for r in runtimes}
+        assert all(0.0 <= r["dev_metric"] <= 1.0 for r in runtimes) and "dev F1 (ONNX Runtime)" in report
         config = json.loads((work / "exports" / "searched" / "config.json").read_text())
         assert "AutoModelForQuestionAnswering" in config["auto_map"]
     finally:

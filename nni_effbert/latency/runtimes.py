@@ -95,7 +95,8 @@ def runtime_version(runtime: str) -> Optional[str]:
 
 
 class LogitsModule(torch.nn.Module):
-    """``(input_ids, attention_mask, token_type_ids) -> logits`` of a student or HF model.
+    """``(input_ids, attention_mask, token_type_ids) -> logits`` of a student or HF model
+    (``[batch, labels]``, or ``[batch, sequence, 2]`` start / end logits for span QA).
 
     Students run without their distillation outputs, HF models without hidden states and
     attention maps: what a deployed model computes and what the ONNX graph holds.
@@ -107,13 +108,20 @@ class LogitsModule(torch.nn.Module):
         # DistilBERT / RoBERTa-style models take no segment ids (the graph then has no such input).
         self.segments = isinstance(model, EfficientBertModel) or \
             "token_type_ids" in inspect.signature(model.forward).parameters
+        #: Span QA: logits ``[batch, sequence, 2]`` (start, end), a student's span head or an HF
+        #: ``*ForQuestionAnswering`` (its start / end logits stacked the same way).
+        self.span = (getattr(model.config, "head", None) == "span" if isinstance(model, EfficientBertModel)
+                     else type(model).__name__.endswith("ForQuestionAnswering"))
 
     def forward(self, input_ids, attention_mask, token_type_ids):
         if isinstance(self.model, EfficientBertModel):
             return self.model(input_ids, attention_mask, token_type_ids, return_kd=False).logits
         extra = {"token_type_ids": token_type_ids} if self.segments else {}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=False,
-                          output_attentions=False, **extra).logits
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=False,
+                         output_attentions=False, **extra)
+        if self.span:
+            return torch.stack([out.start_logits, out.end_logits], dim=-1)
+        return out.logits
 
 
 @contextlib.contextmanager

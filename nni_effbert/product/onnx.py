@@ -5,14 +5,16 @@ Hugging Face teacher):
 
 ``model.onnx``
     ``torch.onnx.export`` of ``(input_ids, attention_mask, token_type_ids) -> logits``, opset
-    17, dynamic axes ``batch`` and ``sequence`` on every input and ``batch`` on the logits.
+    17, dynamic axes ``batch`` and ``sequence`` on every input and ``batch`` on the logits (span
+    QA: ``[batch, sequence, 2]`` start / end logits, both axes dynamic).
 ``model.int8.onnx`` (``int8=True``)
     onnxruntime's dynamic int8 quantization of it (``quantize_dynamic``, int8 weights).
 ``onnx_check.json``
     How the files were checked against the PyTorch model: on real task rows (the first dev rows
     of the task, tokenized with the folder's tokenizer) the largest absolute logit difference of
     the fp32 graph, and for int8 the share of rows whose predicted class agrees with PyTorch's
-    (classification) or the largest / mean absolute difference (regression), with the task
+    (classification; span QA: whose best start and end token do) or the largest / mean absolute
+    difference (regression), with the task
     metric of each when labels are given; plus a random-id check at batch 1 and 3 and two
     sequence lengths (the dynamic axes). The versions of torch, onnx and onnxruntime and the
     size and modification time of the weights the files were made from are recorded too.
@@ -42,7 +44,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -51,6 +53,7 @@ from transformers import AutoTokenizer
 from .. import __version__
 from ..config import ExperimentConfig
 from ..data.metrics import compute_metrics
+from ..data.qa_answers import score_span_model
 from ..errors import CheckpointError, ConfigError, EffBertError
 from ..hf.configuration_effbert import EfficientBertHFConfig
 from ..io import atomic_write_json, atomic_write_text, load_json
@@ -77,6 +80,7 @@ __all__ = [
     "onnx_files",
     "OnnxModel",
     "evaluate_onnx",
+    "evaluate_onnx_span",
     "onnx_latency_ms",
     "runtime_rows",
     "runtime_markdown",
@@ -129,8 +133,9 @@ class OnnxExport:
                  f"{c['rows']} {c['rows_source']}"]
         if self.int8_path is not None:
             q = c["int8"]
-            what = (f"predicts PyTorch's class on {q['agreement']:.1%} of rows" if "agreement" in q
-                    else f"max |diff| {q['max_abs_diff']:.3g}, mean {q['mean_abs_diff']:.3g}")
+            what = (f"max |diff| {q['max_abs_diff']:.3g}, mean {q['mean_abs_diff']:.3g}" if "agreement" not in q
+                    else f"predicts PyTorch's answer span (start and end) on {q['agreement']:.1%} of rows"
+                    if c.get("output") == "span" else f"predicts PyTorch's class on {q['agreement']:.1%} of rows")
             lines.append(f"{self.int8_path}: {what}")
         for key, name in (("pytorch", "PyTorch"), ("fp32", "ONNX fp32"), ("int8", "ONNX int8")):
             metric = (c.get(key) or {}).get("accuracy")
@@ -210,46 +215,54 @@ def export_onnx(folder: PathLike, *, int8: bool = False, rows: Optional[Sequence
     model, tokenizer, kind = _load_model(folder)
     max_pos = int(getattr(model.model.config, "max_position_embeddings", 512) or 512)
     vocab = int(model.model.config.vocab_size)
-    num_labels = int(getattr(model.model.config, "num_labels", 0) or 0) or None
+    span = bool(model.span)
+    if span:
+        labels = None  # a span model's check compares answer spans with PyTorch's; there are no classes
     tag = uuid.uuid4().hex[:8]
     tmp_fp32, tmp_int8 = out / f".{ONNX_FILE}.{tag}.tmp", out / f".{INT8_FILE}.{tag}.tmp"
     try:
         example = _random_inputs(vocab, 2, min(16, max_pos), seed=0)
         export_module(model, example, tmp_fp32, input_names=INPUT_NAMES, output_names=[OUTPUT_NAME],
-                      dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in INPUT_NAMES}, OUTPUT_NAME: {0: "batch"}})
+                      dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in INPUT_NAMES},
+                                    OUTPUT_NAME: {0: "batch", 1: "sequence"} if span else {0: "batch"}})
         onnx.checker.check_model(str(tmp_fp32))
         fp32 = OnnxModel(tmp_fp32, threads)
-        batches, source = _check_inputs(tokenizer, rows, rows_source, vocab, max_pos, max_length)
+        batches, source = _check_inputs(tokenizer, rows, rows_source, vocab, max_pos, max_length, span=span)
         torch_logits = _torch_logits(model, batches)
-        fp32_logits = np.concatenate([fp32(*b) for b in batches])
-        diff = float(np.max(np.abs(fp32_logits - torch_logits)))
+        fp32_logits = _logits_of(fp32, batches)
+        diff = _max_abs_diff(fp32_logits, torch_logits)
         shapes = _shape_check(model, fp32, vocab, max_pos)
         worst = max([diff] + [s["max_abs_diff"] for s in shapes])
         if not np.isfinite(worst) or worst > FP32_ATOL:
             raise EffBertError(f"ONNX export of {folder} disagrees with PyTorch: max |logit difference| {worst:.3g} > "
                                f"{FP32_ATOL}; nothing was written")
-        regression = torch_logits.shape[1] == 1
+        regression = not span and torch_logits[0].shape[1] == 1
+        compare = (lambda got: _span_agreement(got, torch_logits, batches)) if span else \
+            (lambda got: _agreement(np.concatenate(got), np.concatenate(torch_logits), regression))
+        n_rows = int(sum(len(b[0]) for b in batches))
         check: Dict[str, Any] = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "nni_effbert_version": __version__, "kind": kind, "opset": OPSET,
             "torch_version": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-            "source_weights": _weights_stamp(folder), "rows": int(len(torch_logits)), "rows_source": source,
+            "source_weights": _weights_stamp(folder), "rows": n_rows, "rows_source": source,
             "max_length": int(min(max_length, max_pos)), "dynamic_axes": {"batch": True, "sequence": True},
-            "pytorch": {"accuracy": _accuracy(torch_logits, labels)} if labels is not None else {},
+            "output": "span" if span else "classes",
+            "pytorch": {"accuracy": _accuracy(np.concatenate(torch_logits), labels)} if labels is not None else {},
             "fp32": {"file": ONNX_FILE, "max_abs_diff": diff, "atol": FP32_ATOL, "shapes": shapes,
-                     **_agreement(fp32_logits, torch_logits, regression),
-                     **({"accuracy": _accuracy(fp32_logits, labels)} if labels is not None else {})},
+                     **compare(fp32_logits),
+                     **({"accuracy": _accuracy(np.concatenate(fp32_logits), labels)} if labels is not None else {})},
         }
         if int8:
             quantize_int8(tmp_fp32, tmp_int8)
             q = OnnxModel(tmp_int8, threads)
-            int8_logits = np.concatenate([q(*b) for b in batches])
-            agreement = _agreement(int8_logits, torch_logits, regression)
+            int8_logits = _logits_of(q, batches)
+            agreement = compare(int8_logits)
             check["int8"] = {"file": INT8_FILE, "quantization": "onnxruntime.quantization.quantize_dynamic, QInt8 weights",
-                             **agreement, **({"accuracy": _accuracy(int8_logits, labels)} if labels is not None else {})}
+                             **agreement,
+                             **({"accuracy": _accuracy(np.concatenate(int8_logits), labels)} if labels is not None else {})}
             if "agreement" in agreement and agreement["agreement"] < INT8_WARN_AGREEMENT:
-                logger.warning("int8 model of %s predicts PyTorch's class on only %.1f%% of %d rows", folder,
-                               100 * agreement["agreement"], len(torch_logits))
+                logger.warning("int8 model of %s predicts PyTorch's %s on only %.1f%% of %d rows", folder,
+                               "answer span" if span else "class", 100 * agreement["agreement"], n_rows)
         os.replace(tmp_fp32, out / ONNX_FILE)
         if int8:
             os.replace(tmp_int8, out / INT8_FILE)
@@ -261,7 +274,7 @@ def export_onnx(folder: PathLike, *, int8: bool = False, rows: Optional[Sequence
                 tmp.unlink()
     atomic_write_json(check, out / CHECK_FILE)
     if kind == "student" and (out / README_FILE).is_file():
-        _add_readme_section(out / README_FILE, int8)
+        _add_readme_section(out / README_FILE, int8, span=span)
     if kind == "student":
         record_added_files(out)  # export_meta.json's sha256 list now covers the ONNX files and the card
     result = OnnxExport(folder=out, onnx_path=out / ONNX_FILE, int8_path=out / INT8_FILE if int8 else None, check=check)
@@ -311,10 +324,18 @@ def check_model_folder(folder: PathLike) -> Path:
     return folder
 
 
-def task_rows(cfg: ExperimentConfig, n: int = CHECK_ROWS) -> Tuple[List[Row], List[Any], str]:
-    """The first ``n`` dev rows of the config's task: ``(rows, labels, description)``."""
-    from ..data.loading import load_raw_task  # local: datasets builders cost seconds; only the CLI path reads rows
+def task_rows(cfg: ExperimentConfig, n: int = CHECK_ROWS) -> Tuple[List[Row], Optional[List[Any]], str]:
+    """The first ``n`` dev rows of the config's task: ``(rows, labels, description)``; for span QA the
+    first ``n`` dev questions as (question, context) pairs, without labels."""
+    # local: datasets builders cost seconds; only the CLI path reads rows
+    from ..data.loading import load_raw_task
+    from ..data.qa import load_raw_qa
+    from ..data.tasks import QA_TASKS, canonical_task_name
 
+    if canonical_task_name(cfg.task.name) in QA_TASKS:
+        dd, spec = load_raw_qa(cfg.task)
+        dev = dd["dev"].select(range(min(int(n), len(dd["dev"]))))
+        return [(r["question"], r["context"]) for r in dev], None, f"{spec.name} dev questions"
     dd, spec = load_raw_task(cfg.task)
     dev = dd["dev"].select(range(min(int(n), len(dd["dev"]))))
     cols = list(spec.text_columns)
@@ -384,8 +405,10 @@ def _random_inputs(vocab: int, batch: int, seq: int, seed: int) -> Tuple[torch.T
     return ids, mask, torch.zeros_like(ids)
 
 
-def _check_inputs(tokenizer, rows, rows_source: str, vocab: int, max_pos: int, max_length: int):
-    """Batches of 16 tokenized rows, or random ids when there are no rows or no tokenizer."""
+def _check_inputs(tokenizer, rows, rows_source: str, vocab: int, max_pos: int, max_length: int, *,
+                  span: bool = False):
+    """Batches of 16 tokenized rows, or random ids when there are no rows or no tokenizer. Span QA
+    rows are (question, context) pairs whose context is cut to fit (``only_second``)."""
     if rows is None or tokenizer is None:
         if rows is not None:
             logger.warning("no tokenizer in the folder: checking the ONNX export on random token ids")
@@ -399,16 +422,38 @@ def _check_inputs(tokenizer, rows, rows_source: str, vocab: int, max_pos: int, m
         chunk = rows[i:i + 16]
         first = [r if isinstance(r, str) else r[0] for r in chunk]
         second = None if isinstance(chunk[0], str) else [r[1] for r in chunk]
-        enc = tokenizer(first, second, padding=True, truncation=True, max_length=length, return_tensors="pt")
+        truncation = "only_second" if span and second is not None else True
+        enc = tokenizer(first, second, padding=True, truncation=truncation, max_length=length, return_tensors="pt")
         types = enc.get("token_type_ids")
         batches.append((enc["input_ids"], enc["attention_mask"],
                         types if types is not None else torch.zeros_like(enc["input_ids"])))
     return batches, rows_source
 
 
-def _torch_logits(model: torch.nn.Module, batches) -> np.ndarray:
+def _torch_logits(model: torch.nn.Module, batches) -> List[np.ndarray]:
+    """PyTorch's logits, one array per batch (span logits of batches differ in length)."""
     with torch.inference_mode():
-        return np.concatenate([model(*b).float().cpu().numpy() for b in batches])
+        return [model(*b).float().cpu().numpy() for b in batches]
+
+
+def _logits_of(model: "OnnxModel", batches) -> List[np.ndarray]:
+    return [model(*b) for b in batches]
+
+
+def _max_abs_diff(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float:
+    return float(max(np.max(np.abs(g - w)) for g, w in zip(got, want)))
+
+
+def _span_agreement(got: Sequence[np.ndarray], want: Sequence[np.ndarray], batches) -> Dict[str, float]:
+    """Share of rows whose best start and best end token (over the row's real tokens) are PyTorch's,
+    and the largest logit difference."""
+    same = []
+    for g, w, b in zip(got, want, batches):
+        mask = b[1].numpy().astype(bool)[..., None]  # [B, T, 1]
+        g_pos = np.where(mask, g, -np.inf).argmax(axis=1)  # [B, 2]: start, end
+        w_pos = np.where(mask, w, -np.inf).argmax(axis=1)
+        same.extend((g_pos == w_pos).all(axis=1).tolist())
+    return {"agreement": float(np.mean(same)), "max_abs_diff": _max_abs_diff(got, want)}
 
 
 def _shape_check(model, fp32: OnnxModel, vocab: int, max_pos: int) -> List[Dict[str, Any]]:
@@ -417,7 +462,7 @@ def _shape_check(model, fp32: OnnxModel, vocab: int, max_pos: int) -> List[Dict[
     for batch in (1, 3):
         for seq in sorted({min(7, max_pos), min(45, max_pos)}):
             inputs = _random_inputs(vocab, batch, seq, seed=batch * 100 + seq)
-            want = _torch_logits(model, [inputs])
+            want = _torch_logits(model, [inputs])[0]
             got = fp32(*inputs)
             out.append({"batch": batch, "seq": seq, "max_abs_diff": float(np.max(np.abs(got - want)))})
     return out
@@ -447,7 +492,7 @@ def _weights_stamp(folder: Path) -> Optional[Dict[str, Any]]:
     return None
 
 
-def _add_readme_section(readme: Path, int8: bool) -> None:
+def _add_readme_section(readme: Path, int8: bool, *, span: bool = False) -> None:
     text = readme.read_text(encoding="utf-8")
     if _README_MARK in text:
         text = text[:text.index(_README_MARK)].rstrip() + "\n\n"
@@ -464,12 +509,16 @@ def _add_readme_section(readme: Path, int8: bool) -> None:
         "from tokenizers import Tokenizer",
         "",
         'tok = Tokenizer.from_file("PATH/tokenizer.json")',
-        'enc = tok.encode("a gripping, beautifully acted film")',
+        ('enc = tok.encode("Who wrote it?", "The book was written by Ann Lee in 1990.")' if span
+         else 'enc = tok.encode("a gripping, beautifully acted film")'),
         f'sess = ort.InferenceSession("PATH/{name}", providers=["CPUExecutionProvider"])',
         "feeds = {\"input_ids\": np.array([enc.ids]), \"attention_mask\": np.array([enc.attention_mask]),",
         "         \"token_type_ids\": np.array([enc.type_ids])}",
         "used = {i.name for i in sess.get_inputs()}",
         'logits = sess.run(["logits"], {k: v for k, v in feeds.items() if k in used})[0]',
+        *(["start, end = logits[0, :, 0].argmax(), logits[0, :, 1].argmax()  # best tokens (a full reader "
+           "keeps end >= start inside the context)",
+           "lo, hi = enc.offsets[start][0], enc.offsets[end][1]  # character span in the context"] if span else []),
         "```",
         "",
     ])
@@ -498,6 +547,20 @@ def evaluate_onnx(model: OnnxModel, batches: Sequence[Mapping[str, torch.Tensor]
     return float(compute_metrics(spec.metric, preds, np.concatenate(labels))["default"])
 
 
+def evaluate_onnx_span(model: OnnxModel, setup, batch_size: Optional[int] = None) -> float:
+    """Dev F1 of an ONNX span-QA model on ``setup``'s task, scored as a PyTorch student's dev F1 is
+    (:func:`~nni_effbert.data.qa_answers.score_span_model`: windows, n-best, the v2.0 threshold tuned
+    on the search split)."""
+    ev = setup.cfg.evaluator
+
+    def forward(batch):
+        return torch.from_numpy(model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
+
+    size = int(batch_size or ev.eval_batch_size or ev.batch_size)
+    return float(score_span_model(forward, setup.task, setup.cfg.task, size, setup.pad_token_id,
+                                  splits=("dev",))["dev"]["default"])
+
+
 def onnx_latency_ms(models: Sequence[OnnxModel], *, vocab_size: int, seq_length: int = 128, batch_size: int = 1,
                     repeats: int = 20, rounds: int = 3, seed: int = 0) -> List[float]:
     """Median ``session.run`` time (ms) of each model on the same random ids, measured in
@@ -523,7 +586,8 @@ def onnx_latency_ms(models: Sequence[OnnxModel], *, vocab_size: int, seq_length:
 
 
 def runtime_rows(models: Sequence[Mapping[str, Any]], batches, spec, *, vocab_size: int, seq_length: int = 128,
-                 repeats: int = 20, threads: int = 1) -> List[Dict[str, Any]]:
+                 repeats: int = 20, threads: int = 1,
+                 evaluate: Optional[Callable[[OnnxModel], float]] = None) -> List[Dict[str, Any]]:
     """Dev metric and latency of each model in each runtime of :data:`SECTION_RUNTIMES`.
 
     Parameters
@@ -535,6 +599,9 @@ def runtime_rows(models: Sequence[Mapping[str, Any]], batches, spec, *, vocab_si
         Tokenized dev batches (``length_sorted_batches``).
     spec : TaskSpec
         The task (metric, regression).
+    evaluate : callable, optional
+        ``evaluate(onnx_model) -> dev metric`` instead of :func:`evaluate_onnx` on ``batches``
+        (span QA: :func:`evaluate_onnx_span`).
 
     Returns
     -------
@@ -559,7 +626,7 @@ def runtime_rows(models: Sequence[Mapping[str, Any]], batches, spec, *, vocab_si
                 continue
             onnx_model, ms = hit[0]
             rows.append({"name": m["name"], "role": m.get("role"), "precision": precision,
-                         "dev_metric": evaluate_onnx(onnx_model, batches, spec),
+                         "dev_metric": evaluate(onnx_model) if evaluate else evaluate_onnx(onnx_model, batches, spec),
                          "torch_dev_metric": m.get("dev_metric") if precision == "fp32" else None,
                          "torch_ms": m.get("latency_ms") if precision == "fp32" else None,
                          "onnxruntime_ms": ms})

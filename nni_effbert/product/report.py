@@ -10,6 +10,7 @@ nothing new. ``remeasure=True`` (``nni-effbert report --remeasure``) measures an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ from ..nas.supernets import describe_key
 from ..workdir import WorkDir
 from .distill import distill_record
 from .loader import HASHES_KEY, WEIGHTS_FILE, load_exported
-from .onnx import TEACHER_EXPORT, export_onnx, export_teacher_onnx, onnx_files, runtime_markdown, runtime_rows, task_rows
+from .onnx import (TEACHER_EXPORT, evaluate_onnx_span, export_onnx, export_teacher_onnx, onnx_files, runtime_markdown,
+                   runtime_rows, task_rows)
 from .report_page import format_table, write_report
 from .compare import comparisons_markdown
 from .baselines import LatencyBaselineChoice, choose_latency_baseline, ensure_baseline, ensure_latency_baseline
@@ -367,9 +369,8 @@ def build_report(cfg: ExperimentConfig, *, experiment: Optional[str] = None, sea
                           search_metric_name=f"search score ({objective})", splits_note=note,
                           comparisons=comparisons)
     folders = [wd.teacher_dir, base_result.path] + ([lat_result.path] if lat_result is not None else []) + [searched_dir]
-    if not setup.task.spec.is_span:  # ONNX export covers classification and regression heads
-        _add_runtime_section(cfg, setup, rows, folders, result.report, metric_name=metric_name, seq_length=seq,
-                             repeats=repeats, remeasure=remeasure)
+    _add_runtime_section(cfg, setup, rows, folders, result.report, metric_name=metric_name, seq_length=seq,
+                         repeats=repeats, remeasure=remeasure)
     table = format_table(rows, metric_name=metric_name)
     return ReportOutcome(result=result, rows=rows, table=table, experiment=experiment,
                          baseline_difference=choice.difference, comparisons=paired)
@@ -428,8 +429,12 @@ def _runtime_section(cfg: ExperimentConfig, setup, rows, folders, report: Path, 
                 export_onnx(folder, int8=True, rows=texts[0], labels=texts[1], rows_source=texts[2])
         models.append({**row, "folder": target})
     ev = cfg.evaluator
-    batches, _ = length_sorted_batches(setup.task.dev, int(ev.eval_batch_size or ev.batch_size), setup.pad_token_id)
+    if setup.task.spec.is_span:  # windows, answers and F1 as the PyTorch rows were scored
+        batches, evaluate = None, functools.partial(evaluate_onnx_span, setup=setup)
+    else:
+        batches, evaluate = length_sorted_batches(setup.task.dev, int(ev.eval_batch_size or ev.batch_size),
+                                                  setup.pad_token_id)[0], None
     data = runtime_rows(models, batches, setup.task.spec, vocab_size=int(setup.space.config.vocab_size),
-                        seq_length=seq_length, repeats=repeats)
+                        seq_length=seq_length, repeats=repeats, evaluate=evaluate)
     atomic_write_json({"seq_length": seq_length, "batch_size": 1, "threads": 1, "key": key, "rows": data}, recorded)
     return runtime_markdown(data, metric_name=metric_name, seq_length=seq_length)
