@@ -187,6 +187,35 @@ def test_tiny_qa_trial_end_to_end(trial_cfg, tmp_path):
     assert "| model | dev EM | dev F1 |" in table and f"{row['dev_exact']:.4f}" in table
 
 
+def test_qa_supernet_starts_from_the_teacher(trial_cfg):
+    """warmup.init: teacher on span QA: a student of the teacher's shape, sliced from it before any
+    KD step, answers the dev questions exactly as the teacher does (same F1)."""
+    from nni_effbert.kd.setup import KDSetup
+    from nni_effbert.nas.warmup import run_warmup
+
+    cfg = load_config(REPO / "examples" / "tiny" / "effbert.yml", [
+        *(f"{k}={v}" for k, v in (("workdir", trial_cfg.workdir), ("teacher.model", trial_cfg.teacher.model))),
+        "task.name=squad", f"task.train_file={trial_cfg.task.train_file}", f"task.dev_file={trial_cfg.task.dev_file}",
+        "task.max_seq_length=96", "task.doc_stride=24", "task.search_rows=12", "task.max_train_rows=60",
+        "task.max_dev_rows=16", "warmup.batch_size=8", "evaluator.batch_size=8", "student.preset=teacher",
+        "warmup.init=teacher", "warmup.importance_batches=2"])
+    setup = KDSetup.from_config(cfg, progress=False)
+    result = run_warmup(cfg, 0, steps=0, general_steps=0, progress=False, setup=setup, experiment="qa-init")
+    assert result.init == "teacher (taylor importance)"
+    student = setup.space.subnet(setup.space.bert_arch()).eval()
+    from nni_effbert.data.batches import make_loader
+
+    batch = next(iter(make_loader(setup.task.dev, 8, False, 0, setup.pad_token_id)))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        ours = student(*inputs.values(), return_kd=False).logits
+        theirs = setup.teacher_model().eval()(**inputs)
+    assert theirs.start_logits.std() > 0.01
+    torch.testing.assert_close(ours[..., 0], theirs.start_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours[..., 1], theirs.end_logits, atol=1e-4, rtol=0)
+    assert setup.evaluate(student)["f1"] == pytest.approx(float(setup.teacher_marker["dev_metric"]), abs=1e-6)
+
+
 def test_v2_threshold_is_tuned_on_the_search_split(tmp_path, squad_small, qa_tokenizer):
     """SQuAD v2.0 scoring: the null threshold comes from the search split and answers "" on dev."""
     import copy

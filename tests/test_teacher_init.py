@@ -107,6 +107,29 @@ def test_student_of_the_teachers_shape_reproduces_its_logits(importance):
     assert out.as_dict()["hidden"] < 1e-8 and out.as_dict()["attention"] < 1e-8
 
 
+def test_span_student_of_a_qa_teachers_shape_reproduces_its_start_and_end_logits():
+    from transformers import BertForQuestionAnswering
+
+    teacher = _bert(cls=BertForQuestionAnswering)
+    space = _student(teacher, head="span")
+    batches = [{**b, "start_positions": b["labels"] + 2, "end_positions": b["labels"] + 4} for b in _batches()]
+    imp = taylor_importance(teacher, batches)  # span QA: CE of the start and end positions
+    assert torch.isfinite(imp.neurons[0]).all() and imp.neurons[0].abs().sum() > 0
+    init_from_teacher(space.supernet, teacher, imp)
+    student = space.subnet(space.bert_arch()).eval()
+    batch = _batch()
+    with torch.no_grad():
+        ours = student(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits  # [b, t, 2]
+        theirs = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         token_type_ids=batch["token_type_ids"])
+    assert theirs.start_logits.std() > 0.01
+    torch.testing.assert_close(ours[..., 0], theirs.start_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours[..., 1], theirs.end_logits, atol=1e-4, rtol=0)
+    # A span student cannot start from a classification teacher (nor the other way round): one line.
+    with pytest.raises(CheckpointError, match="head"):
+        init_from_teacher(_student(_bert(), head="span").supernet, _bert())
+
+
 def test_roberta_teacher_with_offset_positions_is_reproduced():
     teacher = _bert(cls=RobertaForSequenceClassification, config_cls=RobertaConfig, pad_token_id=1, vocab=300)
     fields = teacher_student_fields(teacher.config)

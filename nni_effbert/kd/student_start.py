@@ -89,15 +89,9 @@ def start_from_teacher(setup, *, progress: bool = True) -> Dict[str, Any]:
     dict
         :func:`init_from_teacher`'s summary.
 
-    Raises
-    ------
-    ConfigError
-        For span QA (SQuAD): the teacher's ``qa_outputs`` head and its importance scores are not
-        mapped yet; use ``warmup.init_embeddings: teacher`` there.
+    Span QA maps the teacher's ``qa_outputs`` onto the student's span head; its Taylor importance
+    uses the start / end positions' cross-entropy.
     """
-    if getattr(setup.task.spec, "is_span", False):
-        raise ConfigError("warmup.init: teacher is not supported for question answering (task "
-                          f"{setup.task.spec.name!r}) yet; leave warmup.init empty and use warmup.init_embeddings: teacher")
     imp = experiment_importance(setup, progress=progress)
     return init_from_teacher(setup.space.supernet, setup.teacher_model(), imp, layer_map=setup.cfg.kd.layer_map)
 

@@ -52,7 +52,8 @@ Mapping (:func:`init_from_teacher`)
     * embeddings: the teacher's tables at the kept coordinates; with a factorised table
       (``embedding_size < hidden_size``) the word table is their best rank-``E`` fit (truncated
       SVD) and ``embedding_transformation`` its right singular vectors; LayerNorms, pooler and
-      classifier are the teacher's at the kept coordinates.
+      classifier (span QA: ``qa_outputs``, start / end per token) are the teacher's at the kept
+      coordinates.
 
 With a student of the teacher's shape (same layers, hidden, heads, intermediate size,
 ``embedding_size = hidden_size``, stack 1, BERT's expression) the student computes the teacher's
@@ -131,6 +132,7 @@ class TeacherParts:
     pooler : nn.Linear or None
         The dense layer applied to the first token before the classifier.
     classifier : nn.Linear
+        The output layer: the classifier, or a QA model's ``qa_outputs`` (start / end logits).
     num_heads : int
     hidden_act : str
     """
@@ -199,7 +201,9 @@ def teacher_parts(teacher: nn.Module) -> TeacherParts:
         )
     head = getattr(teacher, "classifier", None)
     pooler = None
-    if isinstance(head, nn.Linear):  # BERT: pooler.dense + tanh, then classifier
+    if isinstance(getattr(teacher, "qa_outputs", None), nn.Linear):  # span QA: start / end per token, no pooler
+        classifier = teacher.qa_outputs
+    elif isinstance(head, nn.Linear):  # BERT: pooler.dense + tanh, then classifier
         classifier = head
         pooler_mod = getattr(base, "pooler", None)
         pooler = getattr(pooler_mod, "dense", None)
@@ -345,9 +349,14 @@ def taylor_importance(teacher: nn.Module, batches: Iterable[Mapping[str, Tensor]
         with torch.enable_grad():
             for batch in batches:
                 out = teacher(**_model_inputs(batch, device), output_hidden_states=False, output_attentions=False)
-                labels = batch["labels"].to(device)
-                logits = out.logits.float()
-                loss = F.mse_loss(logits[:, 0], labels.float()) if regression else F.cross_entropy(logits, labels.long())
+                if getattr(out, "start_logits", None) is not None:  # span QA: the start and end positions' CE
+                    loss = (F.cross_entropy(out.start_logits.float(), batch["start_positions"].to(device).long())
+                            + F.cross_entropy(out.end_logits.float(), batch["end_positions"].to(device).long())) / 2
+                else:
+                    labels = batch["labels"].to(device)
+                    logits = out.logits.float()
+                    loss = F.mse_loss(logits[:, 0], labels.float()) if regression else \
+                        F.cross_entropy(logits, labels.long())
                 grads = torch.autograd.grad(loss, [masks[k] for k in ("q", "ctx", "ffn", "hidden")])
                 gq, gc, gf, gh = (g.detach().double().cpu() for g in grads)
                 sums["qk"] += gq.abs()
@@ -449,8 +458,13 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, importance: Option
     n_pos = parts.position.num_embeddings - parts.position_offset
     _check(student.embeddings.position_embeddings.num_embeddings <= n_pos, "max_position_embeddings",
            student.embeddings.position_embeddings.num_embeddings, n_pos)
-    _check(student.classifier.out_features == parts.classifier.out_features, "number of labels",
-           student.classifier.out_features, parts.classifier.out_features)
+    span = getattr(student, "head", "sequence") == "span"
+    teacher_span = isinstance(getattr(teacher, "qa_outputs", None), nn.Linear)
+    _check(span == teacher_span, "head", "span (start / end logits)" if span else "sequence classifier",
+           "span (start / end logits)" if teacher_span else "sequence classifier")
+    student_head = student.qa_outputs if span else student.classifier
+    _check(student_head.out_features == parts.classifier.out_features, "number of labels",
+           student_head.out_features, parts.classifier.out_features)
     if student.fit_dense.out_features != h_t:
         raise CheckpointError(f"warmup.init: teacher: the student's fit_size ({student.fit_dense.out_features}) "
                               f"must be the teacher's hidden size ({h_t})")
@@ -531,11 +545,11 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, importance: Option
             _copy_ln(mlp.LayerNorm, lp.ffn_ln, sel)
 
     # --- head and fit_dense --------------------------------------------------------------------
-    if parts.pooler is not None:
+    if parts.pooler is not None and not span:
         student.pooler.weight.copy_(t(parts.pooler.weight)[sel][:, sel])
         student.pooler.bias.copy_(t(parts.pooler.bias)[sel])
-    student.classifier.weight.copy_(t(parts.classifier.weight)[:, sel])
-    student.classifier.bias.copy_(t(parts.classifier.bias))
+    student_head.weight.copy_(t(parts.classifier.weight)[:, sel])
+    student_head.bias.copy_(t(parts.classifier.bias))
     fit = torch.zeros(h_t, h_s)
     fit[sel, torch.arange(h_s)] = 1.0
     student.fit_dense.weight.copy_(fit)
