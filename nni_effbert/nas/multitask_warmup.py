@@ -23,7 +23,6 @@ trials run it (:mod:`.trial_runner`).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,8 @@ from ..kd.train import TaskStream, TrainSettings, TrainState, kd_train, kd_train
 from ..params import GENERAL_WARMUP_STEPS_KEY, WARMUP_KEY, WARMUP_STEPS_KEY, int_meta, is_warmup, split_arch
 from ..workdir import WorkDir
 from .supernets import check_owner, experiment_key, owner
-from .warmup import _PHASES, _ArchSampler, _check_stage, _phases, _read_state, _validate_fixed, plan_warmup
+from .warmup import (_PHASES, _ArchSampler, _check_stage, _checkpoint_interval, _phases, _read_state, _resume_point,
+                     _resumed_at, _validate_fixed, plan_warmup)
 
 __all__ = ["MULTITASK_KIND", "MultiTaskWarmupResult", "multitask_plan", "run_multitask_warmup",
            "run_multitask_warmup_parameters", "stage_tasks"]
@@ -197,14 +197,12 @@ def run_multitask_warmup(cfg: ExperimentConfig, stage: int, *, fixed: Optional[M
         if state is not None:
             multi.load_state_dict(state["state"])
             init = str(state["init"])
-            done_before = first_plan.general_steps if _PHASES[state["phase_index"]] == "task" else 0
-            resumed_at = done_before + (int(state["train"]["step"]) if state["train"] else 0)
+            resumed_at = _resumed_at(state, first_plan.general_steps)
             logger.info("stage %d: resuming the multi-task warm-up after %d of %d steps", stage, resumed_at,
                         first_plan.total_steps)
         else:
             init = _init(multi, cfg, wd, stage, experiment)
-        interval = (checkpoint_interval if checkpoint_interval is not None
-                    else max(25, math.ceil(first_plan.total_steps / 10)))
+        interval = _checkpoint_interval(checkpoint_interval, first_plan.total_steps)
         loss: Optional[float] = None
         task_steps: Dict[str, int] = {}
         container = nn.ModuleList([t.setup.space for t in multi.tasks])
@@ -215,12 +213,9 @@ def run_multitask_warmup(cfg: ExperimentConfig, stage: int, *, fixed: Optional[M
             phases.append(("task", first_plan.steps, None, None, None, ""))
         for name, n_steps, dataset, teacher, loss_fn, desc in phases:
             phase_index = _PHASES.index(name)
-            resume = None
-            if state is not None:
-                if phase_index < state["phase_index"]:
-                    continue  # finished before the interruption
-                if phase_index == state["phase_index"] and state["train"]:
-                    resume = TrainState.from_dict(state["train"])
+            skip, resume = _resume_point(state, phase_index)
+            if skip:
+                continue  # finished before the interruption
 
             def save_state(ts: Optional[TrainState], _phase_index: int = phase_index) -> None:
                 atomic_save_torch({"kind": STATE_KIND, "plan": plan, "init": init, "phase_index": _phase_index,

@@ -444,6 +444,27 @@ def _read_state(path: Path, plan: Mapping[str, Any], kind: str = _STATE_KIND) ->
     return state
 
 
+def _resumed_at(state: Mapping[str, Any], general_steps: int) -> int:
+    """Steps a resumable state had done over the whole warm-up (general phase first)."""
+    done_before = general_steps if _PHASES[state["phase_index"]] == "task" else 0
+    return done_before + (int(state["train"]["step"]) if state["train"] else 0)
+
+
+def _resume_point(state: Optional[Mapping[str, Any]], phase_index: int):
+    """``(skip, resume)`` of a phase under a resumable state: skip a phase that finished before the
+    interruption; resume (a :class:`TrainState`) the one it stopped in."""
+    if state is None or phase_index > state["phase_index"]:
+        return False, None
+    if phase_index < state["phase_index"]:
+        return True, None
+    return False, TrainState.from_dict(state["train"]) if state["train"] else None
+
+
+def _checkpoint_interval(given: Optional[int], total_steps: int) -> int:
+    """Steps between resumable states: ``given``, else a tenth of the run, at least 25."""
+    return given if given is not None else max(25, math.ceil(total_steps / 10))
+
+
 def run_warmup(
     cfg: ExperimentConfig,
     stage: int,
@@ -533,22 +554,18 @@ def run_warmup(
         if state is not None:
             space.supernet.load_state_dict(state["state_dict"])
             init = str(state["init"])
-            done_before = plan.general_steps if _PHASES[state["phase_index"]] == "task" else 0
-            resumed_at = done_before + (int(state["train"]["step"]) if state["train"] else 0)
+            resumed_at = _resumed_at(state, plan.general_steps)
             logger.info("stage %d: resuming warm-up after %d of %d steps", stage, resumed_at, plan.total_steps)
         else:
             init = _init_weights(setup, cfg, stage, experiment, old_layout)
 
-        interval = checkpoint_interval if checkpoint_interval is not None else max(25, math.ceil(plan.total_steps / 10))
+        interval = _checkpoint_interval(checkpoint_interval, plan.total_steps)
         loss: Optional[float] = None
         for name, n_steps, dataset, teacher, loss_fn, desc in _phases(setup, cfg, plan):
             phase_index = _PHASES.index(name)
-            resume = None
-            if state is not None:
-                if phase_index < state["phase_index"]:
-                    continue  # finished before the interruption
-                if phase_index == state["phase_index"] and state["train"]:
-                    resume = TrainState.from_dict(state["train"])
+            skip, resume = _resume_point(state, phase_index)
+            if skip:
+                continue  # finished before the interruption
             logger.info("stage %d %s warm-up: %d steps on %s", stage, name, n_steps, desc)
 
             def save_state(ts: Optional[TrainState], _phase_index: int = phase_index) -> None:
