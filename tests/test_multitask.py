@@ -520,3 +520,51 @@ def test_a_stage_can_warm_up_and_score_on_some_tasks(tmp_path, glue_dir, base_te
     with pytest.raises(ConfigError, match=r"search.stages.0.tasks: qnli not a task of this config; its tasks are "
                                           r"sst2, rte"):
         load_config(bad, check_paths=False)
+
+
+def test_a_span_qa_task_shares_the_encoder_with_a_classification_task(tmp_path, glue_dir, qa_tokenizer, squad_small):
+    """SST-2 + SQuAD in one experiment: each task's teacher (a classifier, a QA model from the same base),
+    one warm-up over both heads, and candidates scored on both."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from nni_effbert.nas.multitask_evaluator import MultiTaskEvaluator
+    from nni_effbert.nas.multitask_warmup import run_multitask_warmup
+
+    torch.manual_seed(0)  # one base for both tasks, with room for question + context windows
+    base = tmp_path / "base"
+    BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=37, vocab_size=len(qa_tokenizer),
+                                             max_position_embeddings=128)).save_pretrained(base)
+    qa_tokenizer.save_pretrained(base)
+    train, dev = squad_small
+    qa = {"name": "squad", "train_file": str(train), "dev_file": str(dev), "max_seq_length": 96, "doc_stride": 24,
+          "search_rows": 12, "max_train_rows": 48, "max_dev_rows": 12}
+    path = write_multitask(tmp_path, glue_dir, base)
+    data = yaml.safe_load(path.read_text())
+    data["tasks"][1] = {"name": "squad", "task": qa}
+    data["distill"] = {"general_steps": 2, "task_steps": 3, "batch_size": 8, "eval_interval": 0}
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert cli.main(["teacher", "-q", "-c", str(path)]) == 0
+    cfg = load_config(path)
+    multi = MultiTaskSetup.from_config(cfg, progress=False)
+    heads = {t.name: t.setup.space.config.head for t in multi.tasks}
+    assert heads == {"sst2": "sequence", "squad": "span"}
+    warm = run_multitask_warmup(cfg, 0, steps=6, general_steps=0, progress=False, multi=multi, experiment="mix")
+    assert set(warm.task_steps) == {"sst2", "squad"} and math.isfinite(warm.loss)
+    evaluator = MultiTaskEvaluator(cfg, 0, progress=False, multi=multi, experiment="mix")
+    space = multi.tasks[0].setup.space
+    arch = space.bert_arch(width=min(space.config.widths), stack=2)
+    result = evaluator.evaluate(arch, train_steps=2)
+    assert set(result["tasks"]) == {"sst2", "squad"} and math.isfinite(result["default"])
+    assert 0.0 <= result["squad_search_metric"] <= 1.0
+
+    # One student for both: export, general KD once, task KD each; the baseline the same way; the suite's
+    # paired average covers the QA task through its per-question F1.
+    from nni_effbert.product.suite import distill_multitask, ensure_multitask_baseline, export_multitask, suite_report
+
+    export_multitask(cfg, "mix", arch=arch, stage=0, progress=False)
+    distill_multitask(cfg, progress=False)
+    ensure_multitask_baseline(cfg, progress=False)
+    suite = suite_report(cfg, progress=False)
+    assert suite["tasks"]["squad"]["metric"] == "f1" and "paired" in suite["tasks"]["squad"]
+    assert suite["paired_average"] is not None and suite["paired_average"]["n_rows"] > 0
