@@ -2,6 +2,7 @@
 BERT-MLP baseline on the suite average, per task and paired, and what the multi-task search costs.
 
     python bench/multitask.py --out bench/results/multitask                     # full size (hours)
+    python bench/multitask.py --medium --out bench/results/multitask_medium     # one sitting, labelled MEDIUM
     python bench/multitask.py --reduced --out bench/results/multitask_reduced   # minutes, labelled REDUCED
 
 1. Every task's teacher (MiniLM fine-tuned per task, ``bench/configs/multitask.yml``).
@@ -43,6 +44,16 @@ REDUCED = ["student.preset=tiny", "warmup.steps=4", "warmup.batch_size=8", "eval
 #: Per task in a reduced run: few rows, short windows, a few teacher steps.
 REDUCED_TASK = {"max_train_rows": 96, "max_dev_rows": 64, "search_rows": 32, "max_seq_length": 32}
 REDUCED_TEACHER = {"max_steps": 4, "batch_size": 8}
+#: A run sized for one sitting on the 2-core machine (about 1.5 h, from the MNLI-m capacity bench's step
+#: times: teacher ~0.06 s per row and epoch, student KD ~0.5 s per step of 32 at seq 128): 2,000 train
+#: rows per task (300 of them held out for the search), up to 1,000 dev rows, 6 + 4 + 6 candidates with
+#: 30-step KD fine-tunes, 100 general + 300 task-KD steps per task and seed. Labelled MEDIUM.
+MEDIUM = ["evaluator.train_steps=30", "evaluator.eval_interval=30", "distill.general_steps=100",
+          "distill.task_steps=300",
+          "search.stages=[{name: coarse, kind: joint, trials: 6, warmup_steps: 200}, {name: expression, kind: "
+          "expression, trials: 4, warmup_steps: 100}, {name: size, kind: size, trials: 6, warmup_steps: 100, "
+          "general_warmup_steps: 50, train_steps: 0}]"]
+MEDIUM_TASK = {"max_train_rows": 2000, "search_rows": 300, "max_dev_rows": 1000}
 
 
 def _config(args):
@@ -58,11 +69,13 @@ def _config(args):
                 entry["task"][key] = str((base / entry["task"][key]).resolve())
         if args.reduced:
             entry["task"].update(REDUCED_TASK)
+        elif args.medium:
+            entry["task"].update(MEDIUM_TASK)
     if args.reduced:
         raw["teacher"]["finetune"].update(REDUCED_TEACHER)
     raw["workdir"] = str(Path(args.workdir).resolve()) if args.workdir else \
-        str((base / raw["workdir"]).resolve()) + ("_reduced" if args.reduced else "")
-    apply_overrides(raw, [*(REDUCED if args.reduced else []), *args.set])
+        str((base / raw["workdir"]).resolve()) + ("_reduced" if args.reduced else "_medium" if args.medium else "")
+    apply_overrides(raw, [*(REDUCED if args.reduced else MEDIUM if args.medium else []), *args.set])
     Path(raw["workdir"]).mkdir(parents=True, exist_ok=True)
     effective = Path(raw["workdir"]) / "bench_multitask.yml"
     effective.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -74,9 +87,11 @@ def main() -> int:
     p.add_argument("--config", default=str(HERE / "configs" / "multitask.yml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--out", default=str(HERE / "results" / "multitask"))
-    p.add_argument("--workdir", default=None, help="default: the config's (+ '_reduced')")
+    p.add_argument("--workdir", default=None, help="default: the config's (+ '_reduced' / '_medium')")
     p.add_argument("--distill-seeds", type=int, default=3)
-    p.add_argument("--reduced", action="store_true", help="a short run (labelled REDUCED); not the bench's figures")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--reduced", action="store_true", help="a short run (labelled REDUCED); not the bench's figures")
+    size.add_argument("--medium", action="store_true", help="a run that fits one sitting on 2 cores (labelled MEDIUM)")
     p.add_argument("--experiment", metavar="ID", help="reuse this finished multi-task search")
     args = p.parse_args()
     if args.distill_seeds < 1:
@@ -90,7 +105,7 @@ def main() -> int:
     from nni_effbert.latency.targets import teacher_latency_ms
     from nni_effbert.nas.launcher import run_search
     from nni_effbert.nas.records import is_scored
-    from nni_effbert.product.compare import dev_predictions
+    from nni_effbert.product.compare import dev_row_scores
     from nni_effbert.product.loader import load_exported
     from nni_effbert.product.suite import distill_multitask, ensure_multitask_baseline, export_multitask
     from nni_effbert.stats import paired_scores, paired_suite
@@ -124,9 +139,11 @@ def main() -> int:
                  "baseline": {t: r.dev_metric for t, r in baseline.items()}}
         for label in ("searched", "baseline"):
             for key, one in each_task(scfg):
-                folder = WorkDir.of(one).export_dir(names[label])
-                gold = np.asarray(setups[key].task.dev["labels"])
-                rows[label][key].append((dev_predictions(setups[key], folder) == gold).astype(float))
+                per_row = dev_row_scores(setups[key], WorkDir.of(one).export_dir(names[label]))
+                if per_row is None:
+                    raise SystemExit(f"task {key}: its metric is not a mean over dev rows; the paired suite needs "
+                                     "accuracy or span F1 on every task")
+                rows[label][key].append(per_row)
         first = next(iter(searched.values()))
         entry.update(searched_latency_ms=first.latency_ms, baseline_latency_ms=next(iter(baseline.values())).latency_ms,
                      searched_arch=load_exported(first.path).arch, searched_params=first.params)
@@ -149,7 +166,7 @@ def main() -> int:
                "speedup_4x": bool(speedup is not None and speedup >= 4)}
     n_trials = len(cands)
     warmups = sum(1 for s in cfg.search.stages if s.warmup)
-    data = {"reduced": bool(args.reduced), "machine": info, "load_end": load_now(),
+    data = {"reduced": bool(args.reduced), "medium": bool(args.medium), "machine": info, "load_end": load_now(),
             "command": "python bench/multitask.py " + " ".join(sys.argv[1:]), "experiment": experiment,
             "weights": weights, "teachers": {k: t.dev_metric for k, t in teachers.items()}, "teacher_average": teacher_avg,
             "teacher_latency_ms": teacher_ms, "searched_latency_ms": s_ms, "seeds": seeds, "paired_per_task": per_task,
@@ -163,7 +180,8 @@ def main() -> int:
     dest = Path(args.out)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
-    label = "REDUCED RUN (not the bench's figures): " if args.reduced else ""
+    label = ("REDUCED RUN (not the bench's figures): " if args.reduced
+             else "MEDIUM RUN (budgets cut to fit one sitting on 2 cores): " if args.medium else "")
     md = [f"# {label}One searched student for {', '.join(weights)}: suite average vs the latency-matched baseline",
           "", f"- experiment {experiment}; {len(seeds)} distill seed(s); load at the start {info['loadavg']}, at the "
           f"end {data['load_end']}; total {data['total_s'] / 60:.0f} min",
@@ -203,7 +221,7 @@ def _plot(data, path) -> None:
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("searched - baseline (95% CI)")
-    ax.set_title(("REDUCED: " if data["reduced"] else "") + "multi-task student vs latency-matched baseline", fontsize=9)
+    ax.set_title(("REDUCED: " if data["reduced"] else "MEDIUM: " if data.get("medium") else "") + "multi-task student vs latency-matched baseline", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
