@@ -97,6 +97,13 @@ def main() -> int:
                        "batch_size": cfg.distill.batch_size},
             "teacher": teacher, "runs": [{k: v for k, v in r.items() if not k.endswith("rows")} for r in runs],
             "paired": test, "total_s": time.perf_counter() - started}
+    stage = (load_exported(runs[0]["reference"]).meta.get("extra") or {}).get("supernet_stage")
+    src_cfg = load_config(effective)
+    warm_steps = [(st.warmup_steps or 0, st.general_warmup_steps or 0) for st in src_cfg.search.stages[:int(stage or 0) + 1]]
+    reference_start = (f"the searched run's stage-{stage} supernet (teacher embeddings; warm-ups of "
+                       f"{' + '.join(str(a) for a, _ in warm_steps)} task-KD and {sum(b for _, b in warm_steps)} "
+                       "general-KD steps over the stages)")
+    data["reference_start"] = reference_start
     dest = Path(args.out)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
@@ -110,7 +117,7 @@ def main() -> int:
     for r in runs:
         md.append(f"| {r['seed']} | teacher's weights (`warmup.init: teacher`, {args.importance_batches} importance "
                   f"batches, no warm-up) | {r['before_f1']:.4f} | {r['exact']:.4f} / {r['f1']:.4f} |")
-        md.append(f"| {r['seed']} | MEDIUM search's stage-2 supernet (teacher embeddings, 250 warm-up steps) | "
+        md.append(f"| {r['seed']} | {reference_start} | "
                   f"{r['reference_before_f1']:.4f} | {r['reference_exact']:.4f} / {r['reference_f1']:.4f} |")
     md += ["", f"Paired over {test['n_rows']} questions x {len(runs)} seed(s): init teacher - MEDIUM supernet F1 "
            f"{test['diff']:+.4f}, 95% CI [{test['ci_low']:+.4f}, {test['ci_high']:+.4f}], two-sided permutation "
