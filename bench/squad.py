@@ -166,19 +166,18 @@ def main() -> int:
     for k in range(args.distill_seeds):
         seed = int(cfg.distill.seed if cfg.distill.seed is not None else cfg.seed) + k
         scfg = load_config(effective, [f"distill.seed={seed}"])
-        folder, stage = _searched_export(scfg, experiment, f"searched-seed{seed}", setup,
+        folder, stage = _searched_export(experiment, f"searched-seed{seed}", setup,
                                          lambda: export_best(scfg, experiment, name=f"searched-seed{seed}",
                                                              evaluator=KDEvaluator(scfg, setup=setup)))
-        exp = load_exported(folder)
-        searched = run_distill(scfg, exp.path, setup=setup)
-        base, matched = ensure_latency_baseline(scfg, exp.path, name=f"baseline-lat-seed{seed}", setup=setup,
+        searched = run_distill(scfg, folder, setup=setup)
+        base, matched = ensure_latency_baseline(scfg, folder, name=f"baseline-lat-seed{seed}", setup=setup,
                                                 choice=matched)
-        per_q["searched"].append(per_question_f1(exp.path, setup))
+        per_q["searched"].append(per_question_f1(folder, setup))
         per_q["baseline"].append(per_question_f1(base.path, setup))
         seeds.append({"seed": seed, "searched_f1": searched.dev_metric, "baseline_f1": base.dev_metric,
-                      "searched_em": _em(exp.path), "baseline_em": _em(base.path),
-                      "searched_before_f1": _before(exp.path), "baseline_before_f1": _before(base.path),
-                      "searched_dir": str(exp.path),
+                      "searched_em": _em(folder), "baseline_em": _em(base.path),
+                      "searched_before_f1": searched.before, "baseline_before_f1": base.before,
+                      "searched_dir": str(folder),
                       "baseline_dir": str(base.path), "baseline_width": matched.width})
         print(f"distill seed {seed}: searched F1 {searched.dev_metric:.4f}, latency-matched baseline (width "
               f"{matched.width}) {base.dev_metric:.4f}", flush=True)
@@ -207,8 +206,9 @@ def main() -> int:
                 # The same supernet stage of the same experiment the searched student came from.
                 out = export_trial_arch(scfg, arch, stage, name, extra={"capacity_check": label},
                                         evaluator=KDEvaluator(scfg, setup=setup, experiment=experiment))
-                scores.append(run_distill(scfg, out.path, setup=setup).dev_metric)
-                before = _before(out.path) if before is None else before  # the same export for every seed
+                result = run_distill(scfg, out.path, setup=setup)
+                scores.append(result.dev_metric)
+                before = result.before if before is None else before  # the same export for every seed
                 runs.append(per_question_f1(out.path, setup))
             vs_full = paired_test(runs, per_q["baseline"]) if runs else None
             capacity.append({"variant": label, "width": width, "stack": stack, "f1": scores, "before_f1": before,
@@ -274,7 +274,7 @@ def main() -> int:
     return 0
 
 
-def _searched_export(cfg, experiment, name, setup, export):
+def _searched_export(experiment, name, setup, export):
     """The folder and supernet stage of ``exports/<name>``: a rerun on the same search (``--experiment``)
     reads back the export (and distillation) an earlier run of it left; otherwise ``export()``."""
     from nni_effbert.product.loader import load_exported
@@ -292,15 +292,6 @@ def _searched_export(cfg, experiment, name, setup, export):
 
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4f}"
-
-
-def _before(folder):
-    """Dev F1 of an export before its distillation, as the distillation recorded it."""
-    from nni_effbert.product.distill import distill_record
-    from nni_effbert.product.loader import load_exported
-
-    before = (distill_record(load_exported(folder).meta) or {}).get("before")
-    return None if before is None else float(before)
 
 
 def _em(folder) -> float:

@@ -75,17 +75,18 @@ def main() -> int:
         reference = source / "exports" / f"capacity-w{args.width}-s1-seed{seed}"
         if not reference.is_dir():  # the capacity check reuses the latency-matched baseline at its width
             reference = source / "exports" / f"baseline-lat-seed{seed}"
-        ref_arch = load_exported(reference).arch if reference.is_dir() else None
-        if ref_arch != arch:
+        ref = load_exported(reference) if reference.is_dir() else None
+        if ref is None or ref.arch != arch:
             p.error(f"no export of BERT's MLP at width {args.width} (stack 1, seed {seed}) in {source}/exports")
-        ref_record = distill_record(load_exported(reference).meta) or {}
+        ref_record = distill_record(ref.meta) or {}
         runs.append({"seed": seed, "folder": str(folder), "reference": str(reference),
-                     "before_f1": record.get("before"), "f1": result.dev_metric,
+                     "reference_stage": (ref.meta.get("extra") or {}).get("supernet_stage"),
+                     "before_f1": result.before, "f1": result.dev_metric,
                      "exact": (record.get("dev_scores") or {}).get("exact"),
                      "reference_before_f1": ref_record.get("before"), "reference_f1": ref_record.get("dev_metric"),
                      "reference_exact": (ref_record.get("dev_scores") or {}).get("exact"),
                      "rows": dev_row_scores(setup, folder), "reference_rows": dev_row_scores(setup, reference)})
-        print(f"seed {seed}: init teacher F1 {record.get('before'):.4f} -> {result.dev_metric:.4f}; MEDIUM supernet "
+        print(f"seed {seed}: init teacher F1 {result.before:.4f} -> {result.dev_metric:.4f}; MEDIUM supernet "
               f"F1 {ref_record.get('before'):.4f} -> {ref_record.get('dev_metric'):.4f}", flush=True)
     test = paired_scores([r["rows"] for r in runs], [r["reference_rows"] for r in runs],
                          name_a="init teacher", name_b="MEDIUM supernet").to_dict()
@@ -97,7 +98,7 @@ def main() -> int:
                        "batch_size": cfg.distill.batch_size},
             "teacher": teacher, "runs": [{k: v for k, v in r.items() if not k.endswith("rows")} for r in runs],
             "paired": test, "total_s": time.perf_counter() - started}
-    stage = (load_exported(runs[0]["reference"]).meta.get("extra") or {}).get("supernet_stage")
+    stage = runs[0]["reference_stage"]
     src_cfg = load_config(effective)
     warm_steps = [(st.warmup_steps or 0, st.general_warmup_steps or 0) for st in src_cfg.search.stages[:int(stage or 0) + 1]]
     reference_start = (f"the searched run's stage-{stage} supernet (teacher embeddings; warm-ups of "

@@ -306,9 +306,9 @@ class KDSetup:
             self._search_cache = self.open_cache(self.search_split(), self.task.fingerprint, "search")
         return self._search_cache
 
-    def _run_span(self, score, model: nn.Module, arch: Optional[Arch]):
-        """``score(forward, data, task_cfg, batch_size, pad_token_id, splits=("dev",))`` with ``model``
-        (``arch`` on a supernet) in eval mode on the runtime's device; its dev entry."""
+    def _run_span(self, run, model: nn.Module, arch: Optional[Arch]):
+        """``run(forward, batch_size) -> {split: ...}`` with ``model`` (``arch`` on a supernet) in eval
+        mode on the runtime's device; its dev entry."""
         rt = self.runtime
         was_training = model.training
         model.eval()
@@ -319,22 +319,22 @@ class KDSetup:
                 return student_forward(model, batch, arch, return_kd=False).logits
 
         try:
-            size = int(self.cfg.evaluator.eval_batch_size or self.cfg.evaluator.batch_size)
-            out = score(forward, self.task, self.cfg.task, size, self.pad_token_id, splits=("dev",))
+            out = run(forward, int(self.cfg.evaluator.eval_batch_size or self.cfg.evaluator.batch_size))
         finally:
             model.train(was_training)
-        out = out[0] if isinstance(out, tuple) else out
         if "dev" not in out:
             raise ConfigError("cannot evaluate on an empty split")
         return out["dev"]
 
     def _evaluate_span(self, model: nn.Module, arch: Optional[Arch]) -> Dict[str, float]:
-        return self._run_span(score_span_model, model, arch)
+        return self._run_span(lambda forward, size: score_span_model(
+            forward, self.task, self.cfg.task, size, self.pad_token_id, splits=("dev",)), model, arch)
 
     def dev_span_answers(self, model: nn.Module, arch: Optional[Arch] = None) -> Dict[str, str]:
         """Question id -> the answer a span-QA student gives on the dev split, exactly as its dev EM / F1
         score it (the v2.0 null threshold tuned on the search split)."""
-        return self._run_span(span_answers, model, arch)
+        return self._run_span(lambda forward, size: span_answers(
+            forward, self.task, self.cfg.task, size, self.pad_token_id, splits=("dev",))[0], model, arch)
 
     def score_search(self, model: nn.Module, arch: Optional[Arch] = None) -> Dict[str, Any]:
         """Task metric and KD losses of ``model`` on the search split (see :func:`score_split`;

@@ -135,6 +135,8 @@ class TeacherParts:
         The output layer: the classifier, or a QA model's ``qa_outputs`` (start / end logits).
     num_heads : int
     hidden_act : str
+    span : bool
+        ``classifier`` is a QA model's ``qa_outputs`` (start / end logits per token, no pooler).
     """
 
     word: nn.Embedding
@@ -147,6 +149,7 @@ class TeacherParts:
     classifier: nn.Linear
     num_heads: int
     hidden_act: str
+    span: bool = False
 
     @property
     def hidden_size(self) -> int:
@@ -201,7 +204,8 @@ def teacher_parts(teacher: nn.Module) -> TeacherParts:
         )
     head = getattr(teacher, "classifier", None)
     pooler = None
-    if isinstance(getattr(teacher, "qa_outputs", None), nn.Linear):  # span QA: start / end per token, no pooler
+    span = isinstance(getattr(teacher, "qa_outputs", None), nn.Linear)
+    if span:  # span QA: start / end per token, no pooler
         classifier = teacher.qa_outputs
     elif isinstance(head, nn.Linear):  # BERT: pooler.dense + tanh, then classifier
         classifier = head
@@ -221,7 +225,7 @@ def teacher_parts(teacher: nn.Module) -> TeacherParts:
         token_type=getattr(emb, "token_type_embeddings", None), embed_ln=emb.LayerNorm,
         position_offset=offset, layers=layers, pooler=pooler, classifier=classifier,
         num_heads=int(getattr(config, "num_attention_heads", None) or getattr(config, "n_heads")),
-        hidden_act=str(act),
+        hidden_act=str(act), span=span,
     )
 
 
@@ -459,9 +463,8 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, importance: Option
     _check(student.embeddings.position_embeddings.num_embeddings <= n_pos, "max_position_embeddings",
            student.embeddings.position_embeddings.num_embeddings, n_pos)
     span = getattr(student, "head", "sequence") == "span"
-    teacher_span = isinstance(getattr(teacher, "qa_outputs", None), nn.Linear)
-    _check(span == teacher_span, "head", "span (start / end logits)" if span else "sequence classifier",
-           "span (start / end logits)" if teacher_span else "sequence classifier")
+    _check(span == parts.span, "head", "span (start / end logits)" if span else "sequence classifier",
+           "span (start / end logits)" if parts.span else "sequence classifier")
     student_head = student.qa_outputs if span else student.classifier
     _check(student_head.out_features == parts.classifier.out_features, "number of labels",
            student_head.out_features, parts.classifier.out_features)
