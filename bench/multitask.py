@@ -82,6 +82,23 @@ def _config(args):
     return load_config(effective), effective
 
 
+def _exported(cfg, name, experiment) -> bool:
+    """Whether every task already holds export ``name`` of ``experiment`` (a rerun with --experiment);
+    an export of another experiment stops the bench rather than being replaced."""
+    from nni_effbert.config import each_task
+    from nni_effbert.workdir import WorkDir
+
+    metas = [WorkDir.of(one).export_dir(name) / "export_meta.json" for _, one in each_task(cfg)]
+    if not any(m.is_file() for m in metas):
+        return False
+    for meta in metas:
+        extra = (json.loads(meta.read_text()).get("extra") or {}) if meta.is_file() else {}
+        if extra.get("supernet_experiment") != experiment:
+            raise SystemExit(f"{meta.parent} is not an export of experiment {experiment}; pass another --workdir "
+                             "or remove it")
+    return True
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(HERE / "configs" / "multitask.yml"))
@@ -132,7 +149,8 @@ def main() -> int:
         seed = int(cfg.distill.seed if cfg.distill.seed is not None else cfg.seed) + k
         scfg = load_config(effective, [f"distill.seed={seed}"])
         names = {"searched": f"searched-seed{seed}", "baseline": f"baseline-seed{seed}"}
-        export_multitask(scfg, experiment, name=names["searched"])
+        if not _exported(scfg, names["searched"], experiment):  # a rerun keeps its exports and distillations
+            export_multitask(scfg, experiment, name=names["searched"])
         searched = distill_multitask(scfg, name=names["searched"])
         baseline = ensure_multitask_baseline(scfg, name=names["baseline"], searched=names["searched"])
         entry = {"seed": seed, "searched": {t: r.dev_metric for t, r in searched.items()},
