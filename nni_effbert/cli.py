@@ -284,7 +284,8 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
                         help="replace an existing export of the same name (its weights, and any distilled student "
                              "and distill record in it, are lost)")
     _configure_onnx(parser, "also write model.onnx (ONNX Runtime) into the folder, checked on dev rows; without "
-                            "--experiment / --arch: add it to the existing exports/NAME (e.g. after distill)")
+                            "--experiment / --arch: add it to the existing exports/NAME (e.g. after distill); a tasks: config "
+                            "without --task: every task's")
 
 
 def _configure_onnx(parser: argparse.ArgumentParser, help_onnx: str) -> None:
@@ -293,7 +294,8 @@ def _configure_onnx(parser: argparse.ArgumentParser, help_onnx: str) -> None:
                         help="also write model.int8.onnx (onnxruntime dynamic int8 quantization); implies --onnx")
 
 
-def _export_onnx(cfg: ExperimentConfig, folder, args: argparse.Namespace, teacher: bool = False) -> None:
+def _export_onnx(cfg: ExperimentConfig, folder, args: argparse.Namespace, teacher: bool = False,
+                 label: Optional[str] = None) -> None:
     from .product.onnx import CHECK_FILE, check_model_folder, export_onnx, export_teacher_onnx, task_rows, teacher_folder
 
     teacher_folder(cfg) if teacher else check_model_folder(folder)  # before reading the task's rows
@@ -302,18 +304,22 @@ def _export_onnx(cfg: ExperimentConfig, folder, args: argparse.Namespace, teache
         out = export_teacher_onnx(cfg, int8=args.int8, rows=rows, labels=labels, rows_source=source)
     else:
         out = export_onnx(folder, int8=args.int8, rows=rows, labels=labels, rows_source=source)
-    print(out.summary())
-    print(f"check: {out.folder / CHECK_FILE}")
+    tag = "" if label is None else f"[{label}] "
+    print(tag + out.summary())
+    print(f"{tag}check: {out.folder / CHECK_FILE}")
 
 
 def _run_export(args: argparse.Namespace) -> int:
     if args.int8:
         args.onnx = True
     if args.onnx and args.experiment is None and args.arch is None:
-        cfg = _load_cfg(args)
-        folder = WorkDir.of(cfg).export_dir(args.name)
-        _export_onnx(cfg, folder, args)
-        print(folder)
+        from .config import each_task
+
+        # A multi-task config without --task: every task's exports/NAME.
+        for name, one in each_task(_load_cfg(args, every_task=True)):
+            folder = WorkDir.of(one).export_dir(args.name)
+            _export_onnx(one, folder, args, label=name)
+            print(folder)
         return 0
     if args.experiment is None and args.arch is None:
         raise ConfigError("export needs --experiment ID (its best trial) or --arch ARCH.json (or both: the arch "
@@ -370,15 +376,20 @@ def _export_multitask(cfg: ExperimentConfig, args: argparse.Namespace, limited: 
     from .params import arch_part, read_arch_file
     from .product.suite import export_multitask
 
-    if args.experiment is None or args.pareto or limited or args.onnx:
+    if args.experiment is None or args.pareto or limited:
         raise ConfigError("a tasks: config exports with --experiment ID (its best candidate, or --arch with --stage) "
-                          "for every task; --pareto, --max-latency, --min-speedup and --onnx go with --task NAME")
+                          "for every task; --pareto, --max-latency and --min-speedup go with --task NAME")
     arch = arch_part(read_arch_file(args.arch)) if args.arch else None
     infos = export_multitask(cfg, args.experiment, name=args.name, arch=arch, stage=args.stage,
                              experiments_dir=args.experiments_dir, force=args.force, progress=not args.quiet)
     for task, info in infos.items():
         print(f"[{task}] {info.params} params ({info.non_embedding_params} non-embedding), weights from "
               f"{info.source}: {info.path}")
+    if args.onnx:
+        from .config import each_task
+
+        for task, one in each_task(cfg):
+            _export_onnx(one, infos[task].path, args, label=task)
     return 0
 
 
@@ -387,8 +398,11 @@ def _configure_export_teacher(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export_teacher(args: argparse.Namespace) -> int:
-    cfg = _load_cfg(args)
-    _export_onnx(cfg, None, args, teacher=True)
+    from .config import each_task
+
+    # A multi-task config without --task: every task's teacher.
+    for name, one in each_task(_load_cfg(args, every_task=True)):
+        _export_onnx(one, None, args, teacher=True, label=name)
     return 0
 
 

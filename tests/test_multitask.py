@@ -456,11 +456,18 @@ def _export_and_distill_every_task(path, work, exp_id, cands, capsys):
     assert exported["rte"].config.num_labels == 2 and exported["rte"].meta["extra"]["task"] == "rte"
     # Without --task, the single-task choices refuse in one line.
     capsys.readouterr()
-    assert cli.main(["export", "-q", "-c", str(path), "--experiment", exp_id, "--onnx"]) == 2
-    assert "--onnx go with --task NAME" in capsys.readouterr().err
+    assert cli.main(["export", "-q", "-c", str(path), "--experiment", exp_id, "--pareto"]) == 2
+    assert "--min-speedup go with --task NAME" in capsys.readouterr().err
     assert cli.main(["distill", "-q", "-c", str(path)]) == 0
     out = capsys.readouterr().out
     assert "[sst2]" in out and "[rte]" in out
+    # ONNX (fp32 + int8) of every task's distilled student and of every task's teacher, without --task.
+    assert cli.main(["export", "-q", "-c", str(path), "--int8"]) == 0
+    assert cli.main(["export-teacher", "-q", "-c", str(path), "--int8"]) == 0
+    out = capsys.readouterr().out
+    for task, folder in folders.items():
+        assert (folder / "model.onnx").is_file() and (folder / "model.int8.onnx").is_file()
+        assert out.count(f"[{task}] check: ") == 2  # its student and its teacher
     general = load_exported(work / "exports" / "searched")  # the task-agnostic general student
     assert general.meta["extra"]["distill"]["plan"]["general_steps"] == 2
     assert general.meta["extra"]["distill"]["plan"]["task_steps"] == 0
