@@ -266,3 +266,30 @@ def test_a_re_score_read_back_from_nni_is_neither_a_candidate_nor_a_failure():
     assert is_scored(plain) and not is_rescore(plain)
     broken = _trial_from_nni("ef", "SUCCEEDED", 7, {"w": 1, "_stage": 0, "_rescore_of": 3}, {"default": None}, None)
     assert is_failed(broken) and not is_rescore(broken)
+
+
+# -- the latency-matched baseline's width ---------------------------------------------------------
+
+
+class _WidthTable:
+    """A latency table whose prediction is the sum of the MLP widths and stacks (ms), enough to order archs."""
+
+    def predict(self, arch):
+        return float(sum(v * arch.get(k.replace("width", "stack"), 1) for k, v in arch.items() if k.endswith("_width")))
+
+
+@pytest.mark.parametrize("stack, expected", [(3, "widest"), (1, "nearest")])
+def test_latency_baseline_outside_the_widths_range_is_the_nearest_end_without_measuring(space, stack, expected):
+    """A stacked student slower than every BERT-MLP width gets the widest one; no measurement (with
+    settings None, measuring would fail), so noise between two widths that both miss cannot pick the
+    narrower. Inside the range, the nearest by prediction is shortlisted and measured."""
+    from nni_effbert.product.baselines import latency_baseline_arch
+
+    widths = sorted(space.config.widths)
+    target = space.bert_arch(width=widths[-1], stack=stack)
+    if expected == "widest":
+        choice = latency_baseline_arch(space, _WidthTable(), target, settings=None, measure=True)
+        assert choice.width == widths[-1] and choice.measured_ms is None
+    else:
+        choice = latency_baseline_arch(space, _WidthTable(), space.bert_arch(width=widths[1], stack=1), measure=False)
+        assert choice.width == widths[1]

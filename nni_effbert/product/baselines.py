@@ -223,7 +223,10 @@ def latency_baseline_arch(space, table, target_arch: Dict[str, Any], *, settings
 
     The ``shortlist`` widths nearest by predicted latency are then measured end to end (random
     weights: latency does not depend on them), interleaved with the target, and the nearest by
-    measurement wins. ``measure=False`` keeps the prediction's choice.
+    measurement wins. ``measure=False`` keeps the prediction's choice. A target predicted slower
+    than every width (a stacked or wider student) gets the slowest width, one predicted faster than
+    every width the fastest, without measuring: there, measurement noise between two widths that
+    both miss the target could only pick the one further from it.
     """
     target_pred = float(table.predict(target_arch))
     cands = []
@@ -233,6 +236,9 @@ def latency_baseline_arch(space, table, target_arch: Dict[str, Any], *, settings
     cands.sort(key=lambda c: (abs(c["predicted_ms"] - target_pred), c["predicted_ms"]))
     chosen = cands[0]
     target_meas = None
+    predicted = [c["predicted_ms"] for c in cands]
+    if target_pred >= max(predicted) or target_pred <= min(predicted):
+        measure = False  # outside the widths' range: the nearest end, cands[0], is the answer
     if measure:
         dev = torch_device(settings.device)
         short = cands[:max(1, shortlist)]

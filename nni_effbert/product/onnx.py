@@ -34,6 +34,7 @@ leaves the folder as it was.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -610,23 +611,24 @@ def runtime_rows(models: Sequence[Mapping[str, Any]], batches, spec, *, vocab_si
         onnxruntime_ms, torch_speedup, onnxruntime_speedup}``; the speed-ups are against the fp32
         teacher in the same runtime; int8 rows have no ``torch_ms`` (PyTorch int8 is not measured).
     """
-    loaded = []
+    found = []
     for m in models:
         files = onnx_files(m["folder"])
-        for key in ("onnxruntime", "onnxruntime-int8"):
-            if files[key] is not None:
-                loaded.append((m, key, OnnxModel(files[key], threads)))
-    latencies = onnx_latency_ms([x[2] for x in loaded], vocab_size=vocab_size, seq_length=seq_length,
-                                repeats=repeats)
+        found.extend((m, key, files[key]) for key in ("onnxruntime", "onnxruntime-int8") if files[key] is not None)
+    # Latency with every session loaded (interleaved); the dev metric with one session at a time,
+    # released after it: a session's memory arena keeps its largest evaluation batch (GBs for span
+    # QA at sequence 384), and nine of them held together exhaust a 24 GiB machine.
+    latencies = onnx_latency_ms([OnnxModel(path, threads) for _, _, path in found], vocab_size=vocab_size,
+                                seq_length=seq_length, repeats=repeats)
     rows: List[Dict[str, Any]] = []
     for m in models:
         for key, precision in (("onnxruntime", "fp32"), ("onnxruntime-int8", "int8")):
-            hit = [(o, ms) for (mm, k, o), ms in zip(loaded, latencies) if mm is m and k == key]
+            hit = [(path, ms) for (mm, k, path), ms in zip(found, latencies) if mm is m and k == key]
             if not hit:
                 continue
-            onnx_model, ms = hit[0]
+            path, ms = hit[0]
             rows.append({"name": m["name"], "role": m.get("role"), "precision": precision,
-                         "dev_metric": evaluate(onnx_model) if evaluate else evaluate_onnx(onnx_model, batches, spec),
+                         "dev_metric": score_onnx_file(path, threads, evaluate or (lambda o: evaluate_onnx(o, batches, spec))),
                          "torch_dev_metric": m.get("dev_metric") if precision == "fp32" else None,
                          "torch_ms": m.get("latency_ms") if precision == "fp32" else None,
                          "onnxruntime_ms": ms})
@@ -636,6 +638,16 @@ def runtime_rows(models: Sequence[Mapping[str, Any]], batches, spec, *, vocab_si
             base = teacher.get(key) if teacher else None
             r[key.replace("_ms", "_speedup")] = base / r[key] if base and r.get(key) else None
     return rows
+
+
+def score_onnx_file(path: Path, threads: int, score: Callable[["OnnxModel"], float]) -> float:
+    """``score`` of the ONNX file at ``path`` in a session of its own, released after."""
+    model = OnnxModel(path, threads)
+    try:
+        return score(model)
+    finally:
+        del model
+        gc.collect()
 
 
 def runtime_markdown(rows: Sequence[Mapping[str, Any]], *, metric_name: str, seq_length: int) -> str:
