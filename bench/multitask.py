@@ -125,6 +125,7 @@ def main() -> int:
     from nni_effbert.product.compare import dev_row_scores
     from nni_effbert.product.loader import load_exported
     from nni_effbert.product.suite import distill_multitask, ensure_multitask_baseline, export_multitask
+    from nni_effbert.search_spaces import EfficientBertSupernet
     from nni_effbert.stats import paired_scores, paired_suite
     from nni_effbert.workdir import WorkDir
 
@@ -163,8 +164,12 @@ def main() -> int:
                                      "accuracy or span F1 on every task")
                 rows[label][key].append(per_row)
         first = next(iter(searched.values()))
+        student = load_exported(first.path)
         entry.update(searched_latency_ms=first.latency_ms, baseline_latency_ms=next(iter(baseline.values())).latency_ms,
-                     searched_arch=load_exported(first.path).arch, searched_params=first.params)
+                     searched_arch=student.arch, searched_params=first.params,
+                     searched_layers=EfficientBertSupernet(student.config).describe(student.arch),
+                     baseline_layers=EfficientBertSupernet(student.config).describe(
+                         load_exported(next(iter(baseline.values())).path).arch))
         seeds.append(entry)
         print(f"distill seed {seed}: searched {entry['searched']}, baseline {entry['baseline']}", flush=True)
 
@@ -203,10 +208,14 @@ def main() -> int:
     md = [f"# {label}One searched student for {', '.join(weights)}: suite average vs the latency-matched baseline",
           "", f"- experiment {experiment}; {len(seeds)} distill seed(s); load at the start {info['loadavg']}, at the "
           f"end {data['load_end']}; total {data['total_s'] / 60:.0f} min",
-          f"- search: {n_trials} candidates in {search_s / 60 if search_s else float('nan'):.0f} min, each scored on "
-          f"{len(weights)} tasks, {warmups} warm-ups of the shared supernet (the {len(weights)} single-task searches "
-          f"it replaces: {n_trials * len(weights)} candidates scored on one task each, {warmups * len(weights)} "
-          "warm-ups)", "",
+          (f"- search: {n_trials} candidates in {search_s / 60:.0f} min, each scored on {len(weights)} tasks, {warmups} "
+           f"warm-ups of the shared supernet (the {len(weights)} single-task searches it replaces: "
+           f"{n_trials * len(weights)} candidates scored on one task each, {warmups * len(weights)} warm-ups)"
+           if search_s is not None else f"- search: experiment {experiment} reused (--experiment); its cost is in the "
+           "run that searched"),
+          "- searched arch (first seed): " + _arch_text(seeds[0]["searched_layers"]) + "; baseline (first seed): " + _arch_text(seeds[0]["baseline_layers"]) + " "
+          f"(latency, seeds' median: searched {s_ms:.2f} ms, baseline "
+          f"{statistics.median(s['baseline_latency_ms'] for s in seeds):.2f} ms, as distill measured them)", "",
           "| task (weight) | teacher | baseline (mean over seeds) | searched | searched - baseline (95% CI, p) |",
           "|---|---:|---:|---:|---|"]
     for key in weights:
@@ -223,6 +232,17 @@ def main() -> int:
     _plot(data, dest.with_suffix(".png"))
     print("\n".join(md))
     return 0
+
+
+def _arch_text(layers) -> str:
+    """One line of a student's per-layer ``{expression, width, stack}`` (``describe`` of its space)."""
+    from nni_effbert.search_spaces.supernet import REFERENCE_EXPRESSION
+
+    exprs = {layer["expression"] for layer in layers}
+    return (f"widths {'/'.join(str(layer['width']) for layer in layers)}, stacks "
+            f"{'/'.join(str(layer['stack']) for layer in layers)}, "
+            + (f"BERT's {REFERENCE_EXPRESSION} in every layer" if exprs == {REFERENCE_EXPRESSION}
+               else "expressions " + "; ".join(layer["expression"] for layer in layers)))
 
 
 def _plot(data, path) -> None:
