@@ -67,7 +67,6 @@ def main() -> int:
     import torch
 
     from nni_effbert.config import load_config
-    from nni_effbert.data.batches import length_sorted_batches
     from nni_effbert.kd.setup import KDSetup
     from nni_effbert.kd.teacher import load_teacher, prepare_teacher
     from nni_effbert.latency.runtimes import LogitsModule
@@ -101,15 +100,7 @@ def main() -> int:
 
     # 2. dev metric per runtime and seed
     ev = cfg.evaluator
-    if spec.is_span:
-        def score(model):
-            return deploy.evaluate_onnx_span(model, setup)
-    else:
-        batches, _ = length_sorted_batches(setup.task.dev, int(ev.eval_batch_size or ev.batch_size),
-                                           setup.pad_token_id)
-
-        def score(model):
-            return deploy.evaluate_onnx(model, batches, spec)
+    score = deploy.dev_scorer(setup)
     teacher_files = deploy.onnx_files(wd.export_dir(deploy.TEACHER_EXPORT), source=wd.teacher_dir)
     dev = {"teacher": {"torch/fp32": [float(setup.teacher_marker["dev_metric"])]}}
     files = {"teacher": [teacher_files]}
@@ -122,15 +113,15 @@ def main() -> int:
             # memory arena (about 3 GB for the teacher on span QA at sequence 384).
             dev[name][f"onnxruntime/{precision}"] = [deploy.score_onnx_file(f[key], 1, score) for f in per_seed]
             print(f"{name} onnxruntime/{precision}: {dev[name][f'onnxruntime/{precision}']}", flush=True)
-    onnx_models = {name: [{k: deploy.OnnxModel(v, threads=1) for k, v in per_seed[0].items()}]
+    onnx_models = {name: {k: deploy.OnnxModel(v, threads=1) for k, v in per_seed[0].items()}
                    for name, per_seed in files.items()}  # the first seed's, for latency
 
     # 3. latency, interleaved over every (model, runtime)
     teacher_model, _ = load_teacher(str(wd.teacher_dir))
     entries = {"teacher": {"torch": LogitsModule(prepare_teacher(teacher_model).cpu()).eval(),
-                           "onnx": onnx_models["teacher"][0]}}
+                           "onnx": onnx_models["teacher"]}}
     for name, fs in folders.items():
-        entries[name] = {"torch": LogitsModule(loaded[fs[0]].model).eval(), "onnx": onnx_models[name][0]}
+        entries[name] = {"torch": LogitsModule(loaded[fs[0]].model).eval(), "onnx": onnx_models[name]}
     vocab, seq = int(setup.space.config.vocab_size), int(ev.latency_seq_length)
     latency = {name: {} for name in entries}
     for batch in (1, 8):

@@ -165,11 +165,10 @@ def main() -> int:
                 rows[label][key].append(per_row)
         first = next(iter(searched.values()))
         student = load_exported(first.path)
+        space = EfficientBertSupernet(student.config)
         entry.update(searched_latency_ms=first.latency_ms, baseline_latency_ms=next(iter(baseline.values())).latency_ms,
-                     searched_arch=student.arch, searched_params=first.params,
-                     searched_layers=EfficientBertSupernet(student.config).describe(student.arch),
-                     baseline_layers=EfficientBertSupernet(student.config).describe(
-                         load_exported(next(iter(baseline.values())).path).arch))
+                     searched_arch=student.arch, searched_params=first.params, searched_layers=space.describe(student.arch),
+                     baseline_layers=space.describe(load_exported(next(iter(baseline.values())).path).arch))
         seeds.append(entry)
         print(f"distill seed {seed}: searched {entry['searched']}, baseline {entry['baseline']}", flush=True)
 

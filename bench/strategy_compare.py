@@ -327,7 +327,7 @@ def run_real(args):
             curves.setdefault(name, []).append(best_so_far(vals + [float("-inf")] * (total - len(vals))))
     finals, rows = summarise(curves, total)
     new = [e for run in runs.values() for e in run if not e.get("cached")]
-    objective = cfg.evaluator.objective.kind if hasattr(cfg.evaluator.objective, "kind") else cfg.evaluator.objective
+    objective = cfg.evaluator.objective
     notes = (f"KDEvaluator in-process on {args.config} (overrides {args.set or 'none'}): task {cfg.task.name}, "
              f"{len(setup.task.train)} student-train rows, score = the `{objective}` objective on the "
              f"{len(setup.task.search) if setup.task.search is not None else 0}-row search split (what the search ranks "

@@ -53,6 +53,7 @@ from transformers import AutoTokenizer
 
 from .. import __version__
 from ..config import ExperimentConfig
+from ..data.batches import length_sorted_batches
 from ..data.metrics import compute_metrics
 from ..data.qa_answers import score_span_model
 from ..errors import CheckpointError, ConfigError, EffBertError
@@ -560,6 +561,17 @@ def evaluate_onnx_span(model: OnnxModel, setup, batch_size: Optional[int] = None
     size = int(batch_size or ev.eval_batch_size or ev.batch_size)
     return float(score_span_model(forward, setup.task, setup.cfg.task, size, setup.pad_token_id,
                                   splits=("dev",))["dev"]["default"])
+
+
+def dev_scorer(setup) -> Callable[["OnnxModel"], float]:
+    """``score(onnx_model) -> dev metric`` on ``setup``'s task, as its PyTorch students are scored:
+    span QA through :func:`evaluate_onnx_span`, other tasks with :func:`evaluate_onnx` on the dev
+    split's length-sorted batches (tokenized once, here)."""
+    if setup.task.spec.is_span:
+        return lambda model: evaluate_onnx_span(model, setup)
+    ev = setup.cfg.evaluator
+    batches, _ = length_sorted_batches(setup.task.dev, int(ev.eval_batch_size or ev.batch_size), setup.pad_token_id)
+    return lambda model: evaluate_onnx(model, batches, setup.task.spec)
 
 
 def onnx_latency_ms(models: Sequence[OnnxModel], *, vocab_size: int, seq_length: int = 128, batch_size: int = 1,

@@ -10,7 +10,6 @@ nothing new. ``remeasure=True`` (``nni-effbert report --remeasure``) measures an
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from nni_effbert.search_spaces.supernet import REFERENCE_EXPRESSION
 
 from ..config import ExperimentConfig
 from ..errors import CheckpointError, EffBertError
-from ..data.batches import length_sorted_batches
 from ..io import atomic_write_json, atomic_write_text, load_json
 from ..latency.measure import measure_latency
 from ..latency.runtimes import require_deploy
@@ -36,7 +34,7 @@ from ..nas.supernets import describe_key
 from ..workdir import WorkDir
 from .distill import distill_record
 from .loader import HASHES_KEY, WEIGHTS_FILE, load_exported
-from .onnx import (TEACHER_EXPORT, evaluate_onnx_span, export_onnx, export_teacher_onnx, onnx_files, runtime_markdown,
+from .onnx import (TEACHER_EXPORT, dev_scorer, export_onnx, export_teacher_onnx, onnx_files, runtime_markdown,
                    runtime_rows, task_rows)
 from .report_page import format_table, write_report
 from .compare import comparisons_markdown
@@ -428,13 +426,8 @@ def _runtime_section(cfg: ExperimentConfig, setup, rows, folders, report: Path, 
             else:
                 export_onnx(folder, int8=True, rows=texts[0], labels=texts[1], rows_source=texts[2])
         models.append({**row, "folder": target})
-    ev = cfg.evaluator
-    if setup.task.spec.is_span:  # windows, answers and F1 as the PyTorch rows were scored
-        batches, evaluate = None, functools.partial(evaluate_onnx_span, setup=setup)
-    else:
-        batches, evaluate = length_sorted_batches(setup.task.dev, int(ev.eval_batch_size or ev.batch_size),
-                                                  setup.pad_token_id)[0], None
-    data = runtime_rows(models, batches, setup.task.spec, vocab_size=int(setup.space.config.vocab_size),
-                        seq_length=seq_length, repeats=repeats, evaluate=evaluate)
+    # Each ONNX model scored as the PyTorch rows were (span QA: windows, answers and F1).
+    data = runtime_rows(models, None, setup.task.spec, vocab_size=int(setup.space.config.vocab_size),
+                        seq_length=seq_length, repeats=repeats, evaluate=dev_scorer(setup))
     atomic_write_json({"seq_length": seq_length, "batch_size": 1, "threads": 1, "key": key, "rows": data}, recorded)
     return runtime_markdown(data, metric_name=metric_name, seq_length=seq_length)
