@@ -20,7 +20,10 @@ in-domain text for KD against the teacher's soft labels); ``mnli`` (MNLI-matched
 Writes ``<out>.json`` (per task: teacher score, per arch the scores of every seed, params, the
 paired comparison with the full-width arch and with the teacher; budgets, machine load, timings),
 ``<out>.md`` and ``<out>.png`` (score against non-embedding params per task, mean and the
-seeds' range).
+seeds' range). Each task also times the teacher and every arch's seed-0 student (PyTorch fp32,
+batch 1, ``evaluator.latency_seq_length`` tokens, one thread, median over interleaved rounds) and
+states each arch's share of the teacher's score and its speed-up; ``sst2+transfer`` is checked
+against issue 26's target (>= 98% of the teacher at >= 5x lower latency).
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_now, machine_info  # noqa: E402
+
+from nni_effbert.latency.measure import measure_latency  # noqa: E402
+from nni_effbert.product.loader import load_exported  # noqa: E402
 
 from nni_effbert.config import load_config  # noqa: E402
 from nni_effbert.kd.teacher_finetune import finetune_from_config  # noqa: E402
@@ -67,6 +73,8 @@ TASKS: Dict[str, List[str]] = {
 #: (fraction of the ffn hidden size, stack) of the BERT-MLP family; (1, 1) is the reference.
 FAMILY: List[Tuple[float, int]] = [(0.25, 1), (0.5, 1), (1.0, 1), (0.5, 2)]
 REFERENCE = (1.0, 1)
+#: Issue 26's SST-2 transfer-set target: share of the teacher's score, at this speed-up or more.
+TARGET_SHARE, TARGET_SPEEDUP = 0.98, 5.0
 
 log = logging.getLogger("capacity")
 
@@ -74,6 +82,16 @@ log = logging.getLogger("capacity")
 def _width(space, fraction: float) -> int:
     widths = sorted(space.config.widths)
     return min(widths, key=lambda w: abs(w - fraction * max(widths)))
+
+
+def interleaved_latency(models: Dict[str, Any], seq_length: int, rounds: int = 5, repeats: int = 6) -> Dict[str, float]:
+    """Median ms (batch 1, one thread) of each model, timed round-robin so that a burst of load hits
+    every model alike: the median over ``rounds`` of each round's median of ``repeats`` forwards."""
+    per_round: Dict[str, List[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            per_round[name].append(measure_latency(model, seq_length=seq_length, repeats=repeats, threads=1).median_ms)
+    return {name: float(np.median(ms)) for name, ms in per_round.items()}
 
 
 def run_task(task: str, args) -> Dict[str, Any]:
@@ -94,6 +112,7 @@ def run_task(task: str, args) -> Dict[str, Any]:
     metric = setup.task.spec.metric
     predictions: Dict[str, np.ndarray] = {"teacher": dev_predictions(setup, "teacher")}
     archs: Dict[str, Dict[str, Any]] = {}
+    first_seed: Dict[str, Path] = {}  # arch -> its seed-0 student, whose latency is measured
     t0 = time.perf_counter()
     for fraction, stack in FAMILY:
         width = _width(space, fraction)
@@ -109,6 +128,7 @@ def run_task(task: str, args) -> Dict[str, Any]:
                 path = export_trial_arch(seeded, arch, 0, folder, evaluator=evaluator, extra=extra).path
             # With --resume, a student already distilled with this plan is read back, not distilled again.
             result = run_distill(seeded, path, force=not args.resume, progress=not args.quiet, setup=setup)
+            first_seed.setdefault(name, Path(path))
             per_seed.append(dev_predictions(setup, path))
             scores.append(result.dev_metric)
             log.info("%s %s seed %d: dev %s %.4f", task, name, seed, metric, result.dev_metric)
@@ -118,13 +138,33 @@ def run_task(task: str, args) -> Dict[str, Any]:
                        "non_embedding_params": int(space.count_params(arch, exclude_embeddings=True)),
                        "params": int(space.count_params(arch))}
     timings["distill_s"] = round(time.perf_counter() - t0, 1)
+    seq = int(cfg.evaluator.latency_seq_length)
+    models = {"teacher": setup.teacher_model().cpu(), **{n: load_exported(p).model.cpu() for n, p in first_seed.items()}}
+    latency = interleaved_latency(models, seq)
+    teacher_score = float(teacher.dev_metric)
+    for name, a in archs.items():
+        a["latency_ms"] = latency[name]
+        a["speedup"] = latency["teacher"] / latency[name]
+        a["share_of_teacher"] = a["mean"] / teacher_score
     ref = f"w{_width(space, REFERENCE[0])}-s{REFERENCE[1]}"
     pairs = [(name, ref) for name in archs if name != ref] + [("teacher", name) for name in archs]
     comparisons = compare_predictions(predictions, labels, metric, pairs, seed=0)
     return {"task": task, "metric": metric, "teacher_dev": float(teacher.dev_metric),
             "train_rows": len(setup.task.train), "search_rows": len(setup.task.search), "dev_rows": len(labels),
             "reference": ref, "archs": archs, "comparisons": [c.to_dict() for c in comparisons],
+            "teacher_latency_ms": latency["teacher"], "latency_seq_length": seq,
             "timings": timings, "overrides": TASKS[task] + transfer + list(args.set)}
+
+
+def target_line(r: Dict[str, Any]) -> str:
+    """Issue 26's SST-2 transfer-set target for one task's results: the best arch at >= 5x."""
+    fast = {n: a for n, a in r["archs"].items() if a.get("speedup", 0) >= TARGET_SPEEDUP}
+    if not fast:
+        return f"Target (>= {TARGET_SHARE:.0%} of the teacher at >= {TARGET_SPEEDUP:g}x): **missed**, no arch is {TARGET_SPEEDUP:g}x faster."
+    name, a = max(fast.items(), key=lambda kv: kv[1]["mean"])
+    met = a["share_of_teacher"] >= TARGET_SHARE
+    return (f"Target (>= {TARGET_SHARE:.0%} of the teacher at >= {TARGET_SPEEDUP:g}x, mean over seeds): best such arch "
+            f"{name}, {a['share_of_teacher']:.1%} at {a['speedup']:.2f}x: **{'met' if met else 'missed'}**.")
 
 
 def markdown(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
@@ -137,10 +177,19 @@ def markdown(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         lines += [f"## {r['task']} ({r['metric']}, {r['dev_rows']} held-out rows; {r['train_rows']} train rows)", "",
                   f"Teacher: {r['teacher_dev']:.4f}. This task's overrides of the config: "
                   f"`{' '.join(r['overrides']) or 'none'}`; timings (s): `{json.dumps(r['timings'])}`.", "",
-                  "| arch | non-emb. params | scores per seed | mean ± std |", "|---|---:|---|---:|"]
+                  "| arch | non-emb. params | scores per seed | mean ± std | of teacher | latency ms | speed-up |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
         for name, a in r["archs"].items():
+            timed = "latency_ms" in a  # runs before the latency columns existed have none
             lines.append(f"| {name} | {a['non_embedding_params']:,} | {', '.join(f'{s:.4f}' for s in a['scores'])} | "
-                         f"{a['mean']:.4f} ± {a['std']:.4f} |")
+                         f"{a['mean']:.4f} ± {a['std']:.4f} | {a['mean'] / r['teacher_dev']:.1%} | "
+                         + (f"{a['latency_ms']:.2f} | {a['speedup']:.2f}x |" if timed else "- | - |"))
+        if "teacher_latency_ms" in r:
+            lines += ["", f"Latency: PyTorch fp32, batch 1, {r['latency_seq_length']} tokens, one thread, median of 5 "
+                          f"interleaved rounds of 6 forwards, each arch's seed-0 student; teacher "
+                          f"{r['teacher_latency_ms']:.2f} ms."]
+            if r["task"].endswith("+transfer"):
+                lines += ["", target_line(r)]
         lines += ["", f"Paired comparisons (rows x seeds, 95% bootstrap CI, two-sided permutation p) against "
                   f"{r['reference']} and the teacher:", "",
                   "| A vs B | A - B | 95% CI | p |", "|---|---:|---|---:|"]
