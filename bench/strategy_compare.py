@@ -166,7 +166,11 @@ def write_outputs(out, data, curves, total, title, xlabel="trial"):
 def markdown(data, finals, rows, what):
     m = data["machine"]
     lines = [f"# {what}", "", f"Machine: {m['cpu_model']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
-             f"load avg at start {m['loadavg']}, end {data.get('load_end')}, {m['date']}", "",
+             + (f"load avg at the start {data['started']['loadavg']} ({data['started']['date']}), at the end "
+                f"{data.get('load_end')} ({m['date']})" if data.get("started") else
+                f"load avg {m['loadavg']} at the end ({m['date']}; the start's was not recorded)")
+             + (f"; 1-min load at the trials, min-max {data['trial_load'][0]}-{data['trial_load'][1]}"
+                if data.get("trial_load") else ""), "",
              f"Trials per strategy: {data['trials']}; seeds: {data['seeds']}. {data['notes']}", "",
              "| strategy | mean final best | per-seed final best |", "|---|---|---|"]
     for k, v in finals.items():
@@ -284,6 +288,8 @@ def run_real(args):
     partial = out.with_suffix(".partial.json")
     done = json.loads(partial.read_text()) if partial.is_file() else {}
     runs, secs = done.get("runs", {}), done.get("strategy_seconds", {})
+    # A resumed run keeps its first start; one resumed from an older partial file has none.
+    started = done.get("started") if done else {"loadavg": load_now(), "date": machine_info()["date"]}
     scored = {json.dumps(e["arch"], sort_keys=True): e for run in runs.values() for e in run if not e.get("cached")}
     seeds = list(range(args.seed, args.seed + args.seeds))
     log = []
@@ -317,7 +323,8 @@ def run_real(args):
         run_in_process(strat, ms, max_models=total)
         runs[f"{name}/{seed}"], secs[f"{name}/{seed}"] = list(log[:total]), time.perf_counter() - t0
         partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps({"machine": machine_info(), "runs": runs, "strategy_seconds": secs}, indent=1,
+        partial.write_text(json.dumps({"machine": machine_info(), "started": started, "runs": runs,
+                                       "strategy_seconds": secs}, indent=1,
                                       default=str))
     bar.close()
     curves = {}
@@ -328,6 +335,8 @@ def run_real(args):
     finals, rows = summarise(curves, total)
     new = [e for run in runs.values() for e in run if not e.get("cached")]
     objective = cfg.evaluator.objective
+    spread = np.percentile([e["score"] for e in new], [0, 50, 100])
+    loads = [e["load"][0] for e in new if e.get("load")]
     notes = (f"KDEvaluator in-process on {args.config} (overrides {args.set or 'none'}): task {cfg.task.name}, "
              f"{len(setup.task.train)} student-train rows, score = the `{objective}` objective on the "
              f"{len(setup.task.search) if setup.task.search is not None else 0}-row search split (what the search ranks "
@@ -336,14 +345,16 @@ def run_real(args):
              f" (no per-stage warm-ups, for every strategy, so each trial costs the same), seeds {seeds}, the config's "
              f"search settings for progressive (parameter budget {cfg.search.param_budget}, tie margin "
              f"{cfg.search.tie_margin}). An arch is trained and scored once and its score reused wherever it recurs "
-             f"({len(new)} distinct archs scored, median {np.median([e['seconds'] for e in new]):.1f} s each). "
+             f"({len(new)} distinct archs scored, median {np.median([e['seconds'] for e in new]):.1f} s each; "
+             f"their scores span {spread[0]:.4f} to {spread[2]:.4f}, median {spread[1]:.4f}, against the "
+             f"tie margin {cfg.search.tie_margin}). "
              f"Progressive stages {[(s.name, s.trials) for s in stages]}. RegularizedEvolution population "
              f"{args.population}, sample {args.sample_size}. Wall seconds per strategy (median over seeds): "
              f"{ {k: round(float(np.median([v for r, v in secs.items() if r.startswith(k + '/')])), 1) for k in STRATEGIES} }.")
     data = {"machine": machine_info(), "trials": total, "seeds": len(seeds), "train_steps": args.train_steps,
             "curves": {k: [c.tolist() for c in v] for k, v in curves.items()}, "runs": runs, "summary": rows,
-            "finals": finals, "strategy_seconds": secs, "notes": notes, "load_end": load_now(),
-            "command": "python bench/strategy_compare.py " + " ".join(sys.argv[1:])}
+            "finals": finals, "strategy_seconds": secs, "notes": notes, "load_end": load_now(), "started": started,
+            "trial_load": [min(loads), max(loads)] if loads else None, "command": "python bench/strategy_compare.py " + " ".join(sys.argv[1:])}
     write_outputs(out, data, curves, total, f"{cfg.task.name}: search score ({objective} on the search split), "
                                             f"{args.train_steps} KD steps/trial")
     md = markdown(data, finals, rows, f"Strategy comparison on the real search score, {cfg.task.name} (issues 4, 26)")
