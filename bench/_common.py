@@ -70,3 +70,14 @@ def trials_to(curve, target) -> int | None:
     """1-based trial at which ``curve`` first reaches ``target``; None if never."""
     hits = np.nonzero(np.asarray(curve) >= target - 1e-12)[0]
     return int(hits[0]) + 1 if len(hits) else None
+
+
+def export_folder(workdir, spec: str) -> Path:
+    """An export named on a bench's command line: a folder holding ``export_meta.json``, or the name of
+    an export under the work directory (``<workdir>/exports/NAME``); one line and exit otherwise."""
+    named = workdir.exports_dir / spec
+    for folder in (Path(spec), named):
+        if (folder / "export_meta.json").is_file():
+            return folder
+    raise SystemExit(f"{spec!r} is neither an export folder (with export_meta.json) nor an export in "
+                     f"{workdir.exports_dir}; pass a folder written by `nni-effbert export` or one of its names there")

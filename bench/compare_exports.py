@@ -3,7 +3,8 @@
     python bench/compare_exports.py --config EXP.yml --name A=DIR,DIR,... --name B=DIR,DIR,... \
         [--pair A:B ...] --out bench/results/NAME
 
-Each ``--name`` is a model given as its export folders, one per distill seed, in the same seed
+Each ``--name`` is a model given as its export folders (or the names of exports under the config's
+work directory, as ``bench/deploy_exports.py --model`` takes them), one per distill seed, in the same seed
 order for every model (seed k of A is paired with seed k of B). Every model is scored on the
 config's dev rows (for a custom task, its held-out ``dev_file``), and each ``--pair`` (default: every
 pair, in the order given) is compared paired over the rows x the seeds: 95% bootstrap interval and
@@ -23,19 +24,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_now, machine_info  # noqa: E402
+from _common import export_folder, load_now, machine_info  # noqa: E402
 
 
 def parse_named(values, parser):
     models = {}
     for value in values:
         name, sep, folders = value.partition("=")
-        dirs = [Path(f) for f in folders.split(",") if f]
+        dirs = [f for f in folders.split(",") if f]
         if not sep or not name or not dirs:
-            parser.error(f"--name wants NAME=DIR[,DIR...], got {value!r}")
-        missing = [str(d) for d in dirs if not (d / "export_meta.json").is_file()]
-        if missing:
-            parser.error(f"--name {name}: not an export folder (no export_meta.json): {', '.join(missing)}")
+            parser.error(f"--name wants NAME=DIR[,DIR...] (export folders or export names), got {value!r}")
         models[name] = dirs
     counts = {len(d) for d in models.values()}
     if len(counts) > 1:
@@ -64,9 +62,12 @@ def main() -> int:
     from nni_effbert.kd.setup import KDSetup
     from nni_effbert.product.compare import compare_predictions, dev_predictions
     from nni_effbert.stats import format_paired_table
+    from nni_effbert.workdir import WorkDir
 
     info, started = machine_info(), time.perf_counter()
     cfg = load_config(args.config, args.set)
+    wd = WorkDir.of(cfg)
+    models = {name: [export_folder(wd, d) for d in dirs] for name, dirs in models.items()}
     setup = KDSetup.from_config(cfg, progress=False)
     labels = np.asarray(setup.task.dev["labels"])
     metric = setup.task.spec.metric

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_now, machine_info  # noqa: E402
+from _common import export_folder, load_now, machine_info  # noqa: E402
 from deploy import RUNTIMES, _callables, interleaved  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def _models(p, specs):
     for spec in specs:
         name, sep, folders = spec.partition("=")
         if not sep or not name or not folders:
-            p.error(f"--model {spec!r}: expected NAME=EXPORT[,EXPORT...] (export folder names, one per distill seed)")
+            p.error(f"--model {spec!r}: expected NAME=EXPORT[,EXPORT...] (export names or folders, one per distill seed)")
         out[name] = [f for f in folders.split(",") if f]
     if "teacher" in out:
         p.error("--model: 'teacher' is measured anyway; name the students otherwise")
@@ -79,7 +79,7 @@ def main() -> int:
     started, info = time.perf_counter(), machine_info()
     cfg = load_config(args.config, args.set)
     wd = WorkDir.of(cfg)
-    folders = {name: [wd.export_dir(f) for f in fs] for name, fs in specs.items()}
+    folders = {name: [export_folder(wd, f) for f in fs] for name, fs in specs.items()}
     loaded = {}
     for name, fs in folders.items():
         for f in fs:

@@ -39,3 +39,30 @@ def test_bench_script_imports_resolve(script):
             except ImportError:
                 missing.append(f"{module}.{name}")
     assert not missing, f"{script.name} imports what does not exist: {', '.join(missing)}"
+
+
+def test_export_folder_takes_a_folder_or_an_export_name(tmp_path, monkeypatch):
+    """``compare_exports.py --name`` and ``deploy_exports.py --model`` name exports alike: a folder
+    holding export_meta.json or an export's name under the work directory; anything else stops with
+    one line naming it."""
+    import sys
+
+    from nni_effbert.workdir import WorkDir
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("_common", None)
+    from _common import export_folder
+
+    wd = WorkDir(tmp_path / "work")
+    named = wd.exports_dir / "searched-seed0"
+    named.mkdir(parents=True)
+    (named / "export_meta.json").write_text("{}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "export_meta.json").write_text("{}")
+    assert export_folder(wd, "searched-seed0") == named
+    assert export_folder(wd, str(elsewhere)) == elsewhere
+    with pytest.raises(SystemExit, match="'missing' is neither an export folder"):
+        export_folder(wd, "missing")
+    with pytest.raises(SystemExit, match="neither"):
+        export_folder(wd, str(tmp_path))  # a folder, but no export in it
