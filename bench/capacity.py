@@ -41,17 +41,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_now, machine_info  # noqa: E402
 
-from nni_effbert.latency.measure import measure_latency  # noqa: E402
-from nni_effbert.product.loader import load_exported  # noqa: E402
-
 from nni_effbert.config import load_config  # noqa: E402
 from nni_effbert.kd.teacher_finetune import finetune_from_config  # noqa: E402
 from nni_effbert.kd.setup import KDSetup  # noqa: E402
+from nni_effbert.latency.measure import measure_latency  # noqa: E402
 from nni_effbert.nas.kd_evaluator import KDEvaluator  # noqa: E402
 from nni_effbert.nas.warmup import run_warmup  # noqa: E402
 from nni_effbert.product.compare import compare_predictions, dev_predictions  # noqa: E402
 from nni_effbert.product.baselines import reusable_export  # noqa: E402
 from nni_effbert.product.distill import run_distill  # noqa: E402
+from nni_effbert.product.loader import load_exported  # noqa: E402
 from nni_effbert.product.students import export_trial_arch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
