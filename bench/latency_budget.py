@@ -52,16 +52,13 @@ REDUCED = ["task.max_train_rows=2000", "teacher.finetune.max_steps=60", "warmup.
 
 def interleaved_latency(folders, settings, rounds=5, repeats=8):
     """Median latency (ms) of each exported student, measured round-robin."""
-    from nni_effbert.latency.measure import measure_latency
+    from nni_effbert.latency.measure import measure_interleaved, pooled_median
     from nni_effbert.product.loader import load_exported
 
-    models = [load_exported(f).model for f in folders]
-    times = [[] for _ in models]
-    for _ in range(rounds):
-        for i, m in enumerate(models):
-            times[i] += measure_latency(m, seq_length=settings.seq_length, batch_size=settings.batch_size,
-                                        repeats=repeats, threads=settings.threads).times_ms
-    return [statistics.median(t) for t in times]
+    models = {i: load_exported(f).model for i, f in enumerate(folders)}
+    results = measure_interleaved(models, rounds=rounds, seq_length=settings.seq_length,
+                                  batch_size=settings.batch_size, repeats=repeats, threads=settings.threads)
+    return [pooled_median(results[i]) for i in range(len(folders))]
 
 
 def main() -> int:

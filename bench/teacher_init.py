@@ -55,7 +55,7 @@ from _common import link_shared, load_now, machine_info  # noqa: E402
 
 from nni_effbert.config import TaskConfig, load_config  # noqa: E402
 from nni_effbert.data.loading import load_raw_task, load_task  # noqa: E402
-from nni_effbert.latency.measure import measure_latency  # noqa: E402
+from nni_effbert.latency.measure import measure_interleaved, median_of_rounds  # noqa: E402
 from nni_effbert.latency.settings import latency_settings  # noqa: E402
 from nni_effbert.latency.table import table_for_config  # noqa: E402
 from nni_effbert.latency.targets import teacher_latency_ms  # noqa: E402
@@ -204,11 +204,9 @@ def interleaved_latency(records, teacher_dir: Path, rounds: int, repeats: int, s
     for r in records:
         for role in ("searched", "baseline"):
             models[f"{r['variant']}/{role}"] = load_exported(r["folders"][role]).model.eval()
-    times = {k: [] for k in models}
-    for _ in range(rounds):
-        for key, model in models.items():
-            times[key].append(measure_latency(model, seq_length=seq, repeats=repeats, vocab_size=vocab).median_ms)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    results = measure_interleaved(models, rounds=rounds, seq_length=seq, repeats=repeats, vocab_size=vocab)
+    times = {k: [r.median_ms for r in rs] for k, rs in results.items()}
+    med = {k: median_of_rounds(rs) for k, rs in results.items()}
     for r in records:
         r["teacher_latency_ms"] = med["teacher"]
         r["searched_latency_ms"] = med[f"{r['variant']}/searched"]

@@ -295,8 +295,9 @@ def test_second_report_reuses_measurements_and_distils_nothing(work, capsys, mon
             return real(*a, **kw)
         return wrapper
 
-    for mod in (report, baselines, distill):
+    for mod in (report, distill):
         monkeypatch.setattr(mod, "measure_latency", spy(f"{mod.__name__}.measure_latency", latency_mod.measure_latency))
+    monkeypatch.setattr(baselines, "measure_interleaved", spy("measure_interleaved", latency_mod.measure_interleaved))
     monkeypatch.setattr(distill, "kd_train", spy("kd_train", distill.kd_train))
     monkeypatch.setattr(baselines, "latency_baseline_arch", spy("latency_baseline_arch", baselines.latency_baseline_arch))
     code, second, err = _run(capsys, "report", "-q", "-c", TINY, *sets)

@@ -228,6 +228,27 @@ def test_latency_protocol(space, teacher):
         measure_latency(student, seq_length=10_000)
 
 
+def test_interleaved_latency_times_every_model_once_per_round(space, teacher, monkeypatch):
+    """Round-robin order (a burst of load hits every model alike), one result per model per round,
+    and the two summaries are the medians they say."""
+    from nni_effbert.latency import measure as lm
+
+    order = []
+    real = lm.measure_latency
+    monkeypatch.setattr(lm, "measure_latency", lambda model, **kw: order.append(model) or real(model, **kw))
+    student = space.subnet(space.bert_arch())
+    out = lm.measure_interleaved({"s": student, "t": teacher}, rounds=3, seq_length=16, repeats=4, warmup=0)
+    assert order == [student, teacher] * 3
+    assert {k: len(v) for k, v in out.items()} == {"s": 3, "t": 3}
+    assert all(len(r.times_ms) == 4 and r.seq_length == 16 for rs in out.values() for r in rs)
+    rounds = [lm.LatencyResult(median_ms=m, times_ms=t) for m, t in ((2.0, [1.0, 2.0, 9.0]), (5.0, [4.0, 5.0, 6.0]),
+                                                                     (3.0, [3.0, 3.0, 3.0]))]
+    assert lm.median_of_rounds(rounds) == 3.0
+    assert lm.pooled_median(rounds) == 3.0 and lm.pooled_median(rounds[:2]) == 4.5
+    with pytest.raises(ConfigError, match="rounds must be >= 1"):
+        lm.measure_interleaved({"s": student}, rounds=0)
+
+
 def test_workdir_paths(tmp_path):
     wd = WorkDir.of(SimpleNamespace(workdir=str(tmp_path / "run")))
     assert wd.supernet_checkpoint(2) == tmp_path / "run" / "supernet" / "stage2.pt"

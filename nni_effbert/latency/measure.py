@@ -27,7 +27,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, Hashable, List, Mapping, Optional, TypeVar
 
 import torch
 
@@ -36,7 +36,7 @@ from nni_effbert.search_spaces.modeling import EfficientBertModel
 from ..errors import ConfigError
 from .runtimes import DEFAULT_RUNTIME, INPUT_NAMES, LogitsModule, check_runtime, model_runner
 
-__all__ = ["DEFAULT_THREADS", "LatencyResult", "measure_latency"]
+__all__ = ["DEFAULT_THREADS", "LatencyResult", "measure_interleaved", "measure_latency", "median_of_rounds", "pooled_median"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,3 +201,31 @@ def measure_latency(
     logger.debug("latency: median %.3f ms over %d runs (%s, batch %d, seq %d, %d thread(s))",
                  result.median_ms, repeats, runtime, batch_size, seq_length, threads)
     return result
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def measure_interleaved(models: Mapping[K, torch.nn.Module], *, rounds: int = 5, **kwargs) -> Dict[K, List[LatencyResult]]:
+    """Time several models round-robin: in each of ``rounds`` rounds every model gets one
+    :func:`measure_latency` call (``kwargs`` are passed on), so that a burst of background load
+    hits every model alike instead of the one that happened to be running. Returns each model's
+    per-round results, in round order; summarise them with :func:`median_of_rounds` or
+    :func:`pooled_median`."""
+    if int(rounds) < 1:
+        raise ConfigError(f"measure_interleaved: rounds must be >= 1, got {rounds}")
+    results: Dict[K, List[LatencyResult]] = {key: [] for key in models}
+    for _ in range(int(rounds)):
+        for key, model in models.items():
+            results[key].append(measure_latency(model, **kwargs))
+    return results
+
+
+def median_of_rounds(results: List[LatencyResult]) -> float:
+    """The median over rounds of each round's median (ms)."""
+    return float(statistics.median(r.median_ms for r in results))
+
+
+def pooled_median(results: List[LatencyResult]) -> float:
+    """The median of every timed forward of every round (ms)."""
+    return float(statistics.median(t for r in results for t in r.times_ms))

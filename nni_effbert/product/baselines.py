@@ -24,7 +24,7 @@ from nni_effbert.search_spaces.modeling import EfficientBertModel
 from ..config import ExperimentConfig
 from ..errors import CheckpointError
 from ..io import load_json
-from ..latency.measure import measure_latency
+from ..latency.measure import measure_interleaved, pooled_median
 from ..latency.settings import latency_settings, torch_device
 from ..latency.table import table_for_config
 from ..nas.kd_evaluator import KDEvaluator
@@ -242,18 +242,13 @@ def latency_baseline_arch(space, table, target_arch: Dict[str, Any], *, settings
     if measure:
         dev = torch_device(settings.device)
         short = cands[:max(1, shortlist)]
-        models = [(None, EfficientBertModel(space.config, target_arch))] + \
-                 [(c, EfficientBertModel(space.config, c["arch"])) for c in short]
-        times: Dict[int, List[float]] = {i: [] for i in range(len(models))}
-        for _ in range(3):  # interleaved: load drift hits every model alike
-            for i, (_, model) in enumerate(models):
-                r = measure_latency(model.to(dev), seq_length=settings.seq_length, batch_size=settings.batch_size,
-                                    repeats=max(5, repeats // 3), threads=settings.threads, runtime=settings.runtime)
-                times[i].extend(r.times_ms)
-        med = {i: sorted(v)[len(v) // 2] for i, v in times.items()}
-        target_meas = med[0]
-        for i, (c, _) in enumerate(models[1:], start=1):
-            c["measured_ms"] = med[i]
+        models = {i: EfficientBertModel(space.config, arch).to(dev)
+                  for i, arch in enumerate([target_arch] + [c["arch"] for c in short])}
+        rounds = measure_interleaved(models, rounds=3, seq_length=settings.seq_length, batch_size=settings.batch_size,
+                                     repeats=max(5, repeats // 3), threads=settings.threads, runtime=settings.runtime)
+        target_meas = pooled_median(rounds[0])
+        for i, c in enumerate(short, start=1):
+            c["measured_ms"] = pooled_median(rounds[i])
         chosen = min(short, key=lambda c: (abs(c["measured_ms"] - target_meas), c["measured_ms"]))
     return LatencyBaselineChoice(arch=chosen["arch"], width=chosen["width"], predicted_ms=chosen["predicted_ms"],
                                  target_predicted_ms=target_pred, measured_ms=chosen["measured_ms"],
