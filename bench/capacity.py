@@ -44,12 +44,12 @@ from _common import load_now, machine_info  # noqa: E402
 from nni_effbert.config import load_config  # noqa: E402
 from nni_effbert.kd.teacher_finetune import finetune_from_config  # noqa: E402
 from nni_effbert.kd.setup import KDSetup  # noqa: E402
-from nni_effbert.latency.measure import measure_latency  # noqa: E402
+from nni_effbert.latency.measure import measure_interleaved, median_of_rounds  # noqa: E402
 from nni_effbert.nas.kd_evaluator import KDEvaluator  # noqa: E402
 from nni_effbert.nas.warmup import run_warmup  # noqa: E402
 from nni_effbert.product.compare import compare_predictions, dev_predictions  # noqa: E402
 from nni_effbert.product.baselines import reusable_export  # noqa: E402
-from nni_effbert.product.distill import run_distill  # noqa: E402
+from nni_effbert.product.distill import distill_record, run_distill  # noqa: E402
 from nni_effbert.product.loader import load_exported  # noqa: E402
 from nni_effbert.product.students import export_trial_arch  # noqa: E402
 
@@ -78,6 +78,12 @@ TARGET_SHARE, TARGET_SPEEDUP = 0.98, 5.0
 log = logging.getLogger("capacity")
 
 
+def _undistilled(folder: Path) -> bool:
+    """Whether ``folder`` is an export that was never distilled (no distill record in its metadata)."""
+    meta = Path(folder) / "export_meta.json"
+    return meta.is_file() and distill_record(json.loads(meta.read_text())) is None
+
+
 def _width(space, fraction: float) -> int:
     widths = sorted(space.config.widths)
     return min(widths, key=lambda w: abs(w - fraction * max(widths)))
@@ -86,11 +92,8 @@ def _width(space, fraction: float) -> int:
 def interleaved_latency(models: Dict[str, Any], seq_length: int, rounds: int = 5, repeats: int = 6) -> Dict[str, float]:
     """Median ms (batch 1, one thread) of each model, timed round-robin so that a burst of load hits
     every model alike: the median over ``rounds`` of each round's median of ``repeats`` forwards."""
-    per_round: Dict[str, List[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            per_round[name].append(measure_latency(model, seq_length=seq_length, repeats=repeats, threads=1).median_ms)
-    return {name: float(np.median(ms)) for name, ms in per_round.items()}
+    results = measure_interleaved(models, rounds=rounds, seq_length=seq_length, repeats=repeats, threads=1)
+    return {name: median_of_rounds(rs) for name, rs in results.items()}
 
 
 def run_task(task: str, args) -> Dict[str, Any]:
@@ -124,7 +127,10 @@ def run_task(task: str, args) -> Dict[str, Any]:
             extra = {"source": "capacity bench", "task": task}
             path = setup.workdir.export_dir(folder)
             if not (args.resume and reusable_export(seeded, evaluator, folder, extra)):
-                path = export_trial_arch(seeded, arch, 0, folder, evaluator=evaluator, extra=extra).path
+                # A run stopped between export and distillation left an undistilled slice of the
+                # supernet: --resume slices it again; a distilled student is never replaced here.
+                redo = args.resume and _undistilled(path)
+                path = export_trial_arch(seeded, arch, 0, folder, evaluator=evaluator, extra=extra, force=redo).path
             # With --resume, a student already distilled with this plan is read back, not distilled again.
             result = run_distill(seeded, path, force=not args.resume, progress=not args.quiet, setup=setup)
             first_seed.setdefault(name, Path(path))
