@@ -144,7 +144,7 @@ def main() -> int:
 
     weights = {t.key: float(t.weight) for t in cfg.tasks}
     rows = {"searched": {k: [] for k in weights}, "baseline": {k: [] for k in weights}}
-    seeds = []
+    seeds, space = [], None
     setups = {key: KDSetup.from_config(one, progress=False) for key, one in each_task(cfg)}
     for k in range(args.distill_seeds):
         seed = int(cfg.distill.seed if cfg.distill.seed is not None else cfg.seed) + k
@@ -165,7 +165,8 @@ def main() -> int:
                 rows[label][key].append(per_row)
         first = next(iter(searched.values()))
         student = load_exported(first.path)
-        space = EfficientBertSupernet(student.config)
+        if space is None:  # one build: every seed's student comes from the same space
+            space = EfficientBertSupernet(student.config)
         entry.update(searched_latency_ms=first.latency_ms, baseline_latency_ms=next(iter(baseline.values())).latency_ms,
                      searched_arch=student.arch, searched_params=first.params, searched_layers=space.describe(student.arch),
                      baseline_layers=space.describe(load_exported(next(iter(baseline.values())).path).arch))
