@@ -211,18 +211,30 @@ def plot(results: List[Dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, r in zip(axes[0], results):
         for name, a in r["archs"].items():
             x = a["non_embedding_params"] / 1e6
             ax.errorbar([x], [a["mean"]], yerr=[[a["mean"] - min(a["scores"])], [max(a["scores"]) - a["mean"]]],
                         fmt="o", capsize=3)
-            ax.annotate(name, (x, a["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.axhline(r["teacher_dev"], ls="--", lw=0.8, color="grey")
+            # stacked archs sit at nearly the params of the widest one: their label goes below it
+            ax.annotate(name, (x, a["mean"]), textcoords="offset points", fontsize=7,
+                        xytext=(4, -10) if a.get("stack", 1) > 1 else (4, 4))
+        ax.axhline(r["teacher_dev"], ls="--", lw=0.8, color="grey", label="teacher")
         ax.set_title(r["task"])
         ax.set_xlabel("non-embedding params (M)")
         ax.set_ylabel(r["metric"])
-    fig.tight_layout()
+    # Variants of one task (sst2, sst2+transfer) share a y range, so the gap between them shows.
+    groups: Dict[str, List[Any]] = {}
+    for ax, r in zip(axes[0], results):
+        groups.setdefault(r["task"].split("+")[0], []).append(ax)
+    for group in groups.values():
+        lo = min(ax.get_ylim()[0] for ax in group)
+        hi = max(ax.get_ylim()[1] for ax in group)
+        for ax in group:
+            ax.set_ylim(lo, hi)
+    fig.text(0.01, 0.01, "points: mean over distill seeds; bars: seed min-max; dashed: teacher", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
