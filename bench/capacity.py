@@ -74,6 +74,7 @@ FAMILY: List[Tuple[float, int]] = [(0.25, 1), (0.5, 1), (1.0, 1), (0.5, 2)]
 REFERENCE = (1.0, 1)
 #: Issue 26's SST-2 transfer-set target: share of the teacher's score, at this speed-up or more.
 TARGET_SHARE, TARGET_SPEEDUP = 0.98, 5.0
+DEFAULT_TRANSFER_STEPS = 1600
 
 log = logging.getLogger("capacity")
 
@@ -115,15 +116,22 @@ def run_task(task: str, args) -> Dict[str, Any]:
     predictions: Dict[str, np.ndarray] = {"teacher": dev_predictions(setup, "teacher")}
     archs: Dict[str, Dict[str, Any]] = {}
     first_seed: Dict[str, Path] = {}  # arch -> its seed-0 student, whose latency is measured
+    family = {f"w{_width(space, fraction)}-s{stack}": (fraction, stack) for fraction, stack in FAMILY}
+    unknown = sorted(set(args.archs or ()) - set(family))
+    if unknown:  # before any distillation
+        raise SystemExit(f"--archs: {', '.join(unknown)} not in this task's family; choose from {', '.join(family)}")
+    # A non-default transfer budget distils into folders of its own, beside the default's students.
+    budget = f"-t{args.transfer_steps}" if transfer and args.transfer_steps != DEFAULT_TRANSFER_STEPS else ""
     t0 = time.perf_counter()
-    for fraction, stack in FAMILY:
+    for name, (fraction, stack) in family.items():
+        if args.archs and name not in args.archs:
+            continue
         width = _width(space, fraction)
-        name = f"w{width}-s{stack}"
         arch = space.bert_arch(width=width, stack=stack)
         per_seed, scores = [], []
         for seed in range(args.seeds):
             seeded = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, seed=seed))
-            folder = f"capacity-{task.replace('+', '-')}-{name}-seed{seed}"
+            folder = f"capacity-{task.replace('+', '-')}{budget}-{name}-seed{seed}"
             extra = {"source": "capacity bench", "task": task}
             path = setup.workdir.export_dir(folder)
             if not (args.resume and reusable_export(seeded, evaluator, folder, extra)):
@@ -152,7 +160,7 @@ def run_task(task: str, args) -> Dict[str, Any]:
         a["speedup"] = latency["teacher"] / latency[name]
         a["share_of_teacher"] = a["mean"] / teacher_score
     ref = f"w{_width(space, REFERENCE[0])}-s{REFERENCE[1]}"
-    pairs = [(name, ref) for name in archs if name != ref] + [("teacher", name) for name in archs]
+    pairs = [(name, ref) for name in archs if name != ref and ref in archs] + [("teacher", name) for name in archs]
     comparisons = compare_predictions(predictions, labels, metric, pairs, seed=0)
     return {"task": task, "metric": metric, "teacher_dev": float(teacher.dev_metric),
             "train_rows": len(setup.task.train), "search_rows": len(setup.task.search), "dev_rows": len(labels),
@@ -195,8 +203,9 @@ def markdown(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
                           f"{r['teacher_latency_ms']:.2f} ms."]
             if r["task"].endswith("+transfer"):
                 lines += ["", target_line(r)]
+        against = f"{r['reference']} and the teacher" if r["reference"] in r["archs"] else "the teacher"
         lines += ["", f"Paired comparisons (rows x seeds, 95% bootstrap CI, two-sided permutation p) against "
-                  f"{r['reference']} and the teacher:", "",
+                  f"{against}:", "",
                   "| A vs B | A - B | 95% CI | p |", "|---|---:|---|---:|"]
         for c in r["comparisons"]:
             lines.append(f"| {c['name_a']} vs {c['name_b']} | {c['diff']:+.4f} | [{c['ci_low']:+.4f}, "
@@ -243,7 +252,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="sst2,sst2+transfer,mnli,qnli")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--transfer-steps", type=int, default=1600, help="distill.transfer_steps of sst2+transfer")
+    p.add_argument("--transfer-steps", type=int, default=DEFAULT_TRANSFER_STEPS,
+                   help="distill.transfer_steps of sst2+transfer (another value distils into folders named -t<steps>)")
+    p.add_argument("--archs", type=lambda v: [a.strip() for a in v.split(",") if a.strip()], default=None,
+                   metavar="NAMES", help="only these members of the family, e.g. w48-s1 (default: all four)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, every task")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "capacity"))
     p.add_argument("--work", default=str(REPO / "bench" / "work" / "capacity"),
