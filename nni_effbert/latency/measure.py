@@ -203,10 +203,10 @@ def measure_latency(
     return result
 
 
-K = TypeVar("K", bound=Hashable)
+_Key = TypeVar("_Key", bound=Hashable)
 
 
-def measure_interleaved(models: Mapping[K, torch.nn.Module], *, rounds: int = 5, **kwargs) -> Dict[K, List[LatencyResult]]:
+def measure_interleaved(models: Mapping[_Key, torch.nn.Module], *, rounds: int = 5, **kwargs) -> Dict[_Key, List[LatencyResult]]:
     """Time several models round-robin: in each of ``rounds`` rounds every model gets one
     :func:`measure_latency` call (``kwargs`` are passed on), so that a burst of background load
     hits every model alike instead of the one that happened to be running. Returns each model's
@@ -214,7 +214,7 @@ def measure_interleaved(models: Mapping[K, torch.nn.Module], *, rounds: int = 5,
     :func:`pooled_median`."""
     if int(rounds) < 1:
         raise ConfigError(f"measure_interleaved: rounds must be >= 1, got {rounds}")
-    results: Dict[K, List[LatencyResult]] = {key: [] for key in models}
+    results: Dict[_Key, List[LatencyResult]] = {key: [] for key in models}
     for _ in range(int(rounds)):
         for key, model in models.items():
             results[key].append(measure_latency(model, **kwargs))
