@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_now, machine_info  # noqa: E402
 
 from nni_effbert.config import load_config  # noqa: E402
+from nni_effbert.io import load_json  # noqa: E402
 from nni_effbert.kd.teacher_finetune import finetune_from_config  # noqa: E402
 from nni_effbert.kd.setup import KDSetup  # noqa: E402
 from nni_effbert.latency.measure import measure_interleaved, median_of_rounds  # noqa: E402
@@ -82,7 +83,7 @@ log = logging.getLogger("capacity")
 def _undistilled(folder: Path) -> bool:
     """Whether ``folder`` is an export that was never distilled (no distill record in its metadata)."""
     meta = Path(folder) / "export_meta.json"
-    return meta.is_file() and distill_record(json.loads(meta.read_text())) is None
+    return meta.is_file() and distill_record(load_json(meta, "capacity student metadata")) is None
 
 
 def _width(space, fraction: float) -> int:
