@@ -103,3 +103,19 @@ def test_bench_readme_lists_every_script():
     scripts = sorted(p.name for p in (REPO / "bench").glob("*.py") if not p.name.startswith("_"))
     missing = [name for name in scripts if f"`{name}" not in listed]
     assert not missing, f"bench/README.md does not list {missing}"
+
+
+def test_setup_and_test_commands_agree_with_the_scripts():
+    """The README and the docs site's getting-started page describe ``scripts/setup.sh`` and
+    ``scripts/test.sh`` alike, and name the extras the script really installs."""
+    import re
+
+    setup = (REPO / "scripts" / "setup.sh").read_text(encoding="utf-8")
+    extras = re.findall(r'-e "\.\[([a-z,]+)\]"', setup)
+    assert len(extras) == 1, "scripts/setup.sh should install the package once, with its extras"
+    for page in (REPO / "README.md", DOCS / "getting-started.md"):
+        text = page.read_text(encoding="utf-8")
+        described = re.findall(r'`scripts/setup.sh` runs .*?`pip install -e "\.\[([a-z,]+)\]"`', text)
+        assert described == extras, f"{page.name}: setup.sh described with extras {described}, installs {extras}"
+        assert "bash scripts/test.sh --fast" in text, f"{page.name} does not give the fast test command"
+        assert "bash scripts/setup.sh && nni-effbert quickstart" in text, f"{page.name} lacks the quickstart command"
