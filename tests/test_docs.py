@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -108,8 +109,6 @@ def test_bench_readme_lists_every_script():
 def test_setup_and_test_commands_agree_with_the_scripts():
     """The README and the docs site's getting-started page describe ``scripts/setup.sh`` and
     ``scripts/test.sh`` alike, and name the extras the script really installs."""
-    import re
-
     setup = (REPO / "scripts" / "setup.sh").read_text(encoding="utf-8")
     extras = re.findall(r'-e "\.\[([a-z,]+)\]"', setup)
     assert len(extras) == 1, "scripts/setup.sh should install the package once, with its extras"
